@@ -1,0 +1,120 @@
+-- charge.lua: decide and deduct one metered call, atomically.
+--
+-- Every key belongs to one account and shares its shard's hash tag, so the
+-- script touches a single Redis Cluster slot.
+--
+-- KEYS[1]  account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
+-- KEYS[2]  key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
+-- KEYS[3]  request record {tag}:req:<user>:<request id>   idempotency + refund data
+-- KEYS[4]  usage stream   {tag}:events        one entry per balance change
+--
+-- ARGV[1]  key hash, or "" when the caller is already trusted (X-User-ID, service API)
+-- ARGV[2]  module id
+-- ARGV[3]  action ("" for none)
+-- ARGV[4]  cost in credits (integer >= 0)
+-- ARGV[5]  plans that include the module, comma-delimited on both ends: ",free,pro,"
+-- ARGV[6]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>;" repeated
+-- ARGV[7]  local calendar day "YYYY-MM-DD" (server.timezone)
+-- ARGV[8]  local billing period "YYYY-MM"
+-- ARGV[9]  now, unix milliseconds
+-- ARGV[10] event id (uuid) for the charge event; a rollover reset uses it + ":reset"
+-- ARGV[11] request id
+-- ARGV[12] "1" when the request id is an idempotency key (charge at most once)
+-- ARGV[13] request record TTL in seconds
+-- ARGV[14] user id (copied into events)
+-- ARGV[15] actor (who caused the charge: "proxy", "service:<name>")
+-- ARGV[16] mode: "charge" deducts; "check" answers the same question and writes nothing
+--
+-- Returns (integers unless noted):
+--   {"ok", charged, monthly, bonus, day_used, daily_limit, from_monthly, from_bonus, plan}
+--   {"duplicate", 0, monthly, bonus, day_used, daily_limit, plan}
+--   {"missing"}                 account not in Redis: rebuild from Postgres, then retry
+--   {"unknown_key"}             key revoked (not in the key set)
+--   {"blocked"}
+--   {"not_in_plan"}             also when the account's plan left the configuration
+--   {"daily_limit", monthly, bonus, day_used, daily_limit}
+--   {"insufficient", monthly, bonus, day_used, daily_limit}
+-- daily_limit is -1 when the plan has none. In "check" mode "ok" means the
+-- call would be charged; nothing is written.
+
+local acct = KEYS[1]
+local check_only = ARGV[16] == 'check'
+
+if redis.call('EXISTS', acct) == 0 then
+  return {'missing'}
+end
+if ARGV[1] ~= '' and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  return {'unknown_key'}
+end
+
+local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked')
+local plan = f[1] or ''
+local monthly = tonumber(f[2]) or 0
+local bonus = tonumber(f[3]) or 0
+local period = f[4] or ''
+local day = f[5] or ''
+local used = tonumber(f[6]) or 0
+
+if f[7] == '1' then
+  return {'blocked'}
+end
+
+local limit_s, allowance_s = string.match(ARGV[6], ';' .. plan .. ':(%-?%d+):(%d+);')
+if not limit_s or not string.find(ARGV[5], ',' .. plan .. ',', 1, true) then
+  return {'not_in_plan'}
+end
+local limit = tonumber(limit_s)
+
+local function event(kind, id, amount)
+  redis.call('XADD', KEYS[4], '*',
+    'e', id, 'u', ARGV[14], 'k', kind, 'p', plan, 'm', ARGV[2], 'a', ARGV[3],
+    'n', amount, 'mb', monthly, 'bb', bonus, 'r', ARGV[11], 'by', ARGV[15],
+    't', ARGV[9], 'd', ARGV[7])
+end
+
+-- Lazy rollovers: a missed cron or an idle account still starts the new
+-- period and the new day on its first call.
+if period ~= ARGV[8] then
+  monthly = tonumber(allowance_s)
+  if not check_only then
+    redis.call('HSET', acct, 'monthly', monthly, 'period', ARGV[8])
+    event('reset', ARGV[10] .. ':reset', monthly)
+  end
+end
+if day ~= ARGV[7] then
+  used = 0
+  if not check_only then
+    redis.call('HSET', acct, 'used', 0, 'day', ARGV[7])
+  end
+end
+
+if ARGV[12] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {'duplicate', 0, monthly, bonus, used, limit, plan}
+end
+
+local cost = tonumber(ARGV[4])
+if limit >= 0 and used + cost > limit then
+  return {'daily_limit', monthly, bonus, used, limit}
+end
+if monthly + bonus < cost then
+  return {'insufficient', monthly, bonus, used, limit}
+end
+
+local from_monthly = math.min(monthly, cost)
+local from_bonus = cost - from_monthly
+if check_only then
+  return {'ok', cost, monthly - from_monthly, bonus - from_bonus, used + cost, limit, from_monthly, from_bonus, plan}
+end
+
+monthly = monthly - from_monthly
+bonus = bonus - from_bonus
+used = used + cost
+redis.call('HSET', acct, 'monthly', monthly, 'bonus', bonus, 'used', used)
+if ARGV[12] == '1' then
+  -- What refund.lua needs to give this exact charge back, and only once.
+  redis.call('SET', KEYS[3],
+    from_monthly .. ',' .. from_bonus .. ',' .. ARGV[7] .. ',' .. ARGV[8] .. ',' .. ARGV[2] .. ',' .. ARGV[3],
+    'EX', ARGV[13])
+end
+event('charge', ARGV[10], cost)
+return {'ok', cost, monthly, bonus, used, limit, from_monthly, from_bonus, plan}

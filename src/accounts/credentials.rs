@@ -1,0 +1,113 @@
+//! Who is calling: the credential a request presents, read from its
+//! headers. Shared by the proxy and the user API so both identify callers
+//! the same way.
+
+use http::HeaderMap;
+
+use crate::domain::{ApiKey, UserId};
+
+#[derive(Debug)]
+pub enum Credential {
+    Key(ApiKey),
+    /// `X-User-ID`, only when `auth.trust_user_id_header = true`.
+    TrustedUser(UserId),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum CredentialError {
+    Missing,
+    /// Present but unusable: a non-Bearer Authorization, bytes that are not
+    /// visible ASCII, an invalid user id. Always answered 401, never echoed.
+    Malformed(&'static str),
+}
+
+pub fn from_headers(
+    headers: &HeaderMap,
+    trust_user_id_header: bool,
+) -> Result<Credential, CredentialError> {
+    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| CredentialError::Malformed("Authorization is not ASCII"))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .ok_or(CredentialError::Malformed(
+                "Authorization must be \"Bearer <api key>\"",
+            ))?;
+        return ApiKey::parse(token.trim())
+            .map(Credential::Key)
+            .map_err(|_| CredentialError::Malformed("malformed API key"));
+    }
+    if let Some(value) = headers.get("x-api-key") {
+        let value = value
+            .to_str()
+            .map_err(|_| CredentialError::Malformed("X-API-Key is not ASCII"))?;
+        return ApiKey::parse(value.trim())
+            .map(Credential::Key)
+            .map_err(|_| CredentialError::Malformed("malformed API key"));
+    }
+    if trust_user_id_header {
+        if let Some(value) = headers.get("x-user-id") {
+            let id = value
+                .to_str()
+                .ok()
+                .and_then(|v| UserId::parse(v.trim()).ok())
+                .ok_or(CredentialError::Malformed("malformed X-User-ID"))?;
+            return Ok(Credential::TrustedUser(id));
+        }
+    }
+    Err(CredentialError::Missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                http::HeaderValue::from_bytes(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn reads_bearer_and_x_api_key() {
+        let bearer = from_headers(&headers(&[("authorization", b"Bearer cg_abc")]), false);
+        assert!(matches!(bearer, Ok(Credential::Key(_))));
+        let x = from_headers(&headers(&[("x-api-key", b"cg_abc")]), false);
+        assert!(matches!(x, Ok(Credential::Key(_))));
+    }
+
+    #[test]
+    fn user_id_header_only_when_trusted() {
+        let h = headers(&[("x-user-id", b"hub-7")]);
+        assert_eq!(
+            from_headers(&h, false).err(),
+            Some(CredentialError::Missing)
+        );
+        assert!(matches!(
+            from_headers(&h, true),
+            Ok(Credential::TrustedUser(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_credentials_are_rejected() {
+        for h in [
+            headers(&[("authorization", b"Basic Zm9vOmJhcg==")]),
+            headers(&[("authorization", b"Bearer \xff\xfe")]),
+            headers(&[("authorization", b"Bearer a b")]),
+            headers(&[("x-api-key", b"")]),
+        ] {
+            assert!(matches!(
+                from_headers(&h, true),
+                Err(CredentialError::Malformed(_))
+            ));
+        }
+    }
+}

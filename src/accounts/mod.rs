@@ -1,0 +1,298 @@
+//! Accounts and API keys: Postgres is their home, Redis holds the hot copy
+//! that scripts read (see `metering::keys`).
+//!
+//! This module owns creating users and keys, revoking keys, resolving a
+//! presented key to its user (with an in-process cache) and rebuilding an
+//! account's Redis state from Postgres when Redis does not have it.
+
+mod cache;
+pub mod credentials;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::catalog::Catalog;
+use crate::config::DatabaseSettings;
+use crate::domain::{ApiKey, Credits, KeyHash, PlanId, UserId};
+use crate::metering::{AccountSeed, Stamp};
+use cache::KeyCache;
+pub use credentials::Credential;
+
+#[derive(Debug, Error)]
+pub enum AccountError {
+    #[error("database unavailable: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("no such user {0}")]
+    UnknownUser(UserId),
+    #[error("no such plan {0:?}")]
+    UnknownPlan(String),
+    #[error("no such key {0}")]
+    UnknownKey(Uuid),
+    #[error("user {0} already exists")]
+    UserExists(UserId),
+    /// A stored row that our own writes could not have produced.
+    #[error("corrupt account row: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: UserId,
+    pub name: String,
+    pub email: Option<String>,
+    pub plan: PlanId,
+    pub blocked: bool,
+}
+
+/// A key just created: the only moment its secret exists outside the client.
+#[derive(Debug)]
+pub struct NewKey {
+    pub id: Uuid,
+    pub key: ApiKey,
+}
+
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Accounts {
+    pool: PgPool,
+    catalog: Arc<Catalog>,
+    cache: Arc<KeyCache>,
+}
+
+/// Connects lazily, like the meter: the gateway starts while Postgres is
+/// down and `/readyz` says so.
+pub fn connect_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(&settings.url)?.options([(
+        "statement_timeout",
+        settings.statement_timeout_ms.to_string(),
+    )]);
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_lazy_with(options))
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Accounts {
+    pub fn new(pool: PgPool, catalog: Arc<Catalog>) -> Self {
+        Self {
+            pool,
+            catalog,
+            cache: Arc::new(KeyCache::new(100_000, Duration::from_secs(1))),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn check_plan(&self, plan: &str) -> Result<PlanId, AccountError> {
+        self.catalog
+            .plan(plan)
+            .map(|p| p.id.clone())
+            .ok_or_else(|| AccountError::UnknownPlan(plan.to_owned()))
+    }
+
+    /// Creates a user with a first API key.
+    pub async fn create_user(
+        &self,
+        id: Option<UserId>,
+        name: &str,
+        email: Option<&str>,
+        plan: &str,
+    ) -> Result<(User, NewKey), AccountError> {
+        let plan = self.check_plan(plan)?;
+        let id = id.unwrap_or_else(UserId::generate);
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (id, name, email, plan) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id.as_str())
+        .bind(name)
+        .bind(email)
+        .bind(plan.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(AccountError::UserExists(id));
+        }
+        let key = insert_key(&mut tx, &id).await?;
+        tx.commit().await?;
+        let user = User {
+            id,
+            name: name.to_owned(),
+            email: email.map(str::to_owned),
+            plan,
+            blocked: false,
+        };
+        Ok((user, key))
+    }
+
+    pub async fn create_key(&self, user: &UserId) -> Result<NewKey, AccountError> {
+        let mut tx = self.pool.begin().await?;
+        let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM users WHERE id = $1")
+            .bind(user.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(AccountError::UnknownUser(user.clone()));
+        }
+        let key = insert_key(&mut tx, user).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
+    /// Marks the key revoked and returns its hash, for the caller to remove
+    /// it from Redis. Revoking twice is not an error.
+    pub async fn revoke_key(&self, user: &UserId, key_id: Uuid) -> Result<KeyHash, AccountError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+             WHERE id = $1 AND user_id = $2 RETURNING key_hash",
+        )
+        .bind(key_id)
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let (hash,) = row.ok_or(AccountError::UnknownKey(key_id))?;
+        let hash = KeyHash::from_stored(hash);
+        self.cache.forget(&hash);
+        Ok(hash)
+    }
+
+    /// The user a key belongs to, if the key exists and is not revoked.
+    /// Positive answers are cached without expiry: revocation is enforced by
+    /// charge.lua against the account's key set in Redis, not by this cache.
+    pub async fn user_for_key(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
+        if let Some(hit) = self.cache.get(hash) {
+            return Ok(hit);
+        }
+        let found = self.lookup_key(hash).await?;
+        self.cache.put(hash.clone(), found.clone());
+        Ok(found)
+    }
+
+    /// Asks Postgres, bypassing the cache: is this key live for this user?
+    /// Used when Redis says a key is unknown, to tell a revoked key from a
+    /// key whose creation never reached Redis.
+    pub async fn key_is_live(&self, user: &UserId, hash: &KeyHash) -> Result<bool, AccountError> {
+        let live = self.lookup_key(hash).await?.as_ref() == Some(user);
+        if !live {
+            self.cache.put(hash.clone(), None);
+        }
+        Ok(live)
+    }
+
+    async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(hash.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|(id,)| UserId::parse(&id).ok()))
+    }
+
+    pub async fn get_user(&self, id: &UserId) -> Result<Option<User>, AccountError> {
+        let row: Option<(String, String, Option<String>, String, String)> = sqlx::query_as(
+            "SELECT id, name, email, plan, status FROM users WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(id, name, email, plan, status)| {
+            Ok(User {
+                id: UserId::parse(&id).map_err(|e| AccountError::Corrupt(e.to_string()))?,
+                name,
+                email,
+                plan: PlanId::parse(&plan).map_err(|e| AccountError::Corrupt(e.to_string()))?,
+                blocked: status == "blocked",
+            })
+        })
+        .transpose()
+    }
+
+    /// Blocks or unblocks in Postgres; the caller mirrors it into Redis.
+    pub async fn set_blocked(
+        &self,
+        id: &UserId,
+        blocked: bool,
+        reason: Option<&str>,
+    ) -> Result<(), AccountError> {
+        let done = sqlx::query(
+            "UPDATE users SET status = $2, blocked_reason = $3, updated_at = now() WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(if blocked { "blocked" } else { "active" })
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(AccountError::UnknownUser(id.clone()));
+        }
+        Ok(())
+    }
+
+    /// What Redis must hold for `id`, built from Postgres, or `None` for an
+    /// unknown user.
+    ///
+    /// The balance starts from the plan's full allowance for the current
+    /// period; the durable ledger replaces this with the latest flushed
+    /// snapshot plus later events.
+    pub async fn seed_for(
+        &self,
+        id: &UserId,
+        stamp: &Stamp,
+    ) -> Result<Option<AccountSeed>, AccountError> {
+        let Some(user) = self.get_user(id).await? else {
+            return Ok(None);
+        };
+        let keys: Vec<(String,)> = sqlx::query_as(
+            "SELECT key_hash FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let monthly = self
+            .catalog
+            .plan(user.plan.as_str())
+            .map_or(Credits::ZERO, |p| p.monthly_credits);
+        Ok(Some(AccountSeed {
+            user: user.id,
+            plan: user.plan,
+            monthly,
+            bonus: Credits::ZERO,
+            period: stamp.period.clone(),
+            day: stamp.day.clone(),
+            day_used: Credits::ZERO,
+            blocked: user.blocked,
+            key_hashes: keys
+                .into_iter()
+                .map(|(h,)| KeyHash::from_stored(h))
+                .collect(),
+        }))
+    }
+}
+
+async fn insert_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    user: &UserId,
+) -> Result<NewKey, AccountError> {
+    let key = ApiKey::generate();
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO api_keys (id, user_id, key_hash, prefix) VALUES ($1, $2, $3, $4)")
+        .bind(id)
+        .bind(user.as_str())
+        .bind(key.hash().as_str())
+        .bind(key.display_prefix())
+        .execute(&mut **tx)
+        .await?;
+    Ok(NewKey { id, key })
+}

@@ -1,0 +1,129 @@
+//! What the deployment sells: plans, modules, their costs and upstreams, as
+//! validated from the configuration. Read-only after start; shared by the
+//! proxy (routing, pricing) and the metering scripts (plan rules as ARGV).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::domain::{ActionId, Credits, ModuleId, PlanId};
+
+#[derive(Debug)]
+pub struct Module {
+    pub id: ModuleId,
+    /// Path prefix without trailing slash, e.g. `/rag` or `/api/v1`.
+    pub prefix: String,
+    pub upstream: http::Uri,
+    pub cost: Credits,
+    pub actions: BTreeMap<ActionId, Credits>,
+    pub refund_on_5xx: bool,
+    pub refund_on_failure: bool,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub strip_prefix: bool,
+}
+
+impl Module {
+    /// The price of one call, with the per-action override when one matches.
+    pub fn cost_of(&self, action: Option<&ActionId>) -> Credits {
+        action
+            .and_then(|a| self.actions.get(a))
+            .copied()
+            .unwrap_or(self.cost)
+    }
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub id: PlanId,
+    pub name: String,
+    pub monthly_credits: Credits,
+    /// `None` is unlimited.
+    pub daily_limit: Option<Credits>,
+    pub price_dzd: i64,
+    pub modules: Vec<ModuleId>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub features: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Catalog {
+    modules: Vec<Module>,
+    plans: Vec<Plan>,
+    /// Routing table: prefixes sorted longest first, so `/api/v1` wins over
+    /// a hypothetical `/api`.
+    routes: Vec<(String, usize)>,
+    /// ARGV[6] of charge.lua, built once: `;free:20:100;pro:500:2000;`.
+    plan_table_arg: String,
+    /// ARGV[5] of charge.lua per module (same index as `modules`).
+    allowed_plans_arg: Vec<String>,
+}
+
+impl Catalog {
+    pub fn new(modules: Vec<Module>, plans: Vec<Plan>) -> Self {
+        let mut routes: Vec<(String, usize)> = modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.prefix.clone(), i))
+            .collect();
+        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        let mut plan_table_arg = String::from(";");
+        for p in &plans {
+            let limit = p.daily_limit.map_or(-1, Credits::get);
+            plan_table_arg.push_str(&format!("{}:{}:{};", p.id, limit, p.monthly_credits));
+        }
+        let allowed_plans_arg = modules
+            .iter()
+            .map(|m| {
+                let mut s = String::from(",");
+                for p in plans.iter().filter(|p| p.modules.contains(&m.id)) {
+                    s.push_str(p.id.as_str());
+                    s.push(',');
+                }
+                s
+            })
+            .collect();
+        Self {
+            modules,
+            plans,
+            routes,
+            plan_table_arg,
+            allowed_plans_arg,
+        }
+    }
+
+    /// The module whose prefix owns `path`, matching whole segments only
+    /// (`/rag` owns `/rag` and `/rag/x`, not `/ragx`).
+    pub fn route(&self, path: &str) -> Option<&Module> {
+        self.routes.iter().find_map(|(prefix, i)| {
+            let rest = path.strip_prefix(prefix.as_str())?;
+            (rest.is_empty() || rest.starts_with('/')).then(|| &self.modules[*i])
+        })
+    }
+
+    pub fn module(&self, id: &str) -> Option<&Module> {
+        self.modules.iter().find(|m| m.id.as_str() == id)
+    }
+
+    pub fn modules(&self) -> &[Module] {
+        &self.modules
+    }
+
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.id.as_str() == id)
+    }
+
+    pub fn plans(&self) -> &[Plan] {
+        &self.plans
+    }
+
+    pub fn plan_table_arg(&self) -> &str {
+        &self.plan_table_arg
+    }
+
+    pub fn allowed_plans_arg(&self, module: &ModuleId) -> &str {
+        self.modules
+            .iter()
+            .position(|m| &m.id == module)
+            .map_or(",", |i| self.allowed_plans_arg[i].as_str())
+    }
+}

@@ -1,0 +1,728 @@
+//! Settings: one TOML file, then `CREDITGATE_A__B` environment overrides,
+//! then validation. Everything the rest of the crate needs is derived here
+//! (durations, the plan/module catalog), so a bad deployment is refused at
+//! start with a message naming the key, never half-way through a request.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::catalog::{Catalog, Module, Plan};
+use crate::domain::{ActionId, Credits, ModuleId, PlanId};
+
+pub const ENV_PREFIX: &str = "CREDITGATE_";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub upstream: UpstreamSettings,
+    #[serde(default)]
+    pub redis: RedisSettings,
+    #[serde(default)]
+    pub database: DatabaseSettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub metering: MeteringSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    #[serde(default)]
+    pub modules: BTreeMap<String, ModuleSettings>,
+    #[serde(default)]
+    pub plans: BTreeMap<String, PlanSettings>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub metrics_listen: Option<String>,
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// Requests being served at once; beyond it the gateway answers 503
+    /// `overloaded` at once instead of queueing.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// How long SIGTERM waits for in-flight requests before giving up.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_timezone() -> String {
+    "Africa/Algiers".into()
+}
+fn default_max_body() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_max_in_flight() -> usize {
+    4096
+}
+fn default_grace() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+    pub pool_idle_timeout_ms: u64,
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 2_000,
+            timeout_ms: 60_000,
+            pool_idle_timeout_ms: 90_000,
+            pool_max_idle_per_host: 512,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    pub url: String,
+    /// Prefix of every key, inside the hash tag: `{<prefix>:<shard>}:...`.
+    pub key_prefix: String,
+    /// Accounts are spread over this many hash tags (one usage stream each).
+    /// Fixed for the life of a deployment's Redis data.
+    pub shards: u16,
+    /// Budget for one script call, including waiting for a connection.
+    /// Short on purpose: a slow Redis must turn into a fast 503.
+    pub command_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "cg".into(),
+            shards: 16,
+            command_timeout_ms: 250,
+            connect_timeout_ms: 250,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/creditgate".into(),
+            max_connections: 10,
+            acquire_timeout_ms: 2_000,
+            statement_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub trust_user_id_header: bool,
+    pub admin_keys: Vec<NamedKey>,
+    pub service_keys: Vec<NamedKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedKey {
+    pub name: String,
+    pub key: SecretString,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringSettings {
+    /// How long an idempotency key is remembered (SPEC: 24 h).
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Default for MeteringSettings {
+    fn default() -> Self {
+        Self {
+            idempotency_ttl_secs: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// "text" for people, "json" for log shippers.
+    pub format: String,
+    /// tracing-subscriber filter; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleSettings {
+    pub prefix: String,
+    pub upstream: String,
+    pub cost: i64,
+    #[serde(default = "yes")]
+    pub refund_on_5xx: bool,
+    /// Also refund when the upstream cannot be reached or times out.
+    #[serde(default = "yes")]
+    pub refund_on_failure: bool,
+    pub timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    /// Forward `/rag/search` as `/search` instead of `/rag/search`.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Per-action cost overrides; the action is read from `X-Action`.
+    #[serde(default)]
+    pub actions: BTreeMap<String, i64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSettings {
+    pub name: String,
+    pub monthly_credits: i64,
+    pub daily_limit: Option<i64>,
+    #[serde(default)]
+    pub price_dzd: i64,
+    pub modules: Vec<String>,
+    /// Requests per minute per user on this gateway instance.
+    pub rate_limit_per_minute: Option<u32>,
+    #[serde(default)]
+    pub features: Vec<String>,
+}
+
+/// Validated settings: what the rest of the crate consumes.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    pub timezone: chrono_tz::Tz,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub max_in_flight: usize,
+    pub shutdown_grace: Duration,
+    pub upstream: UpstreamSettings,
+    pub redis: RedisSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub idempotency_ttl: Duration,
+    pub log: LogSettings,
+    pub catalog: std::sync::Arc<Catalog>,
+}
+
+impl Settings {
+    /// Reads `path`, applies `CREDITGATE_*` overrides from the process
+    /// environment and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// The same as [`Settings::load`] with the file text and environment
+    /// given explicitly (tests use this instead of mutating the process env).
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_owned(),
+            message: e.message().to_owned(),
+        })?;
+        apply_env_overrides(&mut table, env)?;
+        let raw: RawSettings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| invalid(e.path().to_string(), e.inner().to_string()))?;
+        raw.validate()
+    }
+}
+
+/// `CREDITGATE_MODULES__RAG__UPSTREAM=http://x` sets `modules.rag.upstream`.
+/// Only variables with a `__` are overrides (every top-level key is a
+/// table), which leaves `CREDITGATE_CONFIG` and friends to the CLI.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(invalid(name, "empty segment in environment override"));
+        }
+        let mut cursor = &mut *table;
+        for segment in &path[..path.len() - 1] {
+            let entry = cursor
+                .entry(segment.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => return Err(invalid(name, format!("{segment} is not a table"))),
+            };
+        }
+        let leaf = &path[path.len() - 1];
+        let value = match cursor.get(leaf) {
+            // Keep strings strings even when they look like numbers ("1234").
+            Some(toml::Value::String(_)) => toml::Value::String(raw),
+            _ => parse_env_value(&raw),
+        };
+        cursor.insert(leaf.clone(), value);
+    }
+    Ok(())
+}
+
+/// Numbers, booleans and arrays are read as TOML literals; anything else is
+/// a string, so URLs and addresses need no quoting.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse()
+        .map_err(|_| invalid(key, format!("{s:?} is not an address like 0.0.0.0:8207")))
+}
+
+fn positive_ms(key: &str, ms: u64) -> Result<Duration, ConfigError> {
+    if ms == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn credits(key: &str, n: i64) -> Result<Credits, ConfigError> {
+    Credits::new(n).map_err(|e| invalid(key, e.why))
+}
+
+impl RawSettings {
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let s = &self.server;
+        let listen = parse_addr("server.listen", &s.listen)?;
+        let metrics_listen = s
+            .metrics_listen
+            .as_deref()
+            .map(|m| parse_addr("server.metrics_listen", m))
+            .transpose()?;
+        let timezone: chrono_tz::Tz = s.timezone.parse().map_err(|_| {
+            invalid(
+                "server.timezone",
+                format!("unknown time zone {:?}", s.timezone),
+            )
+        })?;
+        if s.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        if s.max_in_flight == 0 {
+            return Err(invalid("server.max_in_flight", "must be greater than 0"));
+        }
+        let header_read_timeout =
+            positive_ms("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
+        let shutdown_grace = Duration::from_millis(s.shutdown_grace_ms);
+        positive_ms(
+            "upstream.connect_timeout_ms",
+            self.upstream.connect_timeout_ms,
+        )?;
+        positive_ms("upstream.timeout_ms", self.upstream.timeout_ms)?;
+        positive_ms("redis.command_timeout_ms", self.redis.command_timeout_ms)?;
+        positive_ms("redis.connect_timeout_ms", self.redis.connect_timeout_ms)?;
+        positive_ms(
+            "database.acquire_timeout_ms",
+            self.database.acquire_timeout_ms,
+        )?;
+        if self.redis.shards == 0 {
+            return Err(invalid("redis.shards", "must be at least 1"));
+        }
+        if self.redis.key_prefix.is_empty()
+            || !self
+                .redis
+                .key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(
+                "redis.key_prefix",
+                "use letters, digits, '_' or '-'",
+            ));
+        }
+        if !(self.redis.url.starts_with("redis://")
+            || self.redis.url.starts_with("rediss://")
+            || self.redis.url.starts_with("redis+cluster://"))
+        {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis://, rediss:// or redis+cluster://",
+            ));
+        }
+        if !self.database.url.starts_with("postgres://")
+            && !self.database.url.starts_with("postgresql://")
+        {
+            return Err(invalid("database.url", "must start with postgres://"));
+        }
+        validate_named_keys("auth.admin_keys", &self.auth.admin_keys)?;
+        validate_named_keys("auth.service_keys", &self.auth.service_keys)?;
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(invalid("log.format", "must be \"text\" or \"json\""));
+        }
+
+        let catalog = build_catalog(&self.modules, &self.plans, &self.upstream)?;
+        Ok(Settings {
+            listen,
+            metrics_listen,
+            timezone,
+            max_body_bytes: self.server.max_body_bytes,
+            header_read_timeout,
+            max_in_flight: self.server.max_in_flight,
+            shutdown_grace,
+            idempotency_ttl: Duration::from_secs(self.metering.idempotency_ttl_secs.max(1)),
+            upstream: self.upstream,
+            redis: self.redis,
+            database: self.database,
+            auth: self.auth,
+            log: self.log,
+            catalog: std::sync::Arc::new(catalog),
+        })
+    }
+}
+
+fn validate_named_keys(key: &str, keys: &[NamedKey]) -> Result<(), ConfigError> {
+    use secrecy::ExposeSecret;
+    let mut names = HashSet::new();
+    for (i, k) in keys.iter().enumerate() {
+        if k.name.trim().is_empty() {
+            return Err(invalid(format!("{key}[{i}].name"), "must not be empty"));
+        }
+        if !names.insert(k.name.as_str()) {
+            return Err(invalid(
+                format!("{key}[{i}].name"),
+                format!("duplicate name {:?}", k.name),
+            ));
+        }
+        if k.key.expose_secret().len() < 8 {
+            return Err(invalid(
+                format!("{key}[{i}].key"),
+                "must be at least 8 characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn build_catalog(
+    modules: &BTreeMap<String, ModuleSettings>,
+    plans: &BTreeMap<String, PlanSettings>,
+    defaults: &UpstreamSettings,
+) -> Result<Catalog, ConfigError> {
+    if modules.is_empty() {
+        return Err(invalid("modules", "at least one module is required"));
+    }
+    if plans.is_empty() {
+        return Err(invalid("plans", "at least one plan is required"));
+    }
+    let mut built_modules = Vec::new();
+    let mut prefixes: BTreeMap<String, String> = BTreeMap::new();
+    for (id, m) in modules {
+        let key = |field: &str| format!("modules.{id}.{field}");
+        let module_id = ModuleId::parse(id).map_err(|e| invalid(format!("modules.{id}"), e.why))?;
+        let prefix = m.prefix.trim_end_matches('/').to_owned();
+        if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(['?', '#', ' ']) {
+            return Err(invalid(
+                key("prefix"),
+                format!("{:?} must be a path like /rag", m.prefix),
+            ));
+        }
+        for reserved in ["/api/billing", "/api/admin", "/api/credits", "/billing"] {
+            if prefix == reserved || prefix.starts_with(&format!("{reserved}/")) {
+                return Err(invalid(
+                    key("prefix"),
+                    format!("{prefix} is reserved for creditgate's own API"),
+                ));
+            }
+        }
+        if matches!(prefix.as_str(), "/healthz" | "/readyz" | "/metrics" | "/api") {
+            return Err(invalid(
+                key("prefix"),
+                format!("{prefix} is reserved for creditgate's own API"),
+            ));
+        }
+        if let Some(other) = prefixes.insert(prefix.clone(), id.clone()) {
+            return Err(invalid(
+                key("prefix"),
+                format!("duplicate prefix {prefix}, also used by module {other}"),
+            ));
+        }
+        let upstream: http::Uri = m
+            .upstream
+            .parse()
+            .map_err(|_| invalid(key("upstream"), format!("{:?} is not a URL", m.upstream)))?;
+        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() {
+            return Err(invalid(
+                key("upstream"),
+                format!("{:?} must be an http://host:port URL", m.upstream),
+            ));
+        }
+        if upstream.query().is_some() {
+            return Err(invalid(key("upstream"), "must not contain a query"));
+        }
+        let cost = credits(&key("cost"), m.cost)?;
+        let mut actions = BTreeMap::new();
+        for (action, c) in &m.actions {
+            let action_key = format!("modules.{id}.actions.{action}");
+            let action_id = ActionId::parse(action).map_err(|e| invalid(&action_key, e.why))?;
+            actions.insert(action_id, credits(&action_key, *c)?);
+        }
+        let timeout = positive_ms(&key("timeout_ms"), m.timeout_ms.unwrap_or(defaults.timeout_ms))?;
+        let connect_timeout = positive_ms(
+            &key("connect_timeout_ms"),
+            m.connect_timeout_ms.unwrap_or(defaults.connect_timeout_ms),
+        )?;
+        built_modules.push(Module {
+            id: module_id,
+            prefix,
+            upstream,
+            cost,
+            actions,
+            refund_on_5xx: m.refund_on_5xx,
+            refund_on_failure: m.refund_on_failure,
+            timeout,
+            connect_timeout,
+            strip_prefix: m.strip_prefix,
+        });
+    }
+    let mut built_plans = Vec::new();
+    for (id, p) in plans {
+        let key = |field: &str| format!("plans.{id}.{field}");
+        let plan_id = PlanId::parse(id).map_err(|e| invalid(format!("plans.{id}"), e.why))?;
+        if p.name.trim().is_empty() {
+            return Err(invalid(key("name"), "must not be empty"));
+        }
+        let monthly = credits(&key("monthly_credits"), p.monthly_credits)?;
+        let daily_limit = match p.daily_limit {
+            None => None,
+            Some(n) if n <= 0 => {
+                return Err(invalid(
+                    key("daily_limit"),
+                    "must be positive (omit it for unlimited)",
+                ))
+            }
+            Some(n) => Some(credits(&key("daily_limit"), n)?),
+        };
+        if p.price_dzd < 0 {
+            return Err(invalid(key("price_dzd"), "must not be negative"));
+        }
+        let mut plan_modules = Vec::new();
+        for (i, m) in p.modules.iter().enumerate() {
+            let Some(module) = built_modules.iter().find(|x| x.id.as_str() == m) else {
+                return Err(invalid(
+                    format!("plans.{id}.modules[{i}]"),
+                    format!("unknown module {m:?}"),
+                ));
+            };
+            if !plan_modules.contains(&module.id) {
+                plan_modules.push(module.id.clone());
+            }
+        }
+        if p.rate_limit_per_minute == Some(0) {
+            return Err(invalid(
+                key("rate_limit_per_minute"),
+                "must be positive (omit it for no limit)",
+            ));
+        }
+        built_plans.push(Plan {
+            id: plan_id,
+            name: p.name.clone(),
+            monthly_credits: monthly,
+            daily_limit,
+            price_dzd: p.price_dzd,
+            modules: plan_modules,
+            rate_limit_per_minute: p.rate_limit_per_minute,
+            features: p.features.clone(),
+        });
+    }
+    Ok(Catalog::new(built_modules, built_plans))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config/creditgate.toml");
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::from_toml(
+            text,
+            "test.toml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn error_of(text: &str) -> String {
+        match load(text, &[]) {
+            Ok(_) => panic!("config accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn shipped_config_has_the_seed_plans_and_costs() {
+        let s = load(SHIPPED, &[]).expect("shipped config is valid");
+        let c = &s.catalog;
+        let cost = |m: &str| c.module(m).map(|m| m.cost.get());
+        assert_eq!(
+            [
+                cost("rag"),
+                cost("legal"),
+                cost("fiscal"),
+                cost("voice"),
+                cost("park"),
+                cost("api")
+            ],
+            [Some(1), Some(3), Some(3), Some(2), Some(2), Some(1)]
+        );
+        let plan = |p: &str| {
+            c.plan(p).map(|p| {
+                (
+                    p.monthly_credits.get(),
+                    p.daily_limit.map(Credits::get),
+                    p.price_dzd,
+                )
+            })
+        };
+        assert_eq!(plan("free"), Some((100, Some(20), 0)));
+        assert_eq!(plan("starter"), Some((500, Some(100), 2000)));
+        assert_eq!(plan("pro"), Some((2000, Some(500), 5000)));
+        assert_eq!(plan("business"), Some((10000, Some(2000), 15000)));
+        assert_eq!(plan("enterprise"), Some((100000, None, 50000)));
+        assert_eq!(s.timezone, chrono_tz::Africa::Algiers);
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let s = load(
+            SHIPPED,
+            &[
+                ("CREDITGATE_MODULES__RAG__UPSTREAM", "http://10.0.0.9:7000"),
+                ("CREDITGATE_SERVER__LISTEN", "127.0.0.1:1234"),
+                ("CREDITGATE_REDIS__SHARDS", "4"),
+                ("CREDITGATE_CONFIG", "ignored.toml"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            s.catalog.module("rag").map(|m| m.upstream.to_string()),
+            Some("http://10.0.0.9:7000/".into())
+        );
+        assert_eq!(s.listen.port(), 1234);
+        assert_eq!(s.redis.shards, 4);
+    }
+
+    #[test]
+    fn invalid_configs_name_the_key() {
+        let base = SHIPPED;
+        let cases = [
+            (
+                base.replace("modules = [\"rag\", \"park\"]", "modules = [\"rag\", \"nope\"]"),
+                "plans.free.modules[1]",
+            ),
+            (
+                base.replace("prefix = \"/legal\"", "prefix = \"/rag\""),
+                "duplicate prefix /rag",
+            ),
+            (
+                base.replace("cost = 3\n", "cost = -3\n"),
+                "modules.fiscal.cost",
+            ),
+            (
+                base.replace("upstream = \"http://127.0.0.1:9000\"", "upstream = \"not a url\""),
+                ".upstream",
+            ),
+            (
+                base.replace("timezone = \"Africa/Algiers\"", "timezone = \"Mars/Olympus\""),
+                "server.timezone",
+            ),
+            (
+                format!("{base}\n[bogus]\nx = 1\n"),
+                "unknown field `bogus`",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let err = error_of(&SHIPPED.replace("cost = 1\n", "cost = \"one\"\n"));
+        assert!(err.contains("modules.") && err.contains("cost"), "{err}");
+    }
+}

@@ -1,0 +1,278 @@
+//! Identifiers, money and keys as newtypes.
+//!
+//! Each type has a private field and a `parse` that validates, so a value
+//! that crosses a module boundary has already been checked once at the edge
+//! (HTTP header, JSON body, config file, CLI argument).
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{what}: {why}")]
+pub struct ParseError {
+    pub what: &'static str,
+    pub why: String,
+}
+
+impl ParseError {
+    fn new(what: &'static str, why: impl Into<String>) -> Self {
+        Self {
+            what,
+            why: why.into(),
+        }
+    }
+}
+
+fn check_chars(
+    what: &'static str,
+    s: &str,
+    max: usize,
+    ok: impl Fn(char) -> bool,
+) -> Result<(), ParseError> {
+    if s.is_empty() {
+        return Err(ParseError::new(what, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(ParseError::new(what, format!("longer than {max} bytes")));
+    }
+    if let Some(c) = s.chars().find(|c| !ok(*c)) {
+        return Err(ParseError::new(what, format!("invalid character {c:?}")));
+    }
+    Ok(())
+}
+
+/// A user (account) id. The platform's Hub sends its own ids in `X-User-ID`,
+/// so ids are opaque strings rather than UUIDs; the charset keeps them safe
+/// inside Redis key names and log lines.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        check_chars("user id", s, 64, |c| {
+            c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')
+        })?;
+        Ok(Self(s.to_owned()))
+    }
+
+    /// A fresh id for an account created by creditgate itself.
+    pub fn generate() -> Self {
+        Self(format!("usr_{}", uuid::Uuid::now_v7().simple()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+macro_rules! catalog_id {
+    ($name:ident, $what:literal) => {
+        /// Plan and module ids appear inside Lua patterns and Redis key names,
+        /// so they are restricted to `[a-z0-9_]`.
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(s: &str) -> Result<Self, ParseError> {
+                check_chars($what, s, 32, |c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+                })?;
+                Ok(Self(s.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+catalog_id!(PlanId, "plan id");
+catalog_id!(ModuleId, "module id");
+catalog_id!(ActionId, "action");
+
+/// An amount of credits. Never negative; bounded so that sums of many
+/// amounts cannot overflow Lua's 53-bit integers or Postgres BIGINT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Credits(i64);
+
+impl Credits {
+    pub const MAX: i64 = 1_000_000_000;
+    pub const ZERO: Credits = Credits(0);
+
+    pub fn new(n: i64) -> Result<Self, ParseError> {
+        if n < 0 {
+            return Err(ParseError::new("credits", "must not be negative"));
+        }
+        if n > Self::MAX {
+            return Err(ParseError::new(
+                "credits",
+                format!("must be at most {}", Self::MAX),
+            ));
+        }
+        Ok(Self(n))
+    }
+
+    pub fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Credits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A request id: the client's `Idempotency-Key` / `X-Request-Id`, or one we
+/// generate. Visible ASCII only, because it is echoed in headers and stored
+/// in a Redis key name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        check_chars("request id", s, 128, |c| c.is_ascii_graphic())?;
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A client API key. Only ever held briefly: hashed on arrival, printed once
+/// at creation. `Debug` never shows it.
+pub struct ApiKey(SecretString);
+
+impl ApiKey {
+    const PREFIX: &'static str = "cg_";
+
+    /// `cg_` + 48 hex digits (192 random bits).
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 24];
+        rand::fill(&mut bytes);
+        Self(SecretString::from(format!(
+            "{}{}",
+            Self::PREFIX,
+            hex::encode(bytes)
+        )))
+    }
+
+    /// Accepts any plausible token; whether it is a real key is for the
+    /// lookup to decide. The shape check only keeps junk out of the caches.
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        check_chars("api key", s, 200, |c| c.is_ascii_graphic())?;
+        Ok(Self(SecretString::from(s.to_owned())))
+    }
+
+    pub fn hash(&self) -> KeyHash {
+        let digest = Sha256::digest(self.0.expose_secret().as_bytes());
+        KeyHash(hex::encode(digest))
+    }
+
+    /// Shown to people so they can tell their keys apart ("cg_1a2b3c4d").
+    pub fn display_prefix(&self) -> String {
+        self.0.expose_secret().chars().take(11).collect()
+    }
+
+    /// The full key, for the one moment it is shown to its owner.
+    pub fn reveal(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(****)")
+    }
+}
+
+/// SHA-256 of an API key, lowercase hex: what Postgres and Redis store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyHash(String);
+
+impl KeyHash {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// For values read back from our own storage.
+    pub fn from_stored(s: String) -> Self {
+        Self(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_reject_key_separators_and_spaces() {
+        assert!(UserId::parse("hub-42").is_ok());
+        assert!(UserId::parse("a@b.dz").is_ok());
+        for bad in ["", "a b", "a:b", "a{b}", &"x".repeat(65)] {
+            assert!(UserId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn catalog_ids_are_lowercase_words() {
+        assert!(ModuleId::parse("rag").is_ok());
+        assert!(PlanId::parse("pro_2").is_ok());
+        for bad in ["", "Rag", "a-b", "a.b", "a%b"] {
+            assert!(PlanId::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn credits_are_bounded_and_non_negative() {
+        assert!(Credits::new(-1).is_err());
+        assert!(Credits::new(Credits::MAX + 1).is_err());
+        assert_eq!(Credits::new(3).map(Credits::get), Ok(3));
+    }
+
+    #[test]
+    fn generated_keys_are_distinct_and_hash_stably() {
+        let a = ApiKey::generate();
+        let b = ApiKey::generate();
+        assert_ne!(a.reveal(), b.reveal());
+        assert!(a.reveal().starts_with("cg_") && a.reveal().len() == 51);
+        let again = ApiKey::parse(a.reveal()).map(|k| k.hash());
+        assert_eq!(again, Ok(a.hash()));
+        assert_eq!(format!("{a:?}"), "ApiKey(****)");
+    }
+
+    #[test]
+    fn request_ids_are_visible_ascii() {
+        assert!(RequestId::parse("req-1").is_ok());
+        assert!(RequestId::parse("a b").is_err());
+        assert!(RequestId::parse("é").is_err());
+        assert!(RequestId::parse(&"x".repeat(129)).is_err());
+    }
+}

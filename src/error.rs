@@ -1,0 +1,271 @@
+//! The one place where failures become HTTP answers.
+//!
+//! Every layer has its own error type (`MeterError`, `AccountError`,
+//! `UpstreamError`, ...); they convert into [`ApiError`], and
+//! [`ApiError::into_response`] is the only function that picks a status,
+//! a `{"error": {"code", "message"}}` body and `Retry-After`.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::accounts::AccountError;
+use crate::body::{self, Body};
+use crate::metering::MeterError;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ApiError {
+    Unauthenticated(&'static str),
+    Blocked,
+    ModuleNotInPlan(String),
+    InsufficientCredits { cost: i64, remaining: i64 },
+    DailyLimit { limit: i64, retry_after_secs: u64 },
+    RateLimited { retry_after_secs: u64 },
+    MeteringUnavailable,
+    DatabaseUnavailable,
+    UpstreamUnavailable,
+    UpstreamTimeout(Duration),
+    PayloadTooLarge { limit: u64 },
+    InvalidHeader(String),
+    BadRequest { code: &'static str, message: String },
+    NotFound,
+    MethodNotAllowed,
+    Overloaded,
+    Internal,
+}
+
+/// Seconds a client should wait before retrying when a dependency is down:
+/// short, since the gateway reconnects by itself.
+const DEPENDENCY_RETRY_SECS: u64 = 1;
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Self::Blocked | Self::ModuleNotInPlan(_) => StatusCode::FORBIDDEN,
+            Self::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            Self::DailyLimit { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::MeteringUnavailable | Self::DatabaseUnavailable | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidHeader(_) | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::Blocked => "blocked",
+            Self::ModuleNotInPlan(_) => "module_not_in_plan",
+            Self::InsufficientCredits { .. } => "insufficient_credits",
+            Self::DailyLimit { .. } => "daily_limit",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::MeteringUnavailable => "metering_unavailable",
+            Self::DatabaseUnavailable => "database_unavailable",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::InvalidHeader(_) => "invalid_header",
+            Self::BadRequest { code, .. } => code,
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::Overloaded => "overloaded",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            Self::Unauthenticated(why) => format!("authentication required: {why}"),
+            Self::Blocked => "this account is blocked; contact support".into(),
+            Self::ModuleNotInPlan(m) => format!("module {m} is not included in your plan"),
+            Self::InsufficientCredits { cost, remaining } => {
+                format!("this call costs {cost} credits and {remaining} remain")
+            }
+            Self::DailyLimit { limit, .. } => {
+                format!("daily limit of {limit} credits reached; it resets at local midnight")
+            }
+            Self::RateLimited { .. } => "too many requests; slow down".into(),
+            Self::MeteringUnavailable => {
+                "credit metering is temporarily unavailable; nothing was charged".into()
+            }
+            Self::DatabaseUnavailable => "the account database is temporarily unavailable".into(),
+            Self::UpstreamUnavailable => {
+                "the service could not be reached; the charge was refunded".into()
+            }
+            Self::UpstreamTimeout(d) => format!(
+                "the service did not answer within {} ms; the charge was refunded",
+                d.as_millis()
+            ),
+            Self::PayloadTooLarge { limit } => {
+                format!("request body larger than {limit} bytes")
+            }
+            Self::InvalidHeader(m) => m.clone(),
+            Self::BadRequest { message, .. } => message.clone(),
+            Self::NotFound => "no such route".into(),
+            Self::MethodNotAllowed => "method not allowed on this route".into(),
+            Self::Overloaded => "the gateway is at capacity; retry shortly".into(),
+            Self::Internal => "internal error".into(),
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::DailyLimit {
+                retry_after_secs, ..
+            }
+            | Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Self::MeteringUnavailable | Self::DatabaseUnavailable | Self::Overloaded => {
+                Some(DEPENDENCY_RETRY_SECS)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let payload = json!({"error": {"code": self.code(), "message": self.message()}});
+        let mut response = body::json(self.status(), &payload);
+        if let Some(secs) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<MeterError> for ApiError {
+    fn from(e: MeterError) -> Self {
+        tracing::warn!(error = %e, "metering unavailable");
+        Self::MeteringUnavailable
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        match e {
+            AccountError::Database(err) => {
+                tracing::warn!(error = %err, "database unavailable");
+                Self::DatabaseUnavailable
+            }
+            AccountError::UnknownUser(_) => Self::BadRequest {
+                code: "unknown_user",
+                message: e.to_string(),
+            },
+            AccountError::UnknownPlan(_) => Self::BadRequest {
+                code: "unknown_plan",
+                message: e.to_string(),
+            },
+            AccountError::UnknownKey(_) => Self::BadRequest {
+                code: "unknown_key",
+                message: e.to_string(),
+            },
+            AccountError::UserExists(_) => Self::BadRequest {
+                code: "user_exists",
+                message: e.to_string(),
+            },
+            AccountError::Corrupt(detail) => {
+                tracing::error!(%detail, "corrupt account data");
+                Self::Internal
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(e: ApiError) -> (u16, Option<String>, serde_json::Value) {
+        let r = e.into_response();
+        let status = r.status().as_u16();
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = r
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let json = serde_json::from_slice(&bytes).unwrap_or_default();
+        (status, retry, json)
+    }
+
+    #[tokio::test]
+    async fn spec_table_of_refusals() {
+        let table = [
+            (ApiError::Unauthenticated("no key"), 401, "unauthenticated", None),
+            (ApiError::Blocked, 403, "blocked", None),
+            (
+                ApiError::ModuleNotInPlan("legal".into()),
+                403,
+                "module_not_in_plan",
+                None,
+            ),
+            (
+                ApiError::InsufficientCredits {
+                    cost: 3,
+                    remaining: 1,
+                },
+                402,
+                "insufficient_credits",
+                None,
+            ),
+            (
+                ApiError::DailyLimit {
+                    limit: 20,
+                    retry_after_secs: 3600,
+                },
+                429,
+                "daily_limit",
+                Some("3600"),
+            ),
+            (
+                ApiError::RateLimited {
+                    retry_after_secs: 2,
+                },
+                429,
+                "rate_limited",
+                Some("2"),
+            ),
+            (
+                ApiError::MeteringUnavailable,
+                503,
+                "metering_unavailable",
+                Some("1"),
+            ),
+            (ApiError::UpstreamUnavailable, 502, "upstream_unavailable", None),
+            (
+                ApiError::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "upstream_timeout",
+                None,
+            ),
+            (
+                ApiError::PayloadTooLarge { limit: 10 },
+                413,
+                "payload_too_large",
+                None,
+            ),
+            (ApiError::Overloaded, 503, "overloaded", Some("1")),
+        ];
+        for (err, status, code, retry) in table {
+            let (s, r, body) = render(err).await;
+            assert_eq!(s, status, "{code}");
+            assert_eq!(r.as_deref(), retry, "{code}");
+            assert_eq!(body["error"]["code"], code);
+            assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+}

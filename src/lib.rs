@@ -1,0 +1,29 @@
+//! creditgate: the billing and credits gateway of the iaFactory platform.
+//!
+//! Module map:
+//!
+//! - [`config`]    settings: TOML file + `CREDITGATE_*` env, validated at start
+//! - [`catalog`]   plans and modules (costs, prefixes, upstreams) from the config
+//! - [`domain`]    newtypes: user, plan and module ids, credits, API keys
+//! - [`startup`]   bind, build the shared state, serve until shutdown
+//! - [`proxy`]     the hot path: admit → identify → charge → forward → settle → respond
+//! - [`metering`]  the Redis side: key layout, Lua scripts, the `Meter` API
+//! - [`accounts`]  users and API keys in Postgres; key cache; Redis rebuild
+//! - [`api`]       creditgate's own endpoints (health; billing/admin/credits APIs)
+//! - [`error`]     the one mapping from errors to status + JSON body
+//! - [`body`]      the response body type
+//! - [`telemetry`] logging setup
+//! - [`demo`]      a tiny upstream for the demo configuration
+
+pub mod accounts;
+pub mod api;
+pub mod body;
+pub mod catalog;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod error;
+pub mod metering;
+pub mod proxy;
+pub mod startup;
+pub mod telemetry;

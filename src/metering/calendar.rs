@@ -1,0 +1,134 @@
+//! Local calendar of the deployment: which day and which billing period an
+//! instant belongs to in `server.timezone`, and when they end.
+//!
+//! The gateway computes these and passes them to the Lua scripts, so Redis
+//! never needs to know the time zone and tests can put any instant on the
+//! clock.
+
+use chrono::{DateTime, Datelike, Days, NaiveDate, TimeZone, Utc};
+use chrono_tz::Tz;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Calendar {
+    tz: Tz,
+}
+
+/// Where one instant falls on the local calendar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub now: DateTime<Utc>,
+    /// Local day, `YYYY-MM-DD`: the daily limit's counter.
+    pub day: String,
+    /// Local month, `YYYY-MM`: the monthly allowance's period.
+    pub period: String,
+    /// Next local midnight, when the daily counter resets.
+    pub day_ends: DateTime<Utc>,
+    /// First instant of the period.
+    pub period_starts: DateTime<Utc>,
+    /// First instant of the next period (1st of next month, local midnight).
+    pub period_ends: DateTime<Utc>,
+}
+
+impl Stamp {
+    pub fn now_ms(&self) -> i64 {
+        self.now.timestamp_millis()
+    }
+
+    /// `Retry-After` for the daily limit: whole seconds to local midnight,
+    /// at least 1.
+    pub fn secs_to_day_end(&self) -> u64 {
+        let ms = (self.day_ends - self.now).num_milliseconds().max(0) as u64;
+        ms.div_ceil(1000).max(1)
+    }
+}
+
+impl Calendar {
+    pub fn new(tz: Tz) -> Self {
+        Self { tz }
+    }
+
+    pub fn now(&self) -> Stamp {
+        self.at(Utc::now())
+    }
+
+    pub fn at(&self, now: DateTime<Utc>) -> Stamp {
+        let local = now.with_timezone(&self.tz).date_naive();
+        let month_start = local.with_day(1).unwrap_or(local);
+        let next_month = month_start
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap_or(month_start);
+        Stamp {
+            now,
+            day: local.format("%Y-%m-%d").to_string(),
+            period: local.format("%Y-%m").to_string(),
+            day_ends: self.midnight(local.checked_add_days(Days::new(1)).unwrap_or(local)),
+            period_starts: self.midnight(month_start),
+            period_ends: self.midnight(next_month),
+        }
+    }
+
+    /// The first instant of `date` in the zone. Where a DST change skips
+    /// midnight, the day starts at the first local time that exists.
+    fn midnight(&self, date: NaiveDate) -> DateTime<Utc> {
+        let mut t = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+        for _ in 0..4 {
+            if let Some(dt) = self.tz.from_local_datetime(&t).earliest() {
+                return dt.with_timezone(&Utc);
+            }
+            t += chrono::Duration::minutes(30);
+        }
+        Utc.from_utc_datetime(&t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("test instant")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn algiers_days_start_at_2300_utc() {
+        let cal = Calendar::new(chrono_tz::Africa::Algiers);
+        // (instant, local day, local period, seconds to local midnight)
+        let table = [
+            ("2026-11-26T22:59:59Z", "2026-11-26", "2026-11", 1),
+            ("2026-11-26T23:00:00Z", "2026-11-27", "2026-11", 86_400),
+            ("2026-11-26T12:00:00Z", "2026-11-26", "2026-11", 11 * 3600),
+            ("2026-11-30T23:00:00Z", "2026-12-01", "2026-12", 86_400),
+            ("2026-11-30T22:59:59.500Z", "2026-11-30", "2026-11", 1),
+            ("2026-12-31T23:30:00Z", "2027-01-01", "2027-01", 84_600),
+        ];
+        for (instant, day, period, secs) in table {
+            let s = cal.at(utc(instant));
+            assert_eq!(
+                (s.day.as_str(), s.period.as_str(), s.secs_to_day_end()),
+                (day, period, secs),
+                "at {instant}"
+            );
+        }
+    }
+
+    #[test]
+    fn periods_span_local_months() {
+        let cal = Calendar::new(chrono_tz::Africa::Algiers);
+        let s = cal.at(utc("2026-02-15T10:00:00Z"));
+        assert_eq!(s.period_starts, utc("2026-01-31T23:00:00Z"));
+        assert_eq!(s.period_ends, utc("2026-02-28T23:00:00Z"));
+    }
+
+    #[test]
+    fn dst_zones_still_get_a_day_end() {
+        // Europe/Paris skips 02:00 but not midnight; America/Santiago has
+        // skipped midnight itself in some years. Both must yield a later instant.
+        for tz in [chrono_tz::Europe::Paris, chrono_tz::America::Santiago] {
+            let cal = Calendar::new(tz);
+            let s = cal.at(utc("2026-09-05T12:00:00Z"));
+            assert!(s.day_ends > s.now);
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The Redis key layout, all of it.
+//!
+//! ```text
+//! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked
+//! {<prefix>:<shard>}:keys:<user>          set    sha256 hex of the user's live API keys
+//! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
+//!                                                (idempotency record + refund data, TTL 24 h)
+//! {<prefix>:<shard>}:events               stream usage events of every account in the shard
+//! ```
+//!
+//! `shard = fnv1a64(user) % redis.shards`. Everything about one account
+//! carries the same hash tag `{<prefix>:<shard>}`, so each script touches
+//! one Redis Cluster slot, and the account's events land in the stream of
+//! that same slot, appended atomically with the balance change. The shard
+//! count must stay fixed for a deployment's Redis data: changing it moves
+//! accounts to other tags (they would be rebuilt from Postgres).
+
+use crate::domain::{RequestId, UserId};
+
+#[derive(Clone, Debug)]
+pub struct KeyLayout {
+    prefix: String,
+    shards: u16,
+}
+
+impl KeyLayout {
+    pub fn new(prefix: &str, shards: u16) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            shards: shards.max(1),
+        }
+    }
+
+    pub fn shard_of(&self, user: &UserId) -> u16 {
+        // FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in user.as_str().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % u64::from(self.shards)) as u16
+    }
+
+    fn tag(&self, shard: u16) -> String {
+        format!("{{{}:{}}}", self.prefix, shard)
+    }
+
+    pub fn account(&self, user: &UserId) -> String {
+        format!("{}:acct:{}", self.tag(self.shard_of(user)), user)
+    }
+
+    pub fn api_keys(&self, user: &UserId) -> String {
+        format!("{}:keys:{}", self.tag(self.shard_of(user)), user)
+    }
+
+    pub fn request(&self, user: &UserId, request: &RequestId) -> String {
+        format!("{}:req:{}:{}", self.tag(self.shard_of(user)), user, request)
+    }
+
+    /// The stream that receives `user`'s events.
+    pub fn stream_of(&self, user: &UserId) -> String {
+        self.stream(self.shard_of(user))
+    }
+
+    pub fn stream(&self, shard: u16) -> String {
+        format!("{}:events", self.tag(shard))
+    }
+
+    /// Every usage stream, for the flusher.
+    pub fn streams(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.shards).map(|s| self.stream(s))
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag_of(key: &str) -> &str {
+        let start = key.find('{').expect("tag open");
+        let end = key.find('}').expect("tag close");
+        &key[start..=end]
+    }
+
+    #[test]
+    fn every_key_of_an_account_shares_one_hash_tag() {
+        let keys = KeyLayout::new("cg", 16);
+        for name in ["alice", "bob", "usr_0192", "hub-42"] {
+            let user = UserId::parse(name).expect("id");
+            let rid = RequestId::parse("r-1").expect("rid");
+            let all = [
+                keys.account(&user),
+                keys.api_keys(&user),
+                keys.request(&user, &rid),
+                keys.stream_of(&user),
+            ];
+            assert!(all.iter().all(|k| tag_of(k) == tag_of(&all[0])), "{all:?}");
+        }
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        let keys = KeyLayout::new("cg", 16);
+        let alice = UserId::parse("alice").expect("id");
+        assert_eq!(keys.shard_of(&alice), keys.shard_of(&alice));
+        let used: std::collections::HashSet<u16> = (0..200)
+            .map(|i| keys.shard_of(&UserId::parse(&format!("u{i}")).expect("id")))
+            .collect();
+        assert_eq!(used.len(), 16);
+        assert_eq!(keys.streams().count(), 16);
+    }
+}

@@ -1,0 +1,517 @@
+//! The Redis side of metering: the only code that changes balances.
+//!
+//! Every balance change is one Lua script from `lua/`, run atomically in the
+//! account's slot and answered in one round trip; its reply is decoded into
+//! a Rust enum here. Every call has a deadline (`redis.command_timeout_ms`)
+//! and turns into [`MeterError`] instead of hanging, so callers can answer
+//! 503 at once and Redis coming back needs no restart.
+
+pub mod calendar;
+pub mod keys;
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+use thiserror::Error;
+
+use crate::catalog::{Catalog, Module};
+use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, UserId};
+pub use calendar::{Calendar, Stamp};
+pub use keys::KeyLayout;
+
+static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/charge.lua")));
+static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/refund.lua")));
+static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/seed.lua")));
+static UPDATE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/update_account.lua")));
+
+#[derive(Debug, Error)]
+pub enum MeterError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(#[source] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected reply from {script}: {detail}")]
+    Protocol {
+        script: &'static str,
+        detail: String,
+    },
+}
+
+/// An account's balance right after a script ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Balance {
+    pub monthly: i64,
+    pub bonus: i64,
+    pub day_used: i64,
+    /// `None`: the plan has no daily limit.
+    pub daily_limit: Option<i64>,
+}
+
+impl Balance {
+    pub fn remaining(&self) -> i64 {
+        self.monthly + self.bonus
+    }
+
+    pub fn daily_remaining(&self) -> Option<i64> {
+        self.daily_limit.map(|l| (l - self.day_used).max(0))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The account's plan, as Redis holds it (forwarded as `X-Plan`).
+    pub plan: String,
+    pub charged: i64,
+    pub from_monthly: i64,
+    pub from_bonus: i64,
+    pub balance: Balance,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key is no longer in the account's key set (revoked).
+    UnknownKey,
+    Blocked,
+    ModuleNotInPlan,
+    DailyLimit(Balance),
+    InsufficientCredits(Balance),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Charged(Receipt),
+    /// The idempotency key was already charged within its window.
+    Duplicate { balance: Balance, plan: String },
+    Refused(Refusal),
+    /// The account has no state in Redis yet (or Redis lost it).
+    Missing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Charge,
+    /// Same rules, nothing written (`POST /api/credits/check`).
+    Check,
+}
+
+pub struct ChargeRequest<'a> {
+    pub user: &'a UserId,
+    /// The key the caller presented; `None` when identity is already trusted.
+    pub key_hash: Option<&'a KeyHash>,
+    pub module: &'a Module,
+    pub action: Option<&'a ActionId>,
+    pub request_id: &'a RequestId,
+    /// The request id came from the client: charge it at most once.
+    pub idempotent: bool,
+    pub actor: &'a str,
+    pub stamp: &'a Stamp,
+    pub mode: Mode,
+}
+
+/// Which charge to give back.
+pub enum RefundOf<'a> {
+    /// The one recorded under the request id (idempotent charges).
+    Record,
+    /// A charge without a record, described by its receipt.
+    Receipt {
+        receipt: &'a Receipt,
+        module: &'a ModuleId,
+        action: Option<&'a ActionId>,
+        charged_at: &'a Stamp,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Refunded { amount: i64, monthly: i64, bonus: i64 },
+    NotFound,
+    Missing,
+}
+
+/// What Redis needs to hold for an account, from Postgres.
+pub struct AccountSeed {
+    pub user: UserId,
+    pub plan: PlanId,
+    pub monthly: Credits,
+    pub bonus: Credits,
+    pub period: String,
+    pub day: String,
+    pub day_used: Credits,
+    pub blocked: bool,
+    pub key_hashes: Vec<KeyHash>,
+}
+
+/// Cheap to clone: the connection manager multiplexes one connection.
+#[derive(Clone)]
+pub struct Meter {
+    redis: ConnectionManager,
+    keys: Arc<KeyLayout>,
+    catalog: Arc<Catalog>,
+    timeout: Duration,
+    idempotency_ttl_secs: u64,
+}
+
+impl Meter {
+    /// Builds the meter without connecting: the gateway starts (and answers
+    /// 503) while Redis is down, and connects once Redis is there.
+    pub fn new(
+        settings: &crate::config::RedisSettings,
+        catalog: Arc<Catalog>,
+        idempotency_ttl: Duration,
+    ) -> Result<Self, MeterError> {
+        if settings.url.starts_with("redis+cluster://") {
+            return Err(MeterError::Unavailable(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "Redis Cluster URLs are not supported by this build yet",
+            ))));
+        }
+        let client = redis::Client::open(settings.url.as_str()).map_err(MeterError::Unavailable)?;
+        let timeout = Duration::from_millis(settings.command_timeout_ms);
+        // One quick retry, then fail: a caller waiting out an exponential
+        // reconnect schedule is exactly the "hangs 10 s" failure we avoid.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(50));
+        let redis = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(MeterError::Unavailable)?;
+        Ok(Self {
+            redis,
+            keys: Arc::new(KeyLayout::new(&settings.key_prefix, settings.shards)),
+            catalog,
+            timeout,
+            idempotency_ttl_secs: idempotency_ttl.as_secs().max(1),
+        })
+    }
+
+    pub fn keys(&self) -> &KeyLayout {
+        &self.keys
+    }
+
+    /// A connection for callers with their own commands (flusher, admin).
+    pub fn connection(&self) -> ConnectionManager {
+        self.redis.clone()
+    }
+
+    async fn run<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, MeterError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(MeterError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(MeterError::Unavailable(e)),
+            Err(_) => Err(MeterError::Timeout(self.timeout)),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), MeterError> {
+        let mut con = self.redis.clone();
+        self.run(redis::cmd("PING").query_async::<String>(&mut con))
+            .await
+            .map(|_| ())
+    }
+
+    /// Decide and (in [`Mode::Charge`]) deduct one call: charge.lua.
+    pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<ChargeOutcome, MeterError> {
+        let cost = req.module.cost_of(req.action);
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let mut con = self.redis.clone();
+        let mut inv = CHARGE.prepare_invoke();
+        inv.key(self.keys.account(req.user))
+            .key(self.keys.api_keys(req.user))
+            .key(self.keys.request(req.user, req.request_id))
+            .key(self.keys.stream_of(req.user))
+            .arg(req.key_hash.map_or("", KeyHash::as_str))
+            .arg(req.module.id.as_str())
+            .arg(req.action.map_or("", ActionId::as_str))
+            .arg(cost.get())
+            .arg(self.catalog.allowed_plans_arg(&req.module.id))
+            .arg(self.catalog.plan_table_arg())
+            .arg(&req.stamp.day)
+            .arg(&req.stamp.period)
+            .arg(req.stamp.now_ms())
+            .arg(&event_id)
+            .arg(req.request_id.as_str())
+            .arg(if req.idempotent { "1" } else { "0" })
+            .arg(self.idempotency_ttl_secs)
+            .arg(req.user.as_str())
+            .arg(req.actor)
+            .arg(match req.mode {
+                Mode::Charge => "charge",
+                Mode::Check => "check",
+            });
+        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        decode_charge(reply)
+    }
+
+    pub async fn refund(
+        &self,
+        user: &UserId,
+        request_id: &RequestId,
+        of: RefundOf<'_>,
+        actor: &str,
+        now: &Stamp,
+    ) -> Result<RefundOutcome, MeterError> {
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let mut con = self.redis.clone();
+        let mut inv = REFUND.prepare_invoke();
+        inv.key(self.keys.account(user))
+            .key(self.keys.request(user, request_id))
+            .key(self.keys.stream_of(user));
+        match of {
+            RefundOf::Record => {
+                inv.arg("record").arg(0).arg(0).arg("").arg("").arg("").arg("");
+            }
+            RefundOf::Receipt {
+                receipt,
+                module,
+                action,
+                charged_at,
+            } => {
+                inv.arg("direct")
+                    .arg(receipt.from_monthly)
+                    .arg(receipt.from_bonus)
+                    .arg(&charged_at.day)
+                    .arg(&charged_at.period)
+                    .arg(module.as_str())
+                    .arg(action.map_or("", ActionId::as_str));
+            }
+        }
+        inv.arg(now.now_ms())
+            .arg(&event_id)
+            .arg(request_id.as_str())
+            .arg(user.as_str())
+            .arg(actor);
+        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        decode_refund(reply)
+    }
+
+    /// Writes an account's state unless it is already there. Returns whether
+    /// this call created it.
+    pub async fn seed(&self, seed: &AccountSeed) -> Result<bool, MeterError> {
+        let mut con = self.redis.clone();
+        let mut inv = SEED.prepare_invoke();
+        inv.key(self.keys.account(&seed.user))
+            .key(self.keys.api_keys(&seed.user))
+            .arg(seed.plan.as_str())
+            .arg(seed.monthly.get())
+            .arg(seed.bonus.get())
+            .arg(&seed.period)
+            .arg(&seed.day)
+            .arg(seed.day_used.get())
+            .arg(if seed.blocked { "1" } else { "0" });
+        for h in &seed.key_hashes {
+            inv.arg(h.as_str());
+        }
+        let created: i64 = self.run(inv.invoke_async(&mut con)).await?;
+        Ok(created == 1)
+    }
+
+    /// Block or unblock at once on every instance: the flag lives in the
+    /// account hash that every charge reads.
+    pub async fn set_blocked(&self, user: &UserId, blocked: bool) -> Result<bool, MeterError> {
+        self.update(user, &[("blocked", if blocked { "1" } else { "0" })])
+            .await
+    }
+
+    pub async fn set_plan(&self, user: &UserId, plan: &PlanId) -> Result<bool, MeterError> {
+        self.update(user, &[("plan", plan.as_str())]).await
+    }
+
+    async fn update(&self, user: &UserId, fields: &[(&str, &str)]) -> Result<bool, MeterError> {
+        let mut con = self.redis.clone();
+        let mut inv = UPDATE.prepare_invoke();
+        inv.key(self.keys.account(user));
+        for (f, v) in fields {
+            inv.arg(*f).arg(*v);
+        }
+        let updated: i64 = self.run(inv.invoke_async(&mut con)).await?;
+        Ok(updated == 1)
+    }
+
+    pub async fn add_key(&self, user: &UserId, hash: &KeyHash) -> Result<(), MeterError> {
+        let mut con = self.redis.clone();
+        let mut cmd = redis::cmd("SADD");
+        cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
+        self.run(cmd.query_async::<i64>(&mut con)).await.map(|_| ())
+    }
+
+    /// Revocation: the key leaves the set charge.lua checks, so the next
+    /// request with it fails on every instance, whatever their caches hold.
+    pub async fn remove_key(&self, user: &UserId, hash: &KeyHash) -> Result<(), MeterError> {
+        let mut con = self.redis.clone();
+        let mut cmd = redis::cmd("SREM");
+        cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
+        self.run(cmd.query_async::<i64>(&mut con)).await.map(|_| ())
+    }
+}
+
+fn protocol(script: &'static str, detail: impl Into<String>) -> MeterError {
+    MeterError::Protocol {
+        script,
+        detail: detail.into(),
+    }
+}
+
+/// A script reply `{"status", value, ...}`.
+struct Reply {
+    script: &'static str,
+    status: String,
+    values: Vec<Value>,
+}
+
+impl Reply {
+    fn parse(script: &'static str, reply: Value) -> Result<Self, MeterError> {
+        let Value::Array(items) = reply else {
+            return Err(protocol(script, format!("not an array: {reply:?}")));
+        };
+        let mut items = items.into_iter();
+        let status = match items.next() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+            Some(Value::SimpleString(s)) => s,
+            other => return Err(protocol(script, format!("bad status {other:?}"))),
+        };
+        Ok(Self {
+            script,
+            status,
+            values: items.collect(),
+        })
+    }
+
+    fn int(&self, i: usize) -> Result<i64, MeterError> {
+        match self.values.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            other => Err(protocol(
+                self.script,
+                format!("{}: value {i} is not an integer: {other:?}", self.status),
+            )),
+        }
+    }
+
+    fn text(&self, i: usize) -> Result<String, MeterError> {
+        match self.values.get(i) {
+            Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(Value::SimpleString(s)) => Ok(s.clone()),
+            other => Err(protocol(
+                self.script,
+                format!("{}: value {i} is not a string: {other:?}", self.status),
+            )),
+        }
+    }
+
+    /// `monthly, bonus, day_used, daily_limit` starting at value `i`.
+    fn balance(&self, i: usize) -> Result<Balance, MeterError> {
+        let limit = self.int(i + 3)?;
+        Ok(Balance {
+            monthly: self.int(i)?,
+            bonus: self.int(i + 1)?,
+            day_used: self.int(i + 2)?,
+            daily_limit: (limit >= 0).then_some(limit),
+        })
+    }
+}
+
+fn decode_charge(reply: Value) -> Result<ChargeOutcome, MeterError> {
+    let r = Reply::parse("charge.lua", reply)?;
+    Ok(match r.status.as_str() {
+        "ok" => ChargeOutcome::Charged(Receipt {
+            charged: r.int(0)?,
+            balance: r.balance(1)?,
+            from_monthly: r.int(5)?,
+            from_bonus: r.int(6)?,
+            plan: r.text(7)?,
+        }),
+        "duplicate" => ChargeOutcome::Duplicate {
+            balance: r.balance(1)?,
+            plan: r.text(5)?,
+        },
+        "daily_limit" => ChargeOutcome::Refused(Refusal::DailyLimit(r.balance(0)?)),
+        "insufficient" => ChargeOutcome::Refused(Refusal::InsufficientCredits(r.balance(0)?)),
+        "missing" => ChargeOutcome::Missing,
+        "unknown_key" => ChargeOutcome::Refused(Refusal::UnknownKey),
+        "blocked" => ChargeOutcome::Refused(Refusal::Blocked),
+        "not_in_plan" => ChargeOutcome::Refused(Refusal::ModuleNotInPlan),
+        other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
+    })
+}
+
+fn decode_refund(reply: Value) -> Result<RefundOutcome, MeterError> {
+    let r = Reply::parse("refund.lua", reply)?;
+    Ok(match r.status.as_str() {
+        "ok" => RefundOutcome::Refunded {
+            amount: r.int(0)?,
+            monthly: r.int(1)?,
+            bonus: r.int(2)?,
+        },
+        "not_found" => RefundOutcome::NotFound,
+        "missing" => RefundOutcome::Missing,
+        other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: &str, n: &[i64]) -> Value {
+        reply_with(status, n, None)
+    }
+
+    fn reply_with(status: &str, n: &[i64], tail: Option<&str>) -> Value {
+        let mut v = vec![Value::BulkString(status.as_bytes().to_vec())];
+        v.extend(n.iter().map(|i| Value::Int(*i)));
+        v.extend(tail.map(|t| Value::BulkString(t.as_bytes().to_vec())));
+        Value::Array(v)
+    }
+
+    #[test]
+    fn decodes_every_charge_status() {
+        let ok = decode_charge(reply_with("ok", &[3, 7, 0, 3, 100, 3, 0], Some("starter"))).expect("ok");
+        assert_eq!(
+            ok,
+            ChargeOutcome::Charged(Receipt {
+                plan: "starter".into(),
+                charged: 3,
+                from_monthly: 3,
+                from_bonus: 0,
+                balance: Balance {
+                    monthly: 7,
+                    bonus: 0,
+                    day_used: 3,
+                    daily_limit: Some(100)
+                }
+            })
+        );
+        let unlimited = decode_charge(reply("insufficient", &[1, 0, 9, -1])).expect("insufficient");
+        assert!(matches!(
+            unlimited,
+            ChargeOutcome::Refused(Refusal::InsufficientCredits(Balance {
+                daily_limit: None,
+                ..
+            }))
+        ));
+        assert_eq!(
+            decode_charge(reply("blocked", &[])).ok(),
+            Some(ChargeOutcome::Refused(Refusal::Blocked))
+        );
+        assert_eq!(
+            decode_charge(reply("missing", &[])).ok(),
+            Some(ChargeOutcome::Missing)
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_protocol_errors() {
+        assert!(decode_charge(Value::Int(1)).is_err());
+        assert!(decode_charge(reply("ok", &[1])).is_err());
+        assert!(decode_charge(reply("ok", &[3, 7, 0, 3, 100, 3, 0])).is_err());
+        assert!(decode_charge(reply("surprise", &[])).is_err());
+        assert!(decode_refund(reply("ok", &[])).is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! Header rewriting between client and upstream.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// RFC 9110 §7.6.1 connection-specific headers, never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(named.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Headers that carry creditgate credentials or identity claims: the
+/// upstream gets our verdict (`X-User-ID`, `X-Plan`) instead of the client's.
+const CLIENT_ONLY: [&str; 4] = ["authorization", "x-api-key", "x-user-id", "x-plan"];
+
+pub fn prepare_upstream_headers(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    user: &str,
+    plan: Option<&str>,
+    request_id: &str,
+) {
+    strip_hop_by_hop(headers);
+    for name in CLIENT_ONLY {
+        headers.remove(name);
+    }
+    if let Some(host) = headers.remove(header::HOST) {
+        if !headers.contains_key("x-forwarded-host") {
+            headers.insert("x-forwarded-host", host);
+        }
+    }
+    let ip = peer.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    // Ids and plan ids are validated to visible ASCII, so these cannot fail.
+    if let Ok(v) = HeaderValue::from_str(user) {
+        headers.insert("x-user-id", v);
+    }
+    if let Some(Ok(v)) = plan.map(HeaderValue::from_str) {
+        headers.insert("x-plan", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_stay_behind() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer cg_secret"));
+        h.insert("x-api-key", HeaderValue::from_static("cg_secret"));
+        h.insert("x-user-id", HeaderValue::from_static("someone-else"));
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-custom"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("host", HeaderValue::from_static("gw.example"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.insert("accept", HeaderValue::from_static("text/event-stream"));
+        let peer: SocketAddr = "192.0.2.7:5555".parse().expect("addr");
+        prepare_upstream_headers(&mut h, peer, "alice", Some("pro"), "rid-1");
+        for gone in ["authorization", "x-api-key", "connection", "x-custom", "te", "host"] {
+            assert!(!h.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(h["x-user-id"], "alice");
+        assert_eq!(h["x-plan"], "pro");
+        assert_eq!(h["x-request-id"], "rid-1");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-host"], "gw.example");
+        assert_eq!(h["accept"], "text/event-stream");
+    }
+}

@@ -1,0 +1,168 @@
+//! Connections to upstream services: one keep-alive pool per module (each
+//! module has its own connect timeout), a response-header deadline per call,
+//! and failures classified so the proxy can answer 502/504/413 and refund.
+
+use std::time::Duration;
+
+use http::{Request, Response, Uri};
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use thiserror::Error;
+
+use crate::catalog::{Catalog, Module};
+use crate::config::UpstreamSettings;
+use crate::domain::ModuleId;
+
+/// The client's body, cut off at `server.max_body_bytes` while streaming.
+pub type RequestBody = Limited<Incoming>;
+
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream sent no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("request body exceeded the limit while streaming")]
+    BodyTooLarge,
+    #[error("bad upstream URI: {0}")]
+    BadUri(String),
+}
+
+pub struct Upstreams {
+    clients: Vec<(ModuleId, Client<HttpConnector, RequestBody>)>,
+}
+
+impl Upstreams {
+    pub fn new(catalog: &Catalog, settings: &UpstreamSettings) -> Self {
+        let clients = catalog
+            .modules()
+            .iter()
+            .map(|m| {
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(m.connect_timeout));
+                connector.set_nodelay(true);
+                connector.enforce_http(true);
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
+                    .pool_max_idle_per_host(settings.pool_max_idle_per_host)
+                    .build(connector);
+                (m.id.clone(), client)
+            })
+            .collect();
+        Self { clients }
+    }
+
+    /// The upstream URI for a client path: base path of the module's
+    /// upstream + the request path (without the module prefix when
+    /// `strip_prefix`), query kept as sent.
+    pub fn target(module: &Module, uri: &Uri) -> Result<Uri, UpstreamError> {
+        let path = uri.path();
+        let path = if module.strip_prefix {
+            let rest = path.strip_prefix(module.prefix.as_str()).unwrap_or(path);
+            if rest.is_empty() {
+                "/"
+            } else {
+                rest
+            }
+        } else {
+            path
+        };
+        let base = module.upstream.path().trim_end_matches('/');
+        let mut target = format!("{base}{path}");
+        if let Some(q) = uri.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        let authority = module
+            .upstream
+            .authority()
+            .ok_or_else(|| UpstreamError::BadUri(module.upstream.to_string()))?;
+        Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(target)
+            .build()
+            .map_err(|e| UpstreamError::BadUri(e.to_string()))
+    }
+
+    /// Sends the request and waits for the response headers, at most the
+    /// module's timeout. The response body then streams without deadline.
+    pub async fn send(
+        &self,
+        module: &Module,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let client = self
+            .clients
+            .iter()
+            .find(|(id, _)| id == &module.id)
+            .map(|(_, c)| c)
+            .ok_or_else(|| UpstreamError::BadUri(format!("no client for {}", module.id)))?;
+        match tokio::time::timeout(module.timeout, client.request(request)).await {
+            Err(_) => Err(UpstreamError::Timeout(module.timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(classify(&e)),
+        }
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return UpstreamError::BodyTooLarge;
+        }
+        source = err.source();
+    }
+    UpstreamError::Unreachable(error_chain(e))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Credits;
+
+    fn module(upstream: &str, strip: bool) -> Module {
+        Module {
+            id: ModuleId::parse("rag").expect("id"),
+            prefix: "/rag".into(),
+            upstream: upstream.parse().expect("uri"),
+            cost: Credits::new(1).expect("credits"),
+            actions: Default::default(),
+            refund_on_5xx: true,
+            refund_on_failure: true,
+            timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            strip_prefix: strip,
+        }
+    }
+
+    #[test]
+    fn targets_keep_path_and_query() {
+        let cases = [
+            ("http://up:9000", false, "/rag/search?q=a%20b", "http://up:9000/rag/search?q=a%20b"),
+            ("http://up:9000/base/", false, "/rag/x", "http://up:9000/base/rag/x"),
+            ("http://up:9000", true, "/rag/search?q=1", "http://up:9000/search?q=1"),
+            ("http://up:9000/v2", true, "/rag", "http://up:9000/v2/"),
+        ];
+        for (up, strip, path, want) in cases {
+            let uri: Uri = path.parse().expect("uri");
+            let got = Upstreams::target(&module(up, strip), &uri).map(|u| u.to_string());
+            assert_eq!(got.ok().as_deref(), Some(want), "{up} {path}");
+        }
+    }
+}

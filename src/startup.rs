@@ -1,0 +1,217 @@
+//! Building the application (bind, pools, scripts) and running it until a
+//! shutdown signal.
+//!
+//! [`Application::build`] binds first, so tests can ask for port 0 and read
+//! [`Application::port`]; [`Application::run_until_stopped`] serves until
+//! the given future resolves, then stops accepting and lets in-flight
+//! requests finish for up to `server.shutdown_grace_ms`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::accounts::{self, Accounts};
+use crate::api;
+use crate::body::{Body, BoxError};
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::error::ApiError;
+use crate::metering::{Calendar, Meter, MeterError};
+use crate::proxy::upstream::Upstreams;
+use crate::proxy::Proxy;
+
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("redis: {0}")]
+    Redis(#[from] MeterError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Everything a request handler needs; one cheap-to-clone handle.
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub meter: Meter,
+    pub accounts: Accounts,
+    pub calendar: Calendar,
+    pub proxy: Arc<Proxy>,
+    /// Bounds concurrent requests. A semaphore rather than a counter so the
+    /// permit can ride along with a streaming body and be released when the
+    /// last byte has gone out.
+    in_flight: Arc<Semaphore>,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    settings: Settings,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let state = Arc::new(build_state(&settings)?);
+        Ok(Self {
+            listener,
+            state,
+            settings,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), std::io::Error> {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.settings.header_read_timeout)
+            .keep_alive(true);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        tracing::info!(addr = %self.listener.local_addr()?, "creditgate listening");
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let state = Arc::clone(&self.state);
+            let service = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, std::convert::Infallible>(route(state, req, peer).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with error");
+                }
+            });
+        }
+        drop(self.listener);
+        tracing::info!("shutting down: waiting for in-flight requests");
+        if tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; abandoning remaining connections");
+        }
+        Ok(())
+    }
+}
+
+fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
+    let catalog = Arc::clone(&settings.catalog);
+    let meter = Meter::new(&settings.redis, Arc::clone(&catalog), settings.idempotency_ttl)?;
+    let pool = accounts::connect_pool(&settings.database)?;
+    let accounts = Accounts::new(pool, Arc::clone(&catalog));
+    let calendar = Calendar::new(settings.timezone);
+    let proxy = Arc::new(Proxy::new(
+        meter.clone(),
+        accounts.clone(),
+        Upstreams::new(&catalog, &settings.upstream),
+        calendar,
+        settings.max_body_bytes,
+        settings.auth.trust_user_id_header,
+    ));
+    Ok(AppState {
+        catalog,
+        meter,
+        accounts,
+        calendar,
+        proxy,
+        in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
+    })
+}
+
+async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
+        return ApiError::Overloaded.into_response();
+    };
+    let path = req.uri().path();
+    let response = match (req.method(), path) {
+        (&Method::GET, "/healthz") => api::health::healthz(),
+        (&Method::GET, "/readyz") => api::health::readyz(&state).await,
+        (_, "/healthz" | "/readyz") => ApiError::MethodNotAllowed.into_response(),
+        _ => match state.catalog.route(path) {
+            Some(module) => state.proxy.handle(module, req, peer).await,
+            None => ApiError::NotFound.into_response(),
+        },
+    };
+    response.map(|body| {
+        Guarded {
+            inner: body,
+            _permit: permit,
+        }
+        .boxed_unsync()
+    })
+}
+
+/// A body that holds its request's in-flight permit until it is done.
+struct Guarded {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HttpBody for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
