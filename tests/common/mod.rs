@@ -1,0 +1,602 @@
+//! Test harness: every test gets its own redis-server, its own Postgres
+//! database, its own stub upstream and its own gateway on port 0.
+//! Logs stay silent unless `TEST_LOG` is set.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use creditgate::config::Settings;
+use creditgate::domain::UserId;
+use creditgate::startup::{AppState, Application};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn init_logs() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info,creditgate=debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `check` until it returns true or the deadline passes.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+// ---------------------------------------------------------------- Redis
+
+/// A private redis-server on a free port, killed on drop.
+pub struct TestRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl TestRedis {
+    pub async fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let url = self.url();
+        wait_until("redis-server to answer", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let Ok(client) = redis::Client::open(url) else {
+                    return false;
+                };
+                match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: the data is gone, like a crash without persistence.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------- Postgres
+
+/// A fresh database on the local PostgreSQL, dropped at the end.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let base = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let name = format!("cg_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&format!("{base}/postgres"))
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (set TEST_DATABASE_URL otherwise)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        let url = format!("{base}/{name}");
+        let pool = sqlx::PgPool::connect(&url).await.expect("connect test db");
+        creditgate::accounts::MIGRATOR
+            .run(&pool)
+            .await
+            .expect("migrations");
+        pool.close().await;
+        Self { name, url }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+// ---------------------------------------------------------------- Upstream
+
+/// A stub upstream that counts what reaches it. Behaviour by path:
+/// `/.../status/NNN` answers NNN, `/.../slow` sleeps 3 s, `/.../sse` sends
+/// one event then waits for [`Upstream::release`], `/.../echo` returns the
+/// request headers and body length as JSON; anything else answers 200 "ok".
+pub struct Upstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    by_path: Arc<Mutex<HashMap<String, usize>>>,
+    release: Arc<Notify>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let by_path = Arc::new(Mutex::new(HashMap::new()));
+        let release = Arc::new(Notify::new());
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        let (h, p, r) = (hits.clone(), by_path.clone(), release.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    _ = &mut stopped => return,
+                };
+                let (h, p, r) = (h.clone(), p.clone(), r.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (h, p, r) = (h.clone(), p.clone(), r.clone());
+                        async move { Ok::<_, std::convert::Infallible>(stub(req, h, p, r).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            hits,
+            by_path,
+            release,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn hits_on(&self, path: &str) -> usize {
+        self.by_path
+            .lock()
+            .map(|m| m.get(path).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Lets a waiting `/sse` response send its remaining events and end.
+    pub fn release(&self) {
+        self.release.notify_waiters();
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<TestBody> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+async fn stub(
+    req: Request<Incoming>,
+    hits: Arc<AtomicUsize>,
+    by_path: Arc<Mutex<HashMap<String, usize>>>,
+    release: Arc<Notify>,
+) -> Response<TestBody> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_owned();
+    if let Ok(mut m) = by_path.lock() {
+        *m.entry(path.clone()).or_default() += 1;
+    }
+    if let Some(code) = path.split("/status/").nth(1) {
+        let code: u16 = code.parse().unwrap_or(500);
+        return full(StatusCode::from_u16(code).unwrap_or(StatusCode::OK), "status");
+    }
+    if path.ends_with("/slow") {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        return full(StatusCode::OK, "slow");
+    }
+    if path.ends_with("/sse") {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        let notified = release.clone();
+        tokio::spawn(async move {
+            let wait = notified.notified();
+            let _ = tx.send(Ok(Frame::data(Bytes::from("data: first\n\n")))).await;
+            wait.await;
+            let _ = tx.send(Ok(Frame::data(Bytes::from("data: second\n\n")))).await;
+        });
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+        r.headers_mut().insert(
+            "content-type",
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        return r;
+    }
+    if path.ends_with("/echo") {
+        let headers: HashMap<String, String> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    v.to_str().unwrap_or("<binary>").to_owned(),
+                )
+            })
+            .collect();
+        let query = req.uri().query().map(str::to_owned);
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes().len())
+            .unwrap_or(0);
+        let json = serde_json::json!({"path": path, "query": query, "headers": headers, "body_len": body});
+        return full(StatusCode::OK, json.to_string());
+    }
+    // Drain the body so the connection stays reusable.
+    let _ = req.into_body().collect().await;
+    full(StatusCode::OK, "ok")
+}
+
+// ---------------------------------------------------------------- Gateway
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123";
+pub const SERVICE_KEY: &str = "test-service-key-0123";
+
+/// The configuration every test starts from; `{UP}`, `{DEAD}`, `{REDIS}`,
+/// `{DB}` are replaced with the test's own addresses.
+pub const TEST_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+timezone = "Africa/Algiers"
+max_body_bytes = 1024
+header_read_timeout_ms = 2000
+
+[upstream]
+connect_timeout_ms = 500
+timeout_ms = 5000
+
+[redis]
+url = "{REDIS}"
+command_timeout_ms = 300
+connect_timeout_ms = 300
+
+[database]
+url = "{DB}"
+
+[auth]
+admin_keys = [{ name = "ops", key = "test-admin-key-0123" }]
+service_keys = [{ name = "hub", key = "test-service-key-0123" }]
+
+[modules.rag]
+prefix = "/rag"
+upstream = "{UP}"
+cost = 1
+
+[modules.legal]
+prefix = "/legal"
+upstream = "{UP}"
+cost = 3
+[modules.legal.actions]
+draft = 5
+
+[modules.park]
+prefix = "/park"
+upstream = "{UP}"
+cost = 2
+timeout_ms = 500
+
+[modules.api]
+prefix = "/api/v1"
+upstream = "{UP}"
+cost = 1
+refund_on_5xx = false
+
+[modules.voice]
+prefix = "/voice"
+upstream = "{DEAD}"
+cost = 2
+
+[plans.free]
+name = "Free"
+monthly_credits = 100
+daily_limit = 20
+price_dzd = 0
+modules = ["rag", "park"]
+
+[plans.starter]
+name = "Starter"
+monthly_credits = 500
+daily_limit = 100
+price_dzd = 2000
+modules = ["rag", "park", "legal", "voice", "api"]
+
+[plans.tiny]
+name = "Tiny"
+monthly_credits = 10
+price_dzd = 0
+modules = ["rag", "legal"]
+
+[plans.enterprise]
+name = "Enterprise"
+monthly_credits = 100000
+price_dzd = 50000
+modules = ["rag", "park", "legal", "voice", "api"]
+"#;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub client: reqwest::Client,
+    pub upstream: Upstream,
+    pub redis: TestRedis,
+    pub db: TestDb,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub struct TestAppBuilder {
+    config: String,
+    env: Vec<(String, String)>,
+}
+
+impl TestAppBuilder {
+    /// Applies a `CREDITGATE_*`-style override (exercises the env layer).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        init_logs();
+        let (redis, db, upstream) = (
+            TestRedis::start().await,
+            TestDb::create().await,
+            Upstream::start().await,
+        );
+        let dead = format!("http://127.0.0.1:{}", free_port());
+        let text = self
+            .config
+            .replace("{UP}", &upstream.url())
+            .replace("{DEAD}", &dead)
+            .replace("{REDIS}", &redis.url())
+            .replace("{DB}", &db.url);
+        let settings = Settings::from_toml(&text, "test config", self.env).expect("test config");
+        let app = Application::build(settings).await.expect("build app");
+        let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().expect("addr");
+        let state = app.state();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let _ = app
+                .run_until_stopped(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("client");
+        TestApp {
+            addr,
+            state,
+            client,
+            upstream,
+            redis,
+            db,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+}
+
+pub struct Account {
+    pub id: UserId,
+    pub key: String,
+    pub key_id: uuid::Uuid,
+}
+
+impl TestApp {
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder {
+            config: TEST_CONFIG.to_owned(),
+            env: Vec::new(),
+        }
+    }
+
+    pub async fn spawn() -> Self {
+        Self::builder().start().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn create_user(&self, plan: &str) -> Account {
+        let (user, key) = self
+            .state
+            .accounts
+            .create_user(None, "Test User", None, plan)
+            .await
+            .expect("create user");
+        Account {
+            id: user.id,
+            key: key.key.reveal().to_owned(),
+            key_id: key.id,
+        }
+    }
+
+    /// GET through the proxy with the account's key.
+    pub async fn call(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request reaches the gateway")
+    }
+
+    /// The account's hot state: (monthly, bonus, used today).
+    pub async fn balance(&self, user: &UserId) -> (i64, i64, i64) {
+        let mut con = self.redis.connection().await;
+        let key = self.state.meter.keys().account(user);
+        let (m, b, u): (Option<i64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("monthly")
+            .arg("bonus")
+            .arg("used")
+            .query_async(&mut con)
+            .await
+            .expect("HMGET");
+        (m.unwrap_or(-1), b.unwrap_or(-1), u.unwrap_or(-1))
+    }
+
+    /// The usage events of a user in its stream, as (kind, amount) pairs.
+    pub async fn events(&self, user: &UserId) -> Vec<(String, i64)> {
+        let mut con = self.redis.connection().await;
+        let stream = self.state.meter.keys().stream_of(user);
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut con)
+            .await
+            .expect("XRANGE");
+        reply
+            .ids
+            .iter()
+            .filter(|e| e.get::<String>("u").as_deref() == Some(user.as_str()))
+            .map(|e| {
+                (
+                    e.get::<String>("k").unwrap_or_default(),
+                    e.get::<i64>("n").unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+/// Reads `{"error": {"code": ...}}` from a response.
+pub async fn error_code(response: reqwest::Response) -> String {
+    let json: serde_json::Value = response.json().await.expect("JSON error body");
+    json["error"]["code"].as_str().unwrap_or("").to_owned()
+}

@@ -1,0 +1,503 @@
+//! The metering proxy, end to end: real redis-server, real Postgres, a stub
+//! upstream, the gateway on a real socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{error_code, wait_until, TestApp};
+use futures_util::StreamExt;
+
+type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = reqwest::Response> + Send>>;
+
+/// Fires `n` requests at once and returns their statuses.
+async fn burst(n: usize, make: impl Fn(usize) -> Fut) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(make(i))).collect();
+    let mut statuses = Vec::with_capacity(n);
+    for t in tasks {
+        statuses.push(t.await.expect("task").status().as_u16());
+    }
+    statuses
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn daily_limit_holds_exactly_under_300_parallel_calls() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let statuses = burst(300, |_| {
+        let (c, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
+        Box::pin(async move { c.get(url).bearer_auth(key).send().await.expect("send") })
+    })
+    .await;
+    assert_eq!(count(&statuses, 200), 20, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 280);
+    assert_eq!(app.upstream.hits_on("/rag/q"), 20);
+    assert_eq!(app.balance(&user.id).await, (80, 0, 20));
+    let r = app.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After seconds");
+    assert!((1..=86_400).contains(&retry), "{retry}");
+    assert_eq!(error_code(r).await, "daily_limit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_credits_buy_exactly_three_legal_calls_under_50_parallel() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("tiny").await; // 10 credits, no daily limit
+    let statuses = burst(50, |_| {
+        let (c, url, key) = (app.client.clone(), app.url("/legal/ask"), user.key.clone());
+        Box::pin(async move { c.get(url).bearer_auth(key).send().await.expect("send") })
+    })
+    .await;
+    assert_eq!(count(&statuses, 200), 3, "{statuses:?}");
+    assert_eq!(count(&statuses, 402), 47);
+    assert_eq!(app.upstream.hits_on("/legal/ask"), 3);
+    assert_eq!(app.balance(&user.id).await, (1, 0, 9));
+    let r = app.call(&user.key, "/legal/ask").await;
+    assert_eq!(r.status(), 402);
+    assert_eq!(error_code(r).await, "insufficient_credits");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn success_carries_credit_headers_and_identity_reaches_upstream() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let r = app.call(&user.key, "/park/echo?plate=16-123").await;
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["x-credits-charged"], "2");
+    assert_eq!(h["x-credits-remaining"], "98");
+    assert_eq!(h["x-daily-remaining"], "18");
+    let rid = h["x-request-id"].to_str().expect("ascii").to_owned();
+    let echo: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(echo["query"], "plate=16-123");
+    assert_eq!(echo["headers"]["x-user-id"], user.id.as_str());
+    assert_eq!(echo["headers"]["x-plan"], "free");
+    assert_eq!(echo["headers"]["x-request-id"], rid.as_str());
+    assert!(echo["headers"].get("authorization").is_none());
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unlimited_plans_omit_the_daily_header_and_actions_have_their_price() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("enterprise").await;
+    let r = app
+        .client
+        .get(app.url("/legal/x"))
+        .header("x-api-key", &user.key)
+        .header("x-action", "draft")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credits-charged"], "5");
+    assert!(r.headers().get("x-daily-remaining").is_none());
+    assert_eq!(app.balance(&user.id).await, (99_995, 0, 5));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn module_outside_the_plan_is_403_uncharged_and_not_forwarded() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let r = app.call(&user.key, "/legal/ask").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "module_not_in_plan");
+    assert_eq!(app.upstream.hits(), 0);
+    assert_eq!(app.balance(&user.id).await, (100, 0, 0));
+    assert!(app.events(&user.id).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_unknown_malformed_and_revoked_keys_are_401() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let none = app.client.get(app.url("/rag/q")).send().await.expect("send");
+    assert_eq!(none.status(), 401);
+    assert_eq!(error_code(none).await, "unauthenticated");
+    let unknown = app.call("cg_000000000000000000000000000000000000000000000000", "/rag/q").await;
+    assert_eq!(unknown.status(), 401);
+    let basic = app
+        .client
+        .get(app.url("/rag/q"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(basic.status(), 401);
+    assert_eq!(error_code(basic).await, "unauthenticated");
+
+    // The key works, is cached, then is revoked: the very next call fails.
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    let hash = app
+        .state
+        .accounts
+        .revoke_key(&user.id, user.key_id)
+        .await
+        .expect("revoke");
+    app.state.meter.remove_key(&user.id, &hash).await.expect("SREM");
+    let revoked = app.call(&user.key, "/rag/q").await;
+    assert_eq!(revoked.status(), 401);
+    assert_eq!(error_code(revoked).await, "unauthenticated");
+    assert_eq!(app.upstream.hits(), 1);
+    assert_eq!(app.balance(&user.id).await, (99, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_created_after_the_account_reached_redis_works_at_once() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    // Created in Postgres only (as the CLI does): the proxy repairs Redis.
+    let second = app.state.accounts.create_key(&user.id).await.expect("key");
+    let r = app.call(second.key.reveal(), "/rag/q").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.balance(&user.id).await, (98, 0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blocked_accounts_are_403_at_once() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    app.state
+        .accounts
+        .set_blocked(&user.id, true, Some("abuse"))
+        .await
+        .expect("block");
+    app.state.meter.set_blocked(&user.id, true).await.expect("block");
+    let r = app.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "blocked");
+    assert_eq!(app.upstream.hits(), 1);
+    app.state.meter.set_blocked(&user.id, false).await.expect("unblock");
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_account_stays_blocked_when_rebuilt_from_postgres() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    app.state
+        .accounts
+        .set_blocked(&user.id, true, None)
+        .await
+        .expect("block");
+    let r = app.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(app.upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_idempotency_key_is_charged_once_even_in_parallel() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let statuses = burst(20, |_| {
+        let (c, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
+        Box::pin(async move {
+            c.get(url)
+                .bearer_auth(key)
+                .header("idempotency-key", "order-42")
+                .send()
+                .await
+                .expect("send")
+        })
+    })
+    .await;
+    assert_eq!(count(&statuses, 200), 20);
+    assert_eq!(app.balance(&user.id).await, (99, 0, 1));
+    let charges = app
+        .events(&user.id)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k == "charge")
+        .count();
+    assert_eq!(charges, 1);
+    // X-Request-Id works as an idempotency key too; a new key is a new charge.
+    for _ in 0..2 {
+        let r = app
+            .client
+            .get(app.url("/rag/q"))
+            .bearer_auth(&user.key)
+            .header("x-request-id", "req-7")
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.headers()["x-request-id"], "req-7");
+    }
+    assert_eq!(app.balance(&user.id).await, (98, 0, 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_500_passes_through_and_is_refunded() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let r = app.call(&user.key, "/rag/status/500").await;
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.headers()["x-credits-charged"], "0");
+    assert_eq!(r.headers()["x-credits-remaining"], "100");
+    assert_eq!(app.balance(&user.id).await, (100, 0, 0));
+    assert_eq!(
+        app.events(&user.id).await,
+        vec![("charge".to_owned(), 1), ("refund".to_owned(), 1)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_5xx_is_kept_when_the_module_says_so() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    let r = app.call(&user.key, "/api/v1/status/503").await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(app.balance(&user.id).await, (499, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_upstream_is_502_and_refunded() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    let r = app.call(&user.key, "/voice/tts").await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(error_code(r).await, "upstream_unavailable");
+    assert_eq!(app.balance(&user.id).await, (500, 0, 0));
+    assert_eq!(
+        app.events(&user.id).await,
+        vec![("charge".to_owned(), 2), ("refund".to_owned(), 2)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_upstream_is_504_and_refunded() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let r = app.call(&user.key, "/park/slow").await; // park: timeout 500 ms
+    assert_eq!(r.status(), 504);
+    assert_eq!(error_code(r).await, "upstream_timeout");
+    assert_eq!(app.balance(&user.id).await, (100, 0, 0));
+    assert_eq!(
+        app.events(&user.id).await,
+        vec![("charge".to_owned(), 2), ("refund".to_owned(), 2)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refunded_idempotent_call_can_be_retried_and_is_charged_again() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let send = |path: &'static str| {
+        app.client
+            .get(app.url(path))
+            .bearer_auth(&user.key)
+            .header("idempotency-key", "retry-me")
+            .send()
+    };
+    assert_eq!(send("/rag/status/502").await.expect("send").status(), 502);
+    assert_eq!(app.balance(&user.id).await, (100, 0, 0));
+    assert_eq!(send("/rag/q").await.expect("send").status(), 200);
+    assert_eq!(app.balance(&user.id).await, (99, 0, 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_events_reach_the_client_while_the_upstream_is_still_sending() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let r = app.call(&user.key, "/rag/sse").await;
+    assert_eq!(r.status(), 200);
+    let mut stream = r.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("first event before the upstream finished")
+        .expect("a chunk")
+        .expect("bytes");
+    assert_eq!(&first[..], b"data: first\n\n");
+    // The upstream has not sent its second event: it is waiting for us.
+    app.upstream.release();
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.expect("chunk"));
+    }
+    assert_eq!(rest, b"data: second\n\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_are_413_and_not_charged() {
+    let app = TestApp::spawn().await; // max_body_bytes = 1024
+    let user = app.create_user("free").await;
+    let r = app
+        .client
+        .post(app.url("/rag/echo"))
+        .bearer_auth(&user.key)
+        .body(vec![b'x'; 2048])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "payload_too_large");
+    assert_eq!(app.upstream.hits(), 0);
+
+    // Chunked (no Content-Length): cut off while streaming, then refunded.
+    let chunks = futures_util::stream::iter(
+        (0..4).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'y'; 512]))),
+    );
+    let r = app
+        .client
+        .post(app.url("/rag/echo"))
+        .bearer_auth(&user.key)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413);
+    assert_eq!(app.balance(&user.id).await.0, 100);
+    // A body within the limit goes through.
+    let ok = app
+        .client
+        .post(app.url("/rag/echo"))
+        .bearer_auth(&user.key)
+        .body(vec![b'z'; 1000])
+        .send()
+        .await
+        .expect("send");
+    let echo: serde_json::Value = ok.json().await.expect("json");
+    assert_eq!(echo["body_len"], 1000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_headers_are_400_json_and_not_charged() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let cases = [
+        ("idempotency-key", "has space".to_owned()),
+        ("idempotency-key", "x".repeat(200)),
+        ("x-request-id", "é".to_owned()),
+        ("x-action", "DROP TABLE".to_owned()),
+    ];
+    for (name, value) in cases {
+        let r = app
+            .client
+            .get(app.url("/rag/q"))
+            .bearer_auth(&user.key)
+            .header(name, value.as_bytes())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "{name}");
+        assert_eq!(error_code(r).await, "invalid_header");
+    }
+    assert_eq!(app.upstream.hits(), 0);
+    assert!(app.events(&user.id).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_routes_are_404_json_and_prefixes_match_whole_segments() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    for path in ["/nope", "/ragx/q", "/api/v2/x"] {
+        let r = app.call(&user.key, path).await;
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(error_code(r).await, "not_found");
+    }
+    assert_eq!(app.upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_user_id_header_only_when_enabled() {
+    let off = TestApp::spawn().await;
+    let user = off.create_user("free").await;
+    let r = off
+        .client
+        .get(off.url("/rag/q"))
+        .header("x-user-id", user.id.as_str())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+
+    let on = TestApp::builder()
+        .env("CREDITGATE_AUTH__TRUST_USER_ID_HEADER", "true")
+        .start()
+        .await;
+    let user = on.create_user("free").await;
+    let r = on
+        .client
+        .get(on.url("/rag/q"))
+        .header("x-user-id", user.id.as_str())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let unknown = on
+        .client
+        .get(on.url("/rag/q"))
+        .header("x-user-id", "nobody")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(unknown.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_is_a_fast_503_and_service_resumes_when_it_returns() {
+    let mut app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+
+    app.redis.kill();
+    let started = std::time::Instant::now();
+    let r = app.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(error_code(r).await, "metering_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(app.upstream.hits(), 1, "nothing forwarded while Redis is down");
+    let ready = app.client.get(app.url("/readyz")).send().await.expect("send");
+    assert_eq!(ready.status(), 503);
+
+    // Redis comes back empty; the account is rebuilt from Postgres.
+    app.redis.restart().await;
+    let (client, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
+    wait_until("the gateway to reconnect", Duration::from_secs(10), || {
+        let (client, url, key) = (client.clone(), url.clone(), key.clone());
+        async move {
+            client
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+    assert_eq!(app.upstream.hits(), 2);
+    let ready = app.client.get(app.url("/readyz")).send().await.expect("send");
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_answers_without_dependencies() {
+    let mut app = TestApp::spawn().await;
+    app.redis.kill();
+    let r = app.client.get(app.url("/healthz")).send().await.expect("send");
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["status"], "ok");
+    let ready: serde_json::Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["checks"]["database"], "ok");
+    assert_ne!(ready["checks"]["redis"], "ok");
+}
