@@ -65,7 +65,7 @@ impl Catalog {
             .enumerate()
             .map(|(i, m)| (m.prefix.clone(), i))
             .collect();
-        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         let mut plan_table_arg = String::from(";");
         for p in &plans {
             let limit = p.daily_limit.map_or(-1, Credits::get);

@@ -508,7 +508,10 @@ fn build_catalog(
                 ));
             }
         }
-        if matches!(prefix.as_str(), "/healthz" | "/readyz" | "/metrics" | "/api") {
+        if matches!(
+            prefix.as_str(),
+            "/healthz" | "/readyz" | "/metrics" | "/api"
+        ) {
             return Err(invalid(
                 key("prefix"),
                 format!("{prefix} is reserved for creditgate's own API"),
@@ -540,7 +543,10 @@ fn build_catalog(
             let action_id = ActionId::parse(action).map_err(|e| invalid(&action_key, e.why))?;
             actions.insert(action_id, credits(&action_key, *c)?);
         }
-        let timeout = positive_ms(&key("timeout_ms"), m.timeout_ms.unwrap_or(defaults.timeout_ms))?;
+        let timeout = positive_ms(
+            &key("timeout_ms"),
+            m.timeout_ms.unwrap_or(defaults.timeout_ms),
+        )?;
         let connect_timeout = positive_ms(
             &key("connect_timeout_ms"),
             m.connect_timeout_ms.unwrap_or(defaults.connect_timeout_ms),
@@ -572,7 +578,7 @@ fn build_catalog(
                 return Err(invalid(
                     key("daily_limit"),
                     "must be positive (omit it for unlimited)",
-                ))
+                ));
             }
             Some(n) => Some(credits(&key("daily_limit"), n)?),
         };
@@ -690,7 +696,10 @@ mod tests {
         let base = SHIPPED;
         let cases = [
             (
-                base.replace("modules = [\"rag\", \"park\"]", "modules = [\"rag\", \"nope\"]"),
+                base.replace(
+                    "modules = [\"rag\", \"park\"]",
+                    "modules = [\"rag\", \"nope\"]",
+                ),
                 "plans.free.modules[1]",
             ),
             (
@@ -702,17 +711,20 @@ mod tests {
                 "modules.fiscal.cost",
             ),
             (
-                base.replace("upstream = \"http://127.0.0.1:9000\"", "upstream = \"not a url\""),
+                base.replace(
+                    "upstream = \"http://127.0.0.1:9000\"",
+                    "upstream = \"not a url\"",
+                ),
                 ".upstream",
             ),
             (
-                base.replace("timezone = \"Africa/Algiers\"", "timezone = \"Mars/Olympus\""),
+                base.replace(
+                    "timezone = \"Africa/Algiers\"",
+                    "timezone = \"Mars/Olympus\"",
+                ),
                 "server.timezone",
             ),
-            (
-                format!("{base}\n[bogus]\nx = 1\n"),
-                "unknown field `bogus`",
-            ),
+            (format!("{base}\n[bogus]\nx = 1\n"), "unknown field `bogus`"),
         ];
         for (text, needle) in cases {
             let err = error_of(&text);

@@ -205,7 +205,12 @@ mod tests {
     #[tokio::test]
     async fn spec_table_of_refusals() {
         let table = [
-            (ApiError::Unauthenticated("no key"), 401, "unauthenticated", None),
+            (
+                ApiError::Unauthenticated("no key"),
+                401,
+                "unauthenticated",
+                None,
+            ),
             (ApiError::Blocked, 403, "blocked", None),
             (
                 ApiError::ModuleNotInPlan("legal".into()),
@@ -245,7 +250,12 @@ mod tests {
                 "metering_unavailable",
                 Some("1"),
             ),
-            (ApiError::UpstreamUnavailable, 502, "upstream_unavailable", None),
+            (
+                ApiError::UpstreamUnavailable,
+                502,
+                "upstream_unavailable",
+                None,
+            ),
             (
                 ApiError::UpstreamTimeout(Duration::from_secs(1)),
                 504,
@@ -265,7 +275,11 @@ mod tests {
             assert_eq!(s, status, "{code}");
             assert_eq!(r.as_deref(), retry, "{code}");
             assert_eq!(body["error"]["code"], code);
-            assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+            );
         }
     }
 }

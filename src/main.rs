@@ -15,7 +15,11 @@ use sqlx::migrate::MigrateDatabase;
 #[command(name = "creditgate", version, about = "Billing and credits gateway")]
 struct Cli {
     /// Configuration file; CREDITGATE_A__B variables override its keys.
-    #[arg(long, env = "CREDITGATE_CONFIG", default_value = "config/creditgate.toml")]
+    #[arg(
+        long,
+        env = "CREDITGATE_CONFIG",
+        default_value = "config/creditgate.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,

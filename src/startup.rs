@@ -32,8 +32,8 @@ use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::metering::{Calendar, Meter, MeterError};
-use crate::proxy::upstream::Upstreams;
 use crate::proxy::Proxy;
+use crate::proxy::upstream::Upstreams;
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -145,7 +145,11 @@ impl Application {
 
 fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let catalog = Arc::clone(&settings.catalog);
-    let meter = Meter::new(&settings.redis, Arc::clone(&catalog), settings.idempotency_ttl)?;
+    let meter = Meter::new(
+        &settings.redis,
+        Arc::clone(&catalog),
+        settings.idempotency_ttl,
+    )?;
     let pool = accounts::connect_pool(&settings.database)?;
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{error_code, wait_until, TestApp};
+use common::{TestApp, error_code, wait_until};
 use futures_util::StreamExt;
 
 type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = reqwest::Response> + Send>>;
@@ -120,10 +120,20 @@ async fn module_outside_the_plan_is_403_uncharged_and_not_forwarded() {
 async fn missing_unknown_malformed_and_revoked_keys_are_401() {
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
-    let none = app.client.get(app.url("/rag/q")).send().await.expect("send");
+    let none = app
+        .client
+        .get(app.url("/rag/q"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(none.status(), 401);
     assert_eq!(error_code(none).await, "unauthenticated");
-    let unknown = app.call("cg_000000000000000000000000000000000000000000000000", "/rag/q").await;
+    let unknown = app
+        .call(
+            "cg_000000000000000000000000000000000000000000000000",
+            "/rag/q",
+        )
+        .await;
     assert_eq!(unknown.status(), 401);
     let basic = app
         .client
@@ -143,7 +153,11 @@ async fn missing_unknown_malformed_and_revoked_keys_are_401() {
         .revoke_key(&user.id, user.key_id)
         .await
         .expect("revoke");
-    app.state.meter.remove_key(&user.id, &hash).await.expect("SREM");
+    app.state
+        .meter
+        .remove_key(&user.id, &hash)
+        .await
+        .expect("SREM");
     let revoked = app.call(&user.key, "/rag/q").await;
     assert_eq!(revoked.status(), 401);
     assert_eq!(error_code(revoked).await, "unauthenticated");
@@ -173,12 +187,20 @@ async fn blocked_accounts_are_403_at_once() {
         .set_blocked(&user.id, true, Some("abuse"))
         .await
         .expect("block");
-    app.state.meter.set_blocked(&user.id, true).await.expect("block");
+    app.state
+        .meter
+        .set_blocked(&user.id, true)
+        .await
+        .expect("block");
     let r = app.call(&user.key, "/rag/q").await;
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "blocked");
     assert_eq!(app.upstream.hits(), 1);
-    app.state.meter.set_blocked(&user.id, false).await.expect("unblock");
+    app.state
+        .meter
+        .set_blocked(&user.id, false)
+        .await
+        .expect("unblock");
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
 }
 
@@ -244,6 +266,7 @@ async fn upstream_500_passes_through_and_is_refunded() {
     assert_eq!(r.status(), 500);
     assert_eq!(r.headers()["x-credits-charged"], "0");
     assert_eq!(r.headers()["x-credits-remaining"], "100");
+    assert_eq!(r.headers()["x-daily-remaining"], "20");
     assert_eq!(app.balance(&user.id).await, (100, 0, 0));
     assert_eq!(
         app.events(&user.id).await,
@@ -456,9 +479,22 @@ async fn redis_down_is_a_fast_503_and_service_resumes_when_it_returns() {
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(error_code(r).await, "metering_unavailable");
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
-    assert_eq!(app.upstream.hits(), 1, "nothing forwarded while Redis is down");
-    let ready = app.client.get(app.url("/readyz")).send().await.expect("send");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        app.upstream.hits(),
+        1,
+        "nothing forwarded while Redis is down"
+    );
+    let ready = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(ready.status(), 503);
 
     // Redis comes back empty; the account is rebuilt from Postgres.
@@ -477,7 +513,12 @@ async fn redis_down_is_a_fast_503_and_service_resumes_when_it_returns() {
     })
     .await;
     assert_eq!(app.upstream.hits(), 2);
-    let ready = app.client.get(app.url("/readyz")).send().await.expect("send");
+    let ready = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(ready.status(), 200);
 }
 
@@ -485,7 +526,12 @@ async fn redis_down_is_a_fast_503_and_service_resumes_when_it_returns() {
 async fn healthz_answers_without_dependencies() {
     let mut app = TestApp::spawn().await;
     app.redis.kill();
-    let r = app.client.get(app.url("/healthz")).send().await.expect("send");
+    let r = app
+        .client
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("send");
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.expect("json");
     assert_eq!(body["status"], "ok");
@@ -500,4 +546,48 @@ async fn healthz_answers_without_dependencies() {
         .expect("json");
     assert_eq!(ready["checks"]["database"], "ok");
     assert_ne!(ready["checks"]["redis"], "ok");
+}
+
+/// Sends raw bytes and returns the status line and body of the answer.
+async fn raw(app: &TestApp, request: &[u8]) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_header_bytes_are_refused_before_any_charge() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    // Non-ASCII credentials: our JSON 401.
+    let mut req = b"GET /rag/q HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer \xff\xfe\r\n\r\n".to_vec();
+    let (status, body) = raw(&app, &req).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    assert!(body.contains("\"unauthenticated\""), "{body}");
+    // A header line HTTP itself forbids: refused by the parser with 400.
+    req = format!(
+        "GET /rag/q HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nBad Header: 1\r\n\r\n",
+        user.key
+    )
+    .into_bytes();
+    let (status, _) = raw(&app, &req).await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    // A Content-Length that is not a number.
+    req = format!(
+        "POST /rag/q HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: ten\r\n\r\n",
+        user.key
+    )
+    .into_bytes();
+    let (status, _) = raw(&app, &req).await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    assert_eq!(app.upstream.hits(), 0);
+    assert!(app.events(&user.id).await.is_empty());
 }

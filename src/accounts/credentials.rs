@@ -47,15 +47,13 @@ pub fn from_headers(
             .map(Credential::Key)
             .map_err(|_| CredentialError::Malformed("malformed API key"));
     }
-    if trust_user_id_header {
-        if let Some(value) = headers.get("x-user-id") {
-            let id = value
-                .to_str()
-                .ok()
-                .and_then(|v| UserId::parse(v.trim()).ok())
-                .ok_or(CredentialError::Malformed("malformed X-User-ID"))?;
-            return Ok(Credential::TrustedUser(id));
-        }
+    if let Some(value) = headers.get("x-user-id").filter(|_| trust_user_id_header) {
+        let id = value
+            .to_str()
+            .ok()
+            .and_then(|v| UserId::parse(v.trim()).ok())
+            .ok_or(CredentialError::Malformed("malformed X-User-ID"))?;
+        return Ok(Credential::TrustedUser(id));
     }
     Err(CredentialError::Missing)
 }

@@ -12,8 +12,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -201,12 +201,11 @@ impl Accounts {
     }
 
     pub async fn get_user(&self, id: &UserId) -> Result<Option<User>, AccountError> {
-        let row: Option<(String, String, Option<String>, String, String)> = sqlx::query_as(
-            "SELECT id, name, email, plan, status FROM users WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<(String, String, Option<String>, String, String)> =
+            sqlx::query_as("SELECT id, name, email, plan, status FROM users WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|(id, name, email, plan, status)| {
             Ok(User {
                 id: UserId::parse(&id).map_err(|e| AccountError::Corrupt(e.to_string()))?,

@@ -21,8 +21,10 @@ use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, Use
 pub use calendar::{Calendar, Stamp};
 pub use keys::KeyLayout;
 
-static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/charge.lua")));
-static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/refund.lua")));
+static CHARGE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/charge.lua")));
+static REFUND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/refund.lua")));
 static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/seed.lua")));
 static UPDATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/update_account.lua")));
@@ -84,7 +86,10 @@ pub enum Refusal {
 pub enum ChargeOutcome {
     Charged(Receipt),
     /// The idempotency key was already charged within its window.
-    Duplicate { balance: Balance, plan: String },
+    Duplicate {
+        balance: Balance,
+        plan: String,
+    },
     Refused(Refusal),
     /// The account has no state in Redis yet (or Redis lost it).
     Missing,
@@ -126,7 +131,12 @@ pub enum RefundOf<'a> {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefundOutcome {
-    Refunded { amount: i64, monthly: i64, bonus: i64 },
+    Refunded {
+        amount: i64,
+        monthly: i64,
+        bonus: i64,
+        day_used: i64,
+    },
     NotFound,
     Missing,
 }
@@ -266,7 +276,13 @@ impl Meter {
             .key(self.keys.stream_of(user));
         match of {
             RefundOf::Record => {
-                inv.arg("record").arg(0).arg(0).arg("").arg("").arg("").arg("");
+                inv.arg("record")
+                    .arg(0)
+                    .arg(0)
+                    .arg("")
+                    .arg("")
+                    .arg("")
+                    .arg("");
             }
             RefundOf::Receipt {
                 receipt,
@@ -448,6 +464,7 @@ fn decode_refund(reply: Value) -> Result<RefundOutcome, MeterError> {
             amount: r.int(0)?,
             monthly: r.int(1)?,
             bonus: r.int(2)?,
+            day_used: r.int(3)?,
         },
         "not_found" => RefundOutcome::NotFound,
         "missing" => RefundOutcome::Missing,
@@ -472,7 +489,8 @@ mod tests {
 
     #[test]
     fn decodes_every_charge_status() {
-        let ok = decode_charge(reply_with("ok", &[3, 7, 0, 3, 100, 3, 0], Some("starter"))).expect("ok");
+        let ok =
+            decode_charge(reply_with("ok", &[3, 7, 0, 3, 100, 3, 0], Some("starter"))).expect("ok");
         assert_eq!(
             ok,
             ChargeOutcome::Charged(Receipt {

@@ -46,10 +46,9 @@ pub fn prepare_upstream_headers(
     for name in CLIENT_ONLY {
         headers.remove(name);
     }
-    if let Some(host) = headers.remove(header::HOST) {
-        if !headers.contains_key("x-forwarded-host") {
-            headers.insert("x-forwarded-host", host);
-        }
+    let host = headers.remove(header::HOST);
+    if let Some(host) = host.filter(|_| !headers.contains_key("x-forwarded-host")) {
+        headers.insert("x-forwarded-host", host);
     }
     let ip = peer.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -81,10 +80,16 @@ mod tests {
     #[test]
     fn credentials_and_hop_by_hop_headers_stay_behind() {
         let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_static("Bearer cg_secret"));
+        h.insert(
+            "authorization",
+            HeaderValue::from_static("Bearer cg_secret"),
+        );
         h.insert("x-api-key", HeaderValue::from_static("cg_secret"));
         h.insert("x-user-id", HeaderValue::from_static("someone-else"));
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-custom"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
         h.insert("x-custom", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("host", HeaderValue::from_static("gw.example"));
@@ -92,7 +97,14 @@ mod tests {
         h.insert("accept", HeaderValue::from_static("text/event-stream"));
         let peer: SocketAddr = "192.0.2.7:5555".parse().expect("addr");
         prepare_upstream_headers(&mut h, peer, "alice", Some("pro"), "rid-1");
-        for gone in ["authorization", "x-api-key", "connection", "x-custom", "te", "host"] {
+        for gone in [
+            "authorization",
+            "x-api-key",
+            "connection",
+            "x-custom",
+            "te",
+            "host",
+        ] {
             assert!(!h.contains_key(gone), "{gone} forwarded");
         }
         assert_eq!(h["x-user-id"], "alice");

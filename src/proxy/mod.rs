@@ -26,14 +26,14 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::accounts::{credentials, Accounts, Credential};
+use crate::accounts::{Accounts, Credential, credentials};
 use crate::body::Body;
 use crate::catalog::Module;
 use crate::domain::{ActionId, KeyHash, RequestId, UserId};
 use crate::error::ApiError;
 use crate::metering::{
-    Balance, Calendar, ChargeOutcome, ChargeRequest, Meter, Mode, Receipt, RefundOf,
-    RefundOutcome, Refusal, Stamp,
+    Balance, Calendar, ChargeOutcome, ChargeRequest, Meter, Mode, Receipt, RefundOf, RefundOutcome,
+    Refusal, Stamp,
 };
 use upstream::{UpstreamError, Upstreams};
 
@@ -209,10 +209,7 @@ impl Proxy {
     /// Phase 2: who is calling. The key → user mapping is cached; whether
     /// the key is still live is decided by charge.lua in the same round trip
     /// as the charge.
-    async fn identify(
-        &self,
-        headers: &HeaderMap,
-    ) -> Result<(UserId, Option<KeyHash>), ApiError> {
+    async fn identify(&self, headers: &HeaderMap) -> Result<(UserId, Option<KeyHash>), ApiError> {
         match credentials::from_headers(headers, self.trust_user_id_header) {
             Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
                 "send Authorization: Bearer <api key> or X-API-Key",
@@ -348,16 +345,22 @@ impl Proxy {
                 }
             };
             let now = this.calendar.now();
-            this.meter.refund(&user, &request_id, of, "proxy", &now).await
+            this.meter
+                .refund(&user, &request_id, of, "proxy", &now)
+                .await
         });
         match task.await {
             Ok(Ok(RefundOutcome::Refunded {
-                monthly, bonus, ..
+                monthly,
+                bonus,
+                day_used,
+                ..
             })) => {
                 ctx.charged = 0;
                 if let Some(b) = ctx.balance.as_mut() {
                     b.monthly = monthly;
                     b.bonus = bonus;
+                    b.day_used = day_used;
                 }
                 tracing::info!(request_id = %ctx.request_id, reason, "charge refunded");
             }
@@ -398,7 +401,10 @@ fn respond(ctx: &Ctx<'_>, mut response: Response<Body>, started: Instant) -> Res
     }
     if let Some(balance) = ctx.balance {
         h.insert("x-credits-charged", HeaderValue::from(ctx.charged));
-        h.insert("x-credits-remaining", HeaderValue::from(balance.remaining()));
+        h.insert(
+            "x-credits-remaining",
+            HeaderValue::from(balance.remaining()),
+        );
         if let Some(daily) = balance.daily_remaining() {
             h.insert("x-daily-remaining", HeaderValue::from(daily));
         }

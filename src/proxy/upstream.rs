@@ -7,8 +7,8 @@ use std::time::Duration;
 use http::{Request, Response, Uri};
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
 
@@ -62,11 +62,7 @@ impl Upstreams {
         let path = uri.path();
         let path = if module.strip_prefix {
             let rest = path.strip_prefix(module.prefix.as_str()).unwrap_or(path);
-            if rest.is_empty() {
-                "/"
-            } else {
-                rest
-            }
+            if rest.is_empty() { "/" } else { rest }
         } else {
             path
         };
@@ -154,9 +150,24 @@ mod tests {
     #[test]
     fn targets_keep_path_and_query() {
         let cases = [
-            ("http://up:9000", false, "/rag/search?q=a%20b", "http://up:9000/rag/search?q=a%20b"),
-            ("http://up:9000/base/", false, "/rag/x", "http://up:9000/base/rag/x"),
-            ("http://up:9000", true, "/rag/search?q=1", "http://up:9000/search?q=1"),
+            (
+                "http://up:9000",
+                false,
+                "/rag/search?q=a%20b",
+                "http://up:9000/rag/search?q=a%20b",
+            ),
+            (
+                "http://up:9000/base/",
+                false,
+                "/rag/x",
+                "http://up:9000/base/rag/x",
+            ),
+            (
+                "http://up:9000",
+                true,
+                "/rag/search?q=1",
+                "http://up:9000/search?q=1",
+            ),
             ("http://up:9000/v2", true, "/rag", "http://up:9000/v2/"),
         ];
         for (up, strip, path, want) in cases {

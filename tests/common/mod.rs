@@ -22,7 +22,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{Notify, oneshot};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
@@ -153,10 +153,22 @@ pub struct TestDb {
     pub url: String,
 }
 
+fn pg_base() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
 impl TestDb {
+    /// A unique name and URL; the database itself is left to the test
+    /// (`creditgate migrate` creates it). Still dropped at the end.
+    pub fn named_but_not_created() -> Self {
+        let name = format!("cg_test_{}", uuid::Uuid::new_v4().simple());
+        let url = format!("{}/{name}", pg_base());
+        Self { name, url }
+    }
+
     pub async fn create() -> Self {
-        let base = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let base = pg_base();
         let name = format!("cg_test_{}", uuid::Uuid::new_v4().simple());
         let admin = sqlx::PgPool::connect(&format!("{base}/postgres"))
             .await
@@ -298,7 +310,10 @@ async fn stub(
     }
     if let Some(code) = path.split("/status/").nth(1) {
         let code: u16 = code.parse().unwrap_or(500);
-        return full(StatusCode::from_u16(code).unwrap_or(StatusCode::OK), "status");
+        return full(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::OK),
+            "status",
+        );
     }
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -309,9 +324,13 @@ async fn stub(
         let notified = release.clone();
         tokio::spawn(async move {
             let wait = notified.notified();
-            let _ = tx.send(Ok(Frame::data(Bytes::from("data: first\n\n")))).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from("data: first\n\n"))))
+                .await;
             wait.await;
-            let _ = tx.send(Ok(Frame::data(Bytes::from("data: second\n\n")))).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from("data: second\n\n"))))
+                .await;
         });
         let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
         let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
@@ -339,7 +358,8 @@ async fn stub(
             .await
             .map(|c| c.to_bytes().len())
             .unwrap_or(0);
-        let json = serde_json::json!({"path": path, "query": query, "headers": headers, "body_len": body});
+        let json =
+            serde_json::json!({"path": path, "query": query, "headers": headers, "body_len": body});
         return full(StatusCode::OK, json.to_string());
     }
     // Drain the body so the connection stays reusable.

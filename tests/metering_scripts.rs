@@ -1,0 +1,391 @@
+//! charge.lua, refund.lua and seed.lua run directly against a real
+//! redis-server, with the clock injected: day and month boundaries in
+//! Africa/Algiers (UTC+1, so local midnight is 23:00 UTC).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{TEST_CONFIG, TestRedis};
+use creditgate::catalog::Catalog;
+use creditgate::config::Settings;
+use creditgate::domain::{ApiKey, Credits, KeyHash, PlanId, RequestId, UserId};
+use creditgate::metering::{
+    AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Meter, Mode, RefundOf, RefundOutcome,
+    Refusal, Stamp,
+};
+
+struct Harness {
+    redis: TestRedis,
+    meter: Meter,
+    catalog: Arc<Catalog>,
+    calendar: Calendar,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let redis = TestRedis::start().await;
+        let text = TEST_CONFIG
+            .replace("{UP}", "http://127.0.0.1:1")
+            .replace("{DEAD}", "http://127.0.0.1:1")
+            .replace("{REDIS}", &redis.url())
+            .replace("{DB}", "postgres://unused@127.0.0.1:1/none");
+        let settings =
+            Settings::from_toml(&text, "test", Vec::<(String, String)>::new()).expect("config");
+        let catalog = Arc::clone(&settings.catalog);
+        let meter = Meter::new(
+            &settings.redis,
+            Arc::clone(&catalog),
+            Duration::from_secs(86_400),
+        )
+        .expect("meter");
+        Self {
+            redis,
+            meter,
+            catalog,
+            calendar: Calendar::new(chrono_tz::Africa::Algiers),
+        }
+    }
+
+    fn at(&self, instant: &str) -> Stamp {
+        let t: DateTime<Utc> = DateTime::parse_from_rfc3339(instant)
+            .expect("instant")
+            .with_timezone(&Utc);
+        self.calendar.at(t)
+    }
+
+    async fn seed(
+        &self,
+        user: &str,
+        plan: &str,
+        monthly: i64,
+        bonus: i64,
+        stamp: &Stamp,
+    ) -> UserId {
+        let user = UserId::parse(user).expect("id");
+        let created = self
+            .meter
+            .seed(&AccountSeed {
+                user: user.clone(),
+                plan: PlanId::parse(plan).expect("plan"),
+                monthly: Credits::new(monthly).expect("credits"),
+                bonus: Credits::new(bonus).expect("credits"),
+                period: stamp.period.clone(),
+                day: stamp.day.clone(),
+                day_used: Credits::ZERO,
+                blocked: false,
+                key_hashes: vec![key().hash()],
+            })
+            .await
+            .expect("seed");
+        assert!(created);
+        user
+    }
+
+    async fn charge(
+        &self,
+        user: &UserId,
+        module: &str,
+        stamp: &Stamp,
+        rid: Option<&str>,
+        mode: Mode,
+    ) -> ChargeOutcome {
+        let request_id = RequestId::parse(rid.unwrap_or("anon")).expect("rid");
+        let hash = key().hash();
+        self.meter
+            .charge(&ChargeRequest {
+                user,
+                key_hash: Some(&hash),
+                module: self.catalog.module(module).expect("module"),
+                action: None,
+                request_id: &request_id,
+                idempotent: rid.is_some(),
+                actor: "test",
+                stamp,
+                mode,
+            })
+            .await
+            .expect("charge.lua")
+    }
+
+    async fn hash(&self, user: &UserId) -> (i64, i64, i64, String, String) {
+        let mut con = self.redis.connection().await;
+        redis::cmd("HMGET")
+            .arg(self.meter.keys().account(user))
+            .arg(&["monthly", "bonus", "used", "day", "period"][..])
+            .query_async(&mut con)
+            .await
+            .expect("HMGET")
+    }
+
+    async fn event_kinds(&self, user: &UserId) -> Vec<String> {
+        let mut con = self.redis.connection().await;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.meter.keys().stream_of(user))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut con)
+            .await
+            .expect("XRANGE");
+        reply
+            .ids
+            .iter()
+            .filter_map(|e| e.get::<String>("k"))
+            .collect()
+    }
+}
+
+/// The one key every seeded test account has.
+fn key() -> ApiKey {
+    ApiKey::parse("cg_test_key_for_scripts").expect("key")
+}
+
+fn charged(outcome: &ChargeOutcome) -> Option<(i64, i64, i64)> {
+    match outcome {
+        ChargeOutcome::Charged(r) => Some((r.charged, r.from_monthly, r.from_bonus)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_day_counter_resets_at_algiers_midnight_not_utc_midnight() {
+    let h = Harness::new().await;
+    let before = h.at("2026-11-26T22:59:30Z"); // 23:59:30 in Algiers
+    let user = h.seed("alice", "free", 100, 0, &before).await;
+    for _ in 0..20 {
+        assert!(charged(&h.charge(&user, "rag", &before, None, Mode::Charge).await).is_some());
+    }
+    let refused = h.charge(&user, "rag", &before, None, Mode::Charge).await;
+    assert!(matches!(refused, ChargeOutcome::Refused(Refusal::DailyLimit(b)) if b.day_used == 20));
+
+    let after = h.at("2026-11-26T23:00:00Z"); // local midnight
+    assert_eq!(after.day, "2026-11-27");
+    let ok = h.charge(&user, "rag", &after, None, Mode::Charge).await;
+    assert_eq!(charged(&ok), Some((1, 1, 0)));
+    let (monthly, _, used, day, _) = h.hash(&user).await;
+    assert_eq!((monthly, used, day.as_str()), (79, 1, "2026-11-27"));
+}
+
+#[tokio::test]
+async fn the_allowance_renews_on_the_first_of_the_month_local_time_and_bonus_is_kept() {
+    let h = Harness::new().await;
+    let november = h.at("2026-11-30T22:59:59Z"); // Nov 30, 23:59:59 local
+    let user = h.seed("bob", "tiny", 10, 4, &november).await;
+    for _ in 0..3 {
+        charged(
+            &h.charge(&user, "legal", &november, None, Mode::Charge)
+                .await,
+        )
+        .expect("charged");
+    }
+    // 10 monthly + 4 bonus - 9 = 1 monthly, 4 bonus.
+    assert_eq!(h.hash(&user).await.0, 1);
+    let december = h.at("2026-11-30T23:00:00Z");
+    assert_eq!(december.period, "2026-12");
+    let ok = h
+        .charge(&user, "legal", &december, None, Mode::Charge)
+        .await;
+    assert_eq!(charged(&ok), Some((3, 3, 0)));
+    let (monthly, bonus, used, day, period) = h.hash(&user).await;
+    assert_eq!(
+        (monthly, bonus, used, day.as_str(), period.as_str()),
+        (7, 4, 3, "2026-12-01", "2026-12")
+    );
+    assert_eq!(
+        h.event_kinds(&user).await,
+        ["charge", "charge", "charge", "reset", "charge"]
+    );
+}
+
+#[tokio::test]
+async fn the_allowance_is_spent_before_bonus_and_never_below_zero() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("carol", "tiny", 2, 5, &now).await;
+    let first = h.charge(&user, "legal", &now, None, Mode::Charge).await;
+    assert_eq!(charged(&first), Some((3, 2, 1)));
+    let second = h.charge(&user, "legal", &now, None, Mode::Charge).await;
+    assert_eq!(charged(&second), Some((3, 0, 3)));
+    let third = h.charge(&user, "legal", &now, None, Mode::Charge).await;
+    assert!(matches!(
+        third,
+        ChargeOutcome::Refused(Refusal::InsufficientCredits(b)) if b.remaining() == 1
+    ));
+    let (monthly, bonus, ..) = h.hash(&user).await;
+    assert_eq!((monthly, bonus), (0, 1));
+}
+
+#[tokio::test]
+async fn check_mode_answers_without_writing_anything() {
+    let h = Harness::new().await;
+    let old = h.at("2026-10-31T10:00:00Z");
+    let user = h.seed("dave", "free", 3, 0, &old).await;
+    let later = h.at("2026-11-26T10:00:00Z"); // a new period and a new day
+    let check = h.charge(&user, "rag", &later, None, Mode::Check).await;
+    assert_eq!(charged(&check), Some((1, 1, 0)));
+    let (monthly, bonus, used, day, period) = h.hash(&user).await;
+    assert_eq!(
+        (monthly, bonus, used, day.as_str(), period.as_str()),
+        (3, 0, 0, "2026-10-31", "2026-10")
+    );
+    assert!(h.event_kinds(&user).await.is_empty());
+}
+
+#[tokio::test]
+async fn refund_by_record_happens_once() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("erin", "tiny", 10, 0, &now).await;
+    let rid = RequestId::parse("req-1").expect("rid");
+    charged(
+        &h.charge(&user, "legal", &now, Some("req-1"), Mode::Charge)
+            .await,
+    )
+    .expect("charged");
+    let dup = h
+        .charge(&user, "legal", &now, Some("req-1"), Mode::Charge)
+        .await;
+    assert!(matches!(dup, ChargeOutcome::Duplicate { .. }));
+    let first = h
+        .meter
+        .refund(&user, &rid, RefundOf::Record, "test", &now)
+        .await;
+    assert!(matches!(
+        first,
+        Ok(RefundOutcome::Refunded {
+            amount: 3,
+            monthly: 10,
+            ..
+        })
+    ));
+    let second = h
+        .meter
+        .refund(&user, &rid, RefundOf::Record, "test", &now)
+        .await;
+    assert!(matches!(second, Ok(RefundOutcome::NotFound)));
+    assert_eq!(h.hash(&user).await.0, 10);
+    assert_eq!(h.event_kinds(&user).await, ["charge", "refund"]);
+}
+
+#[tokio::test]
+async fn a_refund_after_the_month_rolled_over_returns_only_the_bonus_part() {
+    let h = Harness::new().await;
+    let november = h.at("2026-11-30T22:59:59Z");
+    let user = h.seed("fay", "tiny", 1, 5, &november).await;
+    let outcome = h
+        .charge(&user, "legal", &november, None, Mode::Charge)
+        .await;
+    let ChargeOutcome::Charged(receipt) = outcome else {
+        panic!("not charged: {outcome:?}");
+    };
+    assert_eq!((receipt.from_monthly, receipt.from_bonus), (1, 2));
+    // A December call rolls the period over before the refund arrives.
+    let december = h.at("2026-11-30T23:00:01Z");
+    charged(&h.charge(&user, "rag", &december, None, Mode::Charge).await).expect("charged");
+    let module = h.catalog.module("legal").expect("legal").id.clone();
+    let refund = h
+        .meter
+        .refund(
+            &user,
+            &RequestId::parse("anon").expect("rid"),
+            RefundOf::Receipt {
+                receipt: &receipt,
+                module: &module,
+                action: None,
+                charged_at: &november,
+            },
+            "test",
+            &december,
+        )
+        .await;
+    assert!(matches!(
+        refund,
+        Ok(RefundOutcome::Refunded { amount: 2, .. })
+    ));
+    // December: 10 - 1 (rag) = 9 monthly; bonus 3 + 2 back = 5; day counter
+    // of December untouched by a November refund.
+    let (monthly, bonus, used, _, _) = h.hash(&user).await;
+    assert_eq!((monthly, bonus, used), (9, 5, 1));
+}
+
+#[tokio::test]
+async fn revoked_keys_blocked_accounts_and_foreign_plans_are_refused() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("gus", "free", 100, 0, &now).await;
+    assert_eq!(
+        h.charge(&user, "legal", &now, None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::ModuleNotInPlan)
+    );
+    h.meter.set_blocked(&user, true).await.expect("block");
+    assert_eq!(
+        h.charge(&user, "rag", &now, None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::Blocked)
+    );
+    h.meter.set_blocked(&user, false).await.expect("unblock");
+    h.meter
+        .set_plan(&user, &PlanId::parse("retired").expect("plan"))
+        .await
+        .expect("plan");
+    assert_eq!(
+        h.charge(&user, "rag", &now, None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::ModuleNotInPlan)
+    );
+    h.meter
+        .remove_key(&user, &key().hash())
+        .await
+        .expect("SREM");
+    assert_eq!(
+        h.charge(&user, "rag", &now, None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::UnknownKey)
+    );
+    assert_eq!(h.hash(&user).await.0, 100);
+    assert!(h.event_kinds(&user).await.is_empty());
+}
+
+#[tokio::test]
+async fn updates_never_create_a_partial_account() {
+    let h = Harness::new().await;
+    let ghost = UserId::parse("ghost").expect("id");
+    assert!(!h.meter.set_blocked(&ghost, true).await.expect("update"));
+    let now = h.at("2026-11-26T12:00:00Z");
+    assert_eq!(
+        h.charge(&ghost, "rag", &now, None, Mode::Charge).await,
+        ChargeOutcome::Missing
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_rebuilds_write_the_account_once() {
+    let h = Arc::new(Harness::new().await);
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = UserId::parse("henry").expect("id");
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (h, user, now) = (Arc::clone(&h), user.clone(), now.clone());
+            tokio::spawn(async move {
+                h.meter
+                    .seed(&AccountSeed {
+                        user,
+                        plan: PlanId::parse("free").expect("plan"),
+                        monthly: Credits::new(100 - i).expect("credits"),
+                        bonus: Credits::ZERO,
+                        period: now.period.clone(),
+                        day: now.day.clone(),
+                        day_used: Credits::ZERO,
+                        blocked: false,
+                        key_hashes: vec![KeyHash::from_stored("x".into())],
+                    })
+                    .await
+                    .expect("seed")
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        created += usize::from(t.await.expect("task"));
+    }
+    assert_eq!(created, 1);
+}
