@@ -6,7 +6,11 @@
 -- KEYS[1]  account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
 -- KEYS[2]  key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
 -- KEYS[3]  request record {tag}:req:<user>:<request id>   idempotency + refund data
--- KEYS[4]  usage stream   {tag}:events        one entry per balance change
+-- KEYS[4]  usage stream   {tag}:events        one entry per balance change, fields:
+--          e event id, u user, k kind (charge|reset), p plan, m module, a action,
+--          n amount, fm/fb taken from monthly/bonus, mb/bb monthly/bonus after,
+--          ap/ad/au account period/day/day-used after, r request id, by actor,
+--          t unix ms, d local day the amount counts for
 --
 -- ARGV[1]  key hash, or "" when the caller is already trusted (X-User-ID, service API)
 -- ARGV[2]  module id
@@ -65,26 +69,29 @@ if not limit_s or not string.find(ARGV[5], ',' .. plan .. ',', 1, true) then
 end
 local limit = tonumber(limit_s)
 
-local function event(kind, id, amount)
+-- Every event carries the account's full state after it (mb bb ap ad au),
+-- so the ledger can rebuild an account and replay its balance chain.
+local function event(kind, id, amount, from_monthly, from_bonus, module, action)
   redis.call('XADD', KEYS[4], '*',
-    'e', id, 'u', ARGV[14], 'k', kind, 'p', plan, 'm', ARGV[2], 'a', ARGV[3],
-    'n', amount, 'mb', monthly, 'bb', bonus, 'r', ARGV[11], 'by', ARGV[15],
-    't', ARGV[9], 'd', ARGV[7])
+    'e', id, 'u', ARGV[14], 'k', kind, 'p', plan, 'm', module, 'a', action,
+    'n', amount, 'fm', from_monthly, 'fb', from_bonus,
+    'mb', monthly, 'bb', bonus, 'ap', ARGV[8], 'ad', ARGV[7], 'au', used,
+    'r', ARGV[11], 'by', ARGV[15], 't', ARGV[9], 'd', ARGV[7])
 end
 
 -- Lazy rollovers: a missed cron or an idle account still starts the new
 -- period and the new day on its first call.
-if period ~= ARGV[8] then
+local new_period = period ~= ARGV[8]
+if new_period then
   monthly = tonumber(allowance_s)
-  if not check_only then
-    redis.call('HSET', acct, 'monthly', monthly, 'period', ARGV[8])
-    event('reset', ARGV[10] .. ':reset', monthly)
-  end
 end
 if day ~= ARGV[7] then
   used = 0
-  if not check_only then
-    redis.call('HSET', acct, 'used', 0, 'day', ARGV[7])
+end
+if not check_only and (new_period or day ~= ARGV[7]) then
+  redis.call('HSET', acct, 'monthly', monthly, 'period', ARGV[8], 'used', used, 'day', ARGV[7])
+  if new_period then
+    event('reset', ARGV[10] .. ':reset', monthly, 0, 0, '', '')
   end
 end
 
@@ -116,5 +123,5 @@ if ARGV[12] == '1' then
     from_monthly .. ',' .. from_bonus .. ',' .. ARGV[7] .. ',' .. ARGV[8] .. ',' .. ARGV[2] .. ',' .. ARGV[3],
     'EX', ARGV[13])
 end
-event('charge', ARGV[10], cost)
+event('charge', ARGV[10], cost, from_monthly, from_bonus, ARGV[2], ARGV[3])
 return {'ok', cost, monthly, bonus, used, limit, from_monthly, from_bonus, plan}

@@ -2,7 +2,8 @@
 --
 -- KEYS[1]  account hash   {tag}:acct:<user>
 -- KEYS[2]  request record {tag}:req:<user>:<request id> (written by charge.lua)
--- KEYS[3]  usage stream   {tag}:events
+-- KEYS[3]  usage stream   {tag}:events (fields as in charge.lua; d is the
+--          day of the charge, so the refund lands in that day's aggregates)
 --
 -- ARGV[1]  mode: "record" reads the split from KEYS[2] and deletes it, so a
 --          second refund of the same request finds nothing; "direct" uses
@@ -20,7 +21,7 @@
 -- ARGV[12] actor
 --
 -- Returns:
---   {"ok", refunded, monthly, bonus, day_used}
+--   {"ok", refunded, monthly, bonus, day_used}   (balances after)
 --   {"not_found"}   record mode: never charged, already refunded, or expired
 --   {"missing"}     account not in Redis (rebuild, then retry)
 --
@@ -54,18 +55,21 @@ local monthly = tonumber(f[2]) or 0
 local bonus = tonumber(f[3]) or 0
 local used = tonumber(f[6]) or 0
 
-local refunded = b
+local back_monthly = 0
 bonus = bonus + b
 if f[4] == cperiod then
+  back_monthly = m
   monthly = monthly + m
-  refunded = refunded + m
 end
+local refunded = back_monthly + b
 if f[5] == cday then
   used = math.max(0, used - m - b)
 end
 redis.call('HSET', acct, 'monthly', monthly, 'bonus', bonus, 'used', used)
 redis.call('XADD', KEYS[3], '*',
   'e', ARGV[9], 'u', ARGV[11], 'k', 'refund', 'p', f[1] or '', 'm', module, 'a', action,
-  'n', refunded, 'mb', monthly, 'bb', bonus, 'r', ARGV[10], 'by', ARGV[12],
+  'n', refunded, 'fm', back_monthly, 'fb', b,
+  'mb', monthly, 'bb', bonus, 'ap', f[4] or '', 'ad', f[5] or '', 'au', used,
+  'r', ARGV[10], 'by', ARGV[12],
   't', ARGV[8], 'd', cday)
 return {'ok', refunded, monthly, bonus, used}
