@@ -54,6 +54,8 @@ pub struct RawSettings {
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
+    pub ledger: LedgerSettings,
+    #[serde(default)]
     pub modules: BTreeMap<String, ModuleSettings>,
     #[serde(default)]
     pub plans: BTreeMap<String, PlanSettings>,
@@ -211,6 +213,57 @@ impl Default for LogSettings {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSettings {
+    /// Run the flusher inside `serve` (turn off when `creditgate flush`
+    /// runs as its own process).
+    pub flusher: bool,
+    pub batch_size: usize,
+    /// How long one XREADGROUP waits for new events.
+    pub block_ms: u64,
+    /// Entries pending this long at another consumer are taken over.
+    pub claim_idle_ms: u64,
+    /// On SIGTERM, how long the flusher keeps draining.
+    pub drain_timeout_ms: u64,
+    /// Consumer name in the group; stable across restarts so a restarted
+    /// instance re-reads its own unacknowledged entries first. Defaults to
+    /// the host name.
+    pub consumer: Option<String>,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        Self {
+            flusher: true,
+            batch_size: 2000,
+            block_ms: 1000,
+            claim_idle_ms: 30_000,
+            drain_timeout_ms: 10_000,
+            consumer: None,
+        }
+    }
+}
+
+impl LedgerSettings {
+    pub fn flusher_config(&self) -> crate::ledger::FlusherConfig {
+        let consumer = self.consumer.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "creditgate".into())
+        });
+        crate::ledger::FlusherConfig {
+            consumer,
+            batch_size: self.batch_size,
+            block: Duration::from_millis(self.block_ms),
+            claim_idle: Duration::from_millis(self.claim_idle_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleSettings {
     pub prefix: String,
@@ -266,6 +319,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub idempotency_ttl: Duration,
     pub log: LogSettings,
+    pub ledger: LedgerSettings,
     pub catalog: std::sync::Arc<Catalog>,
 }
 
@@ -430,6 +484,11 @@ impl RawSettings {
         }
         validate_named_keys("auth.admin_keys", &self.auth.admin_keys)?;
         validate_named_keys("auth.service_keys", &self.auth.service_keys)?;
+        if self.ledger.batch_size == 0 || self.ledger.batch_size > 50_000 {
+            return Err(invalid("ledger.batch_size", "must be between 1 and 50000"));
+        }
+        positive_ms("ledger.block_ms", self.ledger.block_ms)?;
+        positive_ms("ledger.claim_idle_ms", self.ledger.claim_idle_ms)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));
         }
@@ -449,6 +508,7 @@ impl RawSettings {
             database: self.database,
             auth: self.auth,
             log: self.log,
+            ledger: self.ledger,
             catalog: std::sync::Arc::new(catalog),
         })
     }

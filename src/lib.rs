@@ -9,6 +9,7 @@
 //! - [`proxy`]     the hot path: admit → identify → charge → forward → settle → respond
 //! - [`metering`]  the Redis side: key layout, Lua scripts, the `Meter` API
 //! - [`accounts`]  users and API keys in Postgres; key cache; Redis rebuild
+//! - [`ledger`]    usage streams → Postgres flusher, history queries, verify
 //! - [`api`]       creditgate's own endpoints (health; billing/admin/credits APIs)
 //! - [`error`]     the one mapping from errors to status + JSON body
 //! - [`body`]      the response body type
@@ -23,6 +24,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod ledger;
 pub mod metering;
 pub mod proxy;
 pub mod startup;

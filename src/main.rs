@@ -8,8 +8,11 @@ use clap::{Parser, Subcommand};
 use creditgate::accounts::{self, Accounts};
 use creditgate::config::Settings;
 use creditgate::domain::UserId;
+use creditgate::ledger::{Flusher, verify};
+use creditgate::metering::KeyLayout;
 use creditgate::startup::Application;
 use sqlx::migrate::MigrateDatabase;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "creditgate", version, about = "Billing and credits gateway")]
@@ -43,6 +46,13 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Run only the ledger flusher (Redis streams → Postgres) until SIGTERM.
+    Flush,
+    /// The ledger: `ledger verify` drains the streams and compares.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
     /// Serve the demo upstream that the demo configuration points at.
     DemoUpstream {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -63,6 +73,17 @@ enum UserCommand {
         /// Use this id (e.g. the platform Hub's) instead of a generated one.
         #[arg(long)]
         id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Drain the usage streams, then compare every account's Redis balance
+    /// with the ledger and print each drift. Exit 0 when none, 1 otherwise.
+    Verify {
+        /// Give up draining after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        drain_timeout: u64,
     },
 }
 
@@ -128,9 +149,57 @@ async fn main() -> anyhow::Result<()> {
             println!("api_key: {}", key.key.reveal());
             println!("key_id:  {}", key.id);
         }
+        Command::Flush => {
+            let flusher = open_flusher(&settings)?;
+            flusher.run(shutdown_signal()).await;
+        }
+        Command::Ledger {
+            command: LedgerCommand::Verify { drain_timeout },
+        } => {
+            let clean = ledger_verify(&settings, Duration::from_secs(drain_timeout)).await?;
+            if !clean {
+                std::process::exit(1);
+            }
+        }
         Command::DemoUpstream { .. } => {}
     }
     Ok(())
+}
+
+fn open_flusher(settings: &Settings) -> anyhow::Result<Flusher> {
+    let pool = accounts::connect_pool(&settings.database)?;
+    let keys = KeyLayout::new(&settings.redis.key_prefix, settings.redis.shards);
+    Ok(Flusher::new(
+        &settings.redis.url,
+        &keys,
+        pool,
+        settings.ledger.flusher_config(),
+    )?)
+}
+
+/// Returns whether the ledger and Redis agree.
+async fn ledger_verify(settings: &Settings, drain_timeout: Duration) -> anyhow::Result<bool> {
+    let mut flusher = open_flusher(settings)?;
+    let drained = tokio::time::timeout(drain_timeout, flusher.drain())
+        .await
+        .context("draining the usage streams timed out")??;
+    eprintln!("drained {drained} events");
+    let pool = accounts::connect_pool(&settings.database)?;
+    let keys = KeyLayout::new(&settings.redis.key_prefix, settings.redis.shards);
+    let mut con = redis::Client::open(settings.redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let report = verify::verify(&mut con, &keys, &pool, &settings.catalog).await?;
+    for drift in &report.drifts {
+        println!("DRIFT user={} {}", drift.user, drift.what);
+    }
+    println!(
+        "ledger verify: {} accounts, {} events, {} drifts",
+        report.accounts,
+        report.events,
+        report.drifts.len()
+    );
+    Ok(report.drifts.is_empty())
 }
 
 fn open_accounts(settings: &Settings) -> anyhow::Result<Accounts> {

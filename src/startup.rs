@@ -31,6 +31,7 @@ use crate::body::{Body, BoxError};
 use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::error::ApiError;
+use crate::ledger::{FlushError, Flusher, LedgerStats};
 use crate::metering::{Calendar, Meter, MeterError};
 use crate::proxy::Proxy;
 use crate::proxy::upstream::Upstreams;
@@ -46,6 +47,8 @@ pub enum StartupError {
     Redis(#[from] MeterError),
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("ledger: {0}")]
+    Ledger(#[from] FlushError),
 }
 
 /// Everything a request handler needs; one cheap-to-clone handle.
@@ -64,6 +67,7 @@ pub struct AppState {
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
+    flusher: Option<Flusher>,
     settings: Settings,
 }
 
@@ -77,9 +81,22 @@ impl Application {
                     source,
                 })?;
         let state = Arc::new(build_state(&settings)?);
+        let flusher = settings
+            .ledger
+            .flusher
+            .then(|| {
+                Flusher::new(
+                    &settings.redis.url,
+                    state.meter.keys(),
+                    state.accounts.pool().clone(),
+                    settings.ledger.flusher_config(),
+                )
+            })
+            .transpose()?;
         Ok(Self {
             listener,
             state,
+            flusher,
             settings,
         })
     }
@@ -90,6 +107,11 @@ impl Application {
 
     pub fn state(&self) -> Arc<AppState> {
         Arc::clone(&self.state)
+    }
+
+    /// Counters of the in-process ledger flusher, if it runs.
+    pub fn ledger_stats(&self) -> Option<Arc<LedgerStats>> {
+        self.flusher.as_ref().map(Flusher::stats)
     }
 
     pub async fn run_until_stopped(
@@ -103,6 +125,12 @@ impl Application {
             .keep_alive(true);
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
+        let (stop_flusher, flusher_stopped) = tokio::sync::oneshot::channel::<()>();
+        let flusher = self.flusher.map(|f| {
+            tokio::spawn(f.run(async {
+                let _ = flusher_stopped.await;
+            }))
+        });
         tracing::info!(addr = %self.listener.local_addr()?, "creditgate listening");
         loop {
             let (stream, peer) = tokio::select! {
@@ -138,6 +166,11 @@ impl Application {
             .is_err()
         {
             tracing::warn!("grace period over; abandoning remaining connections");
+        }
+        // Requests are done: every charge they made is in the streams now.
+        let _ = stop_flusher.send(());
+        if let Some(flusher) = flusher {
+            let _ = flusher.await;
         }
         Ok(())
     }

@@ -242,9 +242,11 @@ impl Accounts {
     /// What Redis must hold for `id`, built from Postgres, or `None` for an
     /// unknown user.
     ///
-    /// The balance starts from the plan's full allowance for the current
-    /// period; the durable ledger replaces this with the latest flushed
-    /// snapshot plus later events.
+    /// Plan, status and keys come from the account tables; the balance from
+    /// the ledger's snapshot of the latest flushed event (a new account
+    /// starts with its plan's full allowance). Events that were still in
+    /// Redis when it lost its data are not in the snapshot: that window is
+    /// what Redis persistence (AOF) exists to close.
     pub async fn seed_for(
         &self,
         id: &UserId,
@@ -259,18 +261,34 @@ impl Accounts {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        let monthly = self
-            .catalog
-            .plan(user.plan.as_str())
-            .map_or(Credits::ZERO, |p| p.monthly_credits);
+        let snapshot = crate::ledger::store::snapshot(&self.pool, id.as_str()).await?;
+        let credits = |n: i64| Credits::new(n).map_err(|e| AccountError::Corrupt(e.to_string()));
+        let (monthly, bonus, period, day, day_used) = match snapshot {
+            Some(s) => (
+                credits(s.monthly)?,
+                credits(s.bonus)?,
+                s.period,
+                s.day,
+                credits(s.day_used)?,
+            ),
+            None => (
+                self.catalog
+                    .plan(user.plan.as_str())
+                    .map_or(Credits::ZERO, |p| p.monthly_credits),
+                Credits::ZERO,
+                stamp.period.clone(),
+                stamp.day.clone(),
+                Credits::ZERO,
+            ),
+        };
         Ok(Some(AccountSeed {
             user: user.id,
             plan: user.plan,
             monthly,
-            bonus: Credits::ZERO,
-            period: stamp.period.clone(),
-            day: stamp.day.clone(),
-            day_used: Credits::ZERO,
+            bonus,
+            period,
+            day,
+            day_used,
             blocked: user.blocked,
             key_hashes: keys
                 .into_iter()

@@ -71,6 +71,18 @@ impl KeyLayout {
         (0..self.shards).map(|s| self.stream(s))
     }
 
+    /// SCAN pattern matching every account hash.
+    pub fn account_pattern(&self) -> String {
+        format!("{{{}:*}}:acct:*", self.prefix)
+    }
+
+    /// The user id inside an account hash's key name.
+    pub fn user_of_account_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let (tag, user) = key.split_once("}:acct:")?;
+        tag.strip_prefix(&format!("{{{}:", self.prefix))?;
+        Some(user)
+    }
+
     pub fn shards(&self) -> u16 {
         self.shards
     }
@@ -100,6 +112,18 @@ mod tests {
             ];
             assert!(all.iter().all(|k| tag_of(k) == tag_of(&all[0])), "{all:?}");
         }
+    }
+
+    #[test]
+    fn account_keys_round_trip_to_their_user() {
+        let keys = KeyLayout::new("cg", 16);
+        let user = UserId::parse("hub-42").expect("id");
+        assert_eq!(
+            keys.user_of_account_key(&keys.account(&user)),
+            Some("hub-42")
+        );
+        assert_eq!(keys.user_of_account_key("{other:1}:acct:x"), None);
+        assert_eq!(keys.account_pattern(), "{cg:*}:acct:*");
     }
 
     #[test]

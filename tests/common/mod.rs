@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod chaos;
+
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::process::{Child, Command, Stdio};
@@ -393,6 +395,12 @@ connect_timeout_ms = 300
 [database]
 url = "{DB}"
 
+[ledger]
+block_ms = 100
+claim_idle_ms = 1000
+drain_timeout_ms = 5000
+consumer = "test"
+
 [auth]
 admin_keys = [{ name = "ops", key = "test-admin-key-0123" }]
 service_keys = [{ name = "hub", key = "test-service-key-0123" }]
@@ -454,6 +462,8 @@ modules = ["rag", "park", "legal", "voice", "api"]
 "#;
 
 pub struct TestApp {
+    /// The configuration the gateway runs with, addresses filled in.
+    pub config: String,
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
     pub client: reqwest::Client,
@@ -467,12 +477,19 @@ pub struct TestApp {
 pub struct TestAppBuilder {
     config: String,
     env: Vec<(String, String)>,
+    database_via: Option<SocketAddr>,
 }
 
 impl TestAppBuilder {
     /// Applies a `CREDITGATE_*`-style override (exercises the env layer).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Reach Postgres through this address (a chaos proxy) instead.
+    pub fn database_via(mut self, addr: SocketAddr) -> Self {
+        self.database_via = Some(addr);
         self
     }
 
@@ -484,12 +501,16 @@ impl TestAppBuilder {
             Upstream::start().await,
         );
         let dead = format!("http://127.0.0.1:{}", free_port());
+        let db_url = match self.database_via {
+            Some(addr) => db.url.replace("127.0.0.1:5432", &addr.to_string()),
+            None => db.url.clone(),
+        };
         let text = self
             .config
             .replace("{UP}", &upstream.url())
             .replace("{DEAD}", &dead)
             .replace("{REDIS}", &redis.url())
-            .replace("{DB}", &db.url);
+            .replace("{DB}", &db_url);
         let settings = Settings::from_toml(&text, "test config", self.env).expect("test config");
         let app = Application::build(settings).await.expect("build app");
         let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().expect("addr");
@@ -508,6 +529,7 @@ impl TestAppBuilder {
             .build()
             .expect("client");
         TestApp {
+            config: text,
             addr,
             state,
             client,
@@ -531,6 +553,7 @@ impl TestApp {
         TestAppBuilder {
             config: TEST_CONFIG.to_owned(),
             env: Vec::new(),
+            database_via: None,
         }
     }
 
@@ -603,6 +626,51 @@ impl TestApp {
                 )
             })
             .collect()
+    }
+
+    /// Unflushed entries in the usage streams.
+    pub async fn backlog(&self) -> i64 {
+        let mut con = self.redis.connection().await;
+        let streams: Vec<String> = self.state.meter.keys().streams().collect();
+        creditgate::ledger::flusher::backlog(&mut con, &streams)
+            .await
+            .map(|b| b.entries)
+            .unwrap_or(-1)
+    }
+
+    /// Waits until the in-process flusher has emptied the streams.
+    pub async fn wait_flushed(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.backlog().await == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("ledger backlog not drained: {}", self.backlog().await);
+    }
+
+    /// Writes the configuration to a file, for the binary.
+    pub fn config_file(&self) -> std::path::PathBuf {
+        let path = std::env::temp_dir().join(format!("cg-{}.toml", self.db.name));
+        std::fs::write(&path, &self.config).expect("write config");
+        path
+    }
+
+    /// `creditgate <args>` against this app's Redis and database.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let config = self.config_file();
+        Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run creditgate")
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::PgPool::connect(&self.db.url).await.expect("db")
     }
 
     pub async fn stop(mut self) {

@@ -1,0 +1,509 @@
+//! The flusher: usage streams → Postgres, at least once delivered, exactly
+//! once recorded.
+//!
+//! One consumer group over every shard's stream. A batch is read with
+//! XREADGROUP, written in one Postgres transaction (idempotent by event id),
+//! then acknowledged and deleted from the stream. A crash anywhere leaves the
+//! batch pending: the same consumer re-reads its pending entries first when
+//! it starts again, and other instances take over entries idle for longer
+//! than `claim_idle` with XAUTOCLAIM. Postgres being down only delays
+//! acknowledgement; the proxy keeps serving and the backlog waits in Redis.
+//!
+//! Blocking reads use a dedicated connection whose response timeout is
+//! longer than the block: the shared connection's short timeout (made for
+//! the hot path) would cut every XREADGROUP BLOCK short.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::{AsyncConnectionConfig, Value};
+use sqlx::PgPool;
+use thiserror::Error;
+
+use super::event::{LedgerEvent, parse_entry_id};
+use super::store::{self, Reject};
+use crate::metering::KeyLayout;
+
+pub const GROUP: &str = "creditgate-ledger";
+
+#[derive(Debug, Error)]
+pub enum FlushError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    #[error("stopped by the crash-after-commit fault hook")]
+    InjectedCrash,
+}
+
+#[derive(Clone, Debug)]
+pub struct FlusherConfig {
+    pub consumer: String,
+    pub batch_size: usize,
+    pub block: Duration,
+    pub claim_idle: Duration,
+    /// How long a stopping flusher keeps draining before it gives up.
+    pub drain_timeout: Duration,
+}
+
+/// Numbers the metrics exporter and logs read.
+#[derive(Debug, Default)]
+pub struct LedgerStats {
+    pub flushed_total: AtomicU64,
+    pub duplicates_total: AtomicU64,
+    pub rejects_total: AtomicU64,
+    pub last_batch_size: AtomicU64,
+    pub postgres_errors_total: AtomicU64,
+    pub redis_errors_total: AtomicU64,
+    /// Entries in the streams not yet acknowledged (refreshed ≤ 1/s).
+    pub backlog: AtomicI64,
+    /// Age of the oldest unacknowledged entry, ms (0 when empty).
+    pub lag_ms: AtomicI64,
+}
+
+/// Entries in the usage streams and the age of the oldest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub entries: i64,
+    pub oldest_age_ms: i64,
+}
+
+/// One batch read from Redis, kept until it is safely in Postgres.
+#[derive(Default)]
+struct Batch {
+    /// stream → entry ids to acknowledge
+    ids: HashMap<String, Vec<String>>,
+    events: Vec<LedgerEvent>,
+    rejects: Vec<Reject>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.ids.values().map(Vec::len).sum()
+    }
+
+    fn add(&mut self, stream: &str, entry: &StreamId) {
+        self.ids
+            .entry(stream.to_owned())
+            .or_default()
+            .push(entry.id.clone());
+        match LedgerEvent::from_entry(&entry.id, &entry.map) {
+            Ok(e) => self.events.push(e),
+            Err(error) => {
+                tracing::error!(stream, entry = %entry.id, %error, "unparseable usage event");
+                let fields: serde_json::Map<String, serde_json::Value> = entry
+                    .map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(format!("{v:?}"))))
+                    .collect();
+                self.rejects.push(Reject {
+                    stream: stream.to_owned(),
+                    entry_id: entry.id.clone(),
+                    fields: serde_json::Value::Object(fields),
+                    error,
+                });
+            }
+        }
+    }
+}
+
+pub struct Flusher {
+    client: redis::Client,
+    pool: PgPool,
+    streams: Vec<String>,
+    config: FlusherConfig,
+    stats: Arc<LedgerStats>,
+    crash_after_commit: Arc<AtomicBool>,
+    con: Option<MultiplexedConnection>,
+    groups_ready: bool,
+    /// Own pending entries are re-read once at start (after a crash).
+    pending_checked: bool,
+    last_claim: Option<Instant>,
+    last_stats: Option<Instant>,
+}
+
+impl Flusher {
+    pub fn new(
+        redis_url: &str,
+        keys: &KeyLayout,
+        pool: PgPool,
+        config: FlusherConfig,
+    ) -> Result<Self, FlushError> {
+        Ok(Self {
+            client: redis::Client::open(redis_url)?,
+            pool,
+            streams: keys.streams().collect(),
+            config,
+            stats: Arc::new(LedgerStats::default()),
+            crash_after_commit: Arc::new(AtomicBool::new(false)),
+            con: None,
+            groups_ready: false,
+            pending_checked: false,
+            last_claim: None,
+            last_stats: None,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<LedgerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Fault injection for tests: the next batch is committed to Postgres,
+    /// then the flusher stops as if killed, without acknowledging it.
+    pub fn crash_after_next_commit(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.crash_after_commit)
+    }
+
+    /// Runs until `shutdown` resolves, then drains what it can within
+    /// `drain_timeout` and returns. Returns early only on the injected crash.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff::new();
+        let mut batch = Batch::default();
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                result = self.step(&mut batch) => match result {
+                    Ok(_) => backoff.reset(),
+                    Err(FlushError::InjectedCrash) => return,
+                    Err(e) => {
+                        self.note_error(&e);
+                        tokio::time::sleep(backoff.next()).await;
+                    }
+                },
+            }
+        }
+        tracing::info!("ledger flusher stopping: draining");
+        // A batch interrupted mid-read stays pending in Redis and is read
+        // again below (own pending first), so nothing is lost by the select.
+        self.pending_checked = false;
+        match tokio::time::timeout(self.config.drain_timeout, self.drain_inner(false)).await {
+            Ok(Ok(n)) => tracing::info!(flushed = n, "ledger drained"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "ledger drain failed; events stay in Redis"),
+            Err(_) => tracing::warn!("ledger drain timed out; events stay in Redis"),
+        }
+    }
+
+    async fn step(&mut self, batch: &mut Batch) -> Result<usize, FlushError> {
+        if batch.len() == 0 {
+            *batch = self.next_batch(false).await?;
+        }
+        self.commit(batch).await
+    }
+
+    /// Flushes until the streams are empty, taking over other consumers'
+    /// pending entries at once (for `ledger verify` and tests). Returns the
+    /// number of entries handled.
+    pub async fn drain(&mut self) -> Result<u64, FlushError> {
+        self.pending_checked = false;
+        self.drain_inner(true).await
+    }
+
+    async fn drain_inner(&mut self, steal: bool) -> Result<u64, FlushError> {
+        let mut handled = 0u64;
+        loop {
+            let mut batch = self.next_batch(steal).await?;
+            let n = batch.len();
+            if n == 0 {
+                let backlog = self.backlog().await?;
+                if backlog.entries == 0 {
+                    return Ok(handled);
+                }
+                if !steal {
+                    // Entries pending at another live consumer: theirs.
+                    return Ok(handled);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            self.commit(&mut batch).await?;
+            handled += n as u64;
+        }
+    }
+
+    fn note_error(&mut self, e: &FlushError) {
+        match e {
+            FlushError::Postgres(_) => {
+                self.stats
+                    .postgres_errors_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                self.stats
+                    .redis_errors_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if matches!(e, FlushError::Redis(_)) {
+            self.con = None;
+            self.groups_ready = false;
+        }
+        tracing::warn!(error = %e, "ledger flush failed; retrying");
+    }
+
+    async fn connection(&mut self) -> Result<MultiplexedConnection, FlushError> {
+        if let Some(con) = &self.con {
+            return Ok(con.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(self.config.block + Duration::from_secs(5)));
+        let con = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.con = Some(con.clone());
+        Ok(con)
+    }
+
+    async fn ensure_groups(&mut self, con: &mut MultiplexedConnection) -> Result<(), FlushError> {
+        if self.groups_ready {
+            return Ok(());
+        }
+        for stream in &self.streams {
+            // From id 0: events written before the group existed are flushed too.
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(con)
+                .await;
+            match created {
+                Err(e) if e.code() != Some("BUSYGROUP") => return Err(e.into()),
+                _ => {}
+            }
+        }
+        self.groups_ready = true;
+        Ok(())
+    }
+
+    /// The next entries to flush: own pending ones after a restart, then
+    /// entries abandoned by dead consumers, then new ones (blocking).
+    async fn next_batch(&mut self, steal: bool) -> Result<Batch, FlushError> {
+        let mut con = self.connection().await?;
+        self.ensure_groups(&mut con).await?;
+        let result = self.read(&mut con, steal).await;
+        if matches!(&result, Err(FlushError::Redis(e)) if e.code() == Some("NOGROUP")) {
+            // Redis lost its data (restart without persistence).
+            self.groups_ready = false;
+        }
+        result
+    }
+
+    async fn read(
+        &mut self,
+        con: &mut MultiplexedConnection,
+        steal: bool,
+    ) -> Result<Batch, FlushError> {
+        let mut batch = Batch::default();
+        if !self.pending_checked {
+            let reply = self.read_group(con, "0", None).await?;
+            add_reply(&mut batch, reply);
+            if batch.len() > 0 {
+                return Ok(batch);
+            }
+            self.pending_checked = true;
+        }
+        let claim_due = self
+            .last_claim
+            .is_none_or(|t| t.elapsed() >= self.config.claim_idle / 2);
+        if steal || claim_due {
+            self.last_claim = Some(Instant::now());
+            let idle = if steal {
+                Duration::ZERO
+            } else {
+                self.config.claim_idle
+            };
+            for stream in self.streams.clone() {
+                let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(&stream)
+                    .arg(GROUP)
+                    .arg(&self.config.consumer)
+                    .arg(idle.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(self.config.batch_size)
+                    .query_async(con)
+                    .await?;
+                for entry in &reply.claimed {
+                    batch.add(&stream, entry);
+                }
+                if batch.len() >= self.config.batch_size {
+                    break;
+                }
+            }
+            if batch.len() > 0 {
+                return Ok(batch);
+            }
+        }
+        let block = if steal { None } else { Some(self.config.block) };
+        let reply = self.read_group(con, ">", block).await?;
+        add_reply(&mut batch, reply);
+        Ok(batch)
+    }
+
+    async fn read_group(
+        &self,
+        con: &mut MultiplexedConnection,
+        id: &str,
+        block: Option<Duration>,
+    ) -> Result<Option<StreamReadReply>, FlushError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.config.consumer)
+            .arg("COUNT")
+            .arg(self.config.batch_size);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.streams);
+        for _ in &self.streams {
+            cmd.arg(id);
+        }
+        Ok(cmd.query_async(con).await?)
+    }
+
+    /// Writes the batch to Postgres, then acknowledges and deletes it.
+    /// Leaves `batch` intact on error so the caller retries the same rows.
+    async fn commit(&mut self, batch: &mut Batch) -> Result<usize, FlushError> {
+        let n = batch.len();
+        if n == 0 {
+            self.refresh_stats().await;
+            return Ok(0);
+        }
+        let inserted = store::write_batch(&self.pool, &batch.events, &batch.rejects).await?;
+        if self.crash_after_commit.swap(false, Ordering::SeqCst) {
+            return Err(FlushError::InjectedCrash);
+        }
+        let mut con = self.connection().await?;
+        let mut pipe = redis::pipe();
+        for (stream, ids) in &batch.ids {
+            pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
+            pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        }
+        pipe.query_async::<()>(&mut con).await?;
+        let parsed = batch.events.len() as u64;
+        self.stats
+            .flushed_total
+            .fetch_add(inserted, Ordering::Relaxed);
+        self.stats
+            .duplicates_total
+            .fetch_add(parsed.saturating_sub(inserted), Ordering::Relaxed);
+        self.stats
+            .rejects_total
+            .fetch_add(batch.rejects.len() as u64, Ordering::Relaxed);
+        self.stats
+            .last_batch_size
+            .store(n as u64, Ordering::Relaxed);
+        tracing::debug!(entries = n, inserted, "ledger batch flushed");
+        *batch = Batch::default();
+        self.refresh_stats().await;
+        Ok(n)
+    }
+
+    async fn refresh_stats(&mut self) {
+        if self
+            .last_stats
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_stats = Some(Instant::now());
+        match self.backlog().await {
+            Ok(b) => {
+                self.stats.backlog.store(b.entries, Ordering::Relaxed);
+                self.stats.lag_ms.store(b.oldest_age_ms, Ordering::Relaxed);
+                if b.entries > 0 {
+                    tracing::debug!(
+                        backlog = b.entries,
+                        lag_ms = b.oldest_age_ms,
+                        "ledger backlog"
+                    );
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "ledger backlog unknown"),
+        }
+    }
+
+    /// Unflushed entries across the streams (acknowledged ones are deleted).
+    pub async fn backlog(&mut self) -> Result<Backlog, FlushError> {
+        let mut con = self.connection().await?;
+        backlog(&mut con, &self.streams).await
+    }
+}
+
+pub async fn backlog<C: redis::aio::ConnectionLike>(
+    con: &mut C,
+    streams: &[String],
+) -> Result<Backlog, FlushError> {
+    let mut pipe = redis::pipe();
+    for s in streams {
+        pipe.cmd("XLEN").arg(s);
+        pipe.cmd("XRANGE")
+            .arg(s)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+    }
+    let replies: Vec<Value> = pipe.query_async(con).await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut out = Backlog::default();
+    for pair in replies.chunks(2) {
+        if let Some(Value::Int(n)) = pair.first() {
+            out.entries += n;
+        }
+        if let Some(oldest) = pair.get(1).and_then(first_entry_ms) {
+            out.oldest_age_ms = out.oldest_age_ms.max(now - oldest);
+        }
+    }
+    Ok(out)
+}
+
+fn first_entry_ms(reply: &Value) -> Option<i64> {
+    let Value::Array(entries) = reply else {
+        return None;
+    };
+    let Some(Value::Array(entry)) = entries.first() else {
+        return None;
+    };
+    match entry.first() {
+        Some(Value::BulkString(id)) => {
+            parse_entry_id(std::str::from_utf8(id).ok()?).map(|(ms, _)| ms)
+        }
+        _ => None,
+    }
+}
+
+fn add_reply(batch: &mut Batch, reply: Option<StreamReadReply>) {
+    for key in reply.map(|r| r.keys).unwrap_or_default() {
+        for entry in &key.ids {
+            batch.add(&key.key, entry);
+        }
+    }
+}
+
+/// 100 ms doubling to 5 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+}

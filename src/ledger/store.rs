@@ -1,0 +1,346 @@
+//! Postgres side of the ledger: the batch write (events, aggregates and
+//! snapshots in one transaction) and the read queries that history and
+//! stats are served from.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::event::LedgerEvent;
+
+/// An entry that could not be parsed, kept for people to look at.
+pub struct Reject {
+    pub stream: String,
+    pub entry_id: String,
+    pub fields: serde_json::Value,
+    pub error: String,
+}
+
+/// Writes one batch atomically and returns how many events were new.
+///
+/// Events already present (a redelivered batch, two flushers racing on a
+/// reclaimed entry) are skipped by `ON CONFLICT DO NOTHING`, and only the
+/// rows actually inserted feed the aggregates, so replaying a batch changes
+/// nothing. Snapshots only move forward in stream order.
+pub async fn write_batch(
+    pool: &PgPool,
+    events: &[LedgerEvent],
+    rejects: &[Reject],
+) -> Result<u64, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let inserted = insert_events(&mut tx, events).await?;
+    upsert_snapshots(&mut tx, events).await?;
+    for r in rejects {
+        sqlx::query(
+            "INSERT INTO ledger_rejects (stream, entry_id, fields, error) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&r.stream)
+        .bind(&r.entry_id)
+        .bind(&r.fields)
+        .bind(&r.error)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+async fn insert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[LedgerEvent],
+) -> Result<u64, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(0);
+    }
+    macro_rules! column {
+        ($field:ident) => {
+            events.iter().map(|e| e.$field.clone()).collect::<Vec<_>>()
+        };
+    }
+    let inserted: i64 = sqlx::query_scalar(
+        "WITH ins AS (
+            INSERT INTO ledger_events (event_id, user_id, kind, module, action, amount,
+                from_monthly, from_bonus, monthly_after, bonus_after, plan, request_id, actor,
+                local_day, occurred_at, stream_ms, stream_seq, reason)
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                $11::text[], $12::text[], $13::text[], $14::date[], $15::timestamptz[],
+                $16::bigint[], $17::bigint[], $18::text[])
+            ON CONFLICT (event_id) DO NOTHING
+            RETURNING user_id, local_day, module, kind, amount
+         ), agg AS (
+            INSERT INTO usage_daily AS u (user_id, day, module, charged_credits, charges,
+                refunded_credits, refunds)
+            SELECT user_id, local_day, module,
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'charge'), 0),
+                COUNT(*) FILTER (WHERE kind = 'charge'),
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'refund'), 0),
+                COUNT(*) FILTER (WHERE kind = 'refund')
+            FROM ins
+            WHERE kind IN ('charge', 'refund') AND module IS NOT NULL
+            GROUP BY user_id, local_day, module
+            ON CONFLICT (user_id, day, module) DO UPDATE SET
+                charged_credits = u.charged_credits + EXCLUDED.charged_credits,
+                charges = u.charges + EXCLUDED.charges,
+                refunded_credits = u.refunded_credits + EXCLUDED.refunded_credits,
+                refunds = u.refunds + EXCLUDED.refunds
+         )
+         SELECT count(*) FROM ins",
+    )
+    .bind(column!(event_id))
+    .bind(column!(user_id))
+    .bind(column!(kind))
+    .bind(column!(module))
+    .bind(column!(action))
+    .bind(column!(amount))
+    .bind(column!(from_monthly))
+    .bind(column!(from_bonus))
+    .bind(column!(monthly_after))
+    .bind(column!(bonus_after))
+    .bind(column!(plan))
+    .bind(column!(request_id))
+    .bind(column!(actor))
+    .bind(column!(local_day))
+    .bind(column!(occurred_at))
+    .bind(column!(stream_ms))
+    .bind(column!(stream_seq))
+    .bind(column!(reason))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(inserted as u64)
+}
+
+async fn upsert_snapshots(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[LedgerEvent],
+) -> Result<(), sqlx::Error> {
+    // Latest event per user in this batch.
+    let mut latest: HashMap<&str, &LedgerEvent> = HashMap::new();
+    for e in events.iter().filter(|e| !e.account_period.is_empty()) {
+        let newer = latest
+            .get(e.user_id.as_str())
+            .is_none_or(|cur| (e.stream_ms, e.stream_seq) > (cur.stream_ms, cur.stream_seq));
+        if newer {
+            latest.insert(&e.user_id, e);
+        }
+    }
+    if latest.is_empty() {
+        return Ok(());
+    }
+    let mut users = Vec::new();
+    let (mut monthly, mut bonus, mut period, mut day, mut used, mut ms, mut seq) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (user, e) in latest {
+        users.push(user.to_owned());
+        monthly.push(e.monthly_after);
+        bonus.push(e.bonus_after);
+        period.push(e.account_period.clone());
+        day.push(e.account_day.clone());
+        used.push(e.account_day_used);
+        ms.push(e.stream_ms);
+        seq.push(e.stream_seq);
+    }
+    sqlx::query(
+        "INSERT INTO account_snapshots AS s (user_id, monthly, bonus, period, day, day_used,
+            stream_ms, stream_seq)
+         SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+            $6::bigint[], $7::bigint[], $8::bigint[])
+         ON CONFLICT (user_id) DO UPDATE SET
+            monthly = EXCLUDED.monthly, bonus = EXCLUDED.bonus, period = EXCLUDED.period,
+            day = EXCLUDED.day, day_used = EXCLUDED.day_used, stream_ms = EXCLUDED.stream_ms,
+            stream_seq = EXCLUDED.stream_seq, updated_at = now()
+         WHERE (s.stream_ms, s.stream_seq) < (EXCLUDED.stream_ms, EXCLUDED.stream_seq)",
+    )
+    .bind(users)
+    .bind(monthly)
+    .bind(bonus)
+    .bind(period)
+    .bind(day)
+    .bind(used)
+    .bind(ms)
+    .bind(seq)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// An account's state after its latest flushed event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub monthly: i64,
+    pub bonus: i64,
+    pub period: String,
+    pub day: String,
+    pub day_used: i64,
+}
+
+pub async fn snapshot(pool: &PgPool, user: &str) -> Result<Option<Snapshot>, sqlx::Error> {
+    let row: Option<(i64, i64, String, String, i64)> = sqlx::query_as(
+        "SELECT monthly, bonus, period, day, day_used FROM account_snapshots WHERE user_id = $1",
+    )
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(monthly, bonus, period, day, day_used)| Snapshot {
+        monthly,
+        bonus,
+        period,
+        day,
+        day_used,
+    }))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DayUsage {
+    pub date: NaiveDate,
+    /// Net credits: charged minus refunded.
+    pub credits: i64,
+    /// Net requests: charges minus refunds.
+    pub requests: i64,
+    pub by_module: std::collections::BTreeMap<String, i64>,
+}
+
+/// Per-day usage of one user from `from` (inclusive), from the aggregates.
+pub async fn usage_by_day(
+    pool: &PgPool,
+    user: &str,
+    from: NaiveDate,
+) -> Result<Vec<DayUsage>, sqlx::Error> {
+    let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(
+        "SELECT day, module, charged_credits - refunded_credits, charges - refunds
+         FROM usage_daily WHERE user_id = $1 AND day >= $2 ORDER BY day, module",
+    )
+    .bind(user)
+    .bind(from)
+    .fetch_all(pool)
+    .await?;
+    let mut days: Vec<DayUsage> = Vec::new();
+    for (date, module, credits, requests) in rows {
+        if days.last().is_none_or(|d| d.date != date) {
+            days.push(DayUsage {
+                date,
+                credits: 0,
+                requests: 0,
+                by_module: Default::default(),
+            });
+        }
+        if let Some(d) = days.last_mut() {
+            d.credits += credits;
+            d.requests += requests;
+            d.by_module.insert(module, credits);
+        }
+    }
+    Ok(days)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ModuleTotal {
+    pub module: String,
+    pub credits: i64,
+    pub requests: i64,
+}
+
+/// Net credits and requests per module of one user since `from`.
+pub async fn totals_by_module(
+    pool: &PgPool,
+    user: &str,
+    from: NaiveDate,
+) -> Result<Vec<ModuleTotal>, sqlx::Error> {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT module, SUM(charged_credits - refunded_credits)::bigint,
+                SUM(charges - refunds)::bigint
+         FROM usage_daily WHERE user_id = $1 AND day >= $2 GROUP BY module ORDER BY module",
+    )
+    .bind(user)
+    .bind(from)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(module, credits, requests)| ModuleTotal {
+            module,
+            credits,
+            requests,
+        })
+        .collect())
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LedgerRow {
+    pub event_id: String,
+    pub kind: String,
+    pub module: Option<String>,
+    pub action: Option<String>,
+    pub amount: i64,
+    pub monthly_after: Option<i64>,
+    pub bonus_after: Option<i64>,
+    pub request_id: Option<String>,
+    pub actor: String,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// One user's ledger rows, newest first.
+pub async fn transactions(
+    pool: &PgPool,
+    user: &str,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<LedgerRow>, i64), sqlx::Error> {
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        String,
+        DateTime<Utc>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT event_id, kind, module, action, amount, monthly_after, bonus_after, request_id,
+                actor, occurred_at
+         FROM ledger_events WHERE user_id = $1
+         ORDER BY stream_ms DESC, stream_seq DESC LIMIT $2 OFFSET $3",
+    )
+    .bind(user)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(pool)
+        .await?;
+    let items = rows
+        .into_iter()
+        .map(
+            |(event_id, kind, module, action, amount, m, b, request_id, actor, occurred_at)| {
+                LedgerRow {
+                    event_id,
+                    kind,
+                    module,
+                    action,
+                    amount,
+                    monthly_after: m,
+                    bonus_after: b,
+                    request_id,
+                    actor,
+                    occurred_at,
+                }
+            },
+        )
+        .collect();
+    Ok((items, total))
+}

@@ -1,0 +1,217 @@
+//! `creditgate ledger verify`: proof that Redis and the ledger agree.
+//!
+//! Run after draining the streams. Four checks:
+//! 1. every account's Redis balance (allowance, bonus) equals the balance
+//!    after its latest ledger event (or the plan's fresh allowance when it
+//!    has none);
+//! 2. each account's events form an unbroken chain: every event's balance
+//!    after equals the previous one's plus or minus what the event moved;
+//! 3. the daily aggregates equal the sums of the rows they summarise;
+//! 4. each snapshot equals its account's latest event.
+
+use std::collections::HashMap;
+
+use futures_util::TryStreamExt;
+use sqlx::PgPool;
+use thiserror::Error;
+
+use crate::catalog::Catalog;
+use crate::metering::KeyLayout;
+
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drift {
+    pub user: String,
+    pub what: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub accounts: u64,
+    pub events: u64,
+    pub drifts: Vec<Drift>,
+}
+
+pub async fn verify<C: redis::aio::ConnectionLike + Send>(
+    con: &mut C,
+    keys: &KeyLayout,
+    pool: &PgPool,
+    catalog: &Catalog,
+) -> Result<Report, VerifyError> {
+    let mut report = Report::default();
+    let redis_accounts = read_redis_accounts(con, keys).await?;
+    report.accounts = redis_accounts.len() as u64;
+
+    let last: HashMap<String, (i64, i64)> = sqlx::query_as::<_, (String, i64, i64)>(
+        "SELECT DISTINCT ON (user_id) user_id, monthly_after, bonus_after
+         FROM ledger_events WHERE monthly_after IS NOT NULL
+         ORDER BY user_id, stream_ms DESC, stream_seq DESC",
+    )
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(u, m, b)| (u, (m, b)))
+    .collect();
+
+    // 1. Redis against the ledger.
+    for (user, acct) in &redis_accounts {
+        let expected = match last.get(user) {
+            Some(balance) => *balance,
+            None => (
+                catalog
+                    .plan(&acct.plan)
+                    .map_or(0, |p| p.monthly_credits.get()),
+                0,
+            ),
+        };
+        if (acct.monthly, acct.bonus) != expected {
+            report.drifts.push(Drift {
+                user: user.clone(),
+                what: format!(
+                    "redis holds monthly={} bonus={}, ledger says monthly={} bonus={}",
+                    acct.monthly, acct.bonus, expected.0, expected.1
+                ),
+            });
+        }
+    }
+
+    // 2. The chain of each account's events.
+    let mut rows = sqlx::query_as::<_, (String, String, String, i64, i64, i64, i64, i64)>(
+        "SELECT user_id, event_id, kind, amount, from_monthly, from_bonus,
+                COALESCE(monthly_after, 0), COALESCE(bonus_after, 0)
+         FROM ledger_events ORDER BY user_id, stream_ms, stream_seq",
+    )
+    .fetch(pool);
+    let mut prev: Option<(String, i64, i64)> = None;
+    while let Some((user, event, kind, amount, fm, fb, m, b)) = rows.try_next().await? {
+        report.events += 1;
+        let previous = prev.as_ref().filter(|(u, _, _)| u == &user);
+        if let Some((_, pm, pb)) = previous {
+            let expected = match kind.as_str() {
+                "charge" => Some((pm - fm, pb - fb)),
+                "refund" => Some((pm + fm, pb + fb)),
+                "grant" => Some((*pm, pb + amount)),
+                "reset" => Some((amount, *pb)),
+                _ => None,
+            };
+            if let Some(exp) = expected.filter(|exp| *exp != (m, b)) {
+                report.drifts.push(Drift {
+                    user: user.clone(),
+                    what: format!(
+                        "event {event} ({kind} {amount}) leaves monthly={m} bonus={b}, \
+                         the previous balance implies monthly={} bonus={}",
+                        exp.0, exp.1
+                    ),
+                });
+            }
+        }
+        prev = Some((user, m, b));
+    }
+    drop(rows);
+
+    // 3. Aggregates against rows.
+    let mismatched: Vec<(String, chrono::NaiveDate, String, i64, i64)> = sqlx::query_as(
+        "WITH truth AS (
+            SELECT user_id, local_day AS day, module,
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'charge'), 0)::bigint AS charged,
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'refund'), 0)::bigint AS refunded
+            FROM ledger_events
+            WHERE kind IN ('charge', 'refund') AND module IS NOT NULL
+            GROUP BY 1, 2, 3)
+         SELECT COALESCE(t.user_id, u.user_id), COALESCE(t.day, u.day),
+                COALESCE(t.module, u.module),
+                COALESCE(t.charged, 0) - COALESCE(t.refunded, 0),
+                COALESCE(u.charged_credits, 0) - COALESCE(u.refunded_credits, 0)
+         FROM truth t FULL JOIN usage_daily u
+           ON t.user_id = u.user_id AND t.day = u.day AND t.module = u.module
+         WHERE t.charged IS DISTINCT FROM u.charged_credits
+            OR t.refunded IS DISTINCT FROM u.refunded_credits",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (user, day, module, rows_net, agg_net) in mismatched {
+        report.drifts.push(Drift {
+            user,
+            what: format!(
+                "usage_daily {day} {module}: aggregate {agg_net}, ledger rows {rows_net}"
+            ),
+        });
+    }
+
+    // 4. Snapshots against the latest events.
+    let snapshots: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT user_id, monthly, bonus FROM account_snapshots")
+            .fetch_all(pool)
+            .await?;
+    for (user, m, b) in snapshots {
+        if last.get(&user).is_some_and(|l| *l != (m, b)) {
+            report.drifts.push(Drift {
+                user,
+                what: format!("snapshot monthly={m} bonus={b} differs from the latest event"),
+            });
+        }
+    }
+    Ok(report)
+}
+
+struct RedisAccount {
+    plan: String,
+    monthly: i64,
+    bonus: i64,
+}
+
+async fn read_redis_accounts<C: redis::aio::ConnectionLike + Send>(
+    con: &mut C,
+    keys: &KeyLayout,
+) -> Result<HashMap<String, RedisAccount>, VerifyError> {
+    let mut names = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(keys.account_pattern())
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        names.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut accounts = HashMap::new();
+    for chunk in names.chunks(500) {
+        let mut pipe = redis::pipe();
+        for name in chunk {
+            pipe.cmd("HMGET")
+                .arg(name)
+                .arg("plan")
+                .arg("monthly")
+                .arg("bonus");
+        }
+        let replies: Vec<(Option<String>, Option<i64>, Option<i64>)> =
+            pipe.query_async(con).await?;
+        for (name, (plan, monthly, bonus)) in chunk.iter().zip(replies) {
+            if let Some(user) = keys.user_of_account_key(name) {
+                accounts.insert(
+                    user.to_owned(),
+                    RedisAccount {
+                        plan: plan.unwrap_or_default(),
+                        monthly: monthly.unwrap_or(0),
+                        bonus: bonus.unwrap_or(0),
+                    },
+                );
+            }
+        }
+    }
+    Ok(accounts)
+}

@@ -1,0 +1,494 @@
+//! The durable ledger: every charge and refund reaches Postgres exactly
+//! once, whatever crashes, and `ledger verify` proves Redis agrees.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::chaos::ChaosProxy;
+use common::{Account, TestApp, free_port, wait_until};
+use creditgate::ledger::{Flusher, store};
+
+/// (request id, status) of every answered request.
+type Outcomes = Vec<(String, u16)>;
+
+/// `n` requests over `concurrency` connections, alternating the users and
+/// paths given, each with a unique X-Request-Id.
+async fn load(app: &TestApp, users: &[Account], paths: &[&str], n: usize) -> Outcomes {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, next) = (app.client.clone(), next.clone());
+        let users: Vec<String> = users.iter().map(|u| u.key.clone()).collect();
+        let paths: Vec<String> = paths.iter().map(|p| app.url(p)).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    return seen;
+                }
+                let rid = format!("load-{i}");
+                let r = client
+                    .get(&paths[i % paths.len()])
+                    .bearer_auth(&users[i % users.len()])
+                    .header("x-request-id", &rid)
+                    .send()
+                    .await
+                    .expect("gateway answers");
+                seen.push((rid, r.status().as_u16()));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all
+}
+
+/// kind per request id, from the ledger.
+async fn ledger_kinds(pool: &sqlx::PgPool) -> HashMap<String, Vec<String>> {
+    let rows: Vec<(Option<String>, String)> =
+        sqlx::query_as("SELECT request_id, kind FROM ledger_events WHERE kind IN ('charge', 'refund') ORDER BY stream_ms, stream_seq")
+            .fetch_all(pool)
+            .await
+            .expect("ledger rows");
+    let mut by_request: HashMap<String, Vec<String>> = HashMap::new();
+    for (rid, kind) in rows {
+        by_request
+            .entry(rid.unwrap_or_default())
+            .or_default()
+            .push(kind);
+    }
+    by_request
+}
+
+fn assert_verify_clean(app: &TestApp) {
+    let out = app.cli(&["ledger", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ledger verify failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(", 0 drifts"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousands_of_requests_land_in_the_ledger_exactly_once() {
+    let app = TestApp::spawn().await;
+    let mut users = Vec::new();
+    for plan in ["enterprise", "enterprise", "starter", "tiny"] {
+        users.push(app.create_user(plan).await);
+    }
+    // rag ok, legal ok (402 for tiny soon), rag 500 (refunded), voice down (refunded).
+    let paths = ["/rag/q", "/legal/ask", "/rag/status/500", "/voice/x"];
+    let outcomes = load(&app, &users, &paths, 3000).await;
+    app.wait_flushed(Duration::from_secs(30)).await;
+
+    let pool = app.pool().await;
+    let ledger = ledger_kinds(&pool).await;
+    let mut expected_rows = 0;
+    for (rid, status) in &outcomes {
+        let kinds = ledger.get(rid).cloned().unwrap_or_default();
+        let expected: &[&str] = match status {
+            200 => &["charge"],
+            500 | 502 => &["charge", "refund"],
+            402 | 403 | 429 => &[],
+            other => panic!("unexpected status {other} for {rid}"),
+        };
+        assert_eq!(kinds, expected, "{rid} answered {status}");
+        expected_rows += expected.len();
+    }
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind IN ('charge', 'refund')")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(total as usize, expected_rows);
+    assert!(outcomes.iter().filter(|(_, s)| *s == 200).count() > 1000);
+    // Aggregates equal the sum of rows (and Redis the ledger): verify.
+    let agg: i64 =
+        sqlx::query_scalar("SELECT COALESCE(SUM(charges + refunds), 0)::bigint FROM usage_daily")
+            .fetch_one(&pool)
+            .await
+            .expect("agg");
+    assert_eq!(agg as usize, expected_rows);
+    assert_verify_clean(&app);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_committed_but_not_acknowledged_is_not_inserted_twice() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_LEDGER__FLUSHER", "false")
+        .start()
+        .await;
+    let user = app.create_user("enterprise").await;
+    for _ in 0..25 {
+        assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    }
+    assert_eq!(app.backlog().await, 25);
+    let settings = creditgate::config::Settings::from_toml(
+        &app.config,
+        "test",
+        Vec::<(String, String)>::new(),
+    )
+    .expect("settings");
+    let pool = app.pool().await;
+    let config = |consumer: &str| {
+        let mut c = settings.ledger.flusher_config();
+        c.consumer = consumer.into();
+        c
+    };
+    let first = Flusher::new(
+        &settings.redis.url,
+        app.state.meter.keys(),
+        pool.clone(),
+        config("a"),
+    )
+    .expect("flusher");
+    first
+        .crash_after_next_commit()
+        .store(true, Ordering::SeqCst);
+    // Returns by itself: committed, then "crashed" before XACK.
+    tokio::time::timeout(Duration::from_secs(10), first.run(std::future::pending()))
+        .await
+        .expect("the injected crash stops the flusher");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 25, "the batch was committed");
+    assert_eq!(app.backlog().await, 25, "but not acknowledged");
+
+    let mut second = Flusher::new(
+        &settings.redis.url,
+        app.state.meter.keys(),
+        pool.clone(),
+        config("b"),
+    )
+    .expect("flusher");
+    let stats = second.stats();
+    assert_eq!(second.drain().await.expect("drain"), 25);
+    assert_eq!(stats.flushed_total.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.duplicates_total.load(Ordering::SeqCst), 25);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 25);
+    let charges: i64 = sqlx::query_scalar("SELECT charges FROM usage_daily")
+        .fetch_one(&pool)
+        .await
+        .expect("aggregate");
+    assert_eq!(charges, 25, "aggregates not double counted");
+    assert_eq!(app.backlog().await, 0);
+    assert_verify_clean(&app);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_down_for_20s_refuses_nothing_and_the_backlog_drains_after() {
+    let chaos = ChaosProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let app = TestApp::builder().database_via(chaos.addr).start().await;
+    let users = [
+        app.create_user("enterprise").await,
+        app.create_user("enterprise").await,
+    ];
+    for u in &users {
+        assert_eq!(app.call(&u.key, "/rag/q").await.status(), 200); // warm caches
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+
+    chaos.break_networking();
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (client, url, key, stop) = (
+            app.client.clone(),
+            app.url("/rag/q"),
+            users[w % 2].key.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let r = client
+                    .get(&url)
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("send");
+                statuses.push(r.status().as_u16());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let backlog_during = app.backlog().await;
+    chaos.restore_networking();
+    stop.store(true, Ordering::SeqCst);
+    let mut served = 0;
+    for t in tasks {
+        let statuses = t.await.expect("task");
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+        served += statuses.len();
+    }
+    assert!(started.elapsed() >= Duration::from_secs(20));
+    assert!(served > 100, "only {served} requests during the outage");
+    assert!(backlog_during > 0, "events waited in Redis");
+
+    app.wait_flushed(Duration::from_secs(30)).await;
+    let pool = app.pool().await;
+    let charges: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(charges as usize, served + 2);
+    assert_verify_clean(&app);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_restarted_empty_rebuilds_balances_and_day_counters_from_the_ledger() {
+    let mut app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    for _ in 0..5 {
+        assert_eq!(app.call(&user.key, "/park/q").await.status(), 200); // 2 credits each
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+    app.redis.restart().await; // empty: no persistence
+
+    let (client, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
+    wait_until(
+        "service after the Redis restart",
+        Duration::from_secs(10),
+        || {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            async move {
+                client
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            }
+        },
+    )
+    .await;
+    // 100 - 5*2 - 1 = 89 monthly; day counter 10 + 1.
+    assert_eq!(app.balance(&user.id).await, (89, 0, 11));
+    app.wait_flushed(Duration::from_secs(10)).await;
+    assert_verify_clean(&app);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_balance_changed_behind_the_gateways_back_is_reported_as_drift() {
+    let app = TestApp::spawn().await;
+    let honest = app.create_user("free").await;
+    let tampered = app.create_user("free").await;
+    for u in [&honest, &tampered] {
+        assert_eq!(app.call(&u.key, "/rag/q").await.status(), 200);
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+    assert_verify_clean(&app);
+
+    let mut con = app.redis.connection().await;
+    let _: () = redis::cmd("HSET")
+        .arg(app.state.meter.keys().account(&tampered.id))
+        .arg("monthly")
+        .arg(5000)
+        .query_async(&mut con)
+        .await
+        .expect("HSET");
+    let out = app.cli(&["ledger", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("DRIFT user={}", tampered.id)),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&format!("DRIFT user={}", honest.id)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 drifts"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn history_is_served_from_the_ledger_aggregates() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    for path in ["/rag/a", "/rag/b", "/legal/c", "/rag/status/500"] {
+        app.call(&user.key, path).await;
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let pool = app.pool().await;
+    let today = app.state.calendar.now().day;
+    let from = chrono::NaiveDate::parse_from_str(&today, "%Y-%m-%d").expect("date");
+    let days = store::usage_by_day(&pool, user.id.as_str(), from)
+        .await
+        .expect("days");
+    assert_eq!(days.len(), 1);
+    assert_eq!((days[0].credits, days[0].requests), (5, 3));
+    assert_eq!(days[0].by_module.get("legal"), Some(&3));
+    let totals = store::totals_by_module(&pool, user.id.as_str(), from)
+        .await
+        .expect("totals");
+    let rag = totals.iter().find(|t| t.module == "rag").expect("rag");
+    assert_eq!((rag.credits, rag.requests), (2, 2));
+    let (page, total) = store::transactions(&pool, user.id.as_str(), 2, 0)
+        .await
+        .expect("page");
+    assert_eq!(total, 5); // 4 charges + 1 refund
+    assert_eq!(page.len(), 2);
+    assert_eq!(page[0].kind, "refund"); // newest first
+}
+
+// ------------------------------------------------------------ SIGKILL
+
+struct Gateway {
+    child: Child,
+}
+
+impl Gateway {
+    async fn start(app: &TestApp, port: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .arg("--config")
+            .arg(app.config_file())
+            .arg("serve")
+            .env("CREDITGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gateway");
+        let client = app.client.clone();
+        wait_until("the gateway process", Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                client
+                    .get(format!("http://127.0.0.1:{port}/healthz"))
+                    .send()
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        Self { child }
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
+    // The in-process gateway only serves as a harness; its flusher is off
+    // so the process under test does all the flushing.
+    let app = TestApp::builder()
+        .env("CREDITGATE_LEDGER__FLUSHER", "false")
+        .start()
+        .await;
+    let users = [
+        app.create_user("enterprise").await,
+        app.create_user("enterprise").await,
+    ];
+    let port = free_port();
+    let mut gateway = Gateway::start(&app, port).await;
+
+    let ok = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (client, key) = (app.client.clone(), users[w % 2].key.clone());
+        let (ok, failed, next, stop) = (ok.clone(), failed.clone(), next.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let rid = format!("k-{}", next.fetch_add(1, Ordering::SeqCst));
+                let sent = client
+                    .get(format!("http://127.0.0.1:{port}/rag/q"))
+                    .bearer_auth(&key)
+                    .header("x-request-id", &rid)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => ok.lock().expect("lock").push(rid),
+                    Ok(r) => panic!("unexpected status {}", r.status()),
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    let count = |ok: &Arc<std::sync::Mutex<Vec<String>>>| ok.lock().map(|v| v.len()).unwrap_or(0);
+    wait_until("load before the kill", Duration::from_secs(20), || {
+        let n = count(&ok);
+        async move { n >= 400 }
+    })
+    .await;
+    gateway.sigkill();
+    let before = count(&ok);
+    gateway = Gateway::start(&app, port).await;
+    wait_until("load after the restart", Duration::from_secs(20), || {
+        let n = count(&ok);
+        async move { n >= before + 300 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    wait_until(
+        "the restarted gateway's flusher to drain",
+        Duration::from_secs(30),
+        || {
+            let app = &app;
+            async move { app.backlog().await == 0 }
+        },
+    )
+    .await;
+    drop(gateway);
+
+    let pool = app.pool().await;
+    let ledger = ledger_kinds(&pool).await;
+    let ok = ok.lock().expect("lock").clone();
+    for rid in &ok {
+        assert_eq!(
+            ledger.get(rid).map(Vec::as_slice),
+            Some(&["charge".to_owned()][..]),
+            "{rid}"
+        );
+    }
+    let duplicated: Vec<_> = ledger.iter().filter(|(_, k)| k.len() > 1).collect();
+    assert!(duplicated.is_empty(), "{duplicated:?}");
+    // Charged but unanswered: only requests cut off by the kill.
+    let charged = ledger.len();
+    let lost_answers = failed.load(Ordering::SeqCst);
+    assert!(
+        charged >= ok.len() && charged - ok.len() <= lost_answers,
+        "{charged} {} {lost_answers}",
+        ok.len()
+    );
+    assert!(app.upstream.hits() >= ok.len() && app.upstream.hits() <= charged);
+    assert_verify_clean(&app);
+}
