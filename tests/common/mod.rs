@@ -604,28 +604,21 @@ impl TestApp {
         (m.unwrap_or(-1), b.unwrap_or(-1), u.unwrap_or(-1))
     }
 
-    /// The usage events of a user in its stream, as (kind, amount) pairs.
+    /// The user's ledger rows as (kind, amount), oldest first, once the
+    /// flusher has emptied the usage streams.
     pub async fn events(&self, user: &UserId) -> Vec<(String, i64)> {
-        let mut con = self.redis.connection().await;
-        let stream = self.state.meter.keys().stream_of(user);
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(&stream)
-            .arg("-")
-            .arg("+")
-            .query_async(&mut con)
-            .await
-            .expect("XRANGE");
-        reply
-            .ids
-            .iter()
-            .filter(|e| e.get::<String>("u").as_deref() == Some(user.as_str()))
-            .map(|e| {
-                (
-                    e.get::<String>("k").unwrap_or_default(),
-                    e.get::<i64>("n").unwrap_or_default(),
-                )
-            })
-            .collect()
+        self.wait_flushed(Duration::from_secs(10)).await;
+        let pool = self.pool().await;
+        let rows = sqlx::query_as(
+            "SELECT kind, amount FROM ledger_events WHERE user_id = $1
+             ORDER BY stream_ms, stream_seq",
+        )
+        .bind(user.as_str())
+        .fetch_all(&pool)
+        .await
+        .expect("ledger rows");
+        pool.close().await;
+        rows
     }
 
     /// Unflushed entries in the usage streams.
