@@ -218,6 +218,8 @@ pub struct LedgerSettings {
     /// Run the flusher inside `serve` (turn off when `creditgate flush`
     /// runs as its own process).
     pub flusher: bool,
+    /// Flusher workers, each owning a share of the streams.
+    pub workers: usize,
     pub batch_size: usize,
     /// How long one XREADGROUP waits for new events.
     pub block_ms: u64,
@@ -235,6 +237,7 @@ impl Default for LedgerSettings {
     fn default() -> Self {
         Self {
             flusher: true,
+            workers: 2,
             batch_size: 2000,
             block_ms: 1000,
             claim_idle_ms: 30_000,
@@ -488,6 +491,9 @@ impl RawSettings {
             return Err(invalid("ledger.batch_size", "must be between 1 and 50000"));
         }
         positive_ms("ledger.block_ms", self.ledger.block_ms)?;
+        if !(1..=64).contains(&self.ledger.workers) {
+            return Err(invalid("ledger.workers", "must be between 1 and 64"));
+        }
         positive_ms("ledger.claim_idle_ms", self.ledger.claim_idle_ms)?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(invalid("log.format", "must be \"text\" or \"json\""));

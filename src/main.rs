@@ -14,6 +14,12 @@ use creditgate::startup::Application;
 use sqlx::migrate::MigrateDatabase;
 use std::time::Duration;
 
+/// glibc malloc showed up as ~17 % of the gateway's CPU under load
+/// (docs/BENCHMARKS.md); mimalloc's thread-local free lists suit the many
+/// short-lived per-request allocations better.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "creditgate", version, about = "Billing and credits gateway")]
 struct Cli {
@@ -150,8 +156,22 @@ async fn main() -> anyhow::Result<()> {
             println!("key_id:  {}", key.id);
         }
         Command::Flush => {
-            let flusher = open_flusher(&settings)?;
-            flusher.run(shutdown_signal()).await;
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let workers: Vec<_> = open_flusher(&settings)?
+                .into_workers(settings.ledger.workers)?
+                .into_iter()
+                .map(|f| {
+                    let mut stopped = stopped.clone();
+                    tokio::spawn(f.run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    }))
+                })
+                .collect();
+            shutdown_signal().await;
+            let _ = stop.send(true);
+            for w in workers {
+                let _ = w.await;
+            }
         }
         Command::Ledger {
             command: LedgerCommand::Verify { drain_timeout },

@@ -67,7 +67,7 @@ pub struct AppState {
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
-    flusher: Option<Flusher>,
+    flushers: Vec<Flusher>,
     settings: Settings,
 }
 
@@ -81,22 +81,21 @@ impl Application {
                     source,
                 })?;
         let state = Arc::new(build_state(&settings)?);
-        let flusher = settings
-            .ledger
-            .flusher
-            .then(|| {
-                Flusher::new(
-                    &settings.redis.url,
-                    state.meter.keys(),
-                    state.accounts.pool().clone(),
-                    settings.ledger.flusher_config(),
-                )
-            })
-            .transpose()?;
+        let flushers = if settings.ledger.flusher {
+            Flusher::new(
+                &settings.redis.url,
+                state.meter.keys(),
+                state.accounts.pool().clone(),
+                settings.ledger.flusher_config(),
+            )?
+            .into_workers(settings.ledger.workers)?
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             listener,
             state,
-            flusher,
+            flushers,
             settings,
         })
     }
@@ -111,7 +110,7 @@ impl Application {
 
     /// Counters of the in-process ledger flusher, if it runs.
     pub fn ledger_stats(&self) -> Option<Arc<LedgerStats>> {
-        self.flusher.as_ref().map(Flusher::stats)
+        self.flushers.first().map(Flusher::stats)
     }
 
     pub async fn run_until_stopped(
@@ -125,12 +124,17 @@ impl Application {
             .keep_alive(true);
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
-        let (stop_flusher, flusher_stopped) = tokio::sync::oneshot::channel::<()>();
-        let flusher = self.flusher.map(|f| {
-            tokio::spawn(f.run(async {
-                let _ = flusher_stopped.await;
-            }))
-        });
+        let (stop_flushers, flushers_stopped) = tokio::sync::watch::channel(false);
+        let flushers: Vec<_> = self
+            .flushers
+            .into_iter()
+            .map(|f| {
+                let mut stopped = flushers_stopped.clone();
+                tokio::spawn(f.run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                }))
+            })
+            .collect();
         tracing::info!(addr = %self.listener.local_addr()?, "creditgate listening");
         loop {
             let (stream, peer) = tokio::select! {
@@ -168,8 +172,8 @@ impl Application {
             tracing::warn!("grace period over; abandoning remaining connections");
         }
         // Requests are done: every charge they made is in the streams now.
-        let _ = stop_flusher.send(());
-        if let Some(flusher) = flusher {
+        let _ = stop_flushers.send(true);
+        for flusher in flushers {
             let _ = flusher.await;
         }
         Ok(())

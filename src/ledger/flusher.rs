@@ -148,6 +148,36 @@ impl Flusher {
         })
     }
 
+    /// Splits this flusher into `n` workers, each owning every n-th stream
+    /// with its own consumer name (`<consumer>-<i>`) and the same stats.
+    /// Postgres takes one batch per connection at a time; two workers keep
+    /// both cores busy where one leaves a core idle while Postgres works.
+    pub fn into_workers(self, n: usize) -> Result<Vec<Flusher>, FlushError> {
+        let n = n.clamp(1, self.streams.len().max(1));
+        if n == 1 {
+            return Ok(vec![self]);
+        }
+        (0..n)
+            .map(|i| {
+                let mut config = self.config.clone();
+                config.consumer = format!("{}-{i}", self.config.consumer);
+                Ok(Flusher {
+                    client: self.client.clone(),
+                    pool: self.pool.clone(),
+                    streams: self.streams.iter().skip(i).step_by(n).cloned().collect(),
+                    config,
+                    stats: Arc::clone(&self.stats),
+                    crash_after_commit: Arc::clone(&self.crash_after_commit),
+                    con: None,
+                    groups_ready: false,
+                    pending_checked: false,
+                    last_claim: None,
+                    last_stats: None,
+                })
+            })
+            .collect()
+    }
+
     pub fn stats(&self) -> Arc<LedgerStats> {
         Arc::clone(&self.stats)
     }

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Ledger flush throughput: fill the 16 usage streams with N well-formed
+# events while no flusher runs, then time `creditgate flush` draining them
+# into Postgres.   bench/flush.sh [events=200000] [batch_size=2000]
+cd "$(dirname "$0")/.."
+. bench/common.sh
+N=${1:-200000}
+export CREDITGATE_LEDGER__BATCH_SIZE=${2:-2000}
+psql -h 127.0.0.1 -U postgres -d creditgate_bench -qc \
+  "TRUNCATE ledger_events, usage_daily, account_snapshots, ledger_rejects"
+
+# 1000 users spread over the shards, events as charge.lua writes them.
+FILL_LUA='local n = tonumber(ARGV[1]); local run = ARGV[2]
+for i = 1, n do
+  local u = "bench-" .. (i % 1000)
+  redis.call("XADD", KEYS[1], "*", "e", run .. "-" .. KEYS[1] .. "-" .. i, "u", u, "k", "charge",
+    "p", "bench", "m", "rag", "a", "", "n", 1, "fm", 1, "fb", 0, "mb", 1000000 - i, "bb", 0,
+    "ap", "2026-11", "ad", "2026-11-26", "au", i, "r", "r" .. i, "by", "bench",
+    "t", 1795700000000 + i, "d", "2026-11-26")
+end
+return n'
+per=$((N / 16))
+run=$(date +%s%N)
+for s in $(seq 0 15); do redis-cli EVAL "$FILL_LUA" 1 "{bench:$s}:events" $per "$run" >/dev/null; done
+total=$((per * 16))
+echo "== $total events queued; draining with: creditgate flush (batch_size=$CREDITGATE_LEDGER__BATCH_SIZE)"
+start=$(date +%s.%N)
+"$BIN" flush 2>"$WORK/flush.log" &
+FLUSH_PID=$!
+while [ "$(redis-cli EVAL 'local n=0 for i=0,15 do n=n+redis.call("XLEN","{bench:"..i.."}:events") end return n' 0)" != 0 ]; do
+  sleep 0.05
+done
+end=$(date +%s.%N)
+kill $FLUSH_PID; wait $FLUSH_PID 2>/dev/null || true
+rows=$(psql -h 127.0.0.1 -U postgres -d creditgate_bench -tAc "SELECT count(*) FROM ledger_events")
+secs=$(echo "$end - $start" | bc)
+echo "rows in ledger_events: $rows"
+echo "drained $total events in ${secs}s = $(echo "$total / $secs" | bc) events/s"
