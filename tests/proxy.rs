@@ -591,3 +591,18 @@ async fn malformed_header_bytes_are_refused_before_any_charge() {
     assert_eq!(app.upstream.hits(), 0);
     assert!(app.events(&user.id).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await; // header_read_timeout_ms = 2000
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
+    s.write_all(b"GET /rag/q HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 6 s");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(1500), "{elapsed:?}");
+    assert_eq!(app.upstream.hits(), 0);
+}
