@@ -11,6 +11,7 @@ use http::{HeaderValue, Response, StatusCode};
 use serde_json::json;
 
 use crate::accounts::AccountError;
+use crate::billing::BillingError;
 use crate::body::{self, Body};
 use crate::metering::MeterError;
 
@@ -19,17 +20,38 @@ pub enum ApiError {
     Unauthenticated(&'static str),
     Blocked,
     ModuleNotInPlan(String),
-    InsufficientCredits { cost: i64, remaining: i64 },
-    DailyLimit { limit: i64, retry_after_secs: u64 },
-    RateLimited { retry_after_secs: u64 },
+    InsufficientCredits {
+        cost: i64,
+        remaining: i64,
+    },
+    DailyLimit {
+        limit: i64,
+        retry_after_secs: u64,
+    },
+    RateLimited {
+        retry_after_secs: u64,
+    },
     MeteringUnavailable,
     DatabaseUnavailable,
     UpstreamUnavailable,
     UpstreamTimeout(Duration),
-    PayloadTooLarge { limit: u64 },
+    PayloadTooLarge {
+        limit: u64,
+    },
     InvalidHeader(String),
-    BadRequest { code: &'static str, message: String },
+    BadRequest {
+        code: &'static str,
+        message: String,
+    },
     NotFound,
+    UnknownUser(String),
+    /// A well-formed request about something that does not exist (a key,
+    /// a charge to refund): 404 with its own code.
+    NotFoundCode {
+        code: &'static str,
+        message: String,
+    },
+    Forbidden(&'static str),
     MethodNotAllowed,
     Overloaded,
     Internal,
@@ -53,7 +75,10 @@ impl ApiError {
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidHeader(_) | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::UnknownUser(_) | Self::NotFoundCode { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -75,6 +100,9 @@ impl ApiError {
             Self::InvalidHeader(_) => "invalid_header",
             Self::BadRequest { code, .. } => code,
             Self::NotFound => "not_found",
+            Self::UnknownUser(_) => "unknown_user",
+            Self::NotFoundCode { code, .. } => code,
+            Self::Forbidden(_) => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Overloaded => "overloaded",
             Self::Internal => "internal",
@@ -110,6 +138,9 @@ impl ApiError {
             Self::InvalidHeader(m) => m.clone(),
             Self::BadRequest { message, .. } => message.clone(),
             Self::NotFound => "no such route".into(),
+            Self::UnknownUser(u) => format!("no such user {u}"),
+            Self::NotFoundCode { message, .. } => message.clone(),
+            Self::Forbidden(why) => (*why).to_owned(),
             Self::MethodNotAllowed => "method not allowed on this route".into(),
             Self::Overloaded => "the gateway is at capacity; retry shortly".into(),
             Self::Internal => "internal error".into(),
@@ -148,6 +179,20 @@ impl From<MeterError> for ApiError {
     }
 }
 
+impl From<BillingError> for ApiError {
+    fn from(e: BillingError) -> Self {
+        match e {
+            BillingError::Meter(e) => e.into(),
+            BillingError::Account(e) => e.into(),
+            BillingError::UnknownUser(user) => Self::UnknownUser(user.to_string()),
+            BillingError::RebuildFailed(user) => {
+                tracing::error!(%user, "account rebuild did not stick");
+                Self::MeteringUnavailable
+            }
+        }
+    }
+}
+
 impl From<AccountError> for ApiError {
     fn from(e: AccountError) -> Self {
         match e {
@@ -155,10 +200,7 @@ impl From<AccountError> for ApiError {
                 tracing::warn!(error = %err, "database unavailable");
                 Self::DatabaseUnavailable
             }
-            AccountError::UnknownUser(_) => Self::BadRequest {
-                code: "unknown_user",
-                message: e.to_string(),
-            },
+            AccountError::UnknownUser(user) => Self::UnknownUser(user.to_string()),
             AccountError::UnknownPlan(_) => Self::BadRequest {
                 code: "unknown_plan",
                 message: e.to_string(),

@@ -8,6 +8,7 @@
 //! - [`startup`]   bind, build the shared state, serve until shutdown
 //! - [`proxy`]     the hot path: admit → identify → charge → forward → settle → respond
 //! - [`metering`]  the Redis side: key layout, Lua scripts, the `Meter` API
+//! - [`billing`]   rules needing both stores: charge with rebuild, grant, monthly reset
 //! - [`accounts`]  users and API keys in Postgres; key cache; Redis rebuild
 //! - [`ledger`]    usage streams → Postgres flusher, history queries, verify
 //! - [`api`]       creditgate's own endpoints (health; billing/admin/credits APIs)
@@ -18,6 +19,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod billing;
 pub mod body;
 pub mod catalog;
 pub mod config;

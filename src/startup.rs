@@ -27,6 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{self, Accounts};
 use crate::api;
+use crate::billing::Billing;
 use crate::body::{Body, BoxError};
 use crate::catalog::Catalog;
 use crate::config::Settings;
@@ -57,6 +58,7 @@ pub struct AppState {
     pub meter: Meter,
     pub accounts: Accounts,
     pub calendar: Calendar,
+    pub billing: Billing,
     pub proxy: Arc<Proxy>,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
@@ -190,9 +192,14 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let pool = accounts::connect_pool(&settings.database)?;
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);
+    let billing = Billing {
+        meter: meter.clone(),
+        accounts: accounts.clone(),
+        calendar,
+        catalog: Arc::clone(&catalog),
+    };
     let proxy = Arc::new(Proxy::new(
-        meter.clone(),
-        accounts.clone(),
+        billing.clone(),
         Upstreams::new(&catalog, &settings.upstream),
         calendar,
         settings.max_body_bytes,
@@ -203,6 +210,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         meter,
         accounts,
         calendar,
+        billing,
         proxy,
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })

@@ -596,8 +596,12 @@ async fn malformed_header_bytes_are_refused_before_any_charge() {
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::spawn().await; // header_read_timeout_ms = 2000
-    let mut s = tokio::net::TcpStream::connect(app.addr).await.expect("connect");
-    s.write_all(b"GET /rag/q HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+    let mut s = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    s.write_all(b"GET /rag/q HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
     let started = std::time::Instant::now();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut buf)).await;

@@ -218,6 +218,23 @@ impl Accounts {
         .transpose()
     }
 
+    /// A page of user ids in id order, for jobs that visit every account.
+    pub async fn user_ids_after(
+        &self,
+        after: Option<&UserId>,
+        limit: i64,
+    ) -> Result<Vec<UserId>, AccountError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM users WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after.map_or("", UserId::as_str))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.into_iter()
+            .map(|(id,)| UserId::parse(&id).map_err(|e| AccountError::Corrupt(e.to_string())))
+            .collect()
+    }
+
     /// Blocks or unblocks in Postgres; the caller mirrors it into Redis.
     pub async fn set_blocked(
         &self,

@@ -26,6 +26,8 @@ static CHARGE: LazyLock<Script> =
 static REFUND: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/refund.lua")));
 static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/seed.lua")));
+static GRANT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/grant.lua")));
+static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/reset.lua")));
 static UPDATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/update_account.lua")));
 
@@ -141,6 +143,25 @@ pub enum RefundOutcome {
     Missing,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantOutcome {
+    Granted { monthly: i64, bonus: i64 },
+    Missing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetOutcome {
+    Reset {
+        monthly: i64,
+        bonus: i64,
+    },
+    /// Already in the period: nothing to do.
+    Current,
+    Missing,
+    /// The account's plan is no longer configured.
+    UnknownPlan,
+}
+
 /// What Redis needs to hold for an account, from Postgres.
 pub struct AccountSeed {
     pub user: UserId,
@@ -152,6 +173,18 @@ pub struct AccountSeed {
     pub day_used: Credits,
     pub blocked: bool,
     pub key_hashes: Vec<KeyHash>,
+}
+
+/// An account's hot state as Redis holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountState {
+    pub plan: String,
+    pub monthly: i64,
+    pub bonus: i64,
+    pub period: String,
+    pub day: String,
+    pub day_used: i64,
+    pub blocked: bool,
 }
 
 /// Cheap to clone: the connection manager multiplexes one connection.
@@ -306,6 +339,102 @@ impl Meter {
             .arg(actor);
         let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
         decode_refund(reply)
+    }
+
+    /// Adds bonus credits: grant.lua. `credits` is bounded by the caller.
+    pub async fn grant(
+        &self,
+        user: &UserId,
+        credits: Credits,
+        reason: &str,
+        actor: &str,
+        now: &Stamp,
+    ) -> Result<GrantOutcome, MeterError> {
+        let mut con = self.redis.clone();
+        let mut inv = GRANT.prepare_invoke();
+        inv.key(self.keys.account(user))
+            .key(self.keys.stream_of(user))
+            .arg(credits.get())
+            .arg(now.now_ms())
+            .arg(uuid::Uuid::now_v7().to_string())
+            .arg(user.as_str())
+            .arg(actor)
+            .arg(reason)
+            .arg(&now.day);
+        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        let r = Reply::parse("grant.lua", reply)?;
+        Ok(match r.status.as_str() {
+            "ok" => GrantOutcome::Granted {
+                monthly: r.int(0)?,
+                bonus: r.int(1)?,
+            },
+            "missing" => GrantOutcome::Missing,
+            other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
+        })
+    }
+
+    /// Starts `now`'s period for one account: reset.lua.
+    pub async fn reset_period(
+        &self,
+        user: &UserId,
+        actor: &str,
+        now: &Stamp,
+    ) -> Result<ResetOutcome, MeterError> {
+        let mut con = self.redis.clone();
+        let mut inv = RESET.prepare_invoke();
+        inv.key(self.keys.account(user))
+            .key(self.keys.stream_of(user))
+            .arg(self.catalog.plan_table_arg())
+            .arg(&now.period)
+            .arg(&now.day)
+            .arg(now.now_ms())
+            .arg(uuid::Uuid::now_v7().to_string())
+            .arg(user.as_str())
+            .arg(actor);
+        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        let r = Reply::parse("reset.lua", reply)?;
+        Ok(match r.status.as_str() {
+            "reset" => ResetOutcome::Reset {
+                monthly: r.int(0)?,
+                bonus: r.int(1)?,
+            },
+            "current" => ResetOutcome::Current,
+            "missing" => ResetOutcome::Missing,
+            "unknown_plan" => ResetOutcome::UnknownPlan,
+            other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
+        })
+    }
+
+    /// An account's hot state, for reads that are not on the hot path
+    /// (billing API, admin lists). `None` when Redis does not hold it.
+    pub async fn account(&self, user: &UserId) -> Result<Option<AccountState>, MeterError> {
+        let mut con = self.redis.clone();
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(self.keys.account(user)).arg(
+            &[
+                "plan", "monthly", "bonus", "period", "day", "used", "blocked",
+            ][..],
+        );
+        type Row = (
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+        );
+        let row: Row = self.run(cmd.query_async(&mut con)).await?;
+        let (plan, monthly, bonus, period, day, used, blocked) = row;
+        Ok(plan.map(|plan| AccountState {
+            plan,
+            monthly: monthly.unwrap_or(0),
+            bonus: bonus.unwrap_or(0),
+            period: period.unwrap_or_default(),
+            day: day.unwrap_or_default(),
+            day_used: used.unwrap_or(0),
+            blocked: blocked.as_deref() == Some("1"),
+        }))
     }
 
     /// Writes an account's state unless it is already there. Returns whether

@@ -26,20 +26,19 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::accounts::{Accounts, Credential, credentials};
+use crate::accounts::{Credential, credentials};
+use crate::billing::{Billing, BillingError, Decision};
 use crate::body::Body;
 use crate::catalog::Module;
 use crate::domain::{ActionId, KeyHash, RequestId, UserId};
 use crate::error::ApiError;
 use crate::metering::{
-    Balance, Calendar, ChargeOutcome, ChargeRequest, Meter, Mode, Receipt, RefundOf, RefundOutcome,
-    Refusal, Stamp,
+    Balance, Calendar, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Refusal, Stamp,
 };
 use upstream::{UpstreamError, Upstreams};
 
 pub struct Proxy {
-    meter: Meter,
-    accounts: Accounts,
+    billing: Billing,
     upstreams: Upstreams,
     calendar: Calendar,
     max_body_bytes: u64,
@@ -71,16 +70,14 @@ enum Settlement {
 
 impl Proxy {
     pub fn new(
-        meter: Meter,
-        accounts: Accounts,
+        billing: Billing,
         upstreams: Upstreams,
         calendar: Calendar,
         max_body_bytes: u64,
         trust_user_id_header: bool,
     ) -> Self {
         Self {
-            meter,
-            accounts,
+            billing,
             upstreams,
             calendar,
             max_body_bytes,
@@ -220,7 +217,7 @@ impl Proxy {
             Ok(Credential::TrustedUser(user)) => Ok((user, None)),
             Ok(Credential::Key(key)) => {
                 let hash = key.hash();
-                match self.accounts.user_for_key(&hash).await? {
+                match self.billing.accounts.user_for_key(&hash).await? {
                     Some(user) => Ok((user, Some(hash))),
                     None => Err(ApiError::Unauthenticated("unknown API key")),
                 }
@@ -228,66 +225,44 @@ impl Proxy {
         }
     }
 
-    /// Phase 3: decide and deduct atomically. Returns the account's plan.
-    ///
-    /// Two replies need Postgres and one retry: `Missing` (the account is
-    /// not in Redis yet: rebuild it) and `UnknownKey` for a key Postgres
-    /// says is live (its creation never reached Redis: add it).
+    /// Phase 3: decide and deduct atomically (rebuilding the account in
+    /// Redis first if it is not there). Returns the account's plan.
     async fn charge(
         &self,
         ctx: &mut Ctx<'_>,
         user: &UserId,
         key_hash: Option<&KeyHash>,
     ) -> Result<String, ApiError> {
-        let mut repaired = false;
-        loop {
-            let request = ChargeRequest {
-                user,
-                key_hash,
-                module: ctx.module,
-                action: ctx.action.as_ref(),
-                request_id: &ctx.request_id,
-                idempotent: ctx.idempotent,
-                actor: "proxy",
-                stamp: &ctx.stamp,
-                mode: Mode::Charge,
-            };
-            let outcome = self.meter.charge(&request).await?;
-            let cost = ctx.module.cost_of(ctx.action.as_ref()).get();
-            match outcome {
-                ChargeOutcome::Charged(receipt) => {
-                    ctx.charged = receipt.charged;
-                    ctx.balance = Some(receipt.balance);
-                    let plan = receipt.plan.clone();
-                    ctx.receipt = Some(receipt);
-                    return Ok(plan);
-                }
-                ChargeOutcome::Duplicate { balance, plan } => {
-                    ctx.balance = Some(balance);
-                    return Ok(plan);
-                }
-                ChargeOutcome::Missing if !repaired => {
-                    repaired = true;
-                    let seed = self
-                        .accounts
-                        .seed_for(user, &ctx.stamp)
-                        .await?
-                        .ok_or(ApiError::Unauthenticated("unknown user"))?;
-                    self.meter.seed(&seed).await?;
-                }
-                ChargeOutcome::Refused(Refusal::UnknownKey) if !repaired => {
-                    repaired = true;
-                    let hash = key_hash.ok_or(ApiError::Unauthenticated("unknown API key"))?;
-                    if !self.accounts.key_is_live(user, hash).await? {
-                        return Err(ApiError::Unauthenticated("API key revoked"));
-                    }
-                    self.meter.add_key(user, hash).await?;
-                }
-                ChargeOutcome::Missing => return Err(ApiError::MeteringUnavailable),
-                ChargeOutcome::Refused(refusal) => {
-                    return Err(refusal_error(ctx, refusal, cost));
-                }
+        let request = ChargeRequest {
+            user,
+            key_hash,
+            module: ctx.module,
+            action: ctx.action.as_ref(),
+            request_id: &ctx.request_id,
+            idempotent: ctx.idempotent,
+            actor: "proxy",
+            stamp: &ctx.stamp,
+            mode: Mode::Charge,
+        };
+        match self.billing.charge(&request).await {
+            Ok(Decision::Charged(receipt)) => {
+                ctx.charged = receipt.charged;
+                ctx.balance = Some(receipt.balance);
+                let plan = receipt.plan.clone();
+                ctx.receipt = Some(receipt);
+                Ok(plan)
             }
+            Ok(Decision::Duplicate { balance, plan }) => {
+                ctx.balance = Some(balance);
+                Ok(plan)
+            }
+            Ok(Decision::Refused(refusal)) => {
+                let cost = ctx.module.cost_of(ctx.action.as_ref()).get();
+                Err(refusal_error(ctx, refusal, cost))
+            }
+            // The key resolved to a user Postgres no longer has.
+            Err(BillingError::UnknownUser(_)) => Err(ApiError::Unauthenticated("unknown user")),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -345,7 +320,8 @@ impl Proxy {
                 }
             };
             let now = this.calendar.now();
-            this.meter
+            this.billing
+                .meter
                 .refund(&user, &request_id, of, "proxy", &now)
                 .await
         });

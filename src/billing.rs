@@ -1,0 +1,162 @@
+//! Operations that need both stores: Redis decides, Postgres knows the
+//! accounts. Charging with on-demand rebuild, grants, the monthly reset.
+//! Shared by the proxy and the credits/admin APIs, so there is one set of
+//! rules whatever the entry point.
+
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::accounts::{AccountError, Accounts};
+use crate::catalog::Catalog;
+use crate::domain::{Credits, KeyHash, UserId};
+use crate::metering::{
+    Balance, Calendar, ChargeOutcome, ChargeRequest, GrantOutcome, Meter, MeterError, Receipt,
+    Refusal, ResetOutcome,
+};
+
+#[derive(Debug, Error)]
+pub enum BillingError {
+    #[error(transparent)]
+    Meter(#[from] MeterError),
+    #[error(transparent)]
+    Account(#[from] AccountError),
+    #[error("no such user {0}")]
+    UnknownUser(UserId),
+    #[error("account state for {0} could not be rebuilt in Redis")]
+    RebuildFailed(UserId),
+}
+
+/// A charge's final answer, after any rebuild.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Charged(Receipt),
+    Duplicate { balance: Balance, plan: String },
+    Refused(Refusal),
+}
+
+#[derive(Clone)]
+pub struct Billing {
+    pub meter: Meter,
+    pub accounts: Accounts,
+    pub calendar: Calendar,
+    pub catalog: Arc<Catalog>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ResetReport {
+    pub period: String,
+    pub accounts: u64,
+    pub reset: u64,
+    pub already_current: u64,
+}
+
+impl Billing {
+    /// charge.lua, plus the two repairs that need Postgres: an account
+    /// missing from Redis is rebuilt, and a key Redis does not know but
+    /// Postgres says is live is added. Each at most once per call.
+    pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<Decision, BillingError> {
+        let mut repaired = false;
+        loop {
+            match self.meter.charge(req).await? {
+                ChargeOutcome::Charged(r) => return Ok(Decision::Charged(r)),
+                ChargeOutcome::Duplicate { balance, plan } => {
+                    return Ok(Decision::Duplicate { balance, plan });
+                }
+                ChargeOutcome::Missing if !repaired => {
+                    repaired = true;
+                    self.rebuild(req.user).await?;
+                }
+                ChargeOutcome::Refused(Refusal::UnknownKey) if !repaired => {
+                    repaired = true;
+                    let Some(hash) = req.key_hash else {
+                        return Ok(Decision::Refused(Refusal::UnknownKey));
+                    };
+                    if !self.accounts.key_is_live(req.user, hash).await? {
+                        return Ok(Decision::Refused(Refusal::UnknownKey));
+                    }
+                    self.meter.add_key(req.user, hash).await?;
+                }
+                ChargeOutcome::Missing => {
+                    return Err(BillingError::RebuildFailed(req.user.clone()));
+                }
+                ChargeOutcome::Refused(refusal) => return Ok(Decision::Refused(refusal)),
+            }
+        }
+    }
+
+    /// Puts an account's state into Redis from Postgres unless it is there.
+    pub async fn rebuild(&self, user: &UserId) -> Result<(), BillingError> {
+        let seed = self
+            .accounts
+            .seed_for(user, &self.calendar.now())
+            .await?
+            .ok_or_else(|| BillingError::UnknownUser(user.clone()))?;
+        self.meter.seed(&seed).await?;
+        Ok(())
+    }
+
+    /// Whether Redis knows this key for this user right now (for the user
+    /// API, which must refuse revoked keys exactly like the proxy).
+    pub async fn key_is_live(&self, user: &UserId, hash: &KeyHash) -> Result<bool, BillingError> {
+        Ok(self.accounts.key_is_live(user, hash).await?)
+    }
+
+    pub async fn grant(
+        &self,
+        user: &UserId,
+        credits: Credits,
+        reason: &str,
+        actor: &str,
+    ) -> Result<(i64, i64), BillingError> {
+        for _ in 0..2 {
+            let now = self.calendar.now();
+            match self.meter.grant(user, credits, reason, actor, &now).await? {
+                GrantOutcome::Granted { monthly, bonus } => return Ok((monthly, bonus)),
+                GrantOutcome::Missing => self.rebuild(user).await?,
+            }
+        }
+        Err(BillingError::RebuildFailed(user.clone()))
+    }
+
+    /// Starts the current period for every account. Idempotent within a
+    /// period; safe to re-run after a crash and alongside live traffic.
+    pub async fn reset_monthly(&self, actor: &str) -> Result<ResetReport, BillingError> {
+        let now = self.calendar.now();
+        let mut report = ResetReport {
+            period: now.period.clone(),
+            ..Default::default()
+        };
+        let mut after: Option<UserId> = None;
+        loop {
+            let page = self.accounts.user_ids_after(after.as_ref(), 500).await?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            for user in &page {
+                report.accounts += 1;
+                let mut outcome = self.meter.reset_period(user, actor, &now).await?;
+                if outcome == ResetOutcome::Missing {
+                    self.rebuild(user).await?;
+                    outcome = self.meter.reset_period(user, actor, &now).await?;
+                }
+                match outcome {
+                    ResetOutcome::Reset { .. } => report.reset += 1,
+                    ResetOutcome::Current => report.already_current += 1,
+                    ResetOutcome::Missing => return Err(BillingError::RebuildFailed(user.clone())),
+                    ResetOutcome::UnknownPlan => {
+                        tracing::warn!(user = %user, "monthly reset skipped: plan not configured");
+                    }
+                }
+            }
+            after = Some(last);
+        }
+        tracing::info!(
+            period = %report.period,
+            accounts = report.accounts,
+            reset = report.reset,
+            "monthly reset done"
+        );
+        Ok(report)
+    }
+}
