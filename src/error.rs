@@ -13,7 +13,8 @@ use serde_json::json;
 use crate::accounts::AccountError;
 use crate::billing::BillingError;
 use crate::body::{self, Body};
-use crate::metering::MeterError;
+use crate::domain::ModuleId;
+use crate::metering::{MeterError, Refusal, Stamp};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ApiError {
@@ -172,6 +173,25 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A refusal by charge.lua, as the proxy and the credits API answer it.
+    pub fn refusal(refusal: Refusal, module: &ModuleId, cost: i64, stamp: &Stamp) -> Self {
+        match refusal {
+            Refusal::UnknownKey => Self::Unauthenticated("API key revoked"),
+            Refusal::Blocked => Self::Blocked,
+            Refusal::ModuleNotInPlan => Self::ModuleNotInPlan(module.to_string()),
+            Refusal::DailyLimit(b) => Self::DailyLimit {
+                limit: b.daily_limit.unwrap_or(0),
+                retry_after_secs: stamp.secs_to_day_end(),
+            },
+            Refusal::InsufficientCredits(b) => Self::InsufficientCredits {
+                cost,
+                remaining: b.remaining(),
+            },
+        }
+    }
+}
+
 impl From<MeterError> for ApiError {
     fn from(e: MeterError) -> Self {
         tracing::warn!(error = %e, "metering unavailable");
@@ -193,6 +213,12 @@ impl From<BillingError> for ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        AccountError::Database(e).into()
+    }
+}
+
 impl From<AccountError> for ApiError {
     fn from(e: AccountError) -> Self {
         match e {
@@ -205,7 +231,7 @@ impl From<AccountError> for ApiError {
                 code: "unknown_plan",
                 message: e.to_string(),
             },
-            AccountError::UnknownKey(_) => Self::BadRequest {
+            AccountError::UnknownKey(_) => Self::NotFoundCode {
                 code: "unknown_key",
                 message: e.to_string(),
             },

@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use creditgate::accounts::{self, Accounts};
+use creditgate::billing::Billing;
 use creditgate::config::Settings;
 use creditgate::domain::UserId;
 use creditgate::ledger::{Flusher, verify};
-use creditgate::metering::KeyLayout;
+use creditgate::metering::{Calendar, KeyLayout, Meter};
 use creditgate::startup::Application;
 use sqlx::migrate::MigrateDatabase;
 use std::time::Duration;
@@ -52,6 +53,9 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Start the new billing period for every account (for cron; idempotent
+    /// within a period).
+    ResetMonthly,
     /// Run only the ledger flusher (Redis streams → Postgres) until SIGTERM.
     Flush,
     /// The ledger: `ledger verify` drains the streams and compares.
@@ -154,6 +158,20 @@ async fn main() -> anyhow::Result<()> {
             let key = open_accounts(&settings)?.create_key(&user).await?;
             println!("api_key: {}", key.key.reveal());
             println!("key_id:  {}", key.id);
+        }
+        Command::ResetMonthly => {
+            let catalog = settings.catalog.clone();
+            let billing = Billing {
+                meter: Meter::new(&settings.redis, catalog.clone(), settings.idempotency_ttl)?,
+                accounts: open_accounts(&settings)?,
+                calendar: Calendar::new(settings.timezone),
+                catalog,
+            };
+            let report = billing.reset_monthly("cli").await?;
+            println!(
+                "period {}: reset {} of {} accounts ({} already current)",
+                report.period, report.reset, report.accounts, report.already_current
+            );
         }
         Command::Flush => {
             let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -27,6 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::accounts::{self, Accounts};
 use crate::api;
+use crate::api::auth::ApiKeys;
 use crate::billing::Billing;
 use crate::body::{Body, BoxError};
 use crate::catalog::Catalog;
@@ -60,6 +61,7 @@ pub struct AppState {
     pub calendar: Calendar,
     pub billing: Billing,
     pub proxy: Arc<Proxy>,
+    pub api_keys: ApiKeys,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
     /// last byte has gone out.
@@ -212,6 +214,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         calendar,
         billing,
         proxy,
+        api_keys: ApiKeys::new(&settings.auth),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
 }
@@ -227,7 +230,10 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
         (_, "/healthz" | "/readyz") => ApiError::MethodNotAllowed.into_response(),
         _ => match state.catalog.route(path) {
             Some(module) => state.proxy.handle(module, req, peer).await,
-            None => ApiError::NotFound.into_response(),
+            None => match api::route(&state, req).await {
+                Some(response) => response,
+                None => ApiError::NotFound.into_response(),
+            },
         },
     };
     response.map(|body| {

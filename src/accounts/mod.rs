@@ -179,6 +179,12 @@ impl Accounts {
         Ok(found)
     }
 
+    /// The user of a live key, asking Postgres (no cache): for the APIs,
+    /// where a revoked key must fail without a Redis round trip.
+    pub async fn live_user_for_key(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
+        self.lookup_key(hash).await
+    }
+
     /// Asks Postgres, bypassing the cache: is this key live for this user?
     /// Used when Redis says a key is unknown, to tell a revoked key from a
     /// key whose creation never reached Redis.

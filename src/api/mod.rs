@@ -1,4 +1,135 @@
-//! creditgate's own HTTP endpoints (everything that is not proxied).
-//! The billing, admin and credits APIs join `health` here.
+//! creditgate's own HTTP endpoints (everything that is not proxied):
+//! health, the user billing API, the admin API and the service-to-service
+//! credits API. Inputs are parsed into typed values here, at the edge;
+//! every failure is an [`ApiError`].
 
+pub mod admin;
+pub mod auth;
+pub mod credits;
 pub mod health;
+pub mod user;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::body::{self, Body};
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// JSON bodies of the API are small; anything bigger is a mistake or abuse.
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// Dispatches `/api/billing/*`, `/api/admin/billing/*` and `/api/credits/*`.
+/// `None` when the path belongs to none of them.
+pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<Body>> {
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let result = match segments.as_slice() {
+        ["api", "billing", rest @ ..] => user::route(state, req, rest).await,
+        ["api", "admin", "billing", rest @ ..] => admin::route(state, req, rest).await,
+        ["api", "credits", rest @ ..] => credits::route(state, req, rest).await,
+        _ => return None,
+    };
+    Some(result.unwrap_or_else(ApiError::into_response))
+}
+
+pub type ApiResult = Result<Response<Body>, ApiError>;
+
+pub fn ok<T: Serialize>(value: &T) -> ApiResult {
+    json(StatusCode::OK, value)
+}
+
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
+    let value = serde_json::to_value(value).map_err(|e| {
+        tracing::error!(error = %e, "response serialisation failed");
+        ApiError::Internal
+    })?;
+    Ok(body::json(status, &value))
+}
+
+pub fn method_not_allowed() -> ApiResult {
+    Err(ApiError::MethodNotAllowed)
+}
+
+fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Reads and parses a JSON body: 413 past [`MAX_JSON_BYTES`], 415 for a
+/// non-JSON content type, 400 `invalid_json` for syntax errors and
+/// `invalid_request` for wrong types, missing or unknown fields.
+pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        if !ct.trim_start().starts_with("application/json") {
+            return Err(bad(
+                "unsupported_media_type",
+                "send the body as application/json",
+            ));
+        }
+    }
+    let bytes: Bytes = Limited::new(req.into_body(), MAX_JSON_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::PayloadTooLarge {
+                    limit: MAX_JSON_BYTES as u64,
+                }
+            } else {
+                bad("invalid_body", "the request body could not be read")
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => bad("invalid_request", e.to_string()),
+        _ => bad("invalid_json", format!("malformed JSON: {e}")),
+    })
+}
+
+/// Parses the query string into `T` (unknown parameters are refused, so a
+/// typo does not silently return unfiltered data).
+pub fn query<T: DeserializeOwned>(req: &Request<Incoming>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
+        .map_err(|e| bad("invalid_query", format!("bad query string: {e}")))
+}
+
+/// `page` (1-based) and `per_page` (1..=200), checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Page {
+    pub page: i64,
+    pub per_page: i64,
+}
+
+impl Page {
+    pub fn parse(page: Option<i64>, per_page: Option<i64>) -> Result<Self, ApiError> {
+        let page = page.unwrap_or(1);
+        let per_page = per_page.unwrap_or(50);
+        if !(1..=1_000_000).contains(&page) {
+            return Err(bad("invalid_query", "page must be between 1 and 1000000"));
+        }
+        if !(1..=200).contains(&per_page) {
+            return Err(bad("invalid_query", "per_page must be between 1 and 200"));
+        }
+        Ok(Self { page, per_page })
+    }
+
+    pub fn offset(&self) -> i64 {
+        (self.page - 1) * self.per_page
+    }
+}
+
+pub fn require(req: &Request<Incoming>, method: Method) -> Result<(), ApiError> {
+    if req.method() == method {
+        Ok(())
+    } else {
+        Err(ApiError::MethodNotAllowed)
+    }
+}

@@ -85,8 +85,9 @@ pub async fn verify<C: redis::aio::ConnectionLike + Send>(
     // 2. The chain of each account's events.
     let mut rows = sqlx::query_as::<_, (String, String, String, i64, i64, i64, i64, i64)>(
         "SELECT user_id, event_id, kind, amount, from_monthly, from_bonus,
-                COALESCE(monthly_after, 0), COALESCE(bonus_after, 0)
-         FROM ledger_events ORDER BY user_id, stream_ms, stream_seq",
+                monthly_after, bonus_after
+         FROM ledger_events WHERE monthly_after IS NOT NULL AND bonus_after IS NOT NULL
+         ORDER BY user_id, stream_ms, stream_seq",
     )
     .fetch(pool);
     let mut prev: Option<(String, i64, i64)> = None;

@@ -30,6 +30,11 @@ pub struct Stamp {
 }
 
 impl Stamp {
+    /// The local day as a date.
+    pub fn local_date(&self) -> NaiveDate {
+        NaiveDate::parse_from_str(&self.day, "%Y-%m-%d").unwrap_or_else(|_| self.now.date_naive())
+    }
+
     pub fn now_ms(&self) -> i64 {
         self.now.timestamp_millis()
     }

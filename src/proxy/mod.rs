@@ -33,7 +33,7 @@ use crate::catalog::Module;
 use crate::domain::{ActionId, KeyHash, RequestId, UserId};
 use crate::error::ApiError;
 use crate::metering::{
-    Balance, Calendar, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Refusal, Stamp,
+    Balance, Calendar, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Stamp,
 };
 use upstream::{UpstreamError, Upstreams};
 
@@ -258,7 +258,7 @@ impl Proxy {
             }
             Ok(Decision::Refused(refusal)) => {
                 let cost = ctx.module.cost_of(ctx.action.as_ref()).get();
-                Err(refusal_error(ctx, refusal, cost))
+                Err(ApiError::refusal(refusal, &ctx.module.id, cost, &ctx.stamp))
             }
             // The key resolved to a user Postgres no longer has.
             Err(BillingError::UnknownUser(_)) => Err(ApiError::Unauthenticated("unknown user")),
@@ -350,22 +350,6 @@ impl Proxy {
                 tracing::error!(request_id = %ctx.request_id, error = %e, "refund task failed");
             }
         }
-    }
-}
-
-fn refusal_error(ctx: &Ctx<'_>, refusal: Refusal, cost: i64) -> ApiError {
-    match refusal {
-        Refusal::UnknownKey => ApiError::Unauthenticated("API key revoked"),
-        Refusal::Blocked => ApiError::Blocked,
-        Refusal::ModuleNotInPlan => ApiError::ModuleNotInPlan(ctx.module.id.to_string()),
-        Refusal::DailyLimit(b) => ApiError::DailyLimit {
-            limit: b.daily_limit.unwrap_or(0),
-            retry_after_secs: ctx.stamp.secs_to_day_end(),
-        },
-        Refusal::InsufficientCredits(b) => ApiError::InsufficientCredits {
-            cost,
-            remaining: b.remaining(),
-        },
     }
 }
 

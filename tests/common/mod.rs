@@ -604,6 +604,44 @@ impl TestApp {
         (m.unwrap_or(-1), b.unwrap_or(-1), u.unwrap_or(-1))
     }
 
+    /// An admin API call with the test admin key.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .request(method, self.url(&format!("/api/admin/billing{path}")))
+            .header("x-admin-key", ADMIN_KEY);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.expect("admin API answers")
+    }
+
+    /// A credits API call with the test service key.
+    pub async fn service(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/api/credits{path}")))
+            .header("x-service-key", SERVICE_KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("credits API answers")
+    }
+
+    /// A user API GET with the given key.
+    pub async fn user_get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(&format!("/api/billing{path}")))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("user API answers")
+    }
+
     /// The user's ledger rows as (kind, amount), oldest first, once the
     /// flusher has emptied the usage streams.
     pub async fn events(&self, user: &UserId) -> Vec<(String, i64)> {

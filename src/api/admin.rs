@@ -1,0 +1,927 @@
+//! The admin API (`X-Admin-Key`): users, keys, plans, grants, blocks,
+//! stats, CSV exports and the audit trail. Every change is recorded in
+//! `admin_audit` with the name of the key used, never the key.
+//!
+//! Account changes are written to Postgres first (the authority for plan,
+//! status and keys, with their ledger row and audit row in one
+//! transaction), then mirrored into Redis, which every charge reads: a
+//! block or revocation is effective on every instance at once. If Redis is
+//! unreachable the call answers 503 after the Postgres change; repeating it
+//! is harmless and completes the mirror.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use chrono::{Datelike, Days, NaiveDate, Utc};
+use futures_util::TryStreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::credits::parse_user;
+use super::user::{account_state, fill_days, plan_json, view};
+use super::{ApiResult, Page, auth, json, ok, query, read_json};
+use crate::body::{Body, BoxError};
+use crate::domain::{Credits, UserId};
+use crate::error::ApiError;
+use crate::ledger::store;
+use crate::startup::AppState;
+
+/// Largest single grant: a typo of a few zeros must not mint a fortune.
+pub const MAX_GRANT: i64 = 1_000_000;
+
+pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
+    let actor = auth::admin(state, req.headers())?;
+    let method = req.method().clone();
+    match (method, rest) {
+        (Method::GET, ["users"]) => list_users(state, req).await,
+        (Method::POST, ["users"]) => create_user(state, req, &actor).await,
+        (Method::GET, ["users", id]) => get_user(state, &parse_user(id)?).await,
+        (Method::POST, ["users", id, "keys"]) => create_key(state, &parse_user(id)?, &actor).await,
+        (Method::DELETE, ["users", id, "keys", key]) => {
+            revoke_key(state, &parse_user(id)?, key, &actor).await
+        }
+        (Method::PUT, ["users", id, "plan"]) => {
+            change_plan(state, req, &parse_user(id)?, &actor).await
+        }
+        (Method::POST, ["users", id, "block"]) => {
+            set_blocked(state, req, &parse_user(id)?, true, &actor).await
+        }
+        (Method::POST, ["users", id, "unblock"]) => {
+            set_blocked(state, req, &parse_user(id)?, false, &actor).await
+        }
+        (Method::POST, ["grant"]) => grant(state, req, &actor).await,
+        (Method::GET, ["stats"]) => stats(state, req).await,
+        (Method::GET, ["export.csv"]) => export_users(state),
+        (Method::GET, ["usage.csv"]) => export_usage(state, req),
+        (Method::GET, ["audit"]) => list_audit(state, req).await,
+        (
+            _,
+            ["users"]
+            | ["users", _]
+            | ["users", _, "keys"]
+            | ["users", _, "keys", _]
+            | ["users", _, "plan" | "block" | "unblock"]
+            | ["grant" | "stats" | "export.csv" | "usage.csv" | "audit"],
+        ) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::BadRequest {
+        code: "invalid_request",
+        message: message.into(),
+    }
+}
+
+/// Appends to the audit trail.
+pub async fn audit(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    user: Option<&UserId>,
+    details: serde_json::Value,
+) -> Result<(), ApiError> {
+    sqlx::query(
+        "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(user.map(UserId::as_str))
+    .bind(details)
+    .execute(state.accounts.pool())
+    .await?;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ users
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    plan: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    page: Option<i64>,
+    per_page: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct UserRow {
+    id: String,
+    name: String,
+    email: Option<String>,
+    plan: String,
+    status: String,
+    created_at: chrono::DateTime<Utc>,
+    credits_remaining: i64,
+    used_this_month: i64,
+}
+
+async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let q: ListQuery = query(&req)?;
+    let page = Page::parse(q.page, q.per_page)?;
+    let unknown_plan = q
+        .plan
+        .as_deref()
+        .filter(|p| !p.is_empty() && state.catalog.plan(p).is_none());
+    if let Some(plan) = unknown_plan {
+        return Err(ApiError::BadRequest {
+            code: "unknown_plan",
+            message: format!("no plan {plan:?}"),
+        });
+    }
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    if status.is_some_and(|s| s != "active" && s != "blocked") {
+        return Err(invalid("status must be active or blocked"));
+    }
+    let search = q.q.as_deref().filter(|s| !s.is_empty()).map(|s| {
+        format!(
+            "%{}%",
+            s.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
+    });
+    let stamp = state.calendar.now();
+    let month_start = stamp
+        .local_date()
+        .with_day0(0)
+        .unwrap_or_else(|| stamp.local_date());
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+        chrono::DateTime<Utc>,
+        i64,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT u.id, u.name, u.email, u.plan, u.status, u.created_at,
+                COALESCE((SELECT SUM(d.charged_credits - d.refunded_credits) FROM usage_daily d
+                          WHERE d.user_id = u.id AND d.day >= $4), 0)::bigint,
+                count(*) OVER (),
+                s.monthly, s.bonus, s.period
+         FROM users u LEFT JOIN account_snapshots s ON s.user_id = u.id
+         WHERE ($1::text IS NULL OR u.plan = $1)
+           AND ($2::text IS NULL OR u.status = $2)
+           AND ($3::text IS NULL OR u.name ILIKE $3 OR u.email ILIKE $3 OR u.id ILIKE $3)
+         ORDER BY u.created_at DESC, u.id
+         LIMIT $5 OFFSET $6",
+    )
+    .bind(q.plan.as_deref().filter(|p| !p.is_empty()))
+    .bind(status)
+    .bind(search)
+    .bind(month_start)
+    .bind(page.per_page)
+    .bind(page.offset())
+    .fetch_all(state.accounts.pool())
+    .await?;
+    let total = rows.first().map_or(0, |r| r.7);
+    let mut users = Vec::with_capacity(rows.len());
+    for (id, name, email, plan, status, created_at, used, _, s_monthly, s_bonus, s_period) in rows {
+        let plan_def = state.catalog.plan(&plan);
+        let allowance = plan_def.map_or(0, |p| p.monthly_credits.get());
+        // Redis when it holds the account, else the ledger snapshot, else
+        // a fresh allowance: the same answer the account would give.
+        let hot = match UserId::parse(&id) {
+            Ok(uid) => state.meter.account(&uid).await?,
+            Err(_) => None,
+        };
+        let remaining = match hot {
+            Some(a) => {
+                let v = view(&a, plan_def, &stamp.day, &stamp.period);
+                v.monthly + v.bonus
+            }
+            None => match (s_monthly, s_bonus, s_period) {
+                (Some(m), Some(b), Some(p)) if p == stamp.period => m + b,
+                (_, Some(b), _) => allowance + b,
+                _ => allowance,
+            },
+        };
+        users.push(UserRow {
+            id,
+            name,
+            email,
+            plan,
+            status,
+            created_at,
+            credits_remaining: remaining,
+            used_this_month: used,
+        });
+    }
+    ok(&json!({
+        "users": users,
+        "page": page.page,
+        "per_page": page.per_page,
+        "total": total,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUser {
+    name: String,
+    email: Option<String>,
+    plan: String,
+    /// Use the platform Hub's id instead of a generated one.
+    id: Option<String>,
+}
+
+fn check_name(name: &str) -> Result<&str, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(invalid(
+            "name must be 1 to 100 characters, no control characters",
+        ));
+    }
+    Ok(name)
+}
+
+fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError> {
+    let Some(email) = email.map(str::trim).filter(|e| !e.is_empty()) else {
+        return Ok(None);
+    };
+    let valid = email.len() <= 254
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.')
+        })
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !valid {
+        return Err(invalid("email is not a valid address"));
+    }
+    Ok(Some(email))
+}
+
+async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
+    let body: CreateUser = read_json(req).await?;
+    let name = check_name(&body.name)?;
+    let email = check_email(body.email.as_deref())?;
+    let id = body.id.as_deref().map(parse_user).transpose()?;
+    let (user, key) = state
+        .accounts
+        .create_user(id, name, email, &body.plan)
+        .await?;
+    audit(
+        state,
+        actor,
+        "create_user",
+        Some(&user.id),
+        json!({"plan": user.plan.as_str(), "key_id": key.id}),
+    )
+    .await?;
+    json(
+        StatusCode::CREATED,
+        &json!({
+            "user": {
+                "id": user.id.as_str(),
+                "name": user.name,
+                "email": user.email,
+                "plan": user.plan.as_str(),
+                "status": "active",
+            },
+            "api_key": key.key.reveal(),
+            "key_id": key.id,
+        }),
+    )
+}
+
+type KeyRow = (
+    Uuid,
+    String,
+    chrono::DateTime<Utc>,
+    Option<chrono::DateTime<Utc>>,
+);
+
+async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
+    let user = state
+        .accounts
+        .get_user(id)
+        .await?
+        .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
+    let account = account_state(state, id).await?;
+    let stamp = state.calendar.now();
+    let plan = state.catalog.plan(user.plan.as_str());
+    let v = view(&account, plan, &stamp.day, &stamp.period);
+    let keys: Vec<KeyRow> = sqlx::query_as(
+        "SELECT id, prefix, created_at, revoked_at FROM api_keys WHERE user_id = $1
+             ORDER BY created_at",
+    )
+    .bind(id.as_str())
+    .fetch_all(state.accounts.pool())
+    .await?;
+    let month_start = stamp
+        .local_date()
+        .with_day0(0)
+        .unwrap_or_else(|| stamp.local_date());
+    let totals = store::totals_by_module(state.accounts.pool(), id.as_str(), month_start).await?;
+    ok(&json!({
+        "id": id.as_str(),
+        "name": user.name,
+        "email": user.email,
+        "plan": plan.map(plan_json),
+        "status": if user.blocked { "blocked" } else { "active" },
+        "credits": {
+            "remaining": v.monthly + v.bonus,
+            "monthly_remaining": v.monthly,
+            "bonus": v.bonus,
+        },
+        "daily": {"used": v.day_used, "limit": plan.and_then(|p| p.daily_limit.map(|l| l.get()))},
+        "usage_this_month": totals,
+        "keys": keys.into_iter().map(|(kid, prefix, created, revoked)| json!({
+            "id": kid, "prefix": prefix, "created_at": created, "revoked_at": revoked,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
+    let key = state.accounts.create_key(id).await?;
+    // Redis learns the key now if it holds the account; otherwise the
+    // account is rebuilt with it on first use.
+    state.meter.add_key(id, &key.key.hash()).await?;
+    audit(
+        state,
+        actor,
+        "create_key",
+        Some(id),
+        json!({"key_id": key.id}),
+    )
+    .await?;
+    json(
+        StatusCode::CREATED,
+        &json!({"key_id": key.id, "api_key": key.key.reveal()}),
+    )
+}
+
+async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> ApiResult {
+    let key_id = Uuid::parse_str(key).map_err(|_| invalid("key id is not a UUID"))?;
+    let hash = state.accounts.revoke_key(id, key_id).await?;
+    state.meter.remove_key(id, &hash).await?;
+    audit(
+        state,
+        actor,
+        "revoke_key",
+        Some(id),
+        json!({"key_id": key_id}),
+    )
+    .await?;
+    ok(&json!({"revoked": true, "key_id": key_id}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanBody {
+    plan: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    reason: Option<String>,
+}
+
+fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
+    let reason = reason.map(str::trim).filter(|r| !r.is_empty());
+    if reason.is_some_and(|r| r.chars().count() > 500) {
+        return Err(invalid("reason must be at most 500 characters"));
+    }
+    Ok(reason.map(str::to_owned))
+}
+
+/// A non-monetary account change: its ledger row and audit row.
+struct AccountChange<'a> {
+    user: &'a UserId,
+    kind: &'static str,
+    plan: &'a str,
+    actor: &'a str,
+    reason: Option<&'a str>,
+    details: serde_json::Value,
+    day: NaiveDate,
+}
+
+/// Applies `update` to the users table and writes the change's ledger and
+/// audit rows, in one transaction. `false` when no user row matched.
+async fn account_change(
+    pool: &PgPool,
+    update: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    change: AccountChange<'_>,
+) -> Result<bool, ApiError> {
+    let mut tx = pool.begin().await?;
+    if update.execute(&mut *tx).await?.rows_affected() == 0 {
+        return Ok(false);
+    }
+    let now = Utc::now();
+    sqlx::query(
+        "INSERT INTO ledger_events (event_id, user_id, kind, amount, plan, actor, local_day,
+            occurred_at, stream_ms, reason)
+         VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(change.user.as_str())
+    .bind(change.kind)
+    .bind(change.plan)
+    .bind(change.actor)
+    .bind(change.day)
+    .bind(now)
+    .bind(now.timestamp_millis())
+    .bind(change.reason)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(change.actor)
+    .bind(change.kind)
+    .bind(change.user.as_str())
+    .bind(change.details)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+async fn change_plan(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &UserId,
+    actor: &str,
+) -> ApiResult {
+    let body: PlanBody = read_json(req).await?;
+    let plan = state
+        .catalog
+        .plan(&body.plan)
+        .ok_or_else(|| ApiError::BadRequest {
+            code: "unknown_plan",
+            message: format!("no plan {:?}", body.plan),
+        })?;
+    let old = state
+        .accounts
+        .get_user(id)
+        .await?
+        .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
+    let update = sqlx::query("UPDATE users SET plan = $2, updated_at = now() WHERE id = $1")
+        .bind(id.as_str())
+        .bind(plan.id.as_str());
+    let change = AccountChange {
+        user: id,
+        kind: "plan_change",
+        plan: plan.id.as_str(),
+        actor,
+        reason: None,
+        details: json!({"from": old.plan.as_str(), "to": plan.id.as_str()}),
+        day: state.calendar.now().local_date(),
+    };
+    if !account_change(state.accounts.pool(), update, change).await? {
+        return Err(ApiError::UnknownUser(id.to_string()));
+    }
+    // Modules and daily limit follow at once; the allowance of the current
+    // period is kept, the new plan's allowance starts with the next period.
+    state.meter.set_plan(id, &plan.id).await?;
+    ok(&json!({"user_id": id.as_str(), "plan": plan_json(plan)}))
+}
+
+async fn set_blocked(
+    state: &AppState,
+    req: Request<Incoming>,
+    id: &UserId,
+    blocked: bool,
+    actor: &str,
+) -> ApiResult {
+    let has_body = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|l| l != "0")
+        || req.headers().contains_key(http::header::TRANSFER_ENCODING);
+    let body: ReasonBody = if has_body {
+        read_json(req).await?
+    } else {
+        ReasonBody::default()
+    };
+    let reason = check_reason(body.reason.as_deref())?;
+    let user = state
+        .accounts
+        .get_user(id)
+        .await?
+        .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
+    let update = sqlx::query(
+        "UPDATE users SET status = $2, blocked_reason = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .bind(if blocked { "blocked" } else { "active" })
+    .bind(reason.as_deref().filter(|_| blocked));
+    let change = AccountChange {
+        user: id,
+        kind: if blocked { "block" } else { "unblock" },
+        plan: user.plan.as_str(),
+        actor,
+        reason: reason.as_deref(),
+        details: json!({"reason": reason}),
+        day: state.calendar.now().local_date(),
+    };
+    account_change(state.accounts.pool(), update, change).await?;
+    state.meter.set_blocked(id, blocked).await?;
+    ok(&json!({"user_id": id.as_str(), "status": if blocked { "blocked" } else { "active" }}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantBody {
+    user_id: String,
+    credits: i64,
+    reason: String,
+}
+
+async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
+    let body: GrantBody = read_json(req).await?;
+    let id = parse_user(&body.user_id)?;
+    if !(1..=MAX_GRANT).contains(&body.credits) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_amount",
+            message: format!("credits must be a whole number from 1 to {MAX_GRANT}"),
+        });
+    }
+    let reason = check_reason(Some(&body.reason))?.ok_or_else(|| invalid("reason is required"))?;
+    let credits = Credits::new(body.credits).map_err(|e| invalid(e.to_string()))?;
+    if state.accounts.get_user(&id).await?.is_none() {
+        return Err(ApiError::UnknownUser(id.to_string()));
+    }
+    let (monthly, bonus) = state.billing.grant(&id, credits, &reason, actor).await?;
+    audit(
+        state,
+        actor,
+        "grant",
+        Some(&id),
+        json!({"credits": body.credits, "reason": reason}),
+    )
+    .await?;
+    ok(&json!({
+        "user_id": id.as_str(),
+        "granted": body.credits,
+        "credits": {"remaining": monthly + bonus, "monthly_remaining": monthly, "bonus": bonus},
+    }))
+}
+
+// ------------------------------------------------------------------ stats
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    days: Option<i64>,
+}
+
+async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let q: StatsQuery = query(&req)?;
+    if q.days.is_some_and(|d| !(1..=366).contains(&d)) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: "days must be between 1 and 366".into(),
+        });
+    }
+    let pool = state.accounts.pool();
+    let stamp = state.calendar.now();
+    let today = stamp.local_date();
+    let month_start = today.with_day0(0).unwrap_or(today);
+
+    let counts: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT plan, status, count(*) FROM users GROUP BY plan, status")
+            .fetch_all(pool)
+            .await?;
+    let mut by_plan: BTreeMap<String, i64> = BTreeMap::new();
+    let mut by_status: BTreeMap<String, i64> = BTreeMap::new();
+    let mut revenue = 0i64;
+    for (plan, status, n) in &counts {
+        *by_plan.entry(plan.clone()).or_default() += n;
+        *by_status.entry(status.clone()).or_default() += n;
+        if status == "active" {
+            revenue += state.catalog.plan(plan).map_or(0, |p| p.price_dzd) * n;
+        }
+    }
+    let per_module = |from: NaiveDate| {
+        sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT module, SUM(charged_credits - refunded_credits)::bigint,
+                    SUM(charges - refunds)::bigint
+             FROM usage_daily WHERE day >= $1 GROUP BY module ORDER BY module",
+        )
+        .bind(from)
+        .fetch_all(pool)
+    };
+    let to_map = |rows: Vec<(String, i64, i64)>| -> serde_json::Value {
+        rows.into_iter()
+            .map(|(m, c, r)| (m, json!({"credits": c, "requests": r})))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let consumed_today = to_map(per_module(today).await?);
+    let consumed_month = to_map(per_module(month_start).await?);
+    let top: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT d.user_id, u.name, u.plan, SUM(d.charged_credits - d.refunded_credits)::bigint AS c
+         FROM usage_daily d JOIN users u ON u.id = d.user_id
+         WHERE d.day >= $1 GROUP BY d.user_id, u.name, u.plan
+         ORDER BY c DESC, d.user_id LIMIT 10",
+    )
+    .bind(month_start)
+    .fetch_all(pool)
+    .await?;
+    let mut answer = json!({
+        "users": {"total": by_status.values().sum::<i64>(), "by_plan": by_plan, "by_status": by_status},
+        "revenue": {"monthly_dzd": revenue},
+        "consumption": {"today": consumed_today, "this_month": consumed_month},
+        "top_consumers": top.into_iter().map(|(id, name, plan, credits)| json!({
+            "user_id": id, "name": name, "plan": plan, "credits": credits,
+        })).collect::<Vec<_>>(),
+    });
+    if let Some(days) = q.days {
+        let from = today
+            .checked_sub_days(Days::new(days as u64 - 1))
+            .unwrap_or(today);
+        let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(
+            "SELECT day, module, SUM(charged_credits - refunded_credits)::bigint,
+                    SUM(charges - refunds)::bigint
+             FROM usage_daily WHERE day >= $1 GROUP BY day, module ORDER BY day, module",
+        )
+        .bind(from)
+        .fetch_all(pool)
+        .await?;
+        let mut recorded: Vec<store::DayUsage> = Vec::new();
+        for (date, module, credits, requests) in rows {
+            if recorded.last().is_none_or(|d| d.date != date) {
+                recorded.push(store::DayUsage {
+                    date,
+                    credits: 0,
+                    requests: 0,
+                    by_module: Default::default(),
+                });
+            }
+            if let Some(d) = recorded.last_mut() {
+                d.credits += credits;
+                d.requests += requests;
+                d.by_module.insert(module, credits);
+            }
+        }
+        answer["daily"] = serde_json::to_value(fill_days(from, today, recorded))
+            .map_err(|_| ApiError::Internal)?;
+    }
+    ok(&answer)
+}
+
+// ------------------------------------------------------------------ exports
+
+/// A cell for CSV: quoted when needed, and text that a spreadsheet would
+/// run as a formula is prefixed with an apostrophe.
+pub fn csv_cell(value: &str) -> String {
+    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    };
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value
+    }
+}
+
+/// Streams the rows a task produces: the export is never held in memory.
+fn csv_response(
+    filename: &str,
+    produce: impl FnOnce(
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    ) -> tokio::task::JoinHandle<()>,
+) -> ApiResult {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+    produce(tx);
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let body: Body = StreamBody::new(stream).boxed_unsync();
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(http::header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
+}
+
+fn export_users(state: &AppState) -> ApiResult {
+    let pool = state.accounts.pool().clone();
+    csv_response("users.csv", move |tx| {
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(
+                    b"id,name,email,plan,status,created_at\n",
+                ))))
+                .await;
+            let mut rows = sqlx::query_as::<_, (String, String, Option<String>, String, String, chrono::DateTime<Utc>)>(
+                "SELECT id, name, email, plan, status, created_at FROM users ORDER BY created_at, id",
+            )
+            .fetch(&pool);
+            let mut chunk = String::new();
+            loop {
+                match rows.try_next().await {
+                    Ok(Some((id, name, email, plan, status, created))) => {
+                        chunk.push_str(&format!(
+                            "{},{},{},{},{},{}\n",
+                            csv_cell(&id),
+                            csv_cell(&name),
+                            csv_cell(email.as_deref().unwrap_or("")),
+                            plan,
+                            status,
+                            created.to_rfc3339()
+                        ));
+                        if chunk.len() > 16 * 1024
+                            && tx
+                                .send(Ok(Frame::data(Bytes::from(std::mem::take(&mut chunk)))))
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Ok(Frame::data(Bytes::from(chunk)))).await;
+        })
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageCsvQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, ApiError> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| ApiError::BadRequest {
+                code: "invalid_query",
+                message: format!("{field} must be a date like 2026-11-01"),
+            })
+        })
+        .transpose()
+}
+
+fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let q: UsageCsvQuery = query(&req)?;
+    let today = state.calendar.now().local_date();
+    let from = parse_date("from", q.from.as_deref())?
+        .unwrap_or_else(|| today.with_day0(0).unwrap_or(today));
+    let to = parse_date("to", q.to.as_deref())?.unwrap_or(today);
+    if to < from {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: "to must not be before from".into(),
+        });
+    }
+    let pool = state.accounts.pool().clone();
+    csv_response("usage.csv", move |tx| {
+        tokio::spawn(async move {
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(
+                    b"event_id,user_id,kind,module,action,amount,monthly_after,bonus_after,request_id,actor,local_day,occurred_at\n",
+                ))))
+                .await;
+            type Row = (
+                String,
+                String,
+                String,
+                Option<String>,
+                Option<String>,
+                i64,
+                Option<i64>,
+                Option<i64>,
+                Option<String>,
+                String,
+                NaiveDate,
+                chrono::DateTime<Utc>,
+            );
+            let mut rows = sqlx::query_as::<_, Row>(
+                "SELECT event_id, user_id, kind, module, action, amount, monthly_after, bonus_after,
+                        request_id, actor, local_day, occurred_at
+                 FROM ledger_events WHERE local_day BETWEEN $1 AND $2
+                 ORDER BY occurred_at, stream_ms, stream_seq",
+            )
+            .bind(from)
+            .bind(to)
+            .fetch(&pool);
+            let mut chunk = String::new();
+            let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+            loop {
+                match rows.try_next().await {
+                    Ok(Some((
+                        eid,
+                        uid,
+                        kind,
+                        module,
+                        action,
+                        amount,
+                        m,
+                        b,
+                        rid,
+                        actor,
+                        day,
+                        at,
+                    ))) => {
+                        chunk.push_str(&format!(
+                            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                            csv_cell(&eid),
+                            csv_cell(&uid),
+                            kind,
+                            csv_cell(module.as_deref().unwrap_or("")),
+                            csv_cell(action.as_deref().unwrap_or("")),
+                            amount,
+                            opt(m),
+                            opt(b),
+                            csv_cell(rid.as_deref().unwrap_or("")),
+                            csv_cell(&actor),
+                            day,
+                            at.to_rfc3339()
+                        ));
+                        if chunk.len() > 16 * 1024
+                            && tx
+                                .send(Ok(Frame::data(Bytes::from(std::mem::take(&mut chunk)))))
+                                .await
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Ok(Frame::data(Bytes::from(chunk)))).await;
+        })
+    })
+}
+
+// ------------------------------------------------------------------ audit
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    user_id: Option<String>,
+    page: Option<i64>,
+    per_page: Option<i64>,
+}
+
+async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let q: AuditQuery = query(&req)?;
+    let page = Page::parse(q.page, q.per_page)?;
+    let user = q
+        .user_id
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .map(parse_user)
+        .transpose()?;
+    type Row = (
+        i64,
+        chrono::DateTime<Utc>,
+        String,
+        String,
+        Option<String>,
+        serde_json::Value,
+        i64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, at, actor, action, user_id, details, count(*) OVER ()
+         FROM admin_audit WHERE ($1::text IS NULL OR user_id = $1)
+         ORDER BY id DESC LIMIT $2 OFFSET $3",
+    )
+    .bind(user.as_ref().map(UserId::as_str))
+    .bind(page.per_page)
+    .bind(page.offset())
+    .fetch_all(state.accounts.pool())
+    .await?;
+    let total = rows.first().map_or(0, |r| r.6);
+    ok(&json!({
+        "entries": rows.into_iter().map(|(id, at, actor, action, user_id, details, _)| json!({
+            "id": id, "at": at, "actor": actor, "action": action, "user_id": user_id, "details": details,
+        })).collect::<Vec<_>>(),
+        "page": page.page,
+        "per_page": page.per_page,
+        "total": total,
+    }))
+}

@@ -1,0 +1,113 @@
+//! Who may call which API: admin keys (`X-Admin-Key`), service keys
+//! (`X-Service-Key`) and users (the proxy's credentials).
+//!
+//! Configured keys are kept only as SHA-256 digests and compared in
+//! constant time against the digest of what was presented, so neither the
+//! key's content nor its length leaks through timing. Every configured key
+//! is compared, matching or not.
+
+use http::HeaderMap;
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::accounts::{Credential, credentials};
+use crate::config::{AuthSettings, NamedKey};
+use crate::domain::UserId;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+pub struct ApiKeys {
+    admin: Vec<(String, [u8; 32])>,
+    service: Vec<(String, [u8; 32])>,
+    pub trust_user_id_header: bool,
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn digests(keys: &[NamedKey]) -> Vec<(String, [u8; 32])> {
+    keys.iter()
+        .map(|k| (k.name.clone(), digest(k.key.expose_secret().as_bytes())))
+        .collect()
+}
+
+fn find(keys: &[(String, [u8; 32])], presented: &[u8]) -> Option<String> {
+    let presented = digest(presented);
+    let mut found = None;
+    for (name, key) in keys {
+        if bool::from(key.ct_eq(&presented)) {
+            found = Some(name.clone());
+        }
+    }
+    found
+}
+
+impl ApiKeys {
+    pub fn new(settings: &AuthSettings) -> Self {
+        Self {
+            admin: digests(&settings.admin_keys),
+            service: digests(&settings.service_keys),
+            trust_user_id_header: settings.trust_user_id_header,
+        }
+    }
+}
+
+/// The name of the admin key presented, which becomes the audit actor.
+pub fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let presented = headers
+        .get("x-admin-key")
+        .ok_or(ApiError::Unauthenticated("send X-Admin-Key"))?;
+    find(&state.api_keys.admin, presented.as_bytes())
+        .map(|name| format!("admin:{name}"))
+        .ok_or(ApiError::Unauthenticated("invalid admin key"))
+}
+
+/// The name of the service key presented.
+pub fn service(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let presented = headers
+        .get("x-service-key")
+        .ok_or(ApiError::Unauthenticated("send X-Service-Key"))?;
+    find(&state.api_keys.service, presented.as_bytes())
+        .map(|name| format!("service:{name}"))
+        .ok_or(ApiError::Unauthenticated("invalid service key"))
+}
+
+/// The calling user, identified like the proxy does. Keys are checked
+/// against Postgres without the cache, so a revoked key is refused here
+/// exactly as in the proxy.
+pub async fn user(state: &AppState, headers: &HeaderMap) -> Result<UserId, ApiError> {
+    match credentials::from_headers(headers, state.api_keys.trust_user_id_header) {
+        Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
+            "send Authorization: Bearer <api key> or X-API-Key",
+        )),
+        Err(credentials::CredentialError::Malformed(why)) => Err(ApiError::Unauthenticated(why)),
+        Ok(Credential::TrustedUser(user)) => match state.accounts.get_user(&user).await? {
+            Some(_) => Ok(user),
+            None => Err(ApiError::Unauthenticated("unknown user")),
+        },
+        Ok(Credential::Key(key)) => state
+            .accounts
+            .live_user_for_key(&key.hash())
+            .await?
+            .ok_or(ApiError::Unauthenticated("unknown or revoked API key")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_configured_key_is_compared_and_names_are_returned() {
+        let keys = vec![
+            ("ops".to_owned(), digest(b"first-key-123")),
+            ("ci".to_owned(), digest(b"second-key-456")),
+        ];
+        assert_eq!(find(&keys, b"second-key-456").as_deref(), Some("ci"));
+        assert_eq!(find(&keys, b"first-key-123").as_deref(), Some("ops"));
+        assert_eq!(find(&keys, b"first-key-12"), None);
+        assert_eq!(find(&keys, b""), None);
+    }
+}

@@ -1,0 +1,259 @@
+//! The credits integration API (service to service, `X-Service-Key`),
+//! kept compatible with the platform's existing callers:
+//! `check` → `consume` (idempotent on `request_id`) → `refund`, and the
+//! monthly reset for cron. The same scripts and rules as the proxy.
+
+use http::{Method, Request};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiResult, auth, ok, read_json, require};
+use crate::billing::Decision;
+use crate::catalog::Module;
+use crate::domain::{ActionId, RequestId, UserId};
+use crate::error::ApiError;
+use crate::metering::{ChargeRequest, Mode, RefundOf, RefundOutcome, Refusal};
+use crate::startup::AppState;
+
+pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
+    let actor = auth::service(state, req.headers())?;
+    require(&req, Method::POST)?;
+    match rest {
+        ["check"] => check(state, req).await,
+        ["consume"] => consume(state, req, &actor).await,
+        ["refund"] => refund(state, req, &actor).await,
+        ["reset-monthly"] => reset_monthly(state, &actor).await,
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckBody {
+    user_id: String,
+    module: String,
+    action: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumeBody {
+    user_id: String,
+    module: String,
+    action: Option<String>,
+    request_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefundBody {
+    user_id: String,
+    request_id: String,
+}
+
+fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::BadRequest {
+        code: "invalid_request",
+        message: format!("{field}: {why}"),
+    }
+}
+
+pub(super) fn parse_user(s: &str) -> Result<UserId, ApiError> {
+    UserId::parse(s).map_err(|e| invalid("user_id", e.why))
+}
+
+fn parse_module<'a>(state: &'a AppState, s: &str) -> Result<&'a Module, ApiError> {
+    state.catalog.module(s).ok_or_else(|| ApiError::BadRequest {
+        code: "unknown_module",
+        message: format!("no module {s:?}"),
+    })
+}
+
+fn parse_action(s: Option<&str>) -> Result<Option<ActionId>, ApiError> {
+    s.map(|a| ActionId::parse(a).map_err(|e| invalid("action", e.why)))
+        .transpose()
+}
+
+#[derive(Serialize)]
+struct CheckAnswer {
+    can_proceed: bool,
+    cost: i64,
+    credits_remaining: i64,
+    daily_used: i64,
+    daily_limit: Option<i64>,
+    reason: Option<&'static str>,
+}
+
+async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let body: CheckBody = read_json(req).await?;
+    let user = parse_user(&body.user_id)?;
+    let module = parse_module(state, &body.module)?;
+    let action = parse_action(body.action.as_deref())?;
+    let cost = module.cost_of(action.as_ref()).get();
+    let stamp = state.calendar.now();
+    let rid = RequestId::generate();
+    let decision = state
+        .billing
+        .charge(&ChargeRequest {
+            user: &user,
+            key_hash: None,
+            module,
+            action: action.as_ref(),
+            request_id: &rid,
+            idempotent: false,
+            actor: "check",
+            stamp: &stamp,
+            mode: Mode::Check,
+        })
+        .await?;
+    let (can_proceed, balance, reason) = match decision {
+        // In check mode the balance is what it would be after the call.
+        Decision::Charged(r) => {
+            let mut b = r.balance;
+            b.monthly += r.from_monthly;
+            b.bonus += r.from_bonus;
+            b.day_used -= r.charged;
+            (true, Some(b), None)
+        }
+        Decision::Duplicate { balance, .. } => (true, Some(balance), None),
+        Decision::Refused(Refusal::DailyLimit(b)) => (false, Some(b), Some("daily_limit")),
+        Decision::Refused(Refusal::InsufficientCredits(b)) => {
+            (false, Some(b), Some("insufficient_credits"))
+        }
+        Decision::Refused(Refusal::Blocked) => (false, None, Some("blocked")),
+        Decision::Refused(Refusal::ModuleNotInPlan) => (false, None, Some("module_not_in_plan")),
+        Decision::Refused(Refusal::UnknownKey) => (false, None, Some("unauthenticated")),
+    };
+    let (remaining, used, limit) = match balance {
+        Some(b) => (b.remaining(), b.day_used, b.daily_limit),
+        None => match state.meter.account(&user).await? {
+            Some(a) => (
+                a.monthly + a.bonus,
+                if a.day == stamp.day { a.day_used } else { 0 },
+                state
+                    .catalog
+                    .plan(&a.plan)
+                    .and_then(|p| p.daily_limit.map(|l| l.get())),
+            ),
+            None => (0, 0, None),
+        },
+    };
+    ok(&CheckAnswer {
+        can_proceed,
+        cost,
+        credits_remaining: remaining,
+        daily_used: used,
+        daily_limit: limit,
+        reason,
+    })
+}
+
+#[derive(Serialize)]
+struct ConsumeAnswer {
+    success: bool,
+    charged: i64,
+    credits_remaining: i64,
+    duplicate: bool,
+}
+
+async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
+    let body: ConsumeBody = read_json(req).await?;
+    let user = parse_user(&body.user_id)?;
+    let module = parse_module(state, &body.module)?;
+    let action = parse_action(body.action.as_deref())?;
+    let rid = RequestId::parse(&body.request_id).map_err(|e| invalid("request_id", e.why))?;
+    let stamp = state.calendar.now();
+    let cost = module.cost_of(action.as_ref()).get();
+    let decision = state
+        .billing
+        .charge(&ChargeRequest {
+            user: &user,
+            key_hash: None,
+            module,
+            action: action.as_ref(),
+            request_id: &rid,
+            idempotent: true,
+            actor,
+            stamp: &stamp,
+            mode: Mode::Charge,
+        })
+        .await?;
+    match decision {
+        Decision::Charged(r) => ok(&ConsumeAnswer {
+            success: true,
+            charged: r.charged,
+            credits_remaining: r.balance.remaining(),
+            duplicate: false,
+        }),
+        Decision::Duplicate { balance, .. } => ok(&ConsumeAnswer {
+            success: true,
+            charged: 0,
+            credits_remaining: balance.remaining(),
+            duplicate: true,
+        }),
+        Decision::Refused(refusal) => Err(ApiError::refusal(refusal, &module.id, cost, &stamp)),
+    }
+}
+
+#[derive(Serialize)]
+struct RefundAnswer {
+    success: bool,
+    refunded: i64,
+    credits_remaining: i64,
+}
+
+async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
+    let body: RefundBody = read_json(req).await?;
+    let user = parse_user(&body.user_id)?;
+    let rid = RequestId::parse(&body.request_id).map_err(|e| invalid("request_id", e.why))?;
+    let now = state.calendar.now();
+    match state
+        .meter
+        .refund(&user, &rid, RefundOf::Record, actor, &now)
+        .await?
+    {
+        RefundOutcome::Refunded {
+            amount,
+            monthly,
+            bonus,
+            ..
+        } => ok(&RefundAnswer {
+            success: true,
+            refunded: amount,
+            credits_remaining: monthly + bonus,
+        }),
+        RefundOutcome::NotFound | RefundOutcome::Missing => Err(ApiError::NotFoundCode {
+            code: "charge_not_found",
+            message: format!(
+                "no refundable charge {} for user {user} (never charged, already refunded, or older than 24 h)",
+                rid
+            ),
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct ResetAnswer {
+    period: String,
+    accounts: u64,
+    reset: u64,
+    already_current: u64,
+}
+
+async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
+    let report = state.billing.reset_monthly(actor).await?;
+    super::admin::audit(
+        state,
+        actor,
+        "reset_monthly",
+        None,
+        serde_json::json!({"period": report.period, "reset": report.reset}),
+    )
+    .await?;
+    ok(&ResetAnswer {
+        period: report.period,
+        accounts: report.accounts,
+        reset: report.reset,
+        already_current: report.already_current,
+    })
+}

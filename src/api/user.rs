@@ -1,0 +1,223 @@
+//! The user billing API: the caller's own balance and history, and the
+//! public plan and price tables. History comes from the Postgres ledger and
+//! its daily aggregates, never from scanning Redis.
+
+use chrono::{Days, NaiveDate};
+use http::{Method, Request};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{ApiResult, Page, auth, ok, query, require};
+use crate::catalog::Plan;
+use crate::error::ApiError;
+use crate::ledger::store;
+use crate::metering::AccountState;
+use crate::startup::AppState;
+
+pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
+    require(&req, Method::GET)?;
+    match rest {
+        ["plans"] => {
+            ok(&json!({"plans": state.catalog.plans().iter().map(plan_json).collect::<Vec<_>>()}))
+        }
+        ["credit-costs"] => credit_costs(state),
+        ["me"] => me(state, req).await,
+        ["usage"] => usage(state, req).await,
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+pub fn plan_json(p: &Plan) -> serde_json::Value {
+    json!({
+        "id": p.id.as_str(),
+        "name": p.name,
+        "monthly_credits": p.monthly_credits.get(),
+        "daily_limit": p.daily_limit.map(|l| l.get()),
+        "price_dzd": p.price_dzd,
+        "modules": p.modules.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+        "features": p.features,
+    })
+}
+
+fn credit_costs(state: &AppState) -> ApiResult {
+    let modules: Vec<_> = state
+        .catalog
+        .modules()
+        .iter()
+        .map(|m| {
+            json!({
+                "module": m.id.as_str(),
+                "cost": m.cost.get(),
+                "prefix": m.prefix,
+                "actions": m.actions.iter().map(|(a, c)| (a.as_str().to_owned(), json!(c.get()))).collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    ok(&json!({ "modules": modules }))
+}
+
+/// The account as the user should see it now: a new day or period that no
+/// call has started yet is shown as started (what the next call will do).
+pub struct View {
+    pub monthly: i64,
+    pub bonus: i64,
+    pub day_used: i64,
+}
+
+pub fn view(account: &AccountState, plan: Option<&Plan>, day: &str, period: &str) -> View {
+    View {
+        monthly: if account.period == period {
+            account.monthly
+        } else {
+            plan.map_or(0, |p| p.monthly_credits.get())
+        },
+        bonus: account.bonus,
+        day_used: if account.day == day {
+            account.day_used
+        } else {
+            0
+        },
+    }
+}
+
+/// The account's Redis state, rebuilding it from Postgres if needed.
+pub async fn account_state(
+    state: &AppState,
+    user: &crate::domain::UserId,
+) -> Result<AccountState, ApiError> {
+    if let Some(a) = state.meter.account(user).await? {
+        return Ok(a);
+    }
+    state.billing.rebuild(user).await?;
+    state
+        .meter
+        .account(user)
+        .await?
+        .ok_or(ApiError::MeteringUnavailable)
+}
+
+async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let id = auth::user(state, req.headers()).await?;
+    let user = state
+        .accounts
+        .get_user(&id)
+        .await?
+        .ok_or(ApiError::Unauthenticated("unknown user"))?;
+    let account = account_state(state, &id).await?;
+    let stamp = state.calendar.now();
+    let plan = state.catalog.plan(user.plan.as_str());
+    let v = view(&account, plan, &stamp.day, &stamp.period);
+    let allowance = plan.map_or(0, |p| p.monthly_credits.get());
+    ok(&json!({
+        "user_id": id.as_str(),
+        "name": user.name,
+        "email": user.email,
+        "plan": plan.map(plan_json),
+        "status": if user.blocked { "blocked" } else { "active" },
+        "credits": {
+            "remaining": v.monthly + v.bonus,
+            "monthly_remaining": v.monthly,
+            "monthly_allowance": allowance,
+            "bonus": v.bonus,
+        },
+        "daily": {
+            "used": v.day_used,
+            "limit": plan.and_then(|p| p.daily_limit.map(|l| l.get())),
+            "resets_at": stamp.day_ends,
+        },
+        "period": {
+            "id": stamp.period,
+            "start": stamp.period_starts,
+            "resets_at": stamp.period_ends,
+        },
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    days: Option<i64>,
+    page: Option<i64>,
+    per_page: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct UsageAnswer {
+    days: i64,
+    from: NaiveDate,
+    totals: Vec<store::ModuleTotal>,
+    series: Vec<store::DayUsage>,
+    transactions: Transactions,
+}
+
+#[derive(Serialize)]
+struct Transactions {
+    items: Vec<store::LedgerRow>,
+    page: i64,
+    per_page: i64,
+    total: i64,
+}
+
+async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let q: UsageQuery = query(&req)?;
+    let id = auth::user(state, req.headers()).await?;
+    let days = q.days.unwrap_or(30);
+    if !(1..=366).contains(&days) {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: "days must be between 1 and 366".into(),
+        });
+    }
+    let page = Page::parse(q.page, q.per_page)?;
+    let pool = state.accounts.pool();
+    let today = state.calendar.now().local_date();
+    let from = today
+        .checked_sub_days(Days::new(days as u64 - 1))
+        .unwrap_or(today);
+    let recorded = store::usage_by_day(pool, id.as_str(), from).await?;
+    let series = fill_days(from, today, recorded);
+    let totals = store::totals_by_module(pool, id.as_str(), from).await?;
+    let (items, total) =
+        store::transactions(pool, id.as_str(), page.per_page, page.offset()).await?;
+    ok(&UsageAnswer {
+        days,
+        from,
+        totals,
+        series,
+        transactions: Transactions {
+            items,
+            page: page.page,
+            per_page: page.per_page,
+            total,
+        },
+    })
+}
+
+/// One entry per day from `from` to `to`, zeros where nothing was used,
+/// so charts need no gap logic.
+pub fn fill_days(
+    from: NaiveDate,
+    to: NaiveDate,
+    recorded: Vec<store::DayUsage>,
+) -> Vec<store::DayUsage> {
+    let mut out = Vec::new();
+    let mut recorded = recorded.into_iter().peekable();
+    let mut day = from;
+    while day <= to {
+        match recorded.next_if(|r| r.date == day) {
+            Some(r) => out.push(r),
+            None => out.push(store::DayUsage {
+                date: day,
+                credits: 0,
+                requests: 0,
+                by_module: Default::default(),
+            }),
+        }
+        day = match day.succ_opt() {
+            Some(d) => d,
+            None => break,
+        };
+    }
+    out
+}

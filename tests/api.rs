@@ -1,0 +1,1135 @@
+//! The billing, admin and credits APIs (SPEC §3–§5), against a real
+//! gateway, Redis and Postgres.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ADMIN_KEY, SERVICE_KEY, TestApp, error_code};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn body(r: reqwest::Response) -> Value {
+    r.json().await.expect("JSON body")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plans_and_credit_costs_are_public_and_come_from_the_config() {
+    let app = TestApp::spawn().await;
+    let plans = body(
+        app.client
+            .get(app.url("/api/billing/plans"))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    let free = plans["plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["id"] == "free"))
+        .expect("free plan");
+    assert_eq!(free["monthly_credits"], 100);
+    assert_eq!(free["daily_limit"], 20);
+    assert_eq!(free["modules"], json!(["rag", "park"]));
+    let ent = plans["plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["id"] == "enterprise"))
+        .expect("enterprise");
+    assert_eq!(ent["daily_limit"], Value::Null);
+    let costs = body(
+        app.client
+            .get(app.url("/api/billing/credit-costs"))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
+    let legal = costs["modules"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["module"] == "legal"))
+        .expect("legal");
+    assert_eq!(legal["cost"], 3);
+    assert_eq!(legal["actions"]["draft"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn me_and_usage_show_the_callers_own_balance_and_history() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    let other = app.create_user("free").await;
+    for path in ["/rag/a", "/legal/b", "/rag/status/500"] {
+        app.call(&user.key, path).await;
+    }
+    app.call(&other.key, "/rag/x").await;
+    let me = body(app.user_get(&user.key, "/me").await).await;
+    assert_eq!(me["user_id"], user.id.as_str());
+    assert_eq!(me["plan"]["id"], "starter");
+    assert_eq!(me["status"], "active");
+    assert_eq!(me["credits"]["remaining"], 496);
+    assert_eq!(me["credits"]["monthly_allowance"], 500);
+    assert_eq!(me["credits"]["bonus"], 0);
+    assert_eq!(me["daily"]["used"], 4);
+    assert_eq!(me["daily"]["limit"], 100);
+    assert!(me["period"]["resets_at"].is_string() && me["daily"]["resets_at"].is_string());
+
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let usage = body(app.user_get(&user.key, "/usage?days=7&per_page=2").await).await;
+    let series = usage["series"].as_array().expect("series");
+    assert_eq!(series.len(), 7);
+    let today = series.last().expect("today");
+    assert_eq!(today["credits"], 4);
+    assert_eq!(today["requests"], 2);
+    assert_eq!(today["by_module"]["legal"], 3);
+    assert_eq!(usage["transactions"]["total"], 4); // 3 charges + 1 refund
+    assert_eq!(
+        usage["transactions"]["items"].as_array().map(Vec::len),
+        Some(2)
+    );
+    // Nobody else's rows.
+    let items = usage["transactions"]["items"].as_array().expect("items");
+    assert!(items.iter().all(|t| t["request_id"] != Value::Null));
+    let theirs = body(app.user_get(&other.key, "/usage").await).await;
+    assert_eq!(theirs["transactions"]["total"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_platforms_check_then_consume_flow_charges_once() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    let check = body(
+        app.service(
+            "/check",
+            json!({"user_id": user.id.as_str(), "module": "legal"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(check["can_proceed"], true);
+    assert_eq!(check["cost"], 3);
+    assert_eq!(check["credits_remaining"], 500);
+    assert_eq!(check["daily_used"], 0);
+    assert_eq!(check["daily_limit"], 100);
+    assert_eq!(
+        app.balance(&user.id).await,
+        (500, 0, 0),
+        "check charges nothing"
+    );
+
+    let consume = json!({"user_id": user.id.as_str(), "module": "legal", "action": "ask", "request_id": "hub-req-1"});
+    let first = body(app.service("/consume", consume.clone()).await).await;
+    assert_eq!(
+        first,
+        json!({"success": true, "charged": 3, "credits_remaining": 497, "duplicate": false})
+    );
+    let second = body(app.service("/consume", consume).await).await;
+    assert_eq!(
+        second,
+        json!({"success": true, "charged": 0, "credits_remaining": 497, "duplicate": true})
+    );
+    assert_eq!(app.balance(&user.id).await, (497, 0, 3));
+
+    let refund = json!({"user_id": user.id.as_str(), "request_id": "hub-req-1"});
+    let r = body(app.service("/refund", refund.clone()).await).await;
+    assert_eq!(r["refunded"], 3);
+    assert_eq!(r["credits_remaining"], 500);
+    let again = app.service("/refund", refund).await;
+    assert_eq!(again.status(), 404);
+    assert_eq!(error_code(again).await, "charge_not_found");
+    assert_eq!(
+        app.events(&user.id).await,
+        vec![("charge".to_owned(), 3), ("refund".to_owned(), 3)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consume_refuses_like_the_proxy_and_charges_nothing() {
+    let app = TestApp::spawn().await;
+    let free = app.create_user("free").await;
+    let tiny = app.create_user("tiny").await;
+    let r = app
+        .service(
+            "/consume",
+            json!({"user_id": free.id.as_str(), "module": "legal", "request_id": "a"}),
+        )
+        .await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "module_not_in_plan");
+    for i in 0..3 {
+        let r = app
+            .service("/consume", json!({"user_id": tiny.id.as_str(), "module": "legal", "request_id": format!("t{i}")}))
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = app
+        .service(
+            "/consume",
+            json!({"user_id": tiny.id.as_str(), "module": "legal", "request_id": "t9"}),
+        )
+        .await;
+    assert_eq!(r.status(), 402);
+    assert_eq!(error_code(r).await, "insufficient_credits");
+    let check = body(
+        app.service(
+            "/check",
+            json!({"user_id": tiny.id.as_str(), "module": "legal"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(check["can_proceed"], false);
+    assert_eq!(check["reason"], "insufficient_credits");
+    assert_eq!(check["credits_remaining"], 1);
+    for i in 0..10 {
+        app.service(
+            "/consume",
+            json!({"user_id": free.id.as_str(), "module": "park", "request_id": format!("p{i}")}),
+        )
+        .await;
+    }
+    let r = app
+        .service(
+            "/consume",
+            json!({"user_id": free.id.as_str(), "module": "park", "request_id": "p99"}),
+        )
+        .await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(app.balance(&free.id).await, (80, 0, 20));
+    let unknown = app
+        .service(
+            "/consume",
+            json!({"user_id": "ghost", "module": "rag", "request_id": "g"}),
+        )
+        .await;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(error_code(unknown).await, "unknown_user");
+}
+
+/// Moves accounts back to last month in Redis, as if the month had ended.
+async fn age_accounts(app: &TestApp, users: &[&creditgate::domain::UserId]) {
+    let mut con = app.redis.connection().await;
+    for u in users {
+        let _: () = redis::cmd("HSET")
+            .arg(app.state.meter.keys().account(u))
+            .arg("period")
+            .arg("1999-12")
+            .query_async(&mut con)
+            .await
+            .expect("HSET");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn monthly_reset_is_idempotent_keeps_bonus_and_loses_no_concurrent_charge() {
+    let app = TestApp::spawn().await;
+    let a = app.create_user("free").await;
+    let b = app.create_user("enterprise").await;
+    let c = app.create_user("starter").await; // never used: rebuilt by the reset
+    for u in [&a, &b] {
+        app.call(&u.key, "/rag/q").await;
+    }
+    let g = app
+        .admin(
+            Method::POST,
+            "/grant",
+            Some(json!({"user_id": a.id.as_str(), "credits": 7, "reason": "gift"})),
+        )
+        .await;
+    assert_eq!(g.status(), 200);
+    age_accounts(&app, &[&a.id, &b.id]).await;
+
+    // The reset runs while `b` is being charged.
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let (client, url, key) = (app.client.clone(), app.url("/rag/q"), b.key.clone());
+            tokio::spawn(async move {
+                client
+                    .get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    let first = body(app.service("/reset-monthly", json!({})).await).await;
+    let mut ok = 0;
+    for t in calls {
+        if t.await.expect("task").expect("send") == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 40);
+    assert_eq!(first["accounts"], 3);
+    let second = body(app.service("/reset-monthly", json!({})).await).await;
+    assert_eq!(second["reset"], 0, "{second}");
+    assert_eq!(second["already_current"], 3);
+
+    // `a`: allowance back to 100, bonus kept; `b`: exactly one reset, every charge kept.
+    let (am, ab, _) = app.balance(&a.id).await;
+    assert_eq!((am, ab), (100, 7));
+    let (bm, bb, _) = app.balance(&b.id).await;
+    assert_eq!((bm, bb), (100_000 - 40, 0));
+    let resets = app
+        .events(&b.id)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k == "reset")
+        .count();
+    assert_eq!(resets, 1);
+    assert_eq!(app.balance(&c.id).await.0, 500);
+    // The CLI does the same, for cron: nothing left to reset.
+    let out = app.cli(&["reset-monthly"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("reset 0 of 3"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_lifecycle_takes_effect_in_the_proxy_at_once() {
+    let app = TestApp::spawn().await;
+    let created = app
+        .admin(
+            Method::POST,
+            "/users",
+            Some(json!({"name": "Amina B.", "email": "amina@example.dz", "plan": "free"})),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let created = body(created).await;
+    let id = created["user"]["id"].as_str().expect("id").to_owned();
+    let key = created["api_key"].as_str().expect("key").to_owned();
+    assert_eq!(app.call(&key, "/rag/q").await.status(), 200);
+
+    // Plan change: legal opens up at once.
+    assert_eq!(app.call(&key, "/legal/q").await.status(), 403);
+    let r = app
+        .admin(
+            Method::PUT,
+            &format!("/users/{id}/plan"),
+            Some(json!({"plan": "starter"})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.call(&key, "/legal/q").await.status(), 200);
+
+    // Grant: spendable at once.
+    let r = body(
+        app.admin(
+            Method::POST,
+            "/grant",
+            Some(json!({"user_id": id, "credits": 50, "reason": "support"})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(r["credits"]["bonus"], 50);
+    assert_eq!(r["credits"]["remaining"], 96 + 50);
+
+    // Block: the proxy refuses at once; unblock restores.
+    let r = app
+        .admin(
+            Method::POST,
+            &format!("/users/{id}/block"),
+            Some(json!({"reason": "fraud check"})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let blocked = app.call(&key, "/rag/q").await;
+    assert_eq!(blocked.status(), 403);
+    assert_eq!(error_code(blocked).await, "blocked");
+    let user = body(app.admin(Method::GET, &format!("/users/{id}"), None).await).await;
+    assert_eq!(user["status"], "blocked");
+    let r = app
+        .admin(Method::POST, &format!("/users/{id}/unblock"), None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.call(&key, "/rag/q").await.status(), 200);
+
+    // Keys: a second key works; revoking the first stops it at once.
+    let second = body(
+        app.admin(Method::POST, &format!("/users/{id}/keys"), None)
+            .await,
+    )
+    .await;
+    let second_key = second["api_key"].as_str().expect("key").to_owned();
+    assert_eq!(app.call(&second_key, "/rag/q").await.status(), 200);
+    let key_id = created["key_id"].as_str().expect("key id");
+    let r = app
+        .admin(Method::DELETE, &format!("/users/{id}/keys/{key_id}"), None)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.call(&key, "/rag/q").await.status(), 401);
+    assert_eq!(app.user_get(&key, "/me").await.status(), 401);
+    assert_eq!(app.call(&second_key, "/rag/q").await.status(), 200);
+
+    let user = body(app.admin(Method::GET, &format!("/users/{id}"), None).await).await;
+    assert_eq!(user["plan"]["id"], "starter");
+    assert_eq!(user["keys"].as_array().map(Vec::len), Some(2));
+    assert!(user["keys"][0]["revoked_at"].is_string());
+
+    // The audit trail names the admin key, in order.
+    let audit = body(app.admin(Method::GET, "/audit", None).await).await;
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .rev()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "create_user",
+            "plan_change",
+            "grant",
+            "block",
+            "unblock",
+            "create_key",
+            "revoke_key"
+        ]
+    );
+    assert!(
+        audit["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .all(|e| e["actor"] == "admin:ops")
+    );
+    // Plan changes and blocks are ledger events too.
+    let kinds: Vec<String> = app
+        .events(&creditgate::domain::UserId::parse(&id).expect("id"))
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    for kind in ["plan_change", "grant", "block", "unblock"] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{kind} missing from {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn user_list_filters_and_stats_match_the_data() {
+    let app = TestApp::spawn().await;
+    let f1 = app.create_user("free").await;
+    let _f2 = app.create_user("free").await;
+    let s1 = app.create_user("starter").await;
+    let e1 = app.create_user("enterprise").await;
+    for _ in 0..3 {
+        app.call(&s1.key, "/legal/q").await;
+    }
+    app.call(&f1.key, "/rag/q").await;
+    app.call(&e1.key, "/park/q").await;
+    app.admin(Method::POST, &format!("/users/{}/block", e1.id), None)
+        .await;
+    app.wait_flushed(Duration::from_secs(10)).await;
+
+    let free = body(app.admin(Method::GET, "/users?plan=free", None).await).await;
+    assert_eq!(free["total"], 2);
+    assert!(
+        free["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .all(|u| u["plan"] == "free")
+    );
+    let blocked = body(app.admin(Method::GET, "/users?status=blocked", None).await).await;
+    assert_eq!(blocked["total"], 1);
+    assert_eq!(blocked["users"][0]["id"], e1.id.as_str());
+    let page = body(
+        app.admin(Method::GET, "/users?per_page=1&page=2", None)
+            .await,
+    )
+    .await;
+    assert_eq!(page["total"], 4);
+    assert_eq!(page["users"].as_array().map(Vec::len), Some(1));
+    let s1_row = body(
+        app.admin(Method::GET, &format!("/users?q={}", s1.id), None)
+            .await,
+    )
+    .await;
+    assert_eq!(s1_row["users"][0]["credits_remaining"], 491);
+    assert_eq!(s1_row["users"][0]["used_this_month"], 9);
+
+    let stats = body(app.admin(Method::GET, "/stats?days=30", None).await).await;
+    assert_eq!(stats["users"]["total"], 4);
+    assert_eq!(stats["users"]["by_plan"]["free"], 2);
+    assert_eq!(stats["users"]["by_status"]["blocked"], 1);
+    // Active users only: starter 2000 (enterprise is blocked, free is 0).
+    assert_eq!(stats["revenue"]["monthly_dzd"], 2000);
+    assert_eq!(stats["consumption"]["today"]["legal"]["credits"], 9);
+    assert_eq!(stats["consumption"]["this_month"]["rag"]["credits"], 1);
+    assert_eq!(stats["top_consumers"][0]["user_id"], s1.id.as_str());
+    let daily = stats["daily"].as_array().expect("daily");
+    assert_eq!(daily.len(), 30);
+    assert_eq!(daily.last().map(|d| d["credits"].clone()), Some(json!(12)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_exports_parse_back_and_match_the_ledger() {
+    let app = TestApp::spawn().await;
+    let tricky = app
+        .admin(
+            Method::POST,
+            "/users",
+            Some(json!({"name": "Benali, \"Sami\"", "plan": "free"})),
+        )
+        .await;
+    let tricky = body(tricky).await;
+    let key = tricky["api_key"].as_str().expect("key").to_owned();
+    let formula = app
+        .admin(
+            Method::POST,
+            "/users",
+            Some(json!({"name": "=HYPERLINK(\"x\")", "plan": "starter"})),
+        )
+        .await;
+    assert_eq!(formula.status(), 201);
+    for p in ["/rag/a", "/rag/status/500", "/park/b"] {
+        app.call(&key, p).await;
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+
+    let users = app.admin(Method::GET, "/export.csv", None).await;
+    assert_eq!(users.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = users.text().await.expect("csv");
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let rows: Vec<csv::StringRecord> = reader
+        .records()
+        .collect::<Result<_, _>>()
+        .expect("valid CSV");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(&rows[0][1], "Benali, \"Sami\"");
+    assert_eq!(
+        &rows[1][1], "'=HYPERLINK(\"x\")",
+        "formulas are neutralised"
+    );
+
+    let usage = app
+        .admin(Method::GET, "/usage.csv", None)
+        .await
+        .text()
+        .await
+        .expect("csv");
+    let mut reader = csv::Reader::from_reader(usage.as_bytes());
+    let headers = reader.headers().expect("headers").clone();
+    assert_eq!(&headers[0], "event_id");
+    let rows: Vec<csv::StringRecord> = reader
+        .records()
+        .collect::<Result<_, _>>()
+        .expect("valid CSV");
+    let pool = app.pool().await;
+    let ledger: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT event_id, kind, amount FROM ledger_events ORDER BY occurred_at, stream_ms, stream_seq")
+            .fetch_all(&pool)
+            .await
+            .expect("ledger");
+    let from_csv: Vec<(String, String, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r[0].to_owned(),
+                r[2].to_owned(),
+                r[5].parse().expect("amount"),
+            )
+        })
+        .collect();
+    assert_eq!(from_csv, ledger);
+    assert_eq!(ledger.len(), 4); // charge, charge+refund, charge
+    let empty = app
+        .admin(
+            Method::GET,
+            "/usage.csv?from=2001-01-01&to=2001-01-31",
+            None,
+        )
+        .await
+        .text()
+        .await
+        .expect("csv");
+    assert_eq!(empty.lines().count(), 1, "header only");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_for_one_api_never_open_another() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    type Case<'a> = (Method, &'a str, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case> = vec![
+        (Method::GET, "/api/admin/billing/users", vec![]),
+        (
+            Method::GET,
+            "/api/admin/billing/users",
+            vec![("x-admin-key", "wrong-key-000")],
+        ),
+        (
+            Method::GET,
+            "/api/admin/billing/users",
+            vec![("x-service-key", SERVICE_KEY)],
+        ),
+        (
+            Method::GET,
+            "/api/admin/billing/users",
+            vec![("x-admin-key", SERVICE_KEY)],
+        ),
+        (
+            Method::GET,
+            "/api/admin/billing/stats",
+            vec![("authorization", "Bearer USER")],
+        ),
+        (Method::POST, "/api/credits/check", vec![]),
+        (
+            Method::POST,
+            "/api/credits/check",
+            vec![("x-service-key", ADMIN_KEY)],
+        ),
+        (
+            Method::POST,
+            "/api/credits/consume",
+            vec![("x-admin-key", ADMIN_KEY)],
+        ),
+        (Method::GET, "/api/billing/me", vec![]),
+        (
+            Method::GET,
+            "/api/billing/me",
+            vec![("x-admin-key", ADMIN_KEY)],
+        ),
+        (
+            Method::GET,
+            "/api/billing/me",
+            vec![("x-user-id", "someone")],
+        ),
+    ];
+    for (method, path, headers) in cases {
+        let mut req = app.client.request(method.clone(), app.url(path));
+        for (k, v) in &headers {
+            req = req.header(*k, v.replace("USER", &user.key));
+        }
+        let r = req.send().await.expect("send");
+        assert_eq!(r.status(), 401, "{method} {path} {headers:?}");
+        assert_eq!(error_code(r).await, "unauthenticated");
+    }
+    assert_eq!(app.user_get(&user.key, "/me").await.status(), 200);
+}
+
+/// Status, error code and whether anything changed, for one bad request.
+struct Bad {
+    method: Method,
+    path: String,
+    body: Option<&'static str>,
+    auth: &'static str,
+    status: u16,
+    code: &'static str,
+}
+
+fn bad(
+    method: Method,
+    path: &str,
+    body: Option<&'static str>,
+    auth: &'static str,
+    status: u16,
+    code: &'static str,
+) -> Bad {
+    Bad {
+        method,
+        path: path.to_owned(),
+        body,
+        auth,
+        status,
+        code,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_inputs_get_clear_errors_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    app.call(&user.key, "/rag/warm").await;
+    let uid = user.id.as_str().to_owned();
+    let u = |p: &str| p.replace("UID", &uid);
+    let big = Box::leak(
+        format!(
+            "{{\"name\": \"{}\", \"plan\": \"free\"}}",
+            "x".repeat(70_000)
+        )
+        .into_boxed_str(),
+    );
+    let grant_big = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": 1000001, \"reason\": \"x\"}}")
+            .into_boxed_str(),
+    );
+    let grant_neg = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": -5, \"reason\": \"x\"}}").into_boxed_str(),
+    );
+    let grant_zero = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": 0, \"reason\": \"x\"}}").into_boxed_str(),
+    );
+    let grant_frac = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": 1.5, \"reason\": \"x\"}}").into_boxed_str(),
+    );
+    let grant_str = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": \"10\", \"reason\": \"x\"}}")
+            .into_boxed_str(),
+    );
+    let grant_noreason = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": 10, \"reason\": \"  \"}}").into_boxed_str(),
+    );
+    let grant_huge = Box::leak(
+        format!(
+            "{{\"user_id\": \"{uid}\", \"credits\": 99999999999999999999999, \"reason\": \"x\"}}"
+        )
+        .into_boxed_str(),
+    );
+    let grant_extra = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": 5, \"reason\": \"x\", \"admin\": true}}")
+            .into_boxed_str(),
+    );
+    let consume_nomod = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"module\": \"teleport\", \"request_id\": \"r\"}}")
+            .into_boxed_str(),
+    );
+    let consume_norid =
+        Box::leak(format!("{{\"user_id\": \"{uid}\", \"module\": \"rag\"}}").into_boxed_str());
+    let consume_badrid = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"module\": \"rag\", \"request_id\": \"a b\"}}")
+            .into_boxed_str(),
+    );
+    let consume_badaction = Box::leak(format!("{{\"user_id\": \"{uid}\", \"module\": \"rag\", \"action\": \"DROP\", \"request_id\": \"r\"}}").into_boxed_str());
+    let refund_none = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"request_id\": \"never\"}}").into_boxed_str(),
+    );
+    use Method as M;
+    let cases = vec![
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{not json"),
+            "admin",
+            400,
+            "invalid_json",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("[]"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": \"A\"}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": \"A\", \"plan\": \"gold\"}"),
+            "admin",
+            400,
+            "unknown_plan",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": \"\", \"plan\": \"free\"}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": \"A\", \"plan\": \"free\", \"email\": \"nope\"}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": 5, \"plan\": \"free\"}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": \"A\", \"plan\": \"free\", \"role\": \"admin\"}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some("{\"name\": \"A\", \"plan\": \"free\", \"id\": \"bad id\"}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users",
+            Some(big),
+            "admin",
+            413,
+            "payload_too_large",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_big),
+            "admin",
+            400,
+            "invalid_amount",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_neg),
+            "admin",
+            400,
+            "invalid_amount",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_zero),
+            "admin",
+            400,
+            "invalid_amount",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_frac),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_str),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_noreason),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_huge),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_extra),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some("{\"user_id\": \"ghost\", \"credits\": 5, \"reason\": \"x\"}"),
+            "admin",
+            404,
+            "unknown_user",
+        ),
+        bad(
+            M::PUT,
+            &u("/api/admin/billing/users/UID/plan"),
+            Some("{\"plan\": \"platinum\"}"),
+            "admin",
+            400,
+            "unknown_plan",
+        ),
+        bad(
+            M::PUT,
+            "/api/admin/billing/users/ghost/plan",
+            Some("{\"plan\": \"free\"}"),
+            "admin",
+            404,
+            "unknown_user",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/users/ghost/block",
+            None,
+            "admin",
+            404,
+            "unknown_user",
+        ),
+        bad(
+            M::POST,
+            &u("/api/admin/billing/users/UID/block"),
+            Some("{\"reason\": 42}"),
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::DELETE,
+            &u("/api/admin/billing/users/UID/keys/not-a-uuid"),
+            None,
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::DELETE,
+            &u("/api/admin/billing/users/UID/keys/00000000-0000-0000-0000-000000000000"),
+            None,
+            "admin",
+            404,
+            "unknown_key",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users?page=0",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users?per_page=1000",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users?page=abc",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users?plan=gold",
+            None,
+            "admin",
+            400,
+            "unknown_plan",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users?status=sleeping",
+            None,
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users?sort=name",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/usage.csv?from=yesterday",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/usage.csv?from=2026-11-10&to=2026-11-01",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/stats?days=0",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/admin/billing/users/bad%20id",
+            None,
+            "admin",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::PATCH,
+            "/api/admin/billing/users",
+            None,
+            "admin",
+            405,
+            "method_not_allowed",
+        ),
+        bad(
+            M::POST,
+            "/api/credits/consume",
+            Some(consume_nomod),
+            "service",
+            400,
+            "unknown_module",
+        ),
+        bad(
+            M::POST,
+            "/api/credits/consume",
+            Some(consume_norid),
+            "service",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/credits/consume",
+            Some(consume_badrid),
+            "service",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/credits/consume",
+            Some(consume_badaction),
+            "service",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::POST,
+            "/api/credits/refund",
+            Some(refund_none),
+            "service",
+            404,
+            "charge_not_found",
+        ),
+        bad(
+            M::POST,
+            "/api/credits/check",
+            Some("{\"user_id\": \"\", \"module\": \"rag\"}"),
+            "service",
+            400,
+            "invalid_request",
+        ),
+        bad(
+            M::GET,
+            "/api/credits/check",
+            None,
+            "service",
+            405,
+            "method_not_allowed",
+        ),
+        bad(
+            M::GET,
+            "/api/billing/usage?days=9999",
+            None,
+            "user",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
+            "/api/billing/usage?days=-1",
+            None,
+            "user",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::POST,
+            "/api/billing/me",
+            None,
+            "user",
+            405,
+            "method_not_allowed",
+        ),
+        bad(
+            M::GET,
+            "/api/billing/nothing",
+            None,
+            "user",
+            404,
+            "not_found",
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    let pool = app.pool().await;
+    let snapshot = |pool: sqlx::PgPool| async move {
+        let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+        let plan: String =
+            sqlx::query_scalar("SELECT string_agg(plan || status, ',' ORDER BY id) FROM users")
+                .fetch_one(&pool)
+                .await
+                .expect("plans");
+        (users, events, plan)
+    };
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let before = (snapshot(pool.clone()).await, app.balance(&user.id).await);
+    for case in &cases {
+        let mut req = app.client.request(case.method.clone(), app.url(&case.path));
+        req = match case.auth {
+            "admin" => req.header("x-admin-key", ADMIN_KEY),
+            "service" => req.header("x-service-key", SERVICE_KEY),
+            _ => req.bearer_auth(&user.key),
+        };
+        if let Some(b) = case.body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let r = req.send().await.expect("send");
+        let status = r.status().as_u16();
+        let code = error_code(r).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (case.status, case.code),
+            "{} {}",
+            case.method,
+            case.path
+        );
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let after = (snapshot(pool.clone()).await, app.balance(&user.id).await);
+    assert_eq!(before, after, "a refused request changed something");
+    // The audit trail saw nothing either.
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM admin_audit")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(audited, 0);
+}
