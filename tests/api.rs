@@ -1133,3 +1133,38 @@ async fn bad_inputs_get_clear_errors_and_change_nothing() {
         .expect("count");
     assert_eq!(audited, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blocks_and_revocations_made_on_one_instance_apply_on_another_at_once() {
+    let app = TestApp::spawn().await;
+    let (other, _stop) = app.second_instance().await;
+    let user = app.create_user("free").await;
+    let second_key = body(app.admin(Method::POST, &format!("/users/{}/keys", user.id), None).await).await;
+    let second_key = second_key["api_key"].as_str().expect("key").to_owned();
+    let via_other = |key: String| {
+        let client = app.client.clone();
+        async move {
+            client
+                .get(format!("http://{other}/rag/q"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
+        }
+    };
+    // Both keys are now in the other instance's cache.
+    assert_eq!(via_other(user.key.clone()).await, 200);
+    assert_eq!(via_other(second_key.clone()).await, 200);
+
+    let r = app.admin(Method::DELETE, &format!("/users/{}/keys/{}", user.id, user.key_id), None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(via_other(user.key.clone()).await, 401, "revoked key still served");
+    assert_eq!(via_other(second_key.clone()).await, 200);
+
+    app.admin(Method::POST, &format!("/users/{}/block", user.id), None).await;
+    assert_eq!(via_other(second_key.clone()).await, 403, "blocked user still served");
+    app.admin(Method::POST, &format!("/users/{}/unblock", user.id), None).await;
+    assert_eq!(via_other(second_key).await, 200);
+}

@@ -604,6 +604,28 @@ impl TestApp {
         (m.unwrap_or(-1), b.unwrap_or(-1), u.unwrap_or(-1))
     }
 
+    /// Another gateway instance on the same Redis and Postgres (as a second
+    /// replica behind a load balancer would be). Its flusher is off.
+    pub async fn second_instance(&self) -> (SocketAddr, oneshot::Sender<()>) {
+        let settings = Settings::from_toml(
+            &self.config,
+            "second instance",
+            [("CREDITGATE_LEDGER__FLUSHER".to_owned(), "false".to_owned())],
+        )
+        .expect("config");
+        let app = Application::build(settings).await.expect("build");
+        let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = app
+                .run_until_stopped(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        (addr, stop)
+    }
+
     /// An admin API call with the test admin key.
     pub async fn admin(
         &self,
