@@ -28,9 +28,12 @@
 -- ARGV[14] user id (copied into events)
 -- ARGV[15] actor (who caused the charge: "proxy", "service:<name>")
 -- ARGV[16] mode: "charge" deducts; "check" answers the same question and writes nothing
+-- ARGV[17] "1" when the auto-block policy is on: a charge that leaves the
+--          account at 0 credits marks it blocked="exhausted" until the next
+--          period or until credits come back (grant, refund)
 --
 -- Returns (integers unless noted):
---   {"ok", charged, monthly, bonus, day_used, daily_limit, from_monthly, from_bonus, plan}
+--   {"ok", charged, monthly, bonus, day_used, daily_limit, from_monthly, from_bonus, plan, auto_blocked}
 --   {"duplicate", 0, monthly, bonus, day_used, daily_limit, plan}
 --   {"missing"}                 account not in Redis: rebuild from Postgres, then retry
 --   {"unknown_key"}             key revoked (not in the key set)
@@ -61,6 +64,15 @@ local used = tonumber(f[6]) or 0
 
 if f[7] == '1' then
   return {'blocked'}
+end
+if f[7] == 'exhausted' then
+  if period == ARGV[8] and monthly + bonus <= 0 then
+    return {'blocked'}
+  end
+  -- A new period or returned credits lift the policy block by themselves.
+  if not check_only then
+    redis.call('HSET', acct, 'blocked', '0')
+  end
 end
 
 local limit_s, allowance_s = string.match(ARGV[6], ';' .. plan .. ':(%-?%d+):(%d+);')
@@ -110,7 +122,7 @@ end
 local from_monthly = math.min(monthly, cost)
 local from_bonus = cost - from_monthly
 if check_only then
-  return {'ok', cost, monthly - from_monthly, bonus - from_bonus, used + cost, limit, from_monthly, from_bonus, plan}
+  return {'ok', cost, monthly - from_monthly, bonus - from_bonus, used + cost, limit, from_monthly, from_bonus, plan, 0}
 end
 
 monthly = monthly - from_monthly
@@ -124,4 +136,9 @@ if ARGV[12] == '1' then
     'EX', ARGV[13])
 end
 event('charge', ARGV[10], cost, from_monthly, from_bonus, ARGV[2], ARGV[3])
-return {'ok', cost, monthly, bonus, used, limit, from_monthly, from_bonus, plan}
+local auto_blocked = 0
+if ARGV[17] == '1' and monthly + bonus <= 0 then
+  redis.call('HSET', acct, 'blocked', 'exhausted')
+  auto_blocked = 1
+end
+return {'ok', cost, monthly, bonus, used, limit, from_monthly, from_bonus, plan, auto_blocked}

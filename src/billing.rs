@@ -59,7 +59,12 @@ impl Billing {
         let mut repaired = false;
         loop {
             match self.meter.charge(req).await? {
-                ChargeOutcome::Charged(r) => return Ok(Decision::Charged(r)),
+                ChargeOutcome::Charged(r) => {
+                    if r.auto_blocked {
+                        self.record_auto_block(req.user);
+                    }
+                    return Ok(Decision::Charged(r));
+                }
                 ChargeOutcome::Duplicate { balance, plan } => {
                     return Ok(Decision::Duplicate { balance, plan });
                 }
@@ -83,6 +88,21 @@ impl Billing {
                 ChargeOutcome::Refused(refusal) => return Ok(Decision::Refused(refusal)),
             }
         }
+    }
+
+    /// The audit row for a policy block, written off the hot path.
+    fn record_auto_block(&self, user: &UserId) {
+        let accounts = self.accounts.clone();
+        let user = user.clone();
+        tokio::spawn(async move {
+            let details = serde_json::json!({"reason": "credits exhausted"});
+            if let Err(e) = accounts
+                .audit("policy:auto_block", "auto_block", Some(&user), details)
+                .await
+            {
+                tracing::error!(%user, error = %e, "auto-block not recorded in the audit trail");
+            }
+        });
     }
 
     /// Puts an account's state into Redis from Postgres unless it is there.

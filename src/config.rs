@@ -184,12 +184,17 @@ pub struct NamedKey {
 pub struct MeteringSettings {
     /// How long an idempotency key is remembered (SPEC: 24 h).
     pub idempotency_ttl_secs: u64,
+    /// Block an account (403 `blocked`) when a charge leaves it at 0
+    /// credits, until the next period or a grant. Recorded in the audit
+    /// trail. Off: an empty account simply gets 402.
+    pub auto_block_exhausted: bool,
 }
 
 impl Default for MeteringSettings {
     fn default() -> Self {
         Self {
             idempotency_ttl_secs: 86_400,
+            auto_block_exhausted: false,
         }
     }
 }
@@ -320,7 +325,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub database: DatabaseSettings,
     pub auth: AuthSettings,
-    pub idempotency_ttl: Duration,
+    pub metering: MeteringSettings,
     pub log: LogSettings,
     pub ledger: LedgerSettings,
     pub catalog: std::sync::Arc<Catalog>,
@@ -508,7 +513,7 @@ impl RawSettings {
             header_read_timeout,
             max_in_flight: self.server.max_in_flight,
             shutdown_grace,
-            idempotency_ttl: Duration::from_secs(self.metering.idempotency_ttl_secs.max(1)),
+            metering: self.metering,
             upstream: self.upstream,
             redis: self.redis,
             database: self.database,

@@ -162,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ResetMonthly => {
             let catalog = settings.catalog.clone();
             let billing = Billing {
-                meter: Meter::new(&settings.redis, catalog.clone(), settings.idempotency_ttl)?,
+                meter: Meter::new(&settings.redis, catalog.clone(), &settings.metering)?,
                 accounts: open_accounts(&settings)?,
                 calendar: Calendar::new(settings.timezone),
                 catalog,

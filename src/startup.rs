@@ -186,11 +186,7 @@ impl Application {
 
 fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let catalog = Arc::clone(&settings.catalog);
-    let meter = Meter::new(
-        &settings.redis,
-        Arc::clone(&catalog),
-        settings.idempotency_ttl,
-    )?;
+    let meter = Meter::new(&settings.redis, Arc::clone(&catalog), &settings.metering)?;
     let pool = accounts::connect_pool(&settings.database)?;
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);

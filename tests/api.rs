@@ -1139,7 +1139,11 @@ async fn blocks_and_revocations_made_on_one_instance_apply_on_another_at_once() 
     let app = TestApp::spawn().await;
     let (other, _stop) = app.second_instance().await;
     let user = app.create_user("free").await;
-    let second_key = body(app.admin(Method::POST, &format!("/users/{}/keys", user.id), None).await).await;
+    let second_key = body(
+        app.admin(Method::POST, &format!("/users/{}/keys", user.id), None)
+            .await,
+    )
+    .await;
     let second_key = second_key["api_key"].as_str().expect("key").to_owned();
     let via_other = |key: String| {
         let client = app.client.clone();
@@ -1158,13 +1162,78 @@ async fn blocks_and_revocations_made_on_one_instance_apply_on_another_at_once() 
     assert_eq!(via_other(user.key.clone()).await, 200);
     assert_eq!(via_other(second_key.clone()).await, 200);
 
-    let r = app.admin(Method::DELETE, &format!("/users/{}/keys/{}", user.id, user.key_id), None).await;
+    let r = app
+        .admin(
+            Method::DELETE,
+            &format!("/users/{}/keys/{}", user.id, user.key_id),
+            None,
+        )
+        .await;
     assert_eq!(r.status(), 200);
-    assert_eq!(via_other(user.key.clone()).await, 401, "revoked key still served");
+    assert_eq!(
+        via_other(user.key.clone()).await,
+        401,
+        "revoked key still served"
+    );
     assert_eq!(via_other(second_key.clone()).await, 200);
 
-    app.admin(Method::POST, &format!("/users/{}/block", user.id), None).await;
-    assert_eq!(via_other(second_key.clone()).await, 403, "blocked user still served");
-    app.admin(Method::POST, &format!("/users/{}/unblock", user.id), None).await;
+    app.admin(Method::POST, &format!("/users/{}/block", user.id), None)
+        .await;
+    assert_eq!(
+        via_other(second_key.clone()).await,
+        403,
+        "blocked user still served"
+    );
+    app.admin(Method::POST, &format!("/users/{}/unblock", user.id), None)
+        .await;
     assert_eq!(via_other(second_key).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_auto_block_policy_blocks_an_emptied_account_until_credits_return() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_METERING__AUTO_BLOCK_EXHAUSTED", "true")
+        .start()
+        .await;
+    let user = app.create_user("tiny").await; // 10 credits, rag costs 1
+    for _ in 0..10 {
+        assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    }
+    let r = app.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "blocked");
+    let pool = app.pool().await;
+    let user_id = user.id.as_str().to_owned();
+    common::wait_until("the auto-block audit row", Duration::from_secs(5), || {
+        let (pool, user_id) = (pool.clone(), user_id.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM admin_audit WHERE action = 'auto_block' AND user_id = $1
+                 AND actor = 'policy:auto_block'",
+            )
+            .bind(user_id)
+            .fetch_one(&pool)
+            .await
+            .is_ok_and(|n| n == 1)
+        }
+    })
+    .await;
+    // A grant lifts it by itself.
+    app.admin(
+        Method::POST,
+        "/grant",
+        Some(json!({"user_id": user.id.as_str(), "credits": 2, "reason": "top-up"})),
+    )
+    .await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    assert_eq!(app.balance(&user.id).await, (0, 1, 11));
+
+    // Policy off (the default): an empty account gets 402, not 403.
+    let plain = TestApp::spawn().await;
+    let user = plain.create_user("tiny").await;
+    for _ in 0..10 {
+        plain.call(&user.key, "/rag/q").await;
+    }
+    let r = plain.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 402);
 }

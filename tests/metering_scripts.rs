@@ -5,7 +5,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{TEST_CONFIG, TestRedis};
@@ -35,12 +34,8 @@ impl Harness {
         let settings =
             Settings::from_toml(&text, "test", Vec::<(String, String)>::new()).expect("config");
         let catalog = Arc::clone(&settings.catalog);
-        let meter = Meter::new(
-            &settings.redis,
-            Arc::clone(&catalog),
-            Duration::from_secs(86_400),
-        )
-        .expect("meter");
+        let meter =
+            Meter::new(&settings.redis, Arc::clone(&catalog), &settings.metering).expect("meter");
         Self {
             redis,
             meter,
@@ -388,4 +383,38 @@ async fn concurrent_rebuilds_write_the_account_once() {
         created += usize::from(t.await.expect("task"));
     }
     assert_eq!(created, 1);
+}
+
+#[tokio::test]
+async fn an_exhausted_block_lifts_itself_in_the_next_period() {
+    let mut h = Harness::new().await;
+    let text = TEST_CONFIG
+        .replace("{UP}", "http://127.0.0.1:1")
+        .replace("{DEAD}", "http://127.0.0.1:1")
+        .replace("{REDIS}", &h.redis.url())
+        .replace("{DB}", "postgres://unused@127.0.0.1:1/none");
+    let settings = Settings::from_toml(
+        &text,
+        "test",
+        [(
+            "CREDITGATE_METERING__AUTO_BLOCK_EXHAUSTED".to_owned(),
+            "true".to_owned(),
+        )],
+    )
+    .expect("config");
+    h.meter =
+        Meter::new(&settings.redis, Arc::clone(&h.catalog), &settings.metering).expect("meter");
+    let november = h.at("2026-11-20T12:00:00Z");
+    let user = h.seed("ivy", "tiny", 3, 0, &november).await;
+    let emptied = h
+        .charge(&user, "legal", &november, None, Mode::Charge)
+        .await;
+    assert!(matches!(emptied, ChargeOutcome::Charged(ref r) if r.auto_blocked));
+    assert_eq!(
+        h.charge(&user, "rag", &november, None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::Blocked)
+    );
+    let december = h.at("2026-12-01T09:00:00Z");
+    let next = h.charge(&user, "rag", &december, None, Mode::Charge).await;
+    assert_eq!(charged(&next), Some((1, 1, 0)));
 }

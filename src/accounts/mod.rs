@@ -224,6 +224,27 @@ impl Accounts {
         .transpose()
     }
 
+    /// Appends to the admin audit trail. `actor` is a key's name
+    /// ("admin:ops"), a service ("service:hub") or a policy, never a key.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        user: Option<&UserId>,
+        details: serde_json::Value,
+    ) -> Result<(), AccountError> {
+        sqlx::query(
+            "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(actor)
+        .bind(action)
+        .bind(user.map(UserId::as_str))
+        .bind(details)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// A page of user ids in id order, for jobs that visit every account.
     pub async fn user_ids_after(
         &self,

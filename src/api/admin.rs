@@ -87,16 +87,7 @@ pub async fn audit(
     user: Option<&UserId>,
     details: serde_json::Value,
 ) -> Result<(), ApiError> {
-    sqlx::query(
-        "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
-    )
-    .bind(actor)
-    .bind(action)
-    .bind(user.map(UserId::as_str))
-    .bind(details)
-    .execute(state.accounts.pool())
-    .await?;
-    Ok(())
+    Ok(state.accounts.audit(actor, action, user, details).await?)
 }
 
 // ------------------------------------------------------------------ users
@@ -331,6 +322,8 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
         "email": user.email,
         "plan": plan.map(plan_json),
         "status": if user.blocked { "blocked" } else { "active" },
+        // Blocked by the auto-block policy until credits come back.
+        "auto_blocked": account.exhausted && v.monthly + v.bonus <= 0,
         "credits": {
             "remaining": v.monthly + v.bonus,
             "monthly_remaining": v.monthly,

@@ -115,6 +115,8 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
         "email": user.email,
         "plan": plan.map(plan_json),
         "status": if user.blocked { "blocked" } else { "active" },
+        // Blocked by the auto-block policy until credits come back.
+        "auto_blocked": account.exhausted && v.monthly + v.bonus <= 0,
         "credits": {
             "remaining": v.monthly + v.bonus,
             "monthly_remaining": v.monthly,

@@ -68,6 +68,8 @@ impl Balance {
 pub struct Receipt {
     /// The account's plan, as Redis holds it (forwarded as `X-Plan`).
     pub plan: String,
+    /// This charge emptied the account and the auto-block policy blocked it.
+    pub auto_blocked: bool,
     pub charged: i64,
     pub from_monthly: i64,
     pub from_bonus: i64,
@@ -185,6 +187,8 @@ pub struct AccountState {
     pub day: String,
     pub day_used: i64,
     pub blocked: bool,
+    /// Blocked by the auto-block policy until credits come back.
+    pub exhausted: bool,
 }
 
 /// Cheap to clone: the connection manager multiplexes one connection.
@@ -195,6 +199,7 @@ pub struct Meter {
     catalog: Arc<Catalog>,
     timeout: Duration,
     idempotency_ttl_secs: u64,
+    auto_block_exhausted: bool,
 }
 
 impl Meter {
@@ -203,7 +208,7 @@ impl Meter {
     pub fn new(
         settings: &crate::config::RedisSettings,
         catalog: Arc<Catalog>,
-        idempotency_ttl: Duration,
+        metering: &crate::config::MeteringSettings,
     ) -> Result<Self, MeterError> {
         if settings.url.starts_with("redis+cluster://") {
             return Err(MeterError::Unavailable(redis::RedisError::from((
@@ -228,7 +233,8 @@ impl Meter {
             keys: Arc::new(KeyLayout::new(&settings.key_prefix, settings.shards)),
             catalog,
             timeout,
-            idempotency_ttl_secs: idempotency_ttl.as_secs().max(1),
+            idempotency_ttl_secs: metering.idempotency_ttl_secs.max(1),
+            auto_block_exhausted: metering.auto_block_exhausted,
         })
     }
 
@@ -288,7 +294,8 @@ impl Meter {
             .arg(match req.mode {
                 Mode::Charge => "charge",
                 Mode::Check => "check",
-            });
+            })
+            .arg(if self.auto_block_exhausted { "1" } else { "0" });
         let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
         decode_charge(reply)
     }
@@ -434,6 +441,7 @@ impl Meter {
             day: day.unwrap_or_default(),
             day_used: used.unwrap_or(0),
             blocked: blocked.as_deref() == Some("1"),
+            exhausted: blocked.as_deref() == Some("exhausted"),
         }))
     }
 
@@ -571,6 +579,7 @@ fn decode_charge(reply: Value) -> Result<ChargeOutcome, MeterError> {
             from_monthly: r.int(5)?,
             from_bonus: r.int(6)?,
             plan: r.text(7)?,
+            auto_blocked: r.int(8)? == 1,
         }),
         "duplicate" => ChargeOutcome::Duplicate {
             balance: r.balance(1)?,
@@ -624,6 +633,7 @@ mod tests {
             ok,
             ChargeOutcome::Charged(Receipt {
                 plan: "starter".into(),
+                auto_blocked: false,
                 charged: 3,
                 from_monthly: 3,
                 from_bonus: 0,
