@@ -1237,3 +1237,40 @@ async fn the_auto_block_policy_blocks_an_emptied_account_until_credits_return() 
     let r = plain.call(&user.key, "/rag/q").await;
     assert_eq!(r.status(), 402);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_describes_every_endpoint() {
+    let app = TestApp::spawn().await;
+    let doc = body(app.client.get(app.url("/api/openapi.json")).send().await.expect("send")).await;
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    let expected = [
+        ("/api/billing/me", "get"),
+        ("/api/billing/usage", "get"),
+        ("/api/billing/plans", "get"),
+        ("/api/billing/credit-costs", "get"),
+        ("/api/admin/billing/users", "get"),
+        ("/api/admin/billing/users", "post"),
+        ("/api/admin/billing/users/{id}", "get"),
+        ("/api/admin/billing/users/{id}/keys", "post"),
+        ("/api/admin/billing/users/{id}/keys/{key_id}", "delete"),
+        ("/api/admin/billing/users/{id}/plan", "put"),
+        ("/api/admin/billing/grant", "post"),
+        ("/api/admin/billing/users/{id}/block", "post"),
+        ("/api/admin/billing/users/{id}/unblock", "post"),
+        ("/api/admin/billing/stats", "get"),
+        ("/api/admin/billing/export.csv", "get"),
+        ("/api/admin/billing/usage.csv", "get"),
+        ("/api/admin/billing/audit", "get"),
+        ("/api/credits/check", "post"),
+        ("/api/credits/consume", "post"),
+        ("/api/credits/refund", "post"),
+        ("/api/credits/reset-monthly", "post"),
+    ];
+    for (path, method) in expected {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} missing");
+    }
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["ConsumeBody"]["properties"]["request_id"].is_object());
+    assert!(schemas["ErrorBody"].is_object());
+    assert_eq!(doc["components"]["securitySchemes"]["admin_key"]["name"], "X-Admin-Key");
+}

@@ -17,13 +17,19 @@ use futures_util::TryStreamExt;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::credits::parse_user;
-use super::user::{account_state, fill_days, plan_json, view};
+use super::schema::{
+    AdminCredits, AdminDaily, AuditEntry, AuditList, Consumption, CreateUserBody, CreatedUser,
+    ErrorBody, GrantAnswer, GrantBody, KeyView, ModuleUsage, NewKeyAnswer, PlanBody, PlanChanged,
+    PlanView, ReasonBody, Revenue, RevokedAnswer, StatsAnswer, StatusAnswer, TopConsumer,
+    UserDetail, UserList, UserRow, UserSummary, UsersStats,
+};
+use super::user::{account_state, fill_days, view};
 use super::{ApiResult, Page, auth, json, ok, query, read_json};
 use crate::body::{Body, BoxError};
 use crate::domain::{Credits, UserId};
@@ -48,11 +54,9 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
         (Method::PUT, ["users", id, "plan"]) => {
             change_plan(state, req, &parse_user(id)?, &actor).await
         }
-        (Method::POST, ["users", id, "block"]) => {
-            set_blocked(state, req, &parse_user(id)?, true, &actor).await
-        }
+        (Method::POST, ["users", id, "block"]) => block(state, req, &parse_user(id)?, &actor).await,
         (Method::POST, ["users", id, "unblock"]) => {
-            set_blocked(state, req, &parse_user(id)?, false, &actor).await
+            unblock(state, req, &parse_user(id)?, &actor).await
         }
         (Method::POST, ["grant"]) => grant(state, req, &actor).await,
         (Method::GET, ["stats"]) => stats(state, req).await,
@@ -102,18 +106,25 @@ struct ListQuery {
     per_page: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct UserRow {
-    id: String,
-    name: String,
-    email: Option<String>,
-    plan: String,
-    status: String,
-    created_at: chrono::DateTime<Utc>,
-    credits_remaining: i64,
-    used_this_month: i64,
-}
-
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/users",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("plan" = Option<String>, Query,),
+        ("status" = Option<String>, Query, description = "active or blocked"),
+        ("q" = Option<String>, Query, description = "search in name, email, id"),
+        ("page" = Option<i64>, Query,),
+        ("per_page" = Option<i64>, Query,),
+    ),
+    responses(
+        (status = 200, description = "A page of users", body = UserList),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: ListQuery = query(&req)?;
     let page = Page::parse(q.page, q.per_page)?;
@@ -211,22 +222,12 @@ async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
             used_this_month: used,
         });
     }
-    ok(&json!({
-        "users": users,
-        "page": page.page,
-        "per_page": page.per_page,
-        "total": total,
-    }))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateUser {
-    name: String,
-    email: Option<String>,
-    plan: String,
-    /// Use the platform Hub's id instead of a generated one.
-    id: Option<String>,
+    ok(&UserList {
+        users,
+        page: page.page,
+        per_page: page.per_page,
+        total,
+    })
 }
 
 fn check_name(name: &str) -> Result<&str, ApiError> {
@@ -254,8 +255,21 @@ fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError> {
     Ok(Some(email))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/users",
+    tag = "admin",
+    security(("admin_key" = [])),
+    request_body = CreateUserBody,
+    responses(
+        (status = 201, description = "The user and its first API key (shown once)", body = CreatedUser),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let body: CreateUser = read_json(req).await?;
+    let body: CreateUserBody = read_json(req).await?;
     let name = check_name(&body.name)?;
     let email = check_email(body.email.as_deref())?;
     let id = body.id.as_deref().map(parse_user).transpose()?;
@@ -273,17 +287,17 @@ async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> A
     .await?;
     json(
         StatusCode::CREATED,
-        &json!({
-            "user": {
-                "id": user.id.as_str(),
-                "name": user.name,
-                "email": user.email,
-                "plan": user.plan.as_str(),
-                "status": "active",
+        &CreatedUser {
+            user: UserSummary {
+                id: user.id.to_string(),
+                name: user.name,
+                email: user.email,
+                plan: user.plan.to_string(),
+                status: "active".into(),
             },
-            "api_key": key.key.reveal(),
-            "key_id": key.id,
-        }),
+            api_key: key.key.reveal().to_owned(),
+            key_id: key.id,
+        },
     )
 }
 
@@ -294,6 +308,22 @@ type KeyRow = (
     Option<chrono::DateTime<Utc>>,
 );
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/users/{id}",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "One user", body = UserDetail),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
     let user = state
         .accounts
@@ -316,27 +346,51 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
         .with_day0(0)
         .unwrap_or_else(|| stamp.local_date());
     let totals = store::totals_by_module(state.accounts.pool(), id.as_str(), month_start).await?;
-    ok(&json!({
-        "id": id.as_str(),
-        "name": user.name,
-        "email": user.email,
-        "plan": plan.map(plan_json),
-        "status": if user.blocked { "blocked" } else { "active" },
-        // Blocked by the auto-block policy until credits come back.
-        "auto_blocked": account.exhausted && v.monthly + v.bonus <= 0,
-        "credits": {
-            "remaining": v.monthly + v.bonus,
-            "monthly_remaining": v.monthly,
-            "bonus": v.bonus,
+    ok(&UserDetail {
+        id: id.to_string(),
+        name: user.name,
+        email: user.email,
+        plan: plan.map(PlanView::from),
+        status: if user.blocked { "blocked" } else { "active" }.into(),
+        auto_blocked: account.exhausted && v.monthly + v.bonus <= 0,
+        credits: AdminCredits {
+            remaining: v.monthly + v.bonus,
+            monthly_remaining: v.monthly,
+            bonus: v.bonus,
         },
-        "daily": {"used": v.day_used, "limit": plan.and_then(|p| p.daily_limit.map(|l| l.get()))},
-        "usage_this_month": totals,
-        "keys": keys.into_iter().map(|(kid, prefix, created, revoked)| json!({
-            "id": kid, "prefix": prefix, "created_at": created, "revoked_at": revoked,
-        })).collect::<Vec<_>>(),
-    }))
+        daily: AdminDaily {
+            used: v.day_used,
+            limit: plan.and_then(|p| p.daily_limit.map(|l| l.get())),
+        },
+        usage_this_month: totals,
+        keys: keys
+            .into_iter()
+            .map(|(id, prefix, created_at, revoked_at)| KeyView {
+                id,
+                prefix,
+                created_at,
+                revoked_at,
+            })
+            .collect(),
+    })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/users/{id}/keys",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("id" = String, Path,),
+    ),
+    responses(
+        (status = 201, description = "A new API key (shown once)", body = NewKeyAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
     let key = state.accounts.create_key(id).await?;
     // Redis learns the key now if it holds the account; otherwise the
@@ -352,10 +406,30 @@ async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
     .await?;
     json(
         StatusCode::CREATED,
-        &json!({"key_id": key.id, "api_key": key.key.reveal()}),
+        &NewKeyAnswer {
+            key_id: key.id,
+            api_key: key.key.reveal().to_owned(),
+        },
     )
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/admin/billing/users/{id}/keys/{key_id}",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("id" = String, Path,),
+        ("key_id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "Revoked on every instance", body = RevokedAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> ApiResult {
     let key_id = Uuid::parse_str(key).map_err(|_| invalid("key id is not a UUID"))?;
     let hash = state.accounts.revoke_key(id, key_id).await?;
@@ -368,19 +442,10 @@ async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> Ap
         json!({"key_id": key_id}),
     )
     .await?;
-    ok(&json!({"revoked": true, "key_id": key_id}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PlanBody {
-    plan: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ReasonBody {
-    reason: Option<String>,
+    ok(&RevokedAnswer {
+        revoked: true,
+        key_id,
+    })
 }
 
 fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
@@ -443,6 +508,23 @@ async fn account_change(
     Ok(true)
 }
 
+#[utoipa::path(
+    put,
+    path = "/api/admin/billing/users/{id}/plan",
+    tag = "admin",
+    security(("admin_key" = [])),
+    request_body = PlanBody,
+    params(
+        ("id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "Plan changed", body = PlanChanged),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn change_plan(
     state: &AppState,
     req: Request<Incoming>,
@@ -480,7 +562,52 @@ async fn change_plan(
     // Modules and daily limit follow at once; the allowance of the current
     // period is kept, the new plan's allowance starts with the next period.
     state.meter.set_plan(id, &plan.id).await?;
-    ok(&json!({"user_id": id.as_str(), "plan": plan_json(plan)}))
+    ok(&PlanChanged {
+        user_id: id.to_string(),
+        plan: PlanView::from(plan),
+    })
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/users/{id}/block",
+    tag = "admin",
+    security(("admin_key" = [])),
+    request_body = Option<ReasonBody>,
+    params(
+        ("id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "Blocked on every instance", body = StatusAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
+async fn block(state: &AppState, req: Request<Incoming>, id: &UserId, actor: &str) -> ApiResult {
+    set_blocked(state, req, id, true, actor).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/users/{id}/unblock",
+    tag = "admin",
+    security(("admin_key" = [])),
+    request_body = Option<ReasonBody>,
+    params(
+        ("id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "Unblocked", body = StatusAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
+async fn unblock(state: &AppState, req: Request<Incoming>, id: &UserId, actor: &str) -> ApiResult {
+    set_blocked(state, req, id, false, actor).await
 }
 
 async fn set_blocked(
@@ -523,17 +650,26 @@ async fn set_blocked(
     };
     account_change(state.accounts.pool(), update, change).await?;
     state.meter.set_blocked(id, blocked).await?;
-    ok(&json!({"user_id": id.as_str(), "status": if blocked { "blocked" } else { "active" }}))
+    ok(&StatusAnswer {
+        user_id: id.to_string(),
+        status: if blocked { "blocked" } else { "active" }.into(),
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GrantBody {
-    user_id: String,
-    credits: i64,
-    reason: String,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/grant",
+    tag = "admin",
+    security(("admin_key" = [])),
+    request_body = GrantBody,
+    responses(
+        (status = 200, description = "Bonus credits added", body = GrantAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
     let body: GrantBody = read_json(req).await?;
     let id = parse_user(&body.user_id)?;
@@ -557,11 +693,15 @@ async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResu
         json!({"credits": body.credits, "reason": reason}),
     )
     .await?;
-    ok(&json!({
-        "user_id": id.as_str(),
-        "granted": body.credits,
-        "credits": {"remaining": monthly + bonus, "monthly_remaining": monthly, "bonus": bonus},
-    }))
+    ok(&GrantAnswer {
+        user_id: id.to_string(),
+        granted: body.credits,
+        credits: AdminCredits {
+            remaining: monthly + bonus,
+            monthly_remaining: monthly,
+            bonus,
+        },
+    })
 }
 
 // ------------------------------------------------------------------ stats
@@ -572,6 +712,21 @@ struct StatsQuery {
     days: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/stats",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("days" = Option<i64>, Query, description = "adds a daily series of 1 to 366 days"),
+    ),
+    responses(
+        (status = 200, description = "Users, revenue, consumption", body = StatsAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: StatsQuery = query(&req)?;
     if q.days.is_some_and(|d| !(1..=366).contains(&d)) {
@@ -608,11 +763,10 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
         .bind(from)
         .fetch_all(pool)
     };
-    let to_map = |rows: Vec<(String, i64, i64)>| -> serde_json::Value {
+    let to_map = |rows: Vec<(String, i64, i64)>| -> BTreeMap<String, ModuleUsage> {
         rows.into_iter()
-            .map(|(m, c, r)| (m, json!({"credits": c, "requests": r})))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
+            .map(|(m, credits, requests)| (m, ModuleUsage { credits, requests }))
+            .collect()
     };
     let consumed_today = to_map(per_module(today).await?);
     let consumed_month = to_map(per_module(month_start).await?);
@@ -625,46 +779,40 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     .bind(month_start)
     .fetch_all(pool)
     .await?;
-    let mut answer = json!({
-        "users": {"total": by_status.values().sum::<i64>(), "by_plan": by_plan, "by_status": by_status},
-        "revenue": {"monthly_dzd": revenue},
-        "consumption": {"today": consumed_today, "this_month": consumed_month},
-        "top_consumers": top.into_iter().map(|(id, name, plan, credits)| json!({
-            "user_id": id, "name": name, "plan": plan, "credits": credits,
-        })).collect::<Vec<_>>(),
-    });
-    if let Some(days) = q.days {
-        let from = today
-            .checked_sub_days(Days::new(days as u64 - 1))
-            .unwrap_or(today);
-        let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(
-            "SELECT day, module, SUM(charged_credits - refunded_credits)::bigint,
-                    SUM(charges - refunds)::bigint
-             FROM usage_daily WHERE day >= $1 GROUP BY day, module ORDER BY day, module",
-        )
-        .bind(from)
-        .fetch_all(pool)
-        .await?;
-        let mut recorded: Vec<store::DayUsage> = Vec::new();
-        for (date, module, credits, requests) in rows {
-            if recorded.last().is_none_or(|d| d.date != date) {
-                recorded.push(store::DayUsage {
-                    date,
-                    credits: 0,
-                    requests: 0,
-                    by_module: Default::default(),
-                });
-            }
-            if let Some(d) = recorded.last_mut() {
-                d.credits += credits;
-                d.requests += requests;
-                d.by_module.insert(module, credits);
-            }
+    let daily = match q.days {
+        Some(days) => {
+            let from = today
+                .checked_sub_days(Days::new(days as u64 - 1))
+                .unwrap_or(today);
+            let recorded = store::usage_by_day(pool, None, from).await?;
+            Some(fill_days(from, today, recorded))
         }
-        answer["daily"] = serde_json::to_value(fill_days(from, today, recorded))
-            .map_err(|_| ApiError::Internal)?;
-    }
-    ok(&answer)
+        None => None,
+    };
+    ok(&StatsAnswer {
+        users: UsersStats {
+            total: by_status.values().sum(),
+            by_plan,
+            by_status,
+        },
+        revenue: Revenue {
+            monthly_dzd: revenue,
+        },
+        consumption: Consumption {
+            today: consumed_today,
+            this_month: consumed_month,
+        },
+        top_consumers: top
+            .into_iter()
+            .map(|(user_id, name, plan, credits)| TopConsumer {
+                user_id,
+                name,
+                plan,
+                credits,
+            })
+            .collect(),
+        daily,
+    })
 }
 
 // ------------------------------------------------------------------ exports
@@ -707,6 +855,16 @@ fn csv_response(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/export.csv",
+    tag = "admin",
+    security(("admin_key" = [])),
+    responses(
+        (status = 200, description = "Users as CSV, streamed", content_type = "text/csv", body = String),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+    )
+)]
 fn export_users(state: &AppState) -> ApiResult {
     let pool = state.accounts.pool().clone();
     csv_response("users.csv", move |tx| {
@@ -773,6 +931,21 @@ fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, Api
         .transpose()
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/usage.csv",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("from" = Option<String>, Query, description = "YYYY-MM-DD, default: first of the month"),
+        ("to" = Option<String>, Query, description = "YYYY-MM-DD, default: today"),
+    ),
+    responses(
+        (status = 200, description = "Ledger rows as CSV, streamed", content_type = "text/csv", body = String),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+    )
+)]
 fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: UsageCsvQuery = query(&req)?;
     let today = state.calendar.now().local_date();
@@ -880,6 +1053,23 @@ struct AuditQuery {
     per_page: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/audit",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("user_id" = Option<String>, Query,),
+        ("page" = Option<i64>, Query,),
+        ("per_page" = Option<i64>, Query,),
+    ),
+    responses(
+        (status = 200, description = "The admin actions trail, newest first", body = AuditList),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: AuditQuery = query(&req)?;
     let page = Page::parse(q.page, q.per_page)?;
@@ -909,12 +1099,20 @@ async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiResult {
     .fetch_all(state.accounts.pool())
     .await?;
     let total = rows.first().map_or(0, |r| r.6);
-    ok(&json!({
-        "entries": rows.into_iter().map(|(id, at, actor, action, user_id, details, _)| json!({
-            "id": id, "at": at, "actor": actor, "action": action, "user_id": user_id, "details": details,
-        })).collect::<Vec<_>>(),
-        "page": page.page,
-        "per_page": page.per_page,
-        "total": total,
-    }))
+    ok(&AuditList {
+        entries: rows
+            .into_iter()
+            .map(|(id, at, actor, action, user_id, details, _)| AuditEntry {
+                id,
+                at,
+                actor,
+                action,
+                user_id,
+                details,
+            })
+            .collect(),
+        page: page.page,
+        per_page: page.per_page,
+        total,
+    })
 }

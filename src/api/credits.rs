@@ -5,8 +5,11 @@
 
 use http::{Method, Request};
 use hyper::body::Incoming;
-use serde::{Deserialize, Serialize};
 
+use super::schema::{
+    CheckAnswer, CheckBody, ConsumeAnswer, ConsumeBody, ErrorBody, RefundAnswer, RefundBody,
+    ResetAnswer,
+};
 use super::{ApiResult, auth, ok, read_json, require};
 use crate::billing::Decision;
 use crate::catalog::Module;
@@ -25,30 +28,6 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
         ["reset-monthly"] => reset_monthly(state, &actor).await,
         _ => Err(ApiError::NotFound),
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckBody {
-    user_id: String,
-    module: String,
-    action: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConsumeBody {
-    user_id: String,
-    module: String,
-    action: Option<String>,
-    request_id: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RefundBody {
-    user_id: String,
-    request_id: String,
 }
 
 fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {
@@ -74,16 +53,20 @@ fn parse_action(s: Option<&str>) -> Result<Option<ActionId>, ApiError> {
         .transpose()
 }
 
-#[derive(Serialize)]
-struct CheckAnswer {
-    can_proceed: bool,
-    cost: i64,
-    credits_remaining: i64,
-    daily_used: i64,
-    daily_limit: Option<i64>,
-    reason: Option<&'static str>,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/credits/check",
+    tag = "credits",
+    security(("service_key" = [])),
+    request_body = CheckBody,
+    responses(
+        (status = 200, description = "Whether the call would be allowed; charges nothing", body = CheckAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let body: CheckBody = read_json(req).await?;
     let user = parse_user(&body.user_id)?;
@@ -144,18 +127,27 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
         credits_remaining: remaining,
         daily_used: used,
         daily_limit: limit,
-        reason,
+        reason: reason.map(str::to_owned),
     })
 }
 
-#[derive(Serialize)]
-struct ConsumeAnswer {
-    success: bool,
-    charged: i64,
-    credits_remaining: i64,
-    duplicate: bool,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/credits/consume",
+    tag = "credits",
+    security(("service_key" = [])),
+    request_body = ConsumeBody,
+    responses(
+        (status = 200, description = "Charged, or a duplicate of an earlier charge", body = ConsumeAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 402, description = "Not enough credits", body = ErrorBody),
+        (status = 403, description = "Blocked or module not in plan", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 429, description = "Daily limit reached", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
     let body: ConsumeBody = read_json(req).await?;
     let user = parse_user(&body.user_id)?;
@@ -195,13 +187,20 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
     }
 }
 
-#[derive(Serialize)]
-struct RefundAnswer {
-    success: bool,
-    refunded: i64,
-    credits_remaining: i64,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/credits/refund",
+    tag = "credits",
+    security(("service_key" = [])),
+    request_body = RefundBody,
+    responses(
+        (status = 200, description = "Refunded", body = RefundAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No refundable charge", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
     let body: RefundBody = read_json(req).await?;
     let user = parse_user(&body.user_id)?;
@@ -232,14 +231,17 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
     }
 }
 
-#[derive(Serialize)]
-struct ResetAnswer {
-    period: String,
-    accounts: u64,
-    reset: u64,
-    already_current: u64,
-}
-
+#[utoipa::path(
+    post,
+    path = "/api/credits/reset-monthly",
+    tag = "credits",
+    security(("service_key" = [])),
+    responses(
+        (status = 200, description = "Accounts moved to the current period", body = ResetAnswer),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
     let report = state.billing.reset_monthly(actor).await?;
     super::admin::audit(

@@ -7,6 +7,8 @@ pub mod admin;
 pub mod auth;
 pub mod credits;
 pub mod health;
+pub mod openapi;
+pub mod schema;
 pub mod user;
 
 use bytes::Bytes;
@@ -29,6 +31,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let result = match segments.as_slice() {
+        ["api", "openapi.json"] => openapi_json(&req),
         ["api", "billing", rest @ ..] => user::route(state, req, rest).await,
         ["api", "admin", "billing", rest @ ..] => admin::route(state, req, rest).await,
         ["api", "credits", rest @ ..] => credits::route(state, req, rest).await,
@@ -38,6 +41,16 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<
 }
 
 pub type ApiResult = Result<Response<Body>, ApiError>;
+
+fn openapi_json(req: &Request<Incoming>) -> ApiResult {
+    require(req, Method::GET)?;
+    let mut response = Response::new(body::full(openapi::JSON.as_str().to_owned()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
 
 pub fn ok<T: Serialize>(value: &T) -> ApiResult {
     json(StatusCode::OK, value)

@@ -5,9 +5,12 @@
 use chrono::{Days, NaiveDate};
 use http::{Method, Request};
 use hyper::body::Incoming;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
 
+use super::schema::{
+    CreditCost, CreditCostsAnswer, Credits, Daily, ErrorBody, MeAnswer, Period, PlanView,
+    PlansAnswer, Transactions, UsageAnswer,
+};
 use super::{ApiResult, Page, auth, ok, query, require};
 use crate::catalog::Plan;
 use crate::error::ApiError;
@@ -18,9 +21,7 @@ use crate::startup::AppState;
 pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
     require(&req, Method::GET)?;
     match rest {
-        ["plans"] => {
-            ok(&json!({"plans": state.catalog.plans().iter().map(plan_json).collect::<Vec<_>>()}))
-        }
+        ["plans"] => plans(state),
         ["credit-costs"] => credit_costs(state),
         ["me"] => me(state, req).await,
         ["usage"] => usage(state, req).await,
@@ -28,33 +29,45 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
     }
 }
 
-pub fn plan_json(p: &Plan) -> serde_json::Value {
-    json!({
-        "id": p.id.as_str(),
-        "name": p.name,
-        "monthly_credits": p.monthly_credits.get(),
-        "daily_limit": p.daily_limit.map(|l| l.get()),
-        "price_dzd": p.price_dzd,
-        "modules": p.modules.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
-        "features": p.features,
+#[utoipa::path(
+    get,
+    path = "/api/billing/plans",
+    tag = "billing",
+    responses(
+        (status = 200, description = "The plans table", body = PlansAnswer),
+    )
+)]
+fn plans(state: &AppState) -> ApiResult {
+    ok(&PlansAnswer {
+        plans: state.catalog.plans().iter().map(PlanView::from).collect(),
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/billing/credit-costs",
+    tag = "billing",
+    responses(
+        (status = 200, description = "Credits per call of each module", body = CreditCostsAnswer),
+    )
+)]
 fn credit_costs(state: &AppState) -> ApiResult {
-    let modules: Vec<_> = state
+    let modules = state
         .catalog
         .modules()
         .iter()
-        .map(|m| {
-            json!({
-                "module": m.id.as_str(),
-                "cost": m.cost.get(),
-                "prefix": m.prefix,
-                "actions": m.actions.iter().map(|(a, c)| (a.as_str().to_owned(), json!(c.get()))).collect::<serde_json::Map<_, _>>(),
-            })
+        .map(|m| CreditCost {
+            module: m.id.to_string(),
+            cost: m.cost.get(),
+            prefix: m.prefix.clone(),
+            actions: m
+                .actions
+                .iter()
+                .map(|(a, c)| (a.to_string(), c.get()))
+                .collect(),
         })
         .collect();
-    ok(&json!({ "modules": modules }))
+    ok(&CreditCostsAnswer { modules })
 }
 
 /// The account as the user should see it now: a new day or period that no
@@ -97,6 +110,17 @@ pub async fn account_state(
         .ok_or(ApiError::MeteringUnavailable)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/billing/me",
+    tag = "billing",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The caller's balance", body = MeAnswer),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let id = auth::user(state, req.headers()).await?;
     let user = state
@@ -109,31 +133,30 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let plan = state.catalog.plan(user.plan.as_str());
     let v = view(&account, plan, &stamp.day, &stamp.period);
     let allowance = plan.map_or(0, |p| p.monthly_credits.get());
-    ok(&json!({
-        "user_id": id.as_str(),
-        "name": user.name,
-        "email": user.email,
-        "plan": plan.map(plan_json),
-        "status": if user.blocked { "blocked" } else { "active" },
-        // Blocked by the auto-block policy until credits come back.
-        "auto_blocked": account.exhausted && v.monthly + v.bonus <= 0,
-        "credits": {
-            "remaining": v.monthly + v.bonus,
-            "monthly_remaining": v.monthly,
-            "monthly_allowance": allowance,
-            "bonus": v.bonus,
+    ok(&MeAnswer {
+        user_id: id.to_string(),
+        name: user.name,
+        email: user.email,
+        plan: plan.map(PlanView::from),
+        status: if user.blocked { "blocked" } else { "active" }.into(),
+        auto_blocked: account.exhausted && v.monthly + v.bonus <= 0,
+        credits: Credits {
+            remaining: v.monthly + v.bonus,
+            monthly_remaining: v.monthly,
+            monthly_allowance: allowance,
+            bonus: v.bonus,
         },
-        "daily": {
-            "used": v.day_used,
-            "limit": plan.and_then(|p| p.daily_limit.map(|l| l.get())),
-            "resets_at": stamp.day_ends,
+        daily: Daily {
+            used: v.day_used,
+            limit: plan.and_then(|p| p.daily_limit.map(|l| l.get())),
+            resets_at: stamp.day_ends,
         },
-        "period": {
-            "id": stamp.period,
-            "start": stamp.period_starts,
-            "resets_at": stamp.period_ends,
+        period: Period {
+            id: stamp.period.clone(),
+            start: stamp.period_starts,
+            resets_at: stamp.period_ends,
         },
-    }))
+    })
 }
 
 #[derive(Deserialize)]
@@ -144,23 +167,23 @@ struct UsageQuery {
     per_page: Option<i64>,
 }
 
-#[derive(Serialize)]
-struct UsageAnswer {
-    days: i64,
-    from: NaiveDate,
-    totals: Vec<store::ModuleTotal>,
-    series: Vec<store::DayUsage>,
-    transactions: Transactions,
-}
-
-#[derive(Serialize)]
-struct Transactions {
-    items: Vec<store::LedgerRow>,
-    page: i64,
-    per_page: i64,
-    total: i64,
-}
-
+#[utoipa::path(
+    get,
+    path = "/api/billing/usage",
+    tag = "billing",
+    security(("api_key" = [])),
+    params(
+        ("days" = Option<i64>, Query, description = "1 to 366, default 30"),
+        ("page" = Option<i64>, Query, description = "from 1"),
+        ("per_page" = Option<i64>, Query, description = "1 to 200, default 50"),
+    ),
+    responses(
+        (status = 200, description = "Usage series, totals and latest transactions", body = UsageAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
 async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: UsageQuery = query(&req)?;
     let id = auth::user(state, req.headers()).await?;
@@ -177,7 +200,7 @@ async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let from = today
         .checked_sub_days(Days::new(days as u64 - 1))
         .unwrap_or(today);
-    let recorded = store::usage_by_day(pool, id.as_str(), from).await?;
+    let recorded = store::usage_by_day(pool, Some(id.as_str()), from).await?;
     let series = fill_days(from, today, recorded);
     let totals = store::totals_by_module(pool, id.as_str(), from).await?;
     let (items, total) =

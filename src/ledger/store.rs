@@ -200,7 +200,7 @@ pub async fn snapshot(pool: &PgPool, user: &str) -> Result<Option<Snapshot>, sql
     }))
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct DayUsage {
     pub date: NaiveDate,
     /// Net credits: charged minus refunded.
@@ -210,15 +210,18 @@ pub struct DayUsage {
     pub by_module: std::collections::BTreeMap<String, i64>,
 }
 
-/// Per-day usage of one user from `from` (inclusive), from the aggregates.
+/// Per-day usage from `from` (inclusive), from the aggregates: one user's,
+/// or everyone's with `None`.
 pub async fn usage_by_day(
     pool: &PgPool,
-    user: &str,
+    user: Option<&str>,
     from: NaiveDate,
 ) -> Result<Vec<DayUsage>, sqlx::Error> {
     let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(
-        "SELECT day, module, charged_credits - refunded_credits, charges - refunds
-         FROM usage_daily WHERE user_id = $1 AND day >= $2 ORDER BY day, module",
+        "SELECT day, module, SUM(charged_credits - refunded_credits)::bigint,
+                SUM(charges - refunds)::bigint
+         FROM usage_daily WHERE ($1::text IS NULL OR user_id = $1) AND day >= $2
+         GROUP BY day, module ORDER BY day, module",
     )
     .bind(user)
     .bind(from)
@@ -243,7 +246,7 @@ pub async fn usage_by_day(
     Ok(days)
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ModuleTotal {
     pub module: String,
     pub credits: i64,
@@ -275,7 +278,7 @@ pub async fn totals_by_module(
         .collect())
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct LedgerRow {
     pub event_id: String,
     pub kind: String,

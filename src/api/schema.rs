@@ -1,0 +1,394 @@
+//! The JSON shapes of the API, in one place. Handlers build these types
+//! (never ad-hoc JSON), and `/api/openapi.json` is generated from them, so
+//! the document cannot drift from what the handlers send.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::catalog::Plan;
+
+/// `{"error": {"code", "message"}}`: every error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable, e.g. `insufficient_credits`, `daily_limit`.
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PlanView {
+    pub id: String,
+    pub name: String,
+    pub monthly_credits: i64,
+    /// Credits per local day; null when unlimited.
+    pub daily_limit: Option<i64>,
+    pub price_dzd: i64,
+    pub modules: Vec<String>,
+    pub features: Vec<String>,
+}
+
+impl From<&Plan> for PlanView {
+    fn from(p: &Plan) -> Self {
+        Self {
+            id: p.id.to_string(),
+            name: p.name.clone(),
+            monthly_credits: p.monthly_credits.get(),
+            daily_limit: p.daily_limit.map(|l| l.get()),
+            price_dzd: p.price_dzd,
+            modules: p.modules.iter().map(ToString::to_string).collect(),
+            features: p.features.clone(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PlansAnswer {
+    pub plans: Vec<PlanView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreditCost {
+    pub module: String,
+    pub cost: i64,
+    pub prefix: String,
+    /// Per-action prices (`X-Action` header / `action` field).
+    pub actions: BTreeMap<String, i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreditCostsAnswer {
+    pub modules: Vec<CreditCost>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Credits {
+    pub remaining: i64,
+    pub monthly_remaining: i64,
+    pub monthly_allowance: i64,
+    pub bonus: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Daily {
+    pub used: i64,
+    pub limit: Option<i64>,
+    pub resets_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Period {
+    /// `YYYY-MM` in the deployment's time zone.
+    pub id: String,
+    pub start: DateTime<Utc>,
+    pub resets_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MeAnswer {
+    pub user_id: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub plan: Option<PlanView>,
+    /// `active` or `blocked`.
+    pub status: String,
+    /// Blocked by the auto-block policy until credits come back.
+    pub auto_blocked: bool,
+    pub credits: Credits,
+    pub daily: Daily,
+    pub period: Period,
+}
+
+pub use crate::ledger::store::{DayUsage, LedgerRow, ModuleTotal};
+
+#[derive(Serialize, ToSchema)]
+pub struct Transactions {
+    pub items: Vec<LedgerRow>,
+    pub page: i64,
+    pub per_page: i64,
+    pub total: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageAnswer {
+    pub days: i64,
+    pub from: NaiveDate,
+    pub totals: Vec<ModuleTotal>,
+    pub series: Vec<DayUsage>,
+    pub transactions: Transactions,
+}
+
+// ------------------------------------------------------------ credits API
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckBody {
+    pub user_id: String,
+    pub module: String,
+    pub action: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CheckAnswer {
+    pub can_proceed: bool,
+    pub cost: i64,
+    pub credits_remaining: i64,
+    pub daily_used: i64,
+    pub daily_limit: Option<i64>,
+    /// Why not, when `can_proceed` is false (an error code).
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumeBody {
+    pub user_id: String,
+    pub module: String,
+    pub action: Option<String>,
+    /// Charged at most once per user within 24 h.
+    pub request_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConsumeAnswer {
+    pub success: bool,
+    pub charged: i64,
+    pub credits_remaining: i64,
+    pub duplicate: bool,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundBody {
+    pub user_id: String,
+    pub request_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RefundAnswer {
+    pub success: bool,
+    pub refunded: i64,
+    pub credits_remaining: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ResetAnswer {
+    pub period: String,
+    pub accounts: u64,
+    pub reset: u64,
+    pub already_current: u64,
+}
+
+// ------------------------------------------------------------ admin API
+
+#[derive(Serialize, ToSchema)]
+pub struct UserRow {
+    pub id: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub plan: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub credits_remaining: i64,
+    pub used_this_month: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserList {
+    pub users: Vec<UserRow>,
+    pub page: i64,
+    pub per_page: i64,
+    pub total: i64,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserBody {
+    pub name: String,
+    pub email: Option<String>,
+    pub plan: String,
+    /// Use the platform Hub's id instead of a generated one.
+    pub id: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserSummary {
+    pub id: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub plan: String,
+    pub status: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedUser {
+    pub user: UserSummary,
+    /// Shown once; only its hash is stored.
+    pub api_key: String,
+    pub key_id: Uuid,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct KeyView {
+    pub id: Uuid,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AdminCredits {
+    pub remaining: i64,
+    pub monthly_remaining: i64,
+    pub bonus: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AdminDaily {
+    pub used: i64,
+    pub limit: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UserDetail {
+    pub id: String,
+    pub name: String,
+    pub email: Option<String>,
+    pub plan: Option<PlanView>,
+    pub status: String,
+    pub auto_blocked: bool,
+    pub credits: AdminCredits,
+    pub daily: AdminDaily,
+    pub usage_this_month: Vec<ModuleTotal>,
+    pub keys: Vec<KeyView>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct NewKeyAnswer {
+    pub key_id: Uuid,
+    /// Shown once.
+    pub api_key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RevokedAnswer {
+    pub revoked: bool,
+    pub key_id: Uuid,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    pub plan: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PlanChanged {
+    pub user_id: String,
+    pub plan: PlanView,
+}
+
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonBody {
+    pub reason: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StatusAnswer {
+    pub user_id: String,
+    pub status: String,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    pub user_id: String,
+    /// Whole credits, 1 to 1,000,000.
+    pub credits: i64,
+    pub reason: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct GrantAnswer {
+    pub user_id: String,
+    pub granted: i64,
+    pub credits: AdminCredits,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsersStats {
+    pub total: i64,
+    pub by_plan: BTreeMap<String, i64>,
+    pub by_status: BTreeMap<String, i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Revenue {
+    /// Sum of the plan prices of active users.
+    pub monthly_dzd: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModuleUsage {
+    pub credits: i64,
+    pub requests: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Consumption {
+    pub today: BTreeMap<String, ModuleUsage>,
+    pub this_month: BTreeMap<String, ModuleUsage>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TopConsumer {
+    pub user_id: String,
+    pub name: String,
+    pub plan: String,
+    pub credits: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct StatsAnswer {
+    pub users: UsersStats,
+    pub revenue: Revenue,
+    pub consumption: Consumption,
+    pub top_consumers: Vec<TopConsumer>,
+    /// Present with `?days=N`: one entry per day, oldest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daily: Option<Vec<DayUsage>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// The name of the key used (`admin:ops`, `service:hub`) or a policy.
+    pub actor: String,
+    pub action: String,
+    pub user_id: Option<String>,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuditList {
+    pub entries: Vec<AuditEntry>,
+    pub page: i64,
+    pub per_page: i64,
+    pub total: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
