@@ -10,6 +10,8 @@ ensure_redis
 ensure_postgres
 
 export RUST_BACKTRACE=1
+# Property-based API tests first, so the test runner's summary closes the log.
+bash scripts/schemathesis.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

@@ -689,6 +689,10 @@ async fn bad_inputs_get_clear_errors_and_change_nothing() {
         format!("{{\"user_id\": \"{uid}\", \"credits\": 5, \"reason\": \"x\", \"admin\": true}}")
             .into_boxed_str(),
     );
+    let grant_nul = Box::leak(
+        format!("{{\"user_id\": \"{uid}\", \"credits\": 5, \"reason\": \"a\\u0000b\"}}")
+            .into_boxed_str(),
+    );
     let consume_nomod = Box::leak(
         format!("{{\"user_id\": \"{uid}\", \"module\": \"teleport\", \"request_id\": \"r\"}}")
             .into_boxed_str(),
@@ -808,6 +812,14 @@ async fn bad_inputs_get_clear_errors_and_change_nothing() {
             "admin",
             400,
             "invalid_amount",
+        ),
+        bad(
+            M::POST,
+            "/api/admin/billing/grant",
+            Some(grant_nul),
+            "admin",
+            400,
+            "invalid_request",
         ),
         bad(
             M::POST,
@@ -1241,7 +1253,14 @@ async fn the_auto_block_policy_blocks_an_emptied_account_until_credits_return() 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openapi_document_describes_every_endpoint() {
     let app = TestApp::spawn().await;
-    let doc = body(app.client.get(app.url("/api/openapi.json")).send().await.expect("send")).await;
+    let doc = body(
+        app.client
+            .get(app.url("/api/openapi.json"))
+            .send()
+            .await
+            .expect("send"),
+    )
+    .await;
     assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
     let expected = [
         ("/api/billing/me", "get"),
@@ -1267,10 +1286,16 @@ async fn the_openapi_document_describes_every_endpoint() {
         ("/api/credits/reset-monthly", "post"),
     ];
     for (path, method) in expected {
-        assert!(doc["paths"][path][method].is_object(), "{method} {path} missing");
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing"
+        );
     }
     let schemas = &doc["components"]["schemas"];
     assert!(schemas["ConsumeBody"]["properties"]["request_id"].is_object());
     assert!(schemas["ErrorBody"].is_object());
-    assert_eq!(doc["components"]["securitySchemes"]["admin_key"]["name"], "X-Admin-Key");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["admin_key"]["name"],
+        "X-Admin-Key"
+    );
 }

@@ -115,8 +115,8 @@ struct ListQuery {
         ("plan" = Option<String>, Query,),
         ("status" = Option<String>, Query, description = "active or blocked"),
         ("q" = Option<String>, Query, description = "search in name, email, id"),
-        ("page" = Option<i64>, Query,),
-        ("per_page" = Option<i64>, Query,),
+        ("page" = Option<i64>, Query, minimum = 1),
+        ("per_page" = Option<i64>, Query, minimum = 1, maximum = 200),
     ),
     responses(
         (status = 200, description = "A page of users", body = UserList),
@@ -453,6 +453,10 @@ fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
     if reason.is_some_and(|r| r.chars().count() > 500) {
         return Err(invalid("reason must be at most 500 characters"));
     }
+    // Postgres text cannot hold NUL; other control characters are noise.
+    if reason.is_some_and(|r| r.chars().any(|c| c.is_control() && c != '\n' && c != '\t')) {
+        return Err(invalid("reason must not contain control characters"));
+    }
     Ok(reason.map(str::to_owned))
 }
 
@@ -718,7 +722,7 @@ struct StatsQuery {
     tag = "admin",
     security(("admin_key" = [])),
     params(
-        ("days" = Option<i64>, Query, description = "adds a daily series of 1 to 366 days"),
+        ("days" = Option<i64>, Query, minimum = 1, maximum = 366, description = "adds a daily series"),
     ),
     responses(
         (status = 200, description = "Users, revenue, consumption", body = StatsAnswer),
@@ -1060,8 +1064,8 @@ struct AuditQuery {
     security(("admin_key" = [])),
     params(
         ("user_id" = Option<String>, Query,),
-        ("page" = Option<i64>, Query,),
-        ("per_page" = Option<i64>, Query,),
+        ("page" = Option<i64>, Query, minimum = 1),
+        ("per_page" = Option<i64>, Query, minimum = 1, maximum = 200),
     ),
     responses(
         (status = 200, description = "The admin actions trail, newest first", body = AuditList),

@@ -131,8 +131,11 @@ pub struct UsageAnswer {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckBody {
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub user_id: String,
+    #[schema(pattern = "^[a-z0-9_]{1,32}$")]
     pub module: String,
+    #[schema(pattern = "^[a-z0-9_]{1,32}$")]
     pub action: Option<String>,
 }
 
@@ -150,10 +153,14 @@ pub struct CheckAnswer {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumeBody {
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub user_id: String,
+    #[schema(pattern = "^[a-z0-9_]{1,32}$")]
     pub module: String,
+    #[schema(pattern = "^[a-z0-9_]{1,32}$")]
     pub action: Option<String>,
     /// Charged at most once per user within 24 h.
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub request_id: String,
 }
 
@@ -168,7 +175,9 @@ pub struct ConsumeAnswer {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundBody {
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub user_id: String,
+    #[schema(pattern = "^[!-~]{1,128}$")]
     pub request_id: String,
 }
 
@@ -212,10 +221,13 @@ pub struct UserList {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     pub name: String,
     pub email: Option<String>,
+    #[schema(pattern = "^[a-z0-9_]{1,32}$")]
     pub plan: String,
     /// Use the platform Hub's id instead of a generated one.
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub id: Option<String>,
 }
 
@@ -311,9 +323,12 @@ pub struct StatusAnswer {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantBody {
+    #[schema(pattern = "^[A-Za-z0-9_.@-]{1,64}$")]
     pub user_id: String,
     /// Whole credits, 1 to 1,000,000.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub credits: i64,
+    #[schema(min_length = 1, max_length = 500, pattern = "\\S")]
     pub reason: String,
 }
 

@@ -173,9 +173,9 @@ struct UsageQuery {
     tag = "billing",
     security(("api_key" = [])),
     params(
-        ("days" = Option<i64>, Query, description = "1 to 366, default 30"),
-        ("page" = Option<i64>, Query, description = "from 1"),
-        ("per_page" = Option<i64>, Query, description = "1 to 200, default 50"),
+        ("days" = Option<i64>, Query, minimum = 1, maximum = 366, description = "default 30"),
+        ("page" = Option<i64>, Query, minimum = 1),
+        ("per_page" = Option<i64>, Query, minimum = 1, maximum = 200, description = "default 50"),
     ),
     responses(
         (status = 200, description = "Usage series, totals and latest transactions", body = UsageAnswer),

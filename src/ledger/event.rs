@@ -48,13 +48,21 @@ pub fn parse_entry_id(id: &str) -> Option<(i64, i64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
+/// A field as text. Postgres text cannot hold NUL, and one unstorable
+/// event must never stall the whole stream, so NULs become U+FFFD (and
+/// invalid UTF-8 is replaced the same way).
 fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(n) => Some(n.to_string()),
-        _ => None,
-    }
+    let s = match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        _ => return None,
+    };
+    Some(if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    })
 }
 
 impl LedgerEvent {
@@ -150,6 +158,16 @@ mod tests {
         assert_eq!(e.action, None);
         assert_eq!(e.monthly_after, 99);
         assert_eq!(e.local_day.to_string(), "2026-11-26");
+    }
+
+    #[test]
+    fn nul_bytes_cannot_make_an_event_unstorable() {
+        let mut f = fields(&CHARGE);
+        f.insert("why".into(), Value::BulkString(b"bad\0reason".to_vec()));
+        f.insert("r".into(), Value::BulkString(vec![b'r', 0xff, 0]));
+        let e = LedgerEvent::from_entry("1-0", &f).expect("parse");
+        assert_eq!(e.reason.as_deref(), Some("bad\u{FFFD}reason"));
+        assert!(!e.request_id.unwrap_or_default().contains('\0'));
     }
 
     #[test]

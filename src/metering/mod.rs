@@ -618,17 +618,26 @@ mod tests {
         reply_with(status, n, None)
     }
 
-    fn reply_with(status: &str, n: &[i64], tail: Option<&str>) -> Value {
+    /// `status`, the integers, then an optional string and more integers
+    /// (charge.lua's "ok" reply has the plan between them).
+    fn reply_with(status: &str, n: &[i64], tail: Option<(&str, &[i64])>) -> Value {
         let mut v = vec![Value::BulkString(status.as_bytes().to_vec())];
         v.extend(n.iter().map(|i| Value::Int(*i)));
-        v.extend(tail.map(|t| Value::BulkString(t.as_bytes().to_vec())));
+        if let Some((text, after)) = tail {
+            v.push(Value::BulkString(text.as_bytes().to_vec()));
+            v.extend(after.iter().map(|i| Value::Int(*i)));
+        }
         Value::Array(v)
     }
 
     #[test]
     fn decodes_every_charge_status() {
-        let ok =
-            decode_charge(reply_with("ok", &[3, 7, 0, 3, 100, 3, 0], Some("starter"))).expect("ok");
+        let ok = decode_charge(reply_with(
+            "ok",
+            &[3, 7, 0, 3, 100, 3, 0],
+            Some(("starter", &[0])),
+        ))
+        .expect("ok");
         assert_eq!(
             ok,
             ChargeOutcome::Charged(Receipt {
