@@ -55,7 +55,7 @@ export CREDITGATE_PLANS__BENCH__NAME=Bench
 export CREDITGATE_PLANS__BENCH__MONTHLY_CREDITS=1000000000
 export CREDITGATE_PLANS__BENCH__MODULES='["rag"]'
 export CREDITGATE_MODULES__RAG__UPSTREAM=http://$UPSTREAM
-redis-cli --scan --pattern '{bench:*' | xargs -r redis-cli del >/dev/null
+redis-cli --scan --pattern '{bench:*' | xargs -r -d '\n' redis-cli del >/dev/null
 "$BIN" migrate 2>/dev/null
 KEY=$("$BIN" user create --name bench --plan bench | sed -n 's/^api_key: //p')
 

@@ -54,6 +54,10 @@ ensure_postgres() {
   pg_ok || { log "PostgreSQL is not reachable on 127.0.0.1:5432 as postgres"; exit 1; }
 }
 
+ensure_promtool() {
+  command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null || { log "cargo is required (rustup)"; exit 1; }
 }

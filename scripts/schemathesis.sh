@@ -16,7 +16,7 @@ GW_PORT=$(port)
 UP_PORT=$(port)
 DB=creditgate_schemathesis
 psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
-redis-cli --scan --pattern '{st:*' | xargs -r redis-cli del >/dev/null
+redis-cli --scan --pattern '{st:*' | xargs -r -d '\n' redis-cli del >/dev/null
 
 export CREDITGATE_CONFIG=config/creditgate.toml
 export CREDITGATE_SERVER__LISTEN=127.0.0.1:$GW_PORT
@@ -43,5 +43,6 @@ schemathesis run "http://127.0.0.1:$GW_PORT/api/openapi.json" \
   --checks not_a_server_error,response_schema_conformance,content_type_conformance \
   --max-examples "${SCHEMATHESIS_EXAMPLES:-40}" \
   --seed 1 \
+  --generation-deterministic \
   --workers 1 \
   --no-color

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_redis
 ensure_postgres
+ensure_promtool
 
 export RUST_BACKTRACE=1
 # Property-based API tests first, so the test runner's summary closes the log.

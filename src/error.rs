@@ -219,10 +219,24 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// Postgres refusing a value (a NUL byte in text, say) is the input's
+/// fault, not an outage: 400, never 503. Edge validation should have caught
+/// it first; this is the net under it.
+fn rejected_value(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code.starts_with("22"))
+}
+
 impl From<AccountError> for ApiError {
     fn from(e: AccountError) -> Self {
         match e {
+            AccountError::Database(err) if rejected_value(&err) => Self::BadRequest {
+                code: "invalid_request",
+                message: "a value was refused by the database (control characters?)".into(),
+            },
             AccountError::Database(err) => {
+                crate::telemetry::metrics::postgres_error();
                 tracing::warn!(error = %err, "database unavailable");
                 Self::DatabaseUnavailable
             }

@@ -37,6 +37,8 @@ use crate::ledger::{FlushError, Flusher, LedgerStats};
 use crate::metering::{Calendar, Meter, MeterError};
 use crate::proxy::Proxy;
 use crate::proxy::upstream::Upstreams;
+use crate::telemetry::metrics;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -62,6 +64,8 @@ pub struct AppState {
     pub billing: Billing,
     pub proxy: Arc<Proxy>,
     pub api_keys: ApiKeys,
+    /// Renders `/metrics`; `None` when another recorder owns the process.
+    pub metrics: Option<PrometheusHandle>,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
     /// last byte has gone out.
@@ -140,6 +144,24 @@ impl Application {
             })
             .collect();
         tracing::info!(addr = %self.listener.local_addr()?, "creditgate listening");
+        let mut background = Vec::new();
+        if let Some(handle) = self.state.metrics.clone() {
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    metrics::upkeep(&handle);
+                }
+            }));
+        }
+        if let Some(addr) = self.settings.metrics_listen {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(%addr, "metrics listening");
+            background.push(tokio::spawn(serve_metrics(
+                listener,
+                Arc::clone(&self.state),
+            )));
+        }
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -174,6 +196,9 @@ impl Application {
             .is_err()
         {
             tracing::warn!("grace period over; abandoning remaining connections");
+        }
+        for task in background {
+            task.abort();
         }
         // Requests are done: every charge they made is in the streams now.
         let _ = stop_flushers.send(true);
@@ -211,19 +236,60 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         billing,
         proxy,
         api_keys: ApiKeys::new(&settings.auth),
+        metrics: metrics::install(),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
+}
+
+/// `/metrics` alone on `server.metrics_listen`, for scrapers kept off the
+/// public port.
+async fn serve_metrics(listener: TcpListener, state: Arc<AppState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = Arc::clone(&state);
+                async move {
+                    Ok::<_, std::convert::Infallible>(if req.uri().path() == "/metrics" {
+                        render_metrics(&state)
+                    } else {
+                        ApiError::NotFound.into_response()
+                    })
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn render_metrics(state: &AppState) -> Response<Body> {
+    let Some(handle) = &state.metrics else {
+        return ApiError::NotFound.into_response();
+    };
+    let mut response = Response::new(crate::body::full(handle.render()));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
 }
 
 async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         return ApiError::Overloaded.into_response();
     };
+    metrics::in_flight(1.0);
     let path = req.uri().path();
     let response = match (req.method(), path) {
         (&Method::GET, "/healthz") => api::health::healthz(),
         (&Method::GET, "/readyz") => api::health::readyz(&state).await,
-        (_, "/healthz" | "/readyz") => ApiError::MethodNotAllowed.into_response(),
+        (&Method::GET, "/metrics") => render_metrics(&state),
+        (_, "/healthz" | "/readyz" | "/metrics") => ApiError::MethodNotAllowed.into_response(),
         _ => match state.catalog.route(path) {
             Some(module) => state.proxy.handle(module, req, peer).await,
             None => match api::route(&state, req).await {
@@ -245,6 +311,12 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
 struct Guarded {
     inner: Body,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        metrics::in_flight(-1.0);
+    }
 }
 
 impl HttpBody for Guarded {

@@ -959,6 +959,14 @@ async fn bad_inputs_get_clear_errors_and_change_nothing() {
         ),
         bad(
             M::GET,
+            "/api/admin/billing/users?q=a%00b",
+            None,
+            "admin",
+            400,
+            "invalid_query",
+        ),
+        bad(
+            M::GET,
             "/api/admin/billing/users?sort=name",
             None,
             "admin",

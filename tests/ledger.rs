@@ -4,12 +4,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::chaos::ChaosProxy;
+use common::process::Gateway;
 use common::{Account, TestApp, free_port, wait_until};
 use creditgate::ledger::{Flusher, store};
 
@@ -353,49 +353,6 @@ async fn history_is_served_from_the_ledger_aggregates() {
 
 // ------------------------------------------------------------ SIGKILL
 
-struct Gateway {
-    child: Child,
-}
-
-impl Gateway {
-    async fn start(app: &TestApp, port: u16) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
-            .arg("--config")
-            .arg(app.config_file())
-            .arg("serve")
-            .env("CREDITGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start gateway");
-        let client = app.client.clone();
-        wait_until("the gateway process", Duration::from_secs(15), || {
-            let client = client.clone();
-            async move {
-                client
-                    .get(format!("http://127.0.0.1:{port}/healthz"))
-                    .send()
-                    .await
-                    .is_ok()
-            }
-        })
-        .await;
-        Self { child }
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
     // The in-process gateway only serves as a harness; its flusher is off
@@ -409,7 +366,7 @@ async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
         app.create_user("enterprise").await,
     ];
     let port = free_port();
-    let mut gateway = Gateway::start(&app, port).await;
+    let mut gateway = Gateway::start(&app, port, &[]).await;
 
     let ok = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let failed = Arc::new(AtomicUsize::new(0));
@@ -448,7 +405,7 @@ async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
     .await;
     gateway.sigkill();
     let before = count(&ok);
-    gateway = Gateway::start(&app, port).await;
+    gateway = Gateway::start(&app, port, &[]).await;
     wait_until("load after the restart", Duration::from_secs(20), || {
         let n = count(&ok);
         async move { n >= before + 300 }

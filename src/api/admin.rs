@@ -142,6 +142,15 @@ async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
     if status.is_some_and(|s| s != "active" && s != "blocked") {
         return Err(invalid("status must be active or blocked"));
     }
+    if q.q
+        .as_deref()
+        .is_some_and(|s| s.chars().count() > 100 || s.chars().any(char::is_control))
+    {
+        return Err(ApiError::BadRequest {
+            code: "invalid_query",
+            message: "q must be at most 100 characters, no control characters".into(),
+        });
+    }
     let search = q.q.as_deref().filter(|s| !s.is_empty()).map(|s| {
         format!(
             "%{}%",

@@ -27,6 +27,7 @@ use thiserror::Error;
 use super::event::{LedgerEvent, parse_entry_id};
 use super::store::{self, Reject};
 use crate::metering::KeyLayout;
+use crate::telemetry::metrics;
 
 pub const GROUP: &str = "creditgate-ledger";
 
@@ -70,6 +71,17 @@ pub struct LedgerStats {
 pub struct Backlog {
     pub entries: i64,
     pub oldest_age_ms: i64,
+}
+
+/// How a read treats new and abandoned entries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Normal service: block for new entries, reclaim long-idle ones.
+    Serve,
+    /// Shutdown: take what is there without blocking.
+    Drain,
+    /// `ledger verify`: also take over every other consumer's pending entries.
+    Steal,
 }
 
 /// One batch read from Redis, kept until it is safely in Postgres.
@@ -211,6 +223,9 @@ impl Flusher {
         tracing::info!("ledger flusher stopping: draining");
         // A batch interrupted mid-read stays pending in Redis and is read
         // again below (own pending first), so nothing is lost by the select.
+        // The interrupted XREADGROUP BLOCK is still queued on the old
+        // connection, ahead of anything else sent on it: start a new one.
+        self.con = None;
         self.pending_checked = false;
         match tokio::time::timeout(self.config.drain_timeout, self.drain_inner(false)).await {
             Ok(Ok(n)) => tracing::info!(flushed = n, "ledger drained"),
@@ -221,7 +236,7 @@ impl Flusher {
 
     async fn step(&mut self, batch: &mut Batch) -> Result<usize, FlushError> {
         if batch.len() == 0 {
-            *batch = self.next_batch(false).await?;
+            *batch = self.next_batch(Reading::Serve).await?;
         }
         self.commit(batch).await
     }
@@ -237,7 +252,13 @@ impl Flusher {
     async fn drain_inner(&mut self, steal: bool) -> Result<u64, FlushError> {
         let mut handled = 0u64;
         loop {
-            let mut batch = self.next_batch(steal).await?;
+            let mut batch = self
+                .next_batch(if steal {
+                    Reading::Steal
+                } else {
+                    Reading::Drain
+                })
+                .await?;
             let n = batch.len();
             if n == 0 {
                 let backlog = self.backlog().await?;
@@ -259,11 +280,13 @@ impl Flusher {
     fn note_error(&mut self, e: &FlushError) {
         match e {
             FlushError::Postgres(_) => {
+                metrics::postgres_error();
                 self.stats
                     .postgres_errors_total
                     .fetch_add(1, Ordering::Relaxed);
             }
             _ => {
+                metrics::redis_error();
                 self.stats
                     .redis_errors_total
                     .fetch_add(1, Ordering::Relaxed);
@@ -316,10 +339,10 @@ impl Flusher {
 
     /// The next entries to flush: own pending ones after a restart, then
     /// entries abandoned by dead consumers, then new ones (blocking).
-    async fn next_batch(&mut self, steal: bool) -> Result<Batch, FlushError> {
+    async fn next_batch(&mut self, how: Reading) -> Result<Batch, FlushError> {
         let mut con = self.connection().await?;
         self.ensure_groups(&mut con).await?;
-        let result = self.read(&mut con, steal).await;
+        let result = self.read(&mut con, how).await;
         if matches!(&result, Err(FlushError::Redis(e)) if e.code() == Some("NOGROUP")) {
             // Redis lost its data (restart without persistence).
             self.groups_ready = false;
@@ -330,7 +353,7 @@ impl Flusher {
     async fn read(
         &mut self,
         con: &mut MultiplexedConnection,
-        steal: bool,
+        how: Reading,
     ) -> Result<Batch, FlushError> {
         let mut batch = Batch::default();
         if !self.pending_checked {
@@ -344,6 +367,7 @@ impl Flusher {
         let claim_due = self
             .last_claim
             .is_none_or(|t| t.elapsed() >= self.config.claim_idle / 2);
+        let steal = how == Reading::Steal;
         if steal || claim_due {
             self.last_claim = Some(Instant::now());
             let idle = if steal {
@@ -373,7 +397,8 @@ impl Flusher {
                 return Ok(batch);
             }
         }
-        let block = if steal { None } else { Some(self.config.block) };
+        // Only the serving loop waits for new events; a drain takes what is there.
+        let block = (how == Reading::Serve).then_some(self.config.block);
         let reply = self.read_group(con, ">", block).await?;
         add_reply(&mut batch, reply);
         Ok(batch)
@@ -433,6 +458,7 @@ impl Flusher {
         self.stats
             .last_batch_size
             .store(n as u64, Ordering::Relaxed);
+        metrics::ledger_flushed(n, inserted, parsed.saturating_sub(inserted));
         tracing::debug!(entries = n, inserted, "ledger batch flushed");
         *batch = Batch::default();
         self.refresh_stats().await;
@@ -451,6 +477,10 @@ impl Flusher {
             Ok(b) => {
                 self.stats.backlog.store(b.entries, Ordering::Relaxed);
                 self.stats.lag_ms.store(b.oldest_age_ms, Ordering::Relaxed);
+                metrics::ledger_backlog(
+                    b.entries,
+                    Duration::from_millis(b.oldest_age_ms.max(0) as u64),
+                );
                 if b.entries > 0 {
                     tracing::debug!(
                         backlog = b.entries,

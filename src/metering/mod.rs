@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::catalog::{Catalog, Module};
 use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, UserId};
+use crate::telemetry::metrics;
 pub use calendar::{Calendar, Stamp};
 pub use keys::KeyLayout;
 
@@ -249,19 +250,23 @@ impl Meter {
 
     async fn run<T>(
         &self,
+        what: &'static str,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, MeterError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if e.is_timeout() => Err(MeterError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(MeterError::Unavailable(e)),
             Err(_) => Err(MeterError::Timeout(self.timeout)),
-        }
+        };
+        metrics::redis_script(what, started.elapsed(), result.is_ok());
+        result
     }
 
     pub async fn ping(&self) -> Result<(), MeterError> {
         let mut con = self.redis.clone();
-        self.run(redis::cmd("PING").query_async::<String>(&mut con))
+        self.run("ping", redis::cmd("PING").query_async::<String>(&mut con))
             .await
             .map(|_| ())
     }
@@ -296,7 +301,7 @@ impl Meter {
                 Mode::Check => "check",
             })
             .arg(if self.auto_block_exhausted { "1" } else { "0" });
-        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        let reply: Value = self.run("charge", inv.invoke_async(&mut con)).await?;
         decode_charge(reply)
     }
 
@@ -344,7 +349,7 @@ impl Meter {
             .arg(request_id.as_str())
             .arg(user.as_str())
             .arg(actor);
-        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        let reply: Value = self.run("refund", inv.invoke_async(&mut con)).await?;
         decode_refund(reply)
     }
 
@@ -368,7 +373,7 @@ impl Meter {
             .arg(actor)
             .arg(reason)
             .arg(&now.day);
-        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        let reply: Value = self.run("grant", inv.invoke_async(&mut con)).await?;
         let r = Reply::parse("grant.lua", reply)?;
         Ok(match r.status.as_str() {
             "ok" => GrantOutcome::Granted {
@@ -398,7 +403,7 @@ impl Meter {
             .arg(uuid::Uuid::now_v7().to_string())
             .arg(user.as_str())
             .arg(actor);
-        let reply: Value = self.run(inv.invoke_async(&mut con)).await?;
+        let reply: Value = self.run("reset", inv.invoke_async(&mut con)).await?;
         let r = Reply::parse("reset.lua", reply)?;
         Ok(match r.status.as_str() {
             "reset" => ResetOutcome::Reset {
@@ -431,7 +436,7 @@ impl Meter {
             Option<i64>,
             Option<String>,
         );
-        let row: Row = self.run(cmd.query_async(&mut con)).await?;
+        let row: Row = self.run("read", cmd.query_async(&mut con)).await?;
         let (plan, monthly, bonus, period, day, used, blocked) = row;
         Ok(plan.map(|plan| AccountState {
             plan,
@@ -462,7 +467,7 @@ impl Meter {
         for h in &seed.key_hashes {
             inv.arg(h.as_str());
         }
-        let created: i64 = self.run(inv.invoke_async(&mut con)).await?;
+        let created: i64 = self.run("seed", inv.invoke_async(&mut con)).await?;
         Ok(created == 1)
     }
 
@@ -484,7 +489,7 @@ impl Meter {
         for (f, v) in fields {
             inv.arg(*f).arg(*v);
         }
-        let updated: i64 = self.run(inv.invoke_async(&mut con)).await?;
+        let updated: i64 = self.run("update", inv.invoke_async(&mut con)).await?;
         Ok(updated == 1)
     }
 
@@ -492,7 +497,9 @@ impl Meter {
         let mut con = self.redis.clone();
         let mut cmd = redis::cmd("SADD");
         cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
-        self.run(cmd.query_async::<i64>(&mut con)).await.map(|_| ())
+        self.run("keys", cmd.query_async::<i64>(&mut con))
+            .await
+            .map(|_| ())
     }
 
     /// Revocation: the key leaves the set charge.lua checks, so the next
@@ -501,7 +508,9 @@ impl Meter {
         let mut con = self.redis.clone();
         let mut cmd = redis::cmd("SREM");
         cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
-        self.run(cmd.query_async::<i64>(&mut con)).await.map(|_| ())
+        self.run("keys", cmd.query_async::<i64>(&mut con))
+            .await
+            .map(|_| ())
     }
 }
 

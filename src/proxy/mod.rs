@@ -35,6 +35,7 @@ use crate::error::ApiError;
 use crate::metering::{
     Balance, Calendar, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Stamp,
 };
+use crate::telemetry::metrics;
 use upstream::{UpstreamError, Upstreams};
 
 pub struct Proxy {
@@ -58,6 +59,8 @@ struct Ctx<'a> {
     receipt: Option<Receipt>,
     /// Balance to report in the response headers.
     balance: Option<Balance>,
+    /// The account's plan (from the charge), for metrics labels.
+    plan: Option<String>,
     charged: i64,
     outcome: &'static str,
 }
@@ -101,6 +104,7 @@ impl Proxy {
             user: None,
             receipt: None,
             balance: None,
+            plan: None,
             charged: 0,
             outcome: "ok",
         };
@@ -246,14 +250,17 @@ impl Proxy {
         };
         match self.billing.charge(&request).await {
             Ok(Decision::Charged(receipt)) => {
+                metrics::charged(ctx.module.id.as_str(), &receipt.plan, receipt.charged);
                 ctx.charged = receipt.charged;
                 ctx.balance = Some(receipt.balance);
+                ctx.plan = Some(receipt.plan.clone());
                 let plan = receipt.plan.clone();
                 ctx.receipt = Some(receipt);
                 Ok(plan)
             }
             Ok(Decision::Duplicate { balance, plan }) => {
                 ctx.balance = Some(balance);
+                ctx.plan = Some(plan.clone());
                 Ok(plan)
             }
             Ok(Decision::Refused(refusal)) => {
@@ -287,7 +294,12 @@ impl Proxy {
         );
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         let request = Request::from_parts(parts, Limited::new(body, limit));
-        let mut response = self.upstreams.send(ctx.module, request).await?;
+        let started = Instant::now();
+        metrics::upstream_in_flight(1.0);
+        let sent = self.upstreams.send(ctx.module, request).await;
+        metrics::upstream_in_flight(-1.0);
+        metrics::upstream(ctx.module.id.as_str(), started.elapsed());
+        let mut response = sent?;
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
@@ -327,11 +339,16 @@ impl Proxy {
         });
         match task.await {
             Ok(Ok(RefundOutcome::Refunded {
+                amount,
                 monthly,
                 bonus,
                 day_used,
-                ..
             })) => {
+                metrics::refunded(
+                    ctx.module.id.as_str(),
+                    ctx.plan.as_deref().unwrap_or(""),
+                    amount,
+                );
                 ctx.charged = 0;
                 if let Some(b) = ctx.balance.as_mut() {
                     b.monthly = monthly;
@@ -369,6 +386,7 @@ fn respond(ctx: &Ctx<'_>, mut response: Response<Body>, started: Instant) -> Res
             h.insert("x-daily-remaining", HeaderValue::from(daily));
         }
     }
+    metrics::request(ctx.module.id.as_str(), ctx.outcome, started.elapsed());
     tracing::info!(
         request_id = %ctx.request_id,
         user = ctx.user.as_ref().map(UserId::as_str),

@@ -1,4 +1,6 @@
-//! Logs (tracing). Metrics join here: names in one place.
+//! Logs (tracing) and metrics (names in [`metrics`]).
+
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod process;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -341,6 +342,24 @@ async fn stub(
             http::HeaderValue::from_static("text/event-stream"),
         );
         return r;
+    }
+    if path.ends_with("/drip") {
+        // Four chunks, 250 ms apart: a response that takes a second to stream.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+        tokio::spawn(async move {
+            for i in 0..4 {
+                if tx
+                    .send(Ok(Frame::data(Bytes::from(format!("chunk {i}\n")))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        return Response::new(StreamBody::new(stream).boxed_unsync());
     }
     if path.ends_with("/echo") {
         let headers: HashMap<String, String> = req

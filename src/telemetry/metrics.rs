@@ -1,0 +1,200 @@
+//! Every metric the gateway exports: names, labels and buckets in one place.
+//!
+//! Prometheus conventions: `creditgate_` prefix, base units (`_seconds`),
+//! `_total` for counters, histograms with explicit buckets. Label values
+//! are bounded sets (module, plan, outcome, script): never a user id, key
+//! or path.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "creditgate_requests_total";
+pub const REQUEST_DURATION: &str = "creditgate_request_duration_seconds";
+pub const UPSTREAM_DURATION: &str = "creditgate_upstream_duration_seconds";
+pub const CREDITS_CHARGED: &str = "creditgate_credits_charged_total";
+pub const CREDITS_REFUNDED: &str = "creditgate_credits_refunded_total";
+pub const REDIS_SCRIPT_DURATION: &str = "creditgate_redis_script_duration_seconds";
+pub const REDIS_ERRORS: &str = "creditgate_redis_errors_total";
+pub const POSTGRES_ERRORS: &str = "creditgate_postgres_errors_total";
+pub const IN_FLIGHT: &str = "creditgate_in_flight_requests";
+pub const UPSTREAM_IN_FLIGHT: &str = "creditgate_upstream_in_flight_requests";
+pub const LEDGER_BACKLOG: &str = "creditgate_ledger_backlog_events";
+pub const LEDGER_LAG: &str = "creditgate_ledger_lag_seconds";
+pub const LEDGER_FLUSHED: &str = "creditgate_ledger_flushed_events_total";
+pub const LEDGER_DUPLICATES: &str = "creditgate_ledger_duplicate_events_total";
+pub const LEDGER_BATCH_SIZE: &str = "creditgate_ledger_flush_batch_size";
+
+/// Every metric name, for tests that check dashboards and alerts only use
+/// what is exported.
+pub const ALL: [&str; 15] = [
+    REQUESTS,
+    REQUEST_DURATION,
+    UPSTREAM_DURATION,
+    CREDITS_CHARGED,
+    CREDITS_REFUNDED,
+    REDIS_SCRIPT_DURATION,
+    REDIS_ERRORS,
+    POSTGRES_ERRORS,
+    IN_FLIGHT,
+    UPSTREAM_IN_FLIGHT,
+    LEDGER_BACKLOG,
+    LEDGER_LAG,
+    LEDGER_FLUSHED,
+    LEDGER_DUPLICATES,
+    LEDGER_BATCH_SIZE,
+];
+
+/// Latency buckets: sub-millisecond (Redis scripts) to a minute (slow
+/// assistants behind the proxy).
+const SECONDS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+const BATCH: [f64; 10] = [
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle (`None`
+/// if another recorder was installed first, e.g. by an embedding program).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(LEDGER_BATCH_SIZE.into()), &BATCH)
+                });
+            match builder.and_then(PrometheusBuilder::install_recorder) {
+                Ok(handle) => {
+                    describe();
+                    // Unlabelled series exist from the start (at 0), so
+                    // dashboards and alerts see them before anything happens.
+                    counter!(REDIS_ERRORS).increment(0);
+                    counter!(POSTGRES_ERRORS).increment(0);
+                    counter!(LEDGER_FLUSHED).increment(0);
+                    counter!(LEDGER_DUPLICATES).increment(0);
+                    gauge!(IN_FLIGHT).increment(0.0);
+                    gauge!(UPSTREAM_IN_FLIGHT).increment(0.0);
+                    gauge!(LEDGER_BACKLOG).set(0.0);
+                    gauge!(LEDGER_LAG).set(0.0);
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(REQUESTS, "Proxied requests by module and outcome");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Proxied request latency until response headers"
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        Unit::Seconds,
+        "Upstream latency until response headers"
+    );
+    describe_counter!(CREDITS_CHARGED, "Credits charged by module and plan");
+    describe_counter!(CREDITS_REFUNDED, "Credits refunded by module and plan");
+    describe_histogram!(
+        REDIS_SCRIPT_DURATION,
+        Unit::Seconds,
+        "Redis Lua script round trip"
+    );
+    describe_counter!(REDIS_ERRORS, "Redis calls that failed or timed out");
+    describe_counter!(POSTGRES_ERRORS, "Postgres calls that failed");
+    describe_gauge!(IN_FLIGHT, "Requests being served");
+    describe_gauge!(
+        UPSTREAM_IN_FLIGHT,
+        "Requests waiting on or streaming from an upstream"
+    );
+    describe_gauge!(LEDGER_BACKLOG, "Usage events in Redis not yet in Postgres");
+    describe_gauge!(
+        LEDGER_LAG,
+        Unit::Seconds,
+        "Age of the oldest usage event not yet in Postgres"
+    );
+    describe_counter!(
+        LEDGER_FLUSHED,
+        "Usage events written to the Postgres ledger"
+    );
+    describe_counter!(
+        LEDGER_DUPLICATES,
+        "Redelivered usage events the ledger already had"
+    );
+    describe_histogram!(LEDGER_BATCH_SIZE, "Usage events per flushed batch");
+}
+
+/// Histogram maintenance the exporter needs periodically.
+pub fn upkeep(handle: &PrometheusHandle) {
+    handle.run_upkeep();
+}
+
+pub fn request(module: &str, outcome: &'static str, elapsed: Duration) {
+    counter!(REQUESTS, "module" => module.to_owned(), "outcome" => outcome).increment(1);
+    histogram!(REQUEST_DURATION, "module" => module.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub fn upstream(module: &str, elapsed: Duration) {
+    histogram!(UPSTREAM_DURATION, "module" => module.to_owned()).record(elapsed.as_secs_f64());
+}
+
+pub fn charged(module: &str, plan: &str, credits: i64) {
+    if credits > 0 {
+        counter!(CREDITS_CHARGED, "module" => module.to_owned(), "plan" => plan.to_owned())
+            .increment(credits as u64);
+    }
+}
+
+pub fn refunded(module: &str, plan: &str, credits: i64) {
+    if credits > 0 {
+        counter!(CREDITS_REFUNDED, "module" => module.to_owned(), "plan" => plan.to_owned())
+            .increment(credits as u64);
+    }
+}
+
+pub fn redis_script(script: &'static str, elapsed: Duration, ok: bool) {
+    histogram!(REDIS_SCRIPT_DURATION, "script" => script).record(elapsed.as_secs_f64());
+    if !ok {
+        counter!(REDIS_ERRORS).increment(1);
+    }
+}
+
+pub fn postgres_error() {
+    counter!(POSTGRES_ERRORS).increment(1);
+}
+
+pub fn redis_error() {
+    counter!(REDIS_ERRORS).increment(1);
+}
+
+pub fn in_flight(delta: f64) {
+    gauge!(IN_FLIGHT).increment(delta);
+}
+
+pub fn upstream_in_flight(delta: f64) {
+    gauge!(UPSTREAM_IN_FLIGHT).increment(delta);
+}
+
+pub fn ledger_backlog(events: i64, lag: Duration) {
+    gauge!(LEDGER_BACKLOG).set(events as f64);
+    gauge!(LEDGER_LAG).set(lag.as_secs_f64());
+}
+
+pub fn ledger_flushed(batch: usize, inserted: u64, duplicates: u64) {
+    histogram!(LEDGER_BATCH_SIZE).record(batch as f64);
+    counter!(LEDGER_FLUSHED).increment(inserted);
+    counter!(LEDGER_DUPLICATES).increment(duplicates);
+}

@@ -1,0 +1,85 @@
+//! The real `creditgate serve` binary as a child process, for tests that
+//! kill it, signal it or read its logs.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use super::{TestApp, wait_until};
+
+pub struct Gateway {
+    pub port: u16,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    /// Starts `creditgate serve` with the app's configuration on `port`,
+    /// plus `env`, and waits until it answers `/healthz`. Its stderr (the
+    /// logs) goes to `self.log`.
+    pub async fn start(app: &TestApp, port: u16, env: &[(&str, &str)]) -> Self {
+        let log = std::env::temp_dir().join(format!("cg-{}-{port}.log", app.db.name));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
+            .arg("--config")
+            .arg(app.config_file())
+            .arg("serve")
+            .env("CREDITGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start gateway");
+        let client = app.client.clone();
+        wait_until("the gateway process", Duration::from_secs(15), || {
+            let client = client.clone();
+            async move {
+                client
+                    .get(format!("http://127.0.0.1:{port}/healthz"))
+                    .send()
+                    .await
+                    .is_ok()
+            }
+        })
+        .await;
+        Self { port, child, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn exit_status(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "gateway did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
