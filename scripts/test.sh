@@ -11,8 +11,10 @@ ensure_postgres
 ensure_promtool
 
 export RUST_BACKTRACE=1
-# Property-based API tests first, so the test runner's summary closes the log.
+# Property-based API tests and the browser tests first, so the Rust test
+# runner's summary closes the log.
 bash scripts/schemathesis.sh
+bash scripts/browser-tests.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else

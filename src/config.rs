@@ -79,6 +79,9 @@ pub struct ServerSettings {
     /// How long SIGTERM waits for in-flight requests before giving up.
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
+    /// Export Prometheus metrics (off only to measure their cost).
+    #[serde(default = "yes")]
+    pub metrics: bool,
 }
 
 fn default_timezone() -> String {
@@ -321,6 +324,7 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
+    pub metrics: bool,
     pub upstream: UpstreamSettings,
     pub redis: RedisSettings,
     pub database: DatabaseSettings,
@@ -513,6 +517,7 @@ impl RawSettings {
             header_read_timeout,
             max_in_flight: self.server.max_in_flight,
             shutdown_grace,
+            metrics: self.server.metrics,
             metering: self.metering,
             upstream: self.upstream,
             redis: self.redis,

@@ -15,6 +15,7 @@
 //! - [`error`]     the one mapping from errors to status + JSON body
 //! - [`body`]      the response body type
 //! - [`telemetry`] logging setup
+//! - [`web`]       the user and admin panels, embedded at build time
 //! - [`demo`]      a tiny upstream for the demo configuration
 
 pub mod accounts;
@@ -31,3 +32,4 @@ pub mod metering;
 pub mod proxy;
 pub mod startup;
 pub mod telemetry;
+pub mod web;

@@ -236,7 +236,11 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         billing,
         proxy,
         api_keys: ApiKeys::new(&settings.auth),
-        metrics: metrics::install(),
+        metrics: if settings.metrics {
+            metrics::install()
+        } else {
+            None
+        },
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
 }
@@ -292,9 +296,12 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
         (_, "/healthz" | "/readyz" | "/metrics") => ApiError::MethodNotAllowed.into_response(),
         _ => match state.catalog.route(path) {
             Some(module) => state.proxy.handle(module, req, peer).await,
-            None => match api::route(&state, req).await {
+            None => match crate::web::serve(req.method(), path) {
                 Some(response) => response,
-                None => ApiError::NotFound.into_response(),
+                None => match api::route(&state, req).await {
+                    Some(response) => response,
+                    None => ApiError::NotFound.into_response(),
+                },
             },
         },
     };

@@ -25,6 +25,7 @@ use std::time::Instant;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use tracing::Instrument;
 
 use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, BillingError, Decision};
@@ -94,6 +95,27 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
+        // One span per request: every event of the phases carries its
+        // request id, user, module and (at the end) outcome.
+        let span = tracing::info_span!(
+            "request",
+            module = %module.id,
+            request_id = tracing::field::Empty,
+            user = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        self.run(module, req, peer, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        module: &Module,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        span: tracing::Span,
+    ) -> Response<Body> {
         let started = Instant::now();
         let mut ctx = Ctx {
             module,
@@ -108,13 +130,15 @@ impl Proxy {
             charged: 0,
             outcome: "ok",
         };
-        let response = match self.phases(&mut ctx, req, peer).await {
+        let response = match self.phases(&mut ctx, req, peer, &span).await {
             Ok(response) => response,
             Err(e) => {
                 ctx.outcome = e.code();
                 e.into_response()
             }
         };
+        span.record("request_id", ctx.request_id.as_str());
+        span.record("outcome", ctx.outcome);
         respond(&ctx, response, started)
     }
 
@@ -123,9 +147,12 @@ impl Proxy {
         ctx: &mut Ctx<'_>,
         req: Request<Incoming>,
         peer: SocketAddr,
+        span: &tracing::Span,
     ) -> Result<Response<Body>, ApiError> {
         self.admit(ctx, req.headers())?;
+        span.record("request_id", ctx.request_id.as_str());
         let (user, key_hash) = self.identify(req.headers()).await?;
+        span.record("user", user.as_str());
         ctx.user = Some(user.clone());
         let plan = self.charge(ctx, &user, key_hash.as_ref()).await?;
         let result = self.forward(ctx, req, peer, &user, &plan).await;

@@ -1,0 +1,203 @@
+// The admin panel: global stats and charts, users with filters and
+// actions (grant, block, unblock, change plan), CSV export, audit trail.
+(function () {
+  const { T, api, el, fill, showMessage, num, date } = window.CG;
+  const $ = (id) => document.getElementById(id);
+  const STORE = "creditgate.admin_key";
+  const PER_PAGE = 20;
+  const state = { page: 1, plans: [], charts: {} };
+
+  document.title = T.title_admin;
+  const labels = {
+    title: T.title_admin, logout: T.disconnect, connect: T.connect, "key-hint": T.key_hint,
+    "l-users": T.users, "l-revenue": T.revenue, "l-today": T.today, "l-month": T.this_month,
+    "t-revenue": T.revenue_by_plan, "t-consumption": T.consumption_30d, "t-split": T.plan_split,
+    "t-users": T.users, "l-plan": T.plan, "l-status": T.status, "l-q": T.search, export: T.export_csv,
+    prev: T.previous, next: T.next, "t-audit": T.audit, "grant-title": T.grant,
+    "l-grant-credits": T.grant_amount, "l-grant-reason": T.grant_reason, "grant-cancel": T.cancel,
+    "grant-submit": T.grant,
+  };
+  for (const [id, text] of Object.entries(labels)) $(id).textContent = text;
+  document.querySelector('label[for="key"]').textContent = T.admin_key;
+
+  const key = () => sessionStorage.getItem(STORE);
+  const call = (path, opts = {}) => api(path, { header: "X-Admin-Key", key: key(), ...opts });
+  const get = (path) => call(path).then((r) => r.json());
+  const result = (text, kind) => showMessage($("result"), text, kind);
+
+  function table(node, head, rows) {
+    node.replaceChildren(
+      el("thead", {}, el("tr", {}, head.map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c) => el("td", {}, c))))),
+    );
+  }
+
+  function chart(id, config) {
+    if (state.charts[id]) state.charts[id].destroy();
+    config.options = { animation: false, responsive: true, ...(config.options || {}) };
+    state.charts[id] = new Chart($(id), config);
+  }
+
+  function renderStats(stats) {
+    $("users-total").textContent = num(stats.users.total);
+    $("users-detail").textContent = Object.entries(stats.users.by_status)
+      .map(([s, n]) => `${T[s] || s} : ${num(n)}`).join(" · ");
+    $("revenue").textContent = `${num(stats.revenue.monthly_dzd)} ${T.dzd}`;
+    const sum = (m) => Object.values(m).reduce((a, x) => a + x.credits, 0);
+    $("today").textContent = num(sum(stats.consumption.today));
+    $("month").textContent = num(sum(stats.consumption.this_month));
+    const plans = state.plans;
+    chart("revenue-chart", {
+      type: "bar",
+      data: { labels: plans.map((p) => p.name),
+        datasets: [{ label: T.revenue, data: plans.map((p) => p.price_dzd * (stats.users.by_plan[p.id] || 0)), backgroundColor: "#0b6e4f" }] },
+      options: { plugins: { legend: { display: false } } },
+    });
+    chart("consumption-chart", {
+      type: "line",
+      data: { labels: (stats.daily || []).map((d) => d.date.slice(5)),
+        datasets: [{ label: T.credits, data: (stats.daily || []).map((d) => d.credits), borderColor: "#0b6e4f", fill: false }] },
+      options: { plugins: { legend: { display: false } } },
+    });
+    chart("split-chart", {
+      type: "doughnut",
+      data: { labels: plans.map((p) => p.name),
+        datasets: [{ data: plans.map((p) => stats.users.by_plan[p.id] || 0),
+          backgroundColor: ["#9ccfb9", "#0b6e4f", "#f2b84b", "#5b8def", "#b3261e", "#777"] }] },
+    });
+  }
+
+  function actionButtons(user) {
+    const blocked = user.status === "blocked";
+    const planSelect = el("select", { "aria-label": `${T.change_plan} — ${user.name}` },
+      state.plans.map((p) => el("option", { value: p.id, ...(p.id === user.plan ? { selected: "" } : {}) }, p.name)));
+    planSelect.addEventListener("change", () => changePlan(user, planSelect));
+    return el("div", { class: "row" },
+      el("button", { type: "button", class: "secondary", onclick: () => openGrant(user) }, T.grant),
+      el("button", { type: "button", class: "secondary", onclick: () => setBlocked(user, !blocked) }, blocked ? T.unblock : T.block),
+      planSelect);
+  }
+
+  async function loadUsers() {
+    const q = new URLSearchParams({ page: state.page, per_page: PER_PAGE });
+    if ($("f-plan").value) q.set("plan", $("f-plan").value);
+    if ($("f-status").value) q.set("status", $("f-status").value);
+    if ($("f-q").value.trim()) q.set("q", $("f-q").value.trim());
+    const list = await get(`/api/admin/billing/users?${q}`);
+    table($("users"), ["ID", T.name, T.plan, T.status, T.remaining, T.used_month, T.actions],
+      list.users.map((u) => [u.id, u.name, u.plan, T[u.status] || u.status, num(u.credits_remaining), num(u.used_this_month), actionButtons(u)]));
+    const pages = Math.max(1, Math.ceil(list.total / list.per_page));
+    $("page").textContent = `${T.page} ${list.page} / ${pages}`;
+    $("prev").disabled = list.page <= 1;
+    $("next").disabled = list.page >= pages;
+  }
+
+  async function loadAudit() {
+    const audit = await get("/api/admin/billing/audit?per_page=20");
+    table($("audit"), [T.date, T.actor, T.action, T.user, T.details],
+      audit.entries.map((e) => [date(e.at), e.actor, e.action, e.user_id || "—", JSON.stringify(e.details)]));
+  }
+
+  async function loadAll() {
+    const [plans, stats] = await Promise.all([
+      fetch("/api/billing/plans").then((r) => r.json()),
+      get("/api/admin/billing/stats?days=30"),
+    ]);
+    state.plans = plans.plans;
+    if ($("f-plan").options.length === 0) {
+      $("f-plan").append(el("option", { value: "" }, T.all), ...state.plans.map((p) => el("option", { value: p.id }, p.name)));
+      $("f-status").append(el("option", { value: "" }, T.all), el("option", { value: "active" }, T.active), el("option", { value: "blocked" }, T.blocked));
+    }
+    renderStats(stats);
+    await Promise.all([loadUsers(), loadAudit()]);
+    $("login").hidden = true;
+    $("console").hidden = false;
+    $("logout").hidden = false;
+  }
+
+  async function act(work, done) {
+    try {
+      await work();
+      result(done, "ok");
+      await loadAll();
+    } catch (e) {
+      result(e.message, "error");
+    }
+  }
+
+  function setBlocked(user, block) {
+    if (!confirm(fill(block ? T.confirm_block : T.confirm_unblock, { name: user.name }))) return;
+    act(() => call(`/api/admin/billing/users/${encodeURIComponent(user.id)}/${block ? "block" : "unblock"}`, { method: "POST", body: {} }),
+      fill(block ? T.done_block : T.done_unblock, { name: user.name }));
+  }
+
+  function changePlan(user, select) {
+    const plan = state.plans.find((p) => p.id === select.value);
+    if (!plan || !confirm(fill(T.confirm_plan, { name: user.name, plan: plan.name }))) {
+      select.value = user.plan;
+      return;
+    }
+    act(() => call(`/api/admin/billing/users/${encodeURIComponent(user.id)}/plan`, { method: "PUT", body: { plan: plan.id } }),
+      fill(T.done_plan, { name: user.name, plan: plan.name }));
+  }
+
+  let granting = null;
+  function openGrant(user) {
+    granting = user;
+    $("grant-credits").value = "";
+    $("grant-reason").value = "";
+    $("grant-dialog").showModal();
+    $("grant-credits").focus();
+  }
+  $("grant-cancel").addEventListener("click", () => $("grant-dialog").close());
+  $("grant-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const credits = Number($("grant-credits").value);
+    const reason = $("grant-reason").value.trim();
+    const user = granting;
+    $("grant-dialog").close();
+    if (!user || !confirm(fill(T.confirm_grant, { credits: num(credits), name: user.name }))) return;
+    act(() => call("/api/admin/billing/grant", { method: "POST", body: { user_id: user.id, credits, reason } }),
+      fill(T.done_grant, { credits: num(credits), name: user.name }));
+  });
+
+  // The export needs the admin header, so it is fetched, then saved.
+  $("export").addEventListener("click", async () => {
+    try {
+      const blob = await (await call("/api/admin/billing/export.csv")).blob();
+      const link = el("a", { href: URL.createObjectURL(blob), download: "utilisateurs.csv" });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      result(T.done_export, "ok");
+    } catch (e) {
+      result(e.message, "error");
+    }
+  });
+
+  for (const id of ["f-plan", "f-status"]) $(id).addEventListener("change", () => { state.page = 1; loadUsers().catch((e) => result(e.message, "error")); });
+  $("f-q").addEventListener("input", () => { state.page = 1; loadUsers().catch((e) => result(e.message, "error")); });
+  $("filters").addEventListener("submit", (ev) => ev.preventDefault());
+  $("prev").addEventListener("click", () => { state.page = Math.max(1, state.page - 1); loadUsers(); });
+  $("next").addEventListener("click", () => { state.page += 1; loadUsers(); });
+
+  async function start() {
+    try {
+      await loadAll();
+    } catch (e) {
+      sessionStorage.removeItem(STORE);
+      $("console").hidden = true;
+      $("login").hidden = false;
+      showMessage($("login-error"), e.message, "error");
+    }
+  }
+  $("login-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    showMessage($("login-error"), "", "");
+    sessionStorage.setItem(STORE, $("key").value.trim());
+    $("key").value = "";
+    start();
+  });
+  $("logout").addEventListener("click", () => { sessionStorage.removeItem(STORE); location.reload(); });
+  if (key()) start();
+})();

@@ -1,0 +1,52 @@
+// Shared by both panels: API calls with the key from the session, readable
+// errors, number and date formats. No request ever leaves this origin.
+(function () {
+  const T = window.I18N;
+  const fmt = new Intl.NumberFormat("fr-DZ");
+  const dateFmt = new Intl.DateTimeFormat("fr-DZ", { dateStyle: "medium", timeStyle: "short" });
+
+  class ApiError extends Error {
+    constructor(code, message) { super(message); this.code = code; }
+  }
+
+  async function api(path, { header, key, method = "GET", body } = {}) {
+    const headers = { [header]: key };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let response;
+    try {
+      response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    } catch (_) {
+      throw new ApiError("network", T.errors.network);
+    }
+    if (!response.ok) {
+      let code = "default";
+      try { code = (await response.json()).error.code || "default"; } catch (_) { /* not JSON */ }
+      throw new ApiError(code, T.errors[code] || T.errors.default);
+    }
+    return response;
+  }
+
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) {
+      if (k === "class") node.className = v;
+      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+      else if (v !== undefined && v !== null) node.setAttribute(k, v);
+    }
+    for (const c of children.flat()) node.append(c instanceof Node ? c : document.createTextNode(String(c ?? "")));
+    return node;
+  }
+
+  function fill(template, values) {
+    return template.replace(/\{(\w+)\}/g, (_, k) => values[k] ?? "");
+  }
+
+  function showMessage(box, text, kind) {
+    box.textContent = text;
+    box.className = "message " + kind;
+    box.hidden = !text;
+  }
+
+  window.CG = { T, api, el, fill, showMessage, ApiError,
+    num: (n) => fmt.format(n), date: (s) => dateFmt.format(new Date(s)) };
+})();

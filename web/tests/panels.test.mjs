@@ -1,0 +1,222 @@
+// The panels as a person uses them: headless Debian chromium, a real
+// gateway, Redis and Postgres (started by scripts/browser-tests.sh, which
+// passes GATEWAY, ADMIN_KEY and SCREENSHOTS in the environment).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync, readFileSync } from "node:fs";
+import { chromium } from "playwright-core";
+
+const GATEWAY = process.env.GATEWAY;
+const ADMIN_KEY = process.env.ADMIN_KEY;
+const SHOTS = process.env.SCREENSHOTS;
+const origin = new URL(GATEWAY).origin;
+let browser;
+
+const admin = (path, opts = {}) =>
+  fetch(GATEWAY + "/api/admin/billing" + path, {
+    ...opts,
+    headers: { "X-Admin-Key": ADMIN_KEY, "Content-Type": "application/json", ...(opts.headers || {}) },
+  });
+
+async function newUser(name, plan) {
+  const r = await admin("/users", { method: "POST", body: JSON.stringify({ name, plan }) });
+  assert.equal(r.status, 201);
+  return r.json();
+}
+
+const call = (key, path) => fetch(GATEWAY + path, { headers: { Authorization: `Bearer ${key}` } });
+
+/// A page that records every request it makes.
+async function page(width = 1280) {
+  const context = await browser.newContext({ viewport: { width, height: 900 }, acceptDownloads: true });
+  const p = await context.newPage();
+  p.requests = [];
+  p.on("request", (req) => p.requests.push(req.url()));
+  p.dialogs = [];
+  p.on("dialog", (d) => { p.dialogs.push(d.message()); d.accept(); });
+  return p;
+}
+
+function assertSameOrigin(p) {
+  assert.ok(p.requests.length > 3, "the page made requests");
+  const foreign = p.requests.filter((u) => !u.startsWith(origin) && !u.startsWith("blob:") && !u.startsWith("data:"));
+  assert.deepEqual(foreign, [], "requests left the gateway's origin");
+}
+
+async function shoot(p, name) {
+  if (!SHOTS) return;
+  mkdirSync(SHOTS, { recursive: true });
+  await p.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+}
+
+async function until(what, check, timeout = 10000) {
+  const deadline = Date.now() + timeout;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+});
+
+test("user panel shows the exact balance, the 80 % alert, the chart and the history", async () => {
+  const created = await newUser("Yasmine Kaci", "mini"); // 10 credits, park costs 2
+  const key = created.api_key;
+  for (let i = 0; i < 4; i++) assert.equal((await call(key, "/park/search?plate=" + i)).status, 200);
+  // History is served from the ledger: wait until the flusher has it.
+  await until("the ledger", async () => {
+    const r = await fetch(GATEWAY + "/api/billing/usage", { headers: { "X-API-Key": key } });
+    return (await r.json()).transactions.total === 4;
+  });
+
+  const p = await page();
+  await p.goto(GATEWAY + "/billing/");
+  await p.getByLabel("Clé API").fill(key);
+  await p.getByRole("button", { name: "Se connecter" }).click();
+  await p.locator("#account").waitFor({ state: "visible" });
+
+  assert.equal(await p.locator("#remaining").textContent(), "2 sur 10");
+  const width = await p.locator("#bar-fill").evaluate((e) => e.style.width);
+  assert.equal(width, "20%", "the bar shows the 20 % left");
+  assert.match(await p.locator("#alert").textContent(), /plus de 80 %/);
+  assert.equal(await p.locator("#bar").getAttribute("aria-valuenow"), "20");
+
+  const painted = await p.locator("#chart").evaluate((canvas) => {
+    const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    let n = 0;
+    for (let i = 3; i < data.length; i += 4) if (data[i] !== 0) n++;
+    return n;
+  });
+  assert.ok(painted > 100, `the chart is drawn (${painted} painted pixels)`);
+
+  const rows = await p.locator("#history tbody tr").allTextContents();
+  assert.equal(rows.length, 4);
+  assert.ok(rows.every((r) => r.includes("Débit") && r.includes("park")), rows.join("\n"));
+  const current = await p.locator("#plans tr.current").textContent();
+  assert.match(current, /Mini \(Votre offre\)/);
+  await shoot(p, "user-desktop");
+
+  // A fifth call empties the account: the 100 % alert.
+  assert.equal((await call(key, "/park/search")).status, 200);
+  await p.reload();
+  await p.locator("#account").waitFor({ state: "visible" });
+  assert.match(await p.locator("#alert").textContent(), /Crédits épuisés/);
+
+  const mobile = await page(375);
+  await mobile.goto(GATEWAY + "/billing/");
+  await mobile.getByLabel("Clé API").fill(key);
+  await mobile.keyboard.press("Enter"); // keyboard only
+  await mobile.locator("#account").waitFor({ state: "visible" });
+  const overflow = await mobile.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 1, `no horizontal scroll at 375 px (${overflow}px)`);
+  await shoot(mobile, "user-375");
+  assertSameOrigin(p);
+  assertSameOrigin(mobile);
+});
+
+test("a wrong key gives a readable message and shows no data", async () => {
+  for (const [path, label] of [["/billing/", "Clé API"], ["/billing/admin.html", "Clé d'administration"]]) {
+    const p = await page();
+    await p.goto(GATEWAY + path);
+    await p.getByLabel(label).fill("definitely-not-a-key");
+    await p.getByRole("button", { name: "Se connecter" }).click();
+    const error = p.locator("#login-error");
+    await error.waitFor({ state: "visible" });
+    assert.equal(await error.textContent(), "Clé invalide ou révoquée. Vérifiez la clé saisie.");
+    assert.ok(!(await error.textContent()).includes("{"), "no raw JSON");
+    assert.equal(await p.locator("#account, #console").isVisible(), false);
+    assertSameOrigin(p);
+  }
+});
+
+test("admin panel: stats, filters, grant, block and CSV export", async () => {
+  const target = await newUser("Karim Benali", "mini");
+  await newUser("Nadia Free", "free");
+  const p = await page();
+  await p.goto(GATEWAY + "/billing/admin.html");
+  await p.getByLabel("Clé d'administration").fill(ADMIN_KEY);
+  await p.getByRole("button", { name: "Se connecter" }).click();
+  await p.locator("#console").waitFor({ state: "visible" });
+
+  const stats = await (await admin("/stats?days=30")).json();
+  assert.equal(await p.locator("#users-total").textContent(), String(stats.users.total));
+  const revenue = (await p.locator("#revenue").textContent()).replace(/\D/g, "");
+  assert.equal(revenue, String(stats.revenue.monthly_dzd));
+  for (const id of ["#revenue-chart", "#consumption-chart", "#split-chart"]) {
+    const painted = await p.locator(id).evaluate((c) => {
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      let n = 0;
+      for (let i = 3; i < d.length; i += 4) if (d[i]) n++;
+      return n;
+    });
+    assert.ok(painted > 0, `${id} is drawn`);
+  }
+
+  // Filter by plan narrows the table to that plan.
+  const all = await p.locator("#users tbody tr").count();
+  await p.getByLabel("Offre", { exact: true }).selectOption("mini");
+  await until("the filtered table", async () => (await p.locator("#users tbody tr").count()) < all);
+  const planCells = await p.locator("#users tbody tr td:nth-child(3)").allTextContents();
+  assert.ok(planCells.length > 0 && planCells.every((c) => c === "mini"), planCells.join(","));
+  const minis = (await (await admin("/users?plan=mini&per_page=200")).json()).total;
+  assert.equal(planCells.length, Math.min(minis, 20));
+
+  // Grant 25 credits to the target: the table and the proxy see them at once.
+  await p.getByLabel("Recherche").fill(target.user.id);
+  await until("the searched row", async () => (await p.locator("#users tbody tr").count()) === 1);
+  const row = p.locator("#users tbody tr").first();
+  await row.getByRole("button", { name: "Offrir des crédits" }).click();
+  await p.getByLabel("Nombre de crédits").fill("25");
+  await p.getByLabel("Motif").fill("Geste commercial");
+  await p.locator("#grant-submit").click();
+  await until("the grant result", async () => (await p.locator("#result").textContent()).includes("25 crédits offerts"));
+  await until("the new balance in the table", async () =>
+    (await p.locator("#users tbody tr td:nth-child(5)").first().textContent()).replace(/\D/g, "") === "35");
+  const detail = await (await admin("/users/" + target.user.id)).json();
+  assert.equal(detail.credits.bonus, 25);
+  for (let i = 0; i < 17; i++) assert.equal((await call(target.api_key, "/park/x")).status, 200); // 34 of 35
+  assert.equal((await call(target.api_key, "/park/x")).status, 402);
+
+  // Block: the proxy answers 403 at once.
+  await p.locator("#users tbody tr").first().getByRole("button", { name: "Bloquer" }).click();
+  await until("the block result", async () => (await p.locator("#result").textContent()).includes("est bloqué"));
+  assert.ok(p.dialogs.some((m) => m.startsWith("Bloquer Karim Benali")), p.dialogs.join("|"));
+  const blocked = await call(target.api_key, "/rag/x");
+  assert.equal(blocked.status, 403);
+  assert.equal((await blocked.json()).error.code, "blocked");
+  await shoot(p, "admin-desktop");
+
+  // CSV export downloads a file whose rows are the users.
+  const [download] = await Promise.all([
+    p.waitForEvent("download"),
+    p.getByRole("button", { name: "Exporter (CSV)" }).click(),
+  ]);
+  const file = await download.path();
+  const lines = readFileSync(file, "utf8").trim().split("\n");
+  assert.equal(lines[0], "id,name,email,plan,status,created_at");
+  const users = (await (await admin("/users?per_page=200")).json()).users.map((u) => u.id).sort();
+  assert.deepEqual(lines.slice(1).map((l) => l.split(",")[0]).sort(), users);
+
+  const mobile = await page(375);
+  await mobile.goto(GATEWAY + "/billing/admin.html");
+  await mobile.getByLabel("Clé d'administration").fill(ADMIN_KEY);
+  await mobile.keyboard.press("Enter");
+  await mobile.locator("#console").waitFor({ state: "visible" });
+  const overflow = await mobile.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 1, `no horizontal page scroll at 375 px (${overflow}px)`);
+  await shoot(mobile, "admin-375");
+  assertSameOrigin(p);
+  assertSameOrigin(mobile);
+});
