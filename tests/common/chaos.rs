@@ -1,5 +1,6 @@
 //! A TCP proxy between the gateway and a dependency, to cut the network
-//! without stopping the shared server (after crates.io's ChaosProxy).
+//! without stopping the shared server (the ChaosProxy pattern of the Rust
+//! registry's own test suite).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
