@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use crate::accounts::{AccountError, Accounts};
 use crate::catalog::Catalog;
-use crate::domain::{Credits, KeyHash, UserId};
+use crate::domain::{Credits, UserId};
 use crate::metering::{
     Balance, Calendar, ChargeOutcome, ChargeRequest, GrantOutcome, Meter, MeterError, Receipt,
     Refusal, ResetOutcome,
@@ -114,12 +114,6 @@ impl Billing {
             .ok_or_else(|| BillingError::UnknownUser(user.clone()))?;
         self.meter.seed(&seed).await?;
         Ok(())
-    }
-
-    /// Whether Redis knows this key for this user right now (for the user
-    /// API, which must refuse revoked keys exactly like the proxy).
-    pub async fn key_is_live(&self, user: &UserId, hash: &KeyHash) -> Result<bool, BillingError> {
-        Ok(self.accounts.key_is_live(user, hash).await?)
     }
 
     pub async fn grant(

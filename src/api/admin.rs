@@ -13,7 +13,8 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{Datelike, Days, NaiveDate, Utc};
-use futures_util::TryStreamExt;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -742,12 +743,7 @@ struct StatsQuery {
 )]
 async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: StatsQuery = query(&req)?;
-    if q.days.is_some_and(|d| !(1..=366).contains(&d)) {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: "days must be between 1 and 366".into(),
-        });
-    }
+    let window = q.days.map(|d| super::days(Some(d), d)).transpose()?;
     let pool = state.accounts.pool();
     let stamp = state.calendar.now();
     let today = stamp.local_date();
@@ -792,7 +788,7 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     .bind(month_start)
     .fetch_all(pool)
     .await?;
-    let daily = match q.days {
+    let daily = match window {
         Some(days) => {
             let from = today
                 .checked_sub_days(Days::new(days as u64 - 1))
@@ -845,15 +841,38 @@ pub fn csv_cell(value: &str) -> String {
     }
 }
 
-/// Streams the rows a task produces: the export is never held in memory.
-fn csv_response(
-    filename: &str,
-    produce: impl FnOnce(
-        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
-    ) -> tokio::task::JoinHandle<()>,
-) -> ApiResult {
+/// A CSV download whose body is streamed as `lines` yields rows: the
+/// export is never held in memory. `lines` runs on its own task, fed with
+/// its own pool handle so the query outlives the handler.
+fn csv_response<F>(filename: &str, header: &'static str, pool: PgPool, lines: F) -> ApiResult
+where
+    F: for<'a> FnOnce(&'a PgPool) -> BoxStream<'a, Result<String, sqlx::Error>> + Send + 'static,
+{
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
-    produce(tx);
+    tokio::spawn(async move {
+        let mut rows = lines(&pool);
+        let mut chunk = String::from(header);
+        loop {
+            match rows.try_next().await {
+                Ok(Some(line)) => {
+                    chunk.push_str(&line);
+                    chunk.push('\n');
+                    if chunk.len() > 16 * 1024 {
+                        let full = Bytes::from(std::mem::take(&mut chunk));
+                        if tx.send(Ok(Frame::data(full))).await.is_err() {
+                            return; // the client went away
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Ok(Frame::data(Bytes::from(chunk)))).await;
+    });
     let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let body: Body = StreamBody::new(stream).boxed_unsync();
     let mut response = Response::new(body);
@@ -879,50 +898,38 @@ fn csv_response(
     )
 )]
 fn export_users(state: &AppState) -> ApiResult {
-    let pool = state.accounts.pool().clone();
-    csv_response("users.csv", move |tx| {
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Ok(Frame::data(Bytes::from_static(
-                    b"id,name,email,plan,status,created_at\n",
-                ))))
-                .await;
-            let mut rows = sqlx::query_as::<_, (String, String, Option<String>, String, String, chrono::DateTime<Utc>)>(
-                "SELECT id, name, email, plan, status, created_at FROM users ORDER BY created_at, id",
+    type Row = (
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+        chrono::DateTime<Utc>,
+    );
+    csv_response(
+        "users.csv",
+        "id,name,email,plan,status,created_at\n",
+        state.accounts.pool().clone(),
+        |pool| {
+            sqlx::query_as::<_, Row>(
+                "SELECT id, name, email, plan, status, created_at FROM users
+                 ORDER BY created_at, id",
             )
-            .fetch(&pool);
-            let mut chunk = String::new();
-            loop {
-                match rows.try_next().await {
-                    Ok(Some((id, name, email, plan, status, created))) => {
-                        chunk.push_str(&format!(
-                            "{},{},{},{},{},{}\n",
-                            csv_cell(&id),
-                            csv_cell(&name),
-                            csv_cell(email.as_deref().unwrap_or("")),
-                            plan,
-                            status,
-                            created.to_rfc3339()
-                        ));
-                        if chunk.len() > 16 * 1024
-                            && tx
-                                .send(Ok(Frame::data(Bytes::from(std::mem::take(&mut chunk)))))
-                                .await
-                                .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(Box::new(e) as BoxError)).await;
-                        return;
-                    }
-                }
-            }
-            let _ = tx.send(Ok(Frame::data(Bytes::from(chunk)))).await;
-        })
-    })
+            .fetch(pool)
+            .map_ok(|(id, name, email, plan, status, created)| {
+                format!(
+                    "{},{},{},{},{},{}",
+                    csv_cell(&id),
+                    csv_cell(&name),
+                    csv_cell(email.as_deref().unwrap_or("")),
+                    plan,
+                    status,
+                    created.to_rfc3339()
+                )
+            })
+            .boxed()
+        },
+    )
 }
 
 #[derive(Deserialize)]
@@ -971,89 +978,57 @@ fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
             message: "to must not be before from".into(),
         });
     }
-    let pool = state.accounts.pool().clone();
-    csv_response("usage.csv", move |tx| {
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Ok(Frame::data(Bytes::from_static(
-                    b"event_id,user_id,kind,module,action,amount,monthly_after,bonus_after,request_id,actor,local_day,occurred_at\n",
-                ))))
-                .await;
-            type Row = (
-                String,
-                String,
-                String,
-                Option<String>,
-                Option<String>,
-                i64,
-                Option<i64>,
-                Option<i64>,
-                Option<String>,
-                String,
-                NaiveDate,
-                chrono::DateTime<Utc>,
-            );
-            let mut rows = sqlx::query_as::<_, Row>(
-                "SELECT event_id, user_id, kind, module, action, amount, monthly_after, bonus_after,
-                        request_id, actor, local_day, occurred_at
+    type Row = (
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        String,
+        NaiveDate,
+        chrono::DateTime<Utc>,
+    );
+    csv_response(
+        "usage.csv",
+        "event_id,user_id,kind,module,action,amount,monthly_after,bonus_after,request_id,actor,local_day,occurred_at\n",
+        state.accounts.pool().clone(),
+        move |pool| {
+            let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
+            sqlx::query_as::<_, Row>(
+                "SELECT event_id, user_id, kind, module, action, amount, monthly_after,
+                        bonus_after, request_id, actor, local_day, occurred_at
                  FROM ledger_events WHERE local_day BETWEEN $1 AND $2
                  ORDER BY occurred_at, stream_ms, stream_seq",
             )
             .bind(from)
             .bind(to)
-            .fetch(&pool);
-            let mut chunk = String::new();
-            let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
-            loop {
-                match rows.try_next().await {
-                    Ok(Some((
-                        eid,
-                        uid,
+            .fetch(pool)
+            .map_ok(
+                move |(eid, uid, kind, module, action, amount, m, b, rid, actor, day, at)| {
+                    format!(
+                        "{},{},{},{},{},{},{},{},{},{},{},{}",
+                        csv_cell(&eid),
+                        csv_cell(&uid),
                         kind,
-                        module,
-                        action,
+                        csv_cell(module.as_deref().unwrap_or("")),
+                        csv_cell(action.as_deref().unwrap_or("")),
                         amount,
-                        m,
-                        b,
-                        rid,
-                        actor,
+                        opt(m),
+                        opt(b),
+                        csv_cell(rid.as_deref().unwrap_or("")),
+                        csv_cell(&actor),
                         day,
-                        at,
-                    ))) => {
-                        chunk.push_str(&format!(
-                            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                            csv_cell(&eid),
-                            csv_cell(&uid),
-                            kind,
-                            csv_cell(module.as_deref().unwrap_or("")),
-                            csv_cell(action.as_deref().unwrap_or("")),
-                            amount,
-                            opt(m),
-                            opt(b),
-                            csv_cell(rid.as_deref().unwrap_or("")),
-                            csv_cell(&actor),
-                            day,
-                            at.to_rfc3339()
-                        ));
-                        if chunk.len() > 16 * 1024
-                            && tx
-                                .send(Ok(Frame::data(Bytes::from(std::mem::take(&mut chunk)))))
-                                .await
-                                .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        let _ = tx.send(Err(Box::new(e) as BoxError)).await;
-                        return;
-                    }
-                }
-            }
-            let _ = tx.send(Ok(Frame::data(Bytes::from(chunk)))).await;
-        })
-    })
+                        at.to_rfc3339()
+                    )
+                },
+            )
+            .boxed()
+        },
+    )
 }
 
 // ------------------------------------------------------------------ audit

@@ -114,6 +114,15 @@ pub fn query<T: DeserializeOwned>(req: &Request<Incoming>) -> Result<T, ApiError
         .map_err(|e| bad("invalid_query", format!("bad query string: {e}")))
 }
 
+/// A `days=` window: 1 to 366, `default` when absent.
+pub fn days(value: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    let days = value.unwrap_or(default);
+    if !(1..=366).contains(&days) {
+        return Err(bad("invalid_query", "days must be between 1 and 366"));
+    }
+    Ok(days)
+}
+
 /// `page` (1-based) and `per_page` (1..=200), checked.
 #[derive(Clone, Copy, Debug)]
 pub struct Page {

@@ -187,13 +187,7 @@ struct UsageQuery {
 async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: UsageQuery = query(&req)?;
     let id = auth::user(state, req.headers()).await?;
-    let days = q.days.unwrap_or(30);
-    if !(1..=366).contains(&days) {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: "days must be between 1 and 366".into(),
-        });
-    }
+    let days = super::days(q.days, 30)?;
     let page = Page::parse(q.page, q.per_page)?;
     let pool = state.accounts.pool();
     let today = state.calendar.now().local_date();
