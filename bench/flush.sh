@@ -13,10 +13,10 @@ psql -h 127.0.0.1 -U postgres -d creditgate_bench -qc \
 FILL_LUA='local n = tonumber(ARGV[1]); local run = ARGV[2]
 for i = 1, n do
   local u = "bench-" .. (i % 1000)
-  redis.call("XADD", KEYS[1], "*", "e", run .. "-" .. KEYS[1] .. "-" .. i, "u", u, "k", "charge",
-    "p", "bench", "m", "rag", "a", "", "n", 1, "fm", 1, "fb", 0, "mb", 1000000 - i, "bb", 0,
-    "ap", "2026-11", "ad", "2026-11-26", "au", i, "r", "r" .. i, "by", "bench",
-    "t", 1795700000000 + i, "d", "2026-11-26")
+  redis.call("XADD", KEYS[1], "*", "v", cjson.encode({e = run .. "-" .. KEYS[1] .. "-" .. i, u = u,
+    k = "charge", p = "bench", m = "rag", a = "", n = 1, fm = 1, fb = 0, mb = 1000000 - i, bb = 0,
+    ap = "2026-11", ad = "2026-11-26", au = i, r = "r" .. i, by = "bench",
+    t = 1795700000000 + i, d = "2026-11-26"}))
 end
 return n'
 per=$((N / 16))

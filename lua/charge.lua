@@ -6,7 +6,8 @@
 -- KEYS[1]  account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
 -- KEYS[2]  key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
 -- KEYS[3]  request record {tag}:req:<user>:<request id>   idempotency + refund data
--- KEYS[4]  usage stream   {tag}:events        one entry per balance change, fields:
+-- KEYS[4]  usage stream   {tag}:events        one entry per balance change: one
+--          field "v", a JSON object (one field to parse, not eighteen) with
 --          e event id, u user, k kind (charge|reset), p plan, m module, a action,
 --          n amount, fm/fb taken from monthly/bonus, mb/bb monthly/bonus after,
 --          ap/ad/au account period/day/day-used after, r request id, by actor,
@@ -84,11 +85,11 @@ local limit = tonumber(limit_s)
 -- Every event carries the account's full state after it (mb bb ap ad au),
 -- so the ledger can rebuild an account and replay its balance chain.
 local function event(kind, id, amount, from_monthly, from_bonus, module, action)
-  redis.call('XADD', KEYS[4], '*',
-    'e', id, 'u', ARGV[14], 'k', kind, 'p', plan, 'm', module, 'a', action,
-    'n', amount, 'fm', from_monthly, 'fb', from_bonus,
-    'mb', monthly, 'bb', bonus, 'ap', ARGV[8], 'ad', ARGV[7], 'au', used,
-    'r', ARGV[11], 'by', ARGV[15], 't', ARGV[9], 'd', ARGV[7])
+  redis.call('XADD', KEYS[4], '*', 'v', cjson.encode({
+    e = id, u = ARGV[14], k = kind, p = plan, m = module, a = action,
+    n = amount, fm = from_monthly, fb = from_bonus,
+    mb = monthly, bb = bonus, ap = ARGV[8], ad = ARGV[7], au = used,
+    r = ARGV[11], by = ARGV[15], t = tonumber(ARGV[9]), d = ARGV[7]}))
 end
 
 -- Lazy rollovers: a missed cron or an idle account still starts the new

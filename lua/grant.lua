@@ -21,9 +21,9 @@ end
 local amount = tonumber(ARGV[1])
 local bonus = redis.call('HINCRBY', acct, 'bonus', amount)
 local f = redis.call('HMGET', acct, 'plan', 'monthly', 'period', 'day', 'used')
-redis.call('XADD', KEYS[2], '*',
-  'e', ARGV[3], 'u', ARGV[4], 'k', 'grant', 'p', f[1] or '', 'm', '', 'a', '',
-  'n', amount, 'fm', 0, 'fb', amount,
-  'mb', tonumber(f[2]) or 0, 'bb', bonus, 'ap', f[3] or '', 'ad', f[4] or '', 'au', tonumber(f[5]) or 0,
-  'r', '', 'by', ARGV[5], 't', ARGV[2], 'd', ARGV[7], 'why', ARGV[6])
+redis.call('XADD', KEYS[2], '*', 'v', cjson.encode({
+  e = ARGV[3], u = ARGV[4], k = 'grant', p = f[1] or '', m = '', a = '',
+  n = amount, fm = 0, fb = amount,
+  mb = tonumber(f[2]) or 0, bb = bonus, ap = f[3] or '', ad = f[4] or '', au = tonumber(f[5]) or 0,
+  r = '', by = ARGV[5], t = tonumber(ARGV[2]), d = ARGV[7], why = ARGV[6]}))
 return {'ok', tonumber(f[2]) or 0, bonus}

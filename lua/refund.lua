@@ -66,10 +66,9 @@ if f[5] == cday then
   used = math.max(0, used - m - b)
 end
 redis.call('HSET', acct, 'monthly', monthly, 'bonus', bonus, 'used', used)
-redis.call('XADD', KEYS[3], '*',
-  'e', ARGV[9], 'u', ARGV[11], 'k', 'refund', 'p', f[1] or '', 'm', module, 'a', action,
-  'n', refunded, 'fm', back_monthly, 'fb', b,
-  'mb', monthly, 'bb', bonus, 'ap', f[4] or '', 'ad', f[5] or '', 'au', used,
-  'r', ARGV[10], 'by', ARGV[12],
-  't', ARGV[8], 'd', cday)
+redis.call('XADD', KEYS[3], '*', 'v', cjson.encode({
+  e = ARGV[9], u = ARGV[11], k = 'refund', p = f[1] or '', m = module, a = action,
+  n = refunded, fm = back_monthly, fb = b,
+  mb = monthly, bb = bonus, ap = f[4] or '', ad = f[5] or '', au = used,
+  r = ARGV[10], by = ARGV[12], t = tonumber(ARGV[8]), d = cday}))
 return {'ok', refunded, monthly, bonus, used}

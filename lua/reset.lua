@@ -39,9 +39,9 @@ if day ~= ARGV[3] then
   day, used = ARGV[3], 0
 end
 redis.call('HSET', acct, 'monthly', monthly, 'period', ARGV[2], 'day', day, 'used', used)
-redis.call('XADD', KEYS[2], '*',
-  'e', ARGV[5], 'u', ARGV[6], 'k', 'reset', 'p', plan, 'm', '', 'a', '',
-  'n', monthly, 'fm', 0, 'fb', 0,
-  'mb', monthly, 'bb', bonus, 'ap', ARGV[2], 'ad', day, 'au', used,
-  'r', '', 'by', ARGV[7], 't', ARGV[4], 'd', ARGV[3])
+redis.call('XADD', KEYS[2], '*', 'v', cjson.encode({
+  e = ARGV[5], u = ARGV[6], k = 'reset', p = plan, m = '', a = '',
+  n = monthly, fm = 0, fb = 0,
+  mb = monthly, bb = bonus, ap = ARGV[2], ad = day, au = used,
+  r = '', by = ARGV[7], t = tonumber(ARGV[4]), d = ARGV[3]}))
 return {'reset', monthly, bonus}

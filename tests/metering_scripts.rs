@@ -127,7 +127,9 @@ impl Harness {
         reply
             .ids
             .iter()
-            .filter_map(|e| e.get::<String>("k"))
+            .filter_map(|e| e.get::<String>("v"))
+            .filter_map(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .filter_map(|v| v["k"].as_str().map(str::to_owned))
             .collect()
     }
 }

@@ -48,72 +48,96 @@ pub fn parse_entry_id(id: &str) -> Option<(i64, i64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-/// A field as text. Postgres text cannot hold NUL, and one unstorable
-/// event must never stall the whole stream, so NULs become U+FFFD (and
-/// invalid UTF-8 is replaced the same way).
-fn text(v: &Value) -> Option<String> {
-    let s = match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        _ => return None,
-    };
-    Some(if s.contains('\0') {
+/// The JSON object a script writes as the entry's single field `v`.
+#[derive(serde::Deserialize)]
+struct Wire {
+    e: String,
+    u: String,
+    k: String,
+    #[serde(default)]
+    p: String,
+    #[serde(default)]
+    m: String,
+    #[serde(default)]
+    a: String,
+    n: i64,
+    fm: i64,
+    fb: i64,
+    mb: i64,
+    bb: i64,
+    #[serde(default)]
+    ap: String,
+    #[serde(default)]
+    ad: String,
+    #[serde(default)]
+    au: i64,
+    #[serde(default)]
+    r: String,
+    by: String,
+    t: i64,
+    d: String,
+    #[serde(default)]
+    why: String,
+}
+
+/// Postgres text cannot hold NUL, and one unstorable event must never
+/// stall the whole stream, so NULs become U+FFFD.
+fn clean(s: String) -> String {
+    if s.contains('\0') {
         s.replace('\0', "\u{FFFD}")
     } else {
         s
-    })
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then(|| clean(s))
 }
 
 impl LedgerEvent {
-    /// Parses the fields of one stream entry. The error names the field, and
-    /// the entry then goes to `ledger_rejects` rather than blocking the stream.
+    /// Parses one stream entry. The error says what is wrong, and the entry
+    /// then goes to `ledger_rejects` rather than blocking the stream.
     pub fn from_entry(entry_id: &str, fields: &HashMap<String, Value>) -> Result<Self, String> {
-        let get = |k: &str| fields.get(k).and_then(text);
-        let need = |k: &str| get(k).ok_or_else(|| format!("missing field {k}"));
-        let int = |k: &str| -> Result<i64, String> {
-            need(k)?
-                .parse::<i64>()
-                .map_err(|_| format!("field {k} is not an integer"))
-        };
-        let optional = |k: &str| get(k).filter(|s| !s.is_empty());
         let (stream_ms, stream_seq) =
             parse_entry_id(entry_id).ok_or_else(|| format!("bad entry id {entry_id}"))?;
-        let kind = need("k")?;
-        if !KINDS.contains(&kind.as_str()) {
-            return Err(format!("unknown kind {kind:?}"));
+        let raw: &[u8] = match fields.get("v") {
+            Some(Value::BulkString(b)) => b,
+            Some(Value::SimpleString(s)) => s.as_bytes(),
+            _ => return Err("missing field v".into()),
+        };
+        let w: Wire = serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?;
+        if !KINDS.contains(&w.k.as_str()) {
+            return Err(format!("unknown kind {:?}", w.k));
         }
-        let day = need("d")?;
-        let local_day = NaiveDate::parse_from_str(&day, "%Y-%m-%d")
-            .map_err(|_| format!("field d is not a date: {day:?}"))?;
-        let occurred_at = DateTime::<Utc>::from_timestamp_millis(int("t")?)
-            .ok_or_else(|| "field t is out of range".to_owned())?;
-        let amount = int("n")?;
-        if amount < 0 {
+        let local_day = NaiveDate::parse_from_str(&w.d, "%Y-%m-%d")
+            .map_err(|_| format!("d is not a date: {:?}", w.d))?;
+        let occurred_at = DateTime::<Utc>::from_timestamp_millis(w.t)
+            .ok_or_else(|| "t is out of range".to_owned())?;
+        if w.n < 0 {
             return Err("negative amount".into());
         }
         Ok(Self {
-            event_id: need("e")?,
-            user_id: need("u")?,
-            kind,
-            module: optional("m"),
-            action: optional("a"),
-            amount,
-            from_monthly: int("fm")?,
-            from_bonus: int("fb")?,
-            monthly_after: int("mb")?,
-            bonus_after: int("bb")?,
-            plan: optional("p"),
-            request_id: optional("r"),
-            actor: need("by")?,
+            event_id: clean(w.e),
+            user_id: clean(w.u),
+            kind: w.k,
+            module: non_empty(w.m),
+            action: non_empty(w.a),
+            amount: w.n,
+            from_monthly: w.fm,
+            from_bonus: w.fb,
+            monthly_after: w.mb,
+            bonus_after: w.bb,
+            plan: non_empty(w.p),
+            request_id: non_empty(w.r),
+            actor: clean(w.by),
             local_day,
             occurred_at,
             stream_ms,
             stream_seq,
-            account_period: get("ap").unwrap_or_default(),
-            account_day: get("ad").unwrap_or_default(),
-            account_day_used: get("au").and_then(|s| s.parse().ok()).unwrap_or(0),
-            reason: optional("why"),
+            account_period: w.ap,
+            account_day: w.ad,
+            account_day_used: w.au,
+            reason: non_empty(w.why),
         })
     }
 }
@@ -122,37 +146,17 @@ impl LedgerEvent {
 mod tests {
     use super::*;
 
-    fn fields(pairs: &[(&str, &str)]) -> HashMap<String, Value> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), Value::BulkString(v.as_bytes().to_vec())))
-            .collect()
-    }
+    const CHARGE: &str = r#"{"e":"ev-1","u":"alice","k":"charge","p":"free","m":"rag","a":"",
+        "n":1,"fm":1,"fb":0,"mb":99,"bb":0,"ap":"2026-11","ad":"2026-11-26","au":1,
+        "r":"req-1","by":"proxy","t":1795700000000,"d":"2026-11-26"}"#;
 
-    const CHARGE: [(&str, &str); 18] = [
-        ("e", "ev-1"),
-        ("u", "alice"),
-        ("k", "charge"),
-        ("p", "free"),
-        ("m", "rag"),
-        ("a", ""),
-        ("n", "1"),
-        ("fm", "1"),
-        ("fb", "0"),
-        ("mb", "99"),
-        ("bb", "0"),
-        ("ap", "2026-11"),
-        ("ad", "2026-11-26"),
-        ("au", "1"),
-        ("r", "req-1"),
-        ("by", "proxy"),
-        ("t", "1795700000000"),
-        ("d", "2026-11-26"),
-    ];
+    fn entry(json: &str) -> HashMap<String, Value> {
+        HashMap::from([("v".to_owned(), Value::BulkString(json.as_bytes().to_vec()))])
+    }
 
     #[test]
     fn parses_a_charge_entry() {
-        let e = LedgerEvent::from_entry("1795700000000-3", &fields(&CHARGE)).expect("parse");
+        let e = LedgerEvent::from_entry("1795700000000-3", &entry(CHARGE)).expect("parse");
         assert_eq!((e.stream_ms, e.stream_seq), (1_795_700_000_000, 3));
         assert_eq!(e.kind, "charge");
         assert_eq!(e.action, None);
@@ -162,30 +166,30 @@ mod tests {
 
     #[test]
     fn nul_bytes_cannot_make_an_event_unstorable() {
-        let mut f = fields(&CHARGE);
-        f.insert("why".into(), Value::BulkString(b"bad\0reason".to_vec()));
-        f.insert("r".into(), Value::BulkString(vec![b'r', 0xff, 0]));
-        let e = LedgerEvent::from_entry("1-0", &f).expect("parse");
+        let json = CHARGE.replace(
+            r#""r":"req-1""#,
+            r#""r":"r\u0000x","why":"bad\u0000reason""#,
+        );
+        let e = LedgerEvent::from_entry("1-0", &entry(&json)).expect("parse");
         assert_eq!(e.reason.as_deref(), Some("bad\u{FFFD}reason"));
-        assert!(!e.request_id.unwrap_or_default().contains('\0'));
+        assert_eq!(e.request_id.as_deref(), Some("r\u{FFFD}x"));
     }
 
     #[test]
     fn rejects_name_the_problem() {
-        let mut bad = fields(&CHARGE);
-        bad.insert("k".into(), Value::BulkString(b"steal".to_vec()));
+        let bad = CHARGE.replace(r#""k":"charge""#, r#""k":"steal""#);
         assert!(
-            LedgerEvent::from_entry("1-0", &bad)
+            LedgerEvent::from_entry("1-0", &entry(&bad))
                 .unwrap_err()
                 .contains("kind")
         );
-        let mut bad = fields(&CHARGE);
-        bad.remove("u");
+        let bad = CHARGE.replace(r#""u":"alice","#, "");
         assert!(
-            LedgerEvent::from_entry("1-0", &bad)
+            LedgerEvent::from_entry("1-0", &entry(&bad))
                 .unwrap_err()
-                .contains("u")
+                .contains("`u`")
         );
-        assert!(LedgerEvent::from_entry("nope", &fields(&CHARGE)).is_err());
+        assert!(LedgerEvent::from_entry("nope", &entry(CHARGE)).is_err());
+        assert!(LedgerEvent::from_entry("1-0", &HashMap::new()).is_err());
     }
 }
