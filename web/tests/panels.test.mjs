@@ -141,7 +141,7 @@ test("a wrong key gives a readable message and shows no data", async () => {
   }
 });
 
-test("admin panel: stats, filters, grant, block and CSV export", async () => {
+test("admin panel: stats, filters, grant, plan change, block and CSV export", async () => {
   const target = await newUser("Karim Benali", "mini");
   await newUser("Nadia Free", "free");
   const p = await page();
@@ -186,7 +186,17 @@ test("admin panel: stats, filters, grant, block and CSV export", async () => {
     (await p.locator("#users tbody tr td:nth-child(5)").first().textContent()).replace(/\D/g, "") === "35");
   const detail = await (await admin("/users/" + target.user.id)).json();
   assert.equal(detail.credits.bonus, 25);
-  for (let i = 0; i < 17; i++) assert.equal((await call(target.api_key, "/park/x")).status, 200); // 34 of 35
+
+  // Change plan to Starter: legal (not in Mini) opens up through the proxy.
+  await p.getByLabel("Offre", { exact: true }).selectOption("");
+  await until("the row without the plan filter", async () => (await p.locator("#users tbody tr").count()) === 1);
+  assert.equal((await call(target.api_key, "/legal/x")).status, 403);
+  await p.locator("#users tbody tr").first().getByLabel(/Changer d'offre/).selectOption("starter");
+  await until("the plan result", async () => (await p.locator("#result").textContent()).includes("offre Starter"));
+  assert.ok(p.dialogs.some((m) => m.startsWith("Passer Karim Benali à l'offre Starter")), p.dialogs.join("|"));
+  assert.equal((await (await admin("/users/" + target.user.id)).json()).plan.id, "starter");
+  assert.equal((await call(target.api_key, "/legal/x")).status, 200); // 3 of 35
+  for (let i = 0; i < 16; i++) assert.equal((await call(target.api_key, "/park/x")).status, 200); // 35 of 35
   assert.equal((await call(target.api_key, "/park/x")).status, 402);
 
   // Block: the proxy answers 403 at once.
