@@ -235,6 +235,9 @@ pub struct LedgerSettings {
     pub claim_idle_ms: u64,
     /// On SIGTERM, how long the flusher keeps draining.
     pub drain_timeout_ms: u64,
+    /// After a batch smaller than `batch_size`, wait this long before the
+    /// next read so batches grow under load (adds at most this much lag).
+    pub linger_ms: u64,
     /// Consumer name in the group; stable across restarts so a restarted
     /// instance re-reads its own unacknowledged entries first. Defaults to
     /// the host name.
@@ -250,6 +253,7 @@ impl Default for LedgerSettings {
             block_ms: 1000,
             claim_idle_ms: 30_000,
             drain_timeout_ms: 10_000,
+            linger_ms: 100,
             consumer: None,
         }
     }
@@ -270,6 +274,7 @@ impl LedgerSettings {
             block: Duration::from_millis(self.block_ms),
             claim_idle: Duration::from_millis(self.claim_idle_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            linger: Duration::from_millis(self.linger_ms),
         }
     }
 }
