@@ -610,3 +610,37 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(elapsed >= Duration::from_millis(1500), "{elapsed:?}");
     assert_eq!(app.upstream.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_max_in_flight_the_gateway_answers_503_at_once_instead_of_queueing() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_SERVER__MAX_IN_FLIGHT", "2")
+        .start()
+        .await;
+    let user = app.create_user("enterprise").await;
+    // Two streams held open occupy both slots until their bodies finish.
+    let first = app.call(&user.key, "/rag/sse").await;
+    let second = app.call(&user.key, "/rag/sse").await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    let started = std::time::Instant::now();
+    let third = app.call(&user.key, "/rag/q").await;
+    assert_eq!(third.status(), 503);
+    assert!(third.headers().contains_key("retry-after"));
+    assert_eq!(error_code(third).await, "overloaded");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // Finishing the streams frees the slots.
+    app.upstream.release();
+    let (a, b) = (first.bytes().await, second.bytes().await);
+    assert!(a.is_ok() && b.is_ok());
+    wait_until("a free slot", Duration::from_secs(5), || {
+        let (c, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
+        async move {
+            c.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    })
+    .await;
+}
