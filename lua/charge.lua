@@ -6,6 +6,7 @@
 -- KEYS[1]  account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
 -- KEYS[2]  key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
 -- KEYS[3]  request record {tag}:req:<user>:<request id>   idempotency + refund data
+-- KEYS[5]  rate counter   {tag}:rl:<user>:<minute>   calls this minute (TTL 61 s)
 -- KEYS[4]  usage stream   {tag}:events        one entry per balance change: one
 --          field "v", a JSON object (one field to parse, not eighteen) with
 --          e event id, u user, k kind (charge|reset), p plan, m module, a action,
@@ -18,7 +19,7 @@
 -- ARGV[3]  action ("" for none)
 -- ARGV[4]  cost in credits (integer >= 0)
 -- ARGV[5]  plans that include the module, comma-delimited on both ends: ",free,pro,"
--- ARGV[6]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>;" repeated
+-- ARGV[6]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>:<calls per minute or -1>;"
 -- ARGV[7]  local calendar day "YYYY-MM-DD" (server.timezone)
 -- ARGV[8]  local billing period "YYYY-MM"
 -- ARGV[9]  now, unix milliseconds
@@ -29,6 +30,7 @@
 -- ARGV[14] user id (copied into events)
 -- ARGV[15] actor (who caused the charge: "proxy", "service:<name>")
 -- ARGV[16] mode: "charge" deducts; "check" answers the same question and writes nothing
+-- ARGV[18] seconds left in the current minute (Retry-After when rate limited)
 -- ARGV[17] "1" when the auto-block policy is on: a charge that leaves the
 --          account at 0 credits marks it blocked="exhausted" until the next
 --          period or until credits come back (grant, refund)
@@ -40,6 +42,7 @@
 --   {"unknown_key"}             key revoked (not in the key set)
 --   {"blocked"}
 --   {"not_in_plan"}             also when the account's plan left the configuration
+--   {"rate_limited", retry_after_secs}   the plan's calls-per-minute are used up
 --   {"daily_limit", monthly, bonus, day_used, daily_limit}
 --   {"insufficient", monthly, bonus, day_used, daily_limit}
 -- daily_limit is -1 when the plan has none. In "check" mode "ok" means the
@@ -76,11 +79,24 @@ if f[7] == 'exhausted' then
   end
 end
 
-local limit_s, allowance_s = string.match(ARGV[6], ';' .. plan .. ':(%-?%d+):(%d+);')
+local limit_s, allowance_s, rpm_s = string.match(ARGV[6], ';' .. plan .. ':(%-?%d+):(%d+):(%-?%d+);')
 if not limit_s or not string.find(ARGV[5], ',' .. plan .. ',', 1, true) then
   return {'not_in_plan'}
 end
 local limit = tonumber(limit_s)
+
+-- Per-plan rate limit: a fixed one-minute window per account, counted here
+-- so every gateway instance shares it. Every attempt counts.
+local rpm = tonumber(rpm_s)
+if rpm >= 0 and not check_only then
+  local calls = redis.call('INCR', KEYS[5])
+  if calls == 1 then
+    redis.call('EXPIRE', KEYS[5], 61)
+  end
+  if calls > rpm then
+    return {'rate_limited', tonumber(ARGV[18])}
+  end
+end
 
 -- Every event carries the account's full state after it (mb bb ap ad au),
 -- so the ledger can rebuild an account and replay its balance chain.

@@ -8,7 +8,7 @@
 -- KEYS[1]  account hash {tag}:acct:<user>
 -- KEYS[2]  usage stream {tag}:events (kind "reset", n = new allowance)
 --
--- ARGV[1]  plan table ";<plan>:<daily limit>:<monthly credits>;" (as charge.lua)
+-- ARGV[1]  plan table (as charge.lua)
 -- ARGV[2]  the new period "YYYY-MM"
 -- ARGV[3]  local day "YYYY-MM-DD"
 -- ARGV[4]  now, unix milliseconds
@@ -28,7 +28,7 @@ if f[2] == ARGV[2] then
   return {'current'}
 end
 local plan = f[1] or ''
-local _, allowance_s = string.match(ARGV[1], ';' .. plan .. ':(%-?%d+):(%d+);')
+local _, allowance_s = string.match(ARGV[1], ';' .. plan .. ':(%-?%d+):(%d+):(%-?%d+);')
 if not allowance_s then
   return {'unknown_plan'}
 end

@@ -52,7 +52,7 @@ pub struct Catalog {
     /// Routing table: prefixes sorted longest first, so `/api/v1` wins over
     /// a hypothetical `/api`.
     routes: Vec<(String, usize)>,
-    /// ARGV[6] of charge.lua, built once: `;free:20:100;pro:500:2000;`.
+    /// ARGV[6] of charge.lua, built once: `;free:20:100:-1;pro:500:2000:600;`.
     plan_table_arg: String,
     /// ARGV[5] of charge.lua per module (same index as `modules`).
     allowed_plans_arg: Vec<String>,
@@ -69,7 +69,11 @@ impl Catalog {
         let mut plan_table_arg = String::from(";");
         for p in &plans {
             let limit = p.daily_limit.map_or(-1, Credits::get);
-            plan_table_arg.push_str(&format!("{}:{}:{};", p.id, limit, p.monthly_credits));
+            let rpm = p.rate_limit_per_minute.map_or(-1, i64::from);
+            plan_table_arg.push_str(&format!(
+                "{}:{}:{}:{};",
+                p.id, limit, p.monthly_credits, rpm
+            ));
         }
         let allowed_plans_arg = modules
             .iter()

@@ -188,6 +188,9 @@ impl ApiError {
                 cost,
                 remaining: b.remaining(),
             },
+            Refusal::RateLimited(secs) => Self::RateLimited {
+                retry_after_secs: secs,
+            },
         }
     }
 }

@@ -621,7 +621,10 @@ async fn past_max_in_flight_the_gateway_answers_503_at_once_instead_of_queueing(
     // Two streams held open occupy both slots until their bodies finish.
     let first = app.call(&user.key, "/rag/sse").await;
     let second = app.call(&user.key, "/rag/sse").await;
-    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
     let started = std::time::Instant::now();
     let third = app.call(&user.key, "/rag/q").await;
     assert_eq!(third.status(), 503);
@@ -643,4 +646,38 @@ async fn past_max_in_flight_the_gateway_answers_503_at_once_instead_of_queueing(
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_plans_rate_limit_holds_exactly_under_parallel_calls() {
+    use chrono::Timelike;
+    let app = TestApp::spawn().await;
+    let user = app.create_user("limited").await; // 5 calls per minute
+    // The window is the clock minute: do not start in its last seconds.
+    let second = chrono::Utc::now().second();
+    if second >= 55 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - second))).await;
+    }
+    let statuses = burst(30, |_| {
+        let (c, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
+        Box::pin(async move { c.get(url).bearer_auth(key).send().await.expect("send") })
+    })
+    .await;
+    assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 25);
+    let r = app.call(&user.key, "/rag/q").await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(error_code(r).await, "rate_limited");
+    assert_eq!(app.upstream.hits(), 5);
+    assert_eq!(
+        app.balance(&user.id).await,
+        (995, 0, 5),
+        "refused calls are not charged"
+    );
 }

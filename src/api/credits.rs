@@ -106,6 +106,7 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
         Decision::Refused(Refusal::Blocked) => (false, None, Some("blocked")),
         Decision::Refused(Refusal::ModuleNotInPlan) => (false, None, Some("module_not_in_plan")),
         Decision::Refused(Refusal::UnknownKey) => (false, None, Some("unauthenticated")),
+        Decision::Refused(Refusal::RateLimited(_)) => (false, None, Some("rate_limited")),
     };
     let (remaining, used, limit) = match balance {
         Some(b) => (b.remaining(), b.day_used, b.daily_limit),
@@ -144,7 +145,7 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (status = 402, description = "Not enough credits", body = ErrorBody),
         (status = 403, description = "Blocked or module not in plan", body = ErrorBody),
         (status = 404, description = "No such user", body = ErrorBody),
-        (status = 429, description = "Daily limit reached", body = ErrorBody),
+        (status = 429, description = "Daily limit or per-plan rate limit reached", body = ErrorBody),
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]

@@ -5,6 +5,7 @@
 //! {<prefix>:<shard>}:keys:<user>          set    sha256 hex of the user's live API keys
 //! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
 //!                                                (idempotency record + refund data, TTL 24 h)
+//! {<prefix>:<shard>}:rl:<user>:<minute>    string calls in that minute (per-plan rate limit, TTL 61 s)
 //! {<prefix>:<shard>}:events               stream usage events of every account in the shard
 //! ```
 //!
@@ -55,6 +56,11 @@ impl KeyLayout {
 
     pub fn request(&self, user: &UserId, request: &RequestId) -> String {
         format!("{}:req:{}:{}", self.tag(self.shard_of(user)), user, request)
+    }
+
+    /// The account's call counter for one minute (`unix seconds / 60`).
+    pub fn rate(&self, user: &UserId, minute: i64) -> String {
+        format!("{}:rl:{}:{}", self.tag(self.shard_of(user)), user, minute)
     }
 
     /// The stream that receives `user`'s events.
@@ -108,6 +114,7 @@ mod tests {
                 keys.account(&user),
                 keys.api_keys(&user),
                 keys.request(&user, &rid),
+                keys.rate(&user, 29_000_000),
                 keys.stream_of(&user),
             ];
             assert!(all.iter().all(|k| tag_of(k) == tag_of(&all[0])), "{all:?}");

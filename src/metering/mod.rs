@@ -85,6 +85,8 @@ pub enum Refusal {
     ModuleNotInPlan,
     DailyLimit(Balance),
     InsufficientCredits(Balance),
+    /// The plan's calls per minute are used up; retry after this many seconds.
+    RateLimited(u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -281,6 +283,10 @@ impl Meter {
             .key(self.keys.api_keys(req.user))
             .key(self.keys.request(req.user, req.request_id))
             .key(self.keys.stream_of(req.user))
+            .key(
+                self.keys
+                    .rate(req.user, req.stamp.now.timestamp().div_euclid(60)),
+            )
             .arg(req.key_hash.map_or("", KeyHash::as_str))
             .arg(req.module.id.as_str())
             .arg(req.action.map_or("", ActionId::as_str))
@@ -300,7 +306,8 @@ impl Meter {
                 Mode::Charge => "charge",
                 Mode::Check => "check",
             })
-            .arg(if self.auto_block_exhausted { "1" } else { "0" });
+            .arg(if self.auto_block_exhausted { "1" } else { "0" })
+            .arg(60 - req.stamp.now.timestamp().rem_euclid(60));
         let reply: Value = self.run("charge", inv.invoke_async(&mut con)).await?;
         decode_charge(reply)
     }
@@ -600,6 +607,9 @@ fn decode_charge(reply: Value) -> Result<ChargeOutcome, MeterError> {
         "unknown_key" => ChargeOutcome::Refused(Refusal::UnknownKey),
         "blocked" => ChargeOutcome::Refused(Refusal::Blocked),
         "not_in_plan" => ChargeOutcome::Refused(Refusal::ModuleNotInPlan),
+        "rate_limited" => {
+            ChargeOutcome::Refused(Refusal::RateLimited(r.int(0)?.clamp(1, 60) as u64))
+        }
         other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
     })
 }

@@ -473,6 +473,13 @@ monthly_credits = 10
 price_dzd = 0
 modules = ["rag", "legal"]
 
+[plans.limited]
+name = "Limited"
+monthly_credits = 1000
+price_dzd = 0
+modules = ["rag"]
+rate_limit_per_minute = 5
+
 [plans.enterprise]
 name = "Enterprise"
 monthly_credits = 100000
