@@ -1,7 +1,7 @@
 // The admin panel: global stats and charts, users with filters and
 // actions (grant, block, unblock, change plan), CSV export, audit trail.
 (function () {
-  const { T, api, el, fill, showMessage, num, date } = window.CG;
+  const { T, api, el, fill, showMessage, session, num, date } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.admin_key";
   const PER_PAGE = 20;
@@ -110,9 +110,6 @@
     }
     renderStats(stats);
     await Promise.all([loadUsers(), loadAudit()]);
-    $("login").hidden = true;
-    $("console").hidden = false;
-    $("logout").hidden = false;
   }
 
   async function act(work, done) {
@@ -181,23 +178,5 @@
   $("prev").addEventListener("click", () => { state.page = Math.max(1, state.page - 1); loadUsers(); });
   $("next").addEventListener("click", () => { state.page += 1; loadUsers(); });
 
-  async function start() {
-    try {
-      await loadAll();
-    } catch (e) {
-      sessionStorage.removeItem(STORE);
-      $("console").hidden = true;
-      $("login").hidden = false;
-      showMessage($("login-error"), e.message, "error");
-    }
-  }
-  $("login-form").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    showMessage($("login-error"), "", "");
-    sessionStorage.setItem(STORE, $("key").value.trim());
-    $("key").value = "";
-    start();
-  });
-  $("logout").addEventListener("click", () => { sessionStorage.removeItem(STORE); location.reload(); });
-  if (key()) start();
+  session(STORE, "console", loadAll);
 })();

@@ -47,6 +47,41 @@
     box.hidden = !text;
   }
 
-  window.CG = { T, api, el, fill, showMessage, ApiError,
+  /// The login flow both panels share: the key lives in sessionStorage
+  /// under `store`; `load` fills the panel (`panelId`) or throws, which
+  /// brings the login form back with a readable message. Returns `start`,
+  /// to reload the panel.
+  function session(store, panelId, load, onLogin = () => {}) {
+    const $ = (id) => document.getElementById(id);
+    const start = async () => {
+      try {
+        await load();
+        $("login").hidden = true;
+        $(panelId).hidden = false;
+        $("logout").hidden = false;
+      } catch (e) {
+        sessionStorage.removeItem(store);
+        $(panelId).hidden = true;
+        $("login").hidden = false;
+        showMessage($("login-error"), e.message, "error");
+      }
+    };
+    $("login-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      showMessage($("login-error"), "", "");
+      sessionStorage.setItem(store, $("key").value.trim());
+      $("key").value = "";
+      onLogin();
+      start();
+    });
+    $("logout").addEventListener("click", () => {
+      sessionStorage.removeItem(store);
+      location.reload();
+    });
+    if (sessionStorage.getItem(store)) start();
+    return start;
+  }
+
+  window.CG = { T, api, el, fill, showMessage, session, ApiError,
     num: (n) => fmt.format(n), date: (s) => dateFmt.format(new Date(s)) };
 })();

@@ -1,7 +1,7 @@
 // The user panel: balance, alerts at 80 % and 100 %, per-service stats,
 // paginated history, a 30-day chart and the plans table.
 (function () {
-  const { T, api, el, showMessage, num, date } = window.CG;
+  const { T, api, el, showMessage, session, num, date } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.user_key";
   const PER_PAGE = 10;
@@ -96,36 +96,9 @@
     const current = renderMe(me);
     renderUsage(usage);
     renderPlans(plans.plans, current);
-    $("login").hidden = true;
-    $("account").hidden = false;
-    $("logout").hidden = false;
   }
 
-  async function start() {
-    try {
-      await load();
-    } catch (e) {
-      sessionStorage.removeItem(STORE);
-      $("account").hidden = true;
-      $("login").hidden = false;
-      showMessage($("login-error"), e.message, "error");
-    }
-  }
-
-  $("login-form").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    showMessage($("login-error"), "", "");
-    sessionStorage.setItem(STORE, $("key").value.trim());
-    $("key").value = "";
-    page = 1;
-    start();
-  });
-  $("logout").addEventListener("click", () => {
-    sessionStorage.removeItem(STORE);
-    location.reload();
-  });
+  const start = session(STORE, "account", load, () => { page = 1; });
   $("prev").addEventListener("click", () => { page = Math.max(1, page - 1); start(); });
   $("next").addEventListener("click", () => { page += 1; start(); });
-
-  if (key()) start();
 })();
