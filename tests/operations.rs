@@ -129,6 +129,9 @@ async fn metrics_count_a_known_sequence_exactly_and_pass_promtool() {
         .is_some_and(|n| n >= 6.0)
     );
     assert_eq!(sample(&text, metrics::REDIS_ERRORS, &[]), Some(0.0));
+    // Sequential calls reuse one pooled keep-alive connection per module.
+    let open = |module| sample(&text, metrics::UPSTREAM_CONNECTIONS, &[("module", module)]);
+    assert_eq!((open("rag"), open("park")), (Some(1.0), Some(1.0)));
     assert!(text.contains(&format!(
         "{}_bucket{{module=\"rag\",le=\"0.005\"}}",
         metrics::REQUEST_DURATION

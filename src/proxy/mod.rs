@@ -15,6 +15,7 @@
 //! Settling runs after every forward, on a spawned task, so a client that
 //! hangs up during the refund cannot cancel it.
 
+mod connector;
 mod headers;
 pub mod upstream;
 

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
 
+use super::connector::CountingConnector;
 use crate::catalog::{Catalog, Module};
 use crate::config::UpstreamSettings;
 use crate::domain::ModuleId;
@@ -32,7 +33,7 @@ pub enum UpstreamError {
 }
 
 pub struct Upstreams {
-    clients: Vec<(ModuleId, Client<HttpConnector, RequestBody>)>,
+    clients: Vec<(ModuleId, Client<CountingConnector, RequestBody>)>,
 }
 
 impl Upstreams {
@@ -48,7 +49,7 @@ impl Upstreams {
                 let client = Client::builder(TokioExecutor::new())
                     .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
                     .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-                    .build(connector);
+                    .build(CountingConnector::new(connector, m.id.as_str()));
                 (m.id.clone(), client)
             })
             .collect();

@@ -21,6 +21,7 @@ pub const REDIS_ERRORS: &str = "creditgate_redis_errors_total";
 pub const POSTGRES_ERRORS: &str = "creditgate_postgres_errors_total";
 pub const IN_FLIGHT: &str = "creditgate_in_flight_requests";
 pub const UPSTREAM_IN_FLIGHT: &str = "creditgate_upstream_in_flight_requests";
+pub const UPSTREAM_CONNECTIONS: &str = "creditgate_upstream_open_connections";
 pub const LEDGER_BACKLOG: &str = "creditgate_ledger_backlog_events";
 pub const LEDGER_LAG: &str = "creditgate_ledger_lag_seconds";
 pub const LEDGER_FLUSHED: &str = "creditgate_ledger_flushed_events_total";
@@ -29,7 +30,7 @@ pub const LEDGER_BATCH_SIZE: &str = "creditgate_ledger_flush_batch_size";
 
 /// Every metric name, for tests that check dashboards and alerts only use
 /// what is exported.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -40,6 +41,7 @@ pub const ALL: [&str; 15] = [
     POSTGRES_ERRORS,
     IN_FLIGHT,
     UPSTREAM_IN_FLIGHT,
+    UPSTREAM_CONNECTIONS,
     LEDGER_BACKLOG,
     LEDGER_LAG,
     LEDGER_FLUSHED,
@@ -118,7 +120,11 @@ fn describe() {
     describe_gauge!(IN_FLIGHT, "Requests being served");
     describe_gauge!(
         UPSTREAM_IN_FLIGHT,
-        "Requests waiting on or streaming from an upstream"
+        "Requests waiting for an upstream's response headers"
+    );
+    describe_gauge!(
+        UPSTREAM_CONNECTIONS,
+        "Open connections to upstreams, pooled or busy"
     );
     describe_gauge!(LEDGER_BACKLOG, "Usage events in Redis not yet in Postgres");
     describe_gauge!(
@@ -186,6 +192,10 @@ pub fn in_flight(delta: f64) {
 
 pub fn upstream_in_flight(delta: f64) {
     gauge!(UPSTREAM_IN_FLIGHT).increment(delta);
+}
+
+pub fn upstream_connections(module: &str, delta: f64) {
+    gauge!(UPSTREAM_CONNECTIONS, "module" => module.to_owned()).increment(delta);
 }
 
 pub fn ledger_backlog(events: i64, lag: Duration) {
