@@ -224,7 +224,6 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
         Upstreams::new(&catalog, &settings.upstream),
-        calendar,
         settings.max_body_bytes,
         settings.auth.trust_user_id_header,
     ));

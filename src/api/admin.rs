@@ -362,7 +362,7 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
         email: user.email,
         plan: plan.map(PlanView::from),
         status: if user.blocked { "blocked" } else { "active" }.into(),
-        auto_blocked: account.exhausted && v.monthly + v.bonus <= 0,
+        auto_blocked: v.auto_blocked,
         credits: AdminCredits {
             remaining: v.monthly + v.bonus,
             monthly_remaining: v.monthly,

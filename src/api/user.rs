@@ -76,21 +76,25 @@ pub struct View {
     pub monthly: i64,
     pub bonus: i64,
     pub day_used: i64,
+    /// Blocked by the auto-block policy and still without credits.
+    pub auto_blocked: bool,
 }
 
 pub fn view(account: &AccountState, plan: Option<&Plan>, day: &str, period: &str) -> View {
+    let monthly = if account.period == period {
+        account.monthly
+    } else {
+        plan.map_or(0, |p| p.monthly_credits.get())
+    };
     View {
-        monthly: if account.period == period {
-            account.monthly
-        } else {
-            plan.map_or(0, |p| p.monthly_credits.get())
-        },
+        monthly,
         bonus: account.bonus,
         day_used: if account.day == day {
             account.day_used
         } else {
             0
         },
+        auto_blocked: account.exhausted && monthly + account.bonus <= 0,
     }
 }
 
@@ -139,7 +143,7 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
         email: user.email,
         plan: plan.map(PlanView::from),
         status: if user.blocked { "blocked" } else { "active" }.into(),
-        auto_blocked: account.exhausted && v.monthly + v.bonus <= 0,
+        auto_blocked: v.auto_blocked,
         credits: Credits {
             remaining: v.monthly + v.bonus,
             monthly_remaining: v.monthly,

@@ -34,16 +34,13 @@ use crate::body::Body;
 use crate::catalog::Module;
 use crate::domain::{ActionId, KeyHash, RequestId, UserId};
 use crate::error::ApiError;
-use crate::metering::{
-    Balance, Calendar, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Stamp,
-};
+use crate::metering::{Balance, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Stamp};
 use crate::telemetry::metrics;
 use upstream::{UpstreamError, Upstreams};
 
 pub struct Proxy {
     billing: Billing,
     upstreams: Upstreams,
-    calendar: Calendar,
     max_body_bytes: u64,
     trust_user_id_header: bool,
 }
@@ -77,14 +74,12 @@ impl Proxy {
     pub fn new(
         billing: Billing,
         upstreams: Upstreams,
-        calendar: Calendar,
         max_body_bytes: u64,
         trust_user_id_header: bool,
     ) -> Self {
         Self {
             billing,
             upstreams,
-            calendar,
             max_body_bytes,
             trust_user_id_header,
         }
@@ -120,7 +115,7 @@ impl Proxy {
         let started = Instant::now();
         let mut ctx = Ctx {
             module,
-            stamp: self.calendar.now(),
+            stamp: self.billing.calendar.now(),
             request_id: RequestId::generate(),
             idempotent: false,
             action: None,
@@ -359,7 +354,7 @@ impl Proxy {
                     charged_at: &charged_at,
                 }
             };
-            let now = this.calendar.now();
+            let now = this.billing.calendar.now();
             this.billing
                 .meter
                 .refund(&user, &request_id, of, "proxy", &now)
