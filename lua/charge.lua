@@ -5,7 +5,11 @@
 --
 -- KEYS[1]  account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
 -- KEYS[2]  key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
--- KEYS[3]  request record {tag}:req:<user>:<request id>   idempotency + refund data
+-- KEYS[3]  idempotency record: {tag}:req:<user>:<request id> (credits API, a string
+--          "from_monthly,from_bonus,day,period,module,action") or
+--          {tag}:idem:<user>:<Idempotency-Key> (proxy, a hash: split (the same
+--          string), fp request fingerprint, st p|d|x, lease (unix ms), rid the
+--          original request id, ev its charge event id, status hdrs body)
 -- KEYS[5]  rate counter   {tag}:rl:<user>:<minute>   calls this minute (TTL 61 s)
 -- KEYS[4]  usage stream   {tag}:events        one entry per balance change: one
 --          field "v", a JSON object (one field to parse, not eighteen) with
@@ -25,7 +29,9 @@
 -- ARGV[9]  now, unix milliseconds
 -- ARGV[10] event id (uuid) for the charge event; a rollover reset uses it + ":reset"
 -- ARGV[11] request id
--- ARGV[12] "1" when the request id is an idempotency key (charge at most once)
+-- ARGV[12] idempotency: "0" none; "1" credits API request id (a repeat is a
+--          "duplicate", charged 0); "2" proxy Idempotency-Key (a repeat is never
+--          forwarded: replayed, in progress, reused or not replayable)
 -- ARGV[13] request record TTL in seconds
 -- ARGV[14] user id (copied into events)
 -- ARGV[15] actor (who caused the charge: "proxy", "service:<name>")
@@ -34,10 +40,19 @@
 -- ARGV[17] "1" when the auto-block policy is on: a charge that leaves the
 --          account at 0 credits marks it blocked="exhausted" until the next
 --          period or until credits come back (grant, refund)
+-- ARGV[19] request fingerprint (mode "2"): hash of method, module, path, query
+-- ARGV[20] lease end, unix ms (mode "2"): until then a pending first call is
+--          "in progress"; after it, the gateway that owned it is presumed dead
 --
 -- Returns (integers unless noted):
 --   {"ok", charged, monthly, bonus, day_used, daily_limit, from_monthly, from_bonus, plan, auto_blocked}
 --   {"duplicate", 0, monthly, bonus, day_used, daily_limit, plan}
+--   {"replay", rid, status, headers, body, monthly, bonus, day_used, daily_limit, plan}
+--                               mode "2": the first call completed; its response
+--   {"in_progress", rid}        mode "2": the first call has not completed yet
+--   {"key_reused", rid}         mode "2": the key was used for another request
+--   {"not_replayable", rid}     mode "2": completed, but its response was too long
+--                               to keep (or never finished streaming)
 --   {"missing"}                 account not in Redis: rebuild from Postgres, then retry
 --   {"unknown_key"}             key revoked (not in the key set)
 --   {"blocked"}
@@ -127,6 +142,22 @@ end
 if ARGV[12] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then
   return {'duplicate', 0, monthly, bonus, used, limit, plan}
 end
+if ARGV[12] == '2' then
+  local r = redis.call('HMGET', KEYS[3], 'fp', 'st', 'lease', 'rid', 'status', 'hdrs', 'body')
+  if r[1] then
+    local rid = r[4] or ''
+    if r[1] ~= ARGV[19] then
+      return {'key_reused', rid}
+    end
+    if r[2] == 'd' then
+      return {'replay', rid, tonumber(r[5]) or 200, r[6] or '', r[7] or '', monthly, bonus, used, limit, plan}
+    end
+    if r[2] == 'p' and (tonumber(r[3]) or 0) > tonumber(ARGV[9]) then
+      return {'in_progress', rid}
+    end
+    return {'not_replayable', rid}
+  end
+end
 
 local cost = tonumber(ARGV[4])
 if limit >= 0 and used + cost > limit then
@@ -146,11 +177,14 @@ monthly = monthly - from_monthly
 bonus = bonus - from_bonus
 used = used + cost
 redis.call('HSET', acct, 'monthly', monthly, 'bonus', bonus, 'used', used)
+-- What refund.lua needs to give this exact charge back, and only once.
+local split = from_monthly .. ',' .. from_bonus .. ',' .. ARGV[7] .. ',' .. ARGV[8] .. ',' .. ARGV[2] .. ',' .. ARGV[3]
 if ARGV[12] == '1' then
-  -- What refund.lua needs to give this exact charge back, and only once.
-  redis.call('SET', KEYS[3],
-    from_monthly .. ',' .. from_bonus .. ',' .. ARGV[7] .. ',' .. ARGV[8] .. ',' .. ARGV[2] .. ',' .. ARGV[3],
-    'EX', ARGV[13])
+  redis.call('SET', KEYS[3], split, 'EX', ARGV[13])
+elseif ARGV[12] == '2' then
+  redis.call('HSET', KEYS[3], 'split', split, 'fp', ARGV[19], 'st', 'p', 'lease', ARGV[20],
+    'rid', ARGV[11], 'ev', ARGV[10])
+  redis.call('EXPIRE', KEYS[3], ARGV[13])
 end
 event('charge', ARGV[10], cost, from_monthly, from_bonus, ARGV[2], ARGV[3])
 local auto_blocked = 0

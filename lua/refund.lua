@@ -1,13 +1,17 @@
 -- refund.lua: give one charge back, at most once.
 --
 -- KEYS[1]  account hash   {tag}:acct:<user>
--- KEYS[2]  request record {tag}:req:<user>:<request id> (written by charge.lua)
+-- KEYS[2]  request record {tag}:req:<user>:<request id> (a string) or
+--          {tag}:idem:<user>:<key> (a hash with the same string in "split"),
+--          both written by charge.lua
 -- KEYS[3]  usage stream   {tag}:events (fields as in charge.lua; d is the
 --          day of the charge, so the refund lands in that day's aggregates)
 --
 -- ARGV[1]  mode: "record" reads the split from KEYS[2] and deletes it, so a
 --          second refund of the same request finds nothing; "direct" uses
---          ARGV[2..6] (charges without an idempotency key keep no record)
+--          ARGV[2..6] (charges without an idempotency key keep no record);
+--          "idem" is "record" for the proxy's hash record. Deleting the
+--          record frees the key: a retry is a new call.
 -- ARGV[2]  credits taken from the monthly allowance   (direct mode)
 -- ARGV[3]  credits taken from bonus                   (direct mode)
 -- ARGV[4]  local day of the charge "YYYY-MM-DD"       (direct mode)
@@ -34,8 +38,13 @@ if redis.call('EXISTS', acct) == 0 then
 end
 
 local m, b, cday, cperiod, module, action
-if ARGV[1] == 'record' then
-  local rec = redis.call('GET', KEYS[2])
+if ARGV[1] == 'record' or ARGV[1] == 'idem' then
+  local rec
+  if ARGV[1] == 'idem' then
+    rec = redis.call('HGET', KEYS[2], 'split')
+  else
+    rec = redis.call('GET', KEYS[2])
+  end
   if not rec then
     return {'not_found'}
   end

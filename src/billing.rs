@@ -12,7 +12,7 @@ use crate::catalog::Catalog;
 use crate::domain::{Credits, UserId};
 use crate::metering::{
     Balance, Calendar, ChargeOutcome, ChargeRequest, GrantOutcome, Meter, MeterError, Receipt,
-    Refusal, ResetOutcome,
+    Refusal, Repeat, ResetOutcome,
 };
 
 #[derive(Debug, Error)]
@@ -33,6 +33,7 @@ pub enum Decision {
     Charged(Receipt),
     Duplicate { balance: Balance, plan: String },
     Refused(Refusal),
+    Repeat(Repeat),
 }
 
 #[derive(Clone)]
@@ -86,6 +87,7 @@ impl Billing {
                     return Err(BillingError::RebuildFailed(req.user.clone()));
                 }
                 ChargeOutcome::Refused(refusal) => return Ok(Decision::Refused(refusal)),
+                ChargeOutcome::Repeat(repeat) => return Ok(Decision::Repeat(repeat)),
             }
         }
     }

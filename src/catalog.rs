@@ -3,6 +3,7 @@
 //! proxy (routing, pricing) and the metering scripts (plan rules as ARGV).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::domain::{ActionId, Credits, ModuleId, PlanId};
@@ -47,7 +48,9 @@ pub struct Plan {
 
 #[derive(Debug)]
 pub struct Catalog {
-    modules: Vec<Module>,
+    /// Shared so a proxied request can own its module while it settles,
+    /// even after the client has gone.
+    modules: Vec<Arc<Module>>,
     plans: Vec<Plan>,
     /// Routing table: prefixes sorted longest first, so `/api/v1` wins over
     /// a hypothetical `/api`.
@@ -87,7 +90,7 @@ impl Catalog {
             })
             .collect();
         Self {
-            modules,
+            modules: modules.into_iter().map(Arc::new).collect(),
             plans,
             routes,
             plan_table_arg,
@@ -97,7 +100,7 @@ impl Catalog {
 
     /// The module whose prefix owns `path`, matching whole segments only
     /// (`/rag` owns `/rag` and `/rag/x`, not `/ragx`).
-    pub fn route(&self, path: &str) -> Option<&Module> {
+    pub fn route(&self, path: &str) -> Option<&Arc<Module>> {
         self.routes.iter().find_map(|(prefix, i)| {
             let rest = path.strip_prefix(prefix.as_str())?;
             (rest.is_empty() || rest.starts_with('/')).then(|| &self.modules[*i])
@@ -105,10 +108,13 @@ impl Catalog {
     }
 
     pub fn module(&self, id: &str) -> Option<&Module> {
-        self.modules.iter().find(|m| m.id.as_str() == id)
+        self.modules
+            .iter()
+            .find(|m| m.id.as_str() == id)
+            .map(|m| &**m)
     }
 
-    pub fn modules(&self) -> &[Module] {
+    pub fn modules(&self) -> &[Arc<Module>] {
         &self.modules
     }
 

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::catalog::{Catalog, Module, Plan};
-use crate::domain::{ActionId, Credits, ModuleId, PlanId};
+use crate::domain::{ActionId, Credits, ModuleId, Networks, PlanId};
 
 pub const ENV_PREFIX: &str = "CREDITGATE_";
 
@@ -82,6 +82,14 @@ pub struct ServerSettings {
     /// Export Prometheus metrics (off only to measure their cost).
     #[serde(default = "yes")]
     pub metrics: bool,
+    /// A request body that sends nothing for this long is cut off: 408
+    /// `request_timeout`, refunded.
+    #[serde(default = "default_body_idle")]
+    pub body_idle_timeout_ms: u64,
+    /// Peers (CIDRs or addresses) whose `X-Forwarded-*`, `Forwarded` and
+    /// `X-Real-IP` are kept; everyone else's are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn default_timezone() -> String {
@@ -97,6 +105,9 @@ fn default_max_in_flight() -> usize {
     4096
 }
 fn default_grace() -> u64 {
+    30_000
+}
+fn default_body_idle() -> u64 {
     30_000
 }
 
@@ -170,9 +181,13 @@ impl Default for DatabaseSettings {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
+    /// Accept `X-User-ID` instead of a key, from `trusted_networks` only.
     pub trust_user_id_header: bool,
     pub admin_keys: Vec<NamedKey>,
     pub service_keys: Vec<NamedKey>,
+    /// Peers (CIDRs or addresses) that may call `/api/credits/*` without a
+    /// service key and, with `trust_user_id_header`, send `X-User-ID`.
+    pub trusted_networks: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +206,9 @@ pub struct MeteringSettings {
     /// credits, until the next period or a grant. Recorded in the audit
     /// trail. Off: an empty account simply gets 402.
     pub auto_block_exhausted: bool,
+    /// Responses up to this size are kept for replay under their
+    /// `Idempotency-Key`; a longer one makes a repeat 409 `duplicate_request`.
+    pub replay_max_bytes: usize,
 }
 
 impl Default for MeteringSettings {
@@ -198,6 +216,7 @@ impl Default for MeteringSettings {
         Self {
             idempotency_ttl_secs: 86_400,
             auto_block_exhausted: false,
+            replay_max_bytes: 64 * 1024,
         }
     }
 }
@@ -330,6 +349,10 @@ pub struct Settings {
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
     pub metrics: bool,
+    pub body_idle_timeout: Duration,
+    pub trusted_proxies: Networks,
+    /// `auth.trusted_networks`, parsed.
+    pub trusted_networks: Networks,
     pub upstream: UpstreamSettings,
     pub redis: RedisSettings,
     pub database: DatabaseSettings,
@@ -459,6 +482,17 @@ impl RawSettings {
         let header_read_timeout =
             positive_ms("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
         let shutdown_grace = Duration::from_millis(s.shutdown_grace_ms);
+        let body_idle_timeout = positive_ms("server.body_idle_timeout_ms", s.body_idle_timeout_ms)?;
+        let trusted_proxies = Networks::parse(&s.trusted_proxies)
+            .map_err(|e| invalid("server.trusted_proxies", e.why))?;
+        let trusted_networks = Networks::parse(&self.auth.trusted_networks)
+            .map_err(|e| invalid("auth.trusted_networks", e.why))?;
+        if self.metering.replay_max_bytes > 16 * 1024 * 1024 {
+            return Err(invalid(
+                "metering.replay_max_bytes",
+                "must be at most 16777216 (responses are kept in Redis)",
+            ));
+        }
         positive_ms(
             "upstream.connect_timeout_ms",
             self.upstream.connect_timeout_ms,
@@ -523,6 +557,9 @@ impl RawSettings {
             max_in_flight: self.server.max_in_flight,
             shutdown_grace,
             metrics: self.server.metrics,
+            body_idle_timeout,
+            trusted_proxies,
+            trusted_networks,
             metering: self.metering,
             upstream: self.upstream,
             redis: self.redis,

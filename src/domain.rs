@@ -139,8 +139,8 @@ impl fmt::Display for Credits {
     }
 }
 
-/// A request id: the client's `Idempotency-Key` / `X-Request-Id`, or one we
-/// generate. Visible ASCII only, because it is echoed in headers and stored
+/// A request id: the client's `X-Request-Id` (a trace id, never an
+/// idempotency key), the credits API's `request_id`, or one we generate. Visible ASCII only, because it is echoed in headers and stored
 /// in a Redis key name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RequestId(String);
@@ -166,6 +166,23 @@ impl fmt::Display for RequestId {
     }
 }
 
+/// A proxy client's `Idempotency-Key`: charged at most once per user, and
+/// never forwarded twice. A namespace of its own, apart from the credits
+/// API's request ids, so a user cannot pre-spend an id the platform will use.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(s: &str) -> Result<Self, ParseError> {
+        check_chars("idempotency key", s, 128, |c| c.is_ascii_graphic())?;
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A client API key. Only ever held briefly: hashed on arrival, printed once
 /// at creation. `Debug` never shows it.
 pub struct ApiKey(SecretString);
@@ -184,10 +201,19 @@ impl ApiKey {
         )))
     }
 
-    /// Accepts any plausible token; whether it is a real key is for the
-    /// lookup to decide. The shape check only keeps junk out of the caches.
+    /// Accepts only the issued shape (`cg_` + 48 lowercase hex digits):
+    /// anything else is refused before any lookup, so random junk costs
+    /// neither a cache slot nor a database query.
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        check_chars("api key", s, 200, |c| c.is_ascii_graphic())?;
+        let Some(hex) = s.strip_prefix(Self::PREFIX) else {
+            return Err(ParseError::new("api key", "must start with cg_"));
+        };
+        if hex.len() != 48 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(ParseError::new(
+                "api key",
+                "must be cg_ followed by 48 lowercase hex digits",
+            ));
+        }
         Ok(Self(SecretString::from(s.to_owned())))
     }
 
@@ -225,6 +251,63 @@ impl KeyHash {
     /// For values read back from our own storage.
     pub fn from_stored(s: String) -> Self {
         Self(s)
+    }
+}
+
+/// A set of networks (`server.trusted_proxies`, `auth.trusted_networks`).
+/// Peers are matched by their canonical address, so an IPv4 client seen
+/// on an IPv6 socket (`::ffff:10.0.0.1`) matches `10.0.0.0/8`.
+#[derive(Clone, Debug, Default)]
+pub struct Networks(Vec<ipnet::IpNet>);
+
+impl Networks {
+    /// CIDRs (`10.0.0.0/8`, `fd00::/8`) or single addresses (`10.1.2.3`).
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Self, ParseError> {
+        items
+            .iter()
+            .map(|s| {
+                let s = s.as_ref().trim();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ParseError::new("network", format!("{s:?} is not a CIDR or an IP address"))
+                    })
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod networks_tests {
+    use super::*;
+
+    #[test]
+    fn networks_match_cidrs_single_addresses_and_mapped_v4() {
+        let n = Networks::parse(&["10.0.0.0/8", "192.0.2.7", "fd00::/8"]).expect("parse");
+        for (ip, inside) in [
+            ("10.9.8.7", true),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("::ffff:10.1.1.1", true),
+            ("fd12::1", true),
+            ("127.0.0.1", false),
+        ] {
+            let ip: std::net::IpAddr = ip.parse().expect("ip");
+            assert_eq!(n.contains(ip), inside, "{ip}");
+        }
+        assert!(Networks::parse(&["10.0.0.0/33"]).is_err());
+        assert!(Networks::parse(&["example.com"]).is_err());
+        assert!(!Networks::default().contains("127.0.0.1".parse().expect("ip")));
     }
 }
 

@@ -39,6 +39,18 @@ pub enum ApiError {
     PayloadTooLarge {
         limit: u64,
     },
+    /// A dot segment or an encoded slash: refused before routing, so a
+    /// request can only reach the module whose price it pays.
+    BadPath,
+    /// The request body sent nothing for this long.
+    RequestTimeout(Duration),
+    /// The first call under this `Idempotency-Key` (request id inside) has
+    /// not completed.
+    RequestInProgress(String),
+    /// The first call completed but its response cannot be replayed.
+    DuplicateRequest(String),
+    /// The key was first used for another module, method or path.
+    IdempotencyKeyReused(String),
     InvalidHeader(String),
     BadRequest {
         code: &'static str,
@@ -75,7 +87,12 @@ impl ApiError {
             Self::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidHeader(_) | Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::RequestInProgress(_) | Self::DuplicateRequest(_) => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BadPath | Self::InvalidHeader(_) | Self::BadRequest { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             Self::NotFound | Self::UnknownUser(_) | Self::NotFoundCode { .. } => {
                 StatusCode::NOT_FOUND
             }
@@ -98,6 +115,11 @@ impl ApiError {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout(_) => "upstream_timeout",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BadPath => "bad_path",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::RequestInProgress(_) => "request_in_progress",
+            Self::DuplicateRequest(_) => "duplicate_request",
+            Self::IdempotencyKeyReused(_) => "idempotency_key_reused",
             Self::InvalidHeader(_) => "invalid_header",
             Self::BadRequest { code, .. } => code,
             Self::NotFound => "not_found",
@@ -136,6 +158,23 @@ impl ApiError {
             Self::PayloadTooLarge { limit } => {
                 format!("request body larger than {limit} bytes")
             }
+            Self::BadPath => {
+                "dot segments (., ..) and encoded slashes (%2F, %5C) are not allowed in paths"
+                    .into()
+            }
+            Self::RequestTimeout(d) => format!(
+                "the request body sent nothing for {} ms; the charge was refunded",
+                d.as_millis()
+            ),
+            Self::RequestInProgress(original) => format!(
+                "the first request with this Idempotency-Key ({original}) has not completed; retry later"
+            ),
+            Self::DuplicateRequest(original) => format!(
+                "this Idempotency-Key was already used by request {original}, whose response cannot be replayed; use a new key for a new call"
+            ),
+            Self::IdempotencyKeyReused(original) => format!(
+                "this Idempotency-Key was used by request {original} for another module, method or path"
+            ),
             Self::InvalidHeader(m) => m.clone(),
             Self::BadRequest { message, .. } => message.clone(),
             Self::NotFound => "no such route".into(),
@@ -354,6 +393,31 @@ mod tests {
                 None,
             ),
             (ApiError::Overloaded, 503, "overloaded", Some("1")),
+            (ApiError::BadPath, 400, "bad_path", None),
+            (
+                ApiError::RequestTimeout(Duration::from_secs(30)),
+                408,
+                "request_timeout",
+                None,
+            ),
+            (
+                ApiError::RequestInProgress("r1".into()),
+                409,
+                "request_in_progress",
+                None,
+            ),
+            (
+                ApiError::DuplicateRequest("r1".into()),
+                409,
+                "duplicate_request",
+                None,
+            ),
+            (
+                ApiError::IdempotencyKeyReused("r1".into()),
+                422,
+                "idempotency_key_reused",
+                None,
+            ),
         ];
         for (err, status, code, retry) in table {
             let (s, r, body) = render(err).await;

@@ -35,8 +35,8 @@ use crate::config::Settings;
 use crate::error::ApiError;
 use crate::ledger::{FlushError, Flusher, LedgerStats};
 use crate::metering::{Calendar, Meter, MeterError};
-use crate::proxy::Proxy;
 use crate::proxy::upstream::Upstreams;
+use crate::proxy::{Proxy, ProxySettings};
 use crate::telemetry::metrics;
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -66,6 +66,8 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     /// Renders `/metrics`; `None` when another recorder owns the process.
     pub metrics: Option<PrometheusHandle>,
+    /// `/metrics` is on the public port (no `server.metrics_listen`).
+    pub public_metrics: bool,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
     /// last byte has gone out.
@@ -224,8 +226,14 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
         Upstreams::new(&catalog, &settings.upstream),
-        settings.max_body_bytes,
-        settings.auth.trust_user_id_header,
+        ProxySettings {
+            max_body_bytes: settings.max_body_bytes,
+            body_idle_timeout: settings.body_idle_timeout,
+            replay_max_bytes: settings.metering.replay_max_bytes,
+            trust_user_id_header: settings.auth.trust_user_id_header,
+            trusted_networks: settings.trusted_networks.clone(),
+            trusted_proxies: settings.trusted_proxies.clone(),
+        },
     ));
     Ok(AppState {
         catalog,
@@ -234,18 +242,19 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         calendar,
         billing,
         proxy,
-        api_keys: ApiKeys::new(&settings.auth),
+        api_keys: ApiKeys::new(&settings.auth, settings.trusted_networks.clone()),
         metrics: if settings.metrics {
             metrics::install()
         } else {
             None
         },
+        public_metrics: settings.metrics_listen.is_none(),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
 }
 
-/// `/metrics` alone on `server.metrics_listen`, for scrapers kept off the
-/// public port.
+/// `/metrics` and the detailed `/readyz` on `server.metrics_listen`, for
+/// scrapers and operators kept off the public port.
 async fn serve_metrics(listener: TcpListener, state: Arc<AppState>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -256,10 +265,10 @@ async fn serve_metrics(listener: TcpListener, state: Arc<AppState>) {
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = Arc::clone(&state);
                 async move {
-                    Ok::<_, std::convert::Infallible>(if req.uri().path() == "/metrics" {
-                        render_metrics(&state)
-                    } else {
-                        ApiError::NotFound.into_response()
+                    Ok::<_, std::convert::Infallible>(match req.uri().path() {
+                        "/metrics" => render_metrics(&state),
+                        "/readyz" => api::health::readyz(&state, api::health::Detail::Full).await,
+                        _ => ApiError::NotFound.into_response(),
                     })
                 }
             });
@@ -286,43 +295,71 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
     let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         return ApiError::Overloaded.into_response();
     };
-    metrics::in_flight(1.0);
+    // Both ride along with the response body and are released with it,
+    // or here if the client hangs up first.
+    let guard = InFlightGuard {
+        _permit: permit,
+        _gauge: metrics::InFlight::enter(),
+    };
     let path = req.uri().path();
+    if let Err(e) = crate::proxy::check_path(path) {
+        return with_guard(e.into_response(), guard);
+    }
     let response = match (req.method(), path) {
         (&Method::GET, "/healthz") => api::health::healthz(),
-        (&Method::GET, "/readyz") => api::health::readyz(&state).await,
-        (&Method::GET, "/metrics") => render_metrics(&state),
-        (_, "/healthz" | "/readyz" | "/metrics") => ApiError::MethodNotAllowed.into_response(),
+        (&Method::GET, "/readyz") => {
+            let detail = if state.public_metrics {
+                api::health::Detail::Checks
+            } else {
+                api::health::Detail::Status
+            };
+            api::health::readyz(&state, detail).await
+        }
+        (&Method::GET, "/metrics") if state.public_metrics => render_metrics(&state),
+        (_, "/healthz" | "/readyz" | "/metrics") if state.public_metrics => {
+            ApiError::MethodNotAllowed.into_response()
+        }
+        (_, "/healthz" | "/readyz") => ApiError::MethodNotAllowed.into_response(),
         _ => match state.catalog.route(path) {
-            Some(module) => state.proxy.handle(module, req, peer).await,
+            Some(module) => state.proxy.handle(Arc::clone(module), req, peer).await,
             None => match crate::web::serve(req.method(), path) {
                 Some(response) => response,
-                None => match api::route(&state, req).await {
+                None => match api::route(&state, {
+                    let mut req = req;
+                    req.extensions_mut().insert(api::auth::ClientAddr(peer));
+                    req
+                })
+                .await
+                {
                     Some(response) => response,
                     None => ApiError::NotFound.into_response(),
                 },
             },
         },
     };
+    with_guard(response, guard)
+}
+
+/// One request's share of `server.max_in_flight` and of the in-flight gauge.
+struct InFlightGuard {
+    _permit: OwnedSemaphorePermit,
+    _gauge: metrics::InFlight,
+}
+
+fn with_guard(response: Response<Body>, guard: InFlightGuard) -> Response<Body> {
     response.map(|body| {
         Guarded {
             inner: body,
-            _permit: permit,
+            _guard: guard,
         }
         .boxed_unsync()
     })
 }
 
-/// A body that holds its request's in-flight permit until it is done.
+/// A body that holds its request's in-flight guard until it is done.
 struct Guarded {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        metrics::in_flight(-1.0);
-    }
+    _guard: InFlightGuard,
 }
 
 impl HttpBody for Guarded {

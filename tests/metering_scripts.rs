@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use common::{TEST_CONFIG, TestRedis};
 use creditgate::catalog::Catalog;
 use creditgate::config::Settings;
-use creditgate::domain::{ApiKey, Credits, KeyHash, PlanId, RequestId, UserId};
+use creditgate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, PlanId, RequestId, UserId};
 use creditgate::metering::{
-    AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Meter, Mode, RefundOf, RefundOutcome,
-    Refusal, Stamp,
+    AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Idempotency, Meter, Mode, RefundOf,
+    RefundOutcome, Refusal, Repeat, Stamp, StoredResponse,
 };
 
 struct Harness {
@@ -96,7 +96,11 @@ impl Harness {
                 module: self.catalog.module(module).expect("module"),
                 action: None,
                 request_id: &request_id,
-                idempotent: rid.is_some(),
+                idempotency: if rid.is_some() {
+                    Idempotency::RequestId
+                } else {
+                    Idempotency::None
+                },
                 actor: "test",
                 stamp,
                 mode,
@@ -136,7 +140,7 @@ impl Harness {
 
 /// The one key every seeded test account has.
 fn key() -> ApiKey {
-    ApiKey::parse("cg_test_key_for_scripts").expect("key")
+    ApiKey::parse("cg_5c0195c0195c0195c0195c0195c0195c0195c0195c0195c0").expect("key")
 }
 
 fn charged(outcome: &ChargeOutcome) -> Option<(i64, i64, i64)> {
@@ -419,4 +423,153 @@ async fn an_exhausted_block_lifts_itself_in_the_next_period() {
     let december = h.at("2026-12-01T09:00:00Z");
     let next = h.charge(&user, "rag", &december, None, Mode::Charge).await;
     assert_eq!(charged(&next), Some((1, 1, 0)));
+}
+
+impl Harness {
+    /// A proxy charge under an `Idempotency-Key`.
+    async fn keyed(
+        &self,
+        user: &UserId,
+        key: &str,
+        fingerprint: &str,
+        stamp: &Stamp,
+        lease_until_ms: i64,
+    ) -> ChargeOutcome {
+        let request_id = RequestId::parse(&format!("trace-{fingerprint}")).expect("rid");
+        let key = IdempotencyKey::parse(key).expect("key");
+        let hash = self::key().hash();
+        self.meter
+            .charge(&ChargeRequest {
+                user,
+                key_hash: Some(&hash),
+                module: self.catalog.module("rag").expect("module"),
+                action: None,
+                request_id: &request_id,
+                idempotency: Idempotency::Key {
+                    key: &key,
+                    fingerprint,
+                    lease_until_ms,
+                },
+                actor: "test",
+                stamp,
+                mode: Mode::Charge,
+            })
+            .await
+            .expect("charge.lua")
+    }
+}
+
+#[tokio::test]
+async fn a_proxy_idempotency_key_is_in_progress_then_replayed_never_charged_twice() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let lease = now.now_ms() + 10_000;
+    let user = h.seed("kim", "free", 100, 0, &now).await;
+    let first = h.keyed(&user, "k1", "fp-a", &now, lease).await;
+    let ChargeOutcome::Charged(receipt) = first else {
+        panic!("first call charged: {first:?}");
+    };
+    assert_eq!(
+        h.keyed(&user, "k1", "fp-a", &now, lease).await,
+        ChargeOutcome::Repeat(Repeat::InProgress {
+            original: "trace-fp-a".into()
+        })
+    );
+    assert_eq!(
+        h.keyed(&user, "k1", "fp-other", &now, lease).await,
+        ChargeOutcome::Repeat(Repeat::KeyReused {
+            original: "trace-fp-a".into()
+        })
+    );
+    let key = IdempotencyKey::parse("k1").expect("key");
+    let stored = StoredResponse {
+        status: 201,
+        headers: "content-type: text/plain\n".into(),
+        body: bytes::Bytes::from_static(b"\x00binary\xffbody"),
+    };
+    // Only the charge that owns the record may complete it.
+    assert!(
+        !h.meter
+            .complete(&user, &key, "someone-else", Some(&stored))
+            .await
+            .expect("complete.lua")
+    );
+    assert!(
+        h.meter
+            .complete(&user, &key, &receipt.event_id, Some(&stored))
+            .await
+            .expect("complete.lua")
+    );
+    match h.keyed(&user, "k1", "fp-a", &now, lease).await {
+        ChargeOutcome::Repeat(Repeat::Replay {
+            original,
+            response,
+            balance,
+            ..
+        }) => {
+            assert_eq!(original, "trace-fp-a");
+            assert_eq!(response, stored);
+            assert_eq!(balance.remaining(), 99);
+        }
+        other => panic!("not a replay: {other:?}"),
+    }
+    assert_eq!(h.hash(&user).await.0, 99, "charged exactly once");
+    // The credits API's request ids are another namespace: "k1" is new there.
+    assert!(charged(&h.charge(&user, "rag", &now, Some("k1"), Mode::Charge).await).is_some());
+}
+
+#[tokio::test]
+async fn a_pending_key_past_its_lease_or_unreplayable_is_refused_and_a_refund_frees_it() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("lou", "free", 100, 0, &now).await;
+    // Lease already over: the gateway that owned it is presumed gone.
+    let ChargeOutcome::Charged(_) = h.keyed(&user, "k2", "fp", &now, now.now_ms() - 1).await else {
+        panic!("charged");
+    };
+    assert!(matches!(
+        h.keyed(&user, "k2", "fp", &now, now.now_ms() + 10_000)
+            .await,
+        ChargeOutcome::Repeat(Repeat::NotReplayable { .. })
+    ));
+    // Completed but too long to keep.
+    let ChargeOutcome::Charged(r) = h
+        .keyed(&user, "k3", "fp", &now, now.now_ms() + 10_000)
+        .await
+    else {
+        panic!("charged");
+    };
+    let k3 = IdempotencyKey::parse("k3").expect("key");
+    assert!(
+        h.meter
+            .complete(&user, &k3, &r.event_id, None)
+            .await
+            .expect("complete")
+    );
+    assert!(matches!(
+        h.keyed(&user, "k3", "fp", &now, now.now_ms() + 10_000)
+            .await,
+        ChargeOutcome::Repeat(Repeat::NotReplayable { .. })
+    ));
+    // A refund gives the credit back once and frees the key.
+    let rid = RequestId::parse("ignored").expect("rid");
+    let refund = h
+        .meter
+        .refund(&user, &rid, RefundOf::Idempotent(&k3), "test", &now)
+        .await;
+    assert!(matches!(
+        refund,
+        Ok(RefundOutcome::Refunded { amount: 1, .. })
+    ));
+    let again = h
+        .meter
+        .refund(&user, &rid, RefundOf::Idempotent(&k3), "test", &now)
+        .await;
+    assert!(matches!(again, Ok(RefundOutcome::NotFound)));
+    assert!(matches!(
+        h.keyed(&user, "k3", "fp", &now, now.now_ms() + 10_000)
+            .await,
+        ChargeOutcome::Charged(_)
+    ));
+    assert_eq!(h.hash(&user).await.0, 98);
 }

@@ -219,22 +219,45 @@ async fn a_blocked_account_stays_blocked_when_rebuilt_from_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_same_idempotency_key_is_charged_once_even_in_parallel() {
+async fn one_idempotency_key_under_50_parallel_calls_reaches_the_upstream_once() {
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
-    let statuses = burst(20, |_| {
-        let (c, url, key) = (app.client.clone(), app.url("/rag/q"), user.key.clone());
-        Box::pin(async move {
-            c.get(url)
-                .bearer_auth(key)
-                .header("idempotency-key", "order-42")
-                .send()
-                .await
-                .expect("send")
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (c, url, key) = (app.client.clone(), app.url("/rag/unique"), user.key.clone());
+            tokio::spawn(async move {
+                let r = c
+                    .get(url)
+                    .bearer_auth(key)
+                    .header("idempotency-key", "order-42")
+                    .send()
+                    .await
+                    .expect("send");
+                let status = r.status().as_u16();
+                let replayed = r.headers().contains_key("idempotent-replayed");
+                let body = r.text().await.expect("body");
+                (status, replayed, body)
+            })
         })
-    })
-    .await;
-    assert_eq!(count(&statuses, 200), 20);
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    // One first call; the others are replays of it or told it is in progress.
+    let firsts: Vec<_> = answers.iter().filter(|(s, r, _)| *s == 201 && !r).collect();
+    assert_eq!(firsts.len(), 1, "{answers:?}");
+    for (status, replayed, body) in &answers {
+        match status {
+            201 => assert_eq!(body, &firsts[0].2, "a replay is the first answer"),
+            409 => {
+                assert!(!replayed);
+                assert!(body.contains("request_in_progress"), "{body}");
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    assert_eq!(app.upstream.hits(), 1);
     assert_eq!(app.balance(&user.id).await, (99, 0, 1));
     let charges = app
         .events(&user.id)
@@ -243,19 +266,6 @@ async fn the_same_idempotency_key_is_charged_once_even_in_parallel() {
         .filter(|(k, _)| k == "charge")
         .count();
     assert_eq!(charges, 1);
-    // X-Request-Id works as an idempotency key too; a new key is a new charge.
-    for _ in 0..2 {
-        let r = app
-            .client
-            .get(app.url("/rag/q"))
-            .bearer_auth(&user.key)
-            .header("x-request-id", "req-7")
-            .send()
-            .await
-            .expect("send");
-        assert_eq!(r.headers()["x-request-id"], "req-7");
-    }
-    assert_eq!(app.balance(&user.id).await, (98, 0, 2));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -432,7 +442,7 @@ async fn unknown_routes_are_404_json_and_prefixes_match_whole_segments() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn trusted_user_id_header_only_when_enabled() {
+async fn x_user_id_counts_only_when_enabled_and_from_a_trusted_network() {
     let off = TestApp::spawn().await;
     let user = off.create_user("free").await;
     let r = off
@@ -444,19 +454,41 @@ async fn trusted_user_id_header_only_when_enabled() {
         .expect("send");
     assert_eq!(r.status(), 401);
 
+    // Enabled, but this peer (127.0.0.1) is not in auth.trusted_networks.
+    let untrusted = TestApp::builder()
+        .env("CREDITGATE_AUTH__TRUST_USER_ID_HEADER", "true")
+        .env("CREDITGATE_AUTH__TRUSTED_NETWORKS", "[\"10.0.0.0/8\"]")
+        .start()
+        .await;
+    let user = untrusted.create_user("free").await;
+    for path in ["/rag/q", "/api/billing/me"] {
+        let r = untrusted
+            .client
+            .get(untrusted.url(path))
+            .header("x-user-id", user.id.as_str())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    assert_eq!(untrusted.upstream.hits(), 0);
+
     let on = TestApp::builder()
         .env("CREDITGATE_AUTH__TRUST_USER_ID_HEADER", "true")
+        .env("CREDITGATE_AUTH__TRUSTED_NETWORKS", "[\"127.0.0.0/8\"]")
         .start()
         .await;
     let user = on.create_user("free").await;
-    let r = on
-        .client
-        .get(on.url("/rag/q"))
-        .header("x-user-id", user.id.as_str())
-        .send()
-        .await
-        .expect("send");
-    assert_eq!(r.status(), 200);
+    for path in ["/rag/q", "/api/billing/me"] {
+        let r = on
+            .client
+            .get(on.url(path))
+            .header("x-user-id", user.id.as_str())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200, "{path}");
+    }
     let unknown = on
         .client
         .get(on.url("/rag/q"))
@@ -548,19 +580,8 @@ async fn healthz_answers_without_dependencies() {
     assert_ne!(ready["checks"]["redis"], "ok");
 }
 
-/// Sends raw bytes and returns the status line and body of the answer.
 async fn raw(app: &TestApp, request: &[u8]) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(app.addr)
-        .await
-        .expect("connect");
-    s.write_all(request).await.expect("write");
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.lines().next().unwrap_or("").to_owned();
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
+    common::raw(app.addr, request).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -75,9 +75,11 @@ mod tests {
 
     #[test]
     fn reads_bearer_and_x_api_key() {
-        let bearer = from_headers(&headers(&[("authorization", b"Bearer cg_abc")]), false);
+        let key = format!("cg_{}", "ab12".repeat(12));
+        let bearer = format!("Bearer {key}");
+        let bearer = from_headers(&headers(&[("authorization", bearer.as_bytes())]), false);
         assert!(matches!(bearer, Ok(Credential::Key(_))));
-        let x = from_headers(&headers(&[("x-api-key", b"cg_abc")]), false);
+        let x = from_headers(&headers(&[("x-api-key", key.as_bytes())]), false);
         assert!(matches!(x, Ok(Credential::Key(_))));
     }
 
@@ -101,6 +103,16 @@ mod tests {
             headers(&[("authorization", b"Bearer \xff\xfe")]),
             headers(&[("authorization", b"Bearer a b")]),
             headers(&[("x-api-key", b"")]),
+            // Not the issued shape: refused before any lookup.
+            headers(&[("x-api-key", b"cg_abc")]),
+            headers(&[(
+                "x-api-key",
+                b"sk_0123456789abcdef0123456789abcdef0123456789abcdef",
+            )]),
+            headers(&[(
+                "x-api-key",
+                b"cg_0123456789ABCDEF0123456789abcdef0123456789abcdef",
+            )]),
         ] {
             assert!(matches!(
                 from_headers(&h, true),

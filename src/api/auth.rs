@@ -6,21 +6,36 @@
 //! key's content nor its length leaks through timing. Every configured key
 //! is compared, matching or not.
 
-use http::HeaderMap;
+use std::net::SocketAddr;
+
+use http::{HeaderMap, Request};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::accounts::{Credential, credentials};
 use crate::config::{AuthSettings, NamedKey};
-use crate::domain::UserId;
+use crate::domain::{Networks, UserId};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
 pub struct ApiKeys {
     admin: Vec<(String, [u8; 32])>,
     service: Vec<(String, [u8; 32])>,
-    pub trust_user_id_header: bool,
+    trust_user_id_header: bool,
+    /// `auth.trusted_networks`: the credits API without a key, and
+    /// `X-User-ID` when `trust_user_id_header` is on.
+    trusted_networks: Networks,
+}
+
+/// The TCP peer of an API request, put in its extensions by the router.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+fn peer_is_trusted(state: &AppState, req: &Request<impl Sized>) -> bool {
+    req.extensions()
+        .get::<ClientAddr>()
+        .is_some_and(|p| state.api_keys.trusted_networks.contains(p.0.ip()))
 }
 
 fn digest(bytes: &[u8]) -> [u8; 32] {
@@ -45,11 +60,12 @@ fn find(keys: &[(String, [u8; 32])], presented: &[u8]) -> Option<String> {
 }
 
 impl ApiKeys {
-    pub fn new(settings: &AuthSettings) -> Self {
+    pub fn new(settings: &AuthSettings, trusted_networks: Networks) -> Self {
         Self {
             admin: digests(&settings.admin_keys),
             service: digests(&settings.service_keys),
             trust_user_id_header: settings.trust_user_id_header,
+            trusted_networks,
         }
     }
 }
@@ -64,11 +80,17 @@ pub fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
         .ok_or(ApiError::Unauthenticated("invalid admin key"))
 }
 
-/// The name of the service key presented.
-pub fn service(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let presented = headers
-        .get("x-service-key")
-        .ok_or(ApiError::Unauthenticated("send X-Service-Key"))?;
+/// The name of the service key presented. A caller from
+/// `auth.trusted_networks` may omit the key (the platform's services call
+/// the credits API that way); a key it does send must still be right.
+pub fn service(state: &AppState, req: &Request<impl Sized>) -> Result<String, ApiError> {
+    let Some(presented) = req.headers().get("x-service-key") else {
+        return if peer_is_trusted(state, req) {
+            Ok("service:trusted-network".to_owned())
+        } else {
+            Err(ApiError::Unauthenticated("send X-Service-Key"))
+        };
+    };
     find(&state.api_keys.service, presented.as_bytes())
         .map(|name| format!("service:{name}"))
         .ok_or(ApiError::Unauthenticated("invalid service key"))
@@ -77,8 +99,9 @@ pub fn service(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError
 /// The calling user, identified like the proxy does. Keys are checked
 /// against Postgres without the cache, so a revoked key is refused here
 /// exactly as in the proxy.
-pub async fn user(state: &AppState, headers: &HeaderMap) -> Result<UserId, ApiError> {
-    match credentials::from_headers(headers, state.api_keys.trust_user_id_header) {
+pub async fn user(state: &AppState, req: &Request<impl Sized>) -> Result<UserId, ApiError> {
+    let trust_user_id = state.api_keys.trust_user_id_header && peer_is_trusted(state, req);
+    match credentials::from_headers(req.headers(), trust_user_id) {
         Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
             "send Authorization: Bearer <api key> or X-API-Key",
         )),

@@ -15,11 +15,11 @@ use crate::billing::Decision;
 use crate::catalog::Module;
 use crate::domain::{ActionId, RequestId, UserId};
 use crate::error::ApiError;
-use crate::metering::{ChargeRequest, Mode, RefundOf, RefundOutcome, Refusal};
+use crate::metering::{ChargeRequest, Idempotency, Mode, RefundOf, RefundOutcome, Refusal};
 use crate::startup::AppState;
 
 pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
-    let actor = auth::service(state, req.headers())?;
+    let actor = auth::service(state, &req)?;
     require(&req, Method::POST)?;
     match rest {
         ["check"] => check(state, req).await,
@@ -83,7 +83,7 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
             module,
             action: action.as_ref(),
             request_id: &rid,
-            idempotent: false,
+            idempotency: Idempotency::None,
             actor: "check",
             stamp: &stamp,
             mode: Mode::Check,
@@ -99,6 +99,8 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
             (true, Some(b), None)
         }
         Decision::Duplicate { balance, .. } => (true, Some(balance), None),
+        // Only proxy Idempotency-Keys produce repeats.
+        Decision::Repeat(_) => return Err(ApiError::Internal),
         Decision::Refused(Refusal::DailyLimit(b)) => (false, Some(b), Some("daily_limit")),
         Decision::Refused(Refusal::InsufficientCredits(b)) => {
             (false, Some(b), Some("insufficient_credits"))
@@ -165,7 +167,7 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
             module,
             action: action.as_ref(),
             request_id: &rid,
-            idempotent: true,
+            idempotency: Idempotency::RequestId,
             actor,
             stamp: &stamp,
             mode: Mode::Charge,
@@ -185,6 +187,8 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
             duplicate: true,
         }),
         Decision::Refused(refusal) => Err(ApiError::refusal(refusal, &module.id, cost, &stamp)),
+        // Only proxy Idempotency-Keys produce repeats.
+        Decision::Repeat(_) => Err(ApiError::Internal),
     }
 }
 

@@ -126,7 +126,7 @@ pub async fn account_state(
     )
 )]
 async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let id = auth::user(state, req.headers()).await?;
+    let id = auth::user(state, &req).await?;
     let user = state
         .accounts
         .get_user(&id)
@@ -190,7 +190,7 @@ struct UsageQuery {
 )]
 async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: UsageQuery = query(&req)?;
-    let id = auth::user(state, req.headers()).await?;
+    let id = auth::user(state, &req).await?;
     let days = super::days(q.days, 30)?;
     let page = Page::parse(q.page, q.per_page)?;
     let pool = state.accounts.pool();

@@ -4,7 +4,9 @@
 //! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked
 //! {<prefix>:<shard>}:keys:<user>          set    sha256 hex of the user's live API keys
 //! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
-//!                                                (idempotency record + refund data, TTL 24 h)
+//!                                                (credits API request_id record + refund data, TTL 24 h)
+//! {<prefix>:<shard>}:idem:<user>:<key>    hash   proxy Idempotency-Key record: split (as above),
+//!                                                fp st lease rid ev status hdrs body (TTL 24 h)
 //! {<prefix>:<shard>}:rl:<user>:<minute>    string calls in that minute (per-plan rate limit, TTL 61 s)
 //! {<prefix>:<shard>}:events               stream usage events of every account in the shard
 //! ```
@@ -16,7 +18,7 @@
 //! count must stay fixed for a deployment's Redis data: changing it moves
 //! accounts to other tags (they would be rebuilt from Postgres).
 
-use crate::domain::{RequestId, UserId};
+use crate::domain::{IdempotencyKey, RequestId, UserId};
 
 #[derive(Clone, Debug)]
 pub struct KeyLayout {
@@ -56,6 +58,17 @@ impl KeyLayout {
 
     pub fn request(&self, user: &UserId, request: &RequestId) -> String {
         format!("{}:req:{}:{}", self.tag(self.shard_of(user)), user, request)
+    }
+
+    /// A proxy `Idempotency-Key`'s record: apart from [`Self::request`], so
+    /// the two namespaces never collide.
+    pub fn idempotency(&self, user: &UserId, key: &IdempotencyKey) -> String {
+        format!(
+            "{}:idem:{}:{}",
+            self.tag(self.shard_of(user)),
+            user,
+            key.as_str()
+        )
     }
 
     /// The account's call counter for one minute (`unix seconds / 60`).
@@ -114,6 +127,7 @@ mod tests {
                 keys.account(&user),
                 keys.api_keys(&user),
                 keys.request(&user, &rid),
+                keys.idempotency(&user, &IdempotencyKey::parse("k").expect("key")),
                 keys.rate(&user, 29_000_000),
                 keys.stream_of(&user),
             ];

@@ -17,7 +17,9 @@ use redis::{Script, Value};
 use thiserror::Error;
 
 use crate::catalog::{Catalog, Module};
-use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, UserId};
+use crate::domain::{
+    ActionId, Credits, IdempotencyKey, KeyHash, ModuleId, PlanId, RequestId, UserId,
+};
 use crate::telemetry::metrics;
 pub use calendar::{Calendar, Stamp};
 pub use keys::KeyLayout;
@@ -29,6 +31,8 @@ static REFUND: LazyLock<Script> =
 static SEED: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/seed.lua")));
 static GRANT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/grant.lua")));
 static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/reset.lua")));
+static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../lua/complete.lua")));
 static UPDATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/update_account.lua")));
 
@@ -67,6 +71,8 @@ impl Balance {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// The charge event's id (owner of an idempotency record).
+    pub event_id: String,
     /// The account's plan, as Redis holds it (forwarded as `X-Plan`).
     pub plan: String,
     /// This charge emptied the account and the auto-block policy blocked it.
@@ -98,8 +104,61 @@ pub enum ChargeOutcome {
         plan: String,
     },
     Refused(Refusal),
+    /// A proxy `Idempotency-Key` seen before: nothing charged, nothing to
+    /// forward.
+    Repeat(Repeat),
     /// The account has no state in Redis yet (or Redis lost it).
     Missing,
+}
+
+/// What a repeated proxy `Idempotency-Key` gets instead of a second call.
+/// `original` is the request id of the first call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Repeat {
+    /// The first call completed: its response, to be replayed.
+    Replay {
+        original: String,
+        response: StoredResponse,
+        balance: Balance,
+        plan: String,
+    },
+    /// The first call has not completed yet.
+    InProgress { original: String },
+    /// The key was first used with another module, method or path.
+    KeyReused { original: String },
+    /// The first call completed but its response was not kept (longer than
+    /// `metering.replay_max_bytes`, or cut off).
+    NotReplayable { original: String },
+}
+
+/// A response kept for replay by complete.lua.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// `name: value` lines joined by `\n` (header values cannot hold a
+    /// newline, so the encoding is unambiguous).
+    pub headers: String,
+    pub body: bytes::Bytes,
+}
+
+/// How a charge treats its request id.
+#[derive(Clone, Copy, Debug)]
+pub enum Idempotency<'a> {
+    /// Every call is a new charge.
+    None,
+    /// The credits API's `request_id`: charged at most once; a repeat is a
+    /// `Duplicate`, answered without charging.
+    RequestId,
+    /// The proxy's `Idempotency-Key`: a repeat is never forwarded again.
+    Key {
+        key: &'a IdempotencyKey,
+        /// Digest of method, module, path and query: the same key on
+        /// another request is refused.
+        fingerprint: &'a str,
+        /// Until then (unix ms) a first call without an answer yet is "in
+        /// progress"; after it, its gateway is presumed gone.
+        lease_until_ms: i64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,8 +175,7 @@ pub struct ChargeRequest<'a> {
     pub module: &'a Module,
     pub action: Option<&'a ActionId>,
     pub request_id: &'a RequestId,
-    /// The request id came from the client: charge it at most once.
-    pub idempotent: bool,
+    pub idempotency: Idempotency<'a>,
     pub actor: &'a str,
     pub stamp: &'a Stamp,
     pub mode: Mode,
@@ -125,8 +183,10 @@ pub struct ChargeRequest<'a> {
 
 /// Which charge to give back.
 pub enum RefundOf<'a> {
-    /// The one recorded under the request id (idempotent charges).
+    /// The one recorded under the request id (credits API charges).
     Record,
+    /// The one recorded under a proxy `Idempotency-Key`; frees the key.
+    Idempotent(&'a IdempotencyKey),
     /// A charge without a record, described by its receipt.
     Receipt {
         receipt: &'a Receipt,
@@ -278,10 +338,24 @@ impl Meter {
         let cost = req.module.cost_of(req.action);
         let event_id = uuid::Uuid::now_v7().to_string();
         let mut con = self.redis.clone();
+        let (record, mode, fingerprint, lease) = match req.idempotency {
+            Idempotency::None => (self.keys.request(req.user, req.request_id), "0", "", 0),
+            Idempotency::RequestId => (self.keys.request(req.user, req.request_id), "1", "", 0),
+            Idempotency::Key {
+                key,
+                fingerprint,
+                lease_until_ms,
+            } => (
+                self.keys.idempotency(req.user, key),
+                "2",
+                fingerprint,
+                lease_until_ms,
+            ),
+        };
         let mut inv = CHARGE.prepare_invoke();
         inv.key(self.keys.account(req.user))
             .key(self.keys.api_keys(req.user))
-            .key(self.keys.request(req.user, req.request_id))
+            .key(record)
             .key(self.keys.stream_of(req.user))
             .key(
                 self.keys
@@ -298,7 +372,7 @@ impl Meter {
             .arg(req.stamp.now_ms())
             .arg(&event_id)
             .arg(req.request_id.as_str())
-            .arg(if req.idempotent { "1" } else { "0" })
+            .arg(mode)
             .arg(self.idempotency_ttl_secs)
             .arg(req.user.as_str())
             .arg(req.actor)
@@ -307,9 +381,11 @@ impl Meter {
                 Mode::Check => "check",
             })
             .arg(if self.auto_block_exhausted { "1" } else { "0" })
-            .arg(60 - req.stamp.now.timestamp().rem_euclid(60));
+            .arg(60 - req.stamp.now.timestamp().rem_euclid(60))
+            .arg(fingerprint)
+            .arg(lease);
         let reply: Value = self.run("charge", inv.invoke_async(&mut con)).await?;
-        decode_charge(reply)
+        decode_charge(reply, event_id)
     }
 
     pub async fn refund(
@@ -322,19 +398,27 @@ impl Meter {
     ) -> Result<RefundOutcome, MeterError> {
         let event_id = uuid::Uuid::now_v7().to_string();
         let mut con = self.redis.clone();
+        let record = match of {
+            RefundOf::Idempotent(key) => self.keys.idempotency(user, key),
+            _ => self.keys.request(user, request_id),
+        };
         let mut inv = REFUND.prepare_invoke();
         inv.key(self.keys.account(user))
-            .key(self.keys.request(user, request_id))
+            .key(record)
             .key(self.keys.stream_of(user));
         match of {
-            RefundOf::Record => {
-                inv.arg("record")
-                    .arg(0)
-                    .arg(0)
-                    .arg("")
-                    .arg("")
-                    .arg("")
-                    .arg("");
+            RefundOf::Record | RefundOf::Idempotent(_) => {
+                inv.arg(if matches!(of, RefundOf::Record) {
+                    "record"
+                } else {
+                    "idem"
+                })
+                .arg(0)
+                .arg(0)
+                .arg("")
+                .arg("")
+                .arg("")
+                .arg("");
             }
             RefundOf::Receipt {
                 receipt,
@@ -358,6 +442,32 @@ impl Meter {
             .arg(actor);
         let reply: Value = self.run("refund", inv.invoke_async(&mut con)).await?;
         decode_refund(reply)
+    }
+
+    /// Keeps the response of the first call under a proxy `Idempotency-Key`
+    /// (complete.lua), or marks it unreplayable when `response` is `None`.
+    /// `event_id` is the charge's: a record refunded and re-created by a
+    /// retry is left alone. Returns whether the record was updated.
+    pub async fn complete(
+        &self,
+        user: &UserId,
+        key: &IdempotencyKey,
+        event_id: &str,
+        response: Option<&StoredResponse>,
+    ) -> Result<bool, MeterError> {
+        let mut con = self.redis.clone();
+        let mut inv = COMPLETE.prepare_invoke();
+        inv.key(self.keys.idempotency(user, key)).arg(event_id);
+        match response {
+            Some(r) => inv
+                .arg("d")
+                .arg(r.status)
+                .arg(&r.headers)
+                .arg(r.body.as_ref()),
+            None => inv.arg("x").arg(0).arg("").arg(""),
+        };
+        let stored: i64 = self.run("complete", inv.invoke_async(&mut con)).await?;
+        Ok(stored == 1)
     }
 
     /// Adds bonus credits: grant.lua. `credits` is bounded by the caller.
@@ -574,6 +684,17 @@ impl Reply {
         }
     }
 
+    fn bytes(&self, i: usize) -> Result<bytes::Bytes, MeterError> {
+        match self.values.get(i) {
+            Some(Value::BulkString(b)) => Ok(bytes::Bytes::copy_from_slice(b)),
+            Some(Value::SimpleString(s)) => Ok(bytes::Bytes::copy_from_slice(s.as_bytes())),
+            other => Err(protocol(
+                self.script,
+                format!("{}: value {i} is not a string: {other:?}", self.status),
+            )),
+        }
+    }
+
     /// `monthly, bonus, day_used, daily_limit` starting at value `i`.
     fn balance(&self, i: usize) -> Result<Balance, MeterError> {
         let limit = self.int(i + 3)?;
@@ -586,10 +707,11 @@ impl Reply {
     }
 }
 
-fn decode_charge(reply: Value) -> Result<ChargeOutcome, MeterError> {
+fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterError> {
     let r = Reply::parse("charge.lua", reply)?;
     Ok(match r.status.as_str() {
         "ok" => ChargeOutcome::Charged(Receipt {
+            event_id,
             charged: r.int(0)?,
             balance: r.balance(1)?,
             from_monthly: r.int(5)?,
@@ -601,6 +723,26 @@ fn decode_charge(reply: Value) -> Result<ChargeOutcome, MeterError> {
             balance: r.balance(1)?,
             plan: r.text(5)?,
         },
+        "replay" => ChargeOutcome::Repeat(Repeat::Replay {
+            original: r.text(0)?,
+            response: StoredResponse {
+                status: u16::try_from(r.int(1)?)
+                    .map_err(|_| protocol(r.script, "replay: bad status"))?,
+                headers: r.text(2)?,
+                body: r.bytes(3)?,
+            },
+            balance: r.balance(4)?,
+            plan: r.text(8)?,
+        }),
+        "in_progress" => ChargeOutcome::Repeat(Repeat::InProgress {
+            original: r.text(0)?,
+        }),
+        "key_reused" => ChargeOutcome::Repeat(Repeat::KeyReused {
+            original: r.text(0)?,
+        }),
+        "not_replayable" => ChargeOutcome::Repeat(Repeat::NotReplayable {
+            original: r.text(0)?,
+        }),
         "daily_limit" => ChargeOutcome::Refused(Refusal::DailyLimit(r.balance(0)?)),
         "insufficient" => ChargeOutcome::Refused(Refusal::InsufficientCredits(r.balance(0)?)),
         "missing" => ChargeOutcome::Missing,
@@ -651,15 +793,15 @@ mod tests {
 
     #[test]
     fn decodes_every_charge_status() {
-        let ok = decode_charge(reply_with(
-            "ok",
-            &[3, 7, 0, 3, 100, 3, 0],
-            Some(("starter", &[0])),
-        ))
+        let ok = decode_charge(
+            reply_with("ok", &[3, 7, 0, 3, 100, 3, 0], Some(("starter", &[0]))),
+            "ev".into(),
+        )
         .expect("ok");
         assert_eq!(
             ok,
             ChargeOutcome::Charged(Receipt {
+                event_id: "ev".into(),
                 plan: "starter".into(),
                 auto_blocked: false,
                 charged: 3,
@@ -673,7 +815,8 @@ mod tests {
                 }
             })
         );
-        let unlimited = decode_charge(reply("insufficient", &[1, 0, 9, -1])).expect("insufficient");
+        let unlimited = decode_charge(reply("insufficient", &[1, 0, 9, -1]), String::new())
+            .expect("insufficient");
         assert!(matches!(
             unlimited,
             ChargeOutcome::Refused(Refusal::InsufficientCredits(Balance {
@@ -682,21 +825,21 @@ mod tests {
             }))
         ));
         assert_eq!(
-            decode_charge(reply("blocked", &[])).ok(),
+            decode_charge(reply("blocked", &[]), String::new()).ok(),
             Some(ChargeOutcome::Refused(Refusal::Blocked))
         );
         assert_eq!(
-            decode_charge(reply("missing", &[])).ok(),
+            decode_charge(reply("missing", &[]), String::new()).ok(),
             Some(ChargeOutcome::Missing)
         );
     }
 
     #[test]
     fn malformed_replies_are_protocol_errors() {
-        assert!(decode_charge(Value::Int(1)).is_err());
-        assert!(decode_charge(reply("ok", &[1])).is_err());
-        assert!(decode_charge(reply("ok", &[3, 7, 0, 3, 100, 3, 0])).is_err());
-        assert!(decode_charge(reply("surprise", &[])).is_err());
+        assert!(decode_charge(Value::Int(1), String::new()).is_err());
+        assert!(decode_charge(reply("ok", &[1]), String::new()).is_err());
+        assert!(decode_charge(reply("ok", &[3, 7, 0, 3, 100, 3, 0]), String::new()).is_err());
+        assert!(decode_charge(reply("surprise", &[]), String::new()).is_err());
         assert!(decode_refund(reply("ok", &[])).is_err());
     }
 }

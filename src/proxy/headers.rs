@@ -31,13 +31,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-/// Headers that carry creditgate credentials or identity claims: the
-/// upstream gets our verdict (`X-User-ID`, `X-Plan`) instead of the client's.
-const CLIENT_ONLY: [&str; 4] = ["authorization", "x-api-key", "x-user-id", "x-plan"];
+/// Headers that carry creditgate's credentials or identity claims: the
+/// upstream gets our verdict (`X-User-ID`, `X-Plan`) instead of the
+/// client's, and never a key.
+const CLIENT_ONLY: [&str; 6] = [
+    "authorization",
+    "x-api-key",
+    "x-admin-key",
+    "x-service-key",
+    "x-user-id",
+    "x-plan",
+];
+
+/// Who the client is, as proxies tell it. Written by the gateway; a
+/// client's own values are kept only when it is a trusted proxy.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-real-ip",
+];
 
 pub fn prepare_upstream_headers(
     headers: &mut HeaderMap,
     peer: SocketAddr,
+    peer_is_trusted_proxy: bool,
     user: &str,
     plan: Option<&str>,
     request_id: &str,
@@ -46,20 +65,51 @@ pub fn prepare_upstream_headers(
     for name in CLIENT_ONLY {
         headers.remove(name);
     }
+    if !peer_is_trusted_proxy {
+        for name in FORWARDING {
+            headers.remove(name);
+        }
+    }
+    let ip = peer.ip().to_canonical();
+    let ip_text = ip.to_string();
     let host = headers.remove(header::HOST);
+    let host_text = host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
     if let Some(host) = host.filter(|_| !headers.contains_key("x-forwarded-host")) {
         headers.insert("x-forwarded-host", host);
     }
-    let ip = peer.ip().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip,
+        Some(prior) => format!("{prior}, {ip_text}"),
+        None => ip_text.clone(),
     };
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", v);
     }
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-real-ip")
+        && let Ok(v) = HeaderValue::from_str(&ip_text)
+    {
+        headers.insert("x-real-ip", v);
+    }
+    // RFC 7239: IPv6 nodes and host:port values are quoted strings.
+    let node = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={node};proto=http");
+    if let Some(host) = host_text.filter(|h| !h.contains('"')) {
+        element.push_str(&format!(";host=\"{host}\""));
+    }
+    let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {element}"),
+        None => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert("forwarded", v);
     }
     // Ids and plan ids are validated to visible ASCII, so these cannot fail.
     if let Ok(v) = HeaderValue::from_str(user) {
@@ -95,11 +145,15 @@ mod tests {
         h.insert("host", HeaderValue::from_static("gw.example"));
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("accept", HeaderValue::from_static("text/event-stream"));
+        h.insert("x-admin-key", HeaderValue::from_static("admin-secret"));
+        h.insert("x-service-key", HeaderValue::from_static("service-secret"));
         let peer: SocketAddr = "192.0.2.7:5555".parse().expect("addr");
-        prepare_upstream_headers(&mut h, peer, "alice", Some("pro"), "rid-1");
+        prepare_upstream_headers(&mut h, peer, true, "alice", Some("pro"), "rid-1");
         for gone in [
             "authorization",
             "x-api-key",
+            "x-admin-key",
+            "x-service-key",
             "connection",
             "x-custom",
             "te",
@@ -113,5 +167,30 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-host"], "gw.example");
         assert_eq!(h["accept"], "text/event-stream");
+    }
+
+    #[test]
+    fn an_untrusted_client_cannot_choose_its_forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("gw.example:8207"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=1.2.3.4"));
+        let peer: SocketAddr = "[::ffff:192.0.2.7]:5555".parse().expect("addr");
+        prepare_upstream_headers(&mut h, peer, false, "alice", None, "rid-1");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["x-forwarded-host"], "gw.example:8207");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-real-ip"], "192.0.2.7");
+        assert_eq!(
+            h["forwarded"],
+            "for=192.0.2.7;proto=http;host=\"gw.example:8207\""
+        );
+        let v6: SocketAddr = "[2001:db8::1]:1".parse().expect("addr");
+        let mut h = HeaderMap::new();
+        prepare_upstream_headers(&mut h, v6, false, "alice", None, "rid-1");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
     }
 }

@@ -5,56 +5,79 @@
 //!
 //! 1. **admit**    read request id / idempotency key / action, reject
 //!    oversized bodies and bad headers (nothing charged yet);
-//! 2. **identify** API key (or trusted `X-User-ID`) → user;
-//! 3. **charge**   one Redis round trip (charge.lua) decides and deducts;
+//! 2. **identify** API key (or `X-User-ID` from a trusted network) → user;
+//! 3. **charge**   one Redis round trip (charge.lua) decides and deducts,
+//!    or answers a repeated `Idempotency-Key` without forwarding;
 //! 4. **forward**  stream the request to the upstream, wait for its headers;
-//! 5. **settle**   keep the charge, or refund it (unreachable, timeout, 5xx);
+//! 5. **settle**   keep the charge, or refund it (unreachable, timeout, 5xx,
+//!    stalled body);
 //! 6. **respond**  credit headers on whatever is answered, and log.
 //!
 //! A phase that refuses returns an [`ApiError`] and skips to respond.
-//! Settling runs after every forward, on a spawned task, so a client that
-//! hangs up during the refund cannot cancel it.
+//! Paths with dot segments or encoded slashes never get here: the router
+//! refuses them first ([`check_path`]).
+//!
+//! The phases run as one [`Detached`] future: if the client hangs up, hyper
+//! drops the handler, and the phases go on by themselves to the end, so a
+//! charge made is always settled and logged.
 
 mod connector;
+mod detached;
 mod headers;
+mod replay;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, BillingError, Decision};
 use crate::body::Body;
 use crate::catalog::Module;
-use crate::domain::{ActionId, KeyHash, RequestId, UserId};
+use crate::domain::{ActionId, IdempotencyKey, KeyHash, Networks, RequestId, UserId};
 use crate::error::ApiError;
-use crate::metering::{Balance, ChargeRequest, Mode, Receipt, RefundOf, RefundOutcome, Stamp};
+use crate::metering::{
+    Balance, ChargeRequest, Idempotency, Mode, Receipt, RefundOf, RefundOutcome, Repeat, Stamp,
+};
 use crate::telemetry::metrics;
-use upstream::{UpstreamError, Upstreams};
+use detached::Detached;
+use upstream::{IdleTimeout, UpstreamError, Upstreams};
+
+/// What the proxy takes from the settings.
+pub struct ProxySettings {
+    pub max_body_bytes: u64,
+    pub body_idle_timeout: Duration,
+    pub replay_max_bytes: usize,
+    pub trust_user_id_header: bool,
+    /// `auth.trusted_networks`: where `X-User-ID` is believed.
+    pub trusted_networks: Networks,
+    /// `server.trusted_proxies`: whose forwarding headers are kept.
+    pub trusted_proxies: Networks,
+}
 
 pub struct Proxy {
     billing: Billing,
     upstreams: Upstreams,
-    max_body_bytes: u64,
-    trust_user_id_header: bool,
+    settings: ProxySettings,
 }
 
 /// What the phases learn about one request.
-struct Ctx<'a> {
-    module: &'a Module,
+struct Ctx {
+    module: Arc<Module>,
     stamp: Stamp,
+    /// `X-Request-Id` from the client, or generated: a trace id only.
     request_id: RequestId,
-    /// The request id came from the client (Idempotency-Key / X-Request-Id).
-    idempotent: bool,
+    idempotency_key: Option<IdempotencyKey>,
     action: Option<ActionId>,
     user: Option<UserId>,
-    /// Set once charged; `None` for duplicates (forwarded free).
+    /// Set once charged; taken back by a refund.
     receipt: Option<Receipt>,
     /// Balance to report in the response headers.
     balance: Option<Balance>,
@@ -70,24 +93,65 @@ enum Settlement {
     Refund(&'static str),
 }
 
+/// Refuses `.` and `..` segments (raw or percent-encoded, even twice) and
+/// encoded `/` or `\`: an upstream that normalises them would serve
+/// another module than the one whose price was paid.
+pub fn check_path(path: &str) -> Result<(), ApiError> {
+    for segment in path.split('/') {
+        if segment.contains('\\') {
+            return Err(ApiError::BadPath);
+        }
+        let mut decoded = segment.to_owned();
+        // Decoding until stable catches %252e (an upstream that decodes
+        // twice) as well as %2e.
+        for _ in 0..3 {
+            if decoded == "." || decoded == ".." || decoded.contains(['/', '\\']) {
+                return Err(ApiError::BadPath);
+            }
+            if !decoded.contains('%') {
+                break;
+            }
+            decoded = percent_decode(&decoded);
+        }
+        if decoded == "." || decoded == ".." || decoded.contains(['/', '\\']) {
+            return Err(ApiError::BadPath);
+        }
+    }
+    Ok(())
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl Proxy {
-    pub fn new(
-        billing: Billing,
-        upstreams: Upstreams,
-        max_body_bytes: u64,
-        trust_user_id_header: bool,
-    ) -> Self {
+    pub fn new(billing: Billing, upstreams: Upstreams, settings: ProxySettings) -> Self {
         Self {
             billing,
             upstreams,
-            max_body_bytes,
-            trust_user_id_header,
+            settings,
         }
     }
 
     pub async fn handle(
         self: &Arc<Self>,
-        module: &Module,
+        module: Arc<Module>,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<Body> {
@@ -100,14 +164,15 @@ impl Proxy {
             user = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        self.run(module, req, peer, span.clone())
-            .instrument(span)
-            .await
+        let run = Arc::clone(self)
+            .run(module, req, peer, span.clone())
+            .instrument(span);
+        Detached::new(run).await
     }
 
     async fn run(
-        self: &Arc<Self>,
-        module: &Module,
+        self: Arc<Self>,
+        module: Arc<Module>,
         req: Request<Incoming>,
         peer: SocketAddr,
         span: tracing::Span,
@@ -117,7 +182,7 @@ impl Proxy {
             module,
             stamp: self.billing.calendar.now(),
             request_id: RequestId::generate(),
-            idempotent: false,
+            idempotency_key: None,
             action: None,
             user: None,
             receipt: None,
@@ -139,18 +204,21 @@ impl Proxy {
     }
 
     async fn phases(
-        self: &Arc<Self>,
-        ctx: &mut Ctx<'_>,
+        &self,
+        ctx: &mut Ctx,
         req: Request<Incoming>,
         peer: SocketAddr,
         span: &tracing::Span,
     ) -> Result<Response<Body>, ApiError> {
         self.admit(ctx, req.headers())?;
         span.record("request_id", ctx.request_id.as_str());
-        let (user, key_hash) = self.identify(req.headers()).await?;
+        let (user, key_hash) = self.identify(req.headers(), peer).await?;
         span.record("user", user.as_str());
         ctx.user = Some(user.clone());
-        let plan = self.charge(ctx, &user, key_hash.as_ref()).await?;
+        let plan = match self.charge(ctx, &user, key_hash.as_ref(), &req).await? {
+            Charged::Fresh(plan) => plan,
+            Charged::Replayed(response) => return Ok(response),
+        };
         let result = self.forward(ctx, req, peer, &user, &plan).await;
         let settlement = match &result {
             Ok(r) if r.status().is_server_error() && ctx.module.refund_on_5xx => {
@@ -162,10 +230,12 @@ impl Proxy {
             {
                 Settlement::Keep
             }
-            // An oversized body or a bad target is never the client's debt.
+            // An oversized or stalled body or a bad target is never the
+            // client's debt.
             Err(_) => Settlement::Refund("upstream_failure"),
         };
         self.settle(ctx, &user, settlement).await;
+        let recording = self.recording(ctx, &user);
         match result {
             Ok(response) => {
                 ctx.outcome = if response.status().is_server_error() {
@@ -173,37 +243,57 @@ impl Proxy {
                 } else {
                     "ok"
                 };
-                Ok(response.map(|b| b.map_err(Into::into).boxed_unsync()))
+                let response = response.map(|b| b.map_err(Into::into).boxed_unsync());
+                Ok(match recording {
+                    Some(recording) => recording.wrap(response),
+                    None => response,
+                })
             }
-            Err(UpstreamError::Timeout(d)) => Err(ApiError::UpstreamTimeout(d)),
-            Err(UpstreamError::BodyTooLarge) => Err(ApiError::PayloadTooLarge {
-                limit: self.max_body_bytes,
-            }),
             Err(e) => {
-                tracing::warn!(error = %e, module = %ctx.module.id, "upstream failed");
-                Err(ApiError::UpstreamUnavailable)
+                // A kept charge whose call failed: a repeat cannot replay it.
+                if let Some(recording) = recording {
+                    recording.abandon().await;
+                }
+                Err(match e {
+                    UpstreamError::Timeout(d) => ApiError::UpstreamTimeout(d),
+                    UpstreamError::BodyTooLarge => ApiError::PayloadTooLarge {
+                        limit: self.settings.max_body_bytes,
+                    },
+                    UpstreamError::BodyStalled(d) => ApiError::RequestTimeout(d),
+                    e => {
+                        tracing::warn!(error = %e, module = %ctx.module.id, "upstream failed");
+                        ApiError::UpstreamUnavailable
+                    }
+                })
             }
         }
     }
 
     /// Phase 1: everything that can be refused from the headers alone.
-    fn admit(&self, ctx: &mut Ctx<'_>, headers: &HeaderMap) -> Result<(), ApiError> {
-        let client_id = headers
-            .get("idempotency-key")
-            .map(|v| ("Idempotency-Key", v))
-            .or_else(|| headers.get("x-request-id").map(|v| ("X-Request-Id", v)));
-        if let Some((name, value)) = client_id {
-            let id = value
+    fn admit(&self, ctx: &mut Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
+        if let Some(value) = headers.get("x-request-id") {
+            ctx.request_id = value
                 .to_str()
                 .ok()
                 .and_then(|s| RequestId::parse(s.trim()).ok())
                 .ok_or_else(|| {
-                    ApiError::InvalidHeader(format!(
-                        "{name} must be 1 to 128 visible ASCII characters"
-                    ))
+                    ApiError::InvalidHeader(
+                        "X-Request-Id must be 1 to 128 visible ASCII characters".into(),
+                    )
                 })?;
-            ctx.request_id = id;
-            ctx.idempotent = true;
+        }
+        if let Some(value) = headers.get("idempotency-key") {
+            ctx.idempotency_key = Some(
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|s| IdempotencyKey::parse(s.trim()).ok())
+                    .ok_or_else(|| {
+                        ApiError::InvalidHeader(
+                            "Idempotency-Key must be 1 to 128 visible ASCII characters".into(),
+                        )
+                    })?,
+            );
         }
         if let Some(value) = headers.get("x-action") {
             let action = value
@@ -221,9 +311,9 @@ impl Proxy {
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .ok_or_else(|| ApiError::InvalidHeader("Content-Length is not a number".into()))?;
-            if length > self.max_body_bytes {
+            if length > self.settings.max_body_bytes {
                 return Err(ApiError::PayloadTooLarge {
-                    limit: self.max_body_bytes,
+                    limit: self.settings.max_body_bytes,
                 });
             }
         }
@@ -232,9 +322,15 @@ impl Proxy {
 
     /// Phase 2: who is calling. The key → user mapping is cached; whether
     /// the key is still live is decided by charge.lua in the same round trip
-    /// as the charge.
-    async fn identify(&self, headers: &HeaderMap) -> Result<(UserId, Option<KeyHash>), ApiError> {
-        match credentials::from_headers(headers, self.trust_user_id_header) {
+    /// as the charge. `X-User-ID` counts only from a trusted network.
+    async fn identify(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Result<(UserId, Option<KeyHash>), ApiError> {
+        let trust_user_id = self.settings.trust_user_id_header
+            && self.settings.trusted_networks.contains(peer.ip());
+        match credentials::from_headers(headers, trust_user_id) {
             Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
                 "send Authorization: Bearer <api key> or X-API-Key",
             )),
@@ -253,20 +349,35 @@ impl Proxy {
     }
 
     /// Phase 3: decide and deduct atomically (rebuilding the account in
-    /// Redis first if it is not there). Returns the account's plan.
+    /// Redis first if it is not there). A repeated `Idempotency-Key` is
+    /// answered here and never forwarded.
     async fn charge(
         &self,
-        ctx: &mut Ctx<'_>,
+        ctx: &mut Ctx,
         user: &UserId,
         key_hash: Option<&KeyHash>,
-    ) -> Result<String, ApiError> {
+        req: &Request<Incoming>,
+    ) -> Result<Charged, ApiError> {
+        let fingerprint = ctx
+            .idempotency_key
+            .as_ref()
+            .map(|_| fingerprint(req, &ctx.module));
+        let idempotency = match (&ctx.idempotency_key, &fingerprint) {
+            (Some(key), Some(fingerprint)) => Idempotency::Key {
+                key,
+                fingerprint,
+                lease_until_ms: ctx.stamp.now_ms()
+                    + i64::try_from(lease(&ctx.module).as_millis()).unwrap_or(i64::MAX / 2),
+            },
+            _ => Idempotency::None,
+        };
         let request = ChargeRequest {
             user,
             key_hash,
-            module: ctx.module,
+            module: &ctx.module,
             action: ctx.action.as_ref(),
             request_id: &ctx.request_id,
-            idempotent: ctx.idempotent,
+            idempotency,
             actor: "proxy",
             stamp: &ctx.stamp,
             mode: Mode::Charge,
@@ -279,13 +390,30 @@ impl Proxy {
                 ctx.plan = Some(receipt.plan.clone());
                 let plan = receipt.plan.clone();
                 ctx.receipt = Some(receipt);
-                Ok(plan)
+                Ok(Charged::Fresh(plan))
             }
-            Ok(Decision::Duplicate { balance, plan }) => {
+            Ok(Decision::Repeat(Repeat::Replay {
+                response,
+                balance,
+                plan,
+                ..
+            })) => {
                 ctx.balance = Some(balance);
-                ctx.plan = Some(plan.clone());
-                Ok(plan)
+                ctx.plan = Some(plan);
+                ctx.outcome = "replayed";
+                Ok(Charged::Replayed(replay::rebuild(response)))
             }
+            Ok(Decision::Repeat(Repeat::InProgress { original })) => {
+                Err(ApiError::RequestInProgress(original))
+            }
+            Ok(Decision::Repeat(Repeat::NotReplayable { original })) => {
+                Err(ApiError::DuplicateRequest(original))
+            }
+            Ok(Decision::Repeat(Repeat::KeyReused { original })) => {
+                Err(ApiError::IdempotencyKeyReused(original))
+            }
+            // Only the credits API's request ids produce duplicates.
+            Ok(Decision::Duplicate { .. }) => Err(ApiError::Internal),
             Ok(Decision::Refused(refusal)) => {
                 let cost = ctx.module.cost_of(ctx.action.as_ref()).get();
                 Err(ApiError::refusal(refusal, &ctx.module.id, cost, &ctx.stamp))
@@ -299,74 +427,71 @@ impl Proxy {
     /// Phase 4: stream the request to the upstream.
     async fn forward(
         &self,
-        ctx: &Ctx<'_>,
+        ctx: &Ctx,
         req: Request<Incoming>,
         peer: SocketAddr,
         user: &UserId,
         plan: &str,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
-        parts.uri = Upstreams::target(ctx.module, &parts.uri)?;
+        parts.uri = Upstreams::target(&ctx.module, &parts.uri)?;
         parts.version = http::Version::HTTP_11;
         headers::prepare_upstream_headers(
             &mut parts.headers,
             peer,
+            self.settings.trusted_proxies.contains(peer.ip()),
             user.as_str(),
             Some(plan),
             ctx.request_id.as_str(),
         );
-        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let request = Request::from_parts(parts, Limited::new(body, limit));
+        let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
+        let body = Limited::new(
+            IdleTimeout::new(body, self.settings.body_idle_timeout),
+            limit,
+        );
+        let request = Request::from_parts(parts, body);
         let started = Instant::now();
-        metrics::upstream_in_flight(1.0);
-        let sent = self.upstreams.send(ctx.module, request).await;
-        metrics::upstream_in_flight(-1.0);
+        let sent = {
+            let _gauge = metrics::UpstreamInFlight::enter();
+            self.upstreams.send(&ctx.module, request).await
+        };
         metrics::upstream(ctx.module.id.as_str(), started.elapsed());
         let mut response = sent?;
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)
     }
 
-    /// Phase 5: give the charge back when the call failed. Runs on its own
-    /// task: the refund completes even if the client has gone away.
-    async fn settle(self: &Arc<Self>, ctx: &mut Ctx<'_>, user: &UserId, settlement: Settlement) {
+    /// Phase 5: give the charge back when the call failed. The phases run
+    /// detached from the client, so this completes even if it has gone.
+    async fn settle(&self, ctx: &mut Ctx, user: &UserId, settlement: Settlement) {
         let Settlement::Refund(reason) = settlement else {
             return;
         };
         let Some(receipt) = ctx.receipt.take() else {
-            return; // a duplicate: nothing was charged
+            return;
         };
-        let this = Arc::clone(self);
-        let user = user.clone();
-        let request_id = ctx.request_id.clone();
-        let idempotent = ctx.idempotent;
-        let module = ctx.module.id.clone();
-        let action = ctx.action.clone();
-        let charged_at = ctx.stamp.clone();
-        let task = tokio::spawn(async move {
-            let of = if idempotent {
-                RefundOf::Record
-            } else {
-                RefundOf::Receipt {
-                    receipt: &receipt,
-                    module: &module,
-                    action: action.as_ref(),
-                    charged_at: &charged_at,
-                }
-            };
-            let now = this.billing.calendar.now();
-            this.billing
-                .meter
-                .refund(&user, &request_id, of, "proxy", &now)
-                .await
-        });
-        match task.await {
-            Ok(Ok(RefundOutcome::Refunded {
+        let of = match &ctx.idempotency_key {
+            Some(key) => RefundOf::Idempotent(key),
+            None => RefundOf::Receipt {
+                receipt: &receipt,
+                module: &ctx.module.id,
+                action: ctx.action.as_ref(),
+                charged_at: &ctx.stamp,
+            },
+        };
+        let now = self.billing.calendar.now();
+        match self
+            .billing
+            .meter
+            .refund(user, &ctx.request_id, of, "proxy", &now)
+            .await
+        {
+            Ok(RefundOutcome::Refunded {
                 amount,
                 monthly,
                 bonus,
                 day_used,
-            })) => {
+            }) => {
                 metrics::refunded(
                     ctx.module.id.as_str(),
                     ctx.plan.as_deref().unwrap_or(""),
@@ -380,21 +505,63 @@ impl Proxy {
                 }
                 tracing::info!(request_id = %ctx.request_id, reason, "charge refunded");
             }
-            Ok(Ok(other)) => {
+            Ok(other) => {
                 tracing::error!(request_id = %ctx.request_id, ?other, reason, "refund found nothing to refund");
             }
-            Ok(Err(e)) => {
-                tracing::error!(request_id = %ctx.request_id, error = %e, reason, "refund failed; charge kept");
-            }
             Err(e) => {
-                tracing::error!(request_id = %ctx.request_id, error = %e, "refund task failed");
+                tracing::error!(request_id = %ctx.request_id, error = %e, reason, "refund failed; charge kept");
             }
         }
     }
+
+    /// For a kept charge under an `Idempotency-Key`: what will keep its
+    /// response for replay.
+    fn recording(&self, ctx: &Ctx, user: &UserId) -> Option<replay::Recording> {
+        let key = ctx.idempotency_key.clone()?;
+        let receipt = ctx.receipt.as_ref()?;
+        Some(replay::Recording {
+            meter: self.billing.meter.clone(),
+            user: user.clone(),
+            key,
+            event_id: receipt.event_id.clone(),
+            max_bytes: self.settings.replay_max_bytes,
+        })
+    }
+}
+
+/// The charge phase's answer when it does not refuse.
+enum Charged {
+    /// Charged; forward. The account's plan.
+    Fresh(String),
+    /// A repeated `Idempotency-Key`: the first call's response.
+    Replayed(Response<Body>),
+}
+
+/// What makes two requests "the same" for an `Idempotency-Key`: method,
+/// module, path and query.
+fn fingerprint(req: &Request<Incoming>, module: &Module) -> String {
+    let mut h = Sha256::new();
+    h.update(req.method().as_str().as_bytes());
+    h.update(b" ");
+    h.update(module.id.as_str().as_bytes());
+    h.update(b" ");
+    h.update(
+        req.uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    hex::encode(h.finalize())
+}
+
+/// How long a first call without an answer counts as in progress: the
+/// upstream's deadline for its headers, plus slack for the client's body.
+fn lease(module: &Module) -> Duration {
+    module.timeout + Duration::from_secs(5)
 }
 
 /// Phase 6: headers every answer carries, and the request's log line.
-fn respond(ctx: &Ctx<'_>, mut response: Response<Body>, started: Instant) -> Response<Body> {
+fn respond(ctx: &Ctx, mut response: Response<Body>, started: Instant) -> Response<Body> {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(ctx.request_id.as_str()) {
         h.insert("x-request-id", v);
@@ -421,4 +588,43 @@ fn respond(ctx: &Ctx<'_>, mut response: Response<Body>, started: Instant) -> Res
         "proxied"
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_and_encoded_slashes_are_bad_paths() {
+        for bad in [
+            "/rag/../legal/draft",
+            "/rag/./x",
+            "/rag/%2e%2e/legal/draft",
+            "/rag/%2E./legal",
+            "/rag/.%2e/legal",
+            "/rag/..%2flegal/draft",
+            "/rag/a%2Fb",
+            "/rag/a%5cb",
+            "/rag/a%5Cb",
+            "/rag/a\\b",
+            "/rag/%252e%252e/legal",
+            "/rag/..",
+            "/rag/%2e",
+        ] {
+            assert_eq!(check_path(bad), Err(ApiError::BadPath), "{bad}");
+        }
+        for good in [
+            "/rag/search",
+            "/rag/",
+            "/rag",
+            "/rag/file.txt",
+            "/rag/...",
+            "/rag/a..b",
+            "/rag/q%20x",
+            "/rag/%41",
+            "/rag/100%",
+        ] {
+            assert_eq!(check_path(good), Ok(()), "{good}");
+        }
+    }
 }

@@ -2,23 +2,100 @@
 //! module has its own connect timeout), a response-header deadline per call,
 //! and failures classified so the proxy can answer 502/504/413 and refund.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, Uri};
+use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
+use tokio::time::{Instant, Sleep};
 
 use super::connector::CountingConnector;
 use crate::catalog::{Catalog, Module};
 use crate::config::UpstreamSettings;
 use crate::domain::ModuleId;
 
-/// The client's body, cut off at `server.max_body_bytes` while streaming.
-pub type RequestBody = Limited<Incoming>;
+/// The client's body, cut off at `server.max_body_bytes` while streaming
+/// and when it stalls for `server.body_idle_timeout_ms`.
+pub type RequestBody = Limited<IdleTimeout<Incoming>>;
+
+/// The client's body sent nothing for this long.
+#[derive(Debug, Error)]
+#[error("request body idle for {0:?}")]
+pub struct BodyStalled(pub Duration);
+
+/// A body that fails with [`BodyStalled`] when no frame arrives within
+/// `idle`. The timer exists only while the body is actually waiting, so a
+/// body that is read at once costs nothing.
+pub struct IdleTimeout<B> {
+    inner: B,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The timer was set for the current wait.
+    armed: bool,
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+            armed: false,
+        }
+    }
+}
+
+impl<B> HttpBody for IdleTimeout<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<crate::body::BoxError>,
+{
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if !this.armed {
+            let deadline = Instant::now() + this.idle;
+            match this.timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            this.armed = true;
+        }
+        let Some(timer) = this.timer.as_mut() else {
+            return Poll::Pending; // armed above
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -28,6 +105,8 @@ pub enum UpstreamError {
     Timeout(Duration),
     #[error("request body exceeded the limit while streaming")]
     BodyTooLarge,
+    #[error("request body stalled for {0:?}")]
+    BodyStalled(Duration),
     #[error("bad upstream URI: {0}")]
     BadUri(String),
 }
@@ -111,6 +190,9 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {
             return UpstreamError::BodyTooLarge;
+        }
+        if let Some(stalled) = err.downcast_ref::<BodyStalled>() {
+            return UpstreamError::BodyStalled(stalled.0);
         }
         source = err.source();
     }

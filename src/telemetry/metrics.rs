@@ -186,12 +186,39 @@ pub fn redis_error() {
     counter!(REDIS_ERRORS).increment(1);
 }
 
-pub fn in_flight(delta: f64) {
-    gauge!(IN_FLIGHT).increment(delta);
+/// Counts one request in `creditgate_in_flight_requests` for as long as it
+/// lives: dropped with the request however it ends (answered, streamed to
+/// the end, or abandoned by its client), so the gauge cannot leak.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn enter() -> Self {
+        gauge!(IN_FLIGHT).increment(1.0);
+        Self(())
+    }
 }
 
-pub fn upstream_in_flight(delta: f64) {
-    gauge!(UPSTREAM_IN_FLIGHT).increment(delta);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// The same for `creditgate_upstream_in_flight_requests`, around one
+/// upstream call.
+pub struct UpstreamInFlight(());
+
+impl UpstreamInFlight {
+    pub fn enter() -> Self {
+        gauge!(UPSTREAM_IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for UpstreamInFlight {
+    fn drop(&mut self) {
+        gauge!(UPSTREAM_IN_FLIGHT).decrement(1.0);
+    }
 }
 
 pub fn upstream_connections(module: &str, delta: f64) {

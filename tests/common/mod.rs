@@ -213,14 +213,37 @@ impl Drop for TestDb {
 
 // ---------------------------------------------------------------- Upstream
 
-/// A stub upstream that counts what reaches it. Behaviour by path:
-/// `/.../status/NNN` answers NNN, `/.../slow` sleeps 3 s, `/.../sse` sends
-/// one event then waits for [`Upstream::release`], `/.../echo` returns the
-/// request headers and body length as JSON; anything else answers 200 "ok".
+/// One request as the upstream received it: the request target exactly as
+/// sent (no normalisation) and every header.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Captured {
+    /// Every value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// A stub upstream that counts and captures what reaches it. Behaviour by
+/// path: `/.../status/NNN` answers NNN, `/.../slow` sleeps 3 s,
+/// `/.../slowfail` answers 500 after 1.5 s, `/.../sse` sends one event then
+/// waits for [`Upstream::release`], `/.../echo` returns the request headers
+/// and body length as JSON, `/.../unique` a fresh UUID, `/.../big` 100 kB;
+/// anything else answers 200 "ok".
 pub struct Upstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
     by_path: Arc<Mutex<HashMap<String, usize>>>,
+    captured: Arc<Mutex<Vec<Captured>>>,
     release: Arc<Notify>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -231,19 +254,37 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
         let by_path = Arc::new(Mutex::new(HashMap::new()));
+        let captured = Arc::new(Mutex::new(Vec::new()));
         let release = Arc::new(Notify::new());
         let (stop, mut stopped) = oneshot::channel::<()>();
         let (h, p, r) = (hits.clone(), by_path.clone(), release.clone());
+        let c = captured.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                     _ = &mut stopped => return,
                 };
-                let (h, p, r) = (h.clone(), p.clone(), r.clone());
+                let (h, p, r, c) = (h.clone(), p.clone(), r.clone(), c.clone());
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    let svc = service_fn(move |req: Request<Incoming>| {
                         let (h, p, r) = (h.clone(), p.clone(), r.clone());
+                        if let Ok(mut all) = c.lock() {
+                            all.push(Captured {
+                                method: req.method().to_string(),
+                                target: req.uri().to_string(),
+                                headers: req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.as_str().to_owned(),
+                                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                        )
+                                    })
+                                    .collect(),
+                            });
+                        }
                         async move { Ok::<_, std::convert::Infallible>(stub(req, h, p, r).await) }
                     });
                     let _ = http1::Builder::new()
@@ -256,6 +297,7 @@ impl Upstream {
             addr,
             hits,
             by_path,
+            captured,
             release,
             stop: Some(stop),
         }
@@ -274,6 +316,11 @@ impl Upstream {
             .lock()
             .map(|m| m.get(path).copied().unwrap_or(0))
             .unwrap_or(0)
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn captured(&self) -> Vec<Captured> {
+        self.captured.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// Lets a waiting `/sse` response send its remaining events and end.
@@ -321,6 +368,20 @@ async fn stub(
     if path.ends_with("/slow") {
         tokio::time::sleep(Duration::from_secs(3)).await;
         return full(StatusCode::OK, "slow");
+    }
+    if path.ends_with("/slowfail") {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        return full(StatusCode::INTERNAL_SERVER_ERROR, "failed slowly");
+    }
+    if path.ends_with("/unique") {
+        let _ = req.into_body().collect().await;
+        let mut r = full(StatusCode::CREATED, uuid::Uuid::new_v4().to_string());
+        r.headers_mut()
+            .insert("x-upstream", http::HeaderValue::from_static("unique"));
+        return r;
+    }
+    if path.ends_with("/big") {
+        return full(StatusCode::OK, vec![b'x'; 100_000]);
     }
     if path.ends_with("/sse") {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
@@ -760,6 +821,36 @@ impl TestApp {
             let _ = server.await;
         }
     }
+}
+
+/// Sends raw bytes to `addr` (paths exactly as written, no client-side
+/// normalisation) and returns the status line and body of the answer.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.lines().next().unwrap_or("").to_owned();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// The value of an unlabelled gauge or counter on `/metrics`.
+pub async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Reads `{"error": {"code": ...}}` from a response.
