@@ -9,8 +9,9 @@ ensure_postgres
 for tool in wrk nginx hey; do
   command -v $tool >/dev/null || apt_install wrk nginx-light hey
 done
-cargo build --release --quiet
-BIN=$PWD/target/release/creditgate
+# CREDITGATE_BIN: benchmark another build (say, the commit before a change).
+if [ -z "${CREDITGATE_BIN:-}" ]; then cargo build --release --quiet; fi
+BIN=${CREDITGATE_BIN:-$PWD/target/release/creditgate}
 WORK=$(mktemp -d /tmp/cg-bench.XXXX)
 UPSTREAM=127.0.0.1:18080
 NGINX_PROXY=127.0.0.1:18081
@@ -51,6 +52,8 @@ export CREDITGATE_SERVER__LISTEN=$GATEWAY
 export CREDITGATE_DATABASE__URL=postgres://postgres@127.0.0.1:5432/creditgate_bench
 export CREDITGATE_REDIS__KEY_PREFIX=bench
 export CREDITGATE_LOG__LEVEL=warn
+export CREDITGATE_AUTH__ADMIN_KEYS='[{ name = "bench", key = "bench-admin-key-123" }]'
+export CREDITGATE_AUTH__SERVICE_KEYS='[{ name = "bench", key = "bench-service-key-123" }]'
 export CREDITGATE_PLANS__BENCH__NAME=Bench
 export CREDITGATE_PLANS__BENCH__MONTHLY_CREDITS=1000000000
 export CREDITGATE_PLANS__BENCH__MODULES='["rag"]'

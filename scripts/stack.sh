@@ -26,6 +26,9 @@ prepare_stack() { # name: database creditgate_NAME, Redis prefix NAME
   export CREDITGATE_DATABASE__URL=postgres://postgres@127.0.0.1:5432/creditgate_$name
   export CREDITGATE_REDIS__KEY_PREFIX=$name
   export CREDITGATE_LOG__LEVEL=warn
+  # `serve` refuses the shipped change-me secrets; suites may override these.
+  export CREDITGATE_AUTH__ADMIN_KEYS='[{ name = "stack", key = "stack-admin-key-123" }]'
+  export CREDITGATE_AUTH__SERVICE_KEYS='[{ name = "stack", key = "stack-service-key-123" }]'
   for m in RAG LEGAL FISCAL VOICE PARK API; do export CREDITGATE_MODULES__${m}__UPSTREAM=http://127.0.0.1:$UP_PORT; done
   "$BIN" migrate 2>/dev/null
 }

@@ -392,6 +392,34 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Secrets copied from the examples (`change-me...` in the shipped
+    /// config and `.env.example`) are refused by `serve` and `check-config`:
+    /// a gateway must never run with a key anyone can read in the repository.
+    pub fn refuse_example_secrets(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        for (key, keys) in [
+            ("auth.admin_keys", &self.auth.admin_keys),
+            ("auth.service_keys", &self.auth.service_keys),
+        ] {
+            if let Some(i) = keys
+                .iter()
+                .position(|k| k.key.expose_secret().starts_with("change-me"))
+            {
+                return Err(invalid(
+                    format!("{key}[{i}].key"),
+                    format!(
+                        "is the example secret (it starts with \"change-me\"); set your own, \
+                         e.g. CREDITGATE_{}='[{{ name = \"ops\", key = \"<32 random characters>\" }}]'",
+                        key.to_ascii_uppercase().replace('.', "__")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `CREDITGATE_MODULES__RAG__UPSTREAM=http://x` sets `modules.rag.upstream`.
 /// Only variables with a `__` are overrides (every top-level key is a
 /// table), which leaves `CREDITGATE_CONFIG` and friends to the CLI.
@@ -848,6 +876,30 @@ mod tests {
             let err = error_of(&text);
             assert!(err.contains(needle), "{err:?} does not mention {needle:?}");
         }
+    }
+
+    #[test]
+    fn example_secrets_are_refused_until_replaced() {
+        let s = load(SHIPPED, &[]).expect("valid");
+        let err = s
+            .refuse_example_secrets()
+            .expect_err("example secret refused");
+        assert!(err.to_string().contains("auth.admin_keys[0].key"), "{err}");
+        let own = load(
+            SHIPPED,
+            &[
+                (
+                    "CREDITGATE_AUTH__ADMIN_KEYS",
+                    r#"[{ name = "ops", key = "a-real-admin-secret" }]"#,
+                ),
+                (
+                    "CREDITGATE_AUTH__SERVICE_KEYS",
+                    r#"[{ name = "hub", key = "a-real-service-secret" }]"#,
+                ),
+            ],
+        )
+        .expect("valid");
+        assert!(own.refuse_example_secrets().is_ok());
     }
 
     #[test]

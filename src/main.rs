@@ -121,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
     creditgate::telemetry::init_tracing(&settings.log);
     match cli.command {
         Command::CheckConfig => {
+            settings.refuse_example_secrets()?;
             println!(
                 "{}: ok ({} modules, {} plans)",
                 cli.config.display(),
@@ -130,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate => migrate(&settings).await?,
         Command::Serve => {
+            settings.refuse_example_secrets()?;
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await?;
         }

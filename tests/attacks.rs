@@ -395,3 +395,63 @@ async fn the_credits_api_needs_no_key_from_a_trusted_network_only() {
     assert_eq!(r.status(), 401);
     assert_eq!(open.balance(&user.id).await, (99, 0, 1));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn csv_cells_cannot_become_formulas_or_split_in_french_excel() {
+    let app = TestApp::spawn().await;
+    let created = app
+        .admin(
+            reqwest::Method::POST,
+            "/users",
+            Some(serde_json::json!({"name": "=HYPERLINK(\"http://x\")", "plan": "free"})),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    let semi = app
+        .admin(
+            reqwest::Method::POST,
+            "/users",
+            Some(serde_json::json!({"name": "Dupont; Ali", "plan": "free"})),
+        )
+        .await;
+    assert_eq!(semi.status(), 201);
+    let text = app
+        .admin(reqwest::Method::GET, "/export.csv", None)
+        .await
+        .text()
+        .await
+        .expect("csv");
+    assert!(text.contains("\"Dupont; Ali\""), "{text}");
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let names: Vec<String> = reader
+        .records()
+        .map(|r| r.expect("row").get(1).unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        names.contains(&"'=HYPERLINK(\"http://x\")".to_owned()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"Dupont; Ali".to_owned()), "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with('=')));
+
+    // A request id chosen by a client lands in the usage export too.
+    let user = app.create_user("free").await;
+    let r = app
+        .client
+        .get(app.url("/rag/q"))
+        .bearer_auth(&user.key)
+        .header("x-request-id", "=cmd|calc!A0")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let usage = app
+        .admin(reqwest::Method::GET, "/usage.csv", None)
+        .await
+        .text()
+        .await
+        .expect("csv");
+    assert!(usage.contains(",'=cmd|calc!A0,"), "{usage}");
+    assert!(!usage.contains(",=cmd"), "{usage}");
+}

@@ -25,9 +25,37 @@ fn field(stdout: &str, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in {stdout:?}"))
 }
 
+/// Secrets of our own, replacing the shipped `change-me` examples.
+const OWN_SECRETS: [(&str, &str); 2] = [
+    (
+        "CREDITGATE_AUTH__ADMIN_KEYS",
+        r#"[{ name = "ops", key = "cli-test-admin-secret" }]"#,
+    ),
+    (
+        "CREDITGATE_AUTH__SERVICE_KEYS",
+        r#"[{ name = "hub", key = "cli-test-service-secret" }]"#,
+    ),
+];
+
+#[test]
+fn serve_and_check_config_refuse_the_example_secrets() {
+    for command in ["check-config", "serve"] {
+        let out = creditgate(&[command], &[("CREDITGATE_SERVER__LISTEN", "127.0.0.1:0")]);
+        assert!(!out.status.success(), "{command} accepted change-me keys");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("auth.admin_keys[0].key") && stderr.contains("change-me"),
+            "{command}: {stderr}"
+        );
+    }
+    let only_admin = creditgate(&["check-config"], &OWN_SECRETS[..1]);
+    assert!(!only_admin.status.success());
+    assert!(String::from_utf8_lossy(&only_admin.stderr).contains("auth.service_keys[0].key"));
+}
+
 #[test]
 fn check_config_accepts_the_shipped_file_and_names_the_bad_key() {
-    let ok = creditgate(&["check-config"], &[]);
+    let ok = creditgate(&["check-config"], &OWN_SECRETS);
     assert!(
         ok.status.success(),
         "{}",
@@ -42,7 +70,7 @@ fn check_config_accepts_the_shipped_file_and_names_the_bad_key() {
     std::fs::write(&bad, shipped.replace("cost = 2\n", "cost = -2\n")).expect("write");
     let out = creditgate(
         &["--config", bad.to_str().expect("utf8"), "check-config"],
-        &[],
+        &OWN_SECRETS,
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -50,7 +78,11 @@ fn check_config_accepts_the_shipped_file_and_names_the_bad_key() {
 
     let env_bad = creditgate(
         &["check-config"],
-        &[("CREDITGATE_MODULES__RAG__UPSTREAM", "ftp://nowhere")],
+        &[
+            OWN_SECRETS[0],
+            OWN_SECRETS[1],
+            ("CREDITGATE_MODULES__RAG__UPSTREAM", "ftp://nowhere"),
+        ],
     );
     assert!(!env_bad.status.success());
     assert!(String::from_utf8_lossy(&env_bad.stderr).contains("modules.rag.upstream"));

@@ -149,7 +149,7 @@ async fn metrics_count_a_known_sequence_exactly_and_pass_promtool() {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_can_listen_on_their_own_port() {
     let port = free_port();
-    let app = TestApp::builder()
+    let mut app = TestApp::builder()
         .env(
             "CREDITGATE_SERVER__METRICS_LISTEN",
             &format!("127.0.0.1:{port}"),
@@ -175,6 +175,60 @@ async fn metrics_can_listen_on_their_own_port() {
         .await
         .expect("send");
     assert_eq!(other.status(), 404);
+
+    // With a metrics port, the public port keeps /metrics and the
+    // dependencies' details to itself.
+    let public = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(public.status(), 404);
+    app.redis.kill();
+    let public: serde_json::Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(public, serde_json::json!({"status": "not_ready"}));
+    let detailed = app
+        .client
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(detailed.status(), 503);
+    let detailed: serde_json::Value = detailed.json().await.expect("json");
+    assert_eq!(detailed["checks"]["database"], "ok");
+    let redis = detailed["checks"]["redis"].as_str().unwrap_or("");
+    assert!(redis.contains("redis"), "operators see the error: {redis}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_public_readyz_never_echoes_dependency_errors() {
+    let mut app = TestApp::spawn().await;
+    app.redis.kill();
+    let body: serde_json::Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "status": "not_ready",
+            "checks": {"redis": "unavailable", "database": "ok"},
+        })
+    );
 }
 
 /// Metric names an expression mentions, without histogram suffixes.

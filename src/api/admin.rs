@@ -826,15 +826,16 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
 
 // ------------------------------------------------------------------ exports
 
-/// A cell for CSV: quoted when needed, and text that a spreadsheet would
-/// run as a formula is prefixed with an apostrophe.
+/// A cell for CSV: text that a spreadsheet would run as a formula is
+/// prefixed with an apostrophe, and a cell is quoted when it holds a comma,
+/// a quote, a line break or a semicolon (French Excel splits on `;`).
 pub fn csv_cell(value: &str) -> String {
     let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{value}")
     } else {
         value.to_owned()
     };
-    if value.contains([',', '"', '\n', '\r']) {
+    if value.contains([',', '"', '\n', '\r', ';']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
         value
@@ -1103,4 +1104,27 @@ async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiResult {
         per_page: page.per_page,
         total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_cell;
+
+    #[test]
+    fn csv_cells_never_become_formulas_or_split_on_semicolons() {
+        let table = [
+            ("plain", "plain"),
+            ("=1+2", "'=1+2"),
+            ("+33 6", "'+33 6"),
+            ("-2", "'-2"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("a;b", "\"a;b\""),
+            ("=a;b", "\"'=a;b\""),
+            ("say \"hi\", ok", "\"say \"\"hi\"\", ok\""),
+        ];
+        for (raw, cell) in table {
+            assert_eq!(csv_cell(raw), cell, "{raw:?}");
+        }
+    }
 }
