@@ -9,10 +9,10 @@ use thiserror::Error;
 
 use crate::accounts::{AccountError, Accounts};
 use crate::catalog::Catalog;
-use crate::domain::{Credits, UserId};
+use crate::domain::UserId;
 use crate::metering::{
-    Balance, Calendar, ChargeOutcome, ChargeRequest, GrantOutcome, Meter, MeterError, Receipt,
-    Refusal, Repeat, ResetOutcome,
+    Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Meter, MeterError,
+    Receipt, Refusal, Repeat, ResetOutcome,
 };
 
 #[derive(Debug, Error)]
@@ -118,21 +118,42 @@ impl Billing {
         Ok(())
     }
 
-    pub async fn grant(
-        &self,
-        user: &UserId,
-        credits: Credits,
-        reason: &str,
-        actor: &str,
-    ) -> Result<(i64, i64), BillingError> {
+    /// Adds bonus credits, rebuilding the account first if Redis lacks it.
+    /// The grant's ledger row and its audit row follow from its usage
+    /// event, exactly once, through the flusher.
+    pub async fn grant(&self, grant: &Grant<'_>) -> Result<GrantOutcome, BillingError> {
         for _ in 0..2 {
             let now = self.calendar.now();
-            match self.meter.grant(user, credits, reason, actor, &now).await? {
-                GrantOutcome::Granted { monthly, bonus } => return Ok((monthly, bonus)),
-                GrantOutcome::Missing => self.rebuild(user).await?,
+            match self.meter.grant(grant, &now).await? {
+                GrantOutcome::Missing => self.rebuild(grant.user).await?,
+                done => return Ok(done),
             }
         }
-        Err(BillingError::RebuildFailed(user.clone()))
+        Err(BillingError::RebuildFailed(grant.user.clone()))
+    }
+
+    /// Applies to Redis what Postgres says about `user`'s access (plan,
+    /// block, keys) if a change is pending, then clears the mark. Safe to
+    /// repeat and to race: Redis keeps the newest version.
+    pub async fn sync_account(&self, user: &UserId) -> Result<(), BillingError> {
+        let Some(state) = self.accounts.sync_state(user).await? else {
+            return Ok(());
+        };
+        // Applied, already newer, or not in Redis (seeded from Postgres
+        // on first use): in each case Redis no longer lags this version.
+        self.meter.sync(&state).await?;
+        self.accounts.sync_done(user, state.version).await?;
+        Ok(())
+    }
+
+    /// One pass of the reconciler: every pending change, oldest first.
+    /// Returns how many accounts were brought up to date.
+    pub async fn reconcile(&self) -> Result<usize, BillingError> {
+        let pending = self.accounts.pending_syncs(500).await?;
+        for user in &pending {
+            self.sync_account(user).await?;
+        }
+        Ok(pending.len())
     }
 
     /// Starts the current period for every account. Idempotent within a

@@ -128,6 +128,13 @@ impl Credits {
         Ok(Self(n))
     }
 
+    /// An amount the ledger recorded. Taken as it is (only a negative is
+    /// floored at 0): rebuilding an account must never fail on a value the
+    /// system itself wrote, even one past today's [`Credits::MAX`].
+    pub fn from_ledger(n: i64) -> Self {
+        Self(n.max(0))
+    }
+
     pub fn get(self) -> i64 {
         self.0
     }

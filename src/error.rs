@@ -51,6 +51,11 @@ pub enum ApiError {
     DuplicateRequest(String),
     /// The key was first used for another module, method or path.
     IdempotencyKeyReused(String),
+    /// An admin Idempotency-Key first used for a different request.
+    AdminIdempotencyKeyReused,
+    /// An admin write Redis did not confirm; the message says what state
+    /// things are in and how to finish (admin wording, never the proxy's).
+    RedisUnavailable(&'static str),
     InvalidHeader(String),
     BadRequest {
         code: &'static str,
@@ -89,7 +94,10 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::RequestInProgress(_) | Self::DuplicateRequest(_) => StatusCode::CONFLICT,
-            Self::IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyKeyReused(_) | Self::AdminIdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::RedisUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadPath | Self::InvalidHeader(_) | Self::BadRequest { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -119,7 +127,10 @@ impl ApiError {
             Self::RequestTimeout(_) => "request_timeout",
             Self::RequestInProgress(_) => "request_in_progress",
             Self::DuplicateRequest(_) => "duplicate_request",
-            Self::IdempotencyKeyReused(_) => "idempotency_key_reused",
+            Self::IdempotencyKeyReused(_) | Self::AdminIdempotencyKeyReused => {
+                "idempotency_key_reused"
+            }
+            Self::RedisUnavailable(_) => "redis_unavailable",
             Self::InvalidHeader(_) => "invalid_header",
             Self::BadRequest { code, .. } => code,
             Self::NotFound => "not_found",
@@ -175,6 +186,10 @@ impl ApiError {
             Self::IdempotencyKeyReused(original) => format!(
                 "this Idempotency-Key was used by request {original} for another module, method or path"
             ),
+            Self::AdminIdempotencyKeyReused => {
+                "this Idempotency-Key was already used for a different request".into()
+            }
+            Self::RedisUnavailable(what) => (*what).to_owned(),
             Self::InvalidHeader(m) => m.clone(),
             Self::BadRequest { message, .. } => message.clone(),
             Self::NotFound => "no such route".into(),
@@ -193,9 +208,11 @@ impl ApiError {
                 retry_after_secs, ..
             }
             | Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            Self::MeteringUnavailable | Self::DatabaseUnavailable | Self::Overloaded => {
-                Some(DEPENDENCY_RETRY_SECS)
-            }
+            Self::MeteringUnavailable
+            | Self::DatabaseUnavailable
+            | Self::Overloaded
+            | Self::RedisUnavailable(_)
+            | Self::RequestInProgress(_) => Some(DEPENDENCY_RETRY_SECS),
             _ => None,
         }
     }
@@ -291,6 +308,7 @@ impl From<AccountError> for ApiError {
                 code: "unknown_key",
                 message: e.to_string(),
             },
+            AccountError::IdempotencyKeyReused => Self::AdminIdempotencyKeyReused,
             AccountError::UserExists(_) => Self::BadRequest {
                 code: "user_exists",
                 message: e.to_string(),
@@ -404,6 +422,18 @@ mod tests {
                 ApiError::RequestInProgress("r1".into()),
                 409,
                 "request_in_progress",
+                Some("1"),
+            ),
+            (
+                ApiError::RedisUnavailable("saved; applies when Redis answers"),
+                503,
+                "redis_unavailable",
+                Some("1"),
+            ),
+            (
+                ApiError::AdminIdempotencyKeyReused,
+                422,
+                "idempotency_key_reused",
                 None,
             ),
             (

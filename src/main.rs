@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use creditgate::accounts::{self, Accounts};
+use creditgate::accounts::{self, Accounts, Created, NewUser};
 use creditgate::billing::Billing;
 use creditgate::config::Settings;
 use creditgate::domain::UserId;
@@ -146,9 +146,19 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let id = id.map(|s| UserId::parse(&s)).transpose()?;
             let accounts = open_accounts(&settings)?;
-            let (user, key) = accounts
-                .create_user(id, &name, email.as_deref(), &plan)
+            let created = accounts
+                .create_user(NewUser {
+                    id,
+                    name: &name,
+                    email: email.as_deref(),
+                    plan: &plan,
+                    actor: "cli",
+                    idempotency: None,
+                })
                 .await?;
+            let Created::New(user, key) = created else {
+                anyhow::bail!("no user created");
+            };
             println!("user_id: {}", user.id);
             println!("api_key: {}", key.key.reveal());
             println!("key_id:  {}", key.id);
@@ -157,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
             command: KeyCommand::Create { user },
         } => {
             let user = UserId::parse(&user)?;
-            let key = open_accounts(&settings)?.create_key(&user).await?;
+            let key = open_accounts(&settings)?.create_key(&user, "cli").await?;
             println!("api_key: {}", key.key.reveal());
             println!("key_id:  {}", key.id);
         }

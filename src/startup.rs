@@ -156,6 +156,7 @@ impl Application {
                 }
             }));
         }
+        background.push(tokio::spawn(reconcile(self.state.billing.clone())));
         if let Some(addr) = self.settings.metrics_listen {
             let listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "metrics listening");
@@ -251,6 +252,27 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         public_metrics: settings.metrics_listen.is_none(),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
+}
+
+/// Brings Redis up to date with admin changes it did not confirm (see
+/// `accounts::sync`): every 250 ms, so the stores agree within a second
+/// of Redis answering again. Also expires old admin Idempotency-Keys.
+async fn reconcile(billing: Billing) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rounds: u64 = 0;
+    loop {
+        tick.tick().await;
+        match billing.reconcile().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(accounts = n, "admin changes applied to Redis"),
+            Err(e) => tracing::debug!(error = %e, "reconciler waits for Redis or Postgres"),
+        }
+        rounds += 1;
+        if rounds.is_multiple_of(240) {
+            let _ = billing.accounts.expire_idempotency().await;
+        }
+    }
 }
 
 /// `/metrics` and the detailed `/readyz` on `server.metrics_listen`, for

@@ -13,7 +13,7 @@ use creditgate::config::Settings;
 use creditgate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, PlanId, RequestId, UserId};
 use creditgate::metering::{
     AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Idempotency, Meter, Mode, RefundOf,
-    RefundOutcome, Refusal, Repeat, Stamp, StoredResponse,
+    RefundOutcome, Refusal, Repeat, Stamp, StoredResponse, SyncOutcome, SyncState,
 };
 
 struct Harness {
@@ -320,24 +320,17 @@ async fn revoked_keys_blocked_accounts_and_foreign_plans_are_refused() {
         h.charge(&user, "legal", &now, None, Mode::Charge).await,
         ChargeOutcome::Refused(Refusal::ModuleNotInPlan)
     );
-    h.meter.set_blocked(&user, true).await.expect("block");
+    h.sync(&user, 1, "free", true, &[key().hash()]).await;
     assert_eq!(
         h.charge(&user, "rag", &now, None, Mode::Charge).await,
         ChargeOutcome::Refused(Refusal::Blocked)
     );
-    h.meter.set_blocked(&user, false).await.expect("unblock");
-    h.meter
-        .set_plan(&user, &PlanId::parse("retired").expect("plan"))
-        .await
-        .expect("plan");
+    h.sync(&user, 2, "retired", false, &[key().hash()]).await;
     assert_eq!(
         h.charge(&user, "rag", &now, None, Mode::Charge).await,
         ChargeOutcome::Refused(Refusal::ModuleNotInPlan)
     );
-    h.meter
-        .remove_key(&user, &key().hash())
-        .await
-        .expect("SREM");
+    h.sync(&user, 3, "free", false, &[]).await;
     assert_eq!(
         h.charge(&user, "rag", &now, None, Mode::Charge).await,
         ChargeOutcome::Refused(Refusal::UnknownKey)
@@ -347,14 +340,32 @@ async fn revoked_keys_blocked_accounts_and_foreign_plans_are_refused() {
 }
 
 #[tokio::test]
-async fn updates_never_create_a_partial_account() {
+async fn sync_never_creates_a_partial_account_nor_goes_back_to_an_older_version() {
     let h = Harness::new().await;
     let ghost = UserId::parse("ghost").expect("id");
-    assert!(!h.meter.set_blocked(&ghost, true).await.expect("update"));
+    assert_eq!(
+        h.sync(&ghost, 1, "free", true, &[]).await,
+        SyncOutcome::NotInRedis
+    );
     let now = h.at("2026-11-26T12:00:00Z");
     assert_eq!(
         h.charge(&ghost, "rag", &now, None, Mode::Charge).await,
         ChargeOutcome::Missing
+    );
+    // Version 5 (blocked) lands, then a late version 4 (unblocked) must
+    // not undo it.
+    let user = h.seed("hal", "free", 100, 0, &now).await;
+    assert_eq!(
+        h.sync(&user, 5, "free", true, &[key().hash()]).await,
+        SyncOutcome::Applied
+    );
+    assert_eq!(
+        h.sync(&user, 4, "free", false, &[key().hash()]).await,
+        SyncOutcome::AlreadyNewer
+    );
+    assert_eq!(
+        h.charge(&user, "rag", &now, None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::Blocked)
     );
 }
 
@@ -426,6 +437,26 @@ async fn an_exhausted_block_lifts_itself_in_the_next_period() {
 }
 
 impl Harness {
+    async fn sync(
+        &self,
+        user: &UserId,
+        version: i64,
+        plan: &str,
+        blocked: bool,
+        keys: &[KeyHash],
+    ) -> SyncOutcome {
+        self.meter
+            .sync(&SyncState {
+                user: user.clone(),
+                version,
+                plan: PlanId::parse(plan).expect("plan"),
+                blocked,
+                key_hashes: keys.to_vec(),
+            })
+            .await
+            .expect("sync.lua")
+    }
+
     /// A proxy charge under an `Idempotency-Key`.
     async fn keyed(
         &self,

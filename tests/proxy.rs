@@ -147,17 +147,16 @@ async fn missing_unknown_malformed_and_revoked_keys_are_401() {
 
     // The key works, is cached, then is revoked: the very next call fails.
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
-    let hash = app
-        .state
+    app.state
         .accounts
-        .revoke_key(&user.id, user.key_id)
+        .revoke_key(&user.id, user.key_id, "test")
         .await
         .expect("revoke");
     app.state
-        .meter
-        .remove_key(&user.id, &hash)
+        .billing
+        .sync_account(&user.id)
         .await
-        .expect("SREM");
+        .expect("sync");
     let revoked = app.call(&user.key, "/rag/q").await;
     assert_eq!(revoked.status(), 401);
     assert_eq!(error_code(revoked).await, "unauthenticated");
@@ -171,7 +170,12 @@ async fn a_key_created_after_the_account_reached_redis_works_at_once() {
     let user = app.create_user("free").await;
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
     // Created in Postgres only (as the CLI does): the proxy repairs Redis.
-    let second = app.state.accounts.create_key(&user.id).await.expect("key");
+    let second = app
+        .state
+        .accounts
+        .create_key(&user.id, "cli")
+        .await
+        .expect("key");
     let r = app.call(second.key.reveal(), "/rag/q").await;
     assert_eq!(r.status(), 200);
     assert_eq!(app.balance(&user.id).await, (98, 0, 2));
@@ -182,25 +186,16 @@ async fn blocked_accounts_are_403_at_once() {
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
-    app.state
-        .accounts
-        .set_blocked(&user.id, true, Some("abuse"))
-        .await
-        .expect("block");
-    app.state
-        .meter
-        .set_blocked(&user.id, true)
-        .await
-        .expect("block");
+    let path = format!("/users/{}/block", user.id);
+    let r = app.admin(reqwest::Method::POST, &path, None).await;
+    assert_eq!(r.status(), 200);
     let r = app.call(&user.key, "/rag/q").await;
     assert_eq!(r.status(), 403);
     assert_eq!(error_code(r).await, "blocked");
     assert_eq!(app.upstream.hits(), 1);
-    app.state
-        .meter
-        .set_blocked(&user.id, false)
-        .await
-        .expect("unblock");
+    let path = format!("/users/{}/unblock", user.id);
+    let r = app.admin(reqwest::Method::POST, &path, None).await;
+    assert_eq!(r.status(), 200);
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
 }
 
@@ -208,11 +203,12 @@ async fn blocked_accounts_are_403_at_once() {
 async fn a_blocked_account_stays_blocked_when_rebuilt_from_postgres() {
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
-    app.state
-        .accounts
-        .set_blocked(&user.id, true, None)
-        .await
-        .expect("block");
+    // Blocked before Redis ever held the account.
+    let path = format!("/users/{}/block", user.id);
+    assert_eq!(
+        app.admin(reqwest::Method::POST, &path, None).await.status(),
+        200
+    );
     let r = app.call(&user.key, "/rag/q").await;
     assert_eq!(r.status(), 403);
     assert_eq!(app.upstream.hits(), 0);

@@ -7,6 +7,7 @@
 
 mod cache;
 pub mod credentials;
+mod sync;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use uuid::Uuid;
 
 use crate::catalog::Catalog;
 use crate::config::DatabaseSettings;
-use crate::domain::{ApiKey, Credits, KeyHash, PlanId, UserId};
+use crate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, PlanId, UserId};
 use crate::metering::{AccountSeed, Stamp};
 use cache::KeyCache;
 pub use credentials::Credential;
@@ -36,6 +37,9 @@ pub enum AccountError {
     UnknownKey(Uuid),
     #[error("user {0} already exists")]
     UserExists(UserId),
+    /// An admin Idempotency-Key first used for a different request.
+    #[error("this Idempotency-Key was used for another request")]
+    IdempotencyKeyReused,
     /// A stored row that our own writes could not have produced.
     #[error("corrupt account row: {0}")]
     Corrupt(String),
@@ -55,6 +59,25 @@ pub struct User {
 pub struct NewKey {
     pub id: Uuid,
     pub key: ApiKey,
+}
+
+/// A user to create, and who asks.
+pub struct NewUser<'a> {
+    pub id: Option<UserId>,
+    pub name: &'a str,
+    pub email: Option<&'a str>,
+    pub plan: &'a str,
+    /// Audit actor ("admin:ops", "cli").
+    pub actor: &'a str,
+    /// The admin's Idempotency-Key and the request's fingerprint.
+    pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
+}
+
+pub enum Created {
+    New(User, NewKey),
+    /// The Idempotency-Key's creation happened before: that user and the id
+    /// of its first key (the key itself was shown once and is not kept).
+    Replayed(User, Uuid),
 }
 
 /// Cheap to clone.
@@ -100,24 +123,27 @@ impl Accounts {
             .ok_or_else(|| AccountError::UnknownPlan(plan.to_owned()))
     }
 
-    /// Creates a user with a first API key.
-    pub async fn create_user(
-        &self,
-        id: Option<UserId>,
-        name: &str,
-        email: Option<&str>,
-        plan: &str,
-    ) -> Result<(User, NewKey), AccountError> {
-        let plan = self.check_plan(plan)?;
-        let id = id.unwrap_or_else(UserId::generate);
+    /// Creates a user with a first API key, and its audit row, in one
+    /// transaction. Under an Idempotency-Key a retry finds the first
+    /// creation instead of making a second user.
+    pub async fn create_user(&self, new: NewUser<'_>) -> Result<Created, AccountError> {
+        let plan = self.check_plan(new.plan)?;
+        let id = new.id.clone().unwrap_or_else(UserId::generate);
         let mut tx = self.pool.begin().await?;
+        if let Some((key, fingerprint)) = new.idempotency
+            && let Some(earlier) = self
+                .earlier_creation(&mut tx, new.actor, key, fingerprint)
+                .await?
+        {
+            return Ok(earlier);
+        }
         let inserted = sqlx::query(
             "INSERT INTO users (id, name, email, plan) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(id.as_str())
-        .bind(name)
-        .bind(email)
+        .bind(new.name)
+        .bind(new.email)
         .bind(plan.as_str())
         .execute(&mut *tx)
         .await?;
@@ -125,18 +151,84 @@ impl Accounts {
             return Err(AccountError::UserExists(id));
         }
         let key = insert_key(&mut tx, &id).await?;
+        audit_in(
+            &mut tx,
+            new.actor,
+            "create_user",
+            &id,
+            serde_json::json!({"plan": plan.as_str(), "key_id": key.id}),
+        )
+        .await?;
+        if let Some((idem, fingerprint)) = new.idempotency {
+            let claimed = sqlx::query(
+                "INSERT INTO admin_idempotency (actor, key, fingerprint, user_id, key_id)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (actor, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,
+                     user_id = EXCLUDED.user_id, key_id = EXCLUDED.key_id, created_at = now()
+                 WHERE admin_idempotency.created_at < now() - interval '24 hours'",
+            )
+            .bind(new.actor)
+            .bind(idem.as_str())
+            .bind(fingerprint)
+            .bind(id.as_str())
+            .bind(key.id)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() == 0 {
+                // A concurrent call with the same key committed first: ours
+                // is undone and theirs is the answer.
+                tx.rollback().await?;
+                let mut tx = self.pool.begin().await?;
+                return self
+                    .earlier_creation(&mut tx, new.actor, idem, fingerprint)
+                    .await?
+                    .ok_or_else(|| AccountError::Corrupt("idempotency row vanished".into()));
+            }
+        }
         tx.commit().await?;
         let user = User {
             id,
-            name: name.to_owned(),
-            email: email.map(str::to_owned),
+            name: new.name.to_owned(),
+            email: new.email.map(str::to_owned),
             plan,
             blocked: false,
         };
-        Ok((user, key))
+        Ok(Created::New(user, key))
     }
 
-    pub async fn create_key(&self, user: &UserId) -> Result<NewKey, AccountError> {
+    /// The creation an admin Idempotency-Key already made (within 24 h).
+    async fn earlier_creation(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        actor: &str,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+    ) -> Result<Option<Created>, AccountError> {
+        let row: Option<(String, String, Uuid)> = sqlx::query_as(
+            "SELECT fingerprint, user_id, key_id FROM admin_idempotency
+             WHERE actor = $1 AND key = $2 AND created_at > now() - interval '24 hours'",
+        )
+        .bind(actor)
+        .bind(key.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some((stored, user_id, key_id)) = row else {
+            return Ok(None);
+        };
+        if stored != fingerprint {
+            return Err(AccountError::IdempotencyKeyReused);
+        }
+        let user_id = UserId::parse(&user_id).map_err(|e| AccountError::Corrupt(e.to_string()))?;
+        let user = self
+            .get_user(&user_id)
+            .await?
+            .ok_or(AccountError::UnknownUser(user_id))?;
+        Ok(Some(Created::Replayed(user, key_id)))
+    }
+
+    /// Another API key for a user, audited, with Redis's copy of the key
+    /// set marked for update (see `sync`).
+    pub async fn create_key(&self, user: &UserId, actor: &str) -> Result<NewKey, AccountError> {
         let mut tx = self.pool.begin().await?;
         let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM users WHERE id = $1")
             .bind(user.as_str())
@@ -146,22 +238,47 @@ impl Accounts {
             return Err(AccountError::UnknownUser(user.clone()));
         }
         let key = insert_key(&mut tx, user).await?;
+        audit_in(
+            &mut tx,
+            actor,
+            "create_key",
+            user,
+            serde_json::json!({"key_id": key.id}),
+        )
+        .await?;
+        mark_for_sync(&mut tx, user).await?;
         tx.commit().await?;
         Ok(key)
     }
 
-    /// Marks the key revoked and returns its hash, for the caller to remove
-    /// it from Redis. Revoking twice is not an error.
-    pub async fn revoke_key(&self, user: &UserId, key_id: Uuid) -> Result<KeyHash, AccountError> {
+    /// Marks the key revoked, audited, with Redis's copy of the key set
+    /// marked for update. Revoking twice is not an error.
+    pub async fn revoke_key(
+        &self,
+        user: &UserId,
+        key_id: Uuid,
+        actor: &str,
+    ) -> Result<KeyHash, AccountError> {
+        let mut tx = self.pool.begin().await?;
         let row: Option<(String,)> = sqlx::query_as(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
              WHERE id = $1 AND user_id = $2 RETURNING key_hash",
         )
         .bind(key_id)
         .bind(user.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         let (hash,) = row.ok_or(AccountError::UnknownKey(key_id))?;
+        audit_in(
+            &mut tx,
+            actor,
+            "revoke_key",
+            user,
+            serde_json::json!({"key_id": key_id}),
+        )
+        .await?;
+        mark_for_sync(&mut tx, user).await?;
+        tx.commit().await?;
         let hash = KeyHash::from_stored(hash);
         self.cache.forget(&hash);
         Ok(hash)
@@ -262,27 +379,6 @@ impl Accounts {
             .collect()
     }
 
-    /// Blocks or unblocks in Postgres; the caller mirrors it into Redis.
-    pub async fn set_blocked(
-        &self,
-        id: &UserId,
-        blocked: bool,
-        reason: Option<&str>,
-    ) -> Result<(), AccountError> {
-        let done = sqlx::query(
-            "UPDATE users SET status = $2, blocked_reason = $3, updated_at = now() WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .bind(if blocked { "blocked" } else { "active" })
-        .bind(reason)
-        .execute(&self.pool)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(AccountError::UnknownUser(id.clone()));
-        }
-        Ok(())
-    }
-
     /// What Redis must hold for `id`, built from Postgres, or `None` for an
     /// unknown user.
     ///
@@ -306,14 +402,16 @@ impl Accounts {
         .fetch_all(&self.pool)
         .await?;
         let snapshot = crate::ledger::store::snapshot(&self.pool, id.as_str()).await?;
-        let credits = |n: i64| Credits::new(n).map_err(|e| AccountError::Corrupt(e.to_string()));
+        // Values the ledger recorded are taken as they are, even past
+        // today's bounds: an account must always be rebuildable.
+        let credits = Credits::from_ledger;
         let (monthly, bonus, period, day, day_used) = match snapshot {
             Some(s) => (
-                credits(s.monthly)?,
-                credits(s.bonus)?,
+                credits(s.monthly),
+                credits(s.bonus),
                 s.period,
                 s.day,
-                credits(s.day_used)?,
+                credits(s.day_used),
             ),
             None => (
                 self.catalog
@@ -341,6 +439,29 @@ impl Accounts {
         }))
     }
 }
+
+/// Appends to the audit trail inside the change's own transaction, so the
+/// change and its record stand or fall together.
+pub(crate) async fn audit_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    actor: &str,
+    action: &str,
+    user: &UserId,
+    details: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(user.as_str())
+    .bind(details)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+pub use sync::mark_for_sync;
 
 async fn insert_key(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,

@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -32,10 +33,13 @@ use super::schema::{
 };
 use super::user::{account_state, fill_days, view};
 use super::{ApiResult, Page, auth, json, ok, query, read_json};
+use crate::accounts::{self, Created, NewUser};
+use crate::billing::BillingError;
 use crate::body::{Body, BoxError};
-use crate::domain::{Credits, UserId};
+use crate::domain::{Credits, IdempotencyKey, UserId};
 use crate::error::ApiError;
 use crate::ledger::store;
+use crate::metering::{Grant, GrantOutcome};
 use crate::startup::AppState;
 
 /// Largest single grant: a typo of a few zeros must not mint a fortune.
@@ -279,23 +283,34 @@ fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError> {
     )
 )]
 async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
+    let idempotency_key = idempotency_key(&req)?;
     let body: CreateUserBody = read_json(req).await?;
     let name = check_name(&body.name)?;
     let email = check_email(body.email.as_deref())?;
     let id = body.id.as_deref().map(parse_user).transpose()?;
-    let (user, key) = state
-        .accounts
-        .create_user(id, name, email, &body.plan)
-        .await?;
-    audit(
-        state,
-        actor,
+    let fingerprint = fingerprint(&[
         "create_user",
-        Some(&user.id),
-        json!({"plan": user.plan.as_str(), "key_id": key.id}),
-    )
-    .await?;
-    json(
+        name,
+        email.unwrap_or(""),
+        &body.plan,
+        body.id.as_deref().unwrap_or(""),
+    ]);
+    let created = state
+        .accounts
+        .create_user(NewUser {
+            id,
+            name,
+            email,
+            plan: &body.plan,
+            actor,
+            idempotency: idempotency_key.as_ref().map(|k| (k, fingerprint.as_str())),
+        })
+        .await?;
+    let (user, api_key, key_id, replayed) = match created {
+        Created::New(user, key) => (user, Some(key.key.reveal().to_owned()), key.id, false),
+        Created::Replayed(user, key_id) => (user, None, key_id, true),
+    };
+    let mut response = json(
         StatusCode::CREATED,
         &CreatedUser {
             user: UserSummary {
@@ -303,12 +318,62 @@ async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> A
                 name: user.name,
                 email: user.email,
                 plan: user.plan.to_string(),
-                status: "active".into(),
+                status: if user.blocked { "blocked" } else { "active" }.into(),
             },
-            api_key: key.key.reveal().to_owned(),
-            key_id: key.id,
+            api_key,
+            key_id,
         },
-    )
+    )?;
+    if replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+/// The optional `Idempotency-Key` of an admin write.
+fn idempotency_key(req: &Request<Incoming>) -> Result<Option<IdempotencyKey>, ApiError> {
+    req.headers()
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| IdempotencyKey::parse(s.trim()).ok())
+                .ok_or_else(|| {
+                    ApiError::InvalidHeader(
+                        "Idempotency-Key must be 1 to 128 visible ASCII characters".into(),
+                    )
+                })
+        })
+        .transpose()
+}
+
+/// What makes two admin writes "the same" under one Idempotency-Key.
+fn fingerprint(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The Redis side of an admin change already committed to Postgres. If
+/// Redis does not confirm, the change still reaches it through the
+/// reconciler; the caller is told so, in admin words.
+async fn mirror(state: &AppState, user: &UserId) -> Result<(), ApiError> {
+    match state.billing.sync_account(user).await {
+        Ok(()) => Ok(()),
+        Err(BillingError::Meter(e)) => {
+            tracing::warn!(%user, error = %e, "admin change saved; Redis will get it from the reconciler");
+            Err(ApiError::RedisUnavailable(
+                "Redis did not answer: the change is saved and reaches every gateway within a second of Redis answering again; repeating this call is safe",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 type KeyRow = (
@@ -402,18 +467,8 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
     )
 )]
 async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
-    let key = state.accounts.create_key(id).await?;
-    // Redis learns the key now if it holds the account; otherwise the
-    // account is rebuilt with it on first use.
-    state.meter.add_key(id, &key.key.hash()).await?;
-    audit(
-        state,
-        actor,
-        "create_key",
-        Some(id),
-        json!({"key_id": key.id}),
-    )
-    .await?;
+    let key = state.accounts.create_key(id, actor).await?;
+    mirror(state, id).await?;
     json(
         StatusCode::CREATED,
         &NewKeyAnswer {
@@ -442,16 +497,8 @@ async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
 )]
 async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> ApiResult {
     let key_id = Uuid::parse_str(key).map_err(|_| invalid("key id is not a UUID"))?;
-    let hash = state.accounts.revoke_key(id, key_id).await?;
-    state.meter.remove_key(id, &hash).await?;
-    audit(
-        state,
-        actor,
-        "revoke_key",
-        Some(id),
-        json!({"key_id": key_id}),
-    )
-    .await?;
+    state.accounts.revoke_key(id, key_id, actor).await?;
+    mirror(state, id).await?;
     ok(&RevokedAnswer {
         revoked: true,
         key_id,
@@ -482,7 +529,8 @@ struct AccountChange<'a> {
 }
 
 /// Applies `update` to the users table and writes the change's ledger and
-/// audit rows, in one transaction. `false` when no user row matched.
+/// audit rows and its mark for Redis (see `accounts::sync`), in one
+/// transaction. `false` when no user row matched.
 async fn account_change(
     pool: &PgPool,
     update: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
@@ -509,15 +557,15 @@ async fn account_change(
     .bind(change.reason)
     .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
+    accounts::audit_in(
+        &mut tx,
+        change.actor,
+        change.kind,
+        change.user,
+        change.details,
     )
-    .bind(change.actor)
-    .bind(change.kind)
-    .bind(change.user.as_str())
-    .bind(change.details)
-    .execute(&mut *tx)
     .await?;
+    accounts::mark_for_sync(&mut tx, change.user).await?;
     tx.commit().await?;
     Ok(true)
 }
@@ -575,7 +623,7 @@ async fn change_plan(
     }
     // Modules and daily limit follow at once; the allowance of the current
     // period is kept, the new plan's allowance starts with the next period.
-    state.meter.set_plan(id, &plan.id).await?;
+    mirror(state, id).await?;
     ok(&PlanChanged {
         user_id: id.to_string(),
         plan: PlanView::from(plan),
@@ -662,8 +710,10 @@ async fn set_blocked(
         details: json!({"reason": reason}),
         day: state.calendar.now().local_date(),
     };
-    account_change(state.accounts.pool(), update, change).await?;
-    state.meter.set_blocked(id, blocked).await?;
+    if !account_change(state.accounts.pool(), update, change).await? {
+        return Err(ApiError::UnknownUser(id.to_string()));
+    }
+    mirror(state, id).await?;
     ok(&StatusAnswer {
         user_id: id.to_string(),
         status: if blocked { "blocked" } else { "active" }.into(),
@@ -685,6 +735,7 @@ async fn set_blocked(
     )
 )]
 async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
+    let idempotency_key = idempotency_key(&req)?;
     let body: GrantBody = read_json(req).await?;
     let id = parse_user(&body.user_id)?;
     if !(1..=MAX_GRANT).contains(&body.credits) {
@@ -698,16 +749,43 @@ async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResu
     if state.accounts.get_user(&id).await?.is_none() {
         return Err(ApiError::UnknownUser(id.to_string()));
     }
-    let (monthly, bonus) = state.billing.grant(&id, credits, &reason, actor).await?;
-    audit(
-        state,
-        actor,
-        "grant",
-        Some(&id),
-        json!({"credits": body.credits, "reason": reason}),
-    )
-    .await?;
-    ok(&GrantAnswer {
+    let fingerprint = fingerprint(&["grant", &body.credits.to_string(), &reason]);
+    let outcome = state
+        .billing
+        .grant(&Grant {
+            user: &id,
+            credits,
+            reason: &reason,
+            actor,
+            idempotency: idempotency_key.as_ref().map(|k| (k, fingerprint.as_str())),
+        })
+        .await
+        .map_err(|e| match e {
+            BillingError::Meter(e) => {
+                tracing::warn!(user = %id, error = %e, "grant not confirmed by Redis");
+                ApiError::RedisUnavailable(
+                    "Redis did not confirm the grant: it may or may not be applied; repeat the call with the same Idempotency-Key to apply it exactly once",
+                )
+            }
+            e => e.into(),
+        })?;
+    let (monthly, bonus, replayed) = match outcome {
+        GrantOutcome::Granted { monthly, bonus } => (monthly, bonus, false),
+        GrantOutcome::Repeat { monthly, bonus } => (monthly, bonus, true),
+        GrantOutcome::KeyReused => return Err(ApiError::AdminIdempotencyKeyReused),
+        GrantOutcome::OverLimit { bonus } => {
+            return Err(ApiError::BadRequest {
+                code: "bonus_limit",
+                message: format!(
+                    "granting {} would take the bonus from {bonus} past the maximum of {} credits",
+                    body.credits,
+                    Credits::MAX
+                ),
+            });
+        }
+        GrantOutcome::Missing => return Err(BillingError::RebuildFailed(id).into()),
+    };
+    let mut response = ok(&GrantAnswer {
         user_id: id.to_string(),
         granted: body.credits,
         credits: AdminCredits {
@@ -715,7 +793,14 @@ async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResu
             monthly_remaining: monthly,
             bonus,
         },
-    })
+    })?;
+    if replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
 }
 
 // ------------------------------------------------------------------ stats
@@ -1080,7 +1165,7 @@ async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, at, actor, action, user_id, details, count(*) OVER ()
          FROM admin_audit WHERE ($1::text IS NULL OR user_id = $1)
-         ORDER BY id DESC LIMIT $2 OFFSET $3",
+         ORDER BY at DESC, id DESC LIMIT $2 OFFSET $3",
     )
     .bind(user.as_ref().map(UserId::as_str))
     .bind(page.per_page)

@@ -243,8 +243,10 @@ pub struct UserSummary {
 #[derive(Serialize, ToSchema)]
 pub struct CreatedUser {
     pub user: UserSummary,
-    /// Shown once; only its hash is stored.
-    pub api_key: String,
+    /// Shown once; only its hash is stored. Absent when an Idempotency-Key
+    /// replays an earlier creation: mint another key for that user then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
     pub key_id: Uuid,
 }
 

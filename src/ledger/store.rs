@@ -70,7 +70,18 @@ async fn insert_events(
                 $11::text[], $12::text[], $13::text[], $14::date[], $15::timestamptz[],
                 $16::bigint[], $17::bigint[], $18::text[])
             ON CONFLICT (event_id) DO NOTHING
-            RETURNING user_id, local_day, module, kind, amount
+            RETURNING event_id, user_id, local_day, module, kind, amount, actor, reason,
+                request_id, occurred_at
+         ), audit AS (
+            -- A grant's audit row comes from its event, so it exists exactly
+            -- when the grant does, whatever the API saw of Postgres.
+            INSERT INTO admin_audit (at, actor, action, user_id, details, event_id)
+            SELECT occurred_at, actor, 'grant', user_id,
+                jsonb_strip_nulls(jsonb_build_object('credits', amount, 'reason', reason,
+                    'idempotency_key', request_id)),
+                event_id
+            FROM ins WHERE kind = 'grant'
+            ON CONFLICT (event_id) DO NOTHING
          ), agg AS (
             INSERT INTO usage_daily AS u (user_id, day, module, charged_credits, charges,
                 refunded_credits, refunds)

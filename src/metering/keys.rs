@@ -1,12 +1,14 @@
 //! The Redis key layout, all of it.
 //!
 //! ```text
-//! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked
+//! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked sv (admin sync version)
 //! {<prefix>:<shard>}:keys:<user>          set    sha256 hex of the user's live API keys
 //! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
 //!                                                (credits API request_id record + refund data, TTL 24 h)
 //! {<prefix>:<shard>}:idem:<user>:<key>    hash   proxy Idempotency-Key record: split (as above),
 //!                                                fp st lease rid ev status hdrs body (TTL 24 h)
+//! {<prefix>:<shard>}:grant:<user>:<key>   string "fingerprint|monthly|bonus": an admin grant's
+//!                                                Idempotency-Key (TTL 24 h)
 //! {<prefix>:<shard>}:rl:<user>:<minute>    string calls in that minute (per-plan rate limit, TTL 61 s)
 //! {<prefix>:<shard>}:events               stream usage events of every account in the shard
 //! ```
@@ -71,6 +73,16 @@ impl KeyLayout {
         )
     }
 
+    /// An admin grant's `Idempotency-Key`, scoped to the account granted.
+    pub fn grant_record(&self, user: &UserId, key: &IdempotencyKey) -> String {
+        format!(
+            "{}:grant:{}:{}",
+            self.tag(self.shard_of(user)),
+            user,
+            key.as_str()
+        )
+    }
+
     /// The account's call counter for one minute (`unix seconds / 60`).
     pub fn rate(&self, user: &UserId, minute: i64) -> String {
         format!("{}:rl:{}:{}", self.tag(self.shard_of(user)), user, minute)
@@ -128,6 +140,7 @@ mod tests {
                 keys.api_keys(&user),
                 keys.request(&user, &rid),
                 keys.idempotency(&user, &IdempotencyKey::parse("k").expect("key")),
+                keys.grant_record(&user, &IdempotencyKey::parse("k").expect("key")),
                 keys.rate(&user, 29_000_000),
                 keys.stream_of(&user),
             ];

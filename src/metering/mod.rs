@@ -33,8 +33,7 @@ static GRANT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../.
 static RESET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/reset.lua")));
 static COMPLETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("../../lua/complete.lua")));
-static UPDATE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/update_account.lua")));
+static SYNC: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../../lua/sync.lua")));
 
 #[derive(Debug, Error)]
 pub enum MeterError {
@@ -208,10 +207,54 @@ pub enum RefundOutcome {
     Missing,
 }
 
+/// One grant of bonus credits.
+pub struct Grant<'a> {
+    pub user: &'a UserId,
+    pub credits: Credits,
+    pub reason: &'a str,
+    pub actor: &'a str,
+    /// The caller's Idempotency-Key and the grant's fingerprint (amount and
+    /// reason): the same key applies the grant once.
+    pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrantOutcome {
-    Granted { monthly: i64, bonus: i64 },
+    Granted {
+        monthly: i64,
+        bonus: i64,
+    },
+    /// The key's grant was applied before; the balances it left.
+    Repeat {
+        monthly: i64,
+        bonus: i64,
+    },
+    /// The key was used for another grant (amount or reason).
+    KeyReused,
+    /// The bonus would pass [`Credits::MAX`]; nothing changed.
+    OverLimit {
+        bonus: i64,
+    },
     Missing,
+}
+
+/// What Postgres says about an account's access, at one version (see
+/// sync.lua).
+pub struct SyncState {
+    pub user: UserId,
+    pub version: i64,
+    pub plan: PlanId,
+    pub blocked: bool,
+    pub key_hashes: Vec<KeyHash>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    Applied,
+    /// Redis already holds this version or a newer one.
+    AlreadyNewer,
+    /// The account is not in Redis; it is seeded from Postgres when used.
+    NotInRedis,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -470,26 +513,35 @@ impl Meter {
         Ok(stored == 1)
     }
 
-    /// Adds bonus credits: grant.lua. `credits` is bounded by the caller.
-    pub async fn grant(
-        &self,
-        user: &UserId,
-        credits: Credits,
-        reason: &str,
-        actor: &str,
-        now: &Stamp,
-    ) -> Result<GrantOutcome, MeterError> {
+    /// Adds bonus credits (grant.lua), once per Idempotency-Key and never
+    /// taking the bonus past [`Credits::MAX`]. `credits` is bounded by the
+    /// caller.
+    pub async fn grant(&self, grant: &Grant<'_>, now: &Stamp) -> Result<GrantOutcome, MeterError> {
         let mut con = self.redis.clone();
+        let (record, key, fingerprint) = match grant.idempotency {
+            Some((key, fingerprint)) => (
+                self.keys.grant_record(grant.user, key),
+                key.as_str(),
+                fingerprint,
+            ),
+            // Declared all the same: a script names every key it may touch.
+            None => (self.keys.account(grant.user), "", ""),
+        };
         let mut inv = GRANT.prepare_invoke();
-        inv.key(self.keys.account(user))
-            .key(self.keys.stream_of(user))
-            .arg(credits.get())
+        inv.key(self.keys.account(grant.user))
+            .key(self.keys.stream_of(grant.user))
+            .key(record)
+            .arg(grant.credits.get())
             .arg(now.now_ms())
             .arg(uuid::Uuid::now_v7().to_string())
-            .arg(user.as_str())
-            .arg(actor)
-            .arg(reason)
-            .arg(&now.day);
+            .arg(grant.user.as_str())
+            .arg(grant.actor)
+            .arg(grant.reason)
+            .arg(&now.day)
+            .arg(Credits::MAX)
+            .arg(key)
+            .arg(fingerprint)
+            .arg(self.idempotency_ttl_secs);
         let reply: Value = self.run("grant", inv.invoke_async(&mut con)).await?;
         let r = Reply::parse("grant.lua", reply)?;
         Ok(match r.status.as_str() {
@@ -497,6 +549,12 @@ impl Meter {
                 monthly: r.int(0)?,
                 bonus: r.int(1)?,
             },
+            "repeat" => GrantOutcome::Repeat {
+                monthly: r.int(0)?,
+                bonus: r.int(1)?,
+            },
+            "key_reused" => GrantOutcome::KeyReused,
+            "over_limit" => GrantOutcome::OverLimit { bonus: r.int(0)? },
             "missing" => GrantOutcome::Missing,
             other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
         })
@@ -588,42 +646,31 @@ impl Meter {
         Ok(created == 1)
     }
 
-    /// Block or unblock at once on every instance: the flag lives in the
-    /// account hash that every charge reads.
-    pub async fn set_blocked(&self, user: &UserId, blocked: bool) -> Result<bool, MeterError> {
-        self.update(user, &[("blocked", if blocked { "1" } else { "0" })])
-            .await
-    }
-
-    pub async fn set_plan(&self, user: &UserId, plan: &PlanId) -> Result<bool, MeterError> {
-        self.update(user, &[("plan", plan.as_str())]).await
-    }
-
-    async fn update(&self, user: &UserId, fields: &[(&str, &str)]) -> Result<bool, MeterError> {
+    /// Mirrors an admin change committed to Postgres (sync.lua): plan,
+    /// block and the live key set, all at once, unless Redis already holds
+    /// a newer version. Effective on every instance with the next charge.
+    pub async fn sync(&self, state: &SyncState) -> Result<SyncOutcome, MeterError> {
         let mut con = self.redis.clone();
-        let mut inv = UPDATE.prepare_invoke();
-        inv.key(self.keys.account(user));
-        for (f, v) in fields {
-            inv.arg(*f).arg(*v);
+        let mut inv = SYNC.prepare_invoke();
+        inv.key(self.keys.account(&state.user))
+            .key(self.keys.api_keys(&state.user))
+            .arg(state.version)
+            .arg(state.plan.as_str())
+            .arg(if state.blocked { "1" } else { "0" });
+        for h in &state.key_hashes {
+            inv.arg(h.as_str());
         }
-        let updated: i64 = self.run("update", inv.invoke_async(&mut con)).await?;
-        Ok(updated == 1)
+        let applied: i64 = self.run("sync", inv.invoke_async(&mut con)).await?;
+        Ok(match applied {
+            1 => SyncOutcome::Applied,
+            0 => SyncOutcome::AlreadyNewer,
+            _ => SyncOutcome::NotInRedis,
+        })
     }
 
     pub async fn add_key(&self, user: &UserId, hash: &KeyHash) -> Result<(), MeterError> {
         let mut con = self.redis.clone();
         let mut cmd = redis::cmd("SADD");
-        cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
-        self.run("keys", cmd.query_async::<i64>(&mut con))
-            .await
-            .map(|_| ())
-    }
-
-    /// Revocation: the key leaves the set charge.lua checks, so the next
-    /// request with it fails on every instance, whatever their caches hold.
-    pub async fn remove_key(&self, user: &UserId, hash: &KeyHash) -> Result<(), MeterError> {
-        let mut con = self.redis.clone();
-        let mut cmd = redis::cmd("SREM");
         cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
         self.run("keys", cmd.query_async::<i64>(&mut con))
             .await

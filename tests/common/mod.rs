@@ -653,12 +653,22 @@ impl TestApp {
     }
 
     pub async fn create_user(&self, plan: &str) -> Account {
-        let (user, key) = self
+        let created = self
             .state
             .accounts
-            .create_user(None, "Test User", None, plan)
+            .create_user(creditgate::accounts::NewUser {
+                id: None,
+                name: "Test User",
+                email: None,
+                plan,
+                actor: "test",
+                idempotency: None,
+            })
             .await
             .expect("create user");
+        let creditgate::accounts::Created::New(user, key) = created else {
+            panic!("a replay without an idempotency key");
+        };
         Account {
             id: user.id,
             key: key.key.reveal().to_owned(),

@@ -1,0 +1,85 @@
+//! The outbox between Postgres and Redis for admin changes (plan, block,
+//! keys): each change marks its account in `account_sync`, in its own
+//! transaction; the mark is cleared once Redis has applied that version.
+//! Whatever Redis missed (down, paused, slow) the reconciler applies later.
+
+use crate::domain::{KeyHash, PlanId, UserId};
+use crate::metering::SyncState;
+
+use super::{AccountError, Accounts};
+
+/// Marks `user` for a Redis update, inside the change's transaction. A
+/// newer change takes a newer version.
+pub async fn mark_for_sync(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    user: &UserId,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO account_sync (user_id) VALUES ($1)
+         ON CONFLICT (user_id) DO UPDATE
+         SET version = nextval('account_sync_version'), requested_at = now()",
+    )
+    .bind(user.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Accounts {
+    /// The state Redis must mirror for `user` and its version, read in one
+    /// statement (one snapshot); `None` when nothing is pending.
+    pub async fn sync_state(&self, user: &UserId) -> Result<Option<SyncState>, AccountError> {
+        let row: Option<(i64, String, String, Vec<String>)> = sqlx::query_as(
+            "SELECT s.version, u.plan, u.status,
+                    ARRAY(SELECT key_hash FROM api_keys
+                          WHERE user_id = u.id AND revoked_at IS NULL ORDER BY key_hash)
+             FROM account_sync s JOIN users u ON u.id = s.user_id
+             WHERE s.user_id = $1",
+        )
+        .bind(user.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|(version, plan, status, keys)| {
+            Ok(SyncState {
+                user: user.clone(),
+                version,
+                plan: PlanId::parse(&plan).map_err(|e| AccountError::Corrupt(e.to_string()))?,
+                blocked: status == "blocked",
+                key_hashes: keys.into_iter().map(KeyHash::from_stored).collect(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Clears the mark if it is still at `version` (a newer change keeps it).
+    pub async fn sync_done(&self, user: &UserId, version: i64) -> Result<(), AccountError> {
+        sqlx::query("DELETE FROM account_sync WHERE user_id = $1 AND version = $2")
+            .bind(user.as_str())
+            .bind(version)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Accounts with a pending mark, oldest first.
+    pub async fn pending_syncs(&self, limit: i64) -> Result<Vec<UserId>, AccountError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT user_id FROM account_sync ORDER BY requested_at LIMIT $1")
+                .bind(limit)
+                .fetch_all(self.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(id,)| UserId::parse(&id).map_err(|e| AccountError::Corrupt(e.to_string())))
+            .collect()
+    }
+
+    /// Forgets admin Idempotency-Keys older than their 24 h window.
+    pub async fn expire_idempotency(&self) -> Result<u64, AccountError> {
+        let done = sqlx::query(
+            "DELETE FROM admin_idempotency WHERE created_at < now() - interval '24 hours'",
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
