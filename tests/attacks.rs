@@ -455,3 +455,37 @@ async fn csv_cells_cannot_become_formulas_or_split_in_french_excel() {
     assert!(usage.contains(",'=cmd|calc!A0,"), "{usage}");
     assert!(!usage.contains(",=cmd"), "{usage}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_that_accepts_but_never_answers_is_a_503_within_the_budget_and_recovers() {
+    let app = TestApp::builder().redis_via_chaos().start().await; // budget 300 ms
+    let chaos = app.redis_chaos.clone().expect("chaos proxy");
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    chaos.stall();
+    for _ in 0..10 {
+        let started = std::time::Instant::now();
+        let r = app.call(&user.key, "/rag/q").await;
+        let elapsed = started.elapsed();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key("retry-after"));
+        assert_eq!(error_code(r).await, "metering_unavailable");
+        assert!(
+            elapsed < Duration::from_millis(900),
+            "answered after {elapsed:?}, past the 300 ms budget"
+        );
+    }
+    assert_eq!(
+        app.upstream.hits(),
+        1,
+        "nothing forwarded while Redis hangs"
+    );
+    chaos.restore_networking();
+    wait_until(
+        "service without a restart",
+        Duration::from_secs(5),
+        || async { app.call(&user.key, "/rag/q").await.status() == 200 },
+    )
+    .await;
+    assert_eq!(app.balance(&user.id).await.0, 98);
+}

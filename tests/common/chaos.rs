@@ -1,43 +1,80 @@
 //! A TCP proxy between the gateway and a dependency, to cut the network
 //! without stopping the shared server (the ChaosProxy pattern of the Rust
-//! registry's own test suite).
+//! registry's own test suite), or to make the dependency hang: connections
+//! accepted, bytes read, nothing ever answered.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncReadExt, copy_bidirectional};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Pass,
+    /// Connections refused, live ones cut.
+    Broken,
+    /// Connections accepted and read, never answered (a hung server).
+    Stalled,
+}
+
 pub struct ChaosProxy {
     pub addr: SocketAddr,
-    broken: watch::Sender<bool>,
+    mode: watch::Sender<Mode>,
+}
+
+/// Reads and discards until the peer leaves or the mode changes.
+async fn swallow(mut client: TcpStream, mut mode: watch::Receiver<Mode>) {
+    let mut sink = [0u8; 4096];
+    loop {
+        tokio::select! {
+            read = client.read(&mut sink) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+            _ = mode.wait_for(|m| *m != Mode::Stalled) => return,
+        }
+    }
 }
 
 impl ChaosProxy {
     pub async fn start(target: SocketAddr) -> Arc<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (broken, _) = watch::channel(false);
-        let proxy = Arc::new(Self { addr, broken });
-        let state = proxy.broken.clone();
+        let (mode, _) = watch::channel(Mode::Pass);
+        let proxy = Arc::new(Self { addr, mode });
+        let state = proxy.mode.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
                     continue;
                 };
-                if *state.borrow() {
-                    drop(client); // refused while broken
-                    continue;
+                let current = *state.borrow();
+                match current {
+                    Mode::Broken => {
+                        drop(client); // refused while broken
+                        continue;
+                    }
+                    Mode::Stalled => {
+                        tokio::spawn(swallow(client, state.subscribe()));
+                        continue;
+                    }
+                    Mode::Pass => {}
                 }
                 let mut rx = state.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => {}
-                        _ = rx.wait_for(|b| *b) => {} // cut live connections too
+                    let changed = tokio::select! {
+                        _ = copy_bidirectional(&mut client, &mut server) => None,
+                        m = rx.wait_for(|m| *m != Mode::Pass) => m.ok().map(|m| *m),
+                    };
+                    // A live connection goes silent too when stalled.
+                    if changed == Some(Mode::Stalled) {
+                        drop(server);
+                        swallow(client, rx).await;
                     }
                 });
             }
@@ -46,10 +83,17 @@ impl ChaosProxy {
     }
 
     pub fn break_networking(&self) {
-        self.broken.send_replace(true);
+        self.mode.send_replace(Mode::Broken);
     }
 
+    /// The dependency hangs: it accepts connections and reads requests but
+    /// never answers, like a server stuck in a long command or swapping.
+    pub fn stall(&self) {
+        self.mode.send_replace(Mode::Stalled);
+    }
+
+    /// Back to normal; connections held while stalled are closed.
     pub fn restore_networking(&self) {
-        self.broken.send_replace(false);
+        self.mode.send_replace(Mode::Pass);
     }
 }

@@ -552,6 +552,8 @@ pub struct TestApp {
     /// The configuration the gateway runs with, addresses filled in.
     pub config: String,
     pub addr: SocketAddr,
+    /// Between the gateway and Redis, when built with `redis_via_chaos`.
+    pub redis_chaos: Option<Arc<chaos::ChaosProxy>>,
     pub state: Arc<AppState>,
     pub client: reqwest::Client,
     pub upstream: Upstream,
@@ -565,6 +567,7 @@ pub struct TestAppBuilder {
     config: String,
     env: Vec<(String, String)>,
     database_via: Option<SocketAddr>,
+    redis_via_chaos: bool,
 }
 
 impl TestAppBuilder {
@@ -580,6 +583,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Reach the test's Redis through a chaos proxy ([`TestApp::redis_chaos`]).
+    pub fn redis_via_chaos(mut self) -> Self {
+        self.redis_via_chaos = true;
+        self
+    }
+
     pub async fn start(self) -> TestApp {
         init_logs();
         let (redis, db, upstream) = (
@@ -588,6 +597,16 @@ impl TestAppBuilder {
             Upstream::start().await,
         );
         let dead = format!("http://127.0.0.1:{}", free_port());
+        let redis_chaos = if self.redis_via_chaos {
+            let target: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().expect("addr");
+            Some(chaos::ChaosProxy::start(target).await)
+        } else {
+            None
+        };
+        let redis_url = match &redis_chaos {
+            Some(c) => format!("redis://{}", c.addr),
+            None => redis.url(),
+        };
         let db_url = match self.database_via {
             Some(addr) => db.url.replace("127.0.0.1:5432", &addr.to_string()),
             None => db.url.clone(),
@@ -596,7 +615,7 @@ impl TestAppBuilder {
             .config
             .replace("{UP}", &upstream.url())
             .replace("{DEAD}", &dead)
-            .replace("{REDIS}", &redis.url())
+            .replace("{REDIS}", &redis_url)
             .replace("{DB}", &db_url);
         let settings = Settings::from_toml(&text, "test config", self.env).expect("test config");
         let app = Application::build(settings).await.expect("build app");
@@ -618,6 +637,7 @@ impl TestAppBuilder {
         TestApp {
             config: text,
             addr,
+            redis_chaos,
             state,
             client,
             upstream,
@@ -641,6 +661,7 @@ impl TestApp {
             config: TEST_CONFIG.to_owned(),
             env: Vec::new(),
             database_via: None,
+            redis_via_chaos: false,
         }
     }
 
