@@ -1,5 +1,7 @@
 # Multi-stage build: compile with the Rust toolchain, run on a slim Debian
-# as a non-root user. The binary embeds its migrations and Lua scripts.
+# as a non-root user. The binary embeds its migrations, Lua scripts and
+# panels: every directory an include_str!/include_bytes!/sqlx::migrate!
+# reads must be copied here (tests/operations.rs checks it).
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -7,6 +9,8 @@ COPY src src
 COPY lua lua
 COPY migrations migrations
 COPY config config
+COPY web/billing web/billing
+COPY web/vendor web/vendor
 RUN cargo build --release --locked --bin creditgate
 
 FROM debian:bookworm-slim

@@ -514,6 +514,8 @@ fn the_compose_file_validates_where_docker_compose_exists() {
         std::fs::read_to_string(format!("{root}/docker-compose.yml")).expect("compose file");
     for service in [
         "creditgate:",
+        "cron:",
+        "creditgate reset-monthly",
         "redis:",
         "postgres:",
         "prometheus:",
@@ -545,4 +547,97 @@ fn the_compose_file_validates_where_docker_compose_exists() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Paths the build reads at compile time (`include_str!`, `include_bytes!`,
+/// `sqlx::migrate!`), relative to the repository.
+fn embedded_paths(root: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("src dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("source");
+            for (marker, relative_to_file) in [
+                ("include_str!(\"", true),
+                ("include_bytes!(\"", true),
+                ("sqlx::migrate!(\"", false),
+            ] {
+                for piece in text.split(marker).skip(1) {
+                    let Some(arg) = piece.split('"').next() else {
+                        continue;
+                    };
+                    let base = if relative_to_file {
+                        path.parent().expect("parent").to_path_buf()
+                    } else {
+                        root.to_path_buf()
+                    };
+                    let full = base.join(arg);
+                    let mut parts: Vec<String> = Vec::new();
+                    for c in full.strip_prefix(root).expect("inside the repo").components() {
+                        match c {
+                            std::path::Component::ParentDir => {
+                                parts.pop();
+                            }
+                            std::path::Component::Normal(p) => {
+                                parts.push(p.to_string_lossy().into_owned())
+                            }
+                            _ => {}
+                        }
+                    }
+                    found.push(parts.join("/"));
+                }
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[test]
+fn the_docker_build_copies_every_file_the_build_embeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    let build_stage = dockerfile
+        .split("\nFROM ")
+        .find(|stage| stage.contains("cargo build"))
+        .expect("a build stage");
+    let copied: Vec<&str> = build_stage
+        .lines()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .filter(|l| !l.starts_with("--from"))
+        .flat_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            words[..words.len().saturating_sub(1)].to_vec()
+        })
+        .collect();
+    let ignored: Vec<String> = std::fs::read_to_string(root.join(".dockerignore"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_end_matches('/').to_owned())
+        .collect();
+    let under = |path: &str, dir: &str| path == dir || path.starts_with(&format!("{dir}/"));
+    let embedded = embedded_paths(root);
+    assert!(
+        embedded.iter().any(|p| p.starts_with("web/")) && embedded.contains(&"migrations".into()),
+        "the scan found the panels and migrations: {embedded:?}"
+    );
+    for path in &embedded {
+        assert!(root.join(path).exists(), "{path} does not exist");
+        assert!(
+            copied.iter().any(|c| under(path, c.trim_end_matches('/'))),
+            "{path} is embedded at build time but the Dockerfile does not COPY it"
+        );
+        assert!(
+            !ignored.iter().any(|i| under(path, i)),
+            "{path} is embedded at build time but .dockerignore leaves it out"
+        );
+    }
 }
