@@ -309,6 +309,7 @@ impl From<AccountError> for ApiError {
                 message: e.to_string(),
             },
             AccountError::IdempotencyKeyReused => Self::AdminIdempotencyKeyReused,
+            AccountError::LookupsSaturated => Self::Overloaded,
             AccountError::UserExists(_) => Self::BadRequest {
                 code: "user_exists",
                 message: e.to_string(),

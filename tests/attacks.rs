@@ -489,3 +489,59 @@ async fn a_redis_that_accepts_but_never_answers_is_a_503_within_the_budget_and_r
     .await;
     assert_eq!(app.balance(&user.id).await.0, 98);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_unknown_keys_holds_at_most_half_the_database_pool() {
+    let chaos = common::chaos::ChaosProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
+    let app = TestApp::builder().database_via(chaos.addr).start().await; // pool of 10
+    // Postgres hangs: every lookup that gets a turn waits; the others must
+    // be shed quickly instead of queueing behind them.
+    chaos.stall();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (c, url) = (app.client.clone(), app.url("/rag/q"));
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let r = c
+                    .get(url)
+                    .bearer_auth(format!("cg_{i:048x}"))
+                    .send()
+                    .await
+                    .expect("send");
+                (r.status().as_u16(), started.elapsed())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task"));
+    }
+    chaos.restore_networking();
+    let shed: Vec<_> = answers
+        .iter()
+        .filter(|(_, elapsed)| *elapsed < Duration::from_millis(1500))
+        .collect();
+    assert_eq!(
+        shed.len(),
+        45,
+        "5 lookups at once, the rest shed: {answers:?}"
+    );
+    assert!(shed.iter().all(|(status, _)| *status == 503));
+    assert!(
+        answers.iter().all(|(status, _)| *status == 503),
+        "{answers:?}"
+    );
+    assert_eq!(
+        metric(&app, "creditgate_key_lookups_total{result=\"shed\"}").await,
+        45.0
+    );
+    // Once Postgres answers, unknown keys are plain 401s, counted.
+    wait_until("Postgres back", Duration::from_secs(10), || async {
+        app.call(&format!("cg_{:048x}", 999), "/rag/q")
+            .await
+            .status()
+            == 401
+    })
+    .await;
+    assert!(metric(&app, "creditgate_key_lookups_total{result=\"unknown\"}").await >= 1.0);
+}

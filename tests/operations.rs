@@ -578,7 +578,11 @@ fn embedded_paths(root: &std::path::Path) -> Vec<String> {
                     };
                     let full = base.join(arg);
                     let mut parts: Vec<String> = Vec::new();
-                    for c in full.strip_prefix(root).expect("inside the repo").components() {
+                    for c in full
+                        .strip_prefix(root)
+                        .expect("inside the repo")
+                        .components()
+                    {
                         match c {
                             std::path::Component::ParentDir => {
                                 parts.pop();

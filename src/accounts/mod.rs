@@ -40,6 +40,10 @@ pub enum AccountError {
     /// An admin Idempotency-Key first used for a different request.
     #[error("this Idempotency-Key was used for another request")]
     IdempotencyKeyReused,
+    /// Too many key lookups already wait for Postgres (a flood of unknown
+    /// keys): this one is shed rather than queued.
+    #[error("too many API key lookups in progress")]
+    LookupsSaturated,
     /// A stored row that our own writes could not have produced.
     #[error("corrupt account row: {0}")]
     Corrupt(String),
@@ -86,7 +90,15 @@ pub struct Accounts {
     pool: PgPool,
     catalog: Arc<Catalog>,
     cache: Arc<KeyCache>,
+    /// Key lookups that may use Postgres at once: half the pool, so a flood
+    /// of unknown keys can never take the connections the flusher and the
+    /// APIs need. A semaphore, because waiters queue fairly and a waiter
+    /// can give up after [`KEY_LOOKUP_WAIT`].
+    lookups: Arc<tokio::sync::Semaphore>,
 }
+
+/// How long a key lookup waits for its turn before it is shed (503).
+const KEY_LOOKUP_WAIT: Duration = Duration::from_millis(250);
 
 /// Connects lazily, like the meter: the gateway starts while Postgres is
 /// down and `/readyz` says so.
@@ -105,10 +117,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 impl Accounts {
     pub fn new(pool: PgPool, catalog: Arc<Catalog>) -> Self {
+        let lookups = (pool.options().get_max_connections() / 2).max(1) as usize;
         Self {
             pool,
             catalog,
             cache: Arc::new(KeyCache::new(100_000, Duration::from_secs(1))),
+            lookups: Arc::new(tokio::sync::Semaphore::new(lookups)),
         }
     }
 
@@ -314,13 +328,25 @@ impl Accounts {
     }
 
     async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
-        let row: Option<(String,)> = sqlx::query_as(
+        let Ok(Ok(_permit)) = tokio::time::timeout(KEY_LOOKUP_WAIT, self.lookups.acquire()).await
+        else {
+            crate::telemetry::metrics::key_lookup("shed");
+            return Err(AccountError::LookupsSaturated);
+        };
+        // A hung database must not hold the request (nor the permit) for
+        // good: the pool's acquire timeout bounds the whole lookup.
+        let deadline = self.pool.options().get_acquire_timeout();
+        let query = sqlx::query_as::<_, (String,)>(
             "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         )
         .bind(hash.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.and_then(|(id,)| UserId::parse(&id).ok()))
+        .fetch_optional(&self.pool);
+        let row = tokio::time::timeout(deadline, query)
+            .await
+            .map_err(|_| AccountError::Database(sqlx::Error::PoolTimedOut))??;
+        let user = row.and_then(|(id,)| UserId::parse(&id).ok());
+        crate::telemetry::metrics::key_lookup(if user.is_some() { "found" } else { "unknown" });
+        Ok(user)
     }
 
     pub async fn get_user(&self, id: &UserId) -> Result<Option<User>, AccountError> {

@@ -27,10 +27,11 @@ pub const LEDGER_LAG: &str = "creditgate_ledger_lag_seconds";
 pub const LEDGER_FLUSHED: &str = "creditgate_ledger_flushed_events_total";
 pub const LEDGER_DUPLICATES: &str = "creditgate_ledger_duplicate_events_total";
 pub const LEDGER_BATCH_SIZE: &str = "creditgate_ledger_flush_batch_size";
+pub const KEY_LOOKUPS: &str = "creditgate_key_lookups_total";
 
 /// Every metric name, for tests that check dashboards and alerts only use
 /// what is exported.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -47,6 +48,7 @@ pub const ALL: [&str; 16] = [
     LEDGER_FLUSHED,
     LEDGER_DUPLICATES,
     LEDGER_BATCH_SIZE,
+    KEY_LOOKUPS,
 ];
 
 /// Latency buckets: sub-millisecond (Redis scripts) to a minute (slow
@@ -141,6 +143,10 @@ fn describe() {
         "Redelivered usage events the ledger already had"
     );
     describe_histogram!(LEDGER_BATCH_SIZE, "Usage events per flushed batch");
+    describe_counter!(
+        KEY_LOOKUPS,
+        "API keys looked up in Postgres (cache misses), by result: found, unknown, or shed when too many lookups were already waiting"
+    );
 }
 
 /// Histogram maintenance the exporter needs periodically.
@@ -219,6 +225,11 @@ impl Drop for UpstreamInFlight {
     fn drop(&mut self) {
         gauge!(UPSTREAM_IN_FLIGHT).decrement(1.0);
     }
+}
+
+/// One API key looked up in Postgres: "found", "unknown" or "shed".
+pub fn key_lookup(result: &'static str) {
+    counter!(KEY_LOOKUPS, "result" => result).increment(1);
 }
 
 pub fn upstream_connections(module: &str, delta: f64) {
