@@ -49,7 +49,7 @@ nginx -c "$WORK/proxy.conf"
 
 export CREDITGATE_CONFIG=config/creditgate.toml
 export CREDITGATE_SERVER__LISTEN=$GATEWAY
-export CREDITGATE_DATABASE__URL=postgres://postgres@127.0.0.1:5432/creditgate_bench
+export CREDITGATE_DATABASE__URL=postgres://postgres@127.0.0.1:5432/${BENCH_DB:-creditgate_bench}
 export CREDITGATE_REDIS__KEY_PREFIX=bench
 export CREDITGATE_LOG__LEVEL=warn
 export CREDITGATE_AUTH__ADMIN_KEYS='[{ name = "bench", key = "bench-admin-key-123" }]'

@@ -73,43 +73,55 @@ pub fn prepare_upstream_headers(
     let ip = peer.ip().to_canonical();
     let ip_text = ip.to_string();
     let host = headers.remove(header::HOST);
-    let host_text = host
+    // RFC 7239: IPv6 nodes and host:port values are quoted strings.
+    let mut element = String::with_capacity(64);
+    match ip {
+        std::net::IpAddr::V4(_) => element.push_str("for="),
+        std::net::IpAddr::V6(_) => element.push_str("for=\"["),
+    }
+    element.push_str(&ip_text);
+    if ip.is_ipv6() {
+        element.push_str("]\"");
+    }
+    element.push_str(";proto=http");
+    if let Some(h) = host
         .as_ref()
         .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
+        .filter(|h| !h.contains('"'))
+    {
+        element.push_str(";host=\"");
+        element.push_str(h);
+        element.push('"');
+    }
+    let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {element}")),
+        None => HeaderValue::from_str(&element),
+    };
+    if let Ok(v) = forwarded {
+        headers.insert("forwarded", v);
+    }
     if let Some(host) = host.filter(|_| !headers.contains_key("x-forwarded-host")) {
         headers.insert("x-forwarded-host", host);
     }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip_text}"),
-        None => ip_text.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+    // One value, shared (a cheap clone) by X-Forwarded-For and X-Real-IP;
+    // an IP address is always a valid header value.
+    if let Ok(ip_value) = HeaderValue::from_str(&ip_text) {
+        match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prior) => {
+                if let Ok(v) = HeaderValue::from_str(&format!("{prior}, {ip_text}")) {
+                    headers.insert("x-forwarded-for", v);
+                }
+            }
+            None => {
+                headers.insert("x-forwarded-for", ip_value.clone());
+            }
+        }
+        if !headers.contains_key("x-real-ip") {
+            headers.insert("x-real-ip", ip_value);
+        }
     }
     if !headers.contains_key("x-forwarded-proto") {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key("x-real-ip")
-        && let Ok(v) = HeaderValue::from_str(&ip_text)
-    {
-        headers.insert("x-real-ip", v);
-    }
-    // RFC 7239: IPv6 nodes and host:port values are quoted strings.
-    let node = match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto=http");
-    if let Some(host) = host_text.filter(|h| !h.contains('"')) {
-        element.push_str(&format!(";host=\"{host}\""));
-    }
-    let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {element}"),
-        None => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert("forwarded", v);
     }
     // Ids and plan ids are validated to visible ASCII, so these cannot fail.
     if let Ok(v) = HeaderValue::from_str(user) {
