@@ -43,6 +43,9 @@
 -- ARGV[19] request fingerprint (mode "2"): hash of method, module, path, query
 -- ARGV[20] lease end, unix ms (mode "2"): until then a pending first call is
 --          "in progress"; after it, the gateway that owned it is presumed dead
+-- ARGV[21] deadline on Redis's own clock, unix ms ("0": none): past it the
+--          gateway has already answered 503 "nothing was charged", so a
+--          script that only runs now (Redis paused, stalled, slow) must not
 --
 -- Returns (integers unless noted):
 --   {"ok", charged, monthly, bonus, day_used, daily_limit, from_monthly, from_bonus, plan, auto_blocked}
@@ -54,6 +57,7 @@
 --   {"not_replayable", rid}     mode "2": completed, but its response was too long
 --                               to keep (or never finished streaming)
 --   {"missing"}                 account not in Redis: rebuild from Postgres, then retry
+--   {"expired"}                 ran after ARGV[21]: nothing written
 --   {"unknown_key"}             key revoked (not in the key set)
 --   {"blocked"}
 --   {"not_in_plan"}             also when the account's plan left the configuration
@@ -65,6 +69,13 @@
 
 local acct = KEYS[1]
 local check_only = ARGV[16] == 'check'
+
+if ARGV[21] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[21]) then
+    return {'expired'}
+  end
+end
 
 if redis.call('EXISTS', acct) == 0 then
   return {'missing'}

@@ -157,6 +157,7 @@ impl Application {
             }));
         }
         background.push(tokio::spawn(reconcile(self.state.billing.clone())));
+        background.push(tokio::spawn(calibrate(self.state.meter.clone())));
         if let Some(addr) = self.settings.metrics_listen {
             let listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "metrics listening");
@@ -272,6 +273,21 @@ async fn reconcile(billing: Billing) {
         if rounds.is_multiple_of(240) {
             let _ = billing.accounts.expire_idempotency().await;
         }
+    }
+}
+
+/// Keeps the Redis clock offset fresh for charge deadlines: at once (then
+/// every second until Redis answers), and every 30 s after that.
+async fn calibrate(meter: Meter) {
+    loop {
+        let wait = match meter.calibrate().await {
+            Ok(offset) => {
+                tracing::debug!(offset_ms = offset, "redis clock compared");
+                std::time::Duration::from_secs(30)
+            }
+            Err(_) => std::time::Duration::from_secs(1),
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

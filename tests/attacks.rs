@@ -545,3 +545,43 @@ async fn a_flood_of_unknown_keys_holds_at_most_half_the_database_pool() {
     .await;
     assert!(metric(&app, "creditgate_key_lookups_total{result=\"unknown\"}").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_charge_redis_runs_after_the_gateway_gave_up_on_it_is_not_applied() {
+    let app = TestApp::spawn().await; // budget 300 ms
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    // Redis holds every write for 1.5 s: the gateway gives up after 300 ms
+    // and answers "nothing was charged"; the scripts it sent still wait in
+    // Redis and would run when the pause ends.
+    let mut con = app.redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query_async(&mut con)
+        .await
+        .expect("CLIENT PAUSE");
+    for _ in 0..3 {
+        let r = app.call(&user.key, "/rag/q").await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(error_code(r).await, "metering_unavailable");
+    }
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    wait_until(
+        "service after the pause",
+        Duration::from_secs(5),
+        || async { app.call(&user.key, "/rag/q").await.status() == 200 },
+    )
+    .await;
+    // Two calls served: exactly two charges, whatever Redis ran late.
+    assert_eq!(app.upstream.hits(), 2);
+    assert_eq!(app.balance(&user.id).await, (98, 0, 2));
+    let charges = app
+        .events(&user.id)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k == "charge")
+        .count();
+    assert_eq!(charges, 2);
+}

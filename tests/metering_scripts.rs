@@ -604,3 +604,15 @@ async fn a_pending_key_past_its_lease_or_unreplayable_is_refused_and_a_refund_fr
     ));
     assert_eq!(h.hash(&user).await.0, 98);
 }
+
+#[tokio::test]
+async fn the_redis_clock_offset_is_measured() {
+    let h = Harness::new().await;
+    // Same host: the clocks agree to within the round trip.
+    let offset = h.meter.calibrate().await.expect("TIME");
+    assert!(offset.abs() < 1000, "offset {offset} ms");
+    // Charges still go through with a deadline attached.
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("ivy", "free", 100, 0, &now).await;
+    assert!(charged(&h.charge(&user, "rag", &now, None, Mode::Charge).await).is_some());
+}

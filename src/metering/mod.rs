@@ -9,6 +9,7 @@
 pub mod calendar;
 pub mod keys;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub enum MeterError {
     Unavailable(#[source] redis::RedisError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// charge.lua ran past its deadline and wrote nothing.
+    #[error("the charge reached Redis after its deadline")]
+    Expired,
     #[error("unexpected reply from {script}: {detail}")]
     Protocol {
         script: &'static str,
@@ -306,7 +310,13 @@ pub struct Meter {
     timeout: Duration,
     idempotency_ttl_secs: u64,
     auto_block_exhausted: bool,
+    /// Redis's clock minus ours, in ms ([`UNCALIBRATED`] until measured):
+    /// a charge carries its deadline on Redis's clock (see charge.lua).
+    clock_offset_ms: Arc<AtomicI64>,
 }
+
+/// No offset measured yet: charges go without a deadline.
+const UNCALIBRATED: i64 = i64::MIN;
 
 impl Meter {
     /// Builds the meter without connecting: the gateway starts (and answers
@@ -341,6 +351,7 @@ impl Meter {
             timeout,
             idempotency_ttl_secs: metering.idempotency_ttl_secs.max(1),
             auto_block_exhausted: metering.auto_block_exhausted,
+            clock_offset_ms: Arc::new(AtomicI64::new(UNCALIBRATED)),
         })
     }
 
@@ -374,6 +385,34 @@ impl Meter {
         self.run("ping", redis::cmd("PING").query_async::<String>(&mut con))
             .await
             .map(|_| ())
+    }
+
+    /// Measures Redis's clock against ours (TIME, halfway through the round
+    /// trip), so a charge's deadline can be given on Redis's clock: hosts
+    /// whose clocks disagree must not turn every charge into "expired".
+    pub async fn calibrate(&self) -> Result<i64, MeterError> {
+        let mut con = self.redis.clone();
+        let sent = chrono::Utc::now().timestamp_millis();
+        let (secs, micros): (i64, i64) = self
+            .run("time", redis::cmd("TIME").query_async(&mut con))
+            .await?;
+        let received = chrono::Utc::now().timestamp_millis();
+        let offset = secs * 1000 + micros / 1000 - (sent + received) / 2;
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+        Ok(offset)
+    }
+
+    /// When a charge sent now must have run, on Redis's clock; "0" (none)
+    /// until the clocks have been compared.
+    fn deadline_on_redis(&self) -> i64 {
+        match self.clock_offset_ms.load(Ordering::Relaxed) {
+            UNCALIBRATED => 0,
+            offset => {
+                chrono::Utc::now().timestamp_millis()
+                    + offset
+                    + i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4)
+            }
+        }
     }
 
     /// Decide and (in [`Mode::Charge`]) deduct one call: charge.lua.
@@ -426,9 +465,21 @@ impl Meter {
             .arg(if self.auto_block_exhausted { "1" } else { "0" })
             .arg(60 - req.stamp.now.timestamp().rem_euclid(60))
             .arg(fingerprint)
-            .arg(lease);
+            .arg(lease)
+            .arg(self.deadline_on_redis());
         let reply: Value = self.run("charge", inv.invoke_async(&mut con)).await?;
-        decode_charge(reply, event_id)
+        match decode_charge(reply, event_id) {
+            Err(MeterError::Expired) => {
+                // Late by our own deadline, or the clocks moved apart:
+                // measure again so the next deadline is right.
+                let meter = self.clone();
+                tokio::spawn(async move {
+                    let _ = meter.calibrate().await;
+                });
+                Err(MeterError::Timeout(self.timeout))
+            }
+            decoded => decoded,
+        }
     }
 
     pub async fn refund(
@@ -793,6 +844,7 @@ fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterE
         "daily_limit" => ChargeOutcome::Refused(Refusal::DailyLimit(r.balance(0)?)),
         "insufficient" => ChargeOutcome::Refused(Refusal::InsufficientCredits(r.balance(0)?)),
         "missing" => ChargeOutcome::Missing,
+        "expired" => return Err(MeterError::Expired),
         "unknown_key" => ChargeOutcome::Refused(Refusal::UnknownKey),
         "blocked" => ChargeOutcome::Refused(Refusal::Blocked),
         "not_in_plan" => ChargeOutcome::Refused(Refusal::ModuleNotInPlan),
