@@ -4,6 +4,9 @@
 #   bench/compare.sh OLD_BINARY [duration=10s] [connections=50]
 # B is the current tree's release build. For each run: req/s, p99, and the
 # CPU per request of the gateway and of redis-server, read from /proc.
+# OLD_CONFIG: a config file the old build understands (settings added since
+# are refused by its strict parser), e.g.
+#   git show OLD_COMMIT:config/creditgate.toml > /tmp/old.toml
 cd "$(dirname "$0")/.."
 OLD=${1:?usage: bench/compare.sh OLD_BINARY [duration] [connections]}
 DURATION=${2:-10s}
@@ -30,10 +33,13 @@ run() { # label url "pids of the proxy under test"
 
 echo "== wrk -t1 -c$CONNS -d$DURATION, upstream nginx 'return 200'"
 run "nginx proxy" "http://$NGINX_PROXY/rag/q" "$(pgrep -P "$(cat "$WORK/proxy.pid")" | tr '\n' ' ')"
-for round in 1 2; do
+for round in $(seq "${ROUNDS:-2}"); do
   for side in A B; do
-    if [ $side = A ]; then BIN=$OLD; else BIN=$NEW; fi
-    start_gateway
+    if [ $side = A ]; then
+      BIN=$OLD; CREDITGATE_CONFIG=${OLD_CONFIG:-config/creditgate.toml} start_gateway
+    else
+      BIN=$NEW; start_gateway
+    fi
     curl -fs -H "Authorization: Bearer $KEY" "http://$GATEWAY/rag/warm" >/dev/null
     run "$side round $round" "http://$GATEWAY/rag/q" "$GW_PID"
     stop_gateway

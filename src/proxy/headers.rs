@@ -31,26 +31,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+// Names built at compile time: a `&str` would be parsed on every lookup.
+const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+const X_PLAN: HeaderName = HeaderName::from_static("x-plan");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = header::FORWARDED;
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 /// Headers that carry creditgate's credentials or identity claims: the
 /// upstream gets our verdict (`X-User-ID`, `X-Plan`) instead of the
 /// client's, and never a key.
-const CLIENT_ONLY: [&str; 6] = [
-    "authorization",
-    "x-api-key",
-    "x-admin-key",
-    "x-service-key",
-    "x-user-id",
-    "x-plan",
+const CLIENT_ONLY: [HeaderName; 6] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("x-admin-key"),
+    HeaderName::from_static("x-service-key"),
+    X_USER_ID,
+    X_PLAN,
 ];
 
 /// Who the client is, as proxies tell it. Written by the gateway; a
 /// client's own values are kept only when it is a trusted proxy.
-const FORWARDING: [&str; 5] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "forwarded",
-    "x-real-ip",
+const FORWARDING: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    FORWARDED,
+    X_REAL_IP,
 ];
 
 pub fn prepare_upstream_headers(
@@ -62,11 +72,11 @@ pub fn prepare_upstream_headers(
     request_id: &str,
 ) {
     strip_hop_by_hop(headers);
-    for name in CLIENT_ONLY {
+    for name in &CLIENT_ONLY {
         headers.remove(name);
     }
     if !peer_is_trusted_proxy {
-        for name in FORWARDING {
+        for name in &FORWARDING {
             headers.remove(name);
         }
     }
@@ -93,45 +103,45 @@ pub fn prepare_upstream_headers(
         element.push_str(h);
         element.push('"');
     }
-    let forwarded = match headers.get("forwarded").and_then(|v| v.to_str().ok()) {
+    let forwarded = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(prior) => HeaderValue::from_str(&format!("{prior}, {element}")),
         None => HeaderValue::from_str(&element),
     };
     if let Ok(v) = forwarded {
-        headers.insert("forwarded", v);
+        headers.insert(FORWARDED, v);
     }
-    if let Some(host) = host.filter(|_| !headers.contains_key("x-forwarded-host")) {
-        headers.insert("x-forwarded-host", host);
+    if let Some(host) = host.filter(|_| !headers.contains_key(&X_FORWARDED_HOST)) {
+        headers.insert(X_FORWARDED_HOST, host);
     }
     // One value, shared (a cheap clone) by X-Forwarded-For and X-Real-IP;
     // an IP address is always a valid header value.
     if let Ok(ip_value) = HeaderValue::from_str(&ip_text) {
-        match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prior) => {
                 if let Ok(v) = HeaderValue::from_str(&format!("{prior}, {ip_text}")) {
-                    headers.insert("x-forwarded-for", v);
+                    headers.insert(X_FORWARDED_FOR, v);
                 }
             }
             None => {
-                headers.insert("x-forwarded-for", ip_value.clone());
+                headers.insert(X_FORWARDED_FOR, ip_value.clone());
             }
         }
-        if !headers.contains_key("x-real-ip") {
-            headers.insert("x-real-ip", ip_value);
+        if !headers.contains_key(&X_REAL_IP) {
+            headers.insert(X_REAL_IP, ip_value);
         }
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     // Ids and plan ids are validated to visible ASCII, so these cannot fail.
     if let Ok(v) = HeaderValue::from_str(user) {
-        headers.insert("x-user-id", v);
+        headers.insert(X_USER_ID, v);
     }
     if let Some(Ok(v)) = plan.map(HeaderValue::from_str) {
-        headers.insert("x-plan", v);
+        headers.insert(X_PLAN, v);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert("x-request-id", v);
+        headers.insert(X_REQUEST_ID, v);
     }
 }
 

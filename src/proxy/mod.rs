@@ -275,7 +275,7 @@ impl Proxy {
 
     /// Phase 1: everything that can be refused from the headers alone.
     fn admit(&self, ctx: &mut Ctx, headers: &HeaderMap) -> Result<(), ApiError> {
-        if let Some(value) = headers.get("x-request-id") {
+        if let Some(value) = headers.get(&X_REQUEST_ID) {
             ctx.request_id = value
                 .to_str()
                 .ok()
@@ -564,20 +564,22 @@ fn lease(module: &Module) -> Duration {
     module.timeout + Duration::from_secs(5)
 }
 
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const X_CREDITS_CHARGED: http::HeaderName = http::HeaderName::from_static("x-credits-charged");
+const X_CREDITS_REMAINING: http::HeaderName = http::HeaderName::from_static("x-credits-remaining");
+const X_DAILY_REMAINING: http::HeaderName = http::HeaderName::from_static("x-daily-remaining");
+
 /// Phase 6: headers every answer carries, and the request's log line.
 fn respond(ctx: &Ctx, mut response: Response<Body>, started: Instant) -> Response<Body> {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(ctx.request_id.as_str()) {
-        h.insert("x-request-id", v);
+        h.insert(X_REQUEST_ID, v);
     }
     if let Some(balance) = ctx.balance {
-        h.insert("x-credits-charged", HeaderValue::from(ctx.charged));
-        h.insert(
-            "x-credits-remaining",
-            HeaderValue::from(balance.remaining()),
-        );
+        h.insert(X_CREDITS_CHARGED, HeaderValue::from(ctx.charged));
+        h.insert(X_CREDITS_REMAINING, HeaderValue::from(balance.remaining()));
         if let Some(daily) = balance.daily_remaining() {
-            h.insert("x-daily-remaining", HeaderValue::from(daily));
+            h.insert(X_DAILY_REMAINING, HeaderValue::from(daily));
         }
     }
     metrics::request(ctx.module.id.as_str(), ctx.outcome, started.elapsed());
