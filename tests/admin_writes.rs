@@ -148,12 +148,7 @@ async fn a_grant_repeated_with_its_idempotency_key_applies_once_even_after_an_un
     assert_eq!(error_code(other).await, "idempotency_key_reused");
 
     // One ledger row and one audit row, written from the grant's event.
-    let grants = app
-        .events(&user.id)
-        .await
-        .into_iter()
-        .filter(|(k, _)| k == "grant")
-        .count();
+    let grants = app.count_events(&user.id, "grant").await;
     assert_eq!(grants, 1);
     let pool = app.pool().await;
     let audited: i64 = sqlx::query_scalar(

@@ -270,12 +270,7 @@ async fn monthly_reset_is_idempotent_keeps_bonus_and_loses_no_concurrent_charge(
     assert_eq!((am, ab), (100, 7));
     let (bm, bb, _) = app.balance(&b.id).await;
     assert_eq!((bm, bb), (100_000 - 40, 0));
-    let resets = app
-        .events(&b.id)
-        .await
-        .into_iter()
-        .filter(|(k, _)| k == "reset")
-        .count();
+    let resets = app.count_events(&b.id, "reset").await;
     assert_eq!(resets, 1);
     assert_eq!(app.balance(&c.id).await.0, 500);
     // The CLI does the same, for cron: nothing left to reset.

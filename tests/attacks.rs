@@ -91,13 +91,8 @@ async fn a_reused_idempotency_key_is_never_forwarded_again() {
     let other = app.create_user("free").await;
     for _ in 0..2 {
         let r = app
-            .client
-            .get(app.url("/park/q"))
-            .bearer_auth(&other.key)
-            .header("x-request-id", "same")
-            .send()
-            .await
-            .expect("send");
+            .call_with(&other.key, "/park/q", &[("x-request-id", "same")])
+            .await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-credits-charged"], "2");
         assert_eq!(r.headers()["x-request-id"], "same");
@@ -112,12 +107,7 @@ async fn a_reused_idempotency_key_is_never_forwarded_again() {
         .collect();
     assert!(seen.iter().all(|c| c.header("x-request-id") == ["same"]));
 
-    let charges = app
-        .events(&user.id)
-        .await
-        .into_iter()
-        .filter(|(k, _)| k == "charge")
-        .count();
+    let charges = app.count_events(&user.id, "charge").await;
     assert_eq!(charges, 20, "one charge for k1, 19 plain calls");
 }
 
@@ -129,14 +119,12 @@ async fn a_response_too_long_to_keep_makes_a_repeat_409_naming_the_first_request
         .await;
     let user = app.create_user("free").await;
     let first = app
-        .client
-        .get(app.url("/rag/big"))
-        .bearer_auth(&user.key)
-        .header("idempotency-key", "big-1")
-        .header("x-request-id", "orig-77")
-        .send()
-        .await
-        .expect("send");
+        .call_with(
+            &user.key,
+            "/rag/big",
+            &[("idempotency-key", "big-1"), ("x-request-id", "orig-77")],
+        )
+        .await;
     assert_eq!(first.status(), 200);
     assert_eq!(first.bytes().await.expect("body").len(), 100_000);
     let again = keyed(&app, &user.key, reqwest::Method::GET, "/rag/big", "big-1").await;
@@ -437,13 +425,8 @@ async fn csv_cells_cannot_become_formulas_or_split_in_french_excel() {
     // A request id chosen by a client lands in the usage export too.
     let user = app.create_user("free").await;
     let r = app
-        .client
-        .get(app.url("/rag/q"))
-        .bearer_auth(&user.key)
-        .header("x-request-id", "=cmd|calc!A0")
-        .send()
-        .await
-        .expect("send");
+        .call_with(&user.key, "/rag/q", &[("x-request-id", "=cmd|calc!A0")])
+        .await;
     assert_eq!(r.status(), 200);
     app.wait_flushed(Duration::from_secs(10)).await;
     let usage = app
@@ -577,11 +560,6 @@ async fn a_charge_redis_runs_after_the_gateway_gave_up_on_it_is_not_applied() {
     // Two calls served: exactly two charges, whatever Redis ran late.
     assert_eq!(app.upstream.hits(), 2);
     assert_eq!(app.balance(&user.id).await, (98, 0, 2));
-    let charges = app
-        .events(&user.id)
-        .await
-        .into_iter()
-        .filter(|(k, _)| k == "charge")
-        .count();
+    let charges = app.count_events(&user.id, "charge").await;
     assert_eq!(charges, 2);
 }

@@ -255,12 +255,7 @@ async fn one_idempotency_key_under_50_parallel_calls_reaches_the_upstream_once()
     }
     assert_eq!(app.upstream.hits(), 1);
     assert_eq!(app.balance(&user.id).await, (99, 0, 1));
-    let charges = app
-        .events(&user.id)
-        .await
-        .into_iter()
-        .filter(|(k, _)| k == "charge")
-        .count();
+    let charges = app.count_events(&user.id, "charge").await;
     assert_eq!(charges, 1);
 }
 

@@ -799,6 +799,29 @@ impl TestApp {
         rows
     }
 
+    /// How many of the user's ledger rows are of `kind`, once flushed.
+    pub async fn count_events(&self, user: &UserId, kind: &str) -> usize {
+        self.events(user)
+            .await
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .count()
+    }
+
+    /// GET through the proxy with the account's key and extra headers.
+    pub async fn call_with(
+        &self,
+        key: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path)).bearer_auth(key);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.send().await.expect("request reaches the gateway")
+    }
+
     /// Unflushed entries in the usage streams.
     pub async fn backlog(&self) -> i64 {
         let mut con = self.redis.connection().await;
