@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Shared set-up for the benchmarks: release build, nginx upstream and plain
-# reverse proxy, a creditgate configured against them.
+# Shared set-up for the benchmarks: release build, nginx upstream, nginx as
+# a plain reverse proxy, the Kong-style peer (nginx + Lua + Redis, one
+# EVALSHA deduct + XADD per request), a creditgate configured against them,
+# and CPU accounting per process from /proc.
 set -euo pipefail
 . scripts/deps.sh
 
@@ -9,6 +11,9 @@ ensure_postgres
 for tool in wrk nginx hey; do
   command -v $tool >/dev/null || apt_install wrk nginx-light hey
 done
+# The peer: Debian's lua-nginx-redis is lua-resty-redis (as `nginx.redis`).
+[ -f /usr/lib/nginx/modules/ngx_http_lua_module.so ] && [ -f /usr/share/lua/5.1/nginx/redis.lua ] \
+  || apt_install libnginx-mod-http-lua lua-nginx-redis
 # CREDITGATE_BIN: benchmark another build (say, the commit before a change).
 if [ -z "${CREDITGATE_BIN:-}" ]; then cargo build --release --quiet; fi
 BIN=${CREDITGATE_BIN:-$PWD/target/release/creditgate}
@@ -16,6 +21,7 @@ WORK=$(mktemp -d /tmp/cg-bench.XXXX)
 UPSTREAM=127.0.0.1:18080
 NGINX_PROXY=127.0.0.1:18081
 GATEWAY=127.0.0.1:18207
+PEER=127.0.0.1:18082
 
 # The fast local upstream (1 worker) and nginx as a plain reverse proxy
 # (2 workers, keep-alive to the upstream): two separate instances.
@@ -44,8 +50,46 @@ http {
   }
 }
 NGINX
+PEER_SHA=$(redis-cli SCRIPT LOAD "$(cat bench/peer/charge.lua)")
+# Workers run as www-data: everything they read is in this (root-only)
+# file, which the master reads before dropping privileges.
+cat > "$WORK/peer.conf" <<NGINX
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 2;
+pid $WORK/peer.pid;
+error_log $WORK/peer.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  lua_package_path "/usr/share/lua/5.1/?.lua;;";
+  upstream up { server $UPSTREAM; keepalive 256; }
+  server {
+    listen $PEER;
+    keepalive_requests 1000000;
+    location / {
+      access_by_lua_block {
+        local auth = ngx.var.http_authorization
+        if not auth then return ngx.exit(401) end
+        local red = require("nginx.redis"):new()
+        red:set_timeouts(250, 250, 250)
+        local ok = red:connect("127.0.0.1", 6379)
+        if not ok then return ngx.exit(503) end
+        local left = red:evalsha("$PEER_SHA", 2, "peer:acct:" .. auth, "peer:events", 1, ngx.now())
+        if not left then return ngx.exit(503) end
+        red:set_keepalive(10000, 512)
+        if left < 0 then return ngx.exit(402) end
+      }
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGINX
 nginx -c "$WORK/upstream.conf"
 nginx -c "$WORK/proxy.conf"
+nginx -c "$WORK/peer.conf"
 
 export CREDITGATE_CONFIG=config/creditgate.toml
 export CREDITGATE_SERVER__LISTEN=$GATEWAY
@@ -61,6 +105,36 @@ export CREDITGATE_MODULES__RAG__UPSTREAM=http://$UPSTREAM
 redis-cli --scan --pattern '{bench:*' | xargs -r -d '\n' redis-cli del >/dev/null
 "$BIN" migrate 2>/dev/null
 KEY=$("$BIN" user create --name bench --plan bench | sed -n 's/^api_key: //p')
+redis-cli SET "peer:acct:Bearer $KEY" 1000000000 >/dev/null
+redis-cli DEL peer:events >/dev/null
+
+# ---------------------------------------------------------------- CPU
+TICK=$(getconf CLK_TCK)
+REDIS_PID=$(redis-cli INFO server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
+workers_of() { pgrep -P "$(cat "$WORK/$1.pid")" | tr '\n' ' '; }
+# utime + stime of the given processes, in clock ticks.
+cpu_ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
+
+# measure LABEL URL "PROXY PIDS" [wrk options]: one wrk run, then a line
+# with req/s, p50/p99, and the CPU per request (µs) of the proxy under
+# test, Redis, Postgres and the upstream nginx, read from /proc.
+measure() {
+  local label=$1 url=$2 pids=$3; shift 3
+  local upstream pg b_proxy b_redis b_pg b_up out reqs
+  upstream=$(workers_of upstream); pg=$(pgrep -u postgres | tr '\n' ' ')
+  b_proxy=$(cpu_ticks "$pids"); b_redis=$(cpu_ticks "$REDIS_PID")
+  b_pg=$(cpu_ticks "$pg"); b_up=$(cpu_ticks "$upstream")
+  out=$(wrk --latency -H "Authorization: Bearer $KEY" "$@" "$url")
+  echo "$out" > "$WORK/$label.wrk"
+  reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+  us() { echo "scale=1; ($1) * 1000000 / $TICK / $reqs" | bc; }
+  printf '%-18s %9s req/s  p50 %7s  p99 %7s | us/req: proxy %5s  redis %5s  postgres %5s  upstream %5s\n' \
+    "$label" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
+    "$(echo "$out" | awk '$1 == "50%" {print $2}')" "$(echo "$out" | awk '$1 == "99%" {print $2}')" \
+    "$(us "$(cpu_ticks "$pids") - $b_proxy")" "$(us "$(cpu_ticks "$REDIS_PID") - $b_redis")" \
+    "$(us "$(cpu_ticks "$pg") - $b_pg")" "$(us "$(cpu_ticks "$upstream") - $b_up")"
+}
+rps() { awk '/Requests\/sec/ {print $2}' "$WORK/$1.wrk"; }
 
 GW_PID=""
 start_gateway() {
@@ -75,6 +149,7 @@ cleanup() {
   stop_gateway
   nginx -c "$WORK/upstream.conf" -s quit 2>/dev/null || true
   nginx -c "$WORK/proxy.conf" -s quit 2>/dev/null || true
+  nginx -c "$WORK/peer.conf" -s quit 2>/dev/null || true
 }
 trap cleanup EXIT
 
