@@ -228,6 +228,9 @@ pub struct LogSettings {
     pub format: String,
     /// tracing-subscriber filter; `RUST_LOG` wins when set.
     pub level: String,
+    /// One line per proxied request (at info level). Off, the proxy skips
+    /// the line altogether, as nginx does with `access_log off`.
+    pub access: bool,
 }
 
 impl Default for LogSettings {
@@ -235,6 +238,7 @@ impl Default for LogSettings {
         Self {
             format: "text".into(),
             level: "info".into(),
+            access: true,
         }
     }
 }

@@ -118,7 +118,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::load(&cli.config)
         .with_context(|| format!("invalid configuration {}", cli.config.display()))?;
-    creditgate::telemetry::init_tracing(&settings.log);
+    let log_writer = creditgate::telemetry::init_tracing(&settings.log);
     match cli.command {
         Command::CheckConfig => {
             settings.refuse_example_secrets()?;
@@ -208,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let clean = ledger_verify(&settings, Duration::from_secs(drain_timeout)).await?;
             if !clean {
+                drop(log_writer); // flush the log lines before exiting
                 std::process::exit(1);
             }
         }

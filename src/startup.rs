@@ -214,6 +214,12 @@ impl Application {
 }
 
 fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
+    // First, so that the handles resolved below record into it.
+    let metrics = if settings.metrics {
+        metrics::install()
+    } else {
+        None
+    };
     let catalog = Arc::clone(&settings.catalog);
     let meter = Meter::new(&settings.redis, Arc::clone(&catalog), &settings.metering)?;
     let pool = accounts::connect_pool(&settings.database)?;
@@ -222,7 +228,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let billing = Billing {
         meter: meter.clone(),
         accounts: accounts.clone(),
-        calendar,
+        calendar: calendar.clone(),
         catalog: Arc::clone(&catalog),
     };
     let proxy = Arc::new(Proxy::new(
@@ -235,6 +241,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
             trust_user_id_header: settings.auth.trust_user_id_header,
             trusted_networks: settings.trusted_networks.clone(),
             trusted_proxies: settings.trusted_proxies.clone(),
+            access_log: settings.log.access,
         },
     ));
     Ok(AppState {
@@ -245,11 +252,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         billing,
         proxy,
         api_keys: ApiKeys::new(&settings.auth, settings.trusted_networks.clone()),
-        metrics: if settings.metrics {
-            metrics::install()
-        } else {
-            None
-        },
+        metrics,
         public_metrics: settings.metrics_listen.is_none(),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })

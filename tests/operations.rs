@@ -507,6 +507,43 @@ async fn logs_never_contain_key_material() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn access_lines_go_to_a_file_without_colour_codes_and_can_be_switched_off() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_LEDGER__FLUSHER", "false")
+        .start()
+        .await;
+    let user = app.create_user("starter").await;
+    for (access, expected) in [("true", 2), ("false", 0)] {
+        let mut gateway = Gateway::start(
+            &app,
+            free_port(),
+            &[("CREDITGATE_LOG__ACCESS", access), ("RUST_LOG", "info")],
+        )
+        .await;
+        for _ in 0..2 {
+            let r = app
+                .client
+                .get(gateway.url("/rag/q"))
+                .bearer_auth(&user.key)
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 200);
+        }
+        gateway.sigterm();
+        let _ = gateway.exit_status(Duration::from_secs(20)).await;
+        let logs = gateway.logs();
+        assert!(logs.contains("creditgate listening"), "{logs}");
+        assert!(!logs.contains('\x1b'), "ANSI codes in a log file:\n{logs}");
+        assert_eq!(
+            logs.lines().filter(|l| l.contains("proxied")).count(),
+            expected,
+            "log.access = {access}:\n{logs}"
+        );
+    }
+}
+
 #[test]
 fn the_compose_file_validates_where_docker_compose_exists() {
     let root = env!("CARGO_MANIFEST_DIR");

@@ -5,12 +5,27 @@
 //! never needs to know the time zone and tests can put any instant on the
 //! clock.
 
+use std::sync::{Arc, RwLock};
+
 use chrono::{DateTime, Datelike, Days, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
 
-#[derive(Clone, Copy, Debug)]
+/// Cheap to clone: clones share the cached day.
+#[derive(Clone, Debug)]
 pub struct Calendar {
     tz: Tz,
+    /// The local day last asked about, with its first instant. Every
+    /// request needs its day and period as text; working them out (time
+    /// zone look-ups, formatting) once per day instead of once per request
+    /// keeps that off the hot path. A lock held for one clone only.
+    day: Arc<RwLock<Option<CachedDay>>>,
+}
+
+/// A local day's stamp and the instant the day starts.
+#[derive(Debug)]
+struct CachedDay {
+    starts: DateTime<Utc>,
+    stamp: Stamp,
 }
 
 /// Where one instant falls on the local calendar.
@@ -49,7 +64,10 @@ impl Stamp {
 
 impl Calendar {
     pub fn new(tz: Tz) -> Self {
-        Self { tz }
+        Self {
+            tz,
+            day: Arc::new(RwLock::new(None)),
+        }
     }
 
     pub fn now(&self) -> Stamp {
@@ -57,6 +75,28 @@ impl Calendar {
     }
 
     pub fn at(&self, now: DateTime<Utc>) -> Stamp {
+        if let Ok(cached) = self.day.read()
+            && let Some(day) = cached.as_ref()
+            && day.starts <= now
+            && now < day.stamp.day_ends
+        {
+            return Stamp {
+                now,
+                ..day.stamp.clone()
+            };
+        }
+        let stamp = self.compute(now);
+        let local = now.with_timezone(&self.tz).date_naive();
+        if let Ok(mut cached) = self.day.write() {
+            *cached = Some(CachedDay {
+                starts: self.midnight(local),
+                stamp: stamp.clone(),
+            });
+        }
+        stamp
+    }
+
+    fn compute(&self, now: DateTime<Utc>) -> Stamp {
         let local = now.with_timezone(&self.tz).date_naive();
         let month_start = local.with_day(1).unwrap_or(local);
         let next_month = month_start
@@ -124,6 +164,23 @@ mod tests {
         let s = cal.at(utc("2026-02-15T10:00:00Z"));
         assert_eq!(s.period_starts, utc("2026-01-31T23:00:00Z"));
         assert_eq!(s.period_ends, utc("2026-02-28T23:00:00Z"));
+    }
+
+    #[test]
+    fn the_cached_day_gives_the_same_stamps_as_working_them_out() {
+        let cal = Calendar::new(chrono_tz::Africa::Algiers);
+        // Back and forth across a local midnight (23:00 UTC) and a month end.
+        for instant in [
+            "2026-11-30T12:00:00Z",
+            "2026-11-30T22:59:59Z",
+            "2026-11-30T23:00:00Z",
+            "2026-11-30T12:00:01Z",
+            "2026-12-01T05:00:00Z",
+            "2026-11-30T22:59:59.999Z",
+        ] {
+            let t = utc(instant);
+            assert_eq!(cal.at(t), cal.compute(t), "{instant}");
+        }
     }
 
     #[test]

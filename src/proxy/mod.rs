@@ -46,7 +46,7 @@ use crate::error::ApiError;
 use crate::metering::{
     Balance, ChargeRequest, Idempotency, Mode, Receipt, RefundOf, RefundOutcome, Repeat, Stamp,
 };
-use crate::telemetry::metrics;
+use crate::telemetry::metrics::{self, ModuleMetrics};
 use detached::Detached;
 use upstream::{IdleTimeout, UpstreamError, Upstreams};
 
@@ -60,12 +60,16 @@ pub struct ProxySettings {
     pub trusted_networks: Networks,
     /// `server.trusted_proxies`: whose forwarding headers are kept.
     pub trusted_proxies: Networks,
+    /// `log.access`: one log line per request.
+    pub access_log: bool,
 }
 
 pub struct Proxy {
     billing: Billing,
     upstreams: Upstreams,
     settings: ProxySettings,
+    /// Per-module metric handles, resolved once (see [`ModuleMetrics`]).
+    metrics: Vec<(Arc<Module>, ModuleMetrics)>,
 }
 
 /// What the phases learn about one request.
@@ -145,12 +149,34 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl Proxy {
+    /// Builds the per-module metric handles: call after the metrics
+    /// recorder is installed.
     pub fn new(billing: Billing, upstreams: Upstreams, settings: ProxySettings) -> Self {
+        let catalog = Arc::clone(&billing.catalog);
+        let plans = catalog.plans().iter().map(|p| p.id.as_str());
+        let metrics = catalog
+            .modules()
+            .iter()
+            .map(|m| {
+                (
+                    Arc::clone(m),
+                    ModuleMetrics::new(m.id.as_str(), plans.clone()),
+                )
+            })
+            .collect();
         Self {
             billing,
             upstreams,
             settings,
+            metrics,
         }
+    }
+
+    fn metrics_of(&self, module: &Arc<Module>) -> Option<&ModuleMetrics> {
+        self.metrics
+            .iter()
+            .find(|(m, _)| Arc::ptr_eq(m, module))
+            .map(|(_, metrics)| metrics)
     }
 
     pub async fn handle(
@@ -204,7 +230,8 @@ impl Proxy {
         };
         span.record("request_id", ctx.request_id.as_str());
         span.record("outcome", ctx.outcome);
-        respond(&ctx, response, started)
+        let metrics = self.metrics_of(&ctx.module);
+        respond(&ctx, response, started, metrics, self.settings.access_log)
     }
 
     async fn phases(
@@ -388,7 +415,9 @@ impl Proxy {
         };
         match self.billing.charge(&request).await {
             Ok(Decision::Charged(receipt)) => {
-                metrics::charged(ctx.module.id.as_str(), &receipt.plan, receipt.charged);
+                if let Some(m) = self.metrics_of(&ctx.module) {
+                    m.charged(&receipt.plan, receipt.charged);
+                }
                 ctx.charged = receipt.charged;
                 ctx.balance = Some(receipt.balance);
                 ctx.plan = Some(receipt.plan.clone());
@@ -459,7 +488,9 @@ impl Proxy {
             let _gauge = metrics::UpstreamInFlight::enter();
             self.upstreams.send(&ctx.module, request).await
         };
-        metrics::upstream(ctx.module.id.as_str(), started.elapsed());
+        if let Some(m) = self.metrics_of(&ctx.module) {
+            m.upstream(started.elapsed());
+        }
         let mut response = sent?;
         headers::strip_hop_by_hop(response.headers_mut());
         Ok(response)
@@ -496,11 +527,9 @@ impl Proxy {
                 bonus,
                 day_used,
             }) => {
-                metrics::refunded(
-                    ctx.module.id.as_str(),
-                    ctx.plan.as_deref().unwrap_or(""),
-                    amount,
-                );
+                if let Some(m) = self.metrics_of(&ctx.module) {
+                    m.refunded(ctx.plan.as_deref().unwrap_or(""), amount);
+                }
                 ctx.charged = 0;
                 if let Some(b) = ctx.balance.as_mut() {
                     b.monthly = monthly;
@@ -570,7 +599,13 @@ const X_CREDITS_REMAINING: http::HeaderName = http::HeaderName::from_static("x-c
 const X_DAILY_REMAINING: http::HeaderName = http::HeaderName::from_static("x-daily-remaining");
 
 /// Phase 6: headers every answer carries, and the request's log line.
-fn respond(ctx: &Ctx, mut response: Response<Body>, started: Instant) -> Response<Body> {
+fn respond(
+    ctx: &Ctx,
+    mut response: Response<Body>,
+    started: Instant,
+    metrics: Option<&ModuleMetrics>,
+    access_log: bool,
+) -> Response<Body> {
     let h = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(ctx.request_id.as_str()) {
         h.insert(X_REQUEST_ID, v);
@@ -582,7 +617,12 @@ fn respond(ctx: &Ctx, mut response: Response<Body>, started: Instant) -> Respons
             h.insert(X_DAILY_REMAINING, HeaderValue::from(daily));
         }
     }
-    metrics::request(ctx.module.id.as_str(), ctx.outcome, started.elapsed());
+    if let Some(m) = metrics {
+        m.request(ctx.outcome, started.elapsed());
+    }
+    if !access_log {
+        return response;
+    }
     tracing::info!(
         request_id = %ctx.request_id,
         user = ctx.user.as_ref().map(UserId::as_str),

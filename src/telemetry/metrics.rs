@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS: &str = "creditgate_requests_total";
@@ -154,31 +154,124 @@ pub fn upkeep(handle: &PrometheusHandle) {
     handle.run_upkeep();
 }
 
-pub fn request(module: &str, outcome: &'static str, elapsed: Duration) {
-    counter!(REQUESTS, "module" => module.to_owned(), "outcome" => outcome).increment(1);
-    histogram!(REQUEST_DURATION, "module" => module.to_owned()).record(elapsed.as_secs_f64());
+/// Outcomes whose counters are made up front: a request's answer is one of
+/// these nearly always; anything else is looked up on the way.
+const COMMON_OUTCOMES: [&str; 10] = [
+    "ok",
+    "upstream_5xx",
+    "replayed",
+    "unauthenticated",
+    "blocked",
+    "module_not_in_plan",
+    "insufficient_credits",
+    "daily_limit",
+    "rate_limited",
+    "metering_unavailable",
+];
+
+/// One module's per-request metrics, resolved once. Looking a labelled
+/// series up in the registry (hashing the labels, allocating their
+/// strings) costs more than recording into it, so the proxy keeps these
+/// handles instead of naming the series on every request.
+pub struct ModuleMetrics {
+    module: String,
+    request_duration: Histogram,
+    upstream_duration: Histogram,
+    outcomes: Vec<(&'static str, Counter)>,
+    /// Per plan of the catalog.
+    charged: Vec<(String, Counter)>,
+    refunded: Vec<(String, Counter)>,
 }
 
-pub fn upstream(module: &str, elapsed: Duration) {
-    histogram!(UPSTREAM_DURATION, "module" => module.to_owned()).record(elapsed.as_secs_f64());
-}
-
-pub fn charged(module: &str, plan: &str, credits: i64) {
-    if credits > 0 {
-        counter!(CREDITS_CHARGED, "module" => module.to_owned(), "plan" => plan.to_owned())
-            .increment(credits as u64);
+impl ModuleMetrics {
+    /// Call after [`install`]: handles made before the recorder exists
+    /// record nowhere.
+    pub fn new<'a>(module: &str, plans: impl Iterator<Item = &'a str> + Clone) -> Self {
+        let m = || module.to_owned();
+        Self {
+            module: m(),
+            request_duration: histogram!(REQUEST_DURATION, "module" => m()),
+            upstream_duration: histogram!(UPSTREAM_DURATION, "module" => m()),
+            outcomes: COMMON_OUTCOMES
+                .iter()
+                .map(|o| (*o, counter!(REQUESTS, "module" => m(), "outcome" => *o)))
+                .collect(),
+            charged: plans
+                .clone()
+                .map(|p| {
+                    let c = counter!(CREDITS_CHARGED, "module" => m(), "plan" => p.to_owned());
+                    (p.to_owned(), c)
+                })
+                .collect(),
+            refunded: plans
+                .map(|p| {
+                    let c = counter!(CREDITS_REFUNDED, "module" => m(), "plan" => p.to_owned());
+                    (p.to_owned(), c)
+                })
+                .collect(),
+        }
     }
-}
 
-pub fn refunded(module: &str, plan: &str, credits: i64) {
-    if credits > 0 {
-        counter!(CREDITS_REFUNDED, "module" => module.to_owned(), "plan" => plan.to_owned())
-            .increment(credits as u64);
+    pub fn request(&self, outcome: &'static str, elapsed: Duration) {
+        match self.outcomes.iter().find(|(o, _)| *o == outcome) {
+            Some((_, c)) => c.increment(1),
+            None => counter!(REQUESTS, "module" => self.module.clone(), "outcome" => outcome)
+                .increment(1),
+        }
+        self.request_duration.record(elapsed.as_secs_f64());
+    }
+
+    pub fn upstream(&self, elapsed: Duration) {
+        self.upstream_duration.record(elapsed.as_secs_f64());
+    }
+
+    pub fn charged(&self, plan: &str, credits: i64) {
+        Self::credits(&self.charged, CREDITS_CHARGED, &self.module, plan, credits);
+    }
+
+    pub fn refunded(&self, plan: &str, credits: i64) {
+        Self::credits(
+            &self.refunded,
+            CREDITS_REFUNDED,
+            &self.module,
+            plan,
+            credits,
+        );
+    }
+
+    fn credits(
+        by_plan: &[(String, Counter)],
+        name: &'static str,
+        module: &str,
+        plan: &str,
+        credits: i64,
+    ) {
+        let Ok(n) = u64::try_from(credits) else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        match by_plan.iter().find(|(p, _)| p == plan) {
+            Some((_, c)) => c.increment(n),
+            // A plan removed from the configuration while accounts keep it.
+            None => counter!(name, "module" => module.to_owned(), "plan" => plan.to_owned())
+                .increment(n),
+        }
     }
 }
 
 pub fn redis_script(script: &'static str, elapsed: Duration, ok: bool) {
-    histogram!(REDIS_SCRIPT_DURATION, "script" => script).record(elapsed.as_secs_f64());
+    // The charge runs once per request: its histogram is resolved once.
+    static CHARGE: OnceLock<Histogram> = OnceLock::new();
+    let seconds = elapsed.as_secs_f64();
+    if script == "charge" {
+        CHARGE
+            .get_or_init(|| histogram!(REDIS_SCRIPT_DURATION, "script" => "charge"))
+            .record(seconds);
+    } else {
+        histogram!(REDIS_SCRIPT_DURATION, "script" => script).record(seconds);
+    }
     if !ok {
         counter!(REDIS_ERRORS).increment(1);
     }
@@ -197,16 +290,23 @@ pub fn redis_error() {
 /// the end, or abandoned by its client), so the gauge cannot leak.
 pub struct InFlight(());
 
+static IN_FLIGHT_GAUGE: OnceLock<Gauge> = OnceLock::new();
+static UPSTREAM_IN_FLIGHT_GAUGE: OnceLock<Gauge> = OnceLock::new();
+
 impl InFlight {
     pub fn enter() -> Self {
-        gauge!(IN_FLIGHT).increment(1.0);
+        IN_FLIGHT_GAUGE
+            .get_or_init(|| gauge!(IN_FLIGHT))
+            .increment(1.0);
         Self(())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        gauge!(IN_FLIGHT).decrement(1.0);
+        IN_FLIGHT_GAUGE
+            .get_or_init(|| gauge!(IN_FLIGHT))
+            .decrement(1.0);
     }
 }
 
@@ -216,14 +316,18 @@ pub struct UpstreamInFlight(());
 
 impl UpstreamInFlight {
     pub fn enter() -> Self {
-        gauge!(UPSTREAM_IN_FLIGHT).increment(1.0);
+        UPSTREAM_IN_FLIGHT_GAUGE
+            .get_or_init(|| gauge!(UPSTREAM_IN_FLIGHT))
+            .increment(1.0);
         Self(())
     }
 }
 
 impl Drop for UpstreamInFlight {
     fn drop(&mut self) {
-        gauge!(UPSTREAM_IN_FLIGHT).decrement(1.0);
+        UPSTREAM_IN_FLIGHT_GAUGE
+            .get_or_init(|| gauge!(UPSTREAM_IN_FLIGHT))
+            .decrement(1.0);
     }
 }
 
