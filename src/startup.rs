@@ -354,7 +354,7 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
             } else {
                 api::health::Detail::Status
             };
-            api::health::readyz(&state, detail).await
+            Box::pin(api::health::readyz(&state, detail)).await
         }
         (&Method::GET, "/metrics") if state.public_metrics => render_metrics(&state),
         (_, "/healthz" | "/readyz" | "/metrics") if state.public_metrics => {
@@ -365,11 +365,14 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
             Some(module) => state.proxy.handle(Arc::clone(module), req, peer).await,
             None => match crate::web::serve(req.method(), path) {
                 Some(response) => response,
-                None => match api::route(&state, {
+                // Boxed: the API handlers' futures are large, and hyper
+                // keeps room for the service future of every connection,
+                // idle or not; the proxy path stays small on its own.
+                None => match Box::pin(api::route(&state, {
                     let mut req = req;
                     req.extensions_mut().insert(api::auth::ClientAddr(peer));
                     req
-                })
+                }))
                 .await
                 {
                     Some(response) => response,
