@@ -24,6 +24,8 @@ run=$(date +%s%N)
 for s in $(seq 0 15); do redis-cli EVAL "$FILL_LUA" 1 "{bench:$s}:events" $per "$run" >/dev/null; done
 total=$((per * 16))
 echo "== $total events queued; draining with: creditgate flush (batch_size=$CREDITGATE_LEDGER__BATCH_SIZE)"
+pg=$(pgrep -u postgres | tr '\n' ' ')
+b_pg=$(cpu_ticks "$pg"); b_redis=$(cpu_ticks "$REDIS_PID")
 start=$(date +%s.%N)
 "$BIN" flush 2>"$WORK/flush.log" &
 FLUSH_PID=$!
@@ -31,8 +33,14 @@ while [ "$(redis-cli EVAL 'local n=0 for i=0,15 do n=n+redis.call("XLEN","{bench
   sleep 0.05
 done
 end=$(date +%s.%N)
+flusher_ticks=$(cpu_ticks "$FLUSH_PID")
+# The flusher's Postgres backends were forked after the first sample: count
+# every postgres process alive now, minus what the old ones had before.
+pg_ticks=$(( $(cpu_ticks "$(pgrep -u postgres | tr '\n' ' ')") - b_pg )); redis_ticks=$(( $(cpu_ticks "$REDIS_PID") - b_redis ))
 kill $FLUSH_PID; wait $FLUSH_PID 2>/dev/null || true
 rows=$(psql -h 127.0.0.1 -U postgres -d creditgate_bench -tAc "SELECT count(*) FROM ledger_events")
 secs=$(echo "$end - $start" | bc)
 echo "rows in ledger_events: $rows"
 echo "drained $total events in ${secs}s = $(echo "$total / $secs" | bc) events/s"
+per_event() { echo "scale=2; $1 * 1000000 / $TICK / $total" | bc; }
+echo "CPU per event (us): flusher $(per_event "$flusher_ticks")  postgres $(per_event "$pg_ticks")  redis $(per_event "$redis_ticks")"
