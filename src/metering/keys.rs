@@ -26,13 +26,22 @@ use crate::domain::{IdempotencyKey, RequestId, UserId};
 pub struct KeyLayout {
     prefix: String,
     shards: u16,
+    /// `{<prefix>:<shard>}` and its stream's name, per shard: built once,
+    /// as every charge names five keys.
+    tags: Vec<String>,
+    streams: Vec<String>,
 }
 
 impl KeyLayout {
     pub fn new(prefix: &str, shards: u16) -> Self {
+        let shards = shards.max(1);
+        let tags: Vec<String> = (0..shards).map(|s| format!("{{{prefix}:{s}}}")).collect();
+        let streams = tags.iter().map(|t| format!("{t}:events")).collect();
         Self {
             prefix: prefix.to_owned(),
-            shards: shards.max(1),
+            shards,
+            tags,
+            streams,
         }
     }
 
@@ -46,8 +55,8 @@ impl KeyLayout {
         (h % u64::from(self.shards)) as u16
     }
 
-    fn tag(&self, shard: u16) -> String {
-        format!("{{{}:{}}}", self.prefix, shard)
+    fn tag(&self, shard: u16) -> &str {
+        &self.tags[usize::from(shard) % self.tags.len()]
     }
 
     pub fn account(&self, user: &UserId) -> String {
@@ -94,7 +103,7 @@ impl KeyLayout {
     }
 
     pub fn stream(&self, shard: u16) -> String {
-        format!("{}:events", self.tag(shard))
+        self.streams[usize::from(shard) % self.streams.len()].clone()
     }
 
     /// Every usage stream, for the flusher.
