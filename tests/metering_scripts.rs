@@ -616,3 +616,59 @@ async fn the_redis_clock_offset_is_measured() {
     let user = h.seed("ivy", "free", 100, 0, &now).await;
     assert!(charged(&h.charge(&user, "rag", &now, None, Mode::Charge).await).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_charges_share_script_calls_and_stay_exact() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    // Four accounts with 25 credits each, 400 charges of 1 at once: exactly
+    // 100 succeed, whatever the grouping.
+    let mut users = Vec::new();
+    for name in ["g1", "g2", "g3", "g4"] {
+        users.push(h.seed(name, "tiny", 25, 0, &now).await);
+    }
+    let mut con = h.redis.connection().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut con)
+        .await
+        .expect("RESETSTAT");
+    let h = std::sync::Arc::new(h);
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let (h, user, now) = (h.clone(), users[i % 4].clone(), now.clone());
+            tokio::spawn(async move { h.charge(&user, "rag", &now, None, Mode::Charge).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if matches!(t.await.expect("task"), ChargeOutcome::Charged(_)) {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 100);
+    for user in &users {
+        assert_eq!(h.hash(user).await.0, 0);
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut con)
+        .await
+        .expect("INFO");
+    let calls: usize = stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert!(
+        calls < 400,
+        "{calls} script calls for 400 charges: no grouping"
+    );
+}

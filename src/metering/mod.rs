@@ -6,6 +6,7 @@
 //! and turns into [`MeterError`] instead of hanging, so callers can answer
 //! 503 at once and Redis coming back needs no restart.
 
+mod batch;
 pub mod calendar;
 pub mod keys;
 
@@ -309,10 +310,11 @@ pub struct Meter {
     catalog: Arc<Catalog>,
     timeout: Duration,
     idempotency_ttl_secs: u64,
-    auto_block_exhausted: bool,
     /// Redis's clock minus ours, in ms ([`UNCALIBRATED`] until measured):
     /// a charge carries its deadline on Redis's clock (see charge.lua).
     clock_offset_ms: Arc<AtomicI64>,
+    /// Charges go to Redis grouped per shard (see [`batch`]).
+    batcher: Arc<batch::Batcher>,
 }
 
 /// No offset measured yet: charges go without a deadline.
@@ -344,14 +346,26 @@ impl Meter {
             .set_max_delay(Duration::from_millis(50));
         let redis = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(MeterError::Unavailable)?;
+        let keys = Arc::new(KeyLayout::new(&settings.key_prefix, settings.shards));
+        let batcher = Arc::new(batch::Batcher::new(
+            batch::Shared {
+                script: &CHARGE,
+                redis: redis.clone(),
+                plan_table: catalog.plan_table_arg().to_owned(),
+                record_ttl_secs: metering.idempotency_ttl_secs.max(1),
+                auto_block: metering.auto_block_exhausted,
+                timeout,
+            },
+            keys.shards(),
+        ));
         Ok(Self {
             redis,
-            keys: Arc::new(KeyLayout::new(&settings.key_prefix, settings.shards)),
+            keys,
             catalog,
             timeout,
             idempotency_ttl_secs: metering.idempotency_ttl_secs.max(1),
-            auto_block_exhausted: metering.auto_block_exhausted,
             clock_offset_ms: Arc::new(AtomicI64::new(UNCALIBRATED)),
+            batcher,
         })
     }
 
@@ -419,8 +433,7 @@ impl Meter {
     pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<ChargeOutcome, MeterError> {
         let cost = req.module.cost_of(req.action);
         let event_id = uuid::Uuid::now_v7().to_string();
-        let mut con = self.redis.clone();
-        let (record, mode, fingerprint, lease) = match req.idempotency {
+        let (record, idempotency, fingerprint, lease) = match req.idempotency {
             Idempotency::None => (self.keys.request(req.user, req.request_id), "0", "", 0),
             Idempotency::RequestId => (self.keys.request(req.user, req.request_id), "1", "", 0),
             Idempotency::Key {
@@ -434,40 +447,46 @@ impl Meter {
                 lease_until_ms,
             ),
         };
-        let mut inv = CHARGE.prepare_invoke();
-        inv.key(self.keys.account(req.user))
-            .key(self.keys.api_keys(req.user))
-            .key(record)
-            .key(self.keys.stream_of(req.user))
-            .key(
-                self.keys
-                    .rate(req.user, req.stamp.now.timestamp().div_euclid(60)),
-            )
-            .arg(req.key_hash.map_or("", KeyHash::as_str))
-            .arg(req.module.id.as_str())
-            .arg(req.action.map_or("", ActionId::as_str))
-            .arg(cost.get())
-            .arg(self.catalog.allowed_plans_arg(&req.module.id))
-            .arg(self.catalog.plan_table_arg())
-            .arg(&req.stamp.day)
-            .arg(&req.stamp.period)
-            .arg(req.stamp.now_ms())
-            .arg(&event_id)
-            .arg(req.request_id.as_str())
-            .arg(mode)
-            .arg(self.idempotency_ttl_secs)
-            .arg(req.user.as_str())
-            .arg(req.actor)
-            .arg(match req.mode {
+        let keys = [
+            self.keys.account(req.user),
+            self.keys.api_keys(req.user),
+            record,
+            self.keys.stream_of(req.user),
+            self.keys
+                .rate(req.user, req.stamp.now.timestamp().div_euclid(60)),
+        ];
+        // The eighteen per-charge arguments of charge.lua, in its order.
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(18);
+        push(&mut args, req.key_hash.map_or("", KeyHash::as_str));
+        push(&mut args, req.module.id.as_str());
+        push(&mut args, req.action.map_or("", ActionId::as_str));
+        push(&mut args, cost.get());
+        push(&mut args, self.catalog.allowed_plans_arg(&req.module.id));
+        push(&mut args, req.stamp.day.as_str());
+        push(&mut args, req.stamp.period.as_str());
+        push(&mut args, req.stamp.now_ms());
+        push(&mut args, event_id.as_str());
+        push(&mut args, req.request_id.as_str());
+        push(&mut args, idempotency);
+        push(&mut args, req.user.as_str());
+        push(&mut args, req.actor);
+        push(
+            &mut args,
+            match req.mode {
                 Mode::Charge => "charge",
                 Mode::Check => "check",
-            })
-            .arg(if self.auto_block_exhausted { "1" } else { "0" })
-            .arg(60 - req.stamp.now.timestamp().rem_euclid(60))
-            .arg(fingerprint)
-            .arg(lease)
-            .arg(self.deadline_on_redis());
-        let reply: Value = self.run("charge", inv.invoke_async(&mut con)).await?;
+            },
+        );
+        push(&mut args, 60 - req.stamp.now.timestamp().rem_euclid(60));
+        push(&mut args, fingerprint);
+        push(&mut args, lease);
+        push(&mut args, self.deadline_on_redis());
+        let shard = self.keys.shard_of(req.user);
+        let queued = self.batcher.charge(shard, batch::Charge { keys, args });
+        let reply = match tokio::time::timeout(self.timeout, queued).await {
+            Ok(reply) => reply?,
+            Err(_) => return Err(MeterError::Timeout(self.timeout)),
+        };
         match decode_charge(reply, event_id) {
             Err(MeterError::Expired) => {
                 // Late by our own deadline, or the clocks moved apart:
@@ -727,6 +746,11 @@ impl Meter {
             .await
             .map(|_| ())
     }
+}
+
+/// Appends one script argument, encoded as Redis will read it.
+fn push<T: redis::ToRedisArgs>(args: &mut Vec<Vec<u8>>, value: T) {
+    args.extend(value.to_redis_args());
 }
 
 fn protocol(script: &'static str, detail: impl Into<String>) -> MeterError {
