@@ -18,8 +18,9 @@
 --      {tag}:idem:<user>:<Idempotency-Key> (proxy, a hash: split (the same
 --      string), fp request fingerprint, st p|d|x, lease (unix ms), rid the
 --      original request id, ev its charge event id, status hdrs body)
---   +4 usage stream   {tag}:events        one entry per balance change: one
---      field "v", a JSON object with e event id, u user, k kind
+--   +4 usage stream   {tag}:events        one entry per call: one field "v",
+--      the call's events as a JSON array (a single event as the object
+--      itself), each with e event id, u user, k kind
 --      (charge|reset), p plan, m module, a action, n amount, fm/fb taken from
 --      monthly/bonus, mb/bb monthly/bonus after, ap/ad/au account
 --      period/day/day-used after, r request id, by actor, t unix ms, d local
@@ -78,6 +79,10 @@
 
 local PER_CHARGE = 18
 local redis_now -- Redis's clock, read once per call when a deadline needs it
+-- The call's events, appended as one stream entry at the end: one XADD per
+-- call instead of one per charge (and one entry for the flusher to read,
+-- acknowledge and delete).
+local events = {}
 
 local function charge(k, a)
   local acct, keyset, record, stream, rate_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
@@ -146,11 +151,11 @@ local function charge(k, a)
   -- Every event carries the account's full state after it (mb bb ap ad au),
   -- so the ledger can rebuild an account and replay its balance chain.
   local function event(kind, id, amount, from_monthly, from_bonus, ev_module, ev_action)
-    redis.call('XADD', stream, '*', 'v', cjson.encode({
+    events[#events + 1] = cjson.encode({
       e = id, u = user_id, k = kind, p = plan, m = ev_module, a = ev_action,
       n = amount, fm = from_monthly, fb = from_bonus,
       mb = monthly, bb = bonus, ap = this_period, ad = today, au = used,
-      r = request_id, by = actor, t = tonumber(now_ms), d = today}))
+      r = request_id, by = actor, t = tonumber(now_ms), d = today})
   end
 
   -- Lazy rollovers: a missed cron or an idle account still starts the new
@@ -228,5 +233,11 @@ end
 local replies = {}
 for i = 1, #KEYS / 5 do
   replies[i] = charge(5 * (i - 1), 3 + PER_CHARGE * (i - 1))
+end
+-- Every charge of a call is in one shard, so KEYS[4] is the stream of all.
+if #events == 1 then
+  redis.call('XADD', KEYS[4], '*', 'v', events[1])
+elseif #events > 1 then
+  redis.call('XADD', KEYS[4], '*', 'v', '[' .. table.concat(events, ',') .. ']')
 end
 return replies

@@ -133,6 +133,11 @@ impl Harness {
             .iter()
             .filter_map(|e| e.get::<String>("v"))
             .filter_map(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+            // A call's events share one entry, as an array.
+            .flat_map(|v| match v {
+                serde_json::Value::Array(events) => events,
+                one => vec![one],
+            })
             .filter_map(|v| v["k"].as_str().map(str::to_owned))
             .collect()
     }

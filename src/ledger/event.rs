@@ -42,6 +42,11 @@ pub struct LedgerEvent {
     pub reason: Option<String>,
 }
 
+/// Events of one stream entry (a call's charges) are numbered within it:
+/// an event's position is `(ms, seq * EVENTS_PER_ENTRY + i)`, which keeps
+/// stream order and gives every event its own place.
+pub const EVENTS_PER_ENTRY: i64 = 1024;
+
 /// Splits a stream entry id `"<ms>-<seq>"`.
 pub fn parse_entry_id(id: &str) -> Option<(i64, i64)> {
     let (ms, seq) = id.split_once('-')?;
@@ -95,9 +100,13 @@ fn non_empty(s: String) -> Option<String> {
 }
 
 impl LedgerEvent {
-    /// Parses one stream entry. The error says what is wrong, and the entry
+    /// Parses one stream entry: one event (a JSON object) or a call's
+    /// events (a JSON array). The error says what is wrong, and the entry
     /// then goes to `ledger_rejects` rather than blocking the stream.
-    pub fn from_entry(entry_id: &str, fields: &HashMap<String, Value>) -> Result<Self, String> {
+    pub fn from_entry(
+        entry_id: &str,
+        fields: &HashMap<String, Value>,
+    ) -> Result<Vec<Self>, String> {
         let (stream_ms, stream_seq) =
             parse_entry_id(entry_id).ok_or_else(|| format!("bad entry id {entry_id}"))?;
         let raw: &[u8] = match fields.get("v") {
@@ -105,7 +114,25 @@ impl LedgerEvent {
             Some(Value::SimpleString(s)) => s.as_bytes(),
             _ => return Err("missing field v".into()),
         };
-        let w: Wire = serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?;
+        let wires: Vec<Wire> = if raw.trim_ascii_start().starts_with(b"[") {
+            serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?
+        } else {
+            vec![serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?]
+        };
+        if wires.is_empty() || wires.len() as i64 > EVENTS_PER_ENTRY {
+            return Err(format!("{} events in one entry", wires.len()));
+        }
+        let base = stream_seq
+            .checked_mul(EVENTS_PER_ENTRY)
+            .ok_or_else(|| format!("entry sequence {stream_seq} out of range"))?;
+        wires
+            .into_iter()
+            .zip(0..)
+            .map(|(w, i)| Self::from_wire(w, stream_ms, base + i))
+            .collect()
+    }
+
+    fn from_wire(w: Wire, stream_ms: i64, stream_seq: i64) -> Result<Self, String> {
         if !KINDS.contains(&w.k.as_str()) {
             return Err(format!("unknown kind {:?}", w.k));
         }
@@ -154,10 +181,19 @@ mod tests {
         HashMap::from([("v".to_owned(), Value::BulkString(json.as_bytes().to_vec()))])
     }
 
+    fn one(entry_id: &str, json: &str) -> Result<LedgerEvent, String> {
+        let mut all = LedgerEvent::from_entry(entry_id, &entry(json))?;
+        assert_eq!(all.len(), 1);
+        Ok(all.remove(0))
+    }
+
     #[test]
     fn parses_a_charge_entry() {
-        let e = LedgerEvent::from_entry("1795700000000-3", &entry(CHARGE)).expect("parse");
-        assert_eq!((e.stream_ms, e.stream_seq), (1_795_700_000_000, 3));
+        let e = one("1795700000000-3", CHARGE).expect("parse");
+        assert_eq!(
+            (e.stream_ms, e.stream_seq),
+            (1_795_700_000_000, 3 * EVENTS_PER_ENTRY)
+        );
         assert_eq!(e.kind, "charge");
         assert_eq!(e.action, None);
         assert_eq!(e.monthly_after, 99);
@@ -170,9 +206,33 @@ mod tests {
             r#""r":"req-1""#,
             r#""r":"r\u0000x","why":"bad\u0000reason""#,
         );
-        let e = LedgerEvent::from_entry("1-0", &entry(&json)).expect("parse");
+        let e = one("1-0", &json).expect("parse");
         assert_eq!(e.reason.as_deref(), Some("bad\u{FFFD}reason"));
         assert_eq!(e.request_id.as_deref(), Some("r\u{FFFD}x"));
+    }
+
+    #[test]
+    fn a_calls_events_share_an_entry_in_order_each_with_its_place() {
+        let second = CHARGE
+            .replace("ev-1", "ev-2")
+            .replace(r#""u":"alice""#, r#""u":"bob""#);
+        let array = format!("[{CHARGE},{second}]");
+        let events = LedgerEvent::from_entry("1795700000000-5", &entry(&array)).expect("parse");
+        let places: Vec<_> = events
+            .iter()
+            .map(|e| (e.event_id.as_str(), e.user_id.as_str(), e.stream_seq))
+            .collect();
+        assert_eq!(
+            places,
+            [
+                ("ev-1", "alice", 5 * EVENTS_PER_ENTRY),
+                ("ev-2", "bob", 5 * EVENTS_PER_ENTRY + 1)
+            ]
+        );
+        // Each place is after every place of the entry before.
+        let before = one("1795700000000-4", CHARGE).expect("parse");
+        assert!(before.stream_seq < events[0].stream_seq);
+        assert!(LedgerEvent::from_entry("1-0", &entry("[]")).is_err());
     }
 
     #[test]

@@ -106,7 +106,7 @@ impl Batch {
             .or_default()
             .push(entry.id.clone());
         match LedgerEvent::from_entry(&entry.id, &entry.map) {
-            Ok(e) => self.events.push(e),
+            Ok(events) => self.events.extend(events),
             Err(error) => {
                 tracing::error!(stream, entry = %entry.id, %error, "unparseable usage event");
                 let fields: serde_json::Map<String, serde_json::Value> = entry
