@@ -74,6 +74,7 @@
 --   {"rate_limited", retry_after_secs}   the plan's calls-per-minute are used up
 --   {"daily_limit", monthly, bonus, day_used, daily_limit}
 --   {"insufficient", monthly, bonus, day_used, daily_limit}
+--   {"error", message}          this charge failed in Redis; the others stand
 -- daily_limit is -1 when the plan has none. In "check" mode "ok" means the
 -- call would be charged; nothing is written.
 
@@ -232,7 +233,14 @@ end
 
 local replies = {}
 for i = 1, #KEYS / 5 do
-  replies[i] = charge(5 * (i - 1), 3 + PER_CHARGE * (i - 1))
+  -- One charge's failure (a key of an unexpected type, say) must not take
+  -- the others of the call, nor their events, down with it.
+  local ok, reply = pcall(charge, 5 * (i - 1), 3 + PER_CHARGE * (i - 1))
+  if ok then
+    replies[i] = reply
+  else
+    replies[i] = {'error', type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
+  end
 end
 -- Every charge of a call is in one shard, so KEYS[4] is the stream of all.
 if #events == 1 then

@@ -677,3 +677,95 @@ async fn concurrent_charges_share_script_calls_and_stay_exact() {
         "{calls} script calls for 400 charges: no grouping"
     );
 }
+
+/// charge.lua called by hand with several charges in one call, as the
+/// gateway's group commit does: (user, key hash) for each, all `rag`.
+async fn one_call(h: &Harness, now: &Stamp, charges: &[(&UserId, &str)]) -> redis::Value {
+    let keys = h.meter.keys();
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(include_str!("../lua/charge.lua"))
+        .arg(charges.len() * 5);
+    for (i, (user, _)) in charges.iter().enumerate() {
+        let rid = RequestId::parse(&format!("call-{i}")).expect("rid");
+        cmd.arg(keys.account(user))
+            .arg(keys.api_keys(user))
+            .arg(keys.request(user, &rid))
+            .arg(keys.stream_of(user))
+            .arg(keys.rate(user, 1));
+    }
+    cmd.arg(h.catalog.plan_table_arg()).arg(86_400).arg("0");
+    for (i, (user, hash)) in charges.iter().enumerate() {
+        cmd.arg(*hash)
+            .arg("rag")
+            .arg("")
+            .arg(1)
+            .arg(",free,starter,tiny,limited,enterprise,")
+            .arg(&now.day)
+            .arg(&now.period)
+            .arg(now.now_ms())
+            .arg(format!("ev-{i}"))
+            .arg(format!("call-{i}"))
+            .arg("0")
+            .arg(user.as_str())
+            .arg("test")
+            .arg("charge")
+            .arg(30)
+            .arg("")
+            .arg(0)
+            .arg("0");
+    }
+    let mut con = h.redis.connection().await;
+    cmd.query_async(&mut con).await.expect("charge.lua")
+}
+
+#[tokio::test]
+async fn charges_in_one_call_are_decided_in_order_and_one_failure_stays_its_own() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let hash = key().hash();
+    let ok_user = h.seed("jo", "tiny", 2, 0, &now).await;
+    let broken = h.seed("kai", "tiny", 100, 0, &now).await;
+    // (The gateway groups charges of one shard only; a single Redis takes
+    // any keys in one call, which is all this test needs.)
+    // kai's key set is not a set any more: its SISMEMBER fails (WRONGTYPE).
+    let mut con = h.redis.connection().await;
+    let _: () = redis::cmd("SET")
+        .arg(h.meter.keys().api_keys(&broken))
+        .arg("oops")
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let reply = one_call(
+        &h,
+        &now,
+        &[
+            (&ok_user, hash.as_str()),
+            (&broken, hash.as_str()),
+            (&ok_user, hash.as_str()),
+            (&ok_user, hash.as_str()),
+        ],
+    )
+    .await;
+    let redis::Value::Array(replies) = reply else {
+        panic!("not an array: {reply:?}");
+    };
+    let status = |v: &redis::Value| match v {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            other => format!("{other:?}"),
+        },
+        other => format!("{other:?}"),
+    };
+    let statuses: Vec<String> = replies.iter().map(status).collect();
+    // jo has 2 credits: the first and third charges take them, in order;
+    // the fourth finds none. kai's failure is its own.
+    assert_eq!(statuses, ["ok", "error", "ok", "insufficient"]);
+    assert_eq!(h.hash(&ok_user).await.0, 0);
+    assert_eq!(h.hash(&broken).await.0, 100);
+    // The call's two charge events went out as one entry.
+    assert_eq!(
+        h.event_kinds(&ok_user).await,
+        ["charge", "charge"],
+        "one entry holding both events"
+    );
+}

@@ -869,6 +869,7 @@ fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterE
         "insufficient" => ChargeOutcome::Refused(Refusal::InsufficientCredits(r.balance(0)?)),
         "missing" => ChargeOutcome::Missing,
         "expired" => return Err(MeterError::Expired),
+        "error" => return Err(protocol(r.script, format!("in Redis: {}", r.text(0)?))),
         "unknown_key" => ChargeOutcome::Refused(Refusal::UnknownKey),
         "blocked" => ChargeOutcome::Refused(Refusal::Blocked),
         "not_in_plan" => ChargeOutcome::Refused(Refusal::ModuleNotInPlan),
