@@ -1,10 +1,12 @@
 //! The Redis side of metering: the only code that changes balances.
 //!
 //! Every balance change is one Lua script from `lua/`, run atomically in the
-//! account's slot and answered in one round trip; its reply is decoded into
-//! a Rust enum here. Every call has a deadline (`redis.command_timeout_ms`)
-//! and turns into [`MeterError`] instead of hanging, so callers can answer
-//! 503 at once and Redis coming back needs no restart.
+//! account's slot; its reply is decoded into a Rust enum here. Charges of
+//! one shard that arrive together share a script call (`batch`: group
+//! commit, decided one by one in order). Every call has a deadline
+//! (`redis.command_timeout_ms`) and turns into [`MeterError`] instead of
+//! hanging, so callers can answer 503 at once and Redis coming back needs no
+//! restart.
 
 mod batch;
 pub mod calendar;
@@ -313,7 +315,7 @@ pub struct Meter {
     /// Redis's clock minus ours, in ms ([`UNCALIBRATED`] until measured):
     /// a charge carries its deadline on Redis's clock (see charge.lua).
     clock_offset_ms: Arc<AtomicI64>,
-    /// Charges go to Redis grouped per shard (see [`batch`]).
+    /// Charges go to Redis grouped per shard (see `batch`).
     batcher: Arc<batch::Batcher>,
 }
 
