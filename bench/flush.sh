@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
 # Ledger flush throughput: fill the 16 usage streams with N well-formed
 # events while no flusher runs, then time `creditgate flush` draining them
-# into Postgres.   bench/flush.sh [events=200000] [batch_size=2000]
+# into Postgres.   bench/flush.sh [events=200000] [batch_size=2000] [per_entry=1]
+# per_entry: events per stream entry, as charge.lua writes a call's charges
+# (one JSON array per call; about 14 per call under the proxy bench).
 cd "$(dirname "$0")/.."
 . bench/common.sh
 N=${1:-200000}
 export CREDITGATE_LEDGER__BATCH_SIZE=${2:-2000}
+PER_ENTRY=${3:-1}
 psql -h 127.0.0.1 -U postgres -d creditgate_bench -qc \
   "TRUNCATE ledger_events, usage_daily, account_snapshots, ledger_rejects"
 
 # 1000 users spread over the shards, events as charge.lua writes them.
-FILL_LUA='local n = tonumber(ARGV[1]); local run = ARGV[2]
+FILL_LUA='local n = tonumber(ARGV[1]); local run = ARGV[2]; local g = tonumber(ARGV[3])
+local batch = {}
 for i = 1, n do
   local u = "bench-" .. (i % 1000)
-  redis.call("XADD", KEYS[1], "*", "v", cjson.encode({e = run .. "-" .. KEYS[1] .. "-" .. i, u = u,
+  batch[#batch + 1] = cjson.encode({e = run .. "-" .. KEYS[1] .. "-" .. i, u = u,
     k = "charge", p = "bench", m = "rag", a = "", n = 1, fm = 1, fb = 0, mb = 1000000 - i, bb = 0,
     ap = "2026-11", ad = "2026-11-26", au = i, r = "r" .. i, by = "bench",
-    t = 1795700000000 + i, d = "2026-11-26"}))
+    t = 1795700000000 + i, d = "2026-11-26"})
+  if #batch == g or i == n then
+    local v = batch[1]
+    if #batch > 1 then v = "[" .. table.concat(batch, ",") .. "]" end
+    redis.call("XADD", KEYS[1], "*", "v", v)
+    batch = {}
+  end
 end
 return n'
 per=$((N / 16))
 run=$(date +%s%N)
-for s in $(seq 0 15); do redis-cli EVAL "$FILL_LUA" 1 "{bench:$s}:events" $per "$run" >/dev/null; done
+for s in $(seq 0 15); do redis-cli EVAL "$FILL_LUA" 1 "{bench:$s}:events" $per "$run" "$PER_ENTRY" >/dev/null; done
 total=$((per * 16))
-echo "== $total events queued; draining with: creditgate flush (batch_size=$CREDITGATE_LEDGER__BATCH_SIZE)"
+echo "== $total events queued, $PER_ENTRY per stream entry; draining with: creditgate flush (batch_size=$CREDITGATE_LEDGER__BATCH_SIZE)"
 pg=$(pgrep -u postgres | tr '\n' ' ')
 b_pg=$(cpu_ticks "$pg"); b_redis=$(cpu_ticks "$REDIS_PID")
 start=$(date +%s.%N)
