@@ -186,15 +186,7 @@ async fn metrics_can_listen_on_their_own_port() {
         .expect("send");
     assert_eq!(public.status(), 404);
     app.redis.kill();
-    let public: serde_json::Value = app
-        .client
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let public = app.get_json("/readyz").await;
     assert_eq!(public, serde_json::json!({"status": "not_ready"}));
     let detailed = app
         .client
@@ -213,15 +205,7 @@ async fn metrics_can_listen_on_their_own_port() {
 async fn the_public_readyz_never_echoes_dependency_errors() {
     let mut app = TestApp::spawn().await;
     app.redis.kill();
-    let body: serde_json::Value = app
-        .client
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let body = app.get_json("/readyz").await;
     assert_eq!(
         body,
         serde_json::json!({

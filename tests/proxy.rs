@@ -558,15 +558,7 @@ async fn healthz_answers_without_dependencies() {
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.expect("json");
     assert_eq!(body["status"], "ok");
-    let ready: serde_json::Value = app
-        .client
-        .get(app.url("/readyz"))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let ready = app.get_json("/readyz").await;
     assert_eq!(ready["checks"]["database"], "ok");
     assert_ne!(ready["checks"]["redis"], "ok");
 }

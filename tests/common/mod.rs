@@ -808,6 +808,18 @@ impl TestApp {
             .count()
     }
 
+    /// GET a path of the gateway (no credentials) and parse its JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("the gateway answers")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// GET through the proxy with the account's key and extra headers.
     pub async fn call_with(
         &self,
