@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use creditgate::accounts::{self, Accounts, Created, NewUser};
 use creditgate::billing::Billing;
-use creditgate::config::Settings;
+use creditgate::config::{Runtime, Settings};
 use creditgate::domain::UserId;
 use creditgate::ledger::{Flusher, verify};
 use creditgate::metering::{Calendar, KeyLayout, Meter};
@@ -132,8 +132,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => migrate(&settings).await?,
         Command::Serve => {
             settings.refuse_example_secrets()?;
-            let app = Application::build(settings).await?;
-            app.run_until_stopped(shutdown_signal()).await?;
+            match settings.runtime {
+                Runtime::MultiThread => {
+                    let app = Application::build(settings).await?;
+                    app.run_until_stopped(shutdown_signal()).await?;
+                }
+                Runtime::ThreadPerCore => serve_per_core(&cli.config).await?,
+            }
         }
         Command::User {
             command:
@@ -271,6 +276,47 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// SIGTERM (docker, systemd) or Ctrl-C.
+/// `server.runtime = "thread_per_core"`: one single-threaded runtime per
+/// core, each serving its own listener on the shared port; a signal stops
+/// them all, each draining its own requests.
+async fn serve_per_core(config: &std::path::Path) -> anyhow::Result<()> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(workers);
+    for index in 0..workers {
+        let settings = Settings::load(config)?.for_worker(index, workers);
+        let mut stopped = stopped.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("creditgate-{index}"))
+            .spawn(move || -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let app = Application::build_worker(settings, index == 0).await?;
+                    app.run_until_stopped(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await?;
+                    anyhow::Ok(())
+                })
+            })?;
+        threads.push(thread);
+    }
+    tracing::info!(workers, "serving with one runtime per core");
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let mut result = Ok(());
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(anyhow::anyhow!("a worker thread panicked")),
+        }
+    }
+    result
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -79,6 +79,8 @@ pub struct Application {
     state: Arc<AppState>,
     flushers: Vec<Flusher>,
     settings: Settings,
+    /// Runs the admin reconciler (once per process is enough).
+    reconciler: bool,
 }
 
 impl Application {
@@ -90,6 +92,37 @@ impl Application {
                     addr: settings.listen,
                     source,
                 })?;
+        Self::with_listener(settings, listener, true)
+    }
+
+    /// One worker of thread-per-core mode (see [`Settings::for_worker`]):
+    /// its listener shares the port with the other workers' (SO_REUSEPORT,
+    /// the kernel spreads connections), and only the first worker runs the
+    /// admin reconciler.
+    pub async fn build_worker(settings: Settings, first: bool) -> Result<Self, StartupError> {
+        let bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)
+        };
+        let listener = bind(settings.listen).map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        Self::with_listener(settings, listener, first)
+    }
+
+    fn with_listener(
+        settings: Settings,
+        listener: TcpListener,
+        reconciler: bool,
+    ) -> Result<Self, StartupError> {
         let state = Arc::new(build_state(&settings)?);
         let flushers = if settings.ledger.flusher {
             Flusher::new(
@@ -107,6 +140,7 @@ impl Application {
             state,
             flushers,
             settings,
+            reconciler,
         })
     }
 
@@ -156,7 +190,9 @@ impl Application {
                 }
             }));
         }
-        background.push(tokio::spawn(reconcile(self.state.billing.clone())));
+        if self.reconciler {
+            background.push(tokio::spawn(reconcile(self.state.billing.clone())));
+        }
         background.push(tokio::spawn(calibrate(self.state.meter.clone())));
         if let Some(addr) = self.settings.metrics_listen {
             let listener = TcpListener::bind(addr).await?;

@@ -528,6 +528,47 @@ async fn access_lines_go_to_a_file_without_colour_codes_and_can_be_switched_off(
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thread_per_core_workers_share_the_port_keep_limits_exact_and_stop_cleanly() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_LEDGER__FLUSHER", "false")
+        .start()
+        .await;
+    let user = app.create_user("free").await; // 20 credits a day
+    let mut gateway = Gateway::start(
+        &app,
+        free_port(),
+        &[("CREDITGATE_SERVER__RUNTIME", "thread_per_core")],
+    )
+    .await;
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let (c, url, key) = (app.client.clone(), gateway.url("/rag/q"), user.key.clone());
+            tokio::spawn(async move {
+                c.get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 20);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 280);
+    gateway.sigterm();
+    let status = gateway.exit_status(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}\n{}", gateway.logs());
+    assert!(gateway.logs().contains("one runtime per core"));
+    // The first worker's flusher drained the ledger before exiting.
+    assert_eq!(app.backlog().await, 0);
+    assert_eq!(app.balance(&user.id).await, (80, 0, 20));
+}
+
 #[test]
 fn the_compose_file_validates_where_docker_compose_exists() {
     let root = env!("CARGO_MANIFEST_DIR");
