@@ -4,10 +4,12 @@
     pip install redis; python3 bench/redis_charge_cost.py [variants.lua ...]
 
 Starts its own redis-server on a free port, seeds 64 accounts over the 16
-shards, sends 30,000 charges pipelined 50 at a time (as the multiplexed
-connection does under load) with the gateway's arguments, and reads
-redis-server's CPU time from /proc. Each extra file is run the same way,
-so a change to the script can be measured before it is made.
+shards, sends 30,000 charges with the gateway's arguments, and reads
+redis-server's CPU time from /proc: once with one charge per call, once
+with 14 per call (what group commit gives under `bench/proxy.sh`), calls
+pipelined as the multiplexed connection does under load. Each extra file is
+run the same way, so a change to the script can be measured before it is
+made.
 """
 import os, socket, subprocess, sys, time, uuid
 
@@ -37,28 +39,38 @@ def seed():
                                                    day="2026-11-27", used=0, blocked=0))
         r.sadd(f"{tag(u)}:keys:u{u}", "h")
 
-def call(u, i, deadline):
+def charge(u, i, deadline):
+    """The five keys and eighteen arguments of one charge."""
     t = tag(u)
     keys = [f"{t}:acct:u{u}", f"{t}:keys:u{u}", f"{t}:req:u{u}:{i}", f"{t}:events", f"{t}:rl:u{u}:1"]
-    args = ["h", "rag", "", 1, ",bench,", ";bench:-1:1000000000:-1;", "2026-11-27", "2026-11", now_ms(),
-            str(uuid.uuid4()), f"r{i}", "0", 86400, f"u{u}", "proxy", "charge", "0", 30, "", 0, deadline]
+    args = ["h", "rag", "", 1, ",bench,", "2026-11-27", "2026-11", now_ms(), str(uuid.uuid4()), f"r{i}",
+            "0", f"u{u}", "proxy", "charge", 30, "", 0, deadline]
     return keys, args
 
-def run(name, body, n=30000):
+def run(name, body, per_call, n=30000):
     seed()
     sha = r.script_load(body)
     c0 = cpu()
-    for start in range(0, n, 50):
+    i = 0
+    while i < n:
         pipe = r.pipeline(transaction=False)
         deadline = now_ms() + 10_000
-        for i in range(start, start + 50):
-            keys, args = call(i % NU, i, deadline)
-            pipe.evalsha(sha, len(keys), *keys, *args)
+        for _ in range(max(1, 50 // per_call)):
+            # One call holds charges of one shard only, as the gateway sends them.
+            shard = (i // per_call) % 16
+            keys, args = [], []
+            for j in range(per_call):
+                k, a = charge(shard + 16 * ((i + j) % 4), i + j, deadline)
+                keys += k
+                args += a
+            pipe.evalsha(sha, len(keys), *keys, ";bench:-1:1000000000:-1;", 86400, "0", *args)
+            i += per_call
         result = pipe.execute()
-    print(f"{name:34s} {(cpu() - c0) / n * 1e6:5.1f} us/charge   last reply {result[-1][:2]}")
+    print(f"{name:34s} {per_call:3d}/call {(cpu() - c0) / i * 1e6:5.1f} us/charge   last {result[-1][0][:2]}")
 
-run("lua/charge.lua", open("lua/charge.lua").read())
-for path in sys.argv[1:]:
-    run(path, open(path).read())
-run("(empty script, same arguments)", "return {'ok'}")
+for per_call in (1, 14):
+    run("lua/charge.lua", open("lua/charge.lua").read(), per_call)
+    for path in sys.argv[1:]:
+        run(path, open(path).read(), per_call)
+    run("(empty script, same arguments)", "return {{'ok'}}", per_call)
 server.terminate()

@@ -102,14 +102,15 @@ local function charge(k, a)
     end
   end
 
-  if redis.call('EXISTS', acct) == 0 then
+  -- Every account hash has a plan: no plan is no account (one command
+  -- fewer than EXISTS first: -0.3 us per charge, bench/redis_charge_cost.py).
+  local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked')
+  if not f[1] then
     return {'missing'}
   end
   if key_hash ~= '' and redis.call('SISMEMBER', keyset, key_hash) == 0 then
     return {'unknown_key'}
   end
-
-  local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked')
   local plan = f[1] or ''
   local monthly = tonumber(f[2]) or 0
   local bonus = tonumber(f[3]) or 0
