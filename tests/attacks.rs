@@ -345,14 +345,8 @@ async fn keys_not_in_the_issued_format_are_401_without_a_database_query() {
 async fn the_credits_api_needs_no_key_from_a_trusted_network_only() {
     let closed = TestApp::spawn().await;
     let user = closed.create_user("free").await;
-    let body = serde_json::json!({"user_id": user.id.as_str(), "module": "rag"});
-    let r = closed
-        .client
-        .post(closed.url("/api/credits/check"))
-        .json(&body)
-        .send()
-        .await
-        .expect("send");
+    let check = serde_json::json!({"user_id": user.id.as_str(), "module": "rag"});
+    let r = closed.credits_as(None, "/check", check).await;
     assert_eq!(r.status(), 401);
 
     let open = TestApp::builder()
@@ -363,23 +357,13 @@ async fn the_credits_api_needs_no_key_from_a_trusted_network_only() {
     let consume = serde_json::json!({
         "user_id": user.id.as_str(), "module": "rag", "request_id": "hub-1"
     });
-    let r = open
-        .client
-        .post(open.url("/api/credits/consume"))
-        .json(&consume)
-        .send()
-        .await
-        .expect("send");
+    let r = open.credits_as(None, "/consume", consume).await;
     assert_eq!(r.status(), 200);
     // A wrong key is still wrong, even from the trusted network.
+    let check = serde_json::json!({"user_id": user.id.as_str(), "module": "rag"});
     let r = open
-        .client
-        .post(open.url("/api/credits/check"))
-        .header("x-service-key", "wrong-service-key")
-        .json(&serde_json::json!({"user_id": user.id.as_str(), "module": "rag"}))
-        .send()
-        .await
-        .expect("send");
+        .credits_as(Some("wrong-service-key"), "/check", check)
+        .await;
     assert_eq!(r.status(), 401);
     assert_eq!(open.balance(&user.id).await, (99, 0, 1));
 }

@@ -166,10 +166,10 @@ impl Accounts {
         }
         let key = insert_key(&mut tx, &id).await?;
         audit_in(
-            &mut tx,
+            &mut *tx,
             new.actor,
             "create_user",
-            &id,
+            Some(&id),
             serde_json::json!({"plan": plan.as_str(), "key_id": key.id}),
         )
         .await?;
@@ -253,10 +253,10 @@ impl Accounts {
         }
         let key = insert_key(&mut tx, user).await?;
         audit_in(
-            &mut tx,
+            &mut *tx,
             actor,
             "create_key",
-            user,
+            Some(user),
             serde_json::json!({"key_id": key.id}),
         )
         .await?;
@@ -284,10 +284,10 @@ impl Accounts {
         .await?;
         let (hash,) = row.ok_or(AccountError::UnknownKey(key_id))?;
         audit_in(
-            &mut tx,
+            &mut *tx,
             actor,
             "revoke_key",
-            user,
+            Some(user),
             serde_json::json!({"key_id": key_id}),
         )
         .await?;
@@ -376,16 +376,7 @@ impl Accounts {
         user: Option<&UserId>,
         details: serde_json::Value,
     ) -> Result<(), AccountError> {
-        sqlx::query(
-            "INSERT INTO admin_audit (actor, action, user_id, details) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(actor)
-        .bind(action)
-        .bind(user.map(UserId::as_str))
-        .bind(details)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        Ok(audit_in(&self.pool, actor, action, user, details).await?)
     }
 
     /// A page of user ids in id order, for jobs that visit every account.
@@ -466,13 +457,13 @@ impl Accounts {
     }
 }
 
-/// Appends to the audit trail inside the change's own transaction, so the
-/// change and its record stand or fall together.
-pub(crate) async fn audit_in(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+/// Appends to the audit trail. Given a change's own transaction, the change
+/// and its record stand or fall together.
+pub(crate) async fn audit_in<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     actor: &str,
     action: &str,
-    user: &UserId,
+    user: Option<&UserId>,
     details: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
@@ -480,9 +471,9 @@ pub(crate) async fn audit_in(
     )
     .bind(actor)
     .bind(action)
-    .bind(user.as_str())
+    .bind(user.map(UserId::as_str))
     .bind(details)
-    .execute(&mut **tx)
+    .execute(executor)
     .await?;
     Ok(())
 }

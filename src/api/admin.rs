@@ -36,7 +36,7 @@ use super::{ApiResult, Page, auth, json, ok, query, read_json};
 use crate::accounts::{self, Created, NewUser};
 use crate::billing::BillingError;
 use crate::body::{Body, BoxError};
-use crate::domain::{Credits, IdempotencyKey, UserId};
+use crate::domain::{Credits, UserId};
 use crate::error::ApiError;
 use crate::ledger::store;
 use crate::metering::{Grant, GrantOutcome};
@@ -283,7 +283,7 @@ fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError> {
     )
 )]
 async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let idempotency_key = idempotency_key(&req)?;
+    let idempotency_key = super::idempotency_key(req.headers())?;
     let body: CreateUserBody = read_json(req).await?;
     let name = check_name(&body.name)?;
     let email = check_email(body.email.as_deref())?;
@@ -331,23 +331,6 @@ async fn create_user(state: &AppState, req: Request<Incoming>, actor: &str) -> A
         );
     }
     Ok(response)
-}
-
-/// The optional `Idempotency-Key` of an admin write.
-fn idempotency_key(req: &Request<Incoming>) -> Result<Option<IdempotencyKey>, ApiError> {
-    req.headers()
-        .get("idempotency-key")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| IdempotencyKey::parse(s.trim()).ok())
-                .ok_or_else(|| {
-                    ApiError::InvalidHeader(
-                        "Idempotency-Key must be 1 to 128 visible ASCII characters".into(),
-                    )
-                })
-        })
-        .transpose()
 }
 
 /// What makes two admin writes "the same" under one Idempotency-Key.
@@ -558,10 +541,10 @@ async fn account_change(
     .execute(&mut *tx)
     .await?;
     accounts::audit_in(
-        &mut tx,
+        &mut *tx,
         change.actor,
         change.kind,
-        change.user,
+        Some(change.user),
         change.details,
     )
     .await?;
@@ -735,7 +718,7 @@ async fn set_blocked(
     )
 )]
 async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let idempotency_key = idempotency_key(&req)?;
+    let idempotency_key = super::idempotency_key(req.headers())?;
     let body: GrantBody = read_json(req).await?;
     let id = parse_user(&body.user_id)?;
     if !(1..=MAX_GRANT).contains(&body.credits) {

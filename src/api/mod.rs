@@ -148,6 +148,26 @@ impl Page {
     }
 }
 
+/// The optional `Idempotency-Key` header, as the proxy and the admin API
+/// read it.
+pub fn idempotency_key(
+    headers: &http::HeaderMap,
+) -> Result<Option<crate::domain::IdempotencyKey>, ApiError> {
+    headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| crate::domain::IdempotencyKey::parse(s.trim()).ok())
+                .ok_or_else(|| {
+                    ApiError::InvalidHeader(
+                        "Idempotency-Key must be 1 to 128 visible ASCII characters".into(),
+                    )
+                })
+        })
+        .transpose()
+}
+
 pub fn require(req: &Request<Incoming>, method: Method) -> Result<(), ApiError> {
     if req.method() == method {
         Ok(())

@@ -106,23 +106,17 @@ pub fn check_path(path: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     for segment in path.split('/') {
-        if segment.contains('\\') {
-            return Err(ApiError::BadPath);
-        }
-        let mut decoded = segment.to_owned();
-        // Decoding until stable catches %252e (an upstream that decodes
-        // twice) as well as %2e.
-        for _ in 0..3 {
+        // Decoding up to three times catches %252e (an upstream that
+        // decodes twice) as well as %2e.
+        let mut decoded = std::borrow::Cow::Borrowed(segment);
+        for round in 0..=3 {
             if decoded == "." || decoded == ".." || decoded.contains(['/', '\\']) {
                 return Err(ApiError::BadPath);
             }
-            if !decoded.contains('%') {
+            if round == 3 || !decoded.contains('%') {
                 break;
             }
-            decoded = percent_decode(&decoded);
-        }
-        if decoded == "." || decoded == ".." || decoded.contains(['/', '\\']) {
-            return Err(ApiError::BadPath);
+            decoded = std::borrow::Cow::Owned(percent_decode(&decoded));
         }
     }
     Ok(())
@@ -313,19 +307,7 @@ impl Proxy {
                     )
                 })?;
         }
-        if let Some(value) = headers.get("idempotency-key") {
-            ctx.idempotency_key = Some(
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|s| IdempotencyKey::parse(s.trim()).ok())
-                    .ok_or_else(|| {
-                        ApiError::InvalidHeader(
-                            "Idempotency-Key must be 1 to 128 visible ASCII characters".into(),
-                        )
-                    })?,
-            );
-        }
+        ctx.idempotency_key = crate::api::idempotency_key(headers)?;
         if let Some(value) = headers.get("x-action") {
             let action = value
                 .to_str()

@@ -38,6 +38,7 @@ impl Recording {
         let headers = encode_headers(&parts.headers);
         let recorder = Recorder {
             inner: body,
+            max_bytes: self.max_bytes,
             kept: Some(BytesMut::new()),
             pending: Some((self, status, headers)),
             storing: None,
@@ -69,6 +70,7 @@ type Storing = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 struct Recorder {
     inner: Body,
+    max_bytes: usize,
     /// The body so far; `None` once it outgrew `max_bytes`.
     kept: Option<BytesMut>,
     /// The record to complete, until it is (status and headers with it).
@@ -115,7 +117,7 @@ impl HttpBody for Recorder {
                         let fits = this
                             .kept
                             .as_ref()
-                            .is_some_and(|k| k.len() + data.len() <= max_of(&this.pending));
+                            .is_some_and(|k| k.len() + data.len() <= this.max_bytes);
                         match this.kept.as_mut() {
                             Some(kept) if fits => kept.extend_from_slice(data),
                             _ => this.kept = None,
@@ -155,10 +157,6 @@ impl HttpBody for Recorder {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-fn max_of(pending: &Option<(Recording, u16, String)>) -> usize {
-    pending.as_ref().map_or(0, |(r, _, _)| r.max_bytes)
 }
 
 impl Drop for Recorder {

@@ -763,13 +763,21 @@ impl TestApp {
 
     /// A credits API call with the test service key.
     pub async fn service(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/api/credits{path}")))
-            .header("x-service-key", SERVICE_KEY)
-            .json(&body)
-            .send()
-            .await
-            .expect("credits API answers")
+        self.credits_as(Some(SERVICE_KEY), path, body).await
+    }
+
+    /// A credits API call with this service key, or none at all.
+    pub async fn credits_as(
+        &self,
+        service_key: Option<&str>,
+        path: &str,
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        let mut req = self.client.post(self.url(&format!("/api/credits{path}")));
+        if let Some(key) = service_key {
+            req = req.header("x-service-key", key);
+        }
+        req.json(&body).send().await.expect("credits API answers")
     }
 
     /// A user API GET with the given key.
