@@ -155,6 +155,9 @@ pub struct RedisSettings {
     /// Short on purpose: a slow Redis must turn into a fast 503.
     pub command_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Replicas that must acknowledge a charge (WAIT) before the request
+    /// is forwarded; 0 trusts the master alone.
+    pub wait_replicas: u32,
 }
 
 impl Default for RedisSettings {
@@ -165,6 +168,7 @@ impl Default for RedisSettings {
             shards: 16,
             command_timeout_ms: 250,
             connect_timeout_ms: 250,
+            wait_replicas: 0,
         }
     }
 }
@@ -595,14 +599,10 @@ impl RawSettings {
                 "use letters, digits, '_' or '-'",
             ));
         }
-        if !(self.redis.url.starts_with("redis://")
-            || self.redis.url.starts_with("rediss://")
-            || self.redis.url.starts_with("redis+cluster://"))
-        {
-            return Err(invalid(
-                "redis.url",
-                "must start with redis://, rediss:// or redis+cluster://",
-            ));
+        // The very parser `serve` connects with: check-config accepts
+        // exactly what serve accepts.
+        if let Err(e) = crate::metering::Target::parse(&self.redis.url) {
+            return Err(invalid("redis.url", e.to_string()));
         }
         if !self.database.url.starts_with("postgres://")
             && !self.database.url.starts_with("postgresql://")

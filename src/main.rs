@@ -10,7 +10,8 @@ use creditgate::billing::Billing;
 use creditgate::config::{Runtime, Settings};
 use creditgate::domain::UserId;
 use creditgate::ledger::{Flusher, verify};
-use creditgate::metering::{Calendar, KeyLayout, Meter};
+use creditgate::metering::connection::Timeouts;
+use creditgate::metering::{Calendar, KeyLayout, Meter, RedisConn, Target};
 use creditgate::startup::Application;
 use sqlx::migrate::MigrateDatabase;
 use std::time::Duration;
@@ -242,9 +243,14 @@ async fn ledger_verify(settings: &Settings, drain_timeout: Duration) -> anyhow::
     eprintln!("drained {drained} events");
     let pool = accounts::connect_pool(&settings.database)?;
     let keys = KeyLayout::new(&settings.redis.key_prefix, settings.redis.shards);
-    let mut con = redis::Client::open(settings.redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut con = RedisConn::connect(
+        &Target::parse(&settings.redis.url)?,
+        Timeouts {
+            connect: Duration::from_secs(2),
+            response: Duration::from_secs(10),
+        },
+    )
+    .await?;
     let report = verify::verify(&mut con, &keys, &pool, &settings.catalog).await?;
     for drift in &report.drifts {
         println!("DRIFT user={} {}", drift.user, drift.what);

@@ -9,6 +9,7 @@ mod cache;
 pub mod credentials;
 mod sync;
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,7 +96,12 @@ pub struct Accounts {
     /// APIs need. A semaphore, because waiters queue fairly and a waiter
     /// can give up after [`KEY_LOOKUP_WAIT`].
     lookups: Arc<tokio::sync::Semaphore>,
+    /// Cache misses being looked up now: a burst of calls with one new key
+    /// waits for one query instead of queueing one each for a permit.
+    inflight: Arc<std::sync::Mutex<HashMap<KeyHash, Arc<KeyLookup>>>>,
 }
+
+type KeyLookup = tokio::sync::OnceCell<Option<UserId>>;
 
 /// How long a key lookup waits for its turn before it is shed (503).
 const KEY_LOOKUP_WAIT: Duration = Duration::from_millis(250);
@@ -123,6 +129,7 @@ impl Accounts {
             catalog,
             cache: Arc::new(KeyCache::new(100_000, Duration::from_secs(1))),
             lookups: Arc::new(tokio::sync::Semaphore::new(lookups)),
+            inflight: Arc::default(),
         }
     }
 
@@ -305,9 +312,24 @@ impl Accounts {
         if let Some(hit) = self.cache.get(hash) {
             return Ok(hit);
         }
-        let found = self.lookup_key(hash).await?;
-        self.cache.put(hash.clone(), found.clone());
-        Ok(found)
+        let lookup = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(inflight.entry(hash.clone()).or_default())
+        };
+        // A failed lookup leaves the cell empty: the next waiter tries again.
+        let found = lookup
+            .get_or_try_init(|| async {
+                let found = self.lookup_key(hash).await?;
+                self.cache.put(hash.clone(), found.clone());
+                Ok::<_, AccountError>(found)
+            })
+            .await
+            .cloned();
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if inflight.get(hash).is_some_and(|l| Arc::ptr_eq(l, &lookup)) {
+            inflight.remove(hash);
+        }
+        found
     }
 
     /// The user of a live key, asking Postgres (no cache): for the APIs,

@@ -12,24 +12,35 @@
 //! Blocking reads use a dedicated connection whose response timeout is
 //! longer than the block: the shared connection's short timeout (made for
 //! the hot path) would cut every XREADGROUP BLOCK short.
+//!
+//! On a Redis Cluster each shard's stream lives on the node that owns its
+//! hash tag, and no command may span two slots. There the flusher reads,
+//! claims, acknowledges and measures each stream with its own commands,
+//! routed by the cluster connection (so a stream that moves during a
+//! reshard is followed there), and polls every [`CLUSTER_POLL`] instead of
+//! blocking: a blocked read would hold up the node connection it shares.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
+use futures_util::future::join_all;
+use redis::Value;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::{AsyncConnectionConfig, Value};
 use sqlx::PgPool;
 use thiserror::Error;
 
 use super::event::{LedgerEvent, parse_entry_id};
 use super::store::{self, Reject};
-use crate::metering::KeyLayout;
+use crate::metering::connection::Timeouts;
+use crate::metering::{KeyLayout, RedisConn, Target};
 use crate::telemetry::metrics;
 
 pub const GROUP: &str = "creditgate-ledger";
+
+/// How often an idle flusher looks for new entries on a Redis Cluster.
+const CLUSTER_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Error)]
 pub enum FlushError {
@@ -126,13 +137,13 @@ impl Batch {
 }
 
 pub struct Flusher {
-    client: redis::Client,
+    target: Target,
     pool: PgPool,
     streams: Vec<String>,
     config: FlusherConfig,
     stats: Arc<LedgerStats>,
     crash_after_commit: Arc<AtomicBool>,
-    con: Option<MultiplexedConnection>,
+    con: Option<RedisConn>,
     groups_ready: bool,
     /// Own pending entries are re-read once at start (after a crash).
     pending_checked: bool,
@@ -148,7 +159,7 @@ impl Flusher {
         config: FlusherConfig,
     ) -> Result<Self, FlushError> {
         Ok(Self {
-            client: redis::Client::open(redis_url)?,
+            target: Target::parse(redis_url)?,
             pool,
             streams: keys.streams().collect(),
             config,
@@ -176,7 +187,7 @@ impl Flusher {
                 let mut config = self.config.clone();
                 config.consumer = format!("{}-{i}", self.config.consumer);
                 Ok(Flusher {
-                    client: self.client.clone(),
+                    target: self.target.clone(),
                     pool: self.pool.clone(),
                     streams: self.streams.iter().skip(i).step_by(n).cloned().collect(),
                     config,
@@ -309,22 +320,20 @@ impl Flusher {
         tracing::warn!(error = %e, "ledger flush failed; retrying");
     }
 
-    async fn connection(&mut self) -> Result<MultiplexedConnection, FlushError> {
+    async fn connection(&mut self) -> Result<RedisConn, FlushError> {
         if let Some(con) = &self.con {
             return Ok(con.clone());
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(self.config.block + Duration::from_secs(5)));
-        let con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(1),
+            response: self.config.block + Duration::from_secs(5),
+        };
+        let con = RedisConn::connect(&self.target, timeouts).await?;
         self.con = Some(con.clone());
         Ok(con)
     }
 
-    async fn ensure_groups(&mut self, con: &mut MultiplexedConnection) -> Result<(), FlushError> {
+    async fn ensure_groups(&mut self, con: &mut RedisConn) -> Result<(), FlushError> {
         if self.groups_ready {
             return Ok(());
         }
@@ -360,11 +369,7 @@ impl Flusher {
         result
     }
 
-    async fn read(
-        &mut self,
-        con: &mut MultiplexedConnection,
-        how: Reading,
-    ) -> Result<Batch, FlushError> {
+    async fn read(&mut self, con: &mut RedisConn, how: Reading) -> Result<Batch, FlushError> {
         let mut batch = Batch::default();
         if !self.pending_checked {
             let reply = self.read_group(con, "0", None).await?;
@@ -411,29 +416,51 @@ impl Flusher {
         let block = (how == Reading::Serve).then_some(self.config.block);
         let reply = self.read_group(con, ">", block).await?;
         add_reply(&mut batch, reply);
+        if batch.len() == 0 && block.is_some() && con.is_cluster() {
+            tokio::time::sleep(CLUSTER_POLL.min(self.config.block)).await;
+        }
         Ok(batch)
     }
 
     async fn read_group(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut RedisConn,
         id: &str,
         block: Option<Duration>,
-    ) -> Result<Option<StreamReadReply>, FlushError> {
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.config.consumer)
-            .arg("COUNT")
-            .arg(self.config.batch_size);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+    ) -> Result<Vec<StreamReadReply>, FlushError> {
+        let read = |streams: &[String], block: Option<Duration>| {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.config.consumer)
+                .arg("COUNT")
+                .arg(self.config.batch_size);
+            if let Some(block) = block {
+                cmd.arg("BLOCK").arg(block.as_millis() as u64);
+            }
+            cmd.arg("STREAMS").arg(streams);
+            for _ in streams {
+                cmd.arg(id);
+            }
+            cmd
+        };
+        if !con.is_cluster() {
+            let reply: Option<StreamReadReply> =
+                read(&self.streams, block).query_async(con).await?;
+            return Ok(reply.into_iter().collect());
         }
-        cmd.arg("STREAMS").arg(&self.streams);
-        for _ in &self.streams {
-            cmd.arg(id);
+        // One slot per command: a read per stream, all at once.
+        let replies = join_all(self.streams.chunks(1).map(|stream| {
+            let mut con = con.clone();
+            let cmd = read(stream, None);
+            async move { cmd.query_async::<Option<StreamReadReply>>(&mut con).await }
+        }))
+        .await;
+        let mut out = Vec::new();
+        for reply in replies {
+            out.extend(reply?);
         }
-        Ok(cmd.query_async(con).await?)
+        Ok(out)
     }
 
     /// Writes the batch to Postgres, then acknowledges and deletes it.
@@ -448,13 +475,19 @@ impl Flusher {
         if self.crash_after_commit.swap(false, Ordering::SeqCst) {
             return Err(FlushError::InjectedCrash);
         }
-        let mut con = self.connection().await?;
-        let mut pipe = redis::pipe();
-        for (stream, ids) in &batch.ids {
+        let con = self.connection().await?;
+        // Per stream (one slot each on a cluster), all at once.
+        let acks = join_all(batch.ids.iter().map(|(stream, ids)| {
+            let mut con = con.clone();
+            let mut pipe = redis::pipe();
             pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
             pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+            async move { pipe.query_async::<()>(&mut con).await }
+        }))
+        .await;
+        for ack in acks {
+            ack?;
         }
-        pipe.query_async::<()>(&mut con).await?;
         let parsed = batch.events.len() as u64;
         self.stats
             .flushed_total
@@ -505,17 +538,17 @@ impl Flusher {
 
     /// Unflushed entries across the streams (acknowledged ones are deleted).
     pub async fn backlog(&mut self) -> Result<Backlog, FlushError> {
-        let mut con = self.connection().await?;
-        backlog(&mut con, &self.streams).await
+        let con = self.connection().await?;
+        backlog(&con, &self.streams).await
     }
 }
 
-pub async fn backlog<C: redis::aio::ConnectionLike>(
-    con: &mut C,
-    streams: &[String],
-) -> Result<Backlog, FlushError> {
-    let mut pipe = redis::pipe();
-    for s in streams {
+/// Entries and the oldest entry's age over `streams`, asked per stream (one
+/// slot each on a cluster), all at once.
+pub async fn backlog(con: &RedisConn, streams: &[String]) -> Result<Backlog, FlushError> {
+    let replies = join_all(streams.iter().map(|s| {
+        let mut con = con.clone();
+        let mut pipe = redis::pipe();
         pipe.cmd("XLEN").arg(s);
         pipe.cmd("XRANGE")
             .arg(s)
@@ -523,11 +556,13 @@ pub async fn backlog<C: redis::aio::ConnectionLike>(
             .arg("+")
             .arg("COUNT")
             .arg(1);
-    }
-    let replies: Vec<Value> = pipe.query_async(con).await?;
+        async move { pipe.query_async::<Vec<Value>>(&mut con).await }
+    }))
+    .await;
     let now = chrono::Utc::now().timestamp_millis();
     let mut out = Backlog::default();
-    for pair in replies.chunks(2) {
+    for pair in replies {
+        let pair = pair?;
         if let Some(Value::Int(n)) = pair.first() {
             out.entries += n;
         }
@@ -553,8 +588,8 @@ fn first_entry_ms(reply: &Value) -> Option<i64> {
     }
 }
 
-fn add_reply(batch: &mut Batch, reply: Option<StreamReadReply>) {
-    for key in reply.map(|r| r.keys).unwrap_or_default() {
+fn add_reply(batch: &mut Batch, replies: Vec<StreamReadReply>) {
+    for key in replies.into_iter().flat_map(|r| r.keys) {
         for entry in &key.ids {
             batch.add(&key.key, entry);
         }

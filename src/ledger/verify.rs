@@ -12,11 +12,12 @@
 use std::collections::HashMap;
 
 use futures_util::TryStreamExt;
+use futures_util::future::join_all;
 use sqlx::PgPool;
 use thiserror::Error;
 
 use crate::catalog::Catalog;
-use crate::metering::KeyLayout;
+use crate::metering::{KeyLayout, RedisConn};
 
 #[derive(Debug, Error)]
 pub enum VerifyError {
@@ -39,8 +40,8 @@ pub struct Report {
     pub drifts: Vec<Drift>,
 }
 
-pub async fn verify<C: redis::aio::ConnectionLike + Send>(
-    con: &mut C,
+pub async fn verify(
+    con: &mut RedisConn,
     keys: &KeyLayout,
     pool: &PgPool,
     catalog: &Catalog,
@@ -168,40 +169,48 @@ struct RedisAccount {
     bonus: i64,
 }
 
-async fn read_redis_accounts<C: redis::aio::ConnectionLike + Send>(
-    con: &mut C,
+/// Every account hash in Redis: SCAN on every master (a cluster spreads
+/// accounts over all of them), then HMGET per account.
+async fn read_redis_accounts(
+    con: &mut RedisConn,
     keys: &KeyLayout,
 ) -> Result<HashMap<String, RedisAccount>, VerifyError> {
     let mut names = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(keys.account_pattern())
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(con)
-            .await?;
-        names.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
+    for node in con.masters().await? {
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(keys.account_pattern())
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) =
+                redis::from_redis_value(con.on_node(&node, &scan).await?)
+                    .map_err(redis::RedisError::from)?;
+            names.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
         }
     }
     let mut accounts = HashMap::new();
     for chunk in names.chunks(500) {
-        let mut pipe = redis::pipe();
-        for name in chunk {
-            pipe.cmd("HMGET")
-                .arg(name)
-                .arg("plan")
-                .arg("monthly")
-                .arg("bonus");
-        }
-        let replies: Vec<(Option<String>, Option<i64>, Option<i64>)> =
-            pipe.query_async(con).await?;
-        for (name, (plan, monthly, bonus)) in chunk.iter().zip(replies) {
+        // One command per account (each in its own slot on a cluster),
+        // sent together: pipelined on one connection either way.
+        let replies = join_all(chunk.iter().map(|name| {
+            let mut con = con.clone();
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(name).arg("plan").arg("monthly").arg("bonus");
+            async move {
+                cmd.query_async::<(Option<String>, Option<i64>, Option<i64>)>(&mut con)
+                    .await
+            }
+        }))
+        .await;
+        for (name, reply) in chunk.iter().zip(replies) {
+            let (plan, monthly, bonus) = reply?;
             if let Some(user) = keys.user_of_account_key(name) {
                 accounts.insert(
                     user.to_owned(),

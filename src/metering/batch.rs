@@ -12,11 +12,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Script, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::MeterError;
+use super::{MeterError, RedisConn};
 use crate::telemetry::metrics;
 
 /// The most charges in one call: a bound on the script's run time, which
@@ -33,19 +32,27 @@ pub(super) struct Charge {
     pub args: Vec<Vec<u8>>,
 }
 
+/// A charge's reply, and whether `redis.wait_replicas` replicas have it.
+pub(super) struct Answer {
+    pub value: Value,
+    pub replicated: bool,
+}
+
 struct Queued {
     charge: Charge,
-    reply: oneshot::Sender<Result<Value, MeterError>>,
+    reply: oneshot::Sender<Result<Answer, MeterError>>,
 }
 
 /// What every charge of a call shares (ARGV[1..3] of charge.lua).
 pub(super) struct Shared {
     pub script: &'static Script,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub plan_table: String,
     pub record_ttl_secs: u64,
     pub auto_block: bool,
     pub timeout: Duration,
+    /// WAIT for this many replicas after each call (0: don't).
+    pub wait_replicas: u32,
 }
 
 /// The per-shard queues, each drained by its own task, started on first use
@@ -66,7 +73,7 @@ impl Batcher {
     }
 
     /// Queues `charge` on its shard and waits for its reply.
-    pub async fn charge(&self, shard: u16, charge: Charge) -> Result<Value, MeterError> {
+    pub async fn charge(&self, shard: u16, charge: Charge) -> Result<Answer, MeterError> {
         let queue = &self.queues[usize::from(shard) % self.queues.len()];
         let sender = queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
@@ -133,8 +140,9 @@ async fn send(shared: &Shared, batch: &mut Vec<Queued>) {
     metrics::redis_script("charge", started.elapsed(), matches!(result, Ok(Ok(_))));
     match result {
         Ok(Ok(Value::Array(replies))) if replies.len() == batch.len() => {
-            for (q, reply) in batch.drain(..).zip(replies) {
-                let _ = q.reply.send(Ok(reply));
+            let replicated = replicated(shared, &mut con, &batch[0].charge, started).await;
+            for (q, value) in batch.drain(..).zip(replies) {
+                let _ = q.reply.send(Ok(Answer { value, replicated }));
             }
         }
         Ok(Ok(other)) => {
@@ -165,5 +173,33 @@ async fn send(shared: &Shared, batch: &mut Vec<Queued>) {
                 let _ = q.reply.send(Err(MeterError::Timeout(shared.timeout)));
             }
         }
+    }
+}
+
+/// With `redis.wait_replicas`, one WAIT per call on the master that ran it
+/// (every charge of a call is in one slot): a charge is only as durable as
+/// its replicas, and a master that dies before they have it takes it along.
+/// Within what is left of the call's budget; false on any shortfall.
+async fn replicated(
+    shared: &Shared,
+    con: &mut RedisConn,
+    first: &Charge,
+    started: Instant,
+) -> bool {
+    if shared.wait_replicas == 0 {
+        return true;
+    }
+    let left = shared.timeout.saturating_sub(started.elapsed());
+    if left.is_zero() {
+        return false;
+    }
+    let waited = tokio::time::timeout(
+        left,
+        con.wait_replicas(&first.keys[0], shared.wait_replicas, left),
+    )
+    .await;
+    match waited {
+        Ok(Ok(acked)) => acked >= i64::from(shared.wait_replicas),
+        _ => false,
     }
 }

@@ -10,13 +10,13 @@
 
 mod batch;
 pub mod calendar;
+pub mod connection;
 pub mod keys;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use thiserror::Error;
 
@@ -26,6 +26,7 @@ use crate::domain::{
 };
 use crate::telemetry::metrics;
 pub use calendar::{Calendar, Stamp};
+pub use connection::{RedisConn, Target};
 pub use keys::KeyLayout;
 
 static CHARGE: LazyLock<Script> =
@@ -48,6 +49,10 @@ pub enum MeterError {
     /// charge.lua ran past its deadline and wrote nothing.
     #[error("the charge reached Redis after its deadline")]
     Expired,
+    /// `redis.wait_replicas` replicas did not confirm the charge in time;
+    /// it was given back.
+    #[error("the charge was not confirmed by the replicas in time")]
+    NotReplicated,
     #[error("unexpected reply from {script}: {detail}")]
     Protocol {
         script: &'static str,
@@ -304,10 +309,10 @@ pub struct AccountState {
     pub exhausted: bool,
 }
 
-/// Cheap to clone: the connection manager multiplexes one connection.
+/// Cheap to clone: one multiplexed connection (per cluster node) is shared.
 #[derive(Clone)]
 pub struct Meter {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: Arc<KeyLayout>,
     catalog: Arc<Catalog>,
     timeout: Duration,
@@ -330,24 +335,16 @@ impl Meter {
         catalog: Arc<Catalog>,
         metering: &crate::config::MeteringSettings,
     ) -> Result<Self, MeterError> {
-        if settings.url.starts_with("redis+cluster://") {
-            return Err(MeterError::Unavailable(redis::RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "Redis Cluster URLs are not supported by this build yet",
-            ))));
-        }
-        let client = redis::Client::open(settings.url.as_str()).map_err(MeterError::Unavailable)?;
+        let target = Target::parse(&settings.url).map_err(MeterError::Unavailable)?;
         let timeout = Duration::from_millis(settings.command_timeout_ms);
-        // One quick retry, then fail: a caller waiting out an exponential
-        // reconnect schedule is exactly the "hangs 10 s" failure we avoid.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(50));
-        let redis = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(MeterError::Unavailable)?;
+        let redis = RedisConn::lazy(
+            &target,
+            connection::Timeouts {
+                connect: Duration::from_millis(settings.connect_timeout_ms),
+                response: timeout,
+            },
+        )
+        .map_err(MeterError::Unavailable)?;
         let keys = Arc::new(KeyLayout::new(&settings.key_prefix, settings.shards));
         let batcher = Arc::new(batch::Batcher::new(
             batch::Shared {
@@ -357,6 +354,7 @@ impl Meter {
                 record_ttl_secs: metering.idempotency_ttl_secs.max(1),
                 auto_block: metering.auto_block_exhausted,
                 timeout,
+                wait_replicas: settings.wait_replicas,
             },
             keys.shards(),
         ));
@@ -376,7 +374,7 @@ impl Meter {
     }
 
     /// A connection for callers with their own commands (flusher, admin).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.redis.clone()
     }
 
@@ -485,11 +483,15 @@ impl Meter {
         push(&mut args, self.deadline_on_redis());
         let shard = self.keys.shard_of(req.user);
         let queued = self.batcher.charge(shard, batch::Charge { keys, args });
-        let reply = match tokio::time::timeout(self.timeout, queued).await {
-            Ok(reply) => reply?,
+        let answer = match tokio::time::timeout(self.timeout, queued).await {
+            Ok(answer) => answer?,
             Err(_) => return Err(MeterError::Timeout(self.timeout)),
         };
-        match decode_charge(reply, event_id) {
+        match decode_charge(answer.value, event_id) {
+            Ok(ChargeOutcome::Charged(receipt)) if !answer.replicated => {
+                self.give_back(req, &receipt).await;
+                Err(MeterError::NotReplicated)
+            }
             Err(MeterError::Expired) => {
                 // Late by our own deadline, or the clocks moved apart:
                 // measure again so the next deadline is right.
@@ -500,6 +502,28 @@ impl Meter {
                 Err(MeterError::Timeout(self.timeout))
             }
             decoded => decoded,
+        }
+    }
+
+    /// Refunds a charge the replicas did not confirm: the caller answers
+    /// 503 "nothing was charged", so the master must not keep it either.
+    /// Should this refund be lost with the master, so is the charge.
+    async fn give_back(&self, req: &ChargeRequest<'_>, receipt: &Receipt) {
+        let of = match req.idempotency {
+            Idempotency::Key { key, .. } => RefundOf::Idempotent(key),
+            Idempotency::RequestId => RefundOf::Record,
+            Idempotency::None => RefundOf::Receipt {
+                receipt,
+                module: &req.module.id,
+                action: req.action,
+                charged_at: req.stamp,
+            },
+        };
+        if let Err(error) = self
+            .refund(req.user, req.request_id, of, "replication", req.stamp)
+            .await
+        {
+            tracing::error!(user = %req.user, %error, "could not give back an unreplicated charge");
         }
     }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod cluster;
 pub mod process;
 
 use std::collections::HashMap;
@@ -554,6 +555,9 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// Between the gateway and Redis, when built with `redis_via_chaos`.
     pub redis_chaos: Option<Arc<chaos::ChaosProxy>>,
+    /// The Redis Cluster the gateway uses instead of `redis`, when built
+    /// with `cluster`.
+    pub cluster: Option<cluster::TestCluster>,
     pub state: Arc<AppState>,
     pub client: reqwest::Client,
     pub upstream: Upstream,
@@ -568,6 +572,7 @@ pub struct TestAppBuilder {
     env: Vec<(String, String)>,
     database_via: Option<SocketAddr>,
     redis_via_chaos: bool,
+    cluster: bool,
 }
 
 impl TestAppBuilder {
@@ -589,8 +594,19 @@ impl TestAppBuilder {
         self
     }
 
+    /// Run against a private Redis Cluster ([`TestApp::cluster`]).
+    pub fn cluster(mut self) -> Self {
+        self.cluster = true;
+        self
+    }
+
     pub async fn start(self) -> TestApp {
         init_logs();
+        let cluster = if self.cluster {
+            Some(cluster::TestCluster::start().await)
+        } else {
+            None
+        };
         let (redis, db, upstream) = (
             TestRedis::start().await,
             TestDb::create().await,
@@ -603,9 +619,10 @@ impl TestAppBuilder {
         } else {
             None
         };
-        let redis_url = match &redis_chaos {
-            Some(c) => format!("redis://{}", c.addr),
-            None => redis.url(),
+        let redis_url = match (&redis_chaos, &cluster) {
+            (Some(c), _) => format!("redis://{}", c.addr),
+            (None, Some(cluster)) => cluster.url(),
+            (None, None) => redis.url(),
         };
         let db_url = match self.database_via {
             Some(addr) => db.url.replace("127.0.0.1:5432", &addr.to_string()),
@@ -638,6 +655,7 @@ impl TestAppBuilder {
             config: text,
             addr,
             redis_chaos,
+            cluster,
             state,
             client,
             upstream,
@@ -662,6 +680,7 @@ impl TestApp {
             env: Vec::new(),
             database_via: None,
             redis_via_chaos: false,
+            cluster: false,
         }
     }
 
@@ -709,16 +728,15 @@ impl TestApp {
 
     /// The account's hot state: (monthly, bonus, used today).
     pub async fn balance(&self, user: &UserId) -> (i64, i64, i64) {
-        let mut con = self.redis.connection().await;
         let key = self.state.meter.keys().account(user);
-        let (m, b, u): (Option<i64>, Option<i64>, Option<i64>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("monthly")
-            .arg("bonus")
-            .arg("used")
-            .query_async(&mut con)
-            .await
-            .expect("HMGET");
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&key).arg("monthly").arg("bonus").arg("used");
+        let (m, b, u): (Option<i64>, Option<i64>, Option<i64>) = if self.cluster.is_some() {
+            cmd.query_async(&mut self.state.meter.connection()).await
+        } else {
+            cmd.query_async(&mut self.redis.connection().await).await
+        }
+        .expect("HMGET");
         (m.unwrap_or(-1), b.unwrap_or(-1), u.unwrap_or(-1))
     }
 
@@ -844,9 +862,10 @@ impl TestApp {
 
     /// Unflushed entries in the usage streams.
     pub async fn backlog(&self) -> i64 {
-        let mut con = self.redis.connection().await;
+        // Through the gateway's own connection: a single Redis or the cluster.
+        let con = self.state.meter.connection();
         let streams: Vec<String> = self.state.meter.keys().streams().collect();
-        creditgate::ledger::flusher::backlog(&mut con, &streams)
+        creditgate::ledger::flusher::backlog(&con, &streams)
             .await
             .map(|b| b.entries)
             .unwrap_or(-1)

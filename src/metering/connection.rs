@@ -1,0 +1,332 @@
+//! One Redis or a Redis Cluster, behind one connection type.
+//!
+//! `redis.url` names either a single server (`redis://`, `rediss://`) or a
+//! cluster (`redis+cluster://h1:p1,h2:p2,...`: any reachable nodes, the rest
+//! is discovered). Callers hold a [`RedisConn`] and send commands and
+//! scripts through it without knowing which: every script touches one
+//! account's hash tag, so the cluster connection routes it by its keys,
+//! follows MOVED and ASK, and refreshes its slot map after a failover or a
+//! reshard. What a cluster needs beyond routing by key lives here too:
+//! commands for every master (SCAN), and WAIT on the master that ran a
+//! script.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{
+    Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value,
+};
+
+const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Where `redis.url` points, parsed once by `check-config` and `serve` alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Single(String),
+    /// One `redis://` URL per seed node.
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    pub fn parse(url: &str) -> RedisResult<Self> {
+        let Some(rest) = url.strip_prefix(CLUSTER_SCHEME) else {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "must start with redis://, rediss:// or redis+cluster://",
+                ));
+            }
+            url.into_connection_info()?;
+            return Ok(Self::Single(url.to_owned()));
+        };
+        // Credentials, given once before the first node, apply to every node.
+        let (auth, nodes) = match rest.rsplit_once('@') {
+            Some((auth, nodes)) => (format!("{auth}@"), nodes),
+            None => (String::new(), rest),
+        };
+        let nodes = nodes.split('/').next().unwrap_or_default();
+        let urls: Vec<String> = nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|node| format!("redis://{auth}{node}"))
+            .collect();
+        if urls.is_empty() {
+            return Err(invalid("redis+cluster:// needs at least one host:port"));
+        }
+        for u in &urls {
+            u.as_str().into_connection_info()?;
+        }
+        Ok(Self::Cluster(urls))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+fn invalid(detail: &'static str) -> RedisError {
+    RedisError::from((
+        ErrorKind::InvalidClientConfig,
+        "invalid redis.url",
+        detail.to_owned(),
+    ))
+}
+
+/// How long to wait, and how often to retry, before a caller gets an error.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub response: Duration,
+}
+
+/// A multiplexed connection to one Redis, or to every node of a cluster.
+/// Cheap to clone: clones share the sockets.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A master of the cluster (or the single server), for commands that must
+/// reach every node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub host: String,
+    pub port: u16,
+}
+
+impl RedisConn {
+    /// Connects in the background: the gateway starts (and answers 503)
+    /// while Redis is down, and the first command after Redis is back
+    /// succeeds. One quick retry, then an error: a caller waiting out an
+    /// exponential reconnect schedule is the "hangs 10 s" failure we avoid.
+    pub fn lazy(target: &Target, timeouts: Timeouts) -> RedisResult<Self> {
+        match target {
+            Target::Single(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeouts.connect))
+                    .set_response_timeout(Some(timeouts.response))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(50));
+                let client = redis::Client::open(url.as_str())?;
+                Ok(Self::Single(ConnectionManager::new_lazy_with_config(
+                    client, config,
+                )?))
+            }
+            Target::Cluster(nodes) => {
+                let client = cluster_client(nodes, timeouts)?;
+                Ok(Self::Cluster(
+                    client.get_pending_async_connection_with_config(cluster_config(timeouts)),
+                ))
+            }
+        }
+    }
+
+    /// Connects now (command-line tools, the flusher's own connection).
+    pub async fn connect(target: &Target, timeouts: Timeouts) -> RedisResult<Self> {
+        match target {
+            Target::Single(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeouts.connect))
+                    .set_response_timeout(Some(timeouts.response))
+                    .set_number_of_retries(1);
+                let client = redis::Client::open(url.as_str())?;
+                Ok(Self::Single(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            Target::Cluster(nodes) => {
+                let client = cluster_client(nodes, timeouts)?;
+                Ok(Self::Cluster(
+                    client
+                        .get_async_connection_with_config(cluster_config(timeouts))
+                        .await?,
+                ))
+            }
+        }
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// The masters that hold data: the server itself, or every cluster
+    /// master that owns slots (from CLUSTER SLOTS, asked of any node).
+    pub async fn masters(&mut self) -> RedisResult<Vec<Node>> {
+        let Self::Cluster(con) = self else {
+            return Ok(vec![Node {
+                host: String::new(),
+                port: 0,
+            }]);
+        };
+        let slots = con
+            .route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await?;
+        let mut masters: Vec<Node> = Vec::new();
+        let Value::Array(ranges) = slots else {
+            return Err(protocol("CLUSTER SLOTS"));
+        };
+        for range in ranges {
+            // [start, end, [host, port, id, ...] master, replicas...]
+            let Value::Array(fields) = range else {
+                return Err(protocol("CLUSTER SLOTS"));
+            };
+            let Some(Value::Array(master)) = fields.get(2) else {
+                return Err(protocol("CLUSTER SLOTS"));
+            };
+            let host = match master.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => return Err(protocol("CLUSTER SLOTS")),
+            };
+            let Some(Value::Int(port)) = master.get(1) else {
+                return Err(protocol("CLUSTER SLOTS"));
+            };
+            let node = Node {
+                host,
+                port: u16::try_from(*port).map_err(|_| protocol("CLUSTER SLOTS"))?,
+            };
+            if !masters.contains(&node) {
+                masters.push(node);
+            }
+        }
+        Ok(masters)
+    }
+
+    /// Runs `cmd` on one master (see [`Self::masters`]).
+    pub async fn on_node(&mut self, node: &Node, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Self::Single(con) => cmd.query_async(con).await,
+            Self::Cluster(con) => {
+                con.route_command(
+                    cmd.clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: node.host.clone(),
+                        port: node.port,
+                    }),
+                )
+                .await
+            }
+        }
+    }
+
+    /// WAIT on the master that owns `key`'s slot: returns once `replicas`
+    /// replicas have every write this connection made there so far (or
+    /// after `timeout`), with the number that did.
+    pub async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> RedisResult<i64> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        match self {
+            Self::Single(con) => cmd.query_async(con).await,
+            Self::Cluster(con) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = con
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
+
+fn cluster_client(nodes: &[String], timeouts: Timeouts) -> RedisResult<ClusterClient> {
+    // A failover or a reshard shows up as MOVED, ASK or a closed socket;
+    // the client refreshes its slot map and retries, quickly, and the
+    // caller's own deadline (redis.command_timeout_ms) bounds the whole.
+    ClusterClient::builder(nodes.iter().map(String::as_str))
+        .connection_timeout(timeouts.connect)
+        .response_timeout(timeouts.response)
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(100)
+        .build()
+}
+
+fn cluster_config(timeouts: Timeouts) -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(timeouts.connect)
+        .set_response_timeout(timeouts.response)
+}
+
+fn protocol(what: &'static str) -> RedisError {
+    RedisError::from((ErrorKind::Parse, "unexpected reply", what.to_owned()))
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(con) => con.req_packed_command(cmd),
+            Self::Cluster(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(con) => con.req_packed_commands(cmd, offset, count),
+            Self::Cluster(con) => con.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(con) => con.get_db(),
+            Self::Cluster(con) => con.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_name_every_seed_node_with_shared_credentials() {
+        assert_eq!(
+            Target::parse("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001").unwrap(),
+            Target::Cluster(vec![
+                "redis://10.0.0.1:7000".into(),
+                "redis://10.0.0.2:7001".into()
+            ])
+        );
+        assert_eq!(
+            Target::parse("redis+cluster://:s3cret@h1:7000,h2:7000").unwrap(),
+            Target::Cluster(vec![
+                "redis://:s3cret@h1:7000".into(),
+                "redis://:s3cret@h2:7000".into()
+            ])
+        );
+        assert!(Target::parse("redis://127.0.0.1:6379").is_ok());
+    }
+
+    #[test]
+    fn malformed_urls_are_refused() {
+        for url in [
+            "redis+cluster://",
+            "redis+cluster://,",
+            "http://x",
+            "redis://:x:y:z",
+        ] {
+            assert!(Target::parse(url).is_err(), "{url}");
+        }
+    }
+}

