@@ -103,6 +103,14 @@ export CREDITGATE_PLANS__BENCH__MONTHLY_CREDITS=1000000000
 export CREDITGATE_PLANS__BENCH__MODULES='["rag"]'
 export CREDITGATE_MODULES__RAG__UPSTREAM=http://$UPSTREAM
 redis-cli --scan --pattern '{bench:*' | xargs -r -d '\n' redis-cli del >/dev/null
+# BENCH_CLUSTER=1: the gateway meters on a fresh local Redis Cluster
+# (scripts/cluster.sh, ports 7100-7105) instead of the Redis on 6379; the
+# peer keeps the single Redis.
+if [ -n "${BENCH_CLUSTER:-}" ]; then
+  scripts/cluster.sh start 7100 >/dev/null
+  CREDITGATE_REDIS__URL=$(scripts/cluster.sh url 7100)
+  export CREDITGATE_REDIS__URL
+fi
 "$BIN" migrate 2>/dev/null
 KEY=$("$BIN" user create --name bench --plan bench | sed -n 's/^api_key: //p')
 redis-cli SET "peer:acct:Bearer $KEY" 1000000000 >/dev/null
@@ -111,6 +119,9 @@ redis-cli DEL peer:events >/dev/null
 # ---------------------------------------------------------------- CPU
 TICK=$(getconf CLK_TCK)
 REDIS_PID=$(redis-cli INFO server | sed -n 's/^process_id:\([0-9]*\).*/\1/p')
+# On a cluster, "redis" is every node of the gateway's cluster plus the
+# single Redis (the peer's); each target only uses one of the two.
+[ -n "${BENCH_CLUSTER:-}" ] && REDIS_PID="$REDIS_PID $(pgrep -f 'redis-server 127.0.0.1:710[0-5]' | tr '\n' ' ')"
 workers_of() { pgrep -P "$(cat "$WORK/$1.pid")" | tr '\n' ' '; }
 # utime + stime of the given processes, in clock ticks.
 cpu_ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
@@ -150,6 +161,8 @@ cleanup() {
   nginx -c "$WORK/upstream.conf" -s quit 2>/dev/null || true
   nginx -c "$WORK/proxy.conf" -s quit 2>/dev/null || true
   nginx -c "$WORK/peer.conf" -s quit 2>/dev/null || true
+  [ -n "${BENCH_CLUSTER:-}" ] && scripts/cluster.sh stop 7100
+  true
 }
 trap cleanup EXIT
 

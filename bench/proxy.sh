@@ -3,9 +3,12 @@
 # direct to the upstream, nginx as a plain reverse proxy, the Kong-style
 # peer (nginx + Lua + Redis: one EVALSHA deduct + XADD per request), and
 # creditgate metering (its ledger flusher included).
-#   bench/proxy.sh [duration=15s] [connections=50]
+#   bench/proxy.sh [--cluster] [duration=15s] [connections=50]
+# --cluster: creditgate meters on a local 3-master Redis Cluster
+# (scripts/cluster.sh) instead of the single Redis.
 # Every proxy runs with its access log off (creditgate: log.level = warn).
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --cluster ]; then export BENCH_CLUSTER=1; shift; fi
 . bench/common.sh
 DURATION=${1:-15s}
 CONNS=${2:-50}
@@ -19,11 +22,15 @@ measure direct "http://$UPSTREAM/rag/q" "" "${WRK_ARGS[@]}"
 measure nginx "http://$NGINX_PROXY/rag/q" "$(workers_of proxy)" "${WRK_ARGS[@]}"
 measure peer "http://$PEER/rag/q" "$(workers_of peer)" "${WRK_ARGS[@]}"
 redis-cli CONFIG RESETSTAT >/dev/null
+if [ -n "${BENCH_CLUSTER:-}" ]; then for p in $(seq 7100 7105); do redis-cli -p "$p" CONFIG RESETSTAT >/dev/null; done; fi
 measure creditgate "http://$GATEWAY/rag/q" "$GW_PID" "${WRK_ARGS[@]}" &
 WRK_PID=$!
 # Ledger lag while the proxy runs flat out, sampled every 200 ms.
 : > "$WORK/lag"
-while kill -0 $WRK_PID 2>/dev/null; do redis-cli EVAL "$LAG_LUA" 0 >> "$WORK/lag"; sleep 0.2; done
+while kill -0 $WRK_PID 2>/dev/null; do
+  [ -z "${BENCH_CLUSTER:-}" ] && redis-cli EVAL "$LAG_LUA" 0 >> "$WORK/lag"
+  sleep 0.2
+done
 wait $WRK_PID
 
 reqs=$(awk '/requests in/ {print $1}' "$WORK/creditgate.wrk")
@@ -34,12 +41,20 @@ echo "creditgate / peer  = $(echo "scale=3; $(rps creditgate) / $(rps peer)" | b
 echo "peer / nginx       = $(echo "scale=3; $(rps peer) / $(rps nginx)" | bc)"
 echo
 echo "== Redis commands during the creditgate run ($reqs requests)"
-redis-cli INFO commandstats | grep -E 'cmdstat_(evalsha|eval|xreadgroup|xack|xdel|xautoclaim|hmget|hset|xadd|sismember|exists|time)' \
+# On a cluster, the sum over its masters.
+stats() {
+  if [ -z "${BENCH_CLUSTER:-}" ]; then redis-cli INFO commandstats; return; fi
+  for p in $(seq 7100 7105); do
+    [ "$(redis-cli -p "$p" ROLE | head -1)" = master ] && redis-cli -p "$p" INFO commandstats
+  done
+  true
+}
+stats | grep -E 'cmdstat_(evalsha|eval|xreadgroup|xack|xdel|xautoclaim|hmget|hset|xadd|sismember|exists|time)' \
   | sed -E 's/cmdstat_([a-z]+):calls=([0-9]+).*/\1 \2/' \
-  | awk -v n="$reqs" '{printf "  %-11s %9d calls  %.3f per request\n", $1, $2, $2 / n}'
+  | awk -v n="$reqs" '{c[$1] += $2} END {for (k in c) printf "  %-11s %9d calls  %.3f per request\n", k, c[k], c[k] / n}'
 echo
-echo "== ledger lag during the run (ms, from $(wc -l < "$WORK/lag") samples)"
-sort -n "$WORK/lag" | awk '{a[NR]=$1} END {printf "  p50 %d  p99 %d  max %d\n", a[int(NR*0.5)+1], a[int(NR*0.99)+1], a[NR]}'
+echo "== ledger lag during the run (ms, from $(wc -l < "$WORK/lag") samples; not sampled on a cluster)"
+[ -s "$WORK/lag" ] && sort -n "$WORK/lag" | awk '{a[NR]=$1} END {printf "  p50 %d  p99 %d  max %d\n", a[int(NR*0.5)+1], a[int(NR*0.99)+1], a[NR]}'
 
 # Latency at a constant rate: half of nginx's maximum, then half of
 # creditgate's own maximum (a rate every target can sustain).

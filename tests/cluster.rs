@@ -56,17 +56,18 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
         &[("CREDITGATE_LEDGER__FLUSHER", "false")],
     )
     .await;
-    let mut users = Vec::new();
-    for _ in 0..6 {
-        users.push(app.create_user("starter").await); // 100 credits a day
-    }
-    // Users land on different masters: the test covers more than one node.
+    // Six users, on at least two masters (the test covers more than one
+    // node): a user that would make it six on one master is swapped.
     let cluster = app.cluster.as_ref().expect("cluster");
-    let masters: std::collections::HashSet<u16> = users
-        .iter()
-        .map(|u| cluster.master_of(&app.state.meter.keys().account(&u.id)))
-        .collect();
-    assert!(masters.len() >= 2, "six users on one master: {masters:?}");
+    let master_of = |u: &common::Account| cluster.master_of(&app.state.meter.keys().account(&u.id));
+    let mut users = Vec::new();
+    while users.len() < 6 {
+        let user = app.create_user("starter").await; // 100 credits a day
+        let one_master = users.len() == 5 && users.iter().all(|u| master_of(u) == master_of(&user));
+        if !one_master {
+            users.push(user);
+        }
+    }
 
     // 150 calls per user, alternating between the two gateways.
     let mut targets = Vec::new();
@@ -96,13 +97,24 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
 }
 
 /// Calls the gateway in a loop from `workers` tasks until `stop`, and
-/// records (when it was sent, status, how long it took).
+/// records (when it was sent, status, how long it took, error code).
 async fn load(
     app: &TestApp,
     keys: Vec<String>,
     workers: usize,
     stop: Instant,
 ) -> Vec<(Instant, u16, Duration, String)> {
+    load_until(app, keys, workers, async move { stop }).await
+}
+
+/// [`load`] until the instant `stop` resolves to.
+async fn load_until(
+    app: &TestApp,
+    keys: Vec<String>,
+    workers: usize,
+    stop: impl std::future::Future<Output = Instant>,
+) -> Vec<(Instant, u16, Duration, String)> {
+    let stop_at = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
             let (c, url, key) = (
@@ -110,9 +122,14 @@ async fn load(
                 app.url("/rag/q"),
                 keys[w % keys.len()].clone(),
             );
+            let stop_at = std::sync::Arc::clone(&stop_at);
             tokio::spawn(async move {
                 let mut seen = Vec::new();
-                while Instant::now() < stop {
+                while stop_at
+                    .lock()
+                    .expect("lock")
+                    .is_none_or(|stop| Instant::now() < stop)
+                {
                     let sent = Instant::now();
                     let (status, code) = match c.get(&url).bearer_auth(&key).send().await {
                         Ok(r) => {
@@ -133,6 +150,8 @@ async fn load(
             })
         })
         .collect();
+    let at = stop.await;
+    *stop_at.lock().expect("lock") = Some(at);
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.expect("load task"));
@@ -301,5 +320,129 @@ async fn with_wait_replicas_a_master_killed_under_load_loses_no_charge() {
     );
     assert!(f.charged <= f.served + 16);
     assert_eq!(f.ledgered, f.charged);
+    assert_verify_clean(&app);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_resharded_under_load_lose_and_double_nothing() {
+    let app = TestApp::builder().cluster().start().await;
+    let cluster = app.cluster.as_ref().expect("cluster");
+    let keys = app.state.meter.keys();
+    // The master of slot 0 gives its first 500 slots away: shards 0, 4 and
+    // 8 ({cg:0} is slot 248, {cg:4} 124, {cg:8} 496) move with everything
+    // in them, usage streams and consumer groups included.
+    let from = cluster.master_of("{cg:4}");
+    let to = cluster.master_of("{cg:11}");
+    let (mut moving, mut staying) = (Vec::new(), Vec::new());
+    while moving.len() < 4 || staying.len() < 4 {
+        let user = app.create_user("enterprise").await;
+        if [0, 4, 8].contains(&keys.shard_of(&user.id)) {
+            moving.push(user);
+        } else {
+            staying.push(user);
+        }
+        assert!(
+            moving.len() + staying.len() < 200,
+            "no user lands on shards 0, 4, 8"
+        );
+    }
+    let users: Vec<_> = moving
+        .iter()
+        .take(4)
+        .chain(staying.iter().take(4))
+        .cloned()
+        .collect();
+    let keys_of: Vec<String> = users.iter().map(|u| u.key.clone()).collect();
+
+    let started = Instant::now();
+    let done = tokio::sync::Notify::new();
+    let reshard = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.reshard(from, to, 500).await;
+        let took = started.elapsed();
+        done.notify_one();
+        took
+    };
+    // Load until a second after the reshard has finished.
+    let stop = async {
+        done.notified().await;
+        Instant::now() + Duration::from_secs(1)
+    };
+    let (seen, took) = tokio::join!(load_until(&app, keys_of, 16, stop), reshard);
+    assert_eq!(cluster.master_of("{cg:4}"), to, "the slots moved");
+
+    let failed: Vec<_> = seen.iter().filter(|s| s.1 != 200).collect();
+    eprintln!(
+        "reshard of 500 slots took {:?} under load: {} calls, {} not served ({:?})",
+        took - Duration::from_secs(1),
+        seen.len(),
+        failed.len(),
+        failed
+            .iter()
+            .map(|s| (s.1, s.3.as_str()))
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    // A call that meets a slot mid-move is retried by the cluster client
+    // within the Redis budget; past it, a clean 503.
+    for (_, status, took, code) in &failed {
+        assert!(
+            *status == 503 && code == "metering_unavailable",
+            "{status} {code}"
+        );
+        assert!(*took < Duration::from_secs(2));
+    }
+    assert!(failed.len() * 100 <= seen.len(), "more than 1 % failed");
+
+    app.wait_flushed(Duration::from_secs(30)).await;
+    let mut charged = 0;
+    for u in &users {
+        let (monthly, bonus, _) = app.balance(&u.id).await;
+        charged += 100_000 - monthly - bonus;
+    }
+    let served = (seen.len() - failed.len()) as i64;
+    let ledgered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
+            .fetch_one(&app.pool().await)
+            .await
+            .expect("count");
+    assert_eq!(charged, served);
+    assert_eq!(ledgered, served);
+    assert_verify_clean(&app);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wiped_master_and_replica_are_rebuilt_from_postgres_and_verify_clean() {
+    let app = TestApp::builder().cluster().start().await;
+    let cluster = app.cluster.as_ref().expect("cluster");
+    let mut users = Vec::new();
+    for _ in 0..8 {
+        users.push(app.create_user("starter").await); // 500 credits
+    }
+    let targets: Vec<_> = users
+        .iter()
+        .map(|u| (app.url("/rag/q"), u.key.clone()))
+        .collect();
+    let statuses = burst(&app, &targets, 160).await;
+    assert_eq!(count(&statuses, 200), 160);
+    app.wait_flushed(Duration::from_secs(20)).await;
+
+    // The master of the first user loses everything; FLUSHALL reaches its
+    // replica too, as a wipe of both would.
+    let victim = cluster.master_of(&app.state.meter.keys().account(&users[0].id));
+    common::cluster::cli(victim, &["FLUSHALL"]).expect("flushall");
+    assert_eq!(app.balance(&users[0].id).await, (-1, -1, -1), "wiped");
+
+    let statuses = burst(&app, &targets, 160).await;
+    assert_eq!(count(&statuses, 200), 160, "{statuses:?}");
+    for u in &users {
+        assert_eq!(app.balance(&u.id).await, (460, 0, 40));
+    }
+    app.wait_flushed(Duration::from_secs(20)).await;
+    let charges: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
+            .fetch_one(&app.pool().await)
+            .await
+            .expect("count");
+    assert_eq!(charges, 320);
     assert_verify_clean(&app);
 }

@@ -198,6 +198,29 @@ impl TestCluster {
         self.spawn(i).await;
     }
 
+    /// Moves the first `slots` slots of the master on `from` to the master
+    /// on `to` with `redis-cli --cluster reshard` (keys included), off the
+    /// async runtime. Returns when every slot has moved.
+    pub async fn reshard(&self, from: u16, to: u16, slots: u32) {
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("redis-cli")
+                .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+                .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
+                .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+                .output()
+                .expect("redis-cli")
+        })
+        .await
+        .expect("reshard");
+        assert!(
+            out.status.success(),
+            "reshard: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// `redis-cli --cluster <args>` against the first live node.
     pub fn admin(&self, args: &[&str]) -> String {
         let node = format!("127.0.0.1:{}", self.live_ports()[0]);

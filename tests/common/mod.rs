@@ -667,6 +667,7 @@ impl TestAppBuilder {
     }
 }
 
+#[derive(Clone)]
 pub struct Account {
     pub id: UserId,
     pub key: String,
