@@ -280,6 +280,9 @@ pub struct LedgerSettings {
     /// instance re-reads its own unacknowledged entries first. Defaults to
     /// the host name.
     pub consumer: Option<String>,
+    /// Months of ledger kept attached (0: all). Older monthly partitions
+    /// are detached once a day, left as plain tables to archive or drop.
+    pub retention_months: u32,
 }
 
 impl Default for LedgerSettings {
@@ -293,6 +296,7 @@ impl Default for LedgerSettings {
             drain_timeout_ms: 10_000,
             linger_ms: 100,
             consumer: None,
+            retention_months: 0,
         }
     }
 }

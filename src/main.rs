@@ -9,7 +9,7 @@ use creditgate::accounts::{self, Accounts, Created, NewUser};
 use creditgate::billing::Billing;
 use creditgate::config::{Runtime, Settings};
 use creditgate::domain::UserId;
-use creditgate::ledger::{Flusher, verify};
+use creditgate::ledger::{Flusher, partitions, verify};
 use creditgate::metering::connection::Timeouts;
 use creditgate::metering::{Calendar, KeyLayout, Meter, RedisConn, Target};
 use creditgate::startup::Application;
@@ -96,6 +96,10 @@ enum LedgerCommand {
         #[arg(long, default_value_t = 60)]
         drain_timeout: u64,
     },
+    /// Create this month's and the next months' ledger partitions, detach
+    /// those older than `ledger.retention_months`, and list them (the
+    /// gateway does the same at start and daily).
+    Partitions,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +222,9 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Ledger {
+            command: LedgerCommand::Partitions,
+        } => ledger_partitions(&settings).await?,
         Command::DemoUpstream { .. } => {}
     }
     Ok(())
@@ -262,6 +269,24 @@ async fn ledger_verify(settings: &Settings, drain_timeout: Duration) -> anyhow::
         report.drifts.len()
     );
     Ok(report.drifts.is_empty())
+}
+
+async fn ledger_partitions(settings: &Settings) -> anyhow::Result<()> {
+    let pool = accounts::connect_pool(&settings.database)?;
+    let calendar = Calendar::new(settings.timezone);
+    let today = chrono::NaiveDate::parse_from_str(&calendar.now().day, "%Y-%m-%d")?;
+    partitions::ensure_ahead(&pool, today).await?;
+    if settings.ledger.retention_months > 0 {
+        for name in
+            partitions::detach_older_than(&pool, today, settings.ledger.retention_months).await?
+        {
+            println!("detached {name}");
+        }
+    }
+    for (name, first) in partitions::list(&pool).await? {
+        println!("{name}\t{first}");
+    }
+    Ok(())
 }
 
 fn open_accounts(settings: &Settings) -> anyhow::Result<Accounts> {

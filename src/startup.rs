@@ -192,6 +192,11 @@ impl Application {
         }
         if self.reconciler {
             background.push(tokio::spawn(reconcile(self.state.billing.clone())));
+            background.push(tokio::spawn(partitions(
+                self.state.accounts.pool().clone(),
+                self.state.calendar.clone(),
+                self.settings.ledger.retention_months,
+            )));
         }
         background.push(tokio::spawn(calibrate(self.state.meter.clone())));
         if let Some(addr) = self.settings.metrics_listen {
@@ -312,6 +317,36 @@ async fn reconcile(billing: Billing) {
         if rounds.is_multiple_of(240) {
             let _ = billing.accounts.expire_idempotency().await;
         }
+    }
+}
+
+/// The ledger's monthly partitions: this month and the next ones created
+/// at start (retried each minute while Postgres is away) and every day,
+/// then old months detached when `ledger.retention_months` says so.
+async fn partitions(pool: sqlx::PgPool, calendar: Calendar, retention_months: u32) {
+    loop {
+        let today = chrono::NaiveDate::parse_from_str(&calendar.now().day, "%Y-%m-%d")
+            .unwrap_or_else(|_| chrono::Utc::now().date_naive());
+        let done = async {
+            crate::ledger::partitions::ensure_ahead(&pool, today).await?;
+            if retention_months > 0 {
+                for name in
+                    crate::ledger::partitions::detach_older_than(&pool, today, retention_months)
+                        .await?
+                {
+                    tracing::info!(partition = %name, "ledger partition detached (retention)");
+                }
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        let wait = match done.await {
+            Ok(()) => std::time::Duration::from_secs(24 * 3600),
+            Err(e) => {
+                tracing::warn!(error = %e, "ledger partitions not checked; retrying in a minute");
+                std::time::Duration::from_secs(60)
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -449,3 +449,122 @@ async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
     assert!(app.upstream.hits() >= ok.len() && app.upstream.hits() <= charged);
     assert_verify_clean(&app);
 }
+
+/// An event for a month whose partition does not exist (replayed from long
+/// ago): the flusher creates the partition and stores the event once.
+/// `ledger partitions` then detaches months past the retention, leaving
+/// them as plain tables.
+#[tokio::test]
+async fn ledger_months_are_partitions_created_on_demand_and_detached_by_retention() {
+    let app = TestApp::spawn().await;
+    let pool = app.pool().await;
+    let user = app.create_user("free").await;
+    let exists = |name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, bool>("SELECT to_regclass($1) IS NOT NULL")
+                .bind(name)
+                .fetch_one(&pool)
+                .await
+                .expect("regclass")
+        }
+    };
+    assert!(!exists("ledger_events_2020_01").await);
+    let stream = app.state.meter.keys().stream_of(&user.id);
+    let event = serde_json::json!({
+        "e": "old-event-1", "u": user.id.as_str(), "k": "charge", "p": "free", "m": "rag",
+        "n": 1, "fm": 1, "fb": 0, "mb": 99, "bb": 0, "r": "old-request", "by": "proxy",
+        "t": 1_579_046_400_000_i64, "d": "2020-01-15"
+    });
+    let mut con = app.redis.connection().await;
+    for _ in 0..2 {
+        // Delivered twice: stored once.
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("v")
+            .arg(event.to_string())
+            .query_async(&mut con)
+            .await
+            .expect("xadd");
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+    assert!(exists("ledger_events_2020_01").await);
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger_events WHERE event_id = 'old-event-1' AND local_day = '2020-01-15'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(stored, 1);
+
+    // Keep 12 months: 2020-01 goes, this month and the ones ahead stay.
+    let out = app.cli_with_env(
+        &["ledger", "partitions"],
+        &[("CREDITGATE_LEDGER__RETENTION_MONTHS", "12")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("detached ledger_events_2020_01"),
+        "{stdout}"
+    );
+    let this_month = chrono::Utc::now().format("ledger_events_%Y_%m").to_string();
+    assert!(stdout.contains(&this_month), "{stdout}");
+    let in_ledger: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE event_id = 'old-event-1'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(in_ledger, 0, "detached from the ledger");
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events_2020_01")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(kept, 1, "but kept as a table");
+}
+
+/// The migration to a partitioned ledger keeps the rows an older schema
+/// holds.
+#[tokio::test]
+async fn the_partitioning_migration_keeps_existing_rows() {
+    let db = common::TestDb::named_but_not_created();
+    let pool = db.create_empty().await;
+    let all = &creditgate::accounts::MIGRATOR;
+    let before: Vec<_> = all
+        .iter()
+        .filter(|m| m.version < 20261127000002)
+        .cloned()
+        .collect();
+    let old = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(before),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    old.run(&pool).await.expect("old migrations");
+    sqlx::query(
+        "INSERT INTO ledger_events (event_id, user_id, kind, amount, actor, local_day, occurred_at)
+         VALUES ('e-2025', 'usr_x', 'charge', 2, 'proxy', '2025-06-03', now()),
+                ('e-2026', 'usr_x', 'refund', 2, 'proxy', '2026-11-27', now())",
+    )
+    .execute(&pool)
+    .await
+    .expect("old rows");
+    all.run(&pool).await.expect("partitioning migration");
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT event_id, tableoid::regclass::text FROM ledger_events ORDER BY event_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert_eq!(
+        rows,
+        vec![
+            ("e-2025".to_owned(), "ledger_events_2025_06".to_owned()),
+            ("e-2026".to_owned(), "ledger_events_2026_11".to_owned())
+        ]
+    );
+}

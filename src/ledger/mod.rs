@@ -4,6 +4,7 @@
 
 pub mod event;
 pub mod flusher;
+pub mod partitions;
 pub mod store;
 pub mod verify;
 

@@ -29,6 +29,26 @@ pub async fn write_batch(
     events: &[LedgerEvent],
     rejects: &[Reject],
 ) -> Result<u64, sqlx::Error> {
+    match write_batch_once(pool, events, rejects).await {
+        // A month without a partition (an event replayed from long ago, or
+        // a gateway that has not run its daily check): create, retry once.
+        Err(e) if super::partitions::is_missing_partition(&e) => {
+            let months: std::collections::BTreeSet<NaiveDate> =
+                events.iter().map(|e| e.local_day).collect();
+            for day in months {
+                super::partitions::ensure(pool, day).await?;
+            }
+            write_batch_once(pool, events, rejects).await
+        }
+        other => other,
+    }
+}
+
+async fn write_batch_once(
+    pool: &PgPool,
+    events: &[LedgerEvent],
+    rejects: &[Reject],
+) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let inserted = insert_events(&mut tx, events).await?;
     upsert_snapshots(&mut tx, events).await?;
@@ -69,7 +89,7 @@ async fn insert_events(
                 $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
                 $11::text[], $12::text[], $13::text[], $14::date[], $15::timestamptz[],
                 $16::bigint[], $17::bigint[], $18::text[])
-            ON CONFLICT (event_id) DO NOTHING
+            ON CONFLICT (event_id, local_day) DO NOTHING
             RETURNING event_id, user_id, local_day, module, kind, amount, actor, reason,
                 request_id, occurred_at
          ), audit AS (

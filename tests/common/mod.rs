@@ -171,6 +171,24 @@ impl TestDb {
         Self { name, url }
     }
 
+    /// Creates this (named) database without running the migrations.
+    pub async fn create_empty(&self) -> sqlx::PgPool {
+        let admin = sqlx::PgPool::connect(&format!("{}/postgres", pg_base()))
+            .await
+            .expect("PostgreSQL");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {}",
+            self.name
+        )))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+        admin.close().await;
+        sqlx::PgPool::connect(&self.url)
+            .await
+            .expect("connect test db")
+    }
+
     pub async fn create() -> Self {
         let base = pg_base();
         let name = format!("cg_test_{}", uuid::Uuid::new_v4().simple());
@@ -893,12 +911,18 @@ impl TestApp {
 
     /// `creditgate <args>` against this app's Redis and database.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_with_env(args, &[])
+    }
+
+    /// [`Self::cli`] with environment overrides.
+    pub fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let config = self.config_file();
         Command::new(env!("CARGO_BIN_EXE_creditgate"))
             .arg("--config")
             .arg(&config)
             .args(args)
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .output()
             .expect("run creditgate")
     }
