@@ -568,3 +568,39 @@ async fn the_partitioning_migration_keeps_existing_rows() {
         ]
     );
 }
+
+/// The roll-ups the admin stats read are checked by `ledger verify` too.
+#[tokio::test]
+async fn verify_reports_roll_ups_that_disagree_with_the_daily_aggregates() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    for _ in 0..5 {
+        assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    }
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let pool = app.pool().await;
+    let (module_rows, month_rows): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT SUM(charges)::bigint FROM usage_module_daily),
+                (SELECT SUM(charges)::bigint FROM usage_monthly)",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("roll-ups");
+    assert_eq!((module_rows, month_rows), (5, 5));
+    assert!(app.cli(&["ledger", "verify"]).status.success());
+
+    for tamper in [
+        "UPDATE usage_module_daily SET charged_credits = charged_credits + 1",
+        "UPDATE usage_monthly SET refunded_credits = refunded_credits + 1",
+    ] {
+        sqlx::query(tamper).execute(&pool).await.expect("tamper");
+    }
+    let out = app.cli(&["ledger", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("usage_module_daily"), "{stdout}");
+    assert!(
+        stdout.contains("usage_monthly") && stdout.contains(user.id.as_str()),
+        "{stdout}"
+    );
+}

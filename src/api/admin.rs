@@ -184,8 +184,8 @@ async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT u.id, u.name, u.email, u.plan, u.status, u.created_at,
-                COALESCE((SELECT SUM(d.charged_credits - d.refunded_credits) FROM usage_daily d
-                          WHERE d.user_id = u.id AND d.day >= $4), 0)::bigint,
+                COALESCE((SELECT m.charged_credits - m.refunded_credits FROM usage_monthly m
+                          WHERE m.user_id = u.id AND m.month = $4), 0)::bigint,
                 count(*) OVER (),
                 s.monthly, s.bonus, s.period
          FROM users u LEFT JOIN account_snapshots s ON s.user_id = u.id
@@ -835,7 +835,7 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
         sqlx::query_as::<_, (String, i64, i64)>(
             "SELECT module, SUM(charged_credits - refunded_credits)::bigint,
                     SUM(charges - refunds)::bigint
-             FROM usage_daily WHERE day >= $1 GROUP BY module ORDER BY module",
+             FROM usage_module_daily WHERE day >= $1 GROUP BY module ORDER BY module",
         )
         .bind(from)
         .fetch_all(pool)
@@ -848,10 +848,10 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let consumed_today = to_map(per_module(today).await?);
     let consumed_month = to_map(per_module(month_start).await?);
     let top: Vec<(String, String, String, i64)> = sqlx::query_as(
-        "SELECT d.user_id, u.name, u.plan, SUM(d.charged_credits - d.refunded_credits)::bigint AS c
-         FROM usage_daily d JOIN users u ON u.id = d.user_id
-         WHERE d.day >= $1 GROUP BY d.user_id, u.name, u.plan
-         ORDER BY c DESC, d.user_id LIMIT 10",
+        "SELECT m.user_id, u.name, u.plan, (m.charged_credits - m.refunded_credits) AS c
+         FROM usage_monthly m JOIN users u ON u.id = m.user_id
+         WHERE m.month = $1
+         ORDER BY c DESC, m.user_id LIMIT 10",
     )
     .bind(month_start)
     .fetch_all(pool)

@@ -40,6 +40,9 @@ pub struct LedgerEvent {
     pub account_day: String,
     pub account_day_used: i64,
     pub reason: Option<String>,
+    /// The shard whose stream carried the event (0 when unknown): spreads
+    /// the everyone-wide roll-up rows over the flusher workers.
+    pub shard: i16,
 }
 
 /// Events of one stream entry (a call's charges) are numbered within it:
@@ -165,6 +168,7 @@ impl LedgerEvent {
             account_day: w.ad,
             account_day_used: w.au,
             reason: non_empty(w.why),
+            shard: 0,
         })
     }
 }

@@ -117,7 +117,11 @@ impl Batch {
             .or_default()
             .push(entry.id.clone());
         match LedgerEvent::from_entry(&entry.id, &entry.map) {
-            Ok(events) => self.events.extend(events),
+            Ok(events) => {
+                let shard = shard_of_stream(stream);
+                self.events
+                    .extend(events.into_iter().map(|e| LedgerEvent { shard, ..e }));
+            }
             Err(error) => {
                 tracing::error!(stream, entry = %entry.id, %error, "unparseable usage event");
                 let fields: serde_json::Map<String, serde_json::Value> = entry
@@ -586,6 +590,15 @@ fn first_entry_ms(reply: &Value) -> Option<i64> {
         }
         _ => None,
     }
+}
+
+/// `{cg:7}:events` → 7 (0 for anything else).
+fn shard_of_stream(stream: &str) -> i16 {
+    stream
+        .split_once(':')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn add_reply(batch: &mut Batch, replies: Vec<StreamReadReply>) {

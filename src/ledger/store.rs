@@ -118,6 +118,41 @@ async fn insert_events(
                 charges = u.charges + EXCLUDED.charges,
                 refunded_credits = u.refunded_credits + EXCLUDED.refunded_credits,
                 refunds = u.refunds + EXCLUDED.refunds
+         ), usage AS (
+            SELECT ins.*, s.shard FROM ins
+            JOIN (SELECT DISTINCT event_id, shard
+                  FROM UNNEST($1::text[], $19::smallint[]) AS t(event_id, shard)) s
+              USING (event_id)
+            WHERE kind IN ('charge', 'refund') AND module IS NOT NULL
+         ), by_module AS (
+            -- Rows in key order: two writers never lock them crosswise.
+            INSERT INTO usage_module_daily AS u (day, module, shard, charged_credits, charges,
+                refunded_credits, refunds)
+            SELECT local_day, module, shard,
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'charge'), 0),
+                COUNT(*) FILTER (WHERE kind = 'charge'),
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'refund'), 0),
+                COUNT(*) FILTER (WHERE kind = 'refund')
+            FROM usage GROUP BY local_day, module, shard ORDER BY local_day, module, shard
+            ON CONFLICT (day, module, shard) DO UPDATE SET
+                charged_credits = u.charged_credits + EXCLUDED.charged_credits,
+                charges = u.charges + EXCLUDED.charges,
+                refunded_credits = u.refunded_credits + EXCLUDED.refunded_credits,
+                refunds = u.refunds + EXCLUDED.refunds
+         ), by_month AS (
+            INSERT INTO usage_monthly AS u (user_id, month, charged_credits, charges,
+                refunded_credits, refunds)
+            SELECT user_id, date_trunc('month', local_day)::date,
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'charge'), 0),
+                COUNT(*) FILTER (WHERE kind = 'charge'),
+                COALESCE(SUM(amount) FILTER (WHERE kind = 'refund'), 0),
+                COUNT(*) FILTER (WHERE kind = 'refund')
+            FROM usage GROUP BY 1, 2
+            ON CONFLICT (user_id, month) DO UPDATE SET
+                charged_credits = u.charged_credits + EXCLUDED.charged_credits,
+                charges = u.charges + EXCLUDED.charges,
+                refunded_credits = u.refunded_credits + EXCLUDED.refunded_credits,
+                refunds = u.refunds + EXCLUDED.refunds
          )
          SELECT count(*) FROM ins",
     )
@@ -139,6 +174,7 @@ async fn insert_events(
     .bind(column!(stream_ms))
     .bind(column!(stream_seq))
     .bind(column!(reason))
+    .bind(column!(shard))
     .fetch_one(&mut **tx)
     .await?;
     Ok(inserted as u64)
@@ -248,16 +284,27 @@ pub async fn usage_by_day(
     user: Option<&str>,
     from: NaiveDate,
 ) -> Result<Vec<DayUsage>, sqlx::Error> {
-    let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(
-        "SELECT day, module, SUM(charged_credits - refunded_credits)::bigint,
-                SUM(charges - refunds)::bigint
-         FROM usage_daily WHERE ($1::text IS NULL OR user_id = $1) AND day >= $2
-         GROUP BY day, module ORDER BY day, module",
-    )
-    .bind(user)
-    .bind(from)
-    .fetch_all(pool)
-    .await?;
+    // Everyone's usage from the per-module roll-up (a few rows a day),
+    // never by summing every user's rows.
+    let sql = match user {
+        Some(_) => {
+            "SELECT day, module, SUM(charged_credits - refunded_credits)::bigint,
+                    SUM(charges - refunds)::bigint
+             FROM usage_daily WHERE user_id = $1 AND day >= $2
+             GROUP BY day, module ORDER BY day, module"
+        }
+        None => {
+            "SELECT day, module, SUM(charged_credits - refunded_credits)::bigint,
+                    SUM(charges - refunds)::bigint
+             FROM usage_module_daily WHERE $1::text IS NULL AND day >= $2
+             GROUP BY day, module ORDER BY day, module"
+        }
+    };
+    let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(sql)
+        .bind(user)
+        .bind(from)
+        .fetch_all(pool)
+        .await?;
     let mut days: Vec<DayUsage> = Vec::new();
     for (date, module, credits, requests) in rows {
         if days.last().is_none_or(|d| d.date != date) {

@@ -147,6 +147,40 @@ pub async fn verify(
         });
     }
 
+    // 3b. The roll-ups the admin stats read, against usage_daily.
+    let rollups: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
+        "WITH d AS (
+            SELECT day, module, SUM(charged_credits)::bigint AS c, SUM(refunded_credits)::bigint AS r
+            FROM usage_daily GROUP BY 1, 2),
+         m AS (
+            SELECT day, module, SUM(charged_credits)::bigint AS c, SUM(refunded_credits)::bigint AS r
+            FROM usage_module_daily GROUP BY 1, 2)
+         SELECT 'usage_module_daily', COALESCE(d.day, m.day)::text, COALESCE(d.module, m.module),
+                COALESCE(d.c - d.r, 0), COALESCE(m.c - m.r, 0)
+         FROM d FULL JOIN m ON d.day = m.day AND d.module = m.module
+         WHERE d.c IS DISTINCT FROM m.c OR d.r IS DISTINCT FROM m.r
+         UNION ALL
+         SELECT 'usage_monthly', COALESCE(d.month, m.month)::text, COALESCE(d.user_id, m.user_id),
+                COALESCE(d.c - d.r, 0), COALESCE(m.charged_credits - m.refunded_credits, 0)
+         FROM (SELECT user_id, date_trunc('month', day)::date AS month,
+                      SUM(charged_credits)::bigint AS c, SUM(refunded_credits)::bigint AS r
+               FROM usage_daily GROUP BY 1, 2) d
+         FULL JOIN usage_monthly m ON d.user_id = m.user_id AND d.month = m.month
+         WHERE d.c IS DISTINCT FROM m.charged_credits OR d.r IS DISTINCT FROM m.refunded_credits",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (table, when, what, daily_net, rollup_net) in rollups {
+        report.drifts.push(Drift {
+            user: if table == "usage_monthly" {
+                what.clone()
+            } else {
+                String::new()
+            },
+            what: format!("{table} {when} {what}: roll-up {rollup_net}, usage_daily {daily_net}"),
+        });
+    }
+
     // 4. Snapshots against the latest events.
     let snapshots: Vec<(String, i64, i64)> =
         sqlx::query_as("SELECT user_id, monthly, bonus FROM account_snapshots")
