@@ -5,7 +5,8 @@
 #        (user_id, stream_ms, stream_seq), (occurred_at), (user_id, request_id)
 #   new: partitioned by month of local_day, primary key (event_id, local_day),
 #        btree (user_id, stream_ms, stream_seq), BRIN (local_day)
-# The two take turns, ROUNDS times, each into a fresh table.
+# The two take turns, ROUNDS times, each into a fresh table; ON CONFLICT
+# DO NOTHING as the flusher does (redelivered events insert nothing).
 #   bench/ledger_layout.sh [rows per round=200000] [rounds=3]
 set -euo pipefail
 ROWS=${1:-200000}
@@ -43,7 +44,7 @@ insert() {
       bonus_after, plan, request_id, actor, local_day, occurred_at, stream_ms, stream_seq)
       SELECT gen_random_uuid()::text, 'usr_' || (g % 10000), 'charge', 'rag', 1, 1, 1000 - g, 0,
         'pro', gen_random_uuid()::text, 'proxy', DATE '2026-11-27', now(), $i + g, g
-      FROM generate_series(1, 2000) g;"
+      FROM generate_series(1, 2000) g ON CONFLICT DO NOTHING;"
   done
   local start end
   start=$(date +%s%N)

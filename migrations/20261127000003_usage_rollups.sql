@@ -29,7 +29,9 @@ CREATE TABLE usage_monthly (
     refunds          BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, month)
 );
-CREATE INDEX usage_monthly_month_idx ON usage_monthly (month);
+-- The month's top users without sorting every user of the month.
+CREATE INDEX usage_monthly_top_idx
+    ON usage_monthly (month, (charged_credits - refunded_credits) DESC, user_id);
 
 INSERT INTO usage_module_daily (day, module, shard, charged_credits, charges, refunded_credits, refunds)
 SELECT day, module, 0, SUM(charged_credits), SUM(charges), SUM(refunded_credits), SUM(refunds)

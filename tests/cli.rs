@@ -86,6 +86,27 @@ fn check_config_accepts_the_shipped_file_and_names_the_bad_key() {
     );
     assert!(!env_bad.status.success());
     assert!(String::from_utf8_lossy(&env_bad.stderr).contains("modules.rag.upstream"));
+
+    // Redis Cluster URLs: check-config uses the parser serve connects with.
+    let cluster = |url: &'static str| {
+        creditgate(
+            &["check-config"],
+            &[
+                OWN_SECRETS[0],
+                OWN_SECRETS[1],
+                ("CREDITGATE_REDIS__URL", url),
+            ],
+        )
+    };
+    let ok = cluster("redis+cluster://10.0.0.1:7000,10.0.0.2:7000");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let bad = cluster("redis+cluster://");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("redis.url"));
 }
 
 #[tokio::test]

@@ -446,3 +446,67 @@ async fn a_wiped_master_and_replica_are_rebuilt_from_postgres_and_verify_clean()
     assert_eq!(charges, 320);
     assert_verify_clean(&app);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refunds_grants_and_the_monthly_reset_work_on_a_cluster() {
+    let app = TestApp::builder().cluster().start().await;
+    let mut users = Vec::new();
+    for _ in 0..4 {
+        users.push(app.create_user("starter").await); // 500 credits
+    }
+    for u in &users {
+        // Charged, then refunded: the upstream answers 500.
+        let r = app.call(&u.key, "/rag/status/500").await;
+        assert_eq!(r.status(), 500);
+        assert_eq!(app.call(&u.key, "/rag/q").await.status(), 200);
+        let grant = app
+            .admin(
+                reqwest::Method::POST,
+                "/grant",
+                Some(serde_json::json!({"user_id": u.id.as_str(), "credits": 7, "reason": "cluster"})),
+            )
+            .await;
+        assert_eq!(
+            grant.status(),
+            200,
+            "{}",
+            grant.text().await.unwrap_or_default()
+        );
+        assert_eq!(app.balance(&u.id).await, (499, 7, 1));
+    }
+    // The accounts' period is made last century's, so the reset has work.
+    let mut con = app.state.meter.connection();
+    for u in &users {
+        let _: () = redis::cmd("HSET")
+            .arg(app.state.meter.keys().account(&u.id))
+            .arg("period")
+            .arg("1999-12")
+            .query_async(&mut con)
+            .await
+            .expect("HSET");
+    }
+    let reset = app.cli(&["reset-monthly"]);
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    for u in &users {
+        assert_eq!(
+            app.balance(&u.id).await,
+            (500, 7, 1),
+            "allowance back, bonus kept"
+        );
+    }
+    app.wait_flushed(Duration::from_secs(20)).await;
+    assert_verify_clean(&app);
+    let kinds: Vec<(String, i64)> =
+        sqlx::query_as("SELECT kind, count(*) FROM ledger_events GROUP BY kind ORDER BY kind")
+            .fetch_all(&app.pool().await)
+            .await
+            .expect("kinds");
+    assert!(kinds.contains(&("charge".to_owned(), 8)), "{kinds:?}");
+    assert!(kinds.contains(&("refund".to_owned(), 4)), "{kinds:?}");
+    assert!(kinds.contains(&("grant".to_owned(), 4)), "{kinds:?}");
+    assert!(kinds.contains(&("reset".to_owned(), 4)), "{kinds:?}");
+}
