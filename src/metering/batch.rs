@@ -22,6 +22,9 @@ use crate::telemetry::metrics;
 /// holds up every other command on that Redis.
 const MAX_BATCH: usize = 64;
 
+/// How long before its first caller's deadline a call's WAIT gives up.
+const WAIT_MARGIN: Duration = Duration::from_millis(10);
+
 /// Charges waiting for their shard's task; past this, callers wait to
 /// enqueue (backpressure rather than unbounded memory).
 const QUEUE: usize = 4096;
@@ -30,6 +33,8 @@ const QUEUE: usize = 4096;
 pub(super) struct Charge {
     pub keys: [String; 5],
     pub args: Vec<Vec<u8>>,
+    /// When the caller stops waiting and answers 503.
+    pub deadline: Instant,
 }
 
 /// A charge's reply, and whether `redis.wait_replicas` replicas have it.
@@ -120,32 +125,32 @@ async fn drain(shared: Arc<Shared>, mut queue: mpsc::Receiver<Queued>) {
 }
 
 async fn send(shared: &Shared, batch: &mut Vec<Queued>) {
-    let mut inv = shared.script.prepare_invoke();
+    let mut eval = redis::cmd("EVALSHA");
+    eval.arg(shared.script.get_hash()).arg(batch.len() * 5);
     for q in batch.iter() {
         for key in &q.charge.keys {
-            inv.key(key.as_str());
+            eval.arg(key.as_str());
         }
     }
-    inv.arg(shared.plan_table.as_str())
+    eval.arg(shared.plan_table.as_str())
         .arg(shared.record_ttl_secs)
         .arg(if shared.auto_block { "1" } else { "0" });
     for q in batch.iter() {
         for arg in &q.charge.args {
-            inv.arg(arg.as_slice());
+            eval.arg(arg.as_slice());
         }
     }
     let mut con = shared.redis.clone();
     let started = Instant::now();
-    let result = tokio::time::timeout(shared.timeout, inv.invoke_async::<Value>(&mut con)).await;
+    let result = tokio::time::timeout(shared.timeout, call(shared, &mut con, &eval, batch)).await;
     metrics::redis_script("charge", started.elapsed(), matches!(result, Ok(Ok(_))));
     match result {
-        Ok(Ok(Value::Array(replies))) if replies.len() == batch.len() => {
-            let replicated = replicated(shared, &mut con, &batch[0].charge, started).await;
+        Ok(Ok((Value::Array(replies), replicated))) if replies.len() == batch.len() => {
             for (q, value) in batch.drain(..).zip(replies) {
                 let _ = q.reply.send(Ok(Answer { value, replicated }));
             }
         }
-        Ok(Ok(other)) => {
+        Ok(Ok((other, _))) => {
             let detail = format!("{} replies expected, got {other:?}", batch.len());
             for q in batch.drain(..) {
                 let _ = q.reply.send(Err(MeterError::Protocol {
@@ -176,30 +181,60 @@ async fn send(shared: &Shared, batch: &mut Vec<Queued>) {
     }
 }
 
-/// With `redis.wait_replicas`, one WAIT per call on the master that ran it
-/// (every charge of a call is in one slot): a charge is only as durable as
-/// its replicas, and a master that dies before they have it takes it along.
-/// Within what is left of the call's budget; false on any shortfall.
-async fn replicated(
+/// Runs the call, loading the script first if Redis lost it. With
+/// `redis.wait_replicas`, a WAIT follows in the same pipeline, so it reaches
+/// the very node (and connection) that ran the script, even while a
+/// cluster's slots move: the answer is whether that many replicas have the
+/// call's writes. The WAIT ends a little before the first caller of the
+/// call stops waiting, so every caller still hears "not replicated" and
+/// gives its charge back instead of answering 503 while staying charged.
+async fn call(
     shared: &Shared,
     con: &mut RedisConn,
-    first: &Charge,
-    started: Instant,
-) -> bool {
-    if shared.wait_replicas == 0 {
-        return true;
+    eval: &redis::Cmd,
+    batch: &[Queued],
+) -> Result<(Value, bool), RedisError> {
+    let wait = (shared.wait_replicas > 0).then(|| {
+        let deadline = batch
+            .iter()
+            .map(|q| q.charge.deadline)
+            .min()
+            .unwrap_or_else(Instant::now);
+        deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(WAIT_MARGIN)
+    });
+    if wait.is_some_and(|w| w.is_zero()) {
+        // No time left to confirm a charge: better not to make it.
+        return Err(RedisError::from((
+            redis::ErrorKind::Io,
+            "no time left to wait for replicas",
+        )));
     }
-    let left = shared.timeout.saturating_sub(started.elapsed());
-    if left.is_zero() {
-        return false;
-    }
-    let waited = tokio::time::timeout(
-        left,
-        con.wait_replicas(&first.keys[0], shared.wait_replicas, left),
-    )
-    .await;
-    match waited {
-        Ok(Ok(acked)) => acked >= i64::from(shared.wait_replicas),
-        _ => false,
+    let mut loaded = false;
+    loop {
+        let result = match wait {
+            None => eval.query_async::<Value>(con).await.map(|v| (v, true)),
+            Some(wait) => {
+                let mut pipe = redis::pipe();
+                pipe.add_command(eval.clone())
+                    .cmd("WAIT")
+                    .arg(shared.wait_replicas)
+                    .arg(wait.as_millis().max(1) as u64);
+                pipe.query_async::<(Value, i64)>(con)
+                    .await
+                    .map(|(v, acked)| (v, acked >= i64::from(shared.wait_replicas)))
+            }
+        };
+        match result {
+            Err(e)
+                if !loaded
+                    && e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                shared.script.load_async(con).await?;
+                loaded = true;
+            }
+            other => return other,
+        }
     }
 }

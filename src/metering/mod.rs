@@ -482,8 +482,16 @@ impl Meter {
         push(&mut args, lease);
         push(&mut args, self.deadline_on_redis());
         let shard = self.keys.shard_of(req.user);
-        let queued = self.batcher.charge(shard, batch::Charge { keys, args });
-        let answer = match tokio::time::timeout(self.timeout, queued).await {
+        let deadline = std::time::Instant::now() + self.timeout;
+        let queued = self.batcher.charge(
+            shard,
+            batch::Charge {
+                keys,
+                args,
+                deadline,
+            },
+        );
+        let answer = match tokio::time::timeout_at(deadline.into(), queued).await {
             Ok(answer) => answer?,
             Err(_) => return Err(MeterError::Timeout(self.timeout)),
         };
