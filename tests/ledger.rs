@@ -68,17 +68,6 @@ async fn ledger_kinds(pool: &sqlx::PgPool) -> HashMap<String, Vec<String>> {
     by_request
 }
 
-fn assert_verify_clean(app: &TestApp) {
-    let out = app.cli(&["ledger", "verify"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ledger verify failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains(", 0 drifts"), "{stdout}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousands_of_requests_land_in_the_ledger_exactly_once() {
     let app = TestApp::spawn().await;
@@ -119,7 +108,7 @@ async fn thousands_of_requests_land_in_the_ledger_exactly_once() {
             .await
             .expect("agg");
     assert_eq!(agg as usize, expected_rows);
-    assert_verify_clean(&app);
+    app.assert_verify_clean();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -188,7 +177,7 @@ async fn a_batch_committed_but_not_acknowledged_is_not_inserted_twice() {
         .expect("aggregate");
     assert_eq!(charges, 25, "aggregates not double counted");
     assert_eq!(app.backlog().await, 0);
-    assert_verify_clean(&app);
+    app.assert_verify_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,7 +241,7 @@ async fn postgres_down_for_20s_refuses_nothing_and_the_backlog_drains_after() {
             .await
             .expect("count");
     assert_eq!(charges as usize, served + 2);
-    assert_verify_clean(&app);
+    app.assert_verify_clean();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -285,7 +274,7 @@ async fn redis_restarted_empty_rebuilds_balances_and_day_counters_from_the_ledge
     // 100 - 5*2 - 1 = 89 monthly; day counter 10 + 1.
     assert_eq!(app.balance(&user.id).await, (89, 0, 11));
     app.wait_flushed(Duration::from_secs(10)).await;
-    assert_verify_clean(&app);
+    app.assert_verify_clean();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -297,7 +286,7 @@ async fn a_balance_changed_behind_the_gateways_back_is_reported_as_drift() {
         assert_eq!(app.call(&u.key, "/rag/q").await.status(), 200);
     }
     app.wait_flushed(Duration::from_secs(10)).await;
-    assert_verify_clean(&app);
+    app.assert_verify_clean();
 
     let mut con = app.redis.connection().await;
     let _: () = redis::cmd("HSET")
@@ -447,7 +436,7 @@ async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
         ok.len()
     );
     assert!(app.upstream.hits() >= ok.len() && app.upstream.hits() <= charged);
-    assert_verify_clean(&app);
+    app.assert_verify_clean();
 }
 
 /// An event for a month whose partition does not exist (replayed from long

@@ -879,6 +879,27 @@ impl TestApp {
         req.send().await.expect("request reaches the gateway")
     }
 
+    /// `creditgate ledger verify` exits 0 and reports no drift.
+    pub fn assert_verify_clean(&self) {
+        let out = self.cli(&["ledger", "verify"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "ledger verify failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(", 0 drifts"), "{stdout}");
+    }
+
+    /// Ledger rows of `kind`, every user.
+    pub async fn ledger_rows(&self, kind: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = $1")
+            .bind(kind)
+            .fetch_one(&self.pool().await)
+            .await
+            .expect("count")
+    }
+
     /// Unflushed entries in the usage streams.
     pub async fn backlog(&self) -> i64 {
         // Through the gateway's own connection: a single Redis or the cluster.
