@@ -9,29 +9,6 @@ use std::time::{Duration, Instant};
 use common::process::Gateway;
 use common::{TestApp, error_code, free_port};
 
-/// Sends `n` calls at once, spread over `targets`, and returns the statuses.
-async fn burst(app: &TestApp, targets: &[(String, String)], n: usize) -> Vec<u16> {
-    let tasks: Vec<_> = (0..n)
-        .map(|i| {
-            let (url, key) = targets[i % targets.len()].clone();
-            let c = app.client.clone();
-            tokio::spawn(async move {
-                c.get(url)
-                    .bearer_auth(key)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0)
-            })
-        })
-        .collect();
-    let mut statuses = Vec::with_capacity(n);
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
-    statuses
-}
-
 fn count(statuses: &[u16], status: u16) -> usize {
     statuses.iter().filter(|s| **s == status).count()
 }
@@ -74,7 +51,7 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
         targets.push((app.url("/rag/q"), u.key.clone()));
         targets.push((gateway.url("/rag/q"), u.key.clone()));
     }
-    let statuses = burst(&app, &targets, 900).await;
+    let statuses = app.burst(&targets, 900).await;
     let mut by_status = std::collections::BTreeMap::new();
     for s in &statuses {
         *by_status.entry(*s).or_insert(0) += 1;
@@ -420,7 +397,7 @@ async fn a_wiped_master_and_replica_are_rebuilt_from_postgres_and_verify_clean()
         .iter()
         .map(|u| (app.url("/rag/q"), u.key.clone()))
         .collect();
-    let statuses = burst(&app, &targets, 160).await;
+    let statuses = app.burst(&targets, 160).await;
     assert_eq!(count(&statuses, 200), 160);
     app.wait_flushed(Duration::from_secs(20)).await;
 
@@ -430,7 +407,7 @@ async fn a_wiped_master_and_replica_are_rebuilt_from_postgres_and_verify_clean()
     common::cluster::cli(victim, &["FLUSHALL"]).expect("flushall");
     assert_eq!(app.balance(&users[0].id).await, (-1, -1, -1), "wiped");
 
-    let statuses = burst(&app, &targets, 160).await;
+    let statuses = app.burst(&targets, 160).await;
     assert_eq!(count(&statuses, 200), 160, "{statuses:?}");
     for u in &users {
         assert_eq!(app.balance(&u.id).await, (460, 0, 40));

@@ -541,23 +541,9 @@ async fn thread_per_core_workers_share_the_port_keep_limits_exact_and_stop_clean
         &[("CREDITGATE_SERVER__RUNTIME", "thread_per_core")],
     )
     .await;
-    let tasks: Vec<_> = (0..300)
-        .map(|_| {
-            let (c, url, key) = (app.client.clone(), gateway.url("/rag/q"), user.key.clone());
-            tokio::spawn(async move {
-                c.get(url)
-                    .bearer_auth(key)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0)
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.expect("task"));
-    }
+    let statuses = app
+        .burst(&[(gateway.url("/rag/q"), user.key.clone())], 300)
+        .await;
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 20);
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 280);
     gateway.sigterm();

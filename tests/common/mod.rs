@@ -879,6 +879,30 @@ impl TestApp {
         req.send().await.expect("request reaches the gateway")
     }
 
+    /// Sends `n` calls at once, spread over `targets` (url, key), and
+    /// returns their statuses (0: no answer).
+    pub async fn burst(&self, targets: &[(String, String)], n: usize) -> Vec<u16> {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let (url, key) = targets[i % targets.len()].clone();
+                let c = self.client.clone();
+                tokio::spawn(async move {
+                    c.get(url)
+                        .bearer_auth(key)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        let mut statuses = Vec::with_capacity(n);
+        for t in tasks {
+            statuses.push(t.await.expect("task"));
+        }
+        statuses
+    }
+
     /// `creditgate ledger verify` exits 0 and reports no drift.
     pub fn assert_verify_clean(&self) {
         let out = self.cli(&["ledger", "verify"]);
