@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # A flame graph of the gateway under load: perf record while wrk runs
 # flat out against creditgate, folded by inferno into an SVG.
-#   bench/flamegraph.sh OUT.svg [seconds=10]
+#   bench/flamegraph.sh OUT.svg [seconds=10] [gateway|redis]
+# With "redis", the profile is of redis-server (running charge.lua and
+# serving the flusher) instead of the gateway.
 # Needs perf (Debian: linux-perf) and inferno (cargo install inferno).
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/flamegraph.sh OUT.svg [seconds]}
 SECS=${2:-10}
+WHO=${3:-gateway}
 command -v perf >/dev/null || apt_install linux-perf
 command -v inferno-flamegraph >/dev/null || cargo install inferno --quiet
 . bench/common.sh
@@ -14,10 +17,12 @@ curl -fs -H "Authorization: Bearer $KEY" "http://$GATEWAY/rag/warm" >/dev/null
 wrk -t1 -c50 -d"$((SECS + 4))s" -H "Authorization: Bearer $KEY" "http://$GATEWAY/rag/q" > "$WORK/flame.wrk" &
 WRK_PID=$!
 sleep 2
-perf record -F 499 -g -p "$GW_PID" -o "$WORK/perf.data" -- sleep "$SECS" 2>/dev/null
+PROFILED=$GW_PID
+[ "$WHO" = redis ] && PROFILED=$REDIS_PID
+perf record -F 499 -g -p "$PROFILED" -o "$WORK/perf.data" -- sleep "$SECS" 2>/dev/null
 wait $WRK_PID
 perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "$WORK/folded"
-inferno-flamegraph --title "creditgate under wrk -t1 -c50 ($(awk '/Requests\/sec/ {print $2}' "$WORK/flame.wrk") req/s)" \
+inferno-flamegraph --title "$WHO: creditgate under wrk -t1 -c50 ($(awk '/Requests\/sec/ {print $2}' "$WORK/flame.wrk") req/s)" \
   < "$WORK/folded" > "$OUT"
 echo "$OUT: $(wc -l < "$WORK/folded") stacks; $(grep Requests/sec "$WORK/flame.wrk")"
 # The heaviest frames, for the notes.

@@ -2,6 +2,8 @@
 """Redis CPU per charge for lua/charge.lua, and for variants of it.
 
     pip install redis; python3 bench/redis_charge_cost.py [variants.lua ...]
+    INSTRUCTIONS=1 ...   the same under valgrind: instructions per charge
+
 
 Starts its own redis-server on a free port, seeds 64 accounts over the 16
 shards, sends 30,000 charges with the gateway's arguments, and reads
@@ -10,8 +12,13 @@ with 14 per call (what group commit gives under `bench/proxy.sh`), calls
 pipelined as the multiplexed connection does under load. Each extra file is
 run the same way, so a change to the script can be measured before it is
 made.
+
+CPU time read from /proc moves by 20 % from run to run on a shared box.
+With INSTRUCTIONS=1 redis-server runs under callgrind, which counts the
+instructions it executes: slow, but the same count every time, so a change
+of a few percent shows. CHARGES and PER_CALL (say "14") set the run's size.
 """
-import os, socket, subprocess, sys, time, uuid
+import glob, os, socket, subprocess, sys, tempfile, time, uuid
 
 import redis
 
@@ -19,10 +26,27 @@ def free_port():
     s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close(); return port
 
 port = free_port()
-server = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-                          stdout=subprocess.DEVNULL)
-time.sleep(0.5)
+INSTRUCTIONS = os.environ.get("INSTRUCTIONS") == "1"
+OUT = tempfile.mkdtemp(prefix="cg-charge-cost.")
+cmd = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+if INSTRUCTIONS:
+    cmd = ["valgrind", "--tool=callgrind", "--collect-atstart=yes", f"--callgrind-out-file={OUT}/cg.%p.out"] + cmd
+server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+time.sleep(5 if INSTRUCTIONS else 0.5)
 r = redis.Redis(port=port)
+
+def instructions():
+    """Instructions executed since the last call (callgrind's counters, zeroed each time)."""
+    for f in glob.glob(f"{OUT}/cg.*"):
+        os.remove(f)
+    subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["callgrind_control", "-z", str(server.pid)], check=True, stdout=subprocess.DEVNULL)
+    total = 0
+    for f in glob.glob(f"{OUT}/cg.*"):
+        for line in open(f):
+            if line.startswith("summary:") or line.startswith("totals:"):
+                total = max(total, int(line.split()[1]))
+    return total
 
 def cpu():
     f = open(f"/proc/{server.pid}/stat").read().rsplit(")", 1)[1].split()
@@ -39,36 +63,40 @@ def seed():
                                                    day="2026-11-27", used=0, blocked=0))
         r.sadd(f"{tag(u)}:keys:u{u}", "h")
 
-def charge(u, i, deadline):
-    """The five keys and eighteen arguments of one charge."""
-    t = tag(u)
-    keys = [f"{t}:acct:u{u}", f"{t}:keys:u{u}", f"{t}:req:u{u}:{i}", f"{t}:events", f"{t}:rl:u{u}:1"]
-    args = ["h", "rag", "", 1, ",bench,", "2026-11-27", "2026-11", now_ms(), str(uuid.uuid4()), f"r{i}",
-            "0", f"u{u}", "proxy", "charge", 30, "", 0, deadline]
+def charge(u, i, t):
+    """The four keys and fifteen arguments of one charge."""
+    tag_ = tag(u)
+    keys = [f"{tag_}:acct:u{u}", f"{tag_}:keys:u{u}", f"{tag_}:acct:u{u}", f"{tag_}:rl:u{u}:1"]
+    event = f'"u":"u{u}","r":"r{i}","by":"proxy","t":{t},"d":"2026-11-27","ap":"2026-11","ad":"2026-11-27"'
+    args = ["h", "rag", "", 1, ",bench,", "2026-11-27", "2026-11", t, str(uuid.uuid4()), f"r{i}",
+            "0", "charge", "", 0, event]
     return keys, args
 
-def run(name, body, per_call, n=30000):
+def run(name, body, per_call, n=int(os.environ.get("CHARGES", 30000))):
     seed()
     sha = r.script_load(body)
-    c0 = cpu()
+    c0 = instructions() if INSTRUCTIONS else cpu()
     i = 0
     while i < n:
         pipe = r.pipeline(transaction=False)
-        deadline = now_ms() + 10_000
+        t = now_ms()
         for _ in range(max(1, 50 // per_call)):
             # One call holds charges of one shard only, as the gateway sends them.
             shard = (i // per_call) % 16
-            keys, args = [], []
+            keys, args = [f"{tag(shard)}:events"], []
             for j in range(per_call):
-                k, a = charge(shard + 16 * ((i + j) % 4), i + j, deadline)
+                k, a = charge(shard + 16 * ((i + j) % 4), i + j, t)
                 keys += k
                 args += a
-            pipe.evalsha(sha, len(keys), *keys, ";bench:-1:1000000000:-1;", 86400, "0", *args)
+            pipe.evalsha(sha, len(keys), *keys, ";bench:-1:1000000000:-1;", 86400, "0", t + 10_000, *args)
             i += per_call
         result = pipe.execute()
-    print(f"{name:34s} {per_call:3d}/call {(cpu() - c0) / i * 1e6:5.1f} us/charge   last {result[-1][0][:2]}")
+    if INSTRUCTIONS:
+        print(f"{name:34s} {per_call:3d}/call {instructions() / i:9.0f} instructions/charge   last {result[-1][0][:2]}")
+    else:
+        print(f"{name:34s} {per_call:3d}/call {(cpu() - c0) / i * 1e6:5.1f} us/charge   last {result[-1][0][:2]}")
 
-for per_call in (1, 14):
+for per_call in [int(p) for p in os.environ.get("PER_CALL", "1,14").split(",")]:
     run("lua/charge.lua", open("lua/charge.lua").read(), per_call)
     for path in sys.argv[1:]:
         run(path, open(path).read(), per_call)

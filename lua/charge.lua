@@ -10,29 +10,34 @@
 -- charges of one shard only, so the script touches a single Redis Cluster
 -- slot.
 --
--- KEYS, five per charge (charge i uses KEYS[5i-4] .. KEYS[5i]):
+-- KEYS[1]  the shard's usage stream {tag}:events: one entry per call, one
+--          field "v", the call's events as a JSON array (a single event as
+--          the object itself), each with e event id, u user, k kind
+--          (charge|reset), p plan, m module, a action, n amount, fm/fb
+--          taken from monthly/bonus, mb/bb monthly/bonus after, ap/ad/au
+--          account period/day/day-used after, r request id, by actor,
+--          t unix ms, d local day the amount counts for
+-- then four per charge (charge i uses KEYS[1 + 4(i-1) + n]):
 --   +1 account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
 --   +2 key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
 --   +3 idempotency record: {tag}:req:<user>:<request id> (credits API, a string
 --      "from_monthly,from_bonus,day,period,module,action") or
 --      {tag}:idem:<user>:<Idempotency-Key> (proxy, a hash: split (the same
 --      string), fp request fingerprint, st p|d|x, lease (unix ms), rid the
---      original request id, ev its charge event id, status hdrs body)
---   +4 usage stream   {tag}:events        one entry per call: one field "v",
---      the call's events as a JSON array (a single event as the object
---      itself), each with e event id, u user, k kind
---      (charge|reset), p plan, m module, a action, n amount, fm/fb taken from
---      monthly/bonus, mb/bb monthly/bonus after, ap/ad/au account
---      period/day/day-used after, r request id, by actor, t unix ms, d local
---      day the amount counts for
---   +5 rate counter   {tag}:rl:<user>:<minute>   calls this minute (TTL 61 s)
+--      original request id, ev its charge event id, status hdrs body);
+--      any key of the slot (the account's) when the charge has neither
+--   +4 rate counter   {tag}:rl:<user>:<minute>   calls this minute (TTL 61 s)
 --
 -- ARGV[1]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>:<calls per minute or -1>;"
 -- ARGV[2]  idempotency record TTL in seconds
 -- ARGV[3]  "1" when the auto-block policy is on: a charge that leaves the
 --          account at 0 credits marks it blocked="exhausted" until the next
 --          period or until credits come back (grant, refund)
--- then eighteen per charge (charge i uses ARGV[3 + 18(i-1) + n]):
+-- ARGV[4]  the call's deadline on Redis's own clock, unix ms ("0": none):
+--          the earliest of its charges'. Past it the gateway has already
+--          answered 503 "nothing was charged" to that caller, so a call that
+--          only runs now (Redis paused, stalled, slow) must not charge
+-- then fifteen per charge (charge i uses ARGV[4 + 15(i-1) + n]):
 --   +1  key hash, or "" when the caller is already trusted (X-User-ID, service API)
 --   +2  module id
 --   +3  action ("" for none)
@@ -46,16 +51,18 @@
 --   +11 idempotency: "0" none; "1" credits API request id (a repeat is a
 --       "duplicate", charged 0); "2" proxy Idempotency-Key (a repeat is never
 --       forwarded: replayed, in progress, reused or not replayable)
---   +12 user id (copied into events)
---   +13 actor (who caused the charge: "proxy", "service:<name>")
---   +14 mode: "charge" deducts; "check" answers the same question and writes nothing
---   +15 seconds left in the current minute (Retry-After when rate limited)
---   +16 request fingerprint (idempotency "2"): hash of method, module, path, query
---   +17 lease end, unix ms (idempotency "2"): until then a pending first call
+--   +12 mode: "charge" deducts; "check" answers the same question and writes nothing
+--   +13 request fingerprint (idempotency "2"): hash of method, module, path, query
+--   +14 lease end, unix ms (idempotency "2"): until then a pending first call
 --       is "in progress"; after it, the gateway that owned it is presumed dead
---   +18 deadline on Redis's own clock, unix ms ("0": none): past it the
---       gateway has already answered 503 "nothing was charged", so a charge
---       that only runs now (Redis paused, stalled, slow) must not
+--   +15 the members every event of this charge shares, as JSON text the
+--       gateway escaped: "u":<user>,"r":<request id>,"by":<actor>,
+--       "t":<now>,"d":<day>,"ap":<period>,"ad":<day>
+--
+-- Events are written by concatenation, never cjson, and numbers reach
+-- Redis as strings formatted with %d: cjson's table and encoder, and the
+-- %.17g of a Lua number passed to redis.call, were about 45 % of the
+-- script's instructions (bench/redis_charge_cost.py INSTRUCTIONS=1).
 --
 -- Returns one reply per charge, in order (integers unless noted):
 --   {"ok", charged, monthly, bonus, day_used, daily_limit, from_monthly, from_bonus, plan, auto_blocked}
@@ -78,28 +85,43 @@
 -- daily_limit is -1 when the plan has none. In "check" mode "ok" means the
 -- call would be charged; nothing is written.
 
-local PER_CHARGE = 18
-local redis_now -- Redis's clock, read once per call when a deadline needs it
+local PER_CHARGE = 15
+local stream = KEYS[1]
+local auto_block = ARGV[3] == '1'
+local deadline = tonumber(ARGV[4])
+local expired -- decided once per call, on Redis's clock
 -- The call's events, appended as one stream entry at the end: one XADD per
 -- call instead of one per charge (and one entry for the flusher to read,
 -- acknowledge and delete).
 local events = {}
 
+-- Plans parsed from ARGV[1] on first use, once per call, then looked up
+-- by name (and never used as a pattern).
+local plans
+local function plan_of(name)
+  if not plans then
+    plans = {}
+    for id, limit, allowance, rpm in string.gmatch(ARGV[1], ';([^;:]+):(%-?%d+):(%d+):(%-?%d+)') do
+      plans[id] = {limit = tonumber(limit), allowance = allowance, rpm = tonumber(rpm),
+                   needle = ',' .. id .. ','}
+    end
+  end
+  return plans[name]
+end
+
+local function int(n)
+  return string.format('%d', n)
+end
+
 local function charge(k, a)
-  local acct, keyset, record, stream, rate_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  local acct, keyset, record, rate_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local key_hash, module, action, cost_s, allowed, today, this_period, now_ms, event_id,
-        request_id, idempotency, user_id, actor, mode, secs_left, fingerprint, lease, deadline =
+        request_id, idempotency, mode, fingerprint, lease, common =
     unpack(ARGV, a + 1, a + PER_CHARGE)
   local check_only = mode == 'check'
 
-  if deadline ~= '0' then
-    if not redis_now then
-      local t = redis.call('TIME')
-      redis_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    end
-    if redis_now > tonumber(deadline) then
-      return {'expired'}
-    end
+  if expired then
+    return {'expired'}
   end
 
   -- Every account hash has a plan: no plan is no account (one command
@@ -111,7 +133,7 @@ local function charge(k, a)
   if key_hash ~= '' and redis.call('SISMEMBER', keyset, key_hash) == 0 then
     return {'unknown_key'}
   end
-  local plan = f[1] or ''
+  local plan = f[1]
   local monthly = tonumber(f[2]) or 0
   local bonus = tonumber(f[3]) or 0
   local period = f[4] or ''
@@ -131,48 +153,41 @@ local function charge(k, a)
     end
   end
 
-  local limit_s, allowance_s, rpm_s = string.match(ARGV[1], ';' .. plan .. ':(%-?%d+):(%d+):(%-?%d+);')
-  if not limit_s or not string.find(allowed, ',' .. plan .. ',', 1, true) then
+  local p = plan_of(plan)
+  if not p or not string.find(allowed, p.needle, 1, true) then
     return {'not_in_plan'}
   end
-  local limit = tonumber(limit_s)
+  local limit = p.limit
 
   -- Per-plan rate limit: a fixed one-minute window per account, counted
   -- here so every gateway instance shares it. Every attempt counts.
-  local rpm = tonumber(rpm_s)
-  if rpm >= 0 and not check_only then
+  if p.rpm >= 0 and not check_only then
     local calls = redis.call('INCR', rate_key)
     if calls == 1 then
       redis.call('EXPIRE', rate_key, 61)
     end
-    if calls > rpm then
-      return {'rate_limited', tonumber(secs_left)}
+    if calls > p.rpm then
+      return {'rate_limited', 60 - math.floor(tonumber(now_ms) / 1000) % 60}
     end
   end
 
-  -- Every event carries the account's full state after it (mb bb ap ad au),
-  -- so the ledger can rebuild an account and replay its balance chain.
-  local function event(kind, id, amount, from_monthly, from_bonus, ev_module, ev_action)
-    events[#events + 1] = cjson.encode({
-      e = id, u = user_id, k = kind, p = plan, m = ev_module, a = ev_action,
-      n = amount, fm = from_monthly, fb = from_bonus,
-      mb = monthly, bb = bonus, ap = this_period, ad = today, au = used,
-      r = request_id, by = actor, t = tonumber(now_ms), d = today})
-  end
-
   -- Lazy rollovers: a missed cron or an idle account still starts the new
-  -- period and the new day on its first call.
+  -- period and the new day on its first call. Every event carries the
+  -- account's full state after it (mb bb ap ad au), so the ledger can
+  -- rebuild an account and replay its balance chain.
   local new_period = period ~= this_period
   if new_period then
-    monthly = tonumber(allowance_s)
+    monthly = tonumber(p.allowance)
   end
   if day ~= today then
     used = 0
   end
   if not check_only and (new_period or day ~= today) then
-    redis.call('HSET', acct, 'monthly', monthly, 'period', this_period, 'used', used, 'day', today)
+    redis.call('HSET', acct, 'monthly', int(monthly), 'period', this_period, 'used', int(used), 'day', today)
     if new_period then
-      event('reset', event_id .. ':reset', monthly, 0, 0, '', '')
+      events[#events + 1] = '{"k":"reset","e":"' .. event_id .. ':reset","m":"","a":"","p":"' .. plan ..
+        '","n":' .. p.allowance .. ',"fm":0,"fb":0,"mb":' .. p.allowance .. ',"bb":' .. int(bonus) ..
+        ',"au":' .. int(used) .. ',' .. common .. '}'
     end
   end
 
@@ -213,40 +228,56 @@ local function charge(k, a)
   monthly = monthly - from_monthly
   bonus = bonus - from_bonus
   used = used + cost
-  redis.call('HSET', acct, 'monthly', monthly, 'bonus', bonus, 'used', used)
-  -- What refund.lua needs to give this exact charge back, and only once.
-  local split = from_monthly .. ',' .. from_bonus .. ',' .. today .. ',' .. this_period .. ',' .. module .. ',' .. action
-  if idempotency == '1' then
-    redis.call('SET', record, split, 'EX', ARGV[2])
-  elseif idempotency == '2' then
-    redis.call('HSET', record, 'split', split, 'fp', fingerprint, 'st', 'p', 'lease', lease,
-      'rid', request_id, 'ev', event_id)
-    redis.call('EXPIRE', record, ARGV[2])
+  local fm, fb = cost_s, '0'
+  local mb, au = int(monthly), int(used)
+  local bb
+  if from_bonus == 0 then
+    bb = f[3] or '0'
+    redis.call('HSET', acct, 'monthly', mb, 'used', au)
+  else
+    fm, fb, bb = int(from_monthly), int(from_bonus), int(bonus)
+    redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au)
   end
-  event('charge', event_id, cost, from_monthly, from_bonus, module, action)
+  if idempotency ~= '0' then
+    -- What refund.lua needs to give this exact charge back, and only once.
+    local split = fm .. ',' .. fb .. ',' .. today .. ',' .. this_period .. ',' .. module .. ',' .. action
+    if idempotency == '1' then
+      redis.call('SET', record, split, 'EX', ARGV[2])
+    else
+      redis.call('HSET', record, 'split', split, 'fp', fingerprint, 'st', 'p', 'lease', lease,
+        'rid', request_id, 'ev', event_id)
+      redis.call('EXPIRE', record, ARGV[2])
+    end
+  end
+  events[#events + 1] = '{"k":"charge","e":"' .. event_id .. '","m":"' .. module .. '","a":"' .. action ..
+    '","p":"' .. plan .. '","n":' .. cost_s .. ',"fm":' .. fm .. ',"fb":' .. fb .. ',"mb":' .. mb ..
+    ',"bb":' .. bb .. ',"au":' .. au .. ',' .. common .. '}'
   local auto_blocked = 0
-  if ARGV[3] == '1' and monthly + bonus <= 0 then
+  if auto_block and monthly + bonus <= 0 then
     redis.call('HSET', acct, 'blocked', 'exhausted')
     auto_blocked = 1
   end
   return {'ok', cost, monthly, bonus, used, limit, from_monthly, from_bonus, plan, auto_blocked}
 end
 
+if deadline ~= 0 then
+  local t = redis.call('TIME')
+  expired = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline
+end
 local replies = {}
-for i = 1, #KEYS / 5 do
+for i = 1, (#KEYS - 1) / 4 do
   -- One charge's failure (a key of an unexpected type, say) must not take
   -- the others of the call, nor their events, down with it.
-  local ok, reply = pcall(charge, 5 * (i - 1), 3 + PER_CHARGE * (i - 1))
+  local ok, reply = pcall(charge, 1 + 4 * (i - 1), 4 + PER_CHARGE * (i - 1))
   if ok then
     replies[i] = reply
   else
     replies[i] = {'error', type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
   end
 end
--- Every charge of a call is in one shard, so KEYS[4] is the stream of all.
 if #events == 1 then
-  redis.call('XADD', KEYS[4], '*', 'v', events[1])
+  redis.call('XADD', stream, '*', 'v', events[1])
 elseif #events > 1 then
-  redis.call('XADD', KEYS[4], '*', 'v', '[' .. table.concat(events, ',') .. ']')
+  redis.call('XADD', stream, '*', 'v', '[' .. table.concat(events, ',') .. ']')
 end
 return replies

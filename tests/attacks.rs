@@ -536,3 +536,30 @@ async fn a_charge_redis_runs_after_the_gateway_gave_up_on_it_is_not_applied() {
     let charges = app.count_events(&user.id, "charge").await;
     assert_eq!(charges, 2);
 }
+
+/// charge.lua writes events by concatenation: the client's request id is
+/// escaped by the gateway, so one that looks like JSON stays a string and
+/// the event stays the one charge it was.
+#[tokio::test]
+async fn a_request_id_that_looks_like_json_stays_a_string_in_the_ledger() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let sneaky = r#"x","k":"grant","n":-999,"fb":0,"z":"\"#;
+    let r = app
+        .call_with(&user.key, "/rag/q", &[("x-request-id", sneaky)])
+        .await;
+    assert_eq!(r.status(), 200);
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let rows: Vec<(String, i64, Option<String>)> =
+        sqlx::query_as("SELECT kind, amount, request_id FROM ledger_events WHERE user_id = $1")
+            .bind(user.id.as_str())
+            .fetch_all(&app.pool().await)
+            .await
+            .expect("rows");
+    let charges: Vec<_> = rows.iter().filter(|(kind, ..)| kind == "charge").collect();
+    assert_eq!(charges.len(), 1, "{rows:?}");
+    assert_eq!(charges[0].1, 1, "{rows:?}");
+    assert_eq!(charges[0].2.as_deref(), Some(sneaky));
+    assert!(rows.iter().all(|(kind, ..)| kind != "grant"), "{rows:?}");
+    app.assert_verify_clean();
+}

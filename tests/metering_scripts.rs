@@ -683,17 +683,22 @@ async fn concurrent_charges_share_script_calls_and_stay_exact() {
 async fn one_call(h: &Harness, now: &Stamp, charges: &[(&UserId, &str)]) -> redis::Value {
     let keys = h.meter.keys();
     let mut cmd = redis::cmd("EVAL");
+    // KEYS[1], the call's one stream: the first charge's (the events of
+    // every charge of the call go there).
     cmd.arg(include_str!("../lua/charge.lua"))
-        .arg(charges.len() * 5);
+        .arg(1 + charges.len() * 4)
+        .arg(keys.stream_of(charges[0].0));
     for (i, (user, _)) in charges.iter().enumerate() {
         let rid = RequestId::parse(&format!("call-{i}")).expect("rid");
         cmd.arg(keys.account(user))
             .arg(keys.api_keys(user))
             .arg(keys.request(user, &rid))
-            .arg(keys.stream_of(user))
             .arg(keys.rate(user, 1));
     }
-    cmd.arg(h.catalog.plan_table_arg()).arg(86_400).arg("0");
+    cmd.arg(h.catalog.plan_table_arg())
+        .arg(86_400)
+        .arg("0")
+        .arg(0);
     for (i, (user, hash)) in charges.iter().enumerate() {
         cmd.arg(*hash)
             .arg("rag")
@@ -706,13 +711,16 @@ async fn one_call(h: &Harness, now: &Stamp, charges: &[(&UserId, &str)]) -> redi
             .arg(format!("ev-{i}"))
             .arg(format!("call-{i}"))
             .arg("0")
-            .arg(user.as_str())
-            .arg("test")
             .arg("charge")
-            .arg(30)
             .arg("")
             .arg(0)
-            .arg("0");
+            .arg(format!(
+                r#""u":"{user}","r":"call-{i}","by":"test","t":{},"d":"{}","ap":"{}","ad":"{}""#,
+                now.now_ms(),
+                now.day,
+                now.period,
+                now.day
+            ));
     }
     let mut con = h.redis.connection().await;
     cmd.query_async(&mut con).await.expect("charge.lua")

@@ -29,12 +29,15 @@ const WAIT_MARGIN: Duration = Duration::from_millis(10);
 /// enqueue (backpressure rather than unbounded memory).
 const QUEUE: usize = 4096;
 
-/// One charge: its five keys and its eighteen arguments, encoded.
+/// One charge: its four keys and its fifteen arguments, encoded.
 pub(super) struct Charge {
-    pub keys: [String; 5],
+    pub keys: [String; 4],
     pub args: Vec<Vec<u8>>,
     /// When the caller stops waiting and answers 503.
     pub deadline: Instant,
+    /// The same instant on Redis's clock, unix ms (0: clocks not compared
+    /// yet, no deadline).
+    pub redis_deadline: i64,
 }
 
 /// A charge's reply, and whether `redis.wait_replicas` replicas have it.
@@ -48,7 +51,7 @@ struct Queued {
     reply: oneshot::Sender<Result<Answer, MeterError>>,
 }
 
-/// What every charge of a call shares (ARGV[1..3] of charge.lua).
+/// What every call shares (ARGV[1..3] of charge.lua).
 pub(super) struct Shared {
     pub script: &'static Script,
     pub redis: RedisConn,
@@ -64,25 +67,26 @@ pub(super) struct Shared {
 /// (the meter is built before the runtime serves anything).
 pub(super) struct Batcher {
     shared: Arc<Shared>,
-    queues: Vec<std::sync::OnceLock<mpsc::Sender<Queued>>>,
+    /// Per shard: its queue, and its stream (KEYS[1] of the shard's calls).
+    queues: Vec<(std::sync::OnceLock<mpsc::Sender<Queued>>, Arc<str>)>,
 }
 
 impl Batcher {
-    pub fn new(shared: Shared, shards: u16) -> Self {
+    pub fn new(shared: Shared, streams: impl Iterator<Item = String>) -> Self {
         Self {
             shared: Arc::new(shared),
-            queues: (0..shards.max(1))
-                .map(|_| std::sync::OnceLock::new())
+            queues: streams
+                .map(|stream| (std::sync::OnceLock::new(), Arc::from(stream)))
                 .collect(),
         }
     }
 
     /// Queues `charge` on its shard and waits for its reply.
     pub async fn charge(&self, shard: u16, charge: Charge) -> Result<Answer, MeterError> {
-        let queue = &self.queues[usize::from(shard) % self.queues.len()];
+        let (queue, stream) = &self.queues[usize::from(shard) % self.queues.len()];
         let sender = queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
-            tokio::spawn(drain(Arc::clone(&self.shared), rx));
+            tokio::spawn(drain(Arc::clone(&self.shared), Arc::clone(stream), rx));
             tx
         });
         let (reply, answer) = oneshot::channel();
@@ -104,7 +108,7 @@ fn gone() -> MeterError {
 /// A shard's task: waits for a charge, takes whatever else is queued behind
 /// it, sends them as one call, answers each, and starts over. Ends when the
 /// meter (every sender) is gone.
-async fn drain(shared: Arc<Shared>, mut queue: mpsc::Receiver<Queued>) {
+async fn drain(shared: Arc<Shared>, stream: Arc<str>, mut queue: mpsc::Receiver<Queued>) {
     let mut batch: Vec<Queued> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -118,23 +122,34 @@ async fn drain(shared: Arc<Shared>, mut queue: mpsc::Receiver<Queued>) {
         // charged": its charge must not run.
         batch.retain(|q| !q.reply.is_closed());
         if !batch.is_empty() {
-            send(&shared, &mut batch).await;
+            send(&shared, &stream, &mut batch).await;
         }
         batch.clear();
     }
 }
 
-async fn send(shared: &Shared, batch: &mut Vec<Queued>) {
+async fn send(shared: &Shared, stream: &str, batch: &mut Vec<Queued>) {
     let mut eval = redis::cmd("EVALSHA");
-    eval.arg(shared.script.get_hash()).arg(batch.len() * 5);
+    eval.arg(shared.script.get_hash())
+        .arg(1 + batch.len() * 4)
+        .arg(stream);
     for q in batch.iter() {
         for key in &q.charge.keys {
             eval.arg(key.as_str());
         }
     }
+    // The call runs all or none of its charges: it must be in time for the
+    // caller who stops waiting first.
+    let deadline = batch
+        .iter()
+        .map(|q| q.charge.redis_deadline)
+        .filter(|&d| d != 0)
+        .min()
+        .unwrap_or(0);
     eval.arg(shared.plan_table.as_str())
         .arg(shared.record_ttl_secs)
-        .arg(if shared.auto_block { "1" } else { "0" });
+        .arg(if shared.auto_block { "1" } else { "0" })
+        .arg(deadline);
     for q in batch.iter() {
         for arg in &q.charge.args {
             eval.arg(arg.as_slice());

@@ -356,7 +356,7 @@ impl Meter {
                 timeout,
                 wait_replicas: settings.wait_replicas,
             },
-            keys.shards(),
+            keys.streams(),
         ));
         Ok(Self {
             redis,
@@ -433,8 +433,10 @@ impl Meter {
     pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<ChargeOutcome, MeterError> {
         let cost = req.module.cost_of(req.action);
         let event_id = uuid::Uuid::now_v7().to_string();
+        let account = self.keys.account(req.user);
         let (record, idempotency, fingerprint, lease) = match req.idempotency {
-            Idempotency::None => (self.keys.request(req.user, req.request_id), "0", "", 0),
+            // Never read: any key of the account's slot will do.
+            Idempotency::None => (account.clone(), "0", "", 0),
             Idempotency::RequestId => (self.keys.request(req.user, req.request_id), "1", "", 0),
             Idempotency::Key {
                 key,
@@ -448,15 +450,14 @@ impl Meter {
             ),
         };
         let keys = [
-            self.keys.account(req.user),
+            account,
             self.keys.api_keys(req.user),
             record,
-            self.keys.stream_of(req.user),
             self.keys
                 .rate(req.user, req.stamp.now.timestamp().div_euclid(60)),
         ];
-        // The eighteen per-charge arguments of charge.lua, in its order.
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(18);
+        // The fifteen per-charge arguments of charge.lua, in its order.
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(15);
         push(&mut args, req.key_hash.map_or("", KeyHash::as_str));
         push(&mut args, req.module.id.as_str());
         push(&mut args, req.action.map_or("", ActionId::as_str));
@@ -468,8 +469,6 @@ impl Meter {
         push(&mut args, event_id.as_str());
         push(&mut args, req.request_id.as_str());
         push(&mut args, idempotency);
-        push(&mut args, req.user.as_str());
-        push(&mut args, req.actor);
         push(
             &mut args,
             match req.mode {
@@ -477,10 +476,9 @@ impl Meter {
                 Mode::Check => "check",
             },
         );
-        push(&mut args, 60 - req.stamp.now.timestamp().rem_euclid(60));
         push(&mut args, fingerprint);
         push(&mut args, lease);
-        push(&mut args, self.deadline_on_redis());
+        args.push(event_members(req));
         let shard = self.keys.shard_of(req.user);
         let deadline = std::time::Instant::now() + self.timeout;
         let queued = self.batcher.charge(
@@ -489,6 +487,7 @@ impl Meter {
                 keys,
                 args,
                 deadline,
+                redis_deadline: self.deadline_on_redis(),
             },
         );
         let answer = match tokio::time::timeout_at(deadline.into(), queued).await {
@@ -780,6 +779,27 @@ impl Meter {
             .await
             .map(|_| ())
     }
+}
+
+/// The JSON members every event of a charge shares (charge.lua's last
+/// per-charge argument), escaped here so the script can concatenate
+/// instead of encoding.
+fn event_members(req: &ChargeRequest<'_>) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(160);
+    let text = |out: &mut Vec<u8>, name: &str, value: &str| {
+        out.extend_from_slice(name.as_bytes());
+        // Writing JSON into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+    };
+    text(&mut out, "\"u\":", req.user.as_str());
+    text(&mut out, ",\"r\":", req.request_id.as_str());
+    text(&mut out, ",\"by\":", req.actor);
+    let _ = write!(out, ",\"t\":{}", req.stamp.now_ms());
+    text(&mut out, ",\"d\":", &req.stamp.day);
+    text(&mut out, ",\"ap\":", &req.stamp.period);
+    text(&mut out, ",\"ad\":", &req.stamp.day);
+    out
 }
 
 /// Appends one script argument, encoded as Redis will read it.
