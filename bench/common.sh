@@ -91,7 +91,7 @@ nginx -c "$WORK/upstream.conf"
 nginx -c "$WORK/proxy.conf"
 nginx -c "$WORK/peer.conf"
 
-export CREDITGATE_CONFIG=config/creditgate.toml
+export CREDITGATE_CONFIG=${BENCH_CONFIG:-config/creditgate.toml}
 export CREDITGATE_SERVER__LISTEN=$GATEWAY
 export CREDITGATE_DATABASE__URL=postgres://postgres@127.0.0.1:5432/${BENCH_DB:-creditgate_bench}
 export CREDITGATE_REDIS__KEY_PREFIX=bench

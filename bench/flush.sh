@@ -10,7 +10,7 @@ N=${1:-200000}
 export CREDITGATE_LEDGER__BATCH_SIZE=${2:-2000}
 PER_ENTRY=${3:-1}
 psql -h 127.0.0.1 -U postgres -d creditgate_bench -qc \
-  "TRUNCATE ledger_events, usage_daily, account_snapshots, ledger_rejects"
+  "TRUNCATE ledger_events, usage_daily, usage_module_daily, usage_monthly, account_snapshots, ledger_rejects"
 
 # 1000 users spread over the shards, events as charge.lua writes them.
 FILL_LUA='local n = tonumber(ARGV[1]); local run = ARGV[2]; local g = tonumber(ARGV[3])
