@@ -4,6 +4,8 @@
 #   bench/flamegraph.sh OUT.svg [seconds=10] [gateway|redis]
 # With "redis", the profile is of redis-server (running charge.lua and
 # serving the flusher) instead of the gateway.
+# CALL_GRAPH=dwarf: whole stacks for a build without frame pointers
+# (bigger and slower to record).
 # Needs perf (Debian: linux-perf) and inferno (cargo install inferno).
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/flamegraph.sh OUT.svg [seconds]}
@@ -19,7 +21,7 @@ WRK_PID=$!
 sleep 2
 PROFILED=$GW_PID
 [ "$WHO" = redis ] && PROFILED=$REDIS_PID
-perf record -F 499 -g -p "$PROFILED" -o "$WORK/perf.data" -- sleep "$SECS" 2>/dev/null
+perf record -F 499 --call-graph "${CALL_GRAPH:-fp}" -p "$PROFILED" -o "$WORK/perf.data" -- sleep "$SECS" 2>/dev/null
 wait $WRK_PID
 perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "$WORK/folded"
 inferno-flamegraph --title "$WHO: creditgate under wrk -t1 -c50 ($(awk '/Requests\/sec/ {print $2}' "$WORK/flame.wrk") req/s)" \
