@@ -27,7 +27,7 @@ pub struct KeyLayout {
     prefix: String,
     shards: u16,
     /// `{<prefix>:<shard>}` and its stream's name, per shard: built once,
-    /// as every charge names five keys.
+    /// as every charge names four keys of its shard.
     tags: Vec<String>,
     streams: Vec<String>,
 }
