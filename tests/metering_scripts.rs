@@ -680,7 +680,13 @@ async fn concurrent_charges_share_script_calls_and_stay_exact() {
 
 /// charge.lua called by hand with several charges in one call, as the
 /// gateway's group commit does: (user, key hash) for each, all `rag`.
-async fn one_call(h: &Harness, now: &Stamp, charges: &[(&UserId, &str)]) -> redis::Value {
+/// One call of charge.lua; `deadline` on Redis's clock, unix ms (0: none).
+async fn one_call(
+    h: &Harness,
+    now: &Stamp,
+    charges: &[(&UserId, &str)],
+    deadline: i64,
+) -> redis::Value {
     let keys = h.meter.keys();
     let mut cmd = redis::cmd("EVAL");
     // KEYS[1], the call's one stream: the first charge's (the events of
@@ -698,7 +704,7 @@ async fn one_call(h: &Harness, now: &Stamp, charges: &[(&UserId, &str)]) -> redi
     cmd.arg(h.catalog.plan_table_arg())
         .arg(86_400)
         .arg("0")
-        .arg(0);
+        .arg(deadline);
     for (i, (user, hash)) in charges.iter().enumerate() {
         cmd.arg(*hash)
             .arg("rag")
@@ -752,6 +758,7 @@ async fn charges_in_one_call_are_decided_in_order_and_one_failure_stays_its_own(
             (&ok_user, hash.as_str()),
             (&ok_user, hash.as_str()),
         ],
+        0,
     )
     .await;
     let redis::Value::Array(replies) = reply else {
@@ -776,4 +783,40 @@ async fn charges_in_one_call_are_decided_in_order_and_one_failure_stays_its_own(
         ["charge", "charge"],
         "one entry holding both events"
     );
+}
+
+/// A call that only runs after its deadline (Redis paused or slow: the
+/// gateway has already answered 503 "nothing was charged") writes nothing
+/// for any of its charges.
+#[tokio::test]
+async fn a_call_past_its_deadline_charges_none_of_its_charges() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let hash = key().hash();
+    let user = h.seed("max", "tiny", 10, 0, &now).await;
+    let past = chrono::Utc::now().timestamp_millis() - 1_000;
+    let reply = one_call(
+        &h,
+        &now,
+        &[(&user, hash.as_str()), (&user, hash.as_str())],
+        past,
+    )
+    .await;
+    let redis::Value::Array(replies) = reply else {
+        panic!("not an array: {reply:?}");
+    };
+    let expired = redis::Value::Array(vec![redis::Value::BulkString(b"expired".to_vec())]);
+    assert_eq!(replies, [expired.clone(), expired]);
+    assert_eq!(h.hash(&user).await.0, 10);
+    assert!(h.event_kinds(&user).await.is_empty());
+    // In time, the same call charges both.
+    let future = chrono::Utc::now().timestamp_millis() + 60_000;
+    one_call(
+        &h,
+        &now,
+        &[(&user, hash.as_str()), (&user, hash.as_str())],
+        future,
+    )
+    .await;
+    assert_eq!(h.hash(&user).await.0, 8);
 }
