@@ -802,9 +802,27 @@ fn event_members(req: &ChargeRequest<'_>) -> Vec<u8> {
     out
 }
 
-/// Appends one script argument, encoded as Redis will read it.
-fn push<T: redis::ToRedisArgs>(args: &mut Vec<Vec<u8>>, value: T) {
-    args.extend(value.to_redis_args());
+/// Appends one script argument, encoded as Redis will read it: bytes as
+/// they are, integers in decimal (`ToRedisArgs` built a `Vec` of `Vec`s
+/// per argument).
+fn push(args: &mut Vec<Vec<u8>>, value: impl Arg) {
+    args.push(value.bytes());
+}
+
+trait Arg {
+    fn bytes(self) -> Vec<u8>;
+}
+
+impl Arg for &str {
+    fn bytes(self) -> Vec<u8> {
+        self.as_bytes().to_vec()
+    }
+}
+
+impl Arg for i64 {
+    fn bytes(self) -> Vec<u8> {
+        itoa::Buffer::new().format(self).as_bytes().to_vec()
+    }
 }
 
 fn protocol(script: &'static str, detail: impl Into<String>) -> MeterError {
