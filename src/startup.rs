@@ -251,9 +251,9 @@ impl Application {
 
 /// Runs the ledger flushers on a thread of their own, with their own
 /// runtime. A flush parses and binds thousands of events at a time: on a
-/// request thread that held up every request queued behind it (p99 at a
-/// fixed rate 7 ms with the flusher there, 3.5 ms without it, in
-/// `bench/proxy.sh`). The returned receiver resolves when they have
+/// request thread that held up every request queued behind it (p99 at
+/// saturation 17 ms there, 7 ms with the flushers on their own thread,
+/// docs/BENCHMARKS.md). The returned receiver resolves when they have
 /// stopped, after `stopped` turns true and their last batch is written.
 fn run_flushers(
     flushers: Vec<Flusher>,
