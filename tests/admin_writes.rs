@@ -290,3 +290,41 @@ async fn an_account_the_ledger_holds_past_todays_bounds_is_still_rebuilt() {
     assert_eq!(json_of(me).await["credits"]["bonus"], 1_500_000_000_i64);
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
 }
+
+/// The flusher hands events to Postgres as COPY text: a reason with a tab,
+/// a line break and a backslash is stored exactly as given, in the ledger
+/// and in the audit log.
+#[tokio::test]
+async fn a_grant_reason_with_tabs_newlines_and_backslashes_is_stored_exactly() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let reason = "ligne 1\nligne 2\tcolonne \\N fin \\";
+    let r = app
+        .client
+        .post(app.url("/api/admin/billing/grant"))
+        .header("x-admin-key", common::ADMIN_KEY)
+        .json(&json!({"user_id": user.id.as_str(), "credits": 5, "reason": reason}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let pool = app.pool().await;
+    let stored: Option<String> = sqlx::query_scalar(
+        "SELECT reason FROM ledger_events WHERE user_id = $1 AND kind = 'grant'",
+    )
+    .bind(user.id.as_str())
+    .fetch_one(&pool)
+    .await
+    .expect("grant row");
+    assert_eq!(stored.as_deref(), Some(reason));
+    let audited: String = sqlx::query_scalar(
+        "SELECT details->>'reason' FROM admin_audit WHERE user_id = $1 AND action = 'grant'",
+    )
+    .bind(user.id.as_str())
+    .fetch_one(&pool)
+    .await
+    .expect("audit row");
+    assert_eq!(audited, reason);
+    app.assert_verify_clean();
+}

@@ -551,7 +551,7 @@ async fn thread_per_core_workers_share_the_port_keep_limits_exact_and_stop_clean
     assert!(status.success(), "{status:?}\n{}", gateway.logs());
     assert!(gateway.logs().contains("one runtime per core"));
     // The first worker's flusher drained the ledger before exiting.
-    assert_eq!(app.backlog().await, 0);
+    assert_eq!(app.backlog().await, 0, "{}", gateway.logs());
     assert_eq!(app.balance(&user.id).await, (80, 0, 20));
 }
 

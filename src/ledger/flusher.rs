@@ -224,17 +224,48 @@ impl Flusher {
         let mut backoff = Backoff::new();
         let mut batch = Batch::default();
         loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                result = self.step(&mut batch) => match result {
-                    Ok(_) => backoff.reset(),
-                    Err(FlushError::InjectedCrash) => return,
-                    Err(e) => {
-                        self.note_error(&e);
-                        tokio::time::sleep(backoff.next()).await;
+            // Shutdown may cut a read or a pause short, never a write: a
+            // write dropped halfway leaves its connection mid-COPY, and the
+            // drain below would find it broken.
+            if batch.len() == 0 {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    read = self.next_batch(Reading::Serve) => match read {
+                        Ok(read) => batch = read,
+                        Err(e) => {
+                            self.note_error(&e);
+                            if pause(&mut shutdown, backoff.next()).await {
+                                break;
+                            }
+                            continue;
+                        }
+                    },
+                }
+            }
+            match self.commit(&mut batch).await {
+                Ok(n) => {
+                    backoff.reset();
+                    // Under steady traffic, a short pause after a partial
+                    // batch lets the next one fill: Postgres pays its
+                    // per-transaction cost (commit, WAL flush, aggregate
+                    // upserts) once per many more events, for at most
+                    // `linger` more lag.
+                    if n > 0
+                        && n < self.config.batch_size
+                        && !self.config.linger.is_zero()
+                        && pause(&mut shutdown, self.config.linger).await
+                    {
+                        break;
                     }
-                },
+                }
+                Err(FlushError::InjectedCrash) => return,
+                Err(e) => {
+                    self.note_error(&e);
+                    if pause(&mut shutdown, backoff.next()).await {
+                        break;
+                    }
+                }
             }
         }
         tracing::info!("ledger flusher stopping: draining");
@@ -249,21 +280,6 @@ impl Flusher {
             Ok(Err(e)) => tracing::warn!(error = %e, "ledger drain failed; events stay in Redis"),
             Err(_) => tracing::warn!("ledger drain timed out; events stay in Redis"),
         }
-    }
-
-    async fn step(&mut self, batch: &mut Batch) -> Result<usize, FlushError> {
-        if batch.len() == 0 {
-            *batch = self.next_batch(Reading::Serve).await?;
-        }
-        let n = self.commit(batch).await?;
-        // Under steady traffic, a short pause after a partial batch lets the
-        // next one fill: Postgres pays its per-transaction cost (commit, WAL
-        // flush, aggregate upserts) once per many more events, for at most
-        // `linger` more lag.
-        if n > 0 && n < self.config.batch_size && !self.config.linger.is_zero() {
-            tokio::time::sleep(self.config.linger).await;
-        }
-        Ok(n)
     }
 
     /// Flushes until the streams are empty, taking over other consumers'
@@ -610,6 +626,18 @@ fn add_reply(batch: &mut Batch, replies: Vec<StreamReadReply>) {
 }
 
 /// 100 ms doubling to 5 s.
+/// Sleeps for `pause`, or less if `shutdown` comes first: then true.
+async fn pause(
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    pause: Duration,
+) -> bool {
+    tokio::select! {
+        biased;
+        () = shutdown.as_mut() => true,
+        () = tokio::time::sleep(pause) => false,
+    }
+}
+
 struct Backoff(Duration);
 
 impl Backoff {
