@@ -625,7 +625,6 @@ fn add_reply(batch: &mut Batch, replies: Vec<StreamReadReply>) {
     }
 }
 
-/// 100 ms doubling to 5 s.
 /// Sleeps for `pause`, or less if `shutdown` comes first: then true.
 async fn pause(
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
@@ -638,6 +637,7 @@ async fn pause(
     }
 }
 
+/// 100 ms doubling to 5 s.
 struct Backoff(Duration);
 
 impl Backoff {
