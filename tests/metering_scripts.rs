@@ -769,6 +769,12 @@ async fn charges_in_one_call_are_decided_in_order_and_one_failure_stays_its_own(
             Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
             other => format!("{other:?}"),
         },
+        // The common "ok" answer is one string: "ok <charged> ... <plan>".
+        redis::Value::BulkString(line) => String::from_utf8_lossy(line)
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
         other => format!("{other:?}"),
     };
     let statuses: Vec<String> = replies.iter().map(status).collect();

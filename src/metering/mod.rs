@@ -832,7 +832,9 @@ fn protocol(script: &'static str, detail: impl Into<String>) -> MeterError {
     }
 }
 
-/// A script reply `{"status", value, ...}`.
+/// A script reply: `{"status", value, ...}`, or the same as one string
+/// `"status value ..."` (charge.lua's common answer; its last value may
+/// hold spaces).
 struct Reply {
     script: &'static str,
     status: String,
@@ -841,8 +843,10 @@ struct Reply {
 
 impl Reply {
     fn parse(script: &'static str, reply: Value) -> Result<Self, MeterError> {
-        let Value::Array(items) = reply else {
-            return Err(protocol(script, format!("not an array: {reply:?}")));
+        let items = match reply {
+            Value::Array(items) => items,
+            Value::BulkString(line) => return Ok(Self::from_line(script, &line)),
+            other => return Err(protocol(script, format!("not an array: {other:?}"))),
         };
         let mut items = items.into_iter();
         let status = match items.next() {
@@ -857,14 +861,33 @@ impl Reply {
         })
     }
 
-    fn int(&self, i: usize) -> Result<i64, MeterError> {
-        match self.values.get(i) {
-            Some(Value::Int(n)) => Ok(*n),
-            other => Err(protocol(
-                self.script,
-                format!("{}: value {i} is not an integer: {other:?}", self.status),
-            )),
+    /// Values of the one-string form are strings; `int` parses them.
+    fn from_line(script: &'static str, line: &[u8]) -> Self {
+        let mut parts = line.splitn(10, |b| *b == b' ');
+        let status = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+        Self {
+            script,
+            status,
+            values: parts.map(|p| Value::BulkString(p.to_vec())).collect(),
         }
+    }
+
+    fn int(&self, i: usize) -> Result<i64, MeterError> {
+        let parsed = match self.values.get(i) {
+            Some(Value::Int(n)) => Some(*n),
+            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(|t| t.parse().ok()),
+            _ => None,
+        };
+        parsed.ok_or_else(|| {
+            protocol(
+                self.script,
+                format!(
+                    "{}: value {i} is not an integer: {:?}",
+                    self.status,
+                    self.values.get(i)
+                ),
+            )
+        })
     }
 
     fn text(&self, i: usize) -> Result<String, MeterError> {
@@ -910,8 +933,8 @@ fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterE
             balance: r.balance(1)?,
             from_monthly: r.int(5)?,
             from_bonus: r.int(6)?,
-            plan: r.text(7)?,
-            auto_blocked: r.int(8)? == 1,
+            auto_blocked: r.int(7)? == 1,
+            plan: r.text(8)?,
         }),
         "duplicate" => ChargeOutcome::Duplicate {
             balance: r.balance(1)?,
@@ -971,26 +994,17 @@ fn decode_refund(reply: Value) -> Result<RefundOutcome, MeterError> {
 mod tests {
     use super::*;
 
+    /// `{status, integers...}`, as every answer but charge.lua's "ok".
     fn reply(status: &str, n: &[i64]) -> Value {
-        reply_with(status, n, None)
-    }
-
-    /// `status`, the integers, then an optional string and more integers
-    /// (charge.lua's "ok" reply has the plan between them).
-    fn reply_with(status: &str, n: &[i64], tail: Option<(&str, &[i64])>) -> Value {
         let mut v = vec![Value::BulkString(status.as_bytes().to_vec())];
         v.extend(n.iter().map(|i| Value::Int(*i)));
-        if let Some((text, after)) = tail {
-            v.push(Value::BulkString(text.as_bytes().to_vec()));
-            v.extend(after.iter().map(|i| Value::Int(*i)));
-        }
         Value::Array(v)
     }
 
     #[test]
     fn decodes_every_charge_status() {
         let ok = decode_charge(
-            reply_with("ok", &[3, 7, 0, 3, 100, 3, 0], Some(("starter", &[0]))),
+            Value::BulkString(b"ok 3 7 0 3 100 3 0 0 starter plan".to_vec()),
             "ev".into(),
         )
         .expect("ok");
@@ -998,7 +1012,8 @@ mod tests {
             ok,
             ChargeOutcome::Charged(Receipt {
                 event_id: "ev".into(),
-                plan: "starter".into(),
+                // The plan is the rest of the line, spaces and all.
+                plan: "starter plan".into(),
                 auto_blocked: false,
                 charged: 3,
                 from_monthly: 3,
