@@ -180,6 +180,61 @@ async fn a_batch_committed_but_not_acknowledged_is_not_inserted_twice() {
     app.assert_verify_clean();
 }
 
+/// An entry nobody can read is kept in `ledger_rejects` with its fields,
+/// acknowledged, and never stops the events after it.
+#[tokio::test]
+async fn an_unreadable_entry_is_kept_aside_and_the_stream_goes_on() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_LEDGER__FLUSHER", "false")
+        .start()
+        .await;
+    let user = app.create_user("enterprise").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    let stream = app.state.meter.keys().stream_of(&user.id);
+    let mut con = app.redis.connection().await;
+    let bad: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("v")
+        .arg("{not json")
+        .arg("x")
+        .arg("1")
+        .query_async(&mut con)
+        .await
+        .expect("XADD");
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    let settings = creditgate::config::Settings::from_toml(
+        &app.config,
+        "test",
+        Vec::<(String, String)>::new(),
+    )
+    .expect("settings");
+    let pool = app.pool().await;
+    let mut flusher = Flusher::new(
+        &settings.redis.url,
+        app.state.meter.keys(),
+        pool.clone(),
+        settings.ledger.flusher_config(),
+    )
+    .expect("flusher");
+    assert_eq!(flusher.drain().await.expect("drain"), 3);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 2, "both charges around the bad entry are stored");
+    let (entry, fields, error): (String, serde_json::Value, String) =
+        sqlx::query_as("SELECT entry_id, fields, error FROM ledger_rejects WHERE stream = $1")
+            .bind(&stream)
+            .fetch_one(&pool)
+            .await
+            .expect("reject");
+    assert_eq!(entry, bad);
+    assert_eq!(fields, serde_json::json!({"v": "{not json", "x": "1"}));
+    assert!(error.starts_with("field v:"), "{error}");
+    assert_eq!(app.backlog().await, 0, "the bad entry is acknowledged too");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_down_for_20s_refuses_nothing_and_the_backlog_drains_after() {
     let chaos = ChaosProxy::start("127.0.0.1:5432".parse().expect("addr")).await;

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use redis::Value;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use sqlx::PgPool;
 use thiserror::Error;
 
@@ -111,33 +110,74 @@ impl Batch {
         self.ids.values().map(Vec::len).sum()
     }
 
-    fn add(&mut self, stream: &str, entry: &StreamId) {
-        self.ids
-            .entry(stream.to_owned())
-            .or_default()
-            .push(entry.id.clone());
-        match LedgerEvent::from_entry(&entry.id, &entry.map) {
+    /// One stream entry: its id and its field/value list as Redis sent it.
+    fn add(&mut self, stream: &str, id: &str, fields: &[Value]) {
+        // Once per stream and batch, not per entry.
+        match self.ids.get_mut(stream) {
+            Some(ids) => ids.push(id.to_owned()),
+            None => {
+                self.ids.insert(stream.to_owned(), vec![id.to_owned()]);
+            }
+        }
+        match LedgerEvent::from_entry(id, field(fields, b"v")) {
             Ok(events) => {
                 let shard = shard_of_stream(stream);
                 self.events
                     .extend(events.into_iter().map(|e| LedgerEvent { shard, ..e }));
             }
             Err(error) => {
-                tracing::error!(stream, entry = %entry.id, %error, "unparseable usage event");
-                let fields: serde_json::Map<String, serde_json::Value> = entry
-                    .map
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(format!("{v:?}"))))
+                tracing::error!(stream, entry = %id, %error, "unparseable usage event");
+                let fields: serde_json::Map<String, serde_json::Value> = fields
+                    .chunks(2)
+                    .map(|kv| {
+                        let text = |v: Option<&Value>| match v {
+                            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                            other => format!("{other:?}"),
+                        };
+                        (text(kv.first()), serde_json::Value::String(text(kv.get(1))))
+                    })
                     .collect();
                 self.rejects.push(Reject {
                     stream: stream.to_owned(),
-                    entry_id: entry.id.clone(),
+                    entry_id: id.to_owned(),
                     fields: serde_json::Value::Object(fields),
                     error,
                 });
             }
         }
     }
+
+    /// Entries of a stream reply (`[id, [field, value, ...]]` each), as
+    /// Redis sent them: walking the raw reply costs a fraction of building
+    /// redis-rs's `StreamId` (a map per entry) for thousands of entries.
+    fn add_entries(&mut self, stream: &str, entries: &[Value]) {
+        for entry in entries {
+            let Value::Array(parts) = entry else { continue };
+            let (Some(Value::BulkString(id)), fields) = (parts.first(), parts.get(1)) else {
+                continue;
+            };
+            let Ok(id) = std::str::from_utf8(id) else {
+                continue;
+            };
+            match fields {
+                Some(Value::Array(fields)) => self.add(stream, id, fields),
+                // Deleted while pending (XAUTOCLAIM before Redis 7): kept
+                // as a reject, so its id is acknowledged all the same.
+                _ => self.add(stream, id, &[]),
+            }
+        }
+    }
+}
+
+/// The value of `name` in a field/value list.
+fn field<'a>(fields: &'a [Value], name: &[u8]) -> Option<&'a [u8]> {
+    fields.chunks(2).find_map(|kv| match kv {
+        [Value::BulkString(k), Value::BulkString(v)] if k.as_slice() == name => Some(v.as_slice()),
+        [Value::BulkString(k), Value::SimpleString(v)] if k.as_slice() == name => {
+            Some(v.as_bytes())
+        }
+        _ => None,
+    })
 }
 
 pub struct Flusher {
@@ -411,7 +451,7 @@ impl Flusher {
                 self.config.claim_idle
             };
             for stream in self.streams.clone() {
-                let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                let reply: Value = redis::cmd("XAUTOCLAIM")
                     .arg(&stream)
                     .arg(GROUP)
                     .arg(&self.config.consumer)
@@ -421,8 +461,11 @@ impl Flusher {
                     .arg(self.config.batch_size)
                     .query_async(con)
                     .await?;
-                for entry in &reply.claimed {
-                    batch.add(&stream, entry);
+                // [next start id, claimed entries, ids deleted meanwhile]
+                if let Value::Array(parts) = &reply
+                    && let Some(Value::Array(claimed)) = parts.get(1)
+                {
+                    batch.add_entries(&stream, claimed);
                 }
                 if batch.len() >= self.config.batch_size {
                     break;
@@ -447,7 +490,7 @@ impl Flusher {
         con: &mut RedisConn,
         id: &str,
         block: Option<Duration>,
-    ) -> Result<Vec<StreamReadReply>, FlushError> {
+    ) -> Result<Vec<Value>, FlushError> {
         let read = |streams: &[String], block: Option<Duration>| {
             let mut cmd = redis::cmd("XREADGROUP");
             cmd.arg("GROUP")
@@ -465,22 +508,17 @@ impl Flusher {
             cmd
         };
         if !con.is_cluster() {
-            let reply: Option<StreamReadReply> =
-                read(&self.streams, block).query_async(con).await?;
-            return Ok(reply.into_iter().collect());
+            let reply: Value = read(&self.streams, block).query_async(con).await?;
+            return Ok(vec![reply]);
         }
         // One slot per command: a read per stream, all at once.
         let replies = join_all(self.streams.chunks(1).map(|stream| {
             let mut con = con.clone();
             let cmd = read(stream, None);
-            async move { cmd.query_async::<Option<StreamReadReply>>(&mut con).await }
+            async move { cmd.query_async::<Value>(&mut con).await }
         }))
         .await;
-        let mut out = Vec::new();
-        for reply in replies {
-            out.extend(reply?);
-        }
-        Ok(out)
+        replies.into_iter().map(|r| r.map_err(Into::into)).collect()
     }
 
     /// Writes the batch to Postgres, then acknowledges and deletes it.
@@ -617,10 +655,33 @@ fn shard_of_stream(stream: &str) -> i16 {
         .unwrap_or(0)
 }
 
-fn add_reply(batch: &mut Batch, replies: Vec<StreamReadReply>) {
-    for key in replies.into_iter().flat_map(|r| r.keys) {
-        for entry in &key.ids {
-            batch.add(&key.key, entry);
+/// XREADGROUP replies: nil, or per stream `[name, entries]` (a map from
+/// name to entries under RESP3).
+fn add_reply(batch: &mut Batch, replies: Vec<Value>) {
+    for reply in &replies {
+        let mut add = |name: &Value, entries: &Value| {
+            if let (Value::BulkString(name), Value::Array(entries)) = (name, entries)
+                && let Ok(name) = std::str::from_utf8(name)
+            {
+                batch.add_entries(name, entries);
+            }
+        };
+        match reply {
+            Value::Array(streams) => {
+                for stream in streams {
+                    if let Value::Array(pair) = stream
+                        && let [name, entries] = pair.as_slice()
+                    {
+                        add(name, entries);
+                    }
+                }
+            }
+            Value::Map(streams) => {
+                for (name, entries) in streams {
+                    add(name, entries);
+                }
+            }
+            _ => {}
         }
     }
 }
