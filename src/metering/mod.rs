@@ -832,9 +832,7 @@ fn protocol(script: &'static str, detail: impl Into<String>) -> MeterError {
     }
 }
 
-/// A script reply: `{"status", value, ...}`, or the same as one string
-/// `"status value ..."` (charge.lua's common answer; its last value may
-/// hold spaces).
+/// A script reply `{"status", value, ...}`.
 struct Reply {
     script: &'static str,
     status: String,
@@ -843,10 +841,8 @@ struct Reply {
 
 impl Reply {
     fn parse(script: &'static str, reply: Value) -> Result<Self, MeterError> {
-        let items = match reply {
-            Value::Array(items) => items,
-            Value::BulkString(line) => return Ok(Self::from_line(script, &line)),
-            other => return Err(protocol(script, format!("not an array: {other:?}"))),
+        let Value::Array(items) = reply else {
+            return Err(protocol(script, format!("not an array: {reply:?}")));
         };
         let mut items = items.into_iter();
         let status = match items.next() {
@@ -861,33 +857,14 @@ impl Reply {
         })
     }
 
-    /// Values of the one-string form are strings; `int` parses them.
-    fn from_line(script: &'static str, line: &[u8]) -> Self {
-        let mut parts = line.splitn(10, |b| *b == b' ');
-        let status = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-        Self {
-            script,
-            status,
-            values: parts.map(|p| Value::BulkString(p.to_vec())).collect(),
-        }
-    }
-
     fn int(&self, i: usize) -> Result<i64, MeterError> {
-        let parsed = match self.values.get(i) {
-            Some(Value::Int(n)) => Some(*n),
-            Some(Value::BulkString(b)) => std::str::from_utf8(b).ok().and_then(|t| t.parse().ok()),
-            _ => None,
-        };
-        parsed.ok_or_else(|| {
-            protocol(
+        match self.values.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            other => Err(protocol(
                 self.script,
-                format!(
-                    "{}: value {i} is not an integer: {:?}",
-                    self.status,
-                    self.values.get(i)
-                ),
-            )
-        })
+                format!("{}: value {i} is not an integer: {other:?}", self.status),
+            )),
+        }
     }
 
     fn text(&self, i: usize) -> Result<String, MeterError> {
@@ -924,18 +901,54 @@ impl Reply {
     }
 }
 
+/// charge.lua's common answer, one string:
+/// `ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked> <plan>`.
+fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
+    let mut parts = std::str::from_utf8(line).ok()?.splitn(10, ' ');
+    if parts.next()? != "ok" {
+        return None;
+    }
+    let mut n = [0i64; 8];
+    for v in &mut n {
+        *v = parts.next()?.parse().ok()?;
+    }
+    let [
+        charged,
+        monthly,
+        bonus,
+        day_used,
+        limit,
+        from_monthly,
+        from_bonus,
+        auto_blocked,
+    ] = n;
+    Some(ChargeOutcome::Charged(Receipt {
+        event_id,
+        charged,
+        balance: Balance {
+            monthly,
+            bonus,
+            day_used,
+            daily_limit: (limit >= 0).then_some(limit),
+        },
+        from_monthly,
+        from_bonus,
+        auto_blocked: auto_blocked == 1,
+        plan: parts.next()?.to_owned(),
+    }))
+}
+
 fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterError> {
+    if let Value::BulkString(line) = &reply {
+        return decode_ok(line, event_id).ok_or_else(|| {
+            protocol(
+                "charge.lua",
+                format!("bad answer {:?}", String::from_utf8_lossy(line)),
+            )
+        });
+    }
     let r = Reply::parse("charge.lua", reply)?;
     Ok(match r.status.as_str() {
-        "ok" => ChargeOutcome::Charged(Receipt {
-            event_id,
-            charged: r.int(0)?,
-            balance: r.balance(1)?,
-            from_monthly: r.int(5)?,
-            from_bonus: r.int(6)?,
-            auto_blocked: r.int(7)? == 1,
-            plan: r.text(8)?,
-        }),
         "duplicate" => ChargeOutcome::Duplicate {
             balance: r.balance(1)?,
             plan: r.text(5)?,
@@ -1026,6 +1039,14 @@ mod tests {
                 }
             })
         );
+        for bad in [
+            "ok 3 7 0 3 100 3 0 0",
+            "ok 3 x 0 3 100 3 0 0 p",
+            "okay 3 7 0 3 100 3 0 0 p",
+        ] {
+            let answer = Value::BulkString(bad.as_bytes().to_vec());
+            assert!(decode_charge(answer, String::new()).is_err(), "{bad}");
+        }
         let unlimited = decode_charge(reply("insufficient", &[1, 0, 9, -1]), String::new())
             .expect("insufficient");
         assert!(matches!(

@@ -1,6 +1,6 @@
 //! Header rewriting between client and upstream.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -48,6 +48,26 @@ fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
     }
 }
 
+/// An address as text. `Display` for an IPv4 address went through the
+/// formatting machinery and was a fifth of this module's cost per request
+/// (bench/gateway_instructions.sh); the octets are written directly.
+fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                text.push_str(digits.format(octet));
+            }
+            text
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    }
+}
+
 // Names built at compile time: a `&str` would be parsed on every lookup.
 const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
 const X_PLAN: HeaderName = HeaderName::from_static("x-plan");
@@ -91,14 +111,16 @@ pub fn prepare_upstream_headers(
     strip(headers, |name| {
         CLIENT_ONLY.contains(name) || (!peer_is_trusted_proxy && FORWARDING.contains(name))
     });
+    // Up to eight names are added below: grow the map once, not per insert.
+    headers.reserve(8);
     let ip = peer.ip().to_canonical();
-    let ip_text = ip.to_string();
+    let ip_text = ip_text(ip);
     let host = headers.remove(header::HOST);
     // RFC 7239: IPv6 nodes and host:port values are quoted strings.
     let mut element = String::with_capacity(64);
     match ip {
-        std::net::IpAddr::V4(_) => element.push_str("for="),
-        std::net::IpAddr::V6(_) => element.push_str("for=\"["),
+        IpAddr::V4(_) => element.push_str("for="),
+        IpAddr::V6(_) => element.push_str("for=\"["),
     }
     element.push_str(&ip_text);
     if ip.is_ipv6() {
@@ -159,6 +181,21 @@ pub fn prepare_upstream_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "192.0.2.7",
+            "255.255.255.255",
+            "10.0.100.9",
+            "2001:db8::1",
+            "::1",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
 
     #[test]
     fn credentials_and_hop_by_hop_headers_stay_behind() {
