@@ -252,6 +252,10 @@ async fn credentials_never_reach_an_upstream_and_forwarding_headers_are_the_gate
     );
     assert_eq!(seen.header("x-user-id"), [user.id.as_str()]);
     assert_eq!(seen.header("x-plan"), ["free"]);
+    // The upstream is addressed as itself, in origin form.
+    let upstream = app.upstream.addr.to_string();
+    assert_eq!(seen.header("host"), [upstream.as_str()]);
+    assert_eq!(seen.target, "/rag/capture");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -685,3 +685,58 @@ async fn the_plans_rate_limit_holds_exactly_under_parallel_calls() {
         "refused calls are not charged"
     );
 }
+
+/// An upstream that drops each keep-alive connection right after answering
+/// (as servers do at their keep-alive timeout or request limit): a pooled
+/// connection found closed, or closing as the request goes out, is replaced
+/// by a new one. No call fails, and none is sent twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_closing_its_idle_connections_fails_no_call() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Keep-alive as far as HTTP says, then gone.
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let app = TestApp::builder()
+        .env(
+            "CREDITGATE_MODULES__RAG__UPSTREAM",
+            &format!("http://{addr}"),
+        )
+        .start()
+        .await;
+    let user = app.create_user("enterprise").await;
+    for i in 0..60 {
+        let response = app.call(&user.key, "/rag/q").await;
+        assert_eq!(response.status(), 200, "call {i}");
+        // Half the calls find the connection already closed, half race it.
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 60);
+    let (_, _, used_today) = app.balance(&user.id).await;
+    assert_eq!(used_today, 60, "every call charged once, none refunded");
+}

@@ -21,9 +21,9 @@
 //! drops the handler, and the phases go on by themselves to the end, so a
 //! charge made is always settled and logged.
 
-mod connector;
 mod detached;
 mod headers;
+mod pool;
 mod replay;
 pub mod upstream;
 
@@ -48,7 +48,7 @@ use crate::metering::{
 };
 use crate::telemetry::metrics::{self, ModuleMetrics};
 use detached::Detached;
-use upstream::{IdleTimeout, UpstreamError, Upstreams};
+use upstream::{IdleTimeout, PooledBody, UpstreamError, Upstreams};
 
 /// What the proxy takes from the settings.
 pub struct ProxySettings {
@@ -447,7 +447,7 @@ impl Proxy {
         peer: SocketAddr,
         user: &UserId,
         plan: &str,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<PooledBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
         parts.uri = Upstreams::target(&ctx.module, &parts.uri)?;
         parts.version = http::Version::HTTP_11;

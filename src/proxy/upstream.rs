@@ -4,21 +4,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http::{Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use thiserror::Error;
 use tokio::time::{Instant, Sleep};
 
-use super::connector::CountingConnector;
+pub use super::pool::PooledBody;
+use super::pool::{Pool, SendError};
 use crate::catalog::{Catalog, Module};
 use crate::config::UpstreamSettings;
 use crate::domain::ModuleId;
@@ -112,27 +112,30 @@ pub enum UpstreamError {
 }
 
 pub struct Upstreams {
-    clients: Vec<(ModuleId, Client<CountingConnector, RequestBody>)>,
+    pools: Vec<(ModuleId, Arc<Pool>)>,
 }
 
 impl Upstreams {
     pub fn new(catalog: &Catalog, settings: &UpstreamSettings) -> Self {
-        let clients = catalog
+        let pools = catalog
             .modules()
             .iter()
             .map(|m| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(m.connect_timeout));
-                connector.set_nodelay(true);
-                connector.enforce_http(true);
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_millis(settings.pool_idle_timeout_ms))
-                    .pool_max_idle_per_host(settings.pool_max_idle_per_host)
-                    .build(CountingConnector::new(connector, m.id.as_str()));
-                (m.id.clone(), client)
+                let host = m.upstream.host().unwrap_or_default();
+                let port = m.upstream.port_u16().unwrap_or(80);
+                // A bracketed IPv6 literal stays bracketed for connect().
+                let addr = format!("{host}:{port}");
+                let pool = Pool::new(
+                    addr,
+                    m.id.as_str(),
+                    m.connect_timeout,
+                    Duration::from_millis(settings.pool_idle_timeout_ms),
+                    settings.pool_max_idle_per_host,
+                );
+                (m.id.clone(), pool)
             })
             .collect();
-        Self { clients }
+        Self { pools }
     }
 
     /// The upstream URI for a client path: base path of the module's
@@ -166,18 +169,30 @@ impl Upstreams {
 
     /// Sends the request and waits for the response headers, at most the
     /// module's timeout. The response body then streams without deadline.
+    /// `request` carries the absolute target ([`Upstreams::target`]); it
+    /// goes out in origin form with the upstream's `Host`.
     pub async fn send(
         &self,
         module: &Module,
-        request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let client = self
-            .clients
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let pool = self
+            .pools
             .iter()
             .find(|(id, _)| id == &module.id)
-            .map(|(_, c)| c)
+            .map(|(_, p)| p)
             .ok_or_else(|| UpstreamError::BadUri(format!("no client for {}", module.id)))?;
-        match tokio::time::timeout(module.timeout, client.request(request)).await {
+        let uri = request.uri();
+        let host = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| UpstreamError::BadUri(uri.to_string()))?;
+        let origin = uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        *request.uri_mut() = origin;
+        request.headers_mut().insert(http::header::HOST, host);
+        match tokio::time::timeout(module.timeout, pool.send(request)).await {
             Err(_) => Err(UpstreamError::Timeout(module.timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(classify(&e)),
@@ -185,7 +200,7 @@ impl Upstreams {
     }
 }
 
-fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+fn classify(e: &SendError) -> UpstreamError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {
