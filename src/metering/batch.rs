@@ -29,10 +29,45 @@ const WAIT_MARGIN: Duration = Duration::from_millis(10);
 /// enqueue (backpressure rather than unbounded memory).
 const QUEUE: usize = 4096;
 
+/// A charge's arguments, encoded one after the other in one buffer: two
+/// allocations per charge instead of one per argument.
+pub(super) struct Args {
+    data: Vec<u8>,
+    /// Where each argument ends in `data`.
+    ends: Vec<usize>,
+}
+
+impl Args {
+    pub fn with_capacity(args: usize, bytes: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(args),
+        }
+    }
+
+    pub fn push(&mut self, value: impl super::Arg) {
+        value.write(&mut self.data);
+        self.ends.push(self.data.len());
+    }
+
+    /// An argument written by `write`.
+    pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        write(&mut self.data);
+        self.ends.push(self.data.len());
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.data[start..end])
+    }
+}
+
 /// One charge: its four keys and its fifteen arguments, encoded.
 pub(super) struct Charge {
     pub keys: [String; 4],
-    pub args: Vec<Vec<u8>>,
+    pub args: Args,
     /// When the caller stops waiting and answers 503.
     pub deadline: Instant,
     /// The same instant on Redis's clock, unix ms (0: clocks not compared
@@ -151,8 +186,8 @@ async fn send(shared: &Shared, stream: &str, batch: &mut Vec<Queued>) {
         .arg(if shared.auto_block { "1" } else { "0" })
         .arg(deadline);
     for q in batch.iter() {
-        for arg in &q.charge.args {
-            eval.arg(arg.as_slice());
+        for arg in q.charge.args.iter() {
+            eval.arg(arg);
         }
     }
     let mut con = shared.redis.clone();
@@ -251,5 +286,21 @@ async fn call(
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_come_back_as_pushed() {
+        let mut args = Args::with_capacity(4, 8);
+        args.push("ab");
+        args.push("");
+        args.push(-42i64);
+        args.push_with(|out| out.extend_from_slice(b"x,y"));
+        let all: Vec<&[u8]> = args.iter().collect();
+        assert_eq!(all, [&b"ab"[..], b"", b"-42", b"x,y"]);
     }
 }

@@ -457,28 +457,25 @@ impl Meter {
                 .rate(req.user, req.stamp.now.timestamp().div_euclid(60)),
         ];
         // The fifteen per-charge arguments of charge.lua, in its order.
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(15);
-        push(&mut args, req.key_hash.map_or("", KeyHash::as_str));
-        push(&mut args, req.module.id.as_str());
-        push(&mut args, req.action.map_or("", ActionId::as_str));
-        push(&mut args, cost.get());
-        push(&mut args, self.catalog.allowed_plans_arg(&req.module.id));
-        push(&mut args, req.stamp.day.as_str());
-        push(&mut args, req.stamp.period.as_str());
-        push(&mut args, req.stamp.now_ms());
-        push(&mut args, event_id.as_str());
-        push(&mut args, req.request_id.as_str());
-        push(&mut args, idempotency);
-        push(
-            &mut args,
-            match req.mode {
-                Mode::Charge => "charge",
-                Mode::Check => "check",
-            },
-        );
-        push(&mut args, fingerprint);
-        push(&mut args, lease);
-        args.push(event_members(req));
+        let mut args = batch::Args::with_capacity(15, 400);
+        args.push(req.key_hash.map_or("", KeyHash::as_str));
+        args.push(req.module.id.as_str());
+        args.push(req.action.map_or("", ActionId::as_str));
+        args.push(cost.get());
+        args.push(self.catalog.allowed_plans_arg(&req.module.id));
+        args.push(req.stamp.day.as_str());
+        args.push(req.stamp.period.as_str());
+        args.push(req.stamp.now_ms());
+        args.push(event_id.as_str());
+        args.push(req.request_id.as_str());
+        args.push(idempotency);
+        args.push(match req.mode {
+            Mode::Charge => "charge",
+            Mode::Check => "check",
+        });
+        args.push(fingerprint);
+        args.push(lease);
+        args.push_with(|out| event_members(out, req));
         let shard = self.keys.shard_of(req.user);
         let deadline = std::time::Instant::now() + self.timeout;
         let queued = self.batcher.charge(
@@ -784,44 +781,38 @@ impl Meter {
 /// The JSON members every event of a charge shares (charge.lua's last
 /// per-charge argument), escaped here so the script can concatenate
 /// instead of encoding.
-fn event_members(req: &ChargeRequest<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160);
+fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
     let text = |out: &mut Vec<u8>, name: &str, value: &str| {
         out.extend_from_slice(name.as_bytes());
         // Writing JSON into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, value);
     };
-    text(&mut out, "\"u\":", req.user.as_str());
-    text(&mut out, ",\"r\":", req.request_id.as_str());
-    text(&mut out, ",\"by\":", req.actor);
+    text(out, "\"u\":", req.user.as_str());
+    text(out, ",\"r\":", req.request_id.as_str());
+    text(out, ",\"by\":", req.actor);
     out.extend_from_slice(b",\"t\":");
     out.extend_from_slice(itoa::Buffer::new().format(req.stamp.now_ms()).as_bytes());
-    text(&mut out, ",\"d\":", &req.stamp.day);
-    text(&mut out, ",\"ap\":", &req.stamp.period);
-    text(&mut out, ",\"ad\":", &req.stamp.day);
-    out
+    text(out, ",\"d\":", &req.stamp.day);
+    text(out, ",\"ap\":", &req.stamp.period);
+    text(out, ",\"ad\":", &req.stamp.day);
 }
 
-/// Appends one script argument, encoded as Redis will read it: bytes as
-/// they are, integers in decimal (`ToRedisArgs` built a `Vec` of `Vec`s
-/// per argument).
-fn push(args: &mut Vec<Vec<u8>>, value: impl Arg) {
-    args.push(value.bytes());
-}
-
-trait Arg {
-    fn bytes(self) -> Vec<u8>;
+/// A script argument, encoded as Redis will read it: bytes as they are,
+/// integers in decimal (`ToRedisArgs` built a `Vec` of `Vec`s per
+/// argument).
+pub(crate) trait Arg {
+    fn write(self, out: &mut Vec<u8>);
 }
 
 impl Arg for &str {
-    fn bytes(self) -> Vec<u8> {
-        self.as_bytes().to_vec()
+    fn write(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
     }
 }
 
 impl Arg for i64 {
-    fn bytes(self) -> Vec<u8> {
-        itoa::Buffer::new().format(self).as_bytes().to_vec()
+    fn write(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(itoa::Buffer::new().format(self).as_bytes());
     }
 }
 
