@@ -112,7 +112,8 @@ pub enum UpstreamError {
 }
 
 pub struct Upstreams {
-    pools: Vec<(ModuleId, Arc<Pool>)>,
+    /// Per module: its pool and its `Host` (none: not a usable URL).
+    pools: Vec<(ModuleId, Arc<Pool>, Option<HeaderValue>)>,
 }
 
 impl Upstreams {
@@ -132,15 +133,15 @@ impl Upstreams {
                     Duration::from_millis(settings.pool_idle_timeout_ms),
                     settings.pool_max_idle_per_host,
                 );
-                (m.id.clone(), pool)
+                (m.id.clone(), pool, Self::host(m).ok())
             })
             .collect();
         Self { pools }
     }
 
-    /// The upstream URI for a client path: base path of the module's
-    /// upstream + the request path (without the module prefix when
-    /// `strip_prefix`), query kept as sent.
+    /// The request target for a client path, in origin form: base path of
+    /// the module's upstream + the request path (without the module prefix
+    /// when `strip_prefix`), query kept as sent. `send` adds the `Host`.
     pub fn target(module: &Module, uri: &Uri) -> Result<Uri, UpstreamError> {
         let path = uri.path();
         let path = if module.strip_prefix {
@@ -155,42 +156,34 @@ impl Upstreams {
             target.push('?');
             target.push_str(q);
         }
-        let authority = module
+        Uri::try_from(target).map_err(|e| UpstreamError::BadUri(e.to_string()))
+    }
+
+    /// The `Host` an upstream is addressed by: the authority of its URL.
+    pub fn host(module: &Module) -> Result<HeaderValue, UpstreamError> {
+        module
             .upstream
             .authority()
-            .ok_or_else(|| UpstreamError::BadUri(module.upstream.to_string()))?;
-        Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(target)
-            .build()
-            .map_err(|e| UpstreamError::BadUri(e.to_string()))
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| UpstreamError::BadUri(module.upstream.to_string()))
     }
 
     /// Sends the request and waits for the response headers, at most the
     /// module's timeout. The response body then streams without deadline.
-    /// `request` carries the absolute target ([`Upstreams::target`]); it
-    /// goes out in origin form with the upstream's `Host`.
+    /// `request` carries the target of [`Upstreams::target`].
     pub async fn send(
         &self,
         module: &Module,
         mut request: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let pool = self
+        let (_, pool, host) = self
             .pools
             .iter()
-            .find(|(id, _)| id == &module.id)
-            .map(|(_, p)| p)
+            .find(|(id, _, _)| id == &module.id)
             .ok_or_else(|| UpstreamError::BadUri(format!("no client for {}", module.id)))?;
-        let uri = request.uri();
-        let host = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .ok_or_else(|| UpstreamError::BadUri(uri.to_string()))?;
-        let origin = uri
-            .path_and_query()
-            .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-        *request.uri_mut() = origin;
+        let host = host
+            .clone()
+            .ok_or_else(|| UpstreamError::BadUri(module.upstream.to_string()))?;
         request.headers_mut().insert(http::header::HOST, host);
         match tokio::time::timeout(module.timeout, pool.send(request)).await {
             Err(_) => Err(UpstreamError::Timeout(module.timeout)),
@@ -270,7 +263,11 @@ mod tests {
         ];
         for (up, strip, path, want) in cases {
             let uri: Uri = path.parse().expect("uri");
-            let got = Upstreams::target(&module(up, strip), &uri).map(|u| u.to_string());
+            let m = module(up, strip);
+            let got = Upstreams::target(&m, &uri).and_then(|origin| {
+                let host = Upstreams::host(&m)?;
+                Ok(format!("http://{}{origin}", host.to_str().unwrap_or("?")))
+            });
             assert_eq!(got.ok().as_deref(), Some(want), "{up} {path}");
         }
     }
