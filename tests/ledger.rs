@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::chaos::ChaosProxy;
 use common::process::Gateway;
 use common::{Account, TestApp, free_port, wait_until};
-use creditgate::ledger::{Flusher, store};
+use creditgate::ledger::store;
 
 /// (request id, status) of every answered request.
 type Outcomes = Vec<(String, u16)>;
@@ -122,25 +122,8 @@ async fn a_batch_committed_but_not_acknowledged_is_not_inserted_twice() {
         assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
     }
     assert_eq!(app.backlog().await, 25);
-    let settings = creditgate::config::Settings::from_toml(
-        &app.config,
-        "test",
-        Vec::<(String, String)>::new(),
-    )
-    .expect("settings");
     let pool = app.pool().await;
-    let config = |consumer: &str| {
-        let mut c = settings.ledger.flusher_config();
-        c.consumer = consumer.into();
-        c
-    };
-    let first = Flusher::new(
-        &settings.redis.url,
-        app.state.meter.keys(),
-        pool.clone(),
-        config("a"),
-    )
-    .expect("flusher");
+    let first = app.flusher("a").await;
     first
         .crash_after_next_commit()
         .store(true, Ordering::SeqCst);
@@ -155,13 +138,7 @@ async fn a_batch_committed_but_not_acknowledged_is_not_inserted_twice() {
     assert_eq!(rows, 25, "the batch was committed");
     assert_eq!(app.backlog().await, 25, "but not acknowledged");
 
-    let mut second = Flusher::new(
-        &settings.redis.url,
-        app.state.meter.keys(),
-        pool.clone(),
-        config("b"),
-    )
-    .expect("flusher");
+    let mut second = app.flusher("b").await;
     let stats = second.stats();
     assert_eq!(second.drain().await.expect("drain"), 25);
     assert_eq!(stats.flushed_total.load(Ordering::SeqCst), 0);
@@ -203,20 +180,8 @@ async fn an_unreadable_entry_is_kept_aside_and_the_stream_goes_on() {
         .await
         .expect("XADD");
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
-    let settings = creditgate::config::Settings::from_toml(
-        &app.config,
-        "test",
-        Vec::<(String, String)>::new(),
-    )
-    .expect("settings");
     let pool = app.pool().await;
-    let mut flusher = Flusher::new(
-        &settings.redis.url,
-        app.state.meter.keys(),
-        pool.clone(),
-        settings.ledger.flusher_config(),
-    )
-    .expect("flusher");
+    let mut flusher = app.flusher("reader").await;
     assert_eq!(flusher.drain().await.expect("drain"), 3);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE kind = 'charge'")
         .fetch_one(&pool)

@@ -976,6 +976,22 @@ impl TestApp {
         sqlx::PgPool::connect(&self.db.url).await.expect("db")
     }
 
+    /// A ledger flusher of this app's configuration, on its Redis and
+    /// Postgres, reading as consumer `consumer`.
+    pub async fn flusher(&self, consumer: &str) -> creditgate::ledger::Flusher {
+        let settings = Settings::from_toml(&self.config, "test", Vec::<(String, String)>::new())
+            .expect("settings");
+        let mut config = settings.ledger.flusher_config();
+        config.consumer = consumer.into();
+        creditgate::ledger::Flusher::new(
+            &settings.redis.url,
+            self.state.meter.keys(),
+            self.pool().await,
+            config,
+        )
+        .expect("flusher")
+    }
+
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
