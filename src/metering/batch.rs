@@ -45,9 +45,8 @@ impl Args {
         }
     }
 
-    pub fn push(&mut self, value: impl super::Arg) {
-        value.write(&mut self.data);
-        self.ends.push(self.data.len());
+    pub fn push(&mut self, value: impl Arg) {
+        self.push_with(|out| value.write(out));
     }
 
     /// An argument written by `write`.
@@ -61,6 +60,25 @@ impl Args {
         starts
             .zip(self.ends.iter().copied())
             .map(|(start, end)| &self.data[start..end])
+    }
+}
+
+/// A script argument, encoded as Redis will read it: bytes as they are,
+/// integers in decimal (`ToRedisArgs` built a `Vec` of `Vec`s per
+/// argument).
+pub(super) trait Arg {
+    fn write(self, out: &mut Vec<u8>);
+}
+
+impl Arg for &str {
+    fn write(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl Arg for i64 {
+    fn write(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(itoa::Buffer::new().format(self).as_bytes());
     }
 }
 

@@ -797,25 +797,6 @@ fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
     text(out, ",\"ad\":", &req.stamp.day);
 }
 
-/// A script argument, encoded as Redis will read it: bytes as they are,
-/// integers in decimal (`ToRedisArgs` built a `Vec` of `Vec`s per
-/// argument).
-pub(crate) trait Arg {
-    fn write(self, out: &mut Vec<u8>);
-}
-
-impl Arg for &str {
-    fn write(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(self.as_bytes());
-    }
-}
-
-impl Arg for i64 {
-    fn write(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(itoa::Buffer::new().format(self).as_bytes());
-    }
-}
-
 fn protocol(script: &'static str, detail: impl Into<String>) -> MeterError {
     MeterError::Protocol {
         script,

@@ -56,6 +56,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Still open, and idle for less than `timeout`.
+    fn usable(&self, timeout: Duration) -> bool {
+        self.since.elapsed() < timeout && !self.sender.is_closed()
+    }
+}
+
 impl Pool {
     pub fn new(
         addr: String,
@@ -110,7 +117,7 @@ impl Pool {
     fn take(&self) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(conn) = idle.pop() {
-            if conn.since.elapsed() < self.idle_timeout && !conn.sender.is_closed() {
+            if conn.usable(self.idle_timeout) {
                 return Some(conn.sender);
             }
         }
@@ -176,7 +183,7 @@ async fn sweep(pool: Weak<Pool>, every: Duration) {
         tick.tick().await;
         let Some(pool) = pool.upgrade() else { return };
         let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| c.since.elapsed() < pool.idle_timeout && !c.sender.is_closed());
+        idle.retain(|c| c.usable(pool.idle_timeout));
     }
 }
 
