@@ -257,7 +257,9 @@ fn copy_rows(events: &[LedgerEvent]) -> Vec<u8> {
         optional(&mut out, e.request_id.as_deref());
         text(&mut out, &e.actor);
         // Writing into a Vec cannot fail.
-        let _ = write!(out, "{}\t", e.local_day.format("%Y-%m-%d"));
+        // Display is ISO 8601 (`YYYY-MM-DD`) without a format string to
+        // parse per row.
+        let _ = write!(out, "{}\t", e.local_day);
         let _ = write!(
             out,
             "{}\t",
