@@ -613,3 +613,153 @@ async fn verify_reports_roll_ups_that_disagree_with_the_daily_aggregates() {
         "{stdout}"
     );
 }
+
+/// A batch of new events takes the direct path (`COPY` into the ledger,
+/// roll-ups summed by the flusher); a batch holding stored events takes the
+/// staged one (`ON CONFLICT DO NOTHING`, roll-ups from the rows inserted).
+/// Both must leave the same roll-ups and audit rows, and the second must
+/// count only its new events.
+#[tokio::test]
+async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
+    use chrono::{NaiveDate, TimeZone, Utc};
+    use creditgate::ledger::event::LedgerEvent;
+    let app = TestApp::spawn().await;
+    let pool = app.pool().await;
+    let day = |d: &str| NaiveDate::parse_from_str(d, "%Y-%m-%d").expect("day");
+    let mut seq = 0;
+    let mut event = |kind: &str, user: &str, module: Option<&str>, amount: i64, d: &str, shard| {
+        seq += 1;
+        LedgerEvent {
+            event_id: format!("ev-{seq}"),
+            user_id: user.into(),
+            kind: kind.into(),
+            module: module.map(Into::into),
+            action: None,
+            amount,
+            from_monthly: amount,
+            from_bonus: 0,
+            monthly_after: 100,
+            bonus_after: 0,
+            plan: Some("pro".into()),
+            request_id: Some(format!("req-{seq}")),
+            actor: "gateway".into(),
+            local_day: day(d),
+            occurred_at: Utc
+                .timestamp_millis_opt(1_795_000_000_000 + seq)
+                .single()
+                .expect("time"),
+            stream_ms: 1_795_000_000_000 + seq,
+            stream_seq: 0,
+            account_period: String::new(),
+            account_day: String::new(),
+            account_day_used: 0,
+            reason: Some(format!("tab\there {seq}")),
+            shard,
+        }
+    };
+    let first = vec![
+        event("charge", "u1", Some("rag"), 3, "2026-10-31", 1),
+        event("charge", "u1", Some("rag"), 2, "2026-10-31", 1),
+        event("refund", "u1", Some("rag"), 2, "2026-10-31", 1),
+        event("charge", "u2", Some("rag"), 5, "2026-11-01", 2),
+        event("charge", "u2", Some("legal"), 7, "2026-11-01", 2),
+        event("grant", "u2", None, 50, "2026-11-01", 2),
+        event("reset", "u1", None, 100, "2026-11-01", 1),
+    ];
+    assert_eq!(
+        store::write_batch(&pool, &first, &[])
+            .await
+            .expect("new batch"),
+        7
+    );
+    // A redelivery of the last three with two new charges after them.
+    let mut second = first[4..].to_vec();
+    second.push(event("charge", "u1", Some("rag"), 11, "2026-11-01", 1));
+    second.push(event("charge", "u2", Some("legal"), 13, "2026-11-01", 2));
+    assert_eq!(
+        store::write_batch(&pool, &second, &[])
+            .await
+            .expect("redelivery"),
+        2
+    );
+    // And once more whole: nothing new.
+    assert_eq!(
+        store::write_batch(&pool, &second, &[])
+            .await
+            .expect("again"),
+        0
+    );
+
+    let daily: Vec<(String, String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, day::text, module, charged_credits, charges, refunded_credits, refunds
+         FROM usage_daily ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("daily");
+    let row = |u: &str, d: &str, m: &str, c, n, r, rn| {
+        (u.to_string(), d.to_string(), m.to_string(), c, n, r, rn)
+    };
+    assert_eq!(
+        daily,
+        vec![
+            row("u1", "2026-10-31", "rag", 5, 2, 2, 1),
+            row("u1", "2026-11-01", "rag", 11, 1, 0, 0),
+            row("u2", "2026-11-01", "legal", 20, 2, 0, 0),
+            row("u2", "2026-11-01", "rag", 5, 1, 0, 0),
+        ]
+    );
+    let by_module: Vec<(String, String, i16, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT day::text, module, shard, charged_credits, charges, refunded_credits, refunds
+         FROM usage_module_daily ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("by module");
+    assert_eq!(
+        by_module,
+        vec![
+            ("2026-10-31".into(), "rag".into(), 1, 5, 2, 2, 1),
+            ("2026-11-01".into(), "legal".into(), 2, 20, 2, 0, 0),
+            ("2026-11-01".into(), "rag".into(), 1, 11, 1, 0, 0),
+            ("2026-11-01".into(), "rag".into(), 2, 5, 1, 0, 0),
+        ]
+    );
+    let monthly: Vec<(String, String, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT user_id, month::text, charged_credits, charges, refunded_credits, refunds
+         FROM usage_monthly ORDER BY 1, 2",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("monthly");
+    assert_eq!(
+        monthly,
+        vec![
+            ("u1".into(), "2026-10-01".into(), 5, 2, 2, 1),
+            ("u1".into(), "2026-11-01".into(), 11, 1, 0, 0),
+            ("u2".into(), "2026-11-01".into(), 25, 3, 0, 0),
+        ]
+    );
+    let audit: Vec<(String, String, serde_json::Value)> =
+        sqlx::query_as("SELECT event_id, user_id, details FROM admin_audit WHERE action = 'grant'")
+            .fetch_all(&pool)
+            .await
+            .expect("audit");
+    assert_eq!(
+        audit,
+        vec![(
+            "ev-6".into(),
+            "u2".into(),
+            serde_json::json!({"credits": 50, "reason": "tab\there 6", "idempotency_key": "req-6"})
+        )]
+    );
+    // Text with a tab survives the COPY rows of both paths.
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM ledger_events ORDER BY stream_ms")
+            .fetch_all(&pool)
+            .await
+            .expect("reasons");
+    assert_eq!(reasons.len(), 9);
+    assert_eq!(reasons[8], "tab\there 9");
+    assert_eq!(reasons[0], "tab\there 1");
+}
