@@ -225,8 +225,16 @@ impl ApiKey {
     }
 
     pub fn hash(&self) -> KeyHash {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::digest(self.0.expose_secret().as_bytes());
-        KeyHash(hex::encode(digest))
+        // `hex::encode` collects chars one at a time: 2.2k instructions per
+        // request, against about 300 here (bench/gateway_instructions.sh).
+        let mut text = String::with_capacity(64);
+        for b in digest {
+            text.push(char::from(DIGITS[usize::from(b >> 4)]));
+            text.push(char::from(DIGITS[usize::from(b & 15)]));
+        }
+        KeyHash(text)
     }
 
     /// Shown to people so they can tell their keys apart ("cg_1a2b3c4d").
@@ -321,6 +329,15 @@ mod networks_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_hash_is_the_lowercase_hex_sha256_of_the_key() {
+        let key =
+            ApiKey::parse("cg_000102030405060708090a0b0c0d0e0f1011121314151617").expect("key");
+        let expected = hex::encode(Sha256::digest(key.reveal().as_bytes()));
+        assert_eq!(key.hash().0, expected);
+        assert_eq!(expected.len(), 64);
+    }
 
     #[test]
     fn user_ids_reject_key_separators_and_spaces() {
