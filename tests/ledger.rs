@@ -627,36 +627,37 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
     let pool = app.pool().await;
     let day = |d: &str| NaiveDate::parse_from_str(d, "%Y-%m-%d").expect("day");
     let mut seq = 0;
-    let mut event = |kind: &str, user: &str, module: Option<&str>, amount: i64, d: &str, shard| {
-        seq += 1;
-        LedgerEvent {
-            event_id: format!("ev-{seq}"),
-            user_id: user.into(),
-            kind: kind.into(),
-            module: module.map(Into::into),
-            action: None,
-            amount,
-            from_monthly: amount,
-            from_bonus: 0,
-            monthly_after: 100,
-            bonus_after: 0,
-            plan: Some("pro".into()),
-            request_id: Some(format!("req-{seq}")),
-            actor: "gateway".into(),
-            local_day: day(d),
-            occurred_at: Utc
-                .timestamp_millis_opt(1_795_000_000_000 + seq)
-                .single()
-                .expect("time"),
-            stream_ms: 1_795_000_000_000 + seq,
-            stream_seq: 0,
-            account_period: String::new(),
-            account_day: String::new(),
-            account_day_used: 0,
-            reason: Some(format!("tab\there {seq}")),
-            shard,
-        }
-    };
+    let mut event =
+        |kind: &'static str, user: &str, module: Option<&str>, amount: i64, d: &str, shard| {
+            seq += 1;
+            LedgerEvent {
+                event_id: format!("ev-{seq}").into(),
+                user_id: user.to_owned().into(),
+                kind,
+                module: module.map(|m| m.to_owned().into()),
+                action: None,
+                amount,
+                from_monthly: amount,
+                from_bonus: 0,
+                monthly_after: 100,
+                bonus_after: 0,
+                plan: Some("pro".into()),
+                request_id: Some(format!("req-{seq}").into()),
+                actor: "gateway".into(),
+                local_day: day(d),
+                occurred_at: Utc
+                    .timestamp_millis_opt(1_795_000_000_000 + seq)
+                    .single()
+                    .expect("time"),
+                stream_ms: 1_795_000_000_000 + seq,
+                stream_seq: 0,
+                account_period: "".into(),
+                account_day: "".into(),
+                account_day_used: 0,
+                reason: Some(format!("tab\there {seq}").into()),
+                shard,
+            }
+        };
     let first = vec![
         event("charge", "u1", Some("rag"), 3, "2026-10-31", 1),
         event("charge", "u1", Some("rag"), 2, "2026-10-31", 1),

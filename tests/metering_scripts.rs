@@ -11,6 +11,7 @@ use common::{TEST_CONFIG, TestRedis};
 use creditgate::catalog::Catalog;
 use creditgate::config::Settings;
 use creditgate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, PlanId, RequestId, UserId};
+use creditgate::ledger::LedgerEvent;
 use creditgate::metering::{
     AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Idempotency, Meter, Mode, RefundOf,
     RefundOutcome, Refusal, Repeat, Stamp, StoredResponse, SyncOutcome, SyncState,
@@ -128,18 +129,19 @@ impl Harness {
             .query_async(&mut con)
             .await
             .expect("XRANGE");
-        reply
-            .ids
-            .iter()
-            .filter_map(|e| e.get::<String>("v"))
-            .filter_map(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
-            // A call's events share one entry, as an array.
-            .flat_map(|v| match v {
-                serde_json::Value::Array(events) => events,
-                one => vec![one],
-            })
-            .filter_map(|v| v["k"].as_str().map(str::to_owned))
-            .collect()
+        let mut kinds = Vec::new();
+        for entry in &reply.ids {
+            // charge.lua writes a call's events as rows, one per line; the
+            // other scripts one JSON object.
+            if let Some(rows) = entry.get::<String>("rows") {
+                let events = LedgerEvent::from_rows(&entry.id, rows.as_bytes()).expect("rows");
+                kinds.extend(events.iter().map(|e| e.kind.to_owned()));
+            } else if let Some(v) = entry.get::<String>("v") {
+                let events = LedgerEvent::from_entry(&entry.id, Some(v.as_bytes())).expect("json");
+                kinds.extend(events.iter().map(|e| e.kind.to_owned()));
+            }
+        }
+        kinds
     }
 }
 
@@ -721,7 +723,7 @@ async fn one_call(
             .arg("")
             .arg(0)
             .arg(format!(
-                r#""u":"{user}","r":"call-{i}","by":"test","t":{},"d":"{}","ap":"{}","ad":"{}""#,
+                "{user}\tcall-{i}\ttest\t{}\t{}\t{}\t{}",
                 now.now_ms(),
                 now.day,
                 now.period,
@@ -825,4 +827,69 @@ async fn a_call_past_its_deadline_charges_none_of_its_charges() {
     )
     .await;
     assert_eq!(h.hash(&user).await.0, 8);
+}
+
+/// charge.lua writes a call's events as rows the flusher splits, not
+/// parses: every value must come back exactly, a request id that looks
+/// like an escape (`\t`, `\\`) included.
+#[tokio::test]
+async fn a_charge_row_reads_back_exactly_what_was_charged() {
+    let h = Harness::new().await;
+    let october = h.at("2026-10-31T12:00:00Z");
+    let user = h.seed("row.user@x", "starter", 100, 5, &october).await;
+    // The first call of November: a reset, then the charge, in one entry.
+    let november = h.at("2026-11-01T09:30:00.250Z");
+    let rid = r"req\t\\x";
+    let ok = h
+        .charge(&user, "legal", &november, Some(rid), Mode::Charge)
+        .await;
+    assert_eq!(charged(&ok), Some((3, 3, 0)));
+
+    let mut con = h.redis.connection().await;
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(h.meter.keys().stream_of(&user))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .expect("XRANGE");
+    assert_eq!(reply.ids.len(), 1, "one entry per call");
+    let entry = &reply.ids[0];
+    let rows: String = entry.get("rows").expect("rows field");
+    let events = LedgerEvent::from_rows(&entry.id, rows.as_bytes()).expect("rows");
+    assert_eq!(events.len(), 2);
+    let (reset, charge) = (&events[0], &events[1]);
+    assert_eq!(reset.kind, "reset");
+    assert_eq!(reset.amount, 500);
+    assert_eq!(reset.monthly_after, 500);
+    assert_eq!(reset.bonus_after, 5);
+    assert!(reset.event_id.ends_with(":reset"));
+    assert_eq!(format!("{}:reset", charge.event_id), reset.event_id);
+
+    assert_eq!(charge.kind, "charge");
+    assert_eq!(charge.user_id, "row.user@x");
+    assert_eq!(charge.request_id.as_deref(), Some(rid));
+    assert_eq!(charge.actor, "test");
+    assert_eq!(charge.module.as_deref(), Some("legal"));
+    assert_eq!(charge.action, None);
+    assert_eq!(charge.plan.as_deref(), Some("starter"));
+    assert_eq!(
+        (charge.amount, charge.from_monthly, charge.from_bonus),
+        (3, 3, 0)
+    );
+    assert_eq!((charge.monthly_after, charge.bonus_after), (497, 5));
+    assert_eq!(charge.local_day.to_string(), "2026-11-01");
+    assert_eq!(
+        (charge.account_period.as_ref(), charge.account_day.as_ref()),
+        ("2026-11", "2026-11-01")
+    );
+    assert_eq!(charge.account_day_used, 3);
+    assert_eq!(charge.reason, None);
+    assert_eq!(
+        charge
+            .occurred_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "2026-11-01T09:30:00.250Z"
+    );
+    assert!(reset.stream_seq < charge.stream_seq);
 }

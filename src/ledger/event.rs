@@ -1,5 +1,15 @@
 //! One usage event, as the Lua scripts write it to a stream and as the
 //! ledger stores it.
+//!
+//! Two formats reach a stream. charge.lua, which writes nearly every
+//! event, writes rows (field `rows`): one line per event, [`ROW_FIELDS`]
+//! tab-separated fields, text escaped as `COPY` text is (`\\`, `\t`, `\n`,
+//! `\r`), an empty field for an absent value. Reading a row is splitting a
+//! line: events borrow their text from the entry. The rarer scripts
+//! (refund, grant, reset) write JSON (field `v`), one object or an array,
+//! which is also what entries queued by an older gateway hold.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
@@ -14,29 +24,30 @@ pub const KINDS: [&str; 7] = [
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LedgerEvent {
-    pub event_id: String,
-    pub user_id: String,
-    pub kind: String,
-    pub module: Option<String>,
-    pub action: Option<String>,
+pub struct LedgerEvent<'a> {
+    pub event_id: Cow<'a, str>,
+    pub user_id: Cow<'a, str>,
+    /// One of [`KINDS`].
+    pub kind: &'static str,
+    pub module: Option<Cow<'a, str>>,
+    pub action: Option<Cow<'a, str>>,
     pub amount: i64,
     pub from_monthly: i64,
     pub from_bonus: i64,
     pub monthly_after: i64,
     pub bonus_after: i64,
-    pub plan: Option<String>,
-    pub request_id: Option<String>,
-    pub actor: String,
+    pub plan: Option<Cow<'a, str>>,
+    pub request_id: Option<Cow<'a, str>>,
+    pub actor: Cow<'a, str>,
     pub local_day: NaiveDate,
     pub occurred_at: DateTime<Utc>,
     pub stream_ms: i64,
     pub stream_seq: i64,
     /// The account's period, day and day counter after the event.
-    pub account_period: String,
-    pub account_day: String,
+    pub account_period: Cow<'a, str>,
+    pub account_day: Cow<'a, str>,
     pub account_day_used: i64,
-    pub reason: Option<String>,
+    pub reason: Option<Cow<'a, str>>,
     /// The shard whose stream carried the event (0 when unknown): spreads
     /// the everyone-wide roll-up rows over the flusher workers.
     pub shard: i16,
@@ -46,6 +57,13 @@ pub struct LedgerEvent {
 /// an event's position is `(ms, seq * EVENTS_PER_ENTRY + i)`, which keeps
 /// stream order and gives every event its own place.
 pub const EVENTS_PER_ENTRY: i64 = 1024;
+
+/// The fields of a row, in order. The last seven are what every event of
+/// one charge shares, written once per charge by the gateway.
+pub const ROW_FIELDS: [&str; 19] = [
+    "e", "k", "p", "m", "a", "n", "fm", "fb", "mb", "bb", "au", "why", "u", "r", "by", "t", "d",
+    "ap", "ad",
+];
 
 /// Splits a stream entry id `"<ms>-<seq>"`.
 pub fn parse_entry_id(id: &str) -> Option<(i64, i64)> {
@@ -67,6 +85,72 @@ fn day(text: &str) -> Option<NaiveDate> {
     }
     let year = i32::try_from(digits(0..4)?).ok()?;
     NaiveDate::from_ymd_opt(year, digits(5..7)?, digits(8..10)?)
+}
+
+/// Escapes `value` as a field of a row (and of `COPY` text): backslash,
+/// tab, newline and carriage return. What the gateway passes to
+/// charge.lua for the text it cannot vouch for (user, request id, actor).
+pub fn escape_field(out: &mut Vec<u8>, value: &str) {
+    if !value
+        .bytes()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        out.extend_from_slice(value.as_bytes());
+        return;
+    }
+    for &b in value.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A row's text field as its value: borrowed unless it holds an escape or
+/// a NUL (Postgres text cannot hold NUL, and one unstorable event must
+/// never stall the whole stream, so NULs become U+FFFD).
+fn unescape(field: &str) -> Cow<'_, str> {
+    if !field.bytes().any(|b| b == b'\\' || b == 0) {
+        return Cow::Borrowed(field);
+    }
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some('t') => out.push('\t'),
+                Some('n') => out.push('\n'),
+                Some('r') => out.push('\r'),
+                Some(other) => out.push(other),
+                None => {}
+            },
+            '\0' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// A decimal integer, optionally negative.
+fn integer(field: &str) -> Option<i64> {
+    let (negative, digits) = match field.as_bytes().split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, field.as_bytes()),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    Some(if negative { -n } else { n })
 }
 
 /// The JSON object a script writes as the entry's single field `v`.
@@ -101,39 +185,51 @@ struct Wire {
     why: String,
 }
 
-/// Postgres text cannot hold NUL, and one unstorable event must never
-/// stall the whole stream, so NULs become U+FFFD.
-fn clean(s: String) -> String {
+fn clean(s: String) -> Cow<'static, str> {
     if s.contains('\0') {
-        s.replace('\0', "\u{FFFD}")
+        Cow::Owned(s.replace('\0', "\u{FFFD}"))
     } else {
-        s
+        Cow::Owned(s)
     }
 }
 
-fn non_empty(s: String) -> Option<String> {
+fn non_empty(s: String) -> Option<Cow<'static, str>> {
     (!s.is_empty()).then(|| clean(s))
 }
 
-impl LedgerEvent {
-    /// Parses one stream entry: one event (a JSON object) or a call's
-    /// events (a JSON array). The error says what is wrong, and the entry
-    /// then goes to `ledger_rejects` rather than blocking the stream.
+fn kind(k: &str) -> Result<&'static str, String> {
+    KINDS
+        .iter()
+        .find(|&&known| known == k)
+        .copied()
+        .ok_or_else(|| format!("unknown kind {k:?}"))
+}
+
+/// The place of an entry's first event, and checks its event count.
+fn places(entry_id: &str, events: usize) -> Result<(i64, i64), String> {
+    let (stream_ms, stream_seq) =
+        parse_entry_id(entry_id).ok_or_else(|| format!("bad entry id {entry_id}"))?;
+    if events == 0 || events as i64 > EVENTS_PER_ENTRY {
+        return Err(format!("{events} events in one entry"));
+    }
+    let base = stream_seq
+        .checked_mul(EVENTS_PER_ENTRY)
+        .ok_or_else(|| format!("entry sequence {stream_seq} out of range"))?;
+    Ok((stream_ms, base))
+}
+
+impl LedgerEvent<'static> {
+    /// Parses one JSON stream entry: one event (an object) or a call's
+    /// events (an array). The error says what is wrong, and the entry then
+    /// goes to `ledger_rejects` rather than blocking the stream.
     pub fn from_entry(entry_id: &str, v: Option<&[u8]>) -> Result<Vec<Self>, String> {
-        let (stream_ms, stream_seq) =
-            parse_entry_id(entry_id).ok_or_else(|| format!("bad entry id {entry_id}"))?;
         let raw = v.ok_or("missing field v")?;
         let wires: Vec<Wire> = if raw.trim_ascii_start().starts_with(b"[") {
             serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?
         } else {
             vec![serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?]
         };
-        if wires.is_empty() || wires.len() as i64 > EVENTS_PER_ENTRY {
-            return Err(format!("{} events in one entry", wires.len()));
-        }
-        let base = stream_seq
-            .checked_mul(EVENTS_PER_ENTRY)
-            .ok_or_else(|| format!("entry sequence {stream_seq} out of range"))?;
+        let (stream_ms, base) = places(entry_id, wires.len())?;
         wires
             .into_iter()
             .zip(0..)
@@ -142,9 +238,7 @@ impl LedgerEvent {
     }
 
     fn from_wire(w: Wire, stream_ms: i64, stream_seq: i64) -> Result<Self, String> {
-        if !KINDS.contains(&w.k.as_str()) {
-            return Err(format!("unknown kind {:?}", w.k));
-        }
+        let kind = kind(&w.k)?;
         let local_day = day(&w.d).ok_or_else(|| format!("d is not a date: {:?}", w.d))?;
         let occurred_at = DateTime::<Utc>::from_timestamp_millis(w.t)
             .ok_or_else(|| "t is out of range".to_owned())?;
@@ -154,7 +248,7 @@ impl LedgerEvent {
         Ok(Self {
             event_id: clean(w.e),
             user_id: clean(w.u),
-            kind: w.k,
+            kind,
             module: non_empty(w.m),
             action: non_empty(w.a),
             amount: w.n,
@@ -169,10 +263,97 @@ impl LedgerEvent {
             occurred_at,
             stream_ms,
             stream_seq,
-            account_period: w.ap,
-            account_day: w.ad,
+            account_period: Cow::Owned(w.ap),
+            account_day: Cow::Owned(w.ad),
             account_day_used: w.au,
             reason: non_empty(w.why),
+            shard: 0,
+        })
+    }
+}
+
+impl<'a> LedgerEvent<'a> {
+    /// Parses one rows entry (field `rows`), borrowing its text. Errors
+    /// as [`LedgerEvent::from_entry`].
+    pub fn from_rows(entry_id: &str, rows: &'a [u8]) -> Result<Vec<Self>, String> {
+        let rows = std::str::from_utf8(rows).map_err(|e| format!("field rows: {e}"))?;
+        let (stream_ms, base) = places(entry_id, 1)?;
+        let mut events = Vec::new();
+        for (line, i) in rows.split('\n').zip(0..) {
+            if i == EVENTS_PER_ENTRY {
+                return Err(format!("more than {EVENTS_PER_ENTRY} events in one entry"));
+            }
+            let event =
+                Self::from_row(line, stream_ms, base + i).map_err(|e| format!("row {i}: {e}"))?;
+            events.push(event);
+        }
+        Ok(events)
+    }
+
+    fn from_row(line: &'a str, stream_ms: i64, stream_seq: i64) -> Result<Self, String> {
+        // One pass over the line: fields cut at tabs, and whether each
+        // holds anything to unescape. `str::split` searched for every
+        // short field apart and cost twice this (examples/parse_cost.rs).
+        let mut f = [""; ROW_FIELDS.len()];
+        let mut plain = [true; ROW_FIELDS.len()];
+        let (mut n, mut start, mut clean) = (0, 0, true);
+        for (i, &b) in line.as_bytes().iter().enumerate() {
+            match b {
+                b'\t' => {
+                    if n + 1 == f.len() {
+                        return Err(format!("more than {} fields", f.len()));
+                    }
+                    (f[n], plain[n]) = (&line[start..i], clean);
+                    (n, start, clean) = (n + 1, i + 1, true);
+                }
+                b'\\' | 0 => clean = false,
+                _ => {}
+            }
+        }
+        if n + 1 != f.len() {
+            return Err(format!("{} fields, not {}", n + 1, f.len()));
+        }
+        (f[n], plain[n]) = (&line[start..], clean);
+        let text = |i: usize| {
+            if plain[i] {
+                Cow::Borrowed(f[i])
+            } else {
+                unescape(f[i])
+            }
+        };
+        let optional = |i: usize| (!f[i].is_empty()).then(|| text(i));
+        let [_, k, _, _, _, n, fm, fb, mb, bb, au, _, _, _, _, t, d, _, _] = f;
+        let number = |name: &str, v: &str| {
+            integer(v).ok_or_else(|| format!("{name} is not an integer: {v:?}"))
+        };
+        let amount = number("n", n)?;
+        if amount < 0 {
+            return Err("negative amount".into());
+        }
+        let t = number("t", t)?;
+        Ok(Self {
+            event_id: text(0),
+            user_id: text(12),
+            kind: kind(k)?,
+            module: optional(3),
+            action: optional(4),
+            amount,
+            from_monthly: number("fm", fm)?,
+            from_bonus: number("fb", fb)?,
+            monthly_after: number("mb", mb)?,
+            bonus_after: number("bb", bb)?,
+            plan: optional(2),
+            request_id: optional(13),
+            actor: text(14),
+            local_day: day(d).ok_or_else(|| format!("d is not a date: {d:?}"))?,
+            occurred_at: DateTime::<Utc>::from_timestamp_millis(t)
+                .ok_or_else(|| "t is out of range".to_owned())?,
+            stream_ms,
+            stream_seq,
+            account_period: text(17),
+            account_day: text(18),
+            account_day_used: if au.is_empty() { 0 } else { number("au", au)? },
+            reason: optional(11),
             shard: 0,
         })
     }
@@ -190,7 +371,7 @@ mod tests {
         Some(json.as_bytes())
     }
 
-    fn one(entry_id: &str, json: &str) -> Result<LedgerEvent, String> {
+    fn one(entry_id: &str, json: &str) -> Result<LedgerEvent<'static>, String> {
         let mut all = LedgerEvent::from_entry(entry_id, entry(json))?;
         assert_eq!(all.len(), 1);
         Ok(all.remove(0))
@@ -244,7 +425,7 @@ mod tests {
         let events = LedgerEvent::from_entry("1795700000000-5", entry(&array)).expect("parse");
         let places: Vec<_> = events
             .iter()
-            .map(|e| (e.event_id.as_str(), e.user_id.as_str(), e.stream_seq))
+            .map(|e| (e.event_id.as_ref(), e.user_id.as_ref(), e.stream_seq))
             .collect();
         assert_eq!(
             places,
@@ -257,6 +438,78 @@ mod tests {
         let before = one("1795700000000-4", CHARGE).expect("parse");
         assert!(before.stream_seq < events[0].stream_seq);
         assert!(LedgerEvent::from_entry("1-0", entry("[]")).is_err());
+    }
+
+    /// A charge row as charge.lua writes it, with the gateway's tail.
+    const ROW: &str = "ev-1\tcharge\tfree\trag\t\t1\t1\t0\t99\t0\t1\t\talice\treq-1\tproxy\t1795700000000\t2026-11-26\t2026-11\t2026-11-26";
+
+    #[test]
+    fn a_row_reads_as_its_json_twin() {
+        let rows = LedgerEvent::from_rows("1795700000000-3", ROW.as_bytes()).expect("row");
+        assert_eq!(rows, vec![one("1795700000000-3", CHARGE).expect("json")]);
+        assert!(
+            matches!(rows[0].user_id, Cow::Borrowed(_)),
+            "text is borrowed"
+        );
+    }
+
+    #[test]
+    fn row_fields_are_unescaped_and_nul_free() {
+        let mut escaped = Vec::new();
+        escape_field(&mut escaped, "a\\t\tb\nc\rd\\");
+        assert_eq!(escaped, b"a\\\\t\\tb\\nc\\rd\\\\");
+        let field = std::str::from_utf8(&escaped).expect("utf-8");
+        assert_eq!(unescape(field), "a\\t\tb\nc\rd\\");
+        let row = ROW
+            .replace("req-1", &format!("{field}\0"))
+            .replace("\tproxy\t", "\tpro\\\\xy\t");
+        let e = &LedgerEvent::from_rows("1-0", row.as_bytes()).expect("row")[0];
+        assert_eq!(e.request_id.as_deref(), Some("a\\t\tb\nc\rd\\\u{FFFD}"));
+        assert_eq!(e.actor, "pro\\xy");
+    }
+
+    #[test]
+    fn a_calls_rows_are_its_lines_in_order() {
+        let second = ROW.replace("ev-1", "ev-2").replace("\talice\t", "\tbob\t");
+        let rows = format!("{ROW}\n{second}");
+        let events = LedgerEvent::from_rows("1795700000000-5", rows.as_bytes()).expect("rows");
+        let places: Vec<_> = events
+            .iter()
+            .map(|e| (e.event_id.as_ref(), e.user_id.as_ref(), e.stream_seq))
+            .collect();
+        assert_eq!(
+            places,
+            [
+                ("ev-1", "alice", 5 * EVENTS_PER_ENTRY),
+                ("ev-2", "bob", 5 * EVENTS_PER_ENTRY + 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_rows_name_the_problem() {
+        let cases = [
+            (ROW.replace("\tcharge\t", "\tsteal\t"), "kind"),
+            (ROW.replacen("\t1\t", "\tx\t", 1), "n is not an integer"),
+            (ROW.replacen("\t1\t", "\t-1\t", 1), "negative"),
+            (
+                ROW.replace("\t2026-11-26\t", "\t2026-13-26\t"),
+                "not a date",
+            ),
+            (ROW.replace("\tproxy", ""), "18 fields"),
+            (format!("{ROW}\textra"), "more than 19"),
+            (format!("{ROW}\n"), "row 1"),
+            (
+                ROW.replace("1795700000000", "99999999999999999999"),
+                "t is not",
+            ),
+        ];
+        for (row, problem) in cases {
+            let error = LedgerEvent::from_rows("1-0", row.as_bytes()).expect_err(&row);
+            assert!(error.contains(problem), "{row}: {error}");
+        }
+        assert!(LedgerEvent::from_rows("1-0", b"\xff").is_err());
+        assert!(LedgerEvent::from_rows("nope", ROW.as_bytes()).is_err());
     }
 
     #[test]

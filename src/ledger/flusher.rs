@@ -101,8 +101,18 @@ enum Reading {
 struct Batch {
     /// stream → entry ids to acknowledge
     ids: HashMap<String, Vec<String>>,
-    events: Vec<LedgerEvent>,
+    entries: Vec<Entry>,
+    /// Entries without events at all (deleted while pending).
     rejects: Vec<Reject>,
+}
+
+/// A stream entry as Redis sent it. Its events are read when the batch is
+/// written, borrowing their text from it.
+struct Entry {
+    stream: String,
+    id: String,
+    shard: i16,
+    fields: Vec<Value>,
 }
 
 impl Batch {
@@ -119,32 +129,41 @@ impl Batch {
                 self.ids.insert(stream.to_owned(), vec![id.to_owned()]);
             }
         }
-        match LedgerEvent::from_entry(id, field(fields, b"v")) {
-            Ok(events) => {
-                let shard = shard_of_stream(stream);
-                self.events
-                    .extend(events.into_iter().map(|e| LedgerEvent { shard, ..e }));
-            }
-            Err(error) => {
-                tracing::error!(stream, entry = %id, %error, "unparseable usage event");
-                let fields: serde_json::Map<String, serde_json::Value> = fields
-                    .chunks(2)
-                    .map(|kv| {
-                        let text = |v: Option<&Value>| match v {
-                            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                            other => format!("{other:?}"),
-                        };
-                        (text(kv.first()), serde_json::Value::String(text(kv.get(1))))
-                    })
-                    .collect();
-                self.rejects.push(Reject {
-                    stream: stream.to_owned(),
-                    entry_id: id.to_owned(),
-                    fields: serde_json::Value::Object(fields),
-                    error,
-                });
+        if fields.is_empty() {
+            self.rejects
+                .push(reject(stream, id, fields, "no fields".into()));
+            return;
+        }
+        self.entries.push(Entry {
+            stream: stream.to_owned(),
+            id: id.to_owned(),
+            shard: shard_of_stream(stream),
+            fields: fields.to_vec(),
+        });
+    }
+
+    /// The batch's events, in stream order within each stream, and the
+    /// entries that hold none that can be stored.
+    fn events(&self) -> (Vec<LedgerEvent<'_>>, Vec<Reject>) {
+        let mut events = Vec::with_capacity(self.entries.len());
+        let mut rejects = Vec::new();
+        for entry in &self.entries {
+            let parsed = match field(&entry.fields, b"rows") {
+                Some(rows) => LedgerEvent::from_rows(&entry.id, rows),
+                None => LedgerEvent::from_entry(&entry.id, field(&entry.fields, b"v")),
+            };
+            match parsed {
+                Ok(list) => events.extend(list.into_iter().map(|e| LedgerEvent {
+                    shard: entry.shard,
+                    ..e
+                })),
+                Err(error) => {
+                    tracing::error!(stream = %entry.stream, entry = %entry.id, %error, "unparseable usage event");
+                    rejects.push(reject(&entry.stream, &entry.id, &entry.fields, error));
+                }
             }
         }
+        (events, rejects)
     }
 
     /// Entries of a stream reply (`[id, [field, value, ...]]` each), as
@@ -166,6 +185,26 @@ impl Batch {
                 _ => self.add(stream, id, &[]),
             }
         }
+    }
+}
+
+/// An entry kept aside in `ledger_rejects`, with every field it had.
+fn reject(stream: &str, id: &str, fields: &[Value], error: String) -> Reject {
+    let fields: serde_json::Map<String, serde_json::Value> = fields
+        .chunks(2)
+        .map(|kv| {
+            let text = |v: Option<&Value>| match v {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            };
+            (text(kv.first()), serde_json::Value::String(text(kv.get(1))))
+        })
+        .collect();
+    Reject {
+        stream: stream.to_owned(),
+        entry_id: id.to_owned(),
+        fields: serde_json::Value::Object(fields),
+        error,
     }
 }
 
@@ -529,7 +568,9 @@ impl Flusher {
             self.refresh_stats().await;
             return Ok(0);
         }
-        let inserted = store::write_batch(&self.pool, &batch.events, &batch.rejects).await?;
+        let (events, mut rejects) = batch.events();
+        rejects.extend(batch.rejects.iter().cloned());
+        let inserted = store::write_batch(&self.pool, &events, &rejects).await?;
         if self.crash_after_commit.swap(false, Ordering::SeqCst) {
             return Err(FlushError::InjectedCrash);
         }
@@ -546,7 +587,7 @@ impl Flusher {
         for ack in acks {
             ack?;
         }
-        let parsed = batch.events.len() as u64;
+        let parsed = events.len() as u64;
         self.stats
             .flushed_total
             .fetch_add(inserted, Ordering::Relaxed);
@@ -555,7 +596,7 @@ impl Flusher {
             .fetch_add(parsed.saturating_sub(inserted), Ordering::Relaxed);
         self.stats
             .rejects_total
-            .fetch_add(batch.rejects.len() as u64, Ordering::Relaxed);
+            .fetch_add(rejects.len() as u64, Ordering::Relaxed);
         self.stats
             .last_batch_size
             .store(n as u64, Ordering::Relaxed);

@@ -11,6 +11,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use super::event::LedgerEvent;
 
 /// An entry that could not be parsed, kept for people to look at.
+#[derive(Clone)]
 pub struct Reject {
     pub stream: String,
     pub entry_id: String,
@@ -37,7 +38,7 @@ enum Present {
 /// move forward in stream order.
 pub async fn write_batch(
     pool: &PgPool,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
     rejects: &[Reject],
 ) -> Result<u64, sqlx::Error> {
     let mut present = Present::Fail;
@@ -72,7 +73,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 async fn write_batch_once(
     pool: &PgPool,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
     rejects: &[Reject],
     present: Present,
 ) -> Result<u64, sqlx::Error> {
@@ -186,7 +187,7 @@ const STAGE: &str = "SET LOCAL client_min_messages = warning;
 
 async fn insert_events(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
     present: Present,
 ) -> Result<u64, sqlx::Error> {
     if events.is_empty() {
@@ -206,7 +207,7 @@ async fn insert_events(
 /// sorts and joins of the roll-ups (bench/flush.sh).
 async fn insert_new(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
 ) -> Result<u64, sqlx::Error> {
     let mut copy = tx
         .copy_in_raw(
@@ -227,7 +228,7 @@ async fn insert_new(
 /// NOTHING`, and only the rows actually inserted feed the roll-ups.
 async fn insert_skipping(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
 ) -> Result<u64, sqlx::Error> {
     sqlx::raw_sql(STAGE).execute(&mut **tx).await?;
     let mut copy = tx
@@ -255,7 +256,7 @@ struct Sums {
 }
 
 impl Sums {
-    fn add(&mut self, e: &LedgerEvent) {
+    fn add(&mut self, e: &LedgerEvent<'_>) {
         if e.kind == "charge" {
             self.charged += e.amount;
             self.charges += 1;
@@ -276,7 +277,7 @@ struct Rollups<'a> {
 }
 
 impl<'a> Rollups<'a> {
-    fn of(events: &'a [LedgerEvent]) -> Self {
+    fn of(events: &'a [LedgerEvent<'_>]) -> Self {
         let mut r = Rollups::default();
         for e in events {
             let Some(module) = e.module.as_deref() else {
@@ -287,7 +288,7 @@ impl<'a> Rollups<'a> {
             }
             let month = e.local_day.with_day(1).unwrap_or(e.local_day);
             r.daily
-                .entry((e.user_id.as_str(), e.local_day, module))
+                .entry((e.user_id.as_ref(), e.local_day, module))
                 .or_default()
                 .add(e);
             r.by_module
@@ -295,7 +296,7 @@ impl<'a> Rollups<'a> {
                 .or_default()
                 .add(e);
             r.monthly
-                .entry((e.user_id.as_str(), month))
+                .entry((e.user_id.as_ref(), month))
                 .or_default()
                 .add(e);
         }
@@ -383,7 +384,7 @@ const ROLLUPS: &str = "WITH daily AS (
 /// grant does, whatever the API saw of Postgres.
 async fn insert_grant_audits(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
 ) -> Result<(), sqlx::Error> {
     let grants: Vec<&LedgerEvent> = events.iter().filter(|e| e.kind == "grant").collect();
     if grants.is_empty() {
@@ -400,11 +401,11 @@ async fn insert_grant_audits(
          ON CONFLICT (event_id) DO NOTHING",
     )
     .bind(grants.iter().map(|e| e.occurred_at).collect::<Vec<_>>())
-    .bind(grants.iter().map(|e| e.actor.as_str()).collect::<Vec<_>>())
+    .bind(grants.iter().map(|e| e.actor.as_ref()).collect::<Vec<_>>())
     .bind(
         grants
             .iter()
-            .map(|e| e.user_id.as_str())
+            .map(|e| e.user_id.as_ref())
             .collect::<Vec<_>>(),
     )
     .bind(grants.iter().map(|e| e.amount).collect::<Vec<_>>())
@@ -423,7 +424,7 @@ async fn insert_grant_audits(
     .bind(
         grants
             .iter()
-            .map(|e| e.event_id.as_str())
+            .map(|e| e.event_id.as_ref())
             .collect::<Vec<_>>(),
     )
     .execute(&mut **tx)
@@ -433,7 +434,7 @@ async fn insert_grant_audits(
 
 /// The events as `COPY` text rows: tab-separated, `\N` for NULL, and
 /// backslash, tab, newline and carriage return escaped in text.
-fn copy_rows(events: &[LedgerEvent], with_shard: bool) -> Vec<u8> {
+fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8> {
     use std::io::Write;
     fn text(out: &mut Vec<u8>, value: &str) {
         // Nearly every value has nothing to escape: copy it whole.
@@ -470,7 +471,7 @@ fn copy_rows(events: &[LedgerEvent], with_shard: bool) -> Vec<u8> {
     for e in events {
         text(&mut out, &e.event_id);
         text(&mut out, &e.user_id);
-        text(&mut out, &e.kind);
+        text(&mut out, e.kind);
         optional(&mut out, e.module.as_deref());
         optional(&mut out, e.action.as_deref());
         number(&mut out, e.amount);
@@ -513,13 +514,13 @@ fn copy_rows(events: &[LedgerEvent], with_shard: bool) -> Vec<u8> {
 
 async fn upsert_snapshots(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent],
+    events: &[LedgerEvent<'_>],
 ) -> Result<(), sqlx::Error> {
     // Latest event per user in this batch.
     let mut latest: HashMap<&str, &LedgerEvent> = HashMap::new();
     for e in events.iter().filter(|e| !e.account_period.is_empty()) {
         let newer = latest
-            .get(e.user_id.as_str())
+            .get(e.user_id.as_ref())
             .is_none_or(|cur| (e.stream_ms, e.stream_seq) > (cur.stream_ms, cur.stream_seq));
         if newer {
             latest.insert(&e.user_id, e);
