@@ -177,6 +177,9 @@ impl Default for RedisSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     pub url: String,
+    /// A streaming replica for the reports (usage, stats, CSV exports);
+    /// `None`: the primary serves them too.
+    pub read_url: Option<String>,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
     pub statement_timeout_ms: u64,
@@ -186,6 +189,7 @@ impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
             url: "postgres://postgres@127.0.0.1:5432/creditgate".into(),
+            read_url: None,
             max_connections: 10,
             acquire_timeout_ms: 2_000,
             statement_timeout_ms: 5_000,
@@ -608,10 +612,18 @@ impl RawSettings {
         if let Err(e) = crate::metering::Target::parse(&self.redis.url) {
             return Err(invalid("redis.url", e.to_string()));
         }
-        if !self.database.url.starts_with("postgres://")
-            && !self.database.url.starts_with("postgresql://")
-        {
+        let postgres =
+            |url: &str| url.starts_with("postgres://") || url.starts_with("postgresql://");
+        if !postgres(&self.database.url) {
             return Err(invalid("database.url", "must start with postgres://"));
+        }
+        if self
+            .database
+            .read_url
+            .as_deref()
+            .is_some_and(|url| !postgres(url))
+        {
+            return Err(invalid("database.read_url", "must start with postgres://"));
         }
         validate_named_keys("auth.admin_keys", &self.auth.admin_keys)?;
         validate_named_keys("auth.service_keys", &self.auth.service_keys)?;
@@ -924,6 +936,13 @@ mod tests {
                 "server.timezone",
             ),
             (format!("{base}\n[bogus]\nx = 1\n"), "unknown field `bogus`"),
+            (
+                base.replace(
+                    "[database]\n",
+                    "[database]\nread_url = \"mysql://replica/db\"\n",
+                ),
+                "database.read_url",
+            ),
         ];
         for (text, needle) in cases {
             let err = error_of(&text);

@@ -60,6 +60,9 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub meter: Meter,
     pub accounts: Accounts,
+    /// What reports read (usage, stats, CSV exports): `database.read_url`'s
+    /// replica, or the primary. Never balances, keys or writes.
+    pub reports: sqlx::PgPool,
     pub calendar: Calendar,
     pub billing: Billing,
     pub proxy: Arc<Proxy>,
@@ -293,6 +296,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let catalog = Arc::clone(&settings.catalog);
     let meter = Meter::new(&settings.redis, Arc::clone(&catalog), &settings.metering)?;
     let pool = accounts::connect_pool(&settings.database)?;
+    let reports = accounts::connect_reports(&settings.database, &pool)?;
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);
     let billing = Billing {
@@ -318,6 +322,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         catalog,
         meter,
         accounts,
+        reports,
         calendar,
         billing,
         proxy,

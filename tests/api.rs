@@ -1304,3 +1304,68 @@ async fn the_openapi_document_describes_every_endpoint() {
         "X-Admin-Key"
     );
 }
+
+/// With `database.read_url`, reports are read from the replica; balances
+/// and everything the gateway writes stay on the primary. The "replica"
+/// here is a second database holding other roll-ups, so each answer shows
+/// which one it came from.
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_read_the_replica_of_database_read_url() {
+    let replica = common::TestDb::create().await;
+    let app = TestApp::builder()
+        .env("CREDITGATE_DATABASE__READ_URL", &replica.url)
+        .start()
+        .await;
+    let user = app.create_user("starter").await;
+    assert_eq!(app.call(&user.key, "/rag/a").await.status(), 200);
+    app.wait_flushed(Duration::from_secs(10)).await;
+
+    let today = app.state.calendar.now().day;
+    let pool = sqlx::PgPool::connect(&replica.url).await.expect("replica");
+    sqlx::query(
+        "INSERT INTO usage_daily (user_id, day, module, charged_credits, charges,
+            refunded_credits, refunds) VALUES ($1, $2::date, 'legal', 42, 7, 0, 0)",
+    )
+    .bind(user.id.as_str())
+    .bind(&today)
+    .execute(&pool)
+    .await
+    .expect("replica usage_daily");
+    sqlx::query(
+        "INSERT INTO usage_module_daily (day, module, shard, charged_credits, charges,
+            refunded_credits, refunds) VALUES ($1::date, 'legal', 0, 42, 7, 0, 0)",
+    )
+    .bind(&today)
+    .execute(&pool)
+    .await
+    .expect("replica usage_module_daily");
+
+    let usage = body(app.user_get(&user.key, "/usage?days=1").await).await;
+    let day = &usage["series"][0];
+    assert_eq!(day["credits"], 42, "{usage}");
+    assert_eq!(day["by_module"]["legal"], 42);
+    assert_eq!(day["by_module"]["rag"], Value::Null);
+    assert_eq!(
+        usage["transactions"]["total"], 0,
+        "the replica's ledger is empty"
+    );
+
+    let stats = body(app.admin(Method::GET, "/stats?days=1", None).await).await;
+    assert_eq!(
+        stats["consumption"]["today"]["legal"]["credits"], 42,
+        "{stats}"
+    );
+    assert_eq!(stats["consumption"]["today"]["rag"], Value::Null);
+    assert_eq!(stats["users"]["total"], 0, "the replica has no users");
+
+    // The balance is Redis's, and the user detail's row the primary's.
+    let me = body(app.user_get(&user.key, "/me").await).await;
+    assert_eq!(me["credits"]["remaining"], 499);
+    let detail = body(
+        app.admin(Method::GET, &format!("/users/{}", user.id), None)
+            .await,
+    )
+    .await;
+    assert_eq!(detail["id"], user.id.as_str());
+    pool.close().await;
+}

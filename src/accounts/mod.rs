@@ -109,7 +109,23 @@ const KEY_LOOKUP_WAIT: Duration = Duration::from_millis(250);
 /// Connects lazily, like the meter: the gateway starts while Postgres is
 /// down and `/readyz` says so.
 pub fn connect_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(&settings.url)?.options([(
+    connect_url(settings, &settings.url)
+}
+
+/// The pool reports read from: the replica of `database.read_url`, else
+/// the primary's own pool.
+pub fn connect_reports(
+    settings: &DatabaseSettings,
+    primary: &PgPool,
+) -> Result<PgPool, sqlx::Error> {
+    match &settings.read_url {
+        Some(url) => connect_url(settings, url),
+        None => Ok(primary.clone()),
+    }
+}
+
+fn connect_url(settings: &DatabaseSettings, url: &str) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(url)?.options([(
         "statement_timeout",
         settings.statement_timeout_ms.to_string(),
     )]);

@@ -403,7 +403,7 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
         .local_date()
         .with_day0(0)
         .unwrap_or_else(|| stamp.local_date());
-    let totals = store::totals_by_module(state.accounts.pool(), id.as_str(), month_start).await?;
+    let totals = store::totals_by_module(&state.reports, id.as_str(), month_start).await?;
     ok(&UserDetail {
         id: id.to_string(),
         name: user.name,
@@ -812,7 +812,7 @@ struct StatsQuery {
 async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: StatsQuery = query(&req)?;
     let window = q.days.map(|d| super::days(Some(d), d)).transpose()?;
-    let pool = state.accounts.pool();
+    let pool = &state.reports;
     let stamp = state.calendar.now();
     let today = stamp.local_date();
     let month_start = today.with_day0(0).unwrap_or(today);
@@ -978,7 +978,7 @@ fn export_users(state: &AppState) -> ApiResult {
     csv_response(
         "users.csv",
         "id,name,email,plan,status,created_at\n",
-        state.accounts.pool().clone(),
+        state.reports.clone(),
         |pool| {
             sqlx::query_as::<_, Row>(
                 "SELECT id, name, email, plan, status, created_at FROM users
@@ -1064,7 +1064,7 @@ fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     csv_response(
         "usage.csv",
         "event_id,user_id,kind,module,action,amount,monthly_after,bonus_after,request_id,actor,local_day,occurred_at\n",
-        state.accounts.pool().clone(),
+        state.reports.clone(),
         move |pool| {
             let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
             sqlx::query_as::<_, Row>(

@@ -193,7 +193,7 @@ async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let id = auth::user(state, &req).await?;
     let days = super::days(q.days, 30)?;
     let page = Page::parse(q.page, q.per_page)?;
-    let pool = state.accounts.pool();
+    let pool = &state.reports;
     let today = state.calendar.now().local_date();
     let from = today
         .checked_sub_days(Days::new(days as u64 - 1))
