@@ -67,7 +67,7 @@ def charge(u, i, t):
     """The four keys and fifteen arguments of one charge."""
     tag_ = tag(u)
     keys = [f"{tag_}:acct:u{u}", f"{tag_}:keys:u{u}", f"{tag_}:acct:u{u}", f"{tag_}:rl:u{u}:1"]
-    event = f'"u":"u{u}","r":"r{i}","by":"proxy","t":{t},"d":"2026-11-27","ap":"2026-11","ad":"2026-11-27"'
+    event = f'u{u}\tr{i}\tproxy\t{t}\t2026-11-27\t2026-11\t2026-11-27'
     args = ["h", "rag", "", 1, ",bench,", "2026-11-27", "2026-11", t, str(uuid.uuid4()), f"r{i}",
             "0", "charge", "", 0, event]
     return keys, args
