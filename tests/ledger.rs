@@ -763,4 +763,12 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
     assert_eq!(reasons.len(), 9);
     assert_eq!(reasons[8], "tab\there 9");
     assert_eq!(reasons[0], "tab\there 1");
+    // Times keep their milliseconds, days their date.
+    let (at, day): (chrono::DateTime<Utc>, NaiveDate) =
+        sqlx::query_as("SELECT occurred_at, local_day FROM ledger_events WHERE event_id = 'ev-8'")
+            .fetch_one(&pool)
+            .await
+            .expect("ev-8");
+    assert_eq!(at.timestamp_millis(), 1_795_000_000_008);
+    assert_eq!(day.to_string(), "2026-11-01");
 }
