@@ -205,13 +205,11 @@ fn kind(k: &str) -> Result<&'static str, String> {
         .ok_or_else(|| format!("unknown kind {k:?}"))
 }
 
-/// The place of an entry's first event, and checks its event count.
-fn places(entry_id: &str, events: usize) -> Result<(i64, i64), String> {
+/// The place of an entry's first event: its stream time, and its sequence
+/// number scaled by [`EVENTS_PER_ENTRY`].
+fn first_place(entry_id: &str) -> Result<(i64, i64), String> {
     let (stream_ms, stream_seq) =
         parse_entry_id(entry_id).ok_or_else(|| format!("bad entry id {entry_id}"))?;
-    if events == 0 || events as i64 > EVENTS_PER_ENTRY {
-        return Err(format!("{events} events in one entry"));
-    }
     let base = stream_seq
         .checked_mul(EVENTS_PER_ENTRY)
         .ok_or_else(|| format!("entry sequence {stream_seq} out of range"))?;
@@ -229,7 +227,10 @@ impl LedgerEvent<'static> {
         } else {
             vec![serde_json::from_slice(raw).map_err(|e| format!("field v: {e}"))?]
         };
-        let (stream_ms, base) = places(entry_id, wires.len())?;
+        if wires.is_empty() || wires.len() as i64 > EVENTS_PER_ENTRY {
+            return Err(format!("{} events in one entry", wires.len()));
+        }
+        let (stream_ms, base) = first_place(entry_id)?;
         wires
             .into_iter()
             .zip(0..)
@@ -277,7 +278,7 @@ impl<'a> LedgerEvent<'a> {
     /// as [`LedgerEvent::from_entry`].
     pub fn from_rows(entry_id: &str, rows: &'a [u8]) -> Result<Vec<Self>, String> {
         let rows = std::str::from_utf8(rows).map_err(|e| format!("field rows: {e}"))?;
-        let (stream_ms, base) = places(entry_id, 1)?;
+        let (stream_ms, base) = first_place(entry_id)?;
         let mut events = Vec::new();
         for (line, i) in rows.split('\n').zip(0..) {
             if i == EVENTS_PER_ENTRY {

@@ -347,8 +347,9 @@ impl<'a> Rollups<'a> {
     }
 }
 
-/// The three roll-ups of [`Rollups`], from its columns. `WITH ORDINALITY`
-/// keeps the rows in the order they were bound (key order).
+/// The three roll-ups of [`Rollups`], from its columns. `UNNEST` yields
+/// the rows in the order they were bound (key order), which is the order
+/// the upserts lock them in.
 const ROLLUPS: &str = "WITH daily AS (
             INSERT INTO usage_daily AS u (user_id, day, module, charged_credits, charges,
                 refunded_credits, refunds)
