@@ -15,12 +15,16 @@ fn count(statuses: &[u16], status: u16) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifies() {
-    // 900 calls at once on a shared CI box: a budget that CPU starvation
-    // cannot exhaust, because exactness is the point here, not the 503.
+    // 900 calls at once on a shared CI box: budgets that CPU starvation
+    // cannot exhaust, because exactness is the point here, not the 503 or
+    // the 502. (With the tests' 500 ms, up to 135 of the 900 upstream
+    // connects timed out on a loaded two-core box: every call in the
+    // burst opens its own upstream connection.)
     const BUDGET: &str = "3000";
     let app = TestApp::builder()
         .cluster()
         .env("CREDITGATE_REDIS__COMMAND_TIMEOUT_MS", BUDGET)
+        .env("CREDITGATE_UPSTREAM__CONNECT_TIMEOUT_MS", BUDGET)
         .start()
         .await;
     let gateway = Gateway::start(
@@ -29,6 +33,7 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
         &[
             ("CREDITGATE_LEDGER__FLUSHER", "false"),
             ("CREDITGATE_REDIS__COMMAND_TIMEOUT_MS", BUDGET),
+            ("CREDITGATE_UPSTREAM__CONNECT_TIMEOUT_MS", BUDGET),
         ],
     )
     .await;
