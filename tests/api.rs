@@ -1369,3 +1369,19 @@ async fn reports_read_the_replica_of_database_read_url() {
     assert_eq!(detail["id"], user.id.as_str());
     pool.close().await;
 }
+
+/// Every pool of the gateway runs with its statement timeout and without
+/// JIT (which only ever cost the export's scan its compile time).
+#[tokio::test]
+async fn database_sessions_have_a_statement_timeout_and_no_jit() {
+    let app = TestApp::spawn().await;
+    for pool in [app.state.accounts.pool(), &app.state.reports] {
+        let (jit, timeout): (String, String) =
+            sqlx::query_as("SELECT current_setting('jit'), current_setting('statement_timeout')")
+                .fetch_one(pool)
+                .await
+                .expect("settings");
+        assert_eq!(jit, "off");
+        assert_eq!(timeout, "5s");
+    }
+}

@@ -125,10 +125,16 @@ pub fn connect_reports(
 }
 
 fn connect_url(settings: &DatabaseSettings, url: &str) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(url)?.options([(
-        "statement_timeout",
-        settings.statement_timeout_ms.to_string(),
-    )]);
+    // JIT off: the gateway's queries are short, and on the one that scans
+    // (a day's usage.csv at 50M rows) compiling took 74 ms for nothing
+    // (docs/BENCHMARKS.md, the ledger at scale).
+    let options = PgConnectOptions::from_str(url)?.options([
+        (
+            "statement_timeout",
+            settings.statement_timeout_ms.to_string(),
+        ),
+        ("jit", "off".to_owned()),
+    ]);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
