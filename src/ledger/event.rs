@@ -134,13 +134,14 @@ fn unescape(field: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// A decimal integer, optionally negative.
-fn integer(field: &str) -> Option<i64> {
-    let (negative, digits) = match field.as_bytes().split_first()? {
+/// A decimal integer, optionally negative, as Lua's `%d` writes it: the
+/// numbers of a row, and those of charge.lua's answer.
+pub(crate) fn integer(digits: &[u8]) -> Option<i64> {
+    let (negative, digits) = match digits.split_first()? {
         (b'-', rest) => (true, rest),
-        _ => (false, field.as_bytes()),
+        _ => (false, digits),
     };
-    if digits.is_empty() || digits.len() > 18 {
+    if digits.is_empty() {
         return None;
     }
     let mut n: i64 = 0;
@@ -148,7 +149,7 @@ fn integer(field: &str) -> Option<i64> {
         if !d.is_ascii_digit() {
             return None;
         }
-        n = n * 10 + i64::from(d - b'0');
+        n = n.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
     }
     Some(if negative { -n } else { n })
 }
@@ -324,7 +325,7 @@ impl<'a> LedgerEvent<'a> {
         let optional = |i: usize| (!f[i].is_empty()).then(|| text(i));
         let [_, k, _, _, _, n, fm, fb, mb, bb, au, _, _, _, _, t, d, _, _] = f;
         let number = |name: &str, v: &str| {
-            integer(v).ok_or_else(|| format!("{name} is not an integer: {v:?}"))
+            integer(v.as_bytes()).ok_or_else(|| format!("{name} is not an integer: {v:?}"))
         };
         let amount = number("n", n)?;
         if amount < 0 {
@@ -416,13 +417,9 @@ mod tests {
         assert_eq!(e.request_id.as_deref(), Some("r\u{FFFD}x"));
     }
 
-    #[test]
-    fn a_calls_events_share_an_entry_in_order_each_with_its_place() {
-        let second = CHARGE
-            .replace("ev-1", "ev-2")
-            .replace(r#""u":"alice""#, r#""u":"bob""#);
-        let array = format!("[{CHARGE},{second}]");
-        let events = LedgerEvent::from_entry("1795700000000-5", entry(&array)).expect("parse");
+    /// ev-1 (alice) then ev-2 (bob), the two events of entry `…-5`, each
+    /// in its own place.
+    fn assert_alice_then_bob_of_entry_5(events: &[LedgerEvent<'_>]) {
         let places: Vec<_> = events
             .iter()
             .map(|e| (e.event_id.as_ref(), e.user_id.as_ref(), e.stream_seq))
@@ -434,6 +431,16 @@ mod tests {
                 ("ev-2", "bob", 5 * EVENTS_PER_ENTRY + 1)
             ]
         );
+    }
+
+    #[test]
+    fn a_calls_events_share_an_entry_in_order_each_with_its_place() {
+        let second = CHARGE
+            .replace("ev-1", "ev-2")
+            .replace(r#""u":"alice""#, r#""u":"bob""#);
+        let array = format!("[{CHARGE},{second}]");
+        let events = LedgerEvent::from_entry("1795700000000-5", entry(&array)).expect("parse");
+        assert_alice_then_bob_of_entry_5(&events);
         // Each place is after every place of the entry before.
         let before = one("1795700000000-4", CHARGE).expect("parse");
         assert!(before.stream_seq < events[0].stream_seq);
@@ -473,17 +480,7 @@ mod tests {
         let second = ROW.replace("ev-1", "ev-2").replace("\talice\t", "\tbob\t");
         let rows = format!("{ROW}\n{second}");
         let events = LedgerEvent::from_rows("1795700000000-5", rows.as_bytes()).expect("rows");
-        let places: Vec<_> = events
-            .iter()
-            .map(|e| (e.event_id.as_ref(), e.user_id.as_ref(), e.stream_seq))
-            .collect();
-        assert_eq!(
-            places,
-            [
-                ("ev-1", "alice", 5 * EVENTS_PER_ENTRY),
-                ("ev-2", "bob", 5 * EVENTS_PER_ENTRY + 1)
-            ]
-        );
+        assert_alice_then_bob_of_entry_5(&events);
     }
 
     #[test]

@@ -437,24 +437,7 @@ async fn insert_grant_audits(
 /// backslash, tab, newline and carriage return escaped in text.
 fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8> {
     fn text(out: &mut Vec<u8>, value: &str) {
-        // Nearly every value has nothing to escape: copy it whole.
-        if !value
-            .bytes()
-            .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
-        {
-            out.extend_from_slice(value.as_bytes());
-            out.push(b'\t');
-            return;
-        }
-        for &b in value.as_bytes() {
-            match b {
-                b'\\' => out.extend_from_slice(b"\\\\"),
-                b'\t' => out.extend_from_slice(b"\\t"),
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                _ => out.push(b),
-            }
-        }
+        super::event::escape_field(out, value);
         out.push(b'\t');
     }
     fn optional(out: &mut Vec<u8>, value: Option<&str>) {

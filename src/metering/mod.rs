@@ -879,7 +879,7 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
     let mut n = [0i64; 8];
     for v in &mut n {
         let end = rest.iter().position(|&b| b == b' ')?;
-        *v = integer(&rest[..end])?;
+        *v = crate::ledger::event::integer(&rest[..end])?;
         rest = &rest[end + 1..];
     }
     let [
@@ -906,25 +906,6 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
         auto_blocked: auto_blocked == 1,
         plan: std::str::from_utf8(rest).ok()?.to_owned(),
     }))
-}
-
-/// A decimal integer, optionally negative, as Lua's `%d` writes it.
-fn integer(digits: &[u8]) -> Option<i64> {
-    let (negative, digits) = match digits.split_first()? {
-        (b'-', rest) => (true, rest),
-        _ => (false, digits),
-    };
-    if digits.is_empty() {
-        return None;
-    }
-    let mut n: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
-    }
-    Some(if negative { -n } else { n })
 }
 
 fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterError> {
