@@ -12,7 +12,7 @@ use crate::catalog::Catalog;
 use crate::domain::UserId;
 use crate::metering::{
     Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Meter, MeterError,
-    Receipt, Refusal, Repeat, ResetOutcome,
+    Receipt, Refusal, Repeat, ResetOutcome, SyncState,
 };
 
 #[derive(Debug, Error)]
@@ -54,8 +54,9 @@ pub struct ResetReport {
 
 impl Billing {
     /// charge.lua, plus the two repairs that need Postgres: an account
-    /// missing from Redis is rebuilt, and a key Redis does not know but
-    /// Postgres says is live is added. Each at most once per call.
+    /// missing from Redis is rebuilt, and when Redis does not know a key
+    /// Postgres says is live, the account's access is mirrored again.
+    /// Each at most once per call.
     pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<Decision, BillingError> {
         let mut repaired = false;
         loop {
@@ -81,7 +82,16 @@ impl Billing {
                     if !self.accounts.key_is_live(req.user, hash).await? {
                         return Ok(Decision::Refused(Refusal::UnknownKey));
                     }
-                    self.meter.add_key(req.user, hash).await?;
+                    // The key's creation has not reached Redis yet. The
+                    // account's whole state goes over under a fresh
+                    // version, never this one key alone, so a revocation
+                    // racing with this repair cannot be undone by it.
+                    let state = self
+                        .accounts
+                        .fresh_sync_state(req.user)
+                        .await?
+                        .ok_or_else(|| BillingError::UnknownUser(req.user.clone()))?;
+                    self.apply_sync(&state).await?;
                 }
                 ChargeOutcome::Missing => {
                     return Err(BillingError::RebuildFailed(req.user.clone()));
@@ -139,10 +149,14 @@ impl Billing {
         let Some(state) = self.accounts.sync_state(user).await? else {
             return Ok(());
         };
+        self.apply_sync(&state).await
+    }
+
+    async fn apply_sync(&self, state: &SyncState) -> Result<(), BillingError> {
         // Applied, already newer, or not in Redis (seeded from Postgres
         // on first use): in each case Redis no longer lags this version.
-        self.meter.sync(&state).await?;
-        self.accounts.sync_done(user, state.version).await?;
+        self.meter.sync(state).await?;
+        self.accounts.sync_done(&state.user, state.version).await?;
         Ok(())
     }
 

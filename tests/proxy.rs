@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{TestApp, error_code, wait_until};
+use creditgate::domain::ApiKey;
 use futures_util::StreamExt;
 
 type Fut = std::pin::Pin<Box<dyn std::future::Future<Output = reqwest::Response> + Send>>;
@@ -179,6 +180,32 @@ async fn a_key_created_after_the_account_reached_redis_works_at_once() {
     let r = app.call(second.key.reveal(), "/rag/q").await;
     assert_eq!(r.status(), 200);
     assert_eq!(app.balance(&user.id).await, (98, 0, 2));
+    // The repair mirrored the account's whole access state under a version
+    // of its own (both keys in Redis's key set) and cleared the account's
+    // sync mark, rather than adding the one key unversioned.
+    let mut live: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(app.state.meter.keys().api_keys(&user.id))
+        .query_async(&mut app.redis.connection().await)
+        .await
+        .expect("SMEMBERS");
+    live.sort();
+    let mut expected = vec![
+        ApiKey::parse(&user.key)
+            .expect("key")
+            .hash()
+            .as_str()
+            .to_owned(),
+        second.key.hash().as_str().to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(live, expected);
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM account_sync WHERE user_id = $1")
+        .bind(user.id.as_str())
+        .fetch_one(&app.pool().await)
+        .await
+        .expect("account_sync");
+    assert_eq!(pending, 0);
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

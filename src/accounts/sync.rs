@@ -29,26 +29,23 @@ impl Accounts {
     /// The state Redis must mirror for `user` and its version, read in one
     /// statement (one snapshot); `None` when nothing is pending.
     pub async fn sync_state(&self, user: &UserId) -> Result<Option<SyncState>, AccountError> {
-        let row: Option<(i64, String, String, Vec<String>)> = sqlx::query_as(
-            "SELECT s.version, u.plan, u.status,
-                    ARRAY(SELECT key_hash FROM api_keys
-                          WHERE user_id = u.id AND revoked_at IS NULL ORDER BY key_hash)
-             FROM account_sync s JOIN users u ON u.id = s.user_id
-             WHERE s.user_id = $1",
-        )
-        .bind(user.as_str())
-        .fetch_optional(self.pool())
-        .await?;
-        row.map(|(version, plan, status, keys)| {
-            Ok(SyncState {
-                user: user.clone(),
-                version,
-                plan: PlanId::parse(&plan).map_err(|e| AccountError::Corrupt(e.to_string()))?,
-                blocked: status == "blocked",
-                key_hashes: keys.into_iter().map(KeyHash::from_stored).collect(),
-            })
-        })
-        .transpose()
+        read_sync_state(self.pool(), user).await
+    }
+
+    /// Marks `user` for a sync under a fresh version and reads the state to
+    /// mirror, in one transaction. For a key Postgres says is live but
+    /// Redis does not know: mirroring the whole state, versioned, instead
+    /// of adding that one key means a revocation racing with the repair
+    /// can never be undone by it. The revocation's transaction waits on
+    /// this one's `account_sync` row (or this one on the revocation's), so
+    /// whichever commits second carries the newer version and sees the
+    /// other's effect, and Redis keeps the newest.
+    pub async fn fresh_sync_state(&self, user: &UserId) -> Result<Option<SyncState>, AccountError> {
+        let mut tx = self.pool().begin().await?;
+        mark_for_sync(&mut tx, user).await?;
+        let state = read_sync_state(&mut *tx, user).await?;
+        tx.commit().await?;
+        Ok(state)
     }
 
     /// Clears the mark if it is still at `version` (a newer change keeps it).
@@ -82,4 +79,32 @@ impl Accounts {
         .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The state Redis must mirror for `user` and its pending version, in one
+/// statement (one snapshot).
+async fn read_sync_state<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    user: &UserId,
+) -> Result<Option<SyncState>, AccountError> {
+    let row: Option<(i64, String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT s.version, u.plan, u.status,
+                ARRAY(SELECT key_hash FROM api_keys
+                      WHERE user_id = u.id AND revoked_at IS NULL ORDER BY key_hash)
+         FROM account_sync s JOIN users u ON u.id = s.user_id
+         WHERE s.user_id = $1",
+    )
+    .bind(user.as_str())
+    .fetch_optional(db)
+    .await?;
+    row.map(|(version, plan, status, keys)| {
+        Ok(SyncState {
+            user: user.clone(),
+            version,
+            plan: PlanId::parse(&plan).map_err(|e| AccountError::Corrupt(e.to_string()))?,
+            blocked: status == "blocked",
+            key_hashes: keys.into_iter().map(KeyHash::from_stored).collect(),
+        })
+    })
+    .transpose()
 }

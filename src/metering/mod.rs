@@ -767,15 +767,6 @@ impl Meter {
             _ => SyncOutcome::NotInRedis,
         })
     }
-
-    pub async fn add_key(&self, user: &UserId, hash: &KeyHash) -> Result<(), MeterError> {
-        let mut con = self.redis.clone();
-        let mut cmd = redis::cmd("SADD");
-        cmd.arg(self.keys.api_keys(user)).arg(hash.as_str());
-        self.run("keys", cmd.query_async::<i64>(&mut con))
-            .await
-            .map(|_| ())
-    }
 }
 
 /// The fields every event row of a charge ends with (charge.lua's last
