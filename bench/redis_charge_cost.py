@@ -64,9 +64,9 @@ def seed():
         r.sadd(f"{tag(u)}:keys:u{u}", "h")
 
 def charge(u, i, t):
-    """The four keys and fifteen arguments of one charge."""
+    """The three keys and fifteen arguments of one charge."""
     tag_ = tag(u)
-    keys = [f"{tag_}:acct:u{u}", f"{tag_}:keys:u{u}", f"{tag_}:acct:u{u}", f"{tag_}:rl:u{u}:1"]
+    keys = [f"{tag_}:acct:u{u}", f"{tag_}:keys:u{u}", f"{tag_}:acct:u{u}"]
     event = f'u{u}\tr{i}\tproxy\t{t}\t2026-11-27\t2026-11\t2026-11-27'
     args = ["h", "rag", "", 1, ",bench,", "2026-11-27", "2026-11", t, str(uuid.uuid4()), f"r{i}",
             "0", "charge", "", 0, event]
@@ -88,7 +88,7 @@ def run(name, body, per_call, n=int(os.environ.get("CHARGES", 30000))):
                 k, a = charge(shard + 16 * ((i + j) % 4), i + j, t)
                 keys += k
                 args += a
-            pipe.evalsha(sha, len(keys), *keys, ";bench:-1:1000000000:-1;", 86400, "0", t + 10_000, *args)
+            pipe.evalsha(sha, len(keys), *keys, ";bench:-1:1000000000:-1:0;", 86400, "0", t + 10_000, *args)
             i += per_call
         result = pipe.execute()
     if INSTRUCTIONS:

@@ -20,8 +20,9 @@
 --          for, ap/ad account period/day after. Text the gateway cannot
 --          vouch for arrives escaped as COPY text is (\\ \t \n \r); ids of
 --          plans, modules and actions are configuration identifiers.
--- then four per charge (charge i uses KEYS[1 + 4(i-1) + n]):
---   +1 account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked
+-- then three per charge (charge i uses KEYS[1 + 3(i-1) + n]):
+--   +1 account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked,
+--                     tat (the rate limit's theoretical arrival time, unix us)
 --   +2 key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
 --   +3 idempotency record: {tag}:req:<user>:<request id> (credits API, a string
 --      "from_monthly,from_bonus,day,period,module,action") or
@@ -29,9 +30,8 @@
 --      string), fp request fingerprint, st p|d|x, lease (unix ms), rid the
 --      original request id, ev its charge event id, status hdrs body);
 --      any key of the slot (the account's) when the charge has neither
---   +4 rate counter   {tag}:rl:<user>:<minute>   calls this minute (TTL 61 s)
 --
--- ARGV[1]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>:<calls per minute or -1>;"
+-- ARGV[1]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>:<calls per minute or -1>:<burst>;"
 -- ARGV[2]  idempotency record TTL in seconds
 -- ARGV[3]  "1" when the auto-block policy is on: a charge that leaves the
 --          account at 0 credits marks it blocked="exhausted" until the next
@@ -68,8 +68,12 @@
 -- rather than JSON: the flusher splits a line where it parsed an object.
 --
 -- Returns one reply per charge, in order (integers unless noted):
---   "ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked> <plan>"
---                               one string, space-separated (the plan last)
+--   "ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked>
+--       <rate_remaining> <rate_reset_ms> <plan>"
+--                               one string, space-separated (the plan last);
+--                               rate_remaining: calls the rate limit lets through
+--                               right now after this one, rate_reset_ms: until
+--                               its whole burst is back (both -1: no limit)
 --   {"duplicate", 0, monthly, bonus, day_used, daily_limit, plan}
 --   {"replay", rid, status, headers, body, monthly, bonus, day_used, daily_limit, plan}
 --                               idempotency "2": the first call completed; its response
@@ -82,7 +86,7 @@
 --   {"unknown_key"}             key revoked (not in the key set)
 --   {"blocked"}
 --   {"not_in_plan"}             also when the account's plan left the configuration
---   {"rate_limited", retry_after_secs}   the plan's calls-per-minute are used up
+--   {"rate_limited", wait_ms}   the plan's rate limit: the next call fits in wait_ms
 --   {"daily_limit", monthly, bonus, day_used, daily_limit}
 --   {"insufficient", monthly, bonus, day_used, daily_limit}
 --   {"error", message}          this charge failed in Redis; the others stand
@@ -105,9 +109,16 @@ local plans
 local function plan_of(name)
   if not plans then
     plans = {}
-    for id, limit, allowance, rpm in string.gmatch(ARGV[1], ';([^;:]+):(%-?%d+):(%d+):(%-?%d+)') do
-      plans[id] = {limit = tonumber(limit), allowance = allowance, rpm = tonumber(rpm),
-                   needle = ',' .. id .. ','}
+    for id, limit, allowance, rpm, burst in string.gmatch(ARGV[1], ';([^;:]+):(%-?%d+):(%d+):(%-?%d+):(%d+)') do
+      local p = {limit = tonumber(limit), allowance = allowance, needle = ',' .. id .. ','}
+      if tonumber(rpm) > 0 then
+        -- Whole microseconds: every sum below stays an exact integer
+        -- (unix us are under 2^53). Rounding the interval moves a rate of
+        -- 7 a minute by under a microsecond a minute.
+        p.interval = math.floor(60000000 / tonumber(rpm) + 0.5)
+        p.tolerance = p.interval * (tonumber(burst) - 1)
+      end
+      plans[id] = p
     end
   end
   return plans[name]
@@ -120,13 +131,19 @@ end
 -- The common answer as one string: the gateway's RESP parser pays per
 -- value, and eleven values per charge were most of its cost of reading a
 -- call's replies (bench/gateway_instructions.sh).
-local function ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, auto_blocked, plan)
-  return string.format('ok %d %d %d %d %d %d %d %d ', cost, monthly, bonus, used, limit, from_monthly,
-    from_bonus, auto_blocked) .. plan
+local function ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, auto_blocked,
+                        rate_remaining, rate_reset, plan)
+  local head = string.format('ok %d %d %d %d %d %d %d %d ', cost, monthly, bonus, used, limit, from_monthly,
+    from_bonus, auto_blocked)
+  if rate_remaining < 0 then
+    -- No rate limit: constants, not two more numbers to format.
+    return head .. '-1 -1 ' .. plan
+  end
+  return head .. string.format('%d %d ', rate_remaining, rate_reset) .. plan
 end
 
 local function charge(k, a)
-  local acct, keyset, record, rate_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local acct, keyset, record = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local key_hash, module, action, cost_s, allowed, today, this_period, now_ms, event_id,
         request_id, idempotency, mode, fingerprint, lease, common =
     unpack(ARGV, a + 1, a + PER_CHARGE)
@@ -138,7 +155,7 @@ local function charge(k, a)
 
   -- Every account hash has a plan: no plan is no account (one command
   -- fewer than EXISTS first: -0.3 us per charge, bench/redis_charge_cost.py).
-  local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked')
+  local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked', 'tat')
   if not f[1] then
     return {'missing'}
   end
@@ -171,16 +188,30 @@ local function charge(k, a)
   end
   local limit = p.limit
 
-  -- Per-plan rate limit: a fixed one-minute window per account, counted
-  -- here so every gateway instance shares it. Every attempt counts.
-  if p.rpm >= 0 and not check_only then
-    local calls = redis.call('INCR', rate_key)
-    if calls == 1 then
-      redis.call('EXPIRE', rate_key, 61)
+  -- Per-plan rate limit: GCRA, as redis-cell, per account and so shared
+  -- by every instance. The account's theoretical arrival time (tat) moves
+  -- one interval (60 s / rate) per call served; a call fits while tat is
+  -- at most `tolerance` ahead of now, so `burst` calls pass at once and
+  -- then one per interval, and no window boundary lets twice the rate
+  -- through. Only a charged call moves tat: a refused one (by this limit
+  -- or any other) costs nothing. Decided here, written with the charge,
+  -- in the account hash: no command of its own (a key apart, read and
+  -- written, cost 30 % more per charge, bench/redis_charge_cost.py). A
+  -- tat in the past is a full burst, so an account rebuilt without one
+  -- starts full.
+  local tat_after, rate_remaining, rate_reset = nil, -1, -1
+  if p.interval then
+    local now = tonumber(now_ms) * 1000
+    local tat = math.max(tonumber(f[8]) or now, now)
+    local wait = tat - p.tolerance - now
+    if wait > 0 then
+      return {'rate_limited', math.ceil(wait / 1000)}
     end
-    if calls > p.rpm then
-      return {'rate_limited', 60 - math.floor(tonumber(now_ms) / 1000) % 60}
-    end
+    tat_after = tat + p.interval
+    -- (never below 0 for a call that fits, as tat - now <= tolerance; the
+    -- guard keeps -1 meaning "no limit" and nothing else)
+    rate_remaining = math.max(0, math.floor((p.tolerance - (tat_after - now)) / p.interval) + 1)
+    rate_reset = math.ceil((tat_after - now) / 1000)
   end
 
   -- Lazy rollovers: a missed cron or an idle account still starts the new
@@ -234,7 +265,7 @@ local function charge(k, a)
   local from_bonus = cost - from_monthly
   if check_only then
     return ok_reply(cost, monthly - from_monthly, bonus - from_bonus, used + cost, limit, from_monthly,
-      from_bonus, 0, plan)
+      from_bonus, 0, rate_remaining, rate_reset, plan)
   end
 
   monthly = monthly - from_monthly
@@ -245,10 +276,18 @@ local function charge(k, a)
   local bb
   if from_bonus == 0 then
     bb = f[3] or '0'
-    redis.call('HSET', acct, 'monthly', mb, 'used', au)
+    if tat_after then
+      redis.call('HSET', acct, 'monthly', mb, 'used', au, 'tat', int(tat_after))
+    else
+      redis.call('HSET', acct, 'monthly', mb, 'used', au)
+    end
   else
     fm, fb, bb = int(from_monthly), int(from_bonus), int(bonus)
-    redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au)
+    if tat_after then
+      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au, 'tat', int(tat_after))
+    else
+      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au)
+    end
   end
   if idempotency ~= '0' then
     -- What refund.lua needs to give this exact charge back, and only once.
@@ -268,7 +307,8 @@ local function charge(k, a)
     redis.call('HSET', acct, 'blocked', 'exhausted')
     auto_blocked = 1
   end
-  return ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, auto_blocked, plan)
+  return ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, auto_blocked, rate_remaining,
+    rate_reset, plan)
 end
 
 if deadline ~= 0 then
@@ -276,10 +316,10 @@ if deadline ~= 0 then
   expired = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline
 end
 local replies = {}
-for i = 1, (#KEYS - 1) / 4 do
+for i = 1, (#KEYS - 1) / 3 do
   -- One charge's failure (a key of an unexpected type, say) must not take
   -- the others of the call, nor their events, down with it.
-  local ok, reply = pcall(charge, 1 + 4 * (i - 1), 4 + PER_CHARGE * (i - 1))
+  local ok, reply = pcall(charge, 1 + 3 * (i - 1), 4 + PER_CHARGE * (i - 1))
   if ok then
     replies[i] = reply
   else

@@ -28,7 +28,7 @@ if f[2] == ARGV[2] then
   return {'current'}
 end
 local plan = f[1] or ''
-local _, allowance_s = string.match(ARGV[1], ';' .. plan .. ':(%-?%d+):(%d+):(%-?%d+);')
+local _, allowance_s = string.match(ARGV[1], ';' .. plan .. ':(%-?%d+):(%d+):(%-?%d+):(%d+);')
 if not allowance_s then
   return {'unknown_plan'}
 end

@@ -42,8 +42,25 @@ pub struct Plan {
     pub daily_limit: Option<Credits>,
     pub price_dzd: i64,
     pub modules: Vec<ModuleId>,
-    pub rate_limit_per_minute: Option<u32>,
+    pub rate_limit: Option<RateLimit>,
     pub features: Vec<String>,
+}
+
+/// A plan's rate limit, per account and shared by every instance: GCRA
+/// (as redis-cell), `burst` calls at once, then one every
+/// `60 s / per_minute`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// The window in which a spent burst comes back whole, in whole
+    /// seconds (rounded up): the `w` of the `RateLimit-Policy` header.
+    pub fn window_secs(&self) -> u64 {
+        (u64::from(self.burst) * 60).div_ceil(u64::from(self.per_minute.max(1)))
+    }
 }
 
 #[derive(Debug)]
@@ -55,7 +72,7 @@ pub struct Catalog {
     /// Routing table: prefixes sorted longest first, so `/api/v1` wins over
     /// a hypothetical `/api`.
     routes: Vec<(String, usize)>,
-    /// ARGV[6] of charge.lua, built once: `;free:20:100:-1;pro:500:2000:600;`.
+    /// ARGV[1] of charge.lua, built once: `;free:20:100:-1:0;pro:500:2000:600:100;`.
     plan_table_arg: String,
     /// ARGV[5] of charge.lua per module (same index as `modules`).
     allowed_plans_arg: Vec<String>,
@@ -72,10 +89,12 @@ impl Catalog {
         let mut plan_table_arg = String::from(";");
         for p in &plans {
             let limit = p.daily_limit.map_or(-1, Credits::get);
-            let rpm = p.rate_limit_per_minute.map_or(-1, i64::from);
+            let (rpm, burst) = p
+                .rate_limit
+                .map_or((-1, 0), |r| (i64::from(r.per_minute), r.burst));
             plan_table_arg.push_str(&format!(
-                "{}:{}:{}:{};",
-                p.id, limit, p.monthly_credits, rpm
+                "{}:{}:{}:{}:{};",
+                p.id, limit, p.monthly_credits, rpm, burst
             ));
         }
         let allowed_plans_arg = modules

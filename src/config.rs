@@ -12,7 +12,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::catalog::{Catalog, Module, Plan};
+use crate::catalog::{Catalog, Module, Plan, RateLimit};
 use crate::domain::{ActionId, Credits, ModuleId, Networks, PlanId};
 
 pub const ENV_PREFIX: &str = "CREDITGATE_";
@@ -359,11 +359,17 @@ pub struct PlanSettings {
     #[serde(default)]
     pub price_dzd: i64,
     pub modules: Vec<String>,
-    /// Requests per minute per user on this gateway instance.
+    /// Calls per minute per account, shared by every instance (GCRA).
     pub rate_limit_per_minute: Option<u32>,
+    /// Calls that may pass at once before the per-minute pace applies;
+    /// ten seconds' worth of the rate when omitted.
+    pub rate_limit_burst: Option<u32>,
     #[serde(default)]
     pub features: Vec<String>,
 }
+
+/// 100,000 calls a second per account: one every 10 µs.
+const MAX_RATE_PER_MINUTE: u32 = 6_000_000;
 
 /// How `serve` runs its tasks (`server.runtime`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -814,6 +820,30 @@ fn build_catalog(
                 "must be positive (omit it for no limit)",
             ));
         }
+        // charge.lua keeps the limit's clock in floating-point milliseconds:
+        // an interval under 10 µs would be lost in its rounding.
+        if p.rate_limit_per_minute > Some(MAX_RATE_PER_MINUTE) {
+            return Err(invalid(
+                key("rate_limit_per_minute"),
+                format!("at most {MAX_RATE_PER_MINUTE} (omit it for no limit)"),
+            ));
+        }
+        let rate_limit = match (p.rate_limit_per_minute, p.rate_limit_burst) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    key("rate_limit_burst"),
+                    "needs rate_limit_per_minute",
+                ));
+            }
+            (Some(_), Some(0)) => {
+                return Err(invalid(key("rate_limit_burst"), "must be at least 1"));
+            }
+            (Some(per_minute), burst) => Some(RateLimit {
+                per_minute,
+                burst: burst.unwrap_or_else(|| per_minute.div_ceil(6)),
+            }),
+        };
         built_plans.push(Plan {
             id: plan_id,
             name: p.name.clone(),
@@ -821,7 +851,7 @@ fn build_catalog(
             daily_limit,
             price_dzd: p.price_dzd,
             modules: plan_modules,
-            rate_limit_per_minute: p.rate_limit_per_minute,
+            rate_limit,
             features: p.features.clone(),
         });
     }
@@ -879,7 +909,36 @@ mod tests {
         assert_eq!(plan("pro"), Some((2000, Some(500), 5000)));
         assert_eq!(plan("business"), Some((10000, Some(2000), 15000)));
         assert_eq!(plan("enterprise"), Some((100000, None, 50000)));
+        let rate = |p: &str| c.plan(p).and_then(|p| p.rate_limit);
+        assert_eq!(
+            rate("free"),
+            Some(RateLimit {
+                per_minute: 30,
+                burst: 10
+            })
+        );
+        assert_eq!(rate("free").map(|r| r.window_secs()), Some(20));
+        assert_eq!(rate("enterprise"), None);
         assert_eq!(s.timezone, chrono_tz::Africa::Algiers);
+    }
+
+    /// Without a burst, ten seconds' worth of the rate passes at once.
+    #[test]
+    fn a_rate_limit_without_a_burst_takes_a_sixth_of_the_minute() {
+        let text = SHIPPED.replace("rate_limit_burst = 20\n", "");
+        let s = load(&text, &[("CREDITGATE_PLANS__PRO__RATE_LIMIT_BURST", "1")]).expect("valid");
+        let rate = |p: &str| s.catalog.plan(p).and_then(|p| p.rate_limit);
+        assert_eq!(
+            rate("starter").map(|r| (r.per_minute, r.burst)),
+            Some((60, 10))
+        );
+        assert_eq!(rate("pro").map(|r| (r.per_minute, r.burst)), Some((120, 1)));
+        assert_eq!(rate("pro").map(|r| r.window_secs()), Some(1));
+        assert!(
+            s.catalog
+                .plan_table_arg()
+                .contains(";starter:100:500:60:10;")
+        );
     }
 
     #[test]
@@ -942,6 +1001,21 @@ mod tests {
                     "[database]\nread_url = \"mysql://replica/db\"\n",
                 ),
                 "database.read_url",
+            ),
+            (
+                base.replace("rate_limit_burst = 10 ", "rate_limit_burst = 0 "),
+                "plans.free.rate_limit_burst",
+            ),
+            (
+                base.replace("rate_limit_per_minute = 30 ", "# "),
+                "plans.free.rate_limit_burst",
+            ),
+            (
+                base.replace(
+                    "rate_limit_per_minute = 30 ",
+                    "rate_limit_per_minute = 6000001 ",
+                ),
+                "plans.free.rate_limit_per_minute",
             ),
         ];
         for (text, needle) in cases {

@@ -244,8 +244,10 @@ impl ApiError {
                 cost,
                 remaining: b.remaining(),
             },
-            Refusal::RateLimited(secs) => Self::RateLimited {
-                retry_after_secs: secs,
+            // Retry-After is whole seconds: rounded up, so a client that
+            // waits exactly that long is served.
+            Refusal::RateLimited(wait_ms) => Self::RateLimited {
+                retry_after_secs: wait_ms.div_ceil(1000).max(1),
             },
         }
     }

@@ -82,9 +82,9 @@ impl Arg for i64 {
     }
 }
 
-/// One charge: its four keys and its fifteen arguments, encoded.
+/// One charge: its three keys and its fifteen arguments, encoded.
 pub(super) struct Charge {
-    pub keys: [String; 4],
+    pub keys: [String; 3],
     pub args: Args,
     /// When the caller stops waiting and answers 503.
     pub deadline: Instant,
@@ -184,7 +184,7 @@ async fn drain(shared: Arc<Shared>, stream: Arc<str>, mut queue: mpsc::Receiver<
 async fn send(shared: &Shared, stream: &str, batch: &mut Vec<Queued>) {
     let mut eval = redis::cmd("EVALSHA");
     eval.arg(shared.script.get_hash())
-        .arg(1 + batch.len() * 4)
+        .arg(1 + batch.len() * 3)
         .arg(stream);
     for q in batch.iter() {
         for key in &q.charge.keys {

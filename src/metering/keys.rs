@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked sv (admin sync version)
+//!                                                tat (per-plan rate limit, GCRA: theoretical arrival, unix us)
 //! {<prefix>:<shard>}:keys:<user>          set    sha256 hex of the user's live API keys
 //! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
 //!                                                (credits API request_id record + refund data, TTL 24 h)
@@ -9,7 +10,6 @@
 //!                                                fp st lease rid ev status hdrs body (TTL 24 h)
 //! {<prefix>:<shard>}:grant:<user>:<key>   string "fingerprint|monthly|bonus": an admin grant's
 //!                                                Idempotency-Key (TTL 24 h)
-//! {<prefix>:<shard>}:rl:<user>:<minute>    string calls in that minute (per-plan rate limit, TTL 61 s)
 //! {<prefix>:<shard>}:events               stream usage events of every account in the shard
 //! ```
 //!
@@ -27,7 +27,7 @@ pub struct KeyLayout {
     prefix: String,
     shards: u16,
     /// `{<prefix>:<shard>}` and its stream's name, per shard: built once,
-    /// as every charge names four keys of its shard.
+    /// as every charge names three keys of its shard.
     tags: Vec<String>,
     streams: Vec<String>,
 }
@@ -60,7 +60,7 @@ impl KeyLayout {
     }
 
     /// `{tag}:<kind>:<user>[:<part>...]`, built by appending: a charge names
-    /// four of these, and `format!` cost twice as many instructions.
+    /// three of these, and `format!` cost twice as many instructions.
     fn key(&self, kind: &str, user: &UserId, parts: &[&str]) -> String {
         let tag = self.tag(self.shard_of(user));
         let len = tag.len() + kind.len() + user.as_str().len() + 2;
@@ -98,11 +98,6 @@ impl KeyLayout {
     /// An admin grant's `Idempotency-Key`, scoped to the account granted.
     pub fn grant_record(&self, user: &UserId, key: &IdempotencyKey) -> String {
         self.key("grant", user, &[key.as_str()])
-    }
-
-    /// The account's call counter for one minute (`unix seconds / 60`).
-    pub fn rate(&self, user: &UserId, minute: i64) -> String {
-        self.key("rl", user, &[itoa::Buffer::new().format(minute)])
     }
 
     /// The stream that receives `user`'s events.
@@ -158,7 +153,6 @@ mod tests {
                 keys.request(&user, &rid),
                 keys.idempotency(&user, &IdempotencyKey::parse("k").expect("key")),
                 keys.grant_record(&user, &IdempotencyKey::parse("k").expect("key")),
-                keys.rate(&user, 29_000_000),
                 keys.stream_of(&user),
             ];
             assert!(all.iter().all(|k| tag_of(k) == tag_of(&all[0])), "{all:?}");
@@ -211,10 +205,6 @@ mod tests {
         assert_eq!(
             keys.grant_record(&user, &idem),
             format!("{tag}:grant:alice:k-1")
-        );
-        assert_eq!(
-            keys.rate(&user, 29_000_000),
-            format!("{tag}:rl:alice:29000000")
         );
         assert_eq!(keys.stream_of(&user), format!("{tag}:events"));
     }

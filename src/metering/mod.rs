@@ -92,6 +92,18 @@ pub struct Receipt {
     pub from_monthly: i64,
     pub from_bonus: i64,
     pub balance: Balance,
+    /// Where the plan's rate limit stands after this call; `None` when the
+    /// plan has none.
+    pub rate: Option<RateState>,
+}
+
+/// The account's rate limit after a call (GCRA in charge.lua).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateState {
+    /// Calls that would pass right now, after this one.
+    pub remaining: u32,
+    /// Until the whole burst is available again.
+    pub reset_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,7 +114,8 @@ pub enum Refusal {
     ModuleNotInPlan,
     DailyLimit(Balance),
     InsufficientCredits(Balance),
-    /// The plan's calls per minute are used up; retry after this many seconds.
+    /// The plan's rate limit; the next call fits in this many
+    /// milliseconds.
     RateLimited(u64),
 }
 
@@ -449,13 +462,7 @@ impl Meter {
                 lease_until_ms,
             ),
         };
-        let keys = [
-            account,
-            self.keys.api_keys(req.user),
-            record,
-            self.keys
-                .rate(req.user, req.stamp.now.timestamp().div_euclid(60)),
-        ];
+        let keys = [account, self.keys.api_keys(req.user), record];
         // The fifteen per-charge arguments of charge.lua, in its order.
         let mut args = batch::Args::with_capacity(15, 400);
         args.push(req.key_hash.map_or("", KeyHash::as_str));
@@ -867,7 +874,7 @@ impl Reply {
 /// `ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked> <plan>`.
 fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
     let mut rest = line.strip_prefix(b"ok ")?;
-    let mut n = [0i64; 8];
+    let mut n = [0i64; 10];
     for v in &mut n {
         let end = rest.iter().position(|&b| b == b' ')?;
         *v = crate::ledger::event::integer(&rest[..end])?;
@@ -882,6 +889,8 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
         from_monthly,
         from_bonus,
         auto_blocked,
+        rate_remaining,
+        rate_reset_ms,
     ] = n;
     Some(ChargeOutcome::Charged(Receipt {
         event_id,
@@ -895,6 +904,13 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
         from_monthly,
         from_bonus,
         auto_blocked: auto_blocked == 1,
+        rate: match (u32::try_from(rate_remaining), u64::try_from(rate_reset_ms)) {
+            (Ok(remaining), Ok(reset_ms)) => Some(RateState {
+                remaining,
+                reset_ms,
+            }),
+            _ => None,
+        },
         plan: std::str::from_utf8(rest).ok()?.to_owned(),
     }))
 }
@@ -943,7 +959,7 @@ fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterE
         "blocked" => ChargeOutcome::Refused(Refusal::Blocked),
         "not_in_plan" => ChargeOutcome::Refused(Refusal::ModuleNotInPlan),
         "rate_limited" => {
-            ChargeOutcome::Refused(Refusal::RateLimited(r.int(0)?.clamp(1, 60) as u64))
+            ChargeOutcome::Refused(Refusal::RateLimited(u64::try_from(r.int(0)?).unwrap_or(0)))
         }
         other => return Err(protocol(r.script, format!("unknown status {other:?}"))),
     })
@@ -978,7 +994,7 @@ mod tests {
     #[test]
     fn decodes_every_charge_status() {
         let ok = decode_charge(
-            Value::BulkString(b"ok 3 7 0 3 100 3 0 0 starter plan".to_vec()),
+            Value::BulkString(b"ok 3 7 0 3 100 3 0 0 9 1500 starter plan".to_vec()),
             "ev".into(),
         )
         .expect("ok");
@@ -997,16 +1013,21 @@ mod tests {
                     bonus: 0,
                     day_used: 3,
                     daily_limit: Some(100)
-                }
+                },
+                rate: Some(RateState {
+                    remaining: 9,
+                    reset_ms: 1500
+                }),
             })
         );
         for bad in [
-            "ok 3 7 0 3 100 3 0 0",
-            "ok 3 x 0 3 100 3 0 0 p",
-            "okay 3 7 0 3 100 3 0 0 p",
-            "ok 3 7  0 3 100 3 0 0 p",
-            "ok 3 - 0 3 100 3 0 0 p",
-            "ok 3 99999999999999999999 0 3 100 3 0 0 p",
+            "ok 3 7 0 3 100 3 0 0 -1 -1",
+            "ok 3 7 0 3 100 3 0 0 p",
+            "ok 3 x 0 3 100 3 0 0 -1 -1 p",
+            "okay 3 7 0 3 100 3 0 0 -1 -1 p",
+            "ok 3 7  0 3 100 3 0 0 -1 -1 p",
+            "ok 3 - 0 3 100 3 0 0 -1 -1 p",
+            "ok 3 99999999999999999999 0 3 100 3 0 0 -1 -1 p",
         ] {
             let answer = Value::BulkString(bad.as_bytes().to_vec());
             assert!(decode_charge(answer, String::new()).is_err(), "{bad}");
@@ -1028,11 +1049,15 @@ mod tests {
             decode_charge(reply("missing", &[]), String::new()).ok(),
             Some(ChargeOutcome::Missing)
         );
+        assert_eq!(
+            decode_charge(reply("rate_limited", &[1999]), String::new()).ok(),
+            Some(ChargeOutcome::Refused(Refusal::RateLimited(1999)))
+        );
     }
 
     #[test]
     fn the_charge_answer_carries_negative_numbers_and_no_limit() {
-        let limitless = decode_ok(b"ok 1 -5 0 1 -1 1 0 1 free", String::new());
+        let limitless = decode_ok(b"ok 1 -5 0 1 -1 1 0 1 -1 -1 free", String::new());
         assert!(matches!(
             limitless,
             Some(ChargeOutcome::Charged(Receipt {

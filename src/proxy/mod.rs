@@ -40,11 +40,12 @@ use tracing::Instrument;
 use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, BillingError, Decision};
 use crate::body::Body;
-use crate::catalog::Module;
+use crate::catalog::{Module, RateLimit};
 use crate::domain::{ActionId, IdempotencyKey, KeyHash, Networks, RequestId, UserId};
 use crate::error::ApiError;
 use crate::metering::{
-    Balance, ChargeRequest, Idempotency, Mode, Receipt, RefundOf, RefundOutcome, Repeat, Stamp,
+    Balance, ChargeRequest, Idempotency, Mode, RateState, Receipt, RefundOf, RefundOutcome, Repeat,
+    Stamp,
 };
 use crate::telemetry::metrics::{self, ModuleMetrics};
 use detached::Detached;
@@ -87,6 +88,9 @@ struct Ctx {
     balance: Option<Balance>,
     /// The account's plan (from the charge), for metrics labels.
     plan: Option<String>,
+    /// The plan's rate limit and where the account stands in it, for the
+    /// `RateLimit-Policy` and `RateLimit` headers.
+    rate: Option<(RateLimit, RateState)>,
     charged: i64,
     outcome: &'static str,
 }
@@ -212,6 +216,7 @@ impl Proxy {
             receipt: None,
             balance: None,
             plan: None,
+            rate: None,
             charged: 0,
             outcome: "ok",
         };
@@ -402,6 +407,10 @@ impl Proxy {
                 }
                 ctx.charged = receipt.charged;
                 ctx.balance = Some(receipt.balance);
+                ctx.rate = receipt.rate.and_then(|state| {
+                    let plan = self.billing.catalog.plan(&receipt.plan)?;
+                    Some((plan.rate_limit?, state))
+                });
                 ctx.plan = Some(receipt.plan.clone());
                 let plan = receipt.plan.clone();
                 ctx.receipt = Some(receipt);
@@ -577,6 +586,8 @@ fn lease(module: &Module) -> Duration {
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 const X_CREDITS_CHARGED: http::HeaderName = http::HeaderName::from_static("x-credits-charged");
+const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 const X_CREDITS_REMAINING: http::HeaderName = http::HeaderName::from_static("x-credits-remaining");
 const X_DAILY_REMAINING: http::HeaderName = http::HeaderName::from_static("x-daily-remaining");
 
@@ -597,6 +608,22 @@ fn respond(
         h.insert(X_CREDITS_REMAINING, HeaderValue::from(balance.remaining()));
         if let Some(daily) = balance.daily_remaining() {
             h.insert(X_DAILY_REMAINING, HeaderValue::from(daily));
+        }
+    }
+    if let Some((limit, state)) = ctx.rate {
+        // IETF httpapi ratelimit-headers (draft 09): the policy is the
+        // burst and the time it takes to come back whole; `r` is what
+        // passes right now, `t` the seconds until the burst is whole.
+        let policy = format!("\"default\";q={};w={}", limit.burst, limit.window_secs());
+        let now = format!(
+            "\"default\";r={};t={}",
+            state.remaining,
+            state.reset_ms.div_ceil(1000)
+        );
+        if let (Ok(policy), Ok(now)) = (HeaderValue::from_str(&policy), HeaderValue::from_str(&now))
+        {
+            h.insert(RATELIMIT_POLICY, policy);
+            h.insert(RATELIMIT, now);
         }
     }
     if let Some(m) = metrics {

@@ -558,7 +558,8 @@ name = "Limited"
 monthly_credits = 1000
 price_dzd = 0
 modules = ["rag"]
-rate_limit_per_minute = 5
+rate_limit_per_minute = 30
+rate_limit_burst = 5
 
 [plans.enterprise]
 name = "Enterprise"
