@@ -36,6 +36,12 @@ async fn plans_and_credit_costs_are_public_and_come_from_the_config() {
         .and_then(|p| p.iter().find(|p| p["id"] == "enterprise"))
         .expect("enterprise");
     assert_eq!(ent["daily_limit"], Value::Null);
+    assert_eq!(ent["rate_limit"], Value::Null);
+    let limited = plans["plans"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["id"] == "limited"))
+        .expect("limited");
+    assert_eq!(limited["rate_limit"], json!({"per_minute": 30, "burst": 5}));
     let costs = body(
         app.client
             .get(app.url("/api/billing/credit-costs"))
@@ -217,6 +223,31 @@ async fn age_accounts(app: &TestApp, users: &[&creditgate::domain::UserId]) {
             .await
             .expect("HSET");
     }
+}
+
+/// `/check` reports the plan's rate limit without using it: checked ten
+/// times, the burst of 5 is all still there; spent, the check says
+/// `rate_limited`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_reports_the_rate_limit_without_using_it() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("limited").await; // 30 a minute, burst 5
+    let check = json!({"user_id": user.id.as_str(), "module": "rag"});
+    for _ in 0..10 {
+        let answer = body(app.service("/check", check.clone()).await).await;
+        assert_eq!(answer["can_proceed"], true, "{answer}");
+    }
+    let mut served = 0;
+    for _ in 0..8 {
+        if app.call(&user.key, "/rag/q").await.status() == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 5);
+    let answer = body(app.service("/check", check).await).await;
+    assert_eq!(answer["can_proceed"], false, "{answer}");
+    assert_eq!(answer["reason"], "rate_limited");
+    assert_eq!(app.balance(&user.id).await, (995, 0, 5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

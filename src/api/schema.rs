@@ -34,6 +34,16 @@ pub struct PlanView {
     pub price_dzd: i64,
     pub modules: Vec<String>,
     pub features: Vec<String>,
+    /// Calls per minute per account; null when unlimited.
+    pub rate_limit: Option<RateLimitView>,
+}
+
+/// A plan's rate limit: `burst` calls at once, then one every
+/// `60 s / per_minute` (GCRA).
+#[derive(Serialize, ToSchema)]
+pub struct RateLimitView {
+    pub per_minute: u32,
+    pub burst: u32,
 }
 
 impl From<&Plan> for PlanView {
@@ -46,6 +56,10 @@ impl From<&Plan> for PlanView {
             price_dzd: p.price_dzd,
             modules: p.modules.iter().map(ToString::to_string).collect(),
             features: p.features.clone(),
+            rate_limit: p.rate_limit.map(|r| RateLimitView {
+                per_minute: r.per_minute,
+                burst: r.burst,
+            }),
         }
     }
 }
