@@ -61,12 +61,13 @@ def seed():
     for u in range(NU):
         r.hset(f"{tag(u)}:acct:u{u}", mapping=dict(plan="bench", monthly=10**9, bonus=0, period="2026-11",
                                                    day="2026-11-27", used=0, blocked=0))
-        r.sadd(f"{tag(u)}:keys:u{u}", "h")
+        r.sadd(f"{tag(u)}:keys:u{u}", "h")  # read by scripts before key details
+        r.hset(f"{tag(u)}:apikeys:u{u}", "h", "|")
 
 def charge(u, i, t):
     """The three keys and fifteen arguments of one charge."""
     tag_ = tag(u)
-    keys = [f"{tag_}:acct:u{u}", f"{tag_}:keys:u{u}", f"{tag_}:acct:u{u}"]
+    keys = [f"{tag_}:acct:u{u}", f"{tag_}:apikeys:u{u}", f"{tag_}:acct:u{u}"]
     event = f'u{u}\tr{i}\tproxy\t{t}\t2026-11-27\t2026-11\t2026-11-27'
     args = ["h", "rag", "", 1, ",bench,", "2026-11-27", "2026-11", t, str(uuid.uuid4()), f"r{i}",
             "0", "charge", "", 0, event]

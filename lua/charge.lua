@@ -23,7 +23,9 @@
 -- then three per charge (charge i uses KEYS[1 + 3(i-1) + n]):
 --   +1 account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked,
 --                     tat (the rate limit's theoretical arrival time, unix us)
---   +2 key-hash set   {tag}:keys:<user>   sha256 hex of every live API key
+--   +2 live keys      {tag}:apikeys:<user>   hash: sha256 hex of each live API key ->
+--                     "<expires unix ms>|<,module,...,>", either part empty (no
+--                     expiry, every module of the plan)
 --   +3 idempotency record: {tag}:req:<user>:<request id> (credits API, a string
 --      "from_monthly,from_bonus,day,period,module,action") or
 --      {tag}:idem:<user>:<Idempotency-Key> (proxy, a hash: split (the same
@@ -83,7 +85,9 @@
 --                               long to keep (or never finished streaming)
 --   {"missing"}                 account not in Redis: rebuild from Postgres, then retry
 --   {"expired"}                 ran after its deadline: nothing written
---   {"unknown_key"}             key revoked (not in the key set)
+--   {"unknown_key"}             key revoked (not among the live keys)
+--   {"key_expired"}             the key's expiry has passed
+--   {"key_scope"}               the key is limited to other modules
 --   {"blocked"}
 --   {"not_in_plan"}             also when the account's plan left the configuration
 --   {"rate_limited", wait_ms}   the plan's rate limit: the next call fits in wait_ms
@@ -143,7 +147,7 @@ local function ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bo
 end
 
 local function charge(k, a)
-  local acct, keyset, record = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local acct, live_keys, record = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local key_hash, module, action, cost_s, allowed, today, this_period, now_ms, event_id,
         request_id, idempotency, mode, fingerprint, lease, common =
     unpack(ARGV, a + 1, a + PER_CHARGE)
@@ -159,8 +163,22 @@ local function charge(k, a)
   if not f[1] then
     return {'missing'}
   end
-  if key_hash ~= '' and redis.call('SISMEMBER', keyset, key_hash) == 0 then
-    return {'unknown_key'}
+  if key_hash ~= '' then
+    -- A key Redis does not hold is revoked, or an account mirrored before
+    -- keys had details: the gateway asks Postgres and mirrors it again.
+    local details = redis.call('HGET', live_keys, key_hash)
+    if not details then
+      return {'unknown_key'}
+    end
+    if details ~= '|' then
+      local expires, scope = string.match(details, '^(%d*)|(.*)$')
+      if expires ~= '' and tonumber(expires) <= tonumber(now_ms) then
+        return {'key_expired'}
+      end
+      if scope ~= '' and not string.find(scope, ',' .. module .. ',', 1, true) then
+        return {'key_scope'}
+      end
+    end
   end
   local plan = f[1]
   local monthly = tonumber(f[2]) or 0

@@ -6,12 +6,14 @@
 -- a newer one, so the account hash remembers the last version applied.
 --
 -- KEYS[1]  account hash   {tag}:acct:<user>   (field sv: last version applied)
--- KEYS[2]  key-hash set   {tag}:keys:<user>
+-- KEYS[2]  key-hash set   {tag}:keys:<user>: the live keys' hashes, as builds
+--          before key details read them (kept while they may still run)
+-- KEYS[3]  live keys      {tag}:apikeys:<user>: hash -> "<expires ms>|<,modules,>"
 --
 -- ARGV[1]  version
 -- ARGV[2]  plan id
 -- ARGV[3]  "1" blocked by an admin, "0" not
--- ARGV[4..] sha256 hex of every live API key
+-- ARGV[4..] per live API key, two: its sha256 hex, then its details
 --
 -- Returns 1 applied, 0 already at this version or newer, -1 account not in
 -- Redis (nothing to do: the next charge seeds it from Postgres).
@@ -30,8 +32,9 @@ if blocked == '0' and f[2] == 'exhausted' then
   blocked = 'exhausted'
 end
 redis.call('HSET', KEYS[1], 'sv', ARGV[1], 'plan', ARGV[2], 'blocked', blocked)
-redis.call('DEL', KEYS[2])
-for i = 4, #ARGV do
+redis.call('DEL', KEYS[2], KEYS[3])
+for i = 4, #ARGV, 2 do
   redis.call('SADD', KEYS[2], ARGV[i])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 return 1

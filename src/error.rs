@@ -19,6 +19,10 @@ use crate::metering::{MeterError, Refusal, Stamp};
 #[derive(Debug, PartialEq, Eq)]
 pub enum ApiError {
     Unauthenticated(&'static str),
+    /// The API key's expiry has passed.
+    KeyExpired,
+    /// The API key is limited to other modules than this one.
+    KeyScope(String),
     Blocked,
     ModuleNotInPlan(String),
     InsufficientCredits {
@@ -82,8 +86,8 @@ const DEPENDENCY_RETRY_SECS: u64 = 1;
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-            Self::Blocked | Self::ModuleNotInPlan(_) => StatusCode::FORBIDDEN,
+            Self::Unauthenticated(_) | Self::KeyExpired => StatusCode::UNAUTHORIZED,
+            Self::Blocked | Self::ModuleNotInPlan(_) | Self::KeyScope(_) => StatusCode::FORBIDDEN,
             Self::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::DailyLimit { .. } | Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MeteringUnavailable | Self::DatabaseUnavailable | Self::Overloaded => {
@@ -113,6 +117,8 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Unauthenticated(_) => "unauthenticated",
+            Self::KeyExpired => "key_expired",
+            Self::KeyScope(_) => "key_scope",
             Self::Blocked => "blocked",
             Self::ModuleNotInPlan(_) => "module_not_in_plan",
             Self::InsufficientCredits { .. } => "insufficient_credits",
@@ -146,6 +152,8 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             Self::Unauthenticated(why) => format!("authentication required: {why}"),
+            Self::KeyExpired => "this API key has expired; create a new one".into(),
+            Self::KeyScope(m) => format!("this API key may not call module {m}"),
             Self::Blocked => "this account is blocked; contact support".into(),
             Self::ModuleNotInPlan(m) => format!("module {m} is not included in your plan"),
             Self::InsufficientCredits { cost, remaining } => {
@@ -234,6 +242,8 @@ impl ApiError {
     pub fn refusal(refusal: Refusal, module: &ModuleId, cost: i64, stamp: &Stamp) -> Self {
         match refusal {
             Refusal::UnknownKey => Self::Unauthenticated("API key revoked"),
+            Refusal::KeyExpired => Self::KeyExpired,
+            Refusal::KeyScope => Self::KeyScope(module.to_string()),
             Refusal::Blocked => Self::Blocked,
             Refusal::ModuleNotInPlan => Self::ModuleNotInPlan(module.to_string()),
             Refusal::DailyLimit(b) => Self::DailyLimit {
@@ -311,6 +321,10 @@ impl From<AccountError> for ApiError {
                 message: e.to_string(),
             },
             AccountError::IdempotencyKeyReused => Self::AdminIdempotencyKeyReused,
+            AccountError::InvalidKey(_) => Self::BadRequest {
+                code: "invalid_key",
+                message: e.to_string(),
+            },
             AccountError::LookupsSaturated => Self::Overloaded,
             AccountError::UserExists(_) => Self::BadRequest {
                 code: "user_exists",
@@ -356,6 +370,8 @@ mod tests {
                 "unauthenticated",
                 None,
             ),
+            (ApiError::KeyExpired, 401, "key_expired", None),
+            (ApiError::KeyScope("legal".into()), 403, "key_scope", None),
             (ApiError::Blocked, 403, "blocked", None),
             (
                 ApiError::ModuleNotInPlan("legal".into()),

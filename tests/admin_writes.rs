@@ -104,11 +104,11 @@ async fn block_revoke_and_plan_change_during_a_redis_write_pause_land_within_a_s
     let r = app.call(&user.key, "/rag/q").await;
     assert_eq!(error_code(r).await, "blocked");
     let mut con = app.redis.connection().await;
-    let live: Vec<String> = redis::cmd("SMEMBERS")
+    let live: Vec<String> = redis::cmd("HKEYS")
         .arg(app.state.meter.keys().api_keys(&user.id))
         .query_async(&mut con)
         .await
-        .expect("SMEMBERS");
+        .expect("HKEYS");
     assert!(!live.contains(&spare.key.hash().as_str().to_owned()));
     assert_eq!(live.len(), 1);
 }

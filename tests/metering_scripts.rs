@@ -10,11 +10,13 @@ use chrono::{DateTime, Utc};
 use common::{TEST_CONFIG, TestRedis};
 use creditgate::catalog::Catalog;
 use creditgate::config::Settings;
-use creditgate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, PlanId, RequestId, UserId};
+use creditgate::domain::{
+    ApiKey, Credits, IdempotencyKey, KeyHash, ModuleId, PlanId, RequestId, UserId,
+};
 use creditgate::ledger::LedgerEvent;
 use creditgate::metering::{
-    AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Idempotency, Meter, Mode, RefundOf,
-    RefundOutcome, Refusal, Repeat, Stamp, StoredResponse, SyncOutcome, SyncState,
+    AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Idempotency, LiveKey, Meter, Mode,
+    RefundOf, RefundOutcome, Refusal, Repeat, Stamp, StoredResponse, SyncOutcome, SyncState,
 };
 
 struct Harness {
@@ -72,7 +74,7 @@ impl Harness {
                 day: stamp.day.clone(),
                 day_used: Credits::ZERO,
                 blocked: false,
-                key_hashes: vec![key().hash()],
+                keys: vec![LiveKey::unrestricted(key().hash())],
             })
             .await
             .expect("seed");
@@ -395,7 +397,7 @@ async fn concurrent_rebuilds_write_the_account_once() {
                         day: now.day.clone(),
                         day_used: Credits::ZERO,
                         blocked: false,
-                        key_hashes: vec![KeyHash::from_stored("x".into())],
+                        keys: vec![LiveKey::unrestricted(KeyHash::from_stored("x".into()))],
                     })
                     .await
                     .expect("seed")
@@ -458,7 +460,7 @@ impl Harness {
                 version,
                 plan: PlanId::parse(plan).expect("plan"),
                 blocked,
-                key_hashes: keys.to_vec(),
+                keys: keys.iter().cloned().map(LiveKey::unrestricted).collect(),
             })
             .await
             .expect("sync.lua")
@@ -1010,4 +1012,77 @@ async fn no_minute_boundary_lets_twice_the_rate_through() {
         .filter(|&&ms| (29_000..31_000).contains(&ms))
         .count();
     assert_eq!(around_the_boundary, 1);
+}
+
+/// A key's expiry and module scope are checked by the charge itself, on
+/// every instance, and a refused call charges nothing.
+#[tokio::test]
+async fn an_expired_or_out_of_scope_key_is_refused_and_charges_nothing() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = UserId::parse("kim").expect("id");
+    let (expiring, scoped) = (ApiKey::generate().hash(), ApiKey::generate().hash());
+    h.meter
+        .seed(&AccountSeed {
+            user: user.clone(),
+            plan: PlanId::parse("starter").expect("plan"),
+            monthly: Credits::new(100).expect("credits"),
+            bonus: Credits::ZERO,
+            period: now.period.clone(),
+            day: now.day.clone(),
+            day_used: Credits::ZERO,
+            blocked: false,
+            keys: vec![
+                LiveKey {
+                    hash: expiring.clone(),
+                    expires_ms: Some(now.now_ms() + 1000),
+                    modules: None,
+                },
+                LiveKey {
+                    hash: scoped.clone(),
+                    expires_ms: None,
+                    modules: Some(vec![ModuleId::parse("rag").expect("module")]),
+                },
+            ],
+        })
+        .await
+        .expect("seed");
+    let with = |hash: &KeyHash, module: &str, stamp: &Stamp| {
+        let (hash, module, stamp) = (hash.clone(), module.to_owned(), stamp.clone());
+        let (meter, catalog, user) = (&h.meter, &h.catalog, &user);
+        async move {
+            let rid = RequestId::parse("r").expect("rid");
+            meter
+                .charge(&ChargeRequest {
+                    user,
+                    key_hash: Some(&hash),
+                    module: catalog.module(&module).expect("module"),
+                    action: None,
+                    request_id: &rid,
+                    idempotency: Idempotency::None,
+                    actor: "test",
+                    stamp: &stamp,
+                    mode: Mode::Charge,
+                })
+                .await
+                .expect("charge.lua")
+        }
+    };
+    let later = h.calendar.at(now.now + chrono::Duration::milliseconds(999));
+    let expired = h
+        .calendar
+        .at(now.now + chrono::Duration::milliseconds(1000));
+    assert!(charged(&with(&expiring, "legal", &later).await).is_some());
+    assert_eq!(
+        with(&expiring, "legal", &expired).await,
+        ChargeOutcome::Refused(Refusal::KeyExpired)
+    );
+    assert!(charged(&with(&scoped, "rag", &expired).await).is_some());
+    assert_eq!(
+        with(&scoped, "legal", &expired).await,
+        ChargeOutcome::Refused(Refusal::KeyScope)
+    );
+    // legal costs 3, rag 1: only the two calls that passed were charged.
+    assert_eq!(h.hash(&user).await.0, 96);
+    assert_eq!(h.event_kinds(&user).await.len(), 2);
 }

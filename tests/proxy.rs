@@ -181,13 +181,13 @@ async fn a_key_created_after_the_account_reached_redis_works_at_once() {
     assert_eq!(r.status(), 200);
     assert_eq!(app.balance(&user.id).await, (98, 0, 2));
     // The repair mirrored the account's whole access state under a version
-    // of its own (both keys in Redis's key set) and cleared the account's
+    // of its own (both keys among its live keys) and cleared the account's
     // sync mark, rather than adding the one key unversioned.
-    let mut live: Vec<String> = redis::cmd("SMEMBERS")
+    let mut live: Vec<String> = redis::cmd("HKEYS")
         .arg(app.state.meter.keys().api_keys(&user.id))
         .query_async(&mut app.redis.connection().await)
         .await
-        .expect("SMEMBERS");
+        .expect("HKEYS");
     live.sort();
     let mut expected = vec![
         ApiKey::parse(&user.key)
@@ -206,6 +206,131 @@ async fn a_key_created_after_the_account_reached_redis_works_at_once() {
         .expect("account_sync");
     assert_eq!(pending, 0);
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+}
+
+/// Keys with an expiry or a module scope: enforced by the charge on every
+/// call (401 `key_expired`, 403 `key_scope`), never charged when refused,
+/// and refused at creation when they could never be used.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
+    use creditgate::accounts::KeySpec;
+    use creditgate::domain::ModuleId;
+    let app = TestApp::spawn().await;
+    let user = app.create_user("starter").await;
+    let accounts = &app.state.accounts;
+    let scoped = accounts
+        .create_key_with(
+            &user.id,
+            &KeySpec {
+                name: "RAG only".into(),
+                expires_at: None,
+                modules: Some(vec![ModuleId::parse("rag").expect("module")]),
+            },
+            "test",
+        )
+        .await
+        .expect("scoped key");
+    let expiring = accounts
+        .create_key_with(
+            &user.id,
+            &KeySpec {
+                name: "for an hour".into(),
+                expires_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+                modules: None,
+            },
+            "test",
+        )
+        .await
+        .expect("expiring key");
+    assert_eq!(app.call(scoped.key.reveal(), "/rag/q").await.status(), 200);
+    let r = app.call(scoped.key.reveal(), "/legal/q").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "key_scope");
+    assert_eq!(
+        app.call(expiring.key.reveal(), "/legal/q").await.status(),
+        200
+    );
+
+    // Its hour is over (moved back in Postgres, mirrored as any change is).
+    let pool = app.pool().await;
+    sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(expiring.id)
+        .execute(&pool)
+        .await
+        .expect("expire");
+    sqlx::query("INSERT INTO account_sync (user_id) VALUES ($1) ON CONFLICT (user_id) DO UPDATE SET version = nextval('account_sync_version')")
+        .bind(user.id.as_str())
+        .execute(&pool)
+        .await
+        .expect("mark");
+    app.state
+        .billing
+        .sync_account(&user.id)
+        .await
+        .expect("sync");
+    let r = app.call(expiring.key.reveal(), "/legal/q").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_code(r).await, "key_expired");
+    assert_eq!(app.upstream.hits(), 2);
+    assert_eq!(app.balance(&user.id).await, (496, 0, 4), "rag 1 + legal 3");
+
+    // Keys that could never be used are refused when asked for.
+    for spec in [
+        KeySpec {
+            name: "outside the plan".into(),
+            expires_at: None,
+            modules: Some(vec![ModuleId::parse("fiscal").expect("module")]),
+        },
+        KeySpec {
+            name: "already over".into(),
+            expires_at: Some(chrono::Utc::now() - chrono::Duration::seconds(1)),
+            modules: None,
+        },
+        KeySpec {
+            name: "no module at all".into(),
+            expires_at: None,
+            modules: Some(vec![]),
+        },
+    ] {
+        let err = accounts.create_key_with(&user.id, &spec, "test").await;
+        assert!(
+            matches!(err, Err(creditgate::accounts::AccountError::InvalidKey(_))),
+            "{}",
+            spec.name
+        );
+    }
+}
+
+/// An account mirrored by a build before key details has its keys in a
+/// set only: its first call mirrors it again, details included, and is
+/// served.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_mirrored_before_key_details_is_served_and_brought_up_to_date() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    let keys = app.state.meter.keys();
+    let mut con = app.redis.connection().await;
+    let _: () = redis::cmd("DEL")
+        .arg(keys.api_keys(&user.id))
+        .query_async(&mut con)
+        .await
+        .expect("DEL");
+    let set: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys.legacy_key_set(&user.id))
+        .query_async(&mut con)
+        .await
+        .expect("SMEMBERS");
+    assert_eq!(set.len(), 1, "older builds still find the key");
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    let details: Option<String> = redis::cmd("HGET")
+        .arg(keys.api_keys(&user.id))
+        .arg(&set[0])
+        .query_async(&mut con)
+        .await
+        .expect("HGET");
+    assert_eq!(details.as_deref(), Some("|"));
+    assert_eq!(app.balance(&user.id).await, (98, 0, 2));
 }
 
 #[tokio::test(flavor = "multi_thread")]

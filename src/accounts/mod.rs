@@ -21,7 +21,9 @@ use uuid::Uuid;
 
 use crate::catalog::Catalog;
 use crate::config::DatabaseSettings;
-use crate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, PlanId, UserId};
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, ModuleId, PlanId, UserId};
 use crate::metering::{AccountSeed, Stamp};
 use cache::KeyCache;
 pub use credentials::Credential;
@@ -48,6 +50,9 @@ pub enum AccountError {
     /// A stored row that our own writes could not have produced.
     #[error("corrupt account row: {0}")]
     Corrupt(String),
+    /// A key's name, expiry or scope that cannot be granted.
+    #[error("{0}")]
+    InvalidKey(String),
 }
 
 #[derive(Clone, Debug)]
@@ -64,6 +69,16 @@ pub struct User {
 pub struct NewKey {
     pub id: Uuid,
     pub key: ApiKey,
+}
+
+/// What a new key may do, beyond its account: a name for the owner, an
+/// expiry and a module scope, both enforced by charge.lua.
+#[derive(Clone, Debug, Default)]
+pub struct KeySpec {
+    pub name: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `None`: every module of the plan.
+    pub modules: Option<Vec<ModuleId>>,
 }
 
 /// A user to create, and who asks.
@@ -193,7 +208,7 @@ impl Accounts {
         if inserted.rows_affected() == 0 {
             return Err(AccountError::UserExists(id));
         }
-        let key = insert_key(&mut tx, &id).await?;
+        let key = insert_key(&mut tx, &id, &KeySpec::default()).await?;
         audit_in(
             &mut *tx,
             new.actor,
@@ -272,15 +287,53 @@ impl Accounts {
     /// Another API key for a user, audited, with Redis's copy of the key
     /// set marked for update (see `sync`).
     pub async fn create_key(&self, user: &UserId, actor: &str) -> Result<NewKey, AccountError> {
+        self.create_key_with(user, &KeySpec::default(), actor).await
+    }
+
+    /// [`Self::create_key`] with a name, an expiry and a module scope. The
+    /// expiry must be in the future and the scope a non-empty subset of
+    /// the user's plan.
+    pub async fn create_key_with(
+        &self,
+        user: &UserId,
+        spec: &KeySpec,
+        actor: &str,
+    ) -> Result<NewKey, AccountError> {
+        if spec.name.chars().count() > 64 || spec.name.chars().any(char::is_control) {
+            return Err(AccountError::InvalidKey(
+                "a key's name is at most 64 characters, without control characters".into(),
+            ));
+        }
+        if spec.expires_at.is_some_and(|t| t <= Utc::now()) {
+            return Err(AccountError::InvalidKey(
+                "expires_at must be in the future".into(),
+            ));
+        }
         let mut tx = self.pool.begin().await?;
-        let exists: Option<(String,)> = sqlx::query_as("SELECT id FROM users WHERE id = $1")
+        let plan: Option<(String,)> = sqlx::query_as("SELECT plan FROM users WHERE id = $1")
             .bind(user.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-        if exists.is_none() {
+        let Some((plan,)) = plan else {
             return Err(AccountError::UnknownUser(user.clone()));
+        };
+        if let Some(modules) = &spec.modules {
+            let in_plan = self.catalog.plan(&plan).map(|p| &p.modules);
+            let outside = modules
+                .iter()
+                .find(|m| !in_plan.is_some_and(|p| p.contains(m)));
+            if modules.is_empty() {
+                return Err(AccountError::InvalidKey(
+                    "modules, when given, names at least one module".into(),
+                ));
+            }
+            if let Some(m) = outside {
+                return Err(AccountError::InvalidKey(format!(
+                    "module {m} is not in the plan {plan}"
+                )));
+            }
         }
-        let key = insert_key(&mut tx, user).await?;
+        let key = insert_key(&mut tx, user, spec).await?;
         audit_in(
             &mut *tx,
             actor,
@@ -456,8 +509,10 @@ impl Accounts {
         let Some(user) = self.get_user(id).await? else {
             return Ok(None);
         };
-        let keys: Vec<(String,)> = sqlx::query_as(
-            "SELECT key_hash FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
+        let keys: Vec<(String, Option<i64>, String)> = sqlx::query_as(
+            "SELECT key_hash, (extract(epoch FROM expires_at) * 1000)::bigint,
+                    COALESCE(array_to_string(modules, ','), '')
+             FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -493,10 +548,10 @@ impl Accounts {
             day,
             day_used,
             blocked: user.blocked,
-            key_hashes: keys
+            keys: keys
                 .into_iter()
-                .map(|(h,)| KeyHash::from_stored(h))
-                .collect(),
+                .map(|(hash, expires_ms, scope)| sync::live_key(hash, expires_ms, &scope))
+                .collect::<Result<_, _>>()?,
         }))
     }
 }
@@ -527,15 +582,26 @@ pub use sync::mark_for_sync;
 async fn insert_key(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     user: &UserId,
+    spec: &KeySpec,
 ) -> Result<NewKey, AccountError> {
     let key = ApiKey::generate();
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO api_keys (id, user_id, key_hash, prefix) VALUES ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(user.as_str())
-        .bind(key.hash().as_str())
-        .bind(key.display_prefix())
-        .execute(&mut **tx)
-        .await?;
+    let modules: Option<Vec<&str>> = spec
+        .modules
+        .as_ref()
+        .map(|m| m.iter().map(ModuleId::as_str).collect());
+    sqlx::query(
+        "INSERT INTO api_keys (id, user_id, key_hash, prefix, name, expires_at, modules)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(user.as_str())
+    .bind(key.hash().as_str())
+    .bind(key.display_prefix())
+    .bind(&spec.name)
+    .bind(spec.expires_at)
+    .bind(modules)
+    .execute(&mut **tx)
+    .await?;
     Ok(NewKey { id, key })
 }

@@ -3,8 +3,8 @@
 //! transaction; the mark is cleared once Redis has applied that version.
 //! Whatever Redis missed (down, paused, slow) the reconciler applies later.
 
-use crate::domain::{KeyHash, PlanId, UserId};
-use crate::metering::SyncState;
+use crate::domain::{KeyHash, ModuleId, PlanId, UserId};
+use crate::metering::{LiveKey, SyncState};
 
 use super::{AccountError, Accounts};
 
@@ -81,15 +81,26 @@ impl Accounts {
     }
 }
 
+/// version, plan, status, and the live keys' hashes, expiries (unix ms, -1
+/// for none) and scopes (modules joined by commas, "" for none).
+type SyncRow = (i64, String, String, Vec<String>, Vec<i64>, Vec<String>);
+
 /// The state Redis must mirror for `user` and its pending version, in one
 /// statement (one snapshot).
 async fn read_sync_state<'e>(
     db: impl sqlx::PgExecutor<'e>,
     user: &UserId,
 ) -> Result<Option<SyncState>, AccountError> {
-    let row: Option<(i64, String, String, Vec<String>)> = sqlx::query_as(
+    // The live keys as three arrays in one key order, so that the whole
+    // state is one statement's snapshot.
+    let row: Option<SyncRow> = sqlx::query_as(
         "SELECT s.version, u.plan, u.status,
                 ARRAY(SELECT key_hash FROM api_keys
+                      WHERE user_id = u.id AND revoked_at IS NULL ORDER BY key_hash),
+                ARRAY(SELECT COALESCE((extract(epoch FROM expires_at) * 1000)::bigint, -1)
+                      FROM api_keys
+                      WHERE user_id = u.id AND revoked_at IS NULL ORDER BY key_hash),
+                ARRAY(SELECT COALESCE(array_to_string(modules, ','), '') FROM api_keys
                       WHERE user_id = u.id AND revoked_at IS NULL ORDER BY key_hash)
          FROM account_sync s JOIN users u ON u.id = s.user_id
          WHERE s.user_id = $1",
@@ -97,14 +108,45 @@ async fn read_sync_state<'e>(
     .bind(user.as_str())
     .fetch_optional(db)
     .await?;
-    row.map(|(version, plan, status, keys)| {
+    row.map(|(version, plan, status, hashes, expires, scopes)| {
         Ok(SyncState {
             user: user.clone(),
             version,
             plan: PlanId::parse(&plan).map_err(|e| AccountError::Corrupt(e.to_string()))?,
             blocked: status == "blocked",
-            key_hashes: keys.into_iter().map(KeyHash::from_stored).collect(),
+            keys: hashes
+                .into_iter()
+                .zip(expires)
+                .zip(scopes)
+                .map(|((hash, expires_ms), scope)| {
+                    live_key(hash, (expires_ms >= 0).then_some(expires_ms), &scope)
+                })
+                .collect::<Result<_, _>>()?,
         })
     })
     .transpose()
+}
+
+/// A live key as read from `api_keys`: `scope` is its modules joined by
+/// commas, empty for every module of the plan.
+pub(super) fn live_key(
+    hash: String,
+    expires_ms: Option<i64>,
+    scope: &str,
+) -> Result<LiveKey, AccountError> {
+    let modules = if scope.is_empty() {
+        None
+    } else {
+        Some(
+            scope
+                .split(',')
+                .map(|m| ModuleId::parse(m).map_err(|e| AccountError::Corrupt(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    };
+    Ok(LiveKey {
+        hash: KeyHash::from_stored(hash),
+        expires_ms,
+        modules,
+    })
 }

@@ -107,7 +107,10 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
         }
         Decision::Refused(Refusal::Blocked) => (false, None, Some("blocked")),
         Decision::Refused(Refusal::ModuleNotInPlan) => (false, None, Some("module_not_in_plan")),
-        Decision::Refused(Refusal::UnknownKey) => (false, None, Some("unauthenticated")),
+        // The credits API names users, never keys: these cannot happen.
+        Decision::Refused(Refusal::UnknownKey | Refusal::KeyExpired | Refusal::KeyScope) => {
+            (false, None, Some("unauthenticated"))
+        }
         Decision::Refused(Refusal::RateLimited(_)) => (false, None, Some("rate_limited")),
     };
     let (remaining, used, limit) = match balance {

@@ -3,7 +3,8 @@
 //! ```text
 //! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked sv (admin sync version)
 //!                                                tat (per-plan rate limit, GCRA: theoretical arrival, unix us)
-//! {<prefix>:<shard>}:keys:<user>          set    sha256 hex of the user's live API keys
+//! {<prefix>:<shard>}:apikeys:<user>       hash   sha256 hex of each live API key -> "<expires ms>|<,modules,>"
+//! {<prefix>:<shard>}:keys:<user>          set    the same hashes alone, for builds before key details
 //! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
 //!                                                (credits API request_id record + refund data, TTL 24 h)
 //! {<prefix>:<shard>}:idem:<user>:<key>    hash   proxy Idempotency-Key record: split (as above),
@@ -81,7 +82,15 @@ impl KeyLayout {
         self.key("acct", user, &[])
     }
 
+    /// The account's live API keys and their details (a hash).
     pub fn api_keys(&self, user: &UserId) -> String {
+        self.key("apikeys", user, &[])
+    }
+
+    /// The live keys' hashes alone (a set), as builds before key details
+    /// read them: still written, so that they keep working during a
+    /// rolling upgrade.
+    pub fn legacy_key_set(&self, user: &UserId) -> String {
         self.key("keys", user, &[])
     }
 
@@ -150,6 +159,7 @@ mod tests {
             let all = [
                 keys.account(&user),
                 keys.api_keys(&user),
+                keys.legacy_key_set(&user),
                 keys.request(&user, &rid),
                 keys.idempotency(&user, &IdempotencyKey::parse("k").expect("key")),
                 keys.grant_record(&user, &IdempotencyKey::parse("k").expect("key")),
@@ -193,7 +203,8 @@ mod tests {
         let request = RequestId::parse("r-1").expect("request id");
         let idem = IdempotencyKey::parse("k-1").expect("key");
         assert_eq!(keys.account(&user), format!("{tag}:acct:alice"));
-        assert_eq!(keys.api_keys(&user), format!("{tag}:keys:alice"));
+        assert_eq!(keys.api_keys(&user), format!("{tag}:apikeys:alice"));
+        assert_eq!(keys.legacy_key_set(&user), format!("{tag}:keys:alice"));
         assert_eq!(
             keys.request(&user, &request),
             format!("{tag}:req:alice:r-1")

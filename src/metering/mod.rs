@@ -108,8 +108,12 @@ pub struct RateState {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refusal {
-    /// The key is no longer in the account's key set (revoked).
+    /// The key is not among the account's live keys (revoked).
     UnknownKey,
+    /// The key's expiry has passed.
+    KeyExpired,
+    /// The key is limited to other modules.
+    KeyScope,
     Blocked,
     ModuleNotInPlan,
     DailyLimit(Balance),
@@ -270,7 +274,7 @@ pub struct SyncState {
     pub version: i64,
     pub plan: PlanId,
     pub blocked: bool,
-    pub key_hashes: Vec<KeyHash>,
+    pub keys: Vec<LiveKey>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,7 +309,46 @@ pub struct AccountSeed {
     pub day: String,
     pub day_used: Credits,
     pub blocked: bool,
-    pub key_hashes: Vec<KeyHash>,
+    pub keys: Vec<LiveKey>,
+}
+
+/// A live (not revoked) API key, as charge.lua checks it on every call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveKey {
+    pub hash: KeyHash,
+    /// Unix ms from which the key is refused (`key_expired`).
+    pub expires_ms: Option<i64>,
+    /// The only modules the key may call (`key_scope`); `None`: every
+    /// module of the plan.
+    pub modules: Option<Vec<ModuleId>>,
+}
+
+impl LiveKey {
+    pub fn unrestricted(hash: KeyHash) -> Self {
+        Self {
+            hash,
+            expires_ms: None,
+            modules: None,
+        }
+    }
+
+    /// The value charge.lua reads: `<expires ms>|<,module,...,>`, either
+    /// part empty when there is no such restriction.
+    pub fn details(&self) -> String {
+        let mut out = String::new();
+        if let Some(ms) = self.expires_ms {
+            out.push_str(itoa::Buffer::new().format(ms));
+        }
+        out.push('|');
+        if let Some(modules) = &self.modules {
+            out.push(',');
+            for m in modules {
+                out.push_str(m.as_str());
+                out.push(',');
+            }
+        }
+        out
+    }
 }
 
 /// An account's hot state as Redis holds it.
@@ -738,6 +781,7 @@ impl Meter {
         let mut con = self.redis.clone();
         let mut inv = SEED.prepare_invoke();
         inv.key(self.keys.account(&seed.user))
+            .key(self.keys.legacy_key_set(&seed.user))
             .key(self.keys.api_keys(&seed.user))
             .arg(seed.plan.as_str())
             .arg(seed.monthly.get())
@@ -746,8 +790,8 @@ impl Meter {
             .arg(&seed.day)
             .arg(seed.day_used.get())
             .arg(if seed.blocked { "1" } else { "0" });
-        for h in &seed.key_hashes {
-            inv.arg(h.as_str());
+        for key in &seed.keys {
+            inv.arg(key.hash.as_str()).arg(key.details());
         }
         let created: i64 = self.run("seed", inv.invoke_async(&mut con)).await?;
         Ok(created == 1)
@@ -760,12 +804,13 @@ impl Meter {
         let mut con = self.redis.clone();
         let mut inv = SYNC.prepare_invoke();
         inv.key(self.keys.account(&state.user))
+            .key(self.keys.legacy_key_set(&state.user))
             .key(self.keys.api_keys(&state.user))
             .arg(state.version)
             .arg(state.plan.as_str())
             .arg(if state.blocked { "1" } else { "0" });
-        for h in &state.key_hashes {
-            inv.arg(h.as_str());
+        for key in &state.keys {
+            inv.arg(key.hash.as_str()).arg(key.details());
         }
         let applied: i64 = self.run("sync", inv.invoke_async(&mut con)).await?;
         Ok(match applied {
@@ -956,6 +1001,8 @@ fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutcome, MeterE
         "expired" => return Err(MeterError::Expired),
         "error" => return Err(protocol(r.script, format!("in Redis: {}", r.text(0)?))),
         "unknown_key" => ChargeOutcome::Refused(Refusal::UnknownKey),
+        "key_expired" => ChargeOutcome::Refused(Refusal::KeyExpired),
+        "key_scope" => ChargeOutcome::Refused(Refusal::KeyScope),
         "blocked" => ChargeOutcome::Refused(Refusal::Blocked),
         "not_in_plan" => ChargeOutcome::Refused(Refusal::ModuleNotInPlan),
         "rate_limited" => {
