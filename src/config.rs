@@ -207,6 +207,14 @@ pub struct AuthSettings {
     /// Peers (CIDRs or addresses) that may call `/api/credits/*` without a
     /// service key and, with `trust_user_id_header`, send `X-User-ID`.
     pub trusted_networks: Vec<String>,
+    /// Live keys a user may hold through `POST /api/billing/keys` (10).
+    pub max_keys_per_user: Option<u32>,
+}
+
+impl AuthSettings {
+    pub fn max_keys_per_user(&self) -> u32 {
+        self.max_keys_per_user.unwrap_or(10)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -325,6 +325,10 @@ impl From<AccountError> for ApiError {
                 code: "invalid_key",
                 message: e.to_string(),
             },
+            AccountError::TooManyKeys(_) => Self::BadRequest {
+                code: "too_many_keys",
+                message: e.to_string(),
+            },
             AccountError::LookupsSaturated => Self::Overloaded,
             AccountError::UserExists(_) => Self::BadRequest {
                 code: "user_exists",

@@ -199,6 +199,7 @@ impl Application {
             )));
         }
         background.push(tokio::spawn(calibrate(self.state.meter.clone())));
+        background.push(tokio::spawn(key_uses(self.state.accounts.clone())));
         if let Some(addr) = self.settings.metrics_listen {
             let listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "metrics listening");
@@ -350,6 +351,18 @@ async fn reconcile(billing: Billing) {
         rounds += 1;
         if rounds.is_multiple_of(240) {
             let _ = billing.accounts.expire_idempotency().await;
+        }
+    }
+}
+
+/// Writes when keys were last used, once a minute (each worker its own).
+async fn key_uses(accounts: Accounts) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = accounts.flush_key_uses().await {
+            tracing::debug!(error = %e, "key last-use waits for Postgres");
         }
     }
 }

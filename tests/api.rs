@@ -1416,3 +1416,118 @@ async fn database_sessions_have_a_statement_timeout_and_no_jit() {
         assert_eq!(timeout, "5s");
     }
 }
+
+/// A user manages its own keys: names, a module scope and an expiry;
+/// the new key is shown once; a scoped key cannot mint wider ones; bad
+/// input changes nothing; at most `auth.max_keys_per_user`, even under
+/// parallel requests; last use is recorded in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_manage_their_own_keys() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_AUTH__MAX_KEYS_PER_USER", "3")
+        .start()
+        .await;
+    let user = app.create_user("starter").await;
+    let post = |key: &str, body: Value| {
+        app.client
+            .post(app.url("/api/billing/keys"))
+            .bearer_auth(key.to_owned())
+            .json(&body)
+            .send()
+    };
+    let listed = body(app.user_get(&user.key, "/keys").await).await;
+    assert_eq!(listed["max_keys"], 3);
+    assert_eq!(listed["keys"].as_array().map(Vec::len), Some(1));
+
+    let created = post(&user.key, json!({"name": "CI, RAG only", "modules": ["rag"]}))
+        .await
+        .expect("send");
+    assert_eq!(created.status(), 201);
+    let created = body(created).await;
+    let scoped_key = created["api_key"].as_str().expect("shown once").to_owned();
+    let scoped_id = created["key"]["id"].as_str().expect("id").to_owned();
+    assert_eq!(created["key"]["name"], "CI, RAG only");
+    assert_eq!(created["key"]["modules"], json!(["rag"]));
+    assert!(created["key"].get("api_key").is_none());
+    assert_eq!(app.call(&scoped_key, "/rag/q").await.status(), 200);
+    let r = app.call(&scoped_key, "/legal/q").await;
+    assert_eq!(error_code(r).await, "key_scope");
+    // A scoped key cannot mint itself a wider one.
+    let r = post(&scoped_key, json!({"name": "wider"})).await.expect("send");
+    assert_eq!(r.status(), 403);
+
+    // Bad input: a clear error each, and nothing created.
+    for (bad, code) in [
+        (json!({"name": ""}), "invalid_key"),
+        (json!({"name": "x", "modules": ["fiscal"]}), "invalid_key"),
+        (json!({"name": "x", "modules": []}), "invalid_key"),
+        (json!({"name": "x", "modules": ["../legal"]}), "invalid_key"),
+        (json!({"name": "x", "expires_at": "2001-01-01T00:00:00Z"}), "invalid_key"),
+        (json!({"name": "x", "expires_at": "tomorrow"}), "invalid_request"),
+        (json!({"name": "x", "admin": true}), "invalid_request"),
+        (json!({"name": "x".repeat(65)}), "invalid_key"),
+    ] {
+        let r = post(&user.key, bad.clone()).await.expect("send");
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(error_code(r).await, code, "{bad}");
+    }
+    let listed = body(app.user_get(&user.key, "/keys").await).await;
+    assert_eq!(listed["keys"].as_array().map(Vec::len), Some(2));
+
+    // Two live keys, three allowed: ten parallel requests make exactly one.
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let request = post(&user.key, json!({"name": format!("parallel {i}")}));
+            async move { request.await.expect("send").status().as_u16() }
+        })
+        .collect();
+    let statuses = futures_util::future::join_all(tasks).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 9, "{statuses:?}");
+
+    // Revoked by its owner: refused at once. Someone else's key or no key
+    // at all: 404, nothing revoked.
+    let delete = |key: &str, id: &str| {
+        app.client
+            .delete(app.url(&format!("/api/billing/keys/{id}")))
+            .bearer_auth(key.to_owned())
+            .send()
+    };
+    let other = app.create_user("free").await;
+    let r = delete(&other.key, &scoped_id).await.expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(app.call(&scoped_key, "/rag/q").await.status(), 200);
+    let r = delete(&user.key, &scoped_id).await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.call(&scoped_key, "/rag/q").await.status(), 401);
+    let r = delete(&user.key, "0190a0a0-0000-7000-8000-000000000000")
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    let r = delete(&user.key, "not-a-uuid").await.expect("send");
+    assert_eq!(r.status(), 400);
+
+    // Last use: noted per call, written in one batch.
+    app.state.accounts.flush_key_uses().await.expect("flush");
+    let listed = body(app.user_get(&user.key, "/keys").await).await;
+    let keys = listed["keys"].as_array().expect("keys");
+    assert_eq!(keys.len(), 2, "the revoked key is no longer listed");
+    assert!(keys.iter().all(|k| k["id"] != scoped_id.as_str()));
+    // The admin sees every key by name and prefix, revoked ones included,
+    // and when the scoped one was last used; never a key.
+    let detail = body(
+        app.admin(Method::GET, &format!("/users/{}", user.id), None)
+            .await,
+    )
+    .await;
+    let admin_keys = detail["keys"].as_array().expect("keys");
+    assert_eq!(admin_keys.len(), 3);
+    let scoped = admin_keys
+        .iter()
+        .find(|k| k["id"] == scoped_id.as_str())
+        .expect("scoped key");
+    assert_eq!(scoped["name"], "CI, RAG only");
+    assert!(scoped["last_used_at"].is_string(), "{scoped}");
+    assert!(scoped["revoked_at"].is_string());
+    assert!(!detail.to_string().contains(&scoped_key));
+}

@@ -226,6 +226,7 @@ async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
                 expires_at: None,
                 modules: Some(vec![ModuleId::parse("rag").expect("module")]),
             },
+            None,
             "test",
         )
         .await
@@ -238,6 +239,7 @@ async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
                 expires_at: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
                 modules: None,
             },
+            None,
             "test",
         )
         .await
@@ -292,7 +294,9 @@ async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
             modules: Some(vec![]),
         },
     ] {
-        let err = accounts.create_key_with(&user.id, &spec, "test").await;
+        let err = accounts
+            .create_key_with(&user.id, &spec, None, "test")
+            .await;
         assert!(
             matches!(err, Err(creditgate::accounts::AccountError::InvalidKey(_))),
             "{}",

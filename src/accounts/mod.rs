@@ -53,6 +53,8 @@ pub enum AccountError {
     /// A key's name, expiry or scope that cannot be granted.
     #[error("{0}")]
     InvalidKey(String),
+    #[error("at most {0} live API keys per user: revoke one first")]
+    TooManyKeys(u32),
 }
 
 #[derive(Clone, Debug)]
@@ -69,6 +71,30 @@ pub struct User {
 pub struct NewKey {
     pub id: Uuid,
     pub key: ApiKey,
+}
+
+/// An API key as its owner and the admins see it: never the key itself.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct KeyInfo {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `None`: every module of the plan.
+    pub modules: Option<Vec<String>>,
+    /// To the minute at best: recorded in batches, not per request.
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Who a key belongs to, and what limits it.
+#[derive(Clone, Debug)]
+pub struct KeyOwner {
+    pub user: UserId,
+    pub expired: bool,
+    /// Limited to some modules.
+    pub scoped: bool,
 }
 
 /// What a new key may do, beyond its account: a name for the owner, an
@@ -114,6 +140,10 @@ pub struct Accounts {
     /// Cache misses being looked up now: a burst of calls with one new key
     /// waits for one query instead of queueing one each for a permit.
     inflight: Arc<std::sync::Mutex<HashMap<KeyHash, Arc<KeyLookup>>>>,
+    /// When each key was last used through this process, since the last
+    /// [`Accounts::flush_key_uses`]: last use is recorded in batches, never
+    /// with a Postgres write per request.
+    key_uses: Arc<std::sync::Mutex<HashMap<KeyHash, DateTime<Utc>>>>,
 }
 
 type KeyLookup = tokio::sync::OnceCell<Option<UserId>>;
@@ -167,6 +197,7 @@ impl Accounts {
             cache: Arc::new(KeyCache::new(100_000, Duration::from_secs(1))),
             lookups: Arc::new(tokio::sync::Semaphore::new(lookups)),
             inflight: Arc::default(),
+            key_uses: Arc::default(),
         }
     }
 
@@ -287,16 +318,20 @@ impl Accounts {
     /// Another API key for a user, audited, with Redis's copy of the key
     /// set marked for update (see `sync`).
     pub async fn create_key(&self, user: &UserId, actor: &str) -> Result<NewKey, AccountError> {
-        self.create_key_with(user, &KeySpec::default(), actor).await
+        self.create_key_with(user, &KeySpec::default(), None, actor)
+            .await
     }
 
     /// [`Self::create_key`] with a name, an expiry and a module scope. The
     /// expiry must be in the future and the scope a non-empty subset of
-    /// the user's plan.
+    /// the user's plan; with `max_live`, the user may hold at most that
+    /// many live (neither revoked nor expired) keys, counted under a lock
+    /// on the user so parallel requests cannot pass it together.
     pub async fn create_key_with(
         &self,
         user: &UserId,
         spec: &KeySpec,
+        max_live: Option<u32>,
         actor: &str,
     ) -> Result<NewKey, AccountError> {
         if spec.name.chars().count() > 64 || spec.name.chars().any(char::is_control) {
@@ -310,13 +345,26 @@ impl Accounts {
             ));
         }
         let mut tx = self.pool.begin().await?;
-        let plan: Option<(String,)> = sqlx::query_as("SELECT plan FROM users WHERE id = $1")
-            .bind(user.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let plan: Option<(String,)> =
+            sqlx::query_as("SELECT plan FROM users WHERE id = $1 FOR UPDATE")
+                .bind(user.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
         let Some((plan,)) = plan else {
             return Err(AccountError::UnknownUser(user.clone()));
         };
+        if let Some(max) = max_live {
+            let live: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL
+                   AND (expires_at IS NULL OR expires_at > now())",
+            )
+            .bind(user.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            if live >= i64::from(max) {
+                return Err(AccountError::TooManyKeys(max));
+            }
+        }
         if let Some(modules) = &spec.modules {
             let in_plan = self.catalog.plan(&plan).map(|p| &p.modules);
             let outside = modules
@@ -345,6 +393,76 @@ impl Accounts {
         mark_for_sync(&mut tx, user).await?;
         tx.commit().await?;
         Ok(key)
+    }
+
+    /// The user's keys, oldest first; revoked ones only with `revoked`.
+    pub async fn keys_of(
+        &self,
+        user: &UserId,
+        revoked: bool,
+    ) -> Result<Vec<KeyInfo>, AccountError> {
+        Ok(sqlx::query_as(
+            "SELECT id, name, prefix, created_at, expires_at, modules, last_used_at, revoked_at
+             FROM api_keys WHERE user_id = $1 AND ($2 OR revoked_at IS NULL)
+             ORDER BY created_at, id",
+        )
+        .bind(user.as_str())
+        .bind(revoked)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Notes a charged call made with `hash` (kept in memory until the next
+    /// flush; allocates only the first time a key is seen).
+    pub fn note_key_use(&self, hash: &KeyHash, at: DateTime<Utc>) {
+        let Ok(mut uses) = self.key_uses.lock() else {
+            return;
+        };
+        match uses.get_mut(hash) {
+            Some(last) => *last = (*last).max(at),
+            None => {
+                uses.insert(hash.clone(), at);
+            }
+        }
+    }
+
+    /// Writes the noted uses to Postgres; returns how many keys. Uses a
+    /// failed write could not store are noted again for the next flush.
+    pub async fn flush_key_uses(&self) -> Result<usize, AccountError> {
+        let uses: Vec<(KeyHash, DateTime<Utc>)> = match self.key_uses.lock() {
+            Ok(mut uses) => uses.drain().collect(),
+            Err(_) => return Ok(0),
+        };
+        if uses.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.record_key_use(&uses).await {
+            for (hash, at) in &uses {
+                self.note_key_use(hash, *at);
+            }
+            return Err(e);
+        }
+        Ok(uses.len())
+    }
+
+    /// Records when keys were last used: one statement for a batch, and a
+    /// time never moves back.
+    pub async fn record_key_use(
+        &self,
+        uses: &[(KeyHash, DateTime<Utc>)],
+    ) -> Result<(), AccountError> {
+        let hashes: Vec<&str> = uses.iter().map(|(h, _)| h.as_str()).collect();
+        let times: Vec<DateTime<Utc>> = uses.iter().map(|(_, t)| *t).collect();
+        sqlx::query(
+            "UPDATE api_keys k SET last_used_at = u.t
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS u(h, t)
+             WHERE k.key_hash = u.h AND (k.last_used_at IS NULL OR k.last_used_at < u.t)",
+        )
+        .bind(hashes)
+        .bind(times)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Marks the key revoked, audited, with Redis's copy of the key set
@@ -407,10 +525,36 @@ impl Accounts {
         found
     }
 
-    /// The user of a live key, asking Postgres (no cache): for the APIs,
-    /// where a revoked key must fail without a Redis round trip.
-    pub async fn live_user_for_key(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
-        self.lookup_key(hash).await
+    /// The owner of a live (not revoked) key, asking Postgres (no cache),
+    /// with what limits the key: for the APIs, where a revoked or expired
+    /// key must fail without a Redis round trip.
+    /// Bounded as the proxy's lookups are: a flood of unknown keys holds
+    /// at most half the pool.
+    pub async fn key_owner(&self, hash: &KeyHash) -> Result<Option<KeyOwner>, AccountError> {
+        let Ok(Ok(_permit)) = tokio::time::timeout(KEY_LOOKUP_WAIT, self.lookups.acquire()).await
+        else {
+            crate::telemetry::metrics::key_lookup("shed");
+            return Err(AccountError::LookupsSaturated);
+        };
+        let deadline = self.pool.options().get_acquire_timeout();
+        let query = sqlx::query_as::<_, (String, bool, bool)>(
+            "SELECT user_id, COALESCE(expires_at <= now(), false), modules IS NOT NULL
+             FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(hash.as_str())
+        .fetch_optional(&self.pool);
+        let row = tokio::time::timeout(deadline, query)
+            .await
+            .map_err(|_| AccountError::Database(sqlx::Error::PoolTimedOut))??;
+        crate::telemetry::metrics::key_lookup(if row.is_some() { "found" } else { "unknown" });
+        row.map(|(user, expired, scoped)| {
+            Ok(KeyOwner {
+                user: UserId::parse(&user).map_err(|e| AccountError::Corrupt(e.to_string()))?,
+                expired,
+                scoped,
+            })
+        })
+        .transpose()
     }
 
     /// Asks Postgres, bypassing the cache: is this key live for this user?

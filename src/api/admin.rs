@@ -32,7 +32,7 @@ use super::schema::{
     UserDetail, UserList, UserRow, UserSummary, UsersStats,
 };
 use super::user::{account_state, fill_days, view};
-use super::{ApiResult, Page, auth, json, ok, query, read_json};
+use super::{ApiResult, Page, auth, json, mirror, ok, query, read_json};
 use crate::accounts::{self, Created, NewUser};
 use crate::billing::BillingError;
 use crate::body::{Body, BoxError};
@@ -343,29 +343,6 @@ fn fingerprint(parts: &[&str]) -> String {
     hex::encode(h.finalize())
 }
 
-/// The Redis side of an admin change already committed to Postgres. If
-/// Redis does not confirm, the change still reaches it through the
-/// reconciler; the caller is told so, in admin words.
-async fn mirror(state: &AppState, user: &UserId) -> Result<(), ApiError> {
-    match state.billing.sync_account(user).await {
-        Ok(()) => Ok(()),
-        Err(BillingError::Meter(e)) => {
-            tracing::warn!(%user, error = %e, "admin change saved; Redis will get it from the reconciler");
-            Err(ApiError::RedisUnavailable(
-                "Redis did not answer: the change is saved and reaches every gateway within a second of Redis answering again; repeating this call is safe",
-            ))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-type KeyRow = (
-    Uuid,
-    String,
-    chrono::DateTime<Utc>,
-    Option<chrono::DateTime<Utc>>,
-);
-
 #[utoipa::path(
     get,
     path = "/api/admin/billing/users/{id}",
@@ -392,13 +369,7 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
     let stamp = state.calendar.now();
     let plan = state.catalog.plan(user.plan.as_str());
     let v = view(&account, plan, &stamp.day, &stamp.period);
-    let keys: Vec<KeyRow> = sqlx::query_as(
-        "SELECT id, prefix, created_at, revoked_at FROM api_keys WHERE user_id = $1
-             ORDER BY created_at",
-    )
-    .bind(id.as_str())
-    .fetch_all(state.accounts.pool())
-    .await?;
+    let keys = state.accounts.keys_of(id, true).await?;
     let month_start = stamp
         .local_date()
         .with_day0(0)
@@ -421,15 +392,7 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
             limit: plan.and_then(|p| p.daily_limit.map(|l| l.get())),
         },
         usage_this_month: totals,
-        keys: keys
-            .into_iter()
-            .map(|(id, prefix, created_at, revoked_at)| KeyView {
-                id,
-                prefix,
-                created_at,
-                revoked_at,
-            })
-            .collect(),
+        keys: keys.into_iter().map(KeyView::from).collect(),
     })
 }
 

@@ -26,6 +26,8 @@ pub struct ApiKeys {
     /// `auth.trusted_networks`: the credits API without a key, and
     /// `X-User-ID` when `trust_user_id_header` is on.
     trusted_networks: Networks,
+    /// `auth.max_keys_per_user`: live keys a user may create for itself.
+    pub max_keys_per_user: u32,
 }
 
 /// The TCP peer of an API request, put in its extensions by the router.
@@ -66,6 +68,7 @@ impl ApiKeys {
             service: digests(&settings.service_keys),
             trust_user_id_header: settings.trust_user_id_header,
             trusted_networks,
+            max_keys_per_user: settings.max_keys_per_user(),
         }
     }
 }
@@ -97,9 +100,28 @@ pub fn service(state: &AppState, req: &Request<impl Sized>) -> Result<String, Ap
 }
 
 /// The calling user, identified like the proxy does. Keys are checked
-/// against Postgres without the cache, so a revoked key is refused here
-/// exactly as in the proxy.
+/// against Postgres without the cache, so a revoked or expired key is
+/// refused here exactly as in the proxy.
 pub async fn user(state: &AppState, req: &Request<impl Sized>) -> Result<UserId, ApiError> {
+    caller(state, req).await.map(|(user, _)| user)
+}
+
+/// [`user`], for the calls that manage keys: a key limited to some modules
+/// cannot mint or revoke keys (it would mint itself a wider one).
+pub async fn unrestricted_user(
+    state: &AppState,
+    req: &Request<impl Sized>,
+) -> Result<UserId, ApiError> {
+    match caller(state, req).await? {
+        (user, false) => Ok(user),
+        (_, true) => Err(ApiError::Forbidden(
+            "a key limited to some modules cannot manage API keys",
+        )),
+    }
+}
+
+/// The caller, and whether its key is limited to some modules.
+async fn caller(state: &AppState, req: &Request<impl Sized>) -> Result<(UserId, bool), ApiError> {
     let trust_user_id = state.api_keys.trust_user_id_header && peer_is_trusted(state, req);
     match credentials::from_headers(req.headers(), trust_user_id) {
         Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
@@ -107,14 +129,14 @@ pub async fn user(state: &AppState, req: &Request<impl Sized>) -> Result<UserId,
         )),
         Err(credentials::CredentialError::Malformed(why)) => Err(ApiError::Unauthenticated(why)),
         Ok(Credential::TrustedUser(user)) => match state.accounts.get_user(&user).await? {
-            Some(_) => Ok(user),
+            Some(_) => Ok((user, false)),
             None => Err(ApiError::Unauthenticated("unknown user")),
         },
-        Ok(Credential::Key(key)) => state
-            .accounts
-            .live_user_for_key(&key.hash())
-            .await?
-            .ok_or(ApiError::Unauthenticated("unknown or revoked API key")),
+        Ok(Credential::Key(key)) => match state.accounts.key_owner(&key.hash()).await? {
+            None => Err(ApiError::Unauthenticated("unknown or revoked API key")),
+            Some(owner) if owner.expired => Err(ApiError::KeyExpired),
+            Some(owner) => Ok((owner.user, owner.scoped)),
+        },
     }
 }
 

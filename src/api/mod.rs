@@ -18,7 +18,9 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::billing::BillingError;
 use crate::body::{self, Body};
+use crate::domain::UserId;
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -41,6 +43,23 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<
 }
 
 pub type ApiResult = Result<Response<Body>, ApiError>;
+
+/// Puts a change committed to Postgres (plan, block, keys) into Redis at
+/// once. When Redis does not answer, the change is saved and the
+/// reconciler applies it within a second of Redis answering again: the
+/// caller learns so (503), and repeating the call is safe.
+pub(crate) async fn mirror(state: &AppState, user: &UserId) -> Result<(), ApiError> {
+    match state.billing.sync_account(user).await {
+        Ok(()) => Ok(()),
+        Err(BillingError::Meter(e)) => {
+            tracing::warn!(%user, error = %e, "change saved; Redis will get it from the reconciler");
+            Err(ApiError::RedisUnavailable(
+                "Redis did not answer: the change is saved and reaches every gateway within a second of Redis answering again; repeating this call is safe",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
 
 fn openapi_json(req: &Request<Incoming>) -> ApiResult {
     require(req, Method::GET)?;

@@ -264,12 +264,64 @@ pub struct CreatedUser {
     pub key_id: Uuid,
 }
 
+/// An API key as its owner and the admins see it: its name and first
+/// characters, never the key.
 #[derive(Serialize, ToSchema)]
 pub struct KeyView {
     pub id: Uuid,
+    pub name: String,
     pub prefix: String,
     pub created_at: DateTime<Utc>,
+    /// null: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The only modules it may call; null: every module of the plan.
+    pub modules: Option<Vec<String>>,
+    /// Recorded about once a minute, not per request.
+    pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<crate::accounts::KeyInfo> for KeyView {
+    fn from(k: crate::accounts::KeyInfo) -> Self {
+        Self {
+            id: k.id,
+            name: k.name,
+            prefix: k.prefix,
+            created_at: k.created_at,
+            expires_at: k.expires_at,
+            modules: k.modules,
+            last_used_at: k.last_used_at,
+            revoked_at: k.revoked_at,
+        }
+    }
+}
+
+/// `GET /api/billing/keys`: the caller's live keys.
+#[derive(Serialize, ToSchema)]
+pub struct KeysAnswer {
+    pub keys: Vec<KeyView>,
+    /// `auth.max_keys_per_user`: live keys the user may hold.
+    pub max_keys: u32,
+}
+
+/// `POST /api/billing/keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewKeyBody {
+    /// 1 to 64 characters, to tell the keys apart.
+    pub name: String,
+    /// RFC 3339, in the future; absent: never expires.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Modules of the plan the key may call; absent: all of them.
+    pub modules: Option<Vec<String>>,
+}
+
+/// A key just created: the only time it is shown.
+#[derive(Serialize, ToSchema)]
+pub struct CreatedKeyAnswer {
+    /// Shown once.
+    pub api_key: String,
+    pub key: KeyView,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -7,26 +7,159 @@ use http::{Method, Request};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use http::StatusCode;
+use uuid::Uuid;
+
 use super::schema::{
-    CreditCost, CreditCostsAnswer, Credits, Daily, ErrorBody, MeAnswer, Period, PlanView,
-    PlansAnswer, Transactions, UsageAnswer,
+    CreatedKeyAnswer, CreditCost, CreditCostsAnswer, Credits, Daily, ErrorBody, KeyView,
+    KeysAnswer, MeAnswer, NewKeyBody, Period, PlanView, PlansAnswer, RevokedAnswer, Transactions,
+    UsageAnswer,
 };
-use super::{ApiResult, Page, auth, ok, query, require};
+use super::{ApiResult, Page, auth, json, mirror, ok, query, read_json, require};
+use crate::accounts::KeySpec;
 use crate::catalog::Plan;
+use crate::domain::ModuleId;
 use crate::error::ApiError;
 use crate::ledger::store;
 use crate::metering::AccountState;
 use crate::startup::AppState;
 
 pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
-    require(&req, Method::GET)?;
     match rest {
-        ["plans"] => plans(state),
-        ["credit-costs"] => credit_costs(state),
-        ["me"] => me(state, req).await,
-        ["usage"] => usage(state, req).await,
-        _ => Err(ApiError::NotFound),
+        ["keys"] if req.method() == Method::POST => create_key(state, req).await,
+        ["keys", key_id] if req.method() == Method::DELETE => revoke_key(state, req, key_id).await,
+        ["keys", _] => Err(ApiError::MethodNotAllowed),
+        _ => {
+            require(&req, Method::GET)?;
+            match rest {
+                ["plans"] => plans(state),
+                ["credit-costs"] => credit_costs(state),
+                ["me"] => me(state, req).await,
+                ["usage"] => usage(state, req).await,
+                ["keys"] => list_keys(state, req).await,
+                _ => Err(ApiError::NotFound),
+            }
+        }
     }
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/billing/keys",
+    tag = "billing",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The caller's live API keys (never the keys themselves)", body = KeysAnswer),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Postgres unavailable", body = ErrorBody),
+    )
+)]
+async fn list_keys(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let id = auth::user(state, &req).await?;
+    let keys = state.accounts.keys_of(&id, false).await?;
+    ok(&KeysAnswer {
+        keys: keys.into_iter().map(KeyView::from).collect(),
+        max_keys: state.api_keys.max_keys_per_user,
+    })
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/billing/keys",
+    tag = "billing",
+    security(("api_key" = [])),
+    request_body = NewKeyBody,
+    responses(
+        (status = 201, description = "The new key, shown this once", body = CreatedKeyAnswer),
+        (status = 400, description = "Invalid input, or auth.max_keys_per_user live keys already; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 403, description = "The caller's key is limited to some modules", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable (a key created in Postgres reaches Redis within a second of it answering)", body = ErrorBody),
+    )
+)]
+async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let id = auth::unrestricted_user(state, &req).await?;
+    let body: NewKeyBody = read_json(req).await?;
+    let name = body.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::BadRequest {
+            code: "invalid_key",
+            message: "name the key (1 to 64 characters)".into(),
+        });
+    }
+    let modules = body
+        .modules
+        .map(|m| {
+            m.iter()
+                .map(|m| {
+                    ModuleId::parse(m).map_err(|_| ApiError::BadRequest {
+                        code: "invalid_key",
+                        message: format!("{m:?} is not a module id"),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let spec = KeySpec {
+        name: name.to_owned(),
+        expires_at: body.expires_at,
+        modules,
+    };
+    let actor = format!("user:{id}");
+    let key = state
+        .accounts
+        .create_key_with(&id, &spec, Some(state.api_keys.max_keys_per_user), &actor)
+        .await?;
+    mirror(state, &id).await?;
+    let view = state
+        .accounts
+        .keys_of(&id, false)
+        .await?
+        .into_iter()
+        .find(|k| k.id == key.id)
+        .map(KeyView::from)
+        .ok_or(ApiError::Internal)?;
+    json(
+        StatusCode::CREATED,
+        &CreatedKeyAnswer {
+            api_key: key.key.reveal().to_owned(),
+            key: view,
+        },
+    )
+}
+
+#[utoipa::path(
+    delete,
+    path = "/api/billing/keys/{key_id}",
+    tag = "billing",
+    security(("api_key" = [])),
+    params(
+        ("key_id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "Revoked on every instance", body = RevokedAnswer),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 403, description = "The caller's key is limited to some modules", body = ErrorBody),
+        (status = 404, description = "None of the caller's keys", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
+async fn revoke_key(state: &AppState, req: Request<Incoming>, key_id: &str) -> ApiResult {
+    let id = auth::unrestricted_user(state, &req).await?;
+    let key_id = Uuid::parse_str(key_id).map_err(|_| ApiError::BadRequest {
+        code: "invalid_request",
+        message: "key id is not a UUID".into(),
+    })?;
+    state
+        .accounts
+        .revoke_key(&id, key_id, &format!("user:{id}"))
+        .await?;
+    mirror(state, &id).await?;
+    ok(&RevokedAnswer {
+        revoked: true,
+        key_id,
+    })
 }
 
 #[utoipa::path(

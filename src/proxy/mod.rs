@@ -405,6 +405,9 @@ impl Proxy {
                 if let Some(m) = self.metrics_of(&ctx.module) {
                     m.charged(&receipt.plan, receipt.charged);
                 }
+                if let Some(hash) = key_hash {
+                    self.billing.accounts.note_key_use(hash, ctx.stamp.now);
+                }
                 ctx.charged = receipt.charged;
                 ctx.balance = Some(receipt.balance);
                 ctx.rate = receipt.rate.and_then(|state| {
