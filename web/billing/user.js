@@ -1,7 +1,8 @@
 // The user panel: balance, alerts at 80 % and 100 %, per-service stats,
-// paginated history, a 30-day chart and the plans table.
+// paginated history, a 30-day chart, the user's API keys and the plans
+// table.
 (function () {
-  const { T, api, el, showMessage, session, num, date } = window.CG;
+  const { T, api, el, fill, showMessage, session, num, date } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.user_key";
   const PER_PAGE = 10;
@@ -24,6 +25,16 @@
   $("services-title").textContent = T.per_service;
   $("history-title").textContent = T.history;
   $("plans-title").textContent = T.plans;
+  $("keys-title").textContent = T.keys_title;
+  $("l-key-name").textContent = T.key_name;
+  $("l-key-expires").textContent = T.key_expires;
+  $("l-key-modules").textContent = T.key_scope;
+  $("key-create").textContent = T.key_create;
+  $("key-dialog-title").textContent = T.key_created_title;
+  $("key-dialog-note").textContent = T.key_created_note;
+  $("l-new-key").textContent = T.key_created_title;
+  $("key-copy").textContent = T.key_copy;
+  $("key-dialog-close").textContent = T.key_done;
   $("prev").textContent = T.previous;
   $("next").textContent = T.next;
 
@@ -82,19 +93,93 @@
 
   function renderPlans(plans, current) {
     const idx = plans.findIndex((p) => p.id === current);
-    table($("plans"), [T.plan, T.price, T.per_month, T.per_day, T.modules],
+    table($("plans"), [T.plan, T.price, T.per_month, T.per_day, T.rate, T.modules],
       plans.map((p) => [p.id === current ? `${p.name} (${T.your_plan})` : p.name, num(p.price_dzd),
-        num(p.monthly_credits), p.daily_limit == null ? T.unlimited : num(p.daily_limit), p.modules.join(", ")]), idx);
+        num(p.monthly_credits), p.daily_limit == null ? T.unlimited : num(p.daily_limit),
+        p.rate_limit ? fill(T.rate_value, { rate: num(p.rate_limit.per_minute), burst: num(p.rate_limit.burst) }) : T.unlimited,
+        p.modules.join(", ")]), idx);
   }
 
+  const send = (path, method, body) => api(path, { header: "X-API-Key", key: key(), method, body });
+
+  function renderKeys(answer) {
+    $("keys-count").textContent = fill(T.keys_count, { n: answer.keys.length, max: answer.max_keys });
+    const now = Date.now();
+    const rows = answer.keys.map((k) => {
+      const expired = k.expires_at && Date.parse(k.expires_at) <= now;
+      const revoke = el("button", { type: "button", class: "secondary", "aria-label": `${T.key_revoke} ${k.name}` }, T.key_revoke);
+      revoke.addEventListener("click", () => revokeKey(k));
+      return [k.name || "—", `${k.prefix}…`, k.modules ? k.modules.join(", ") : T.key_scope_all,
+        k.expires_at ? `${date(k.expires_at)}${expired ? ` (${T.key_expired})` : ""}` : T.key_never,
+        k.last_used_at ? date(k.last_used_at) : T.key_never_used, revoke];
+    });
+    table($("keys"), [T.key_name, T.key_prefix, T.key_scope, T.key_expires, T.key_last_used, T.actions], rows);
+  }
+
+  function renderModuleChoices(plan) {
+    const box = $("key-modules");
+    const legend = box.querySelector("legend");
+    const choices = (plan ? plan.modules : []).map((m) => el("label", {},
+      el("input", { type: "checkbox", name: "module", value: m }), m));
+    box.replaceChildren(legend, ...choices);
+  }
+
+  async function revokeKey(k) {
+    if (!confirm(fill(T.confirm_revoke, { name: k.name }))) return;
+    try {
+      await send(`/api/billing/keys/${k.id}`, "DELETE");
+      showMessage($("keys-message"), fill(T.done_revoke, { name: k.name }), "ok");
+      renderKeys(await get("/api/billing/keys"));
+    } catch (e) {
+      showMessage($("keys-message"), e.message, "error");
+    }
+  }
+
+  $("key-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = { name: $("key-name").value.trim() };
+    const day = $("key-expires").value;
+    // The end of the chosen day, in the user's own time zone.
+    if (day) body.expires_at = new Date(`${day}T23:59:59`).toISOString();
+    const modules = [...document.querySelectorAll('#key-modules input[name="module"]:checked')].map((c) => c.value);
+    if (modules.length) body.modules = modules;
+    try {
+      const created = await (await send("/api/billing/keys", "POST", body)).json();
+      showMessage($("keys-message"), "", "");
+      $("key-form").reset();
+      $("new-key").value = created.api_key;
+      showMessage($("key-copy-message"), "", "");
+      $("key-dialog").showModal();
+      $("new-key").select();
+      renderKeys(await get("/api/billing/keys"));
+    } catch (e) {
+      showMessage($("keys-message"), e.message, "error");
+    }
+  });
+  $("key-copy").addEventListener("click", async () => {
+    $("new-key").select();
+    try {
+      await navigator.clipboard.writeText($("new-key").value);
+      showMessage($("key-copy-message"), T.key_copied, "ok");
+    } catch (_) {
+      // Without clipboard access the key stays selected for Ctrl+C.
+    }
+  });
+  $("key-dialog-close").addEventListener("click", () => $("key-dialog").close());
+  // Shown once: the key leaves the page with the dialog, however it closes.
+  $("key-dialog").addEventListener("close", () => { $("new-key").value = ""; });
+
   async function load() {
-    const [me, usage, plans] = await Promise.all([
+    const [me, usage, plans, keys] = await Promise.all([
       get("/api/billing/me"),
       get(`/api/billing/usage?days=30&page=${page}&per_page=${PER_PAGE}`),
       fetch("/api/billing/plans").then((r) => r.json()),
+      get("/api/billing/keys"),
     ]);
     const current = renderMe(me);
     renderUsage(usage);
+    renderKeys(keys);
+    renderModuleChoices(me.plan);
     renderPlans(plans.plans, current);
   }
 

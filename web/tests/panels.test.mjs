@@ -126,6 +126,53 @@ test("user panel shows the exact balance, the 80 % alert, the chart and the hist
   assertSameOrigin(mobile);
 });
 
+test("user panel: a key is created with a copy-once dialog, scoped, listed and revoked", async () => {
+  const created = await newUser("Karim Benali", "starter"); // rag, park, legal
+  const p = await page();
+  await p.goto(GATEWAY + "/billing/");
+  await p.getByLabel("Clé API").fill(created.api_key);
+  await p.getByRole("button", { name: "Se connecter" }).click();
+  await p.locator("#account").waitFor({ state: "visible" });
+  assert.equal(await p.locator("#keys tbody tr").count(), 1);
+  // The plan's rate limit is in the plans table.
+  assert.match(await p.locator("#plans tr.current").textContent(), /60 \(rafale de 20\)/);
+
+  await p.getByLabel("Nom de la clé").fill("Intégration RAG");
+  await p.getByRole("checkbox", { name: "rag" }).check();
+  await p.getByRole("button", { name: "Créer la clé" }).click();
+  const dialog = p.getByRole("dialog", { name: "Votre nouvelle clé" });
+  await dialog.waitFor({ state: "visible" });
+  assert.match(await dialog.textContent(), /ne sera plus jamais affichée/);
+  const newKey = await p.locator("#new-key").inputValue();
+  assert.match(newKey, /^cg_[0-9a-f]{48}$/);
+  assert.equal((await call(newKey, "/rag/q")).status, 200);
+  const outside = await call(newKey, "/legal/q");
+  assert.equal(outside.status, 403);
+  assert.equal((await outside.json()).error.code, "key_scope");
+  await p.getByRole("button", { name: "J'ai copié la clé" }).click();
+  await dialog.waitFor({ state: "hidden" });
+  assert.equal(await p.locator("#new-key").inputValue(), "", "the key is gone from the page");
+
+  const row = p.locator("#keys tbody tr", { hasText: "Intégration RAG" });
+  assert.match(await row.textContent(), /rag.*Jamais/);
+  assert.equal(await p.locator("#keys tbody tr").count(), 2);
+  await shoot(p, "user-keys");
+
+  await p.getByRole("button", { name: "Révoquer Intégration RAG" }).click();
+  await until("the revocation", async () => /est révoquée/.test(await p.locator("#keys-message").textContent()));
+  assert.match(p.dialogs.at(-1), /Révoquer la clé « Intégration RAG »/);
+  assert.equal(await p.locator("#keys tbody tr").count(), 1);
+  assert.equal((await call(newKey, "/rag/q")).status, 401, "revoked at once");
+
+  // A name too long for the server: a readable message, nothing created.
+  await p.getByLabel("Nom de la clé").evaluate((i) => i.removeAttribute("maxlength"));
+  await p.getByLabel("Nom de la clé").fill("x".repeat(65));
+  await p.getByRole("button", { name: "Créer la clé" }).click();
+  await until("the refusal", async () => /1 à 64 caractères/.test(await p.locator("#keys-message").textContent()));
+  assert.equal(await p.locator("#keys tbody tr").count(), 1);
+  assertSameOrigin(p);
+});
+
 test("a wrong key gives a readable message and shows no data", async () => {
   for (const [path, label] of [["/billing/", "Clé API"], ["/billing/admin.html", "Clé d'administration"]]) {
     const p = await page();
