@@ -1439,9 +1439,12 @@ async fn users_manage_their_own_keys() {
     assert_eq!(listed["max_keys"], 3);
     assert_eq!(listed["keys"].as_array().map(Vec::len), Some(1));
 
-    let created = post(&user.key, json!({"name": "CI, RAG only", "modules": ["rag"]}))
-        .await
-        .expect("send");
+    let created = post(
+        &user.key,
+        json!({"name": "CI, RAG only", "modules": ["rag"]}),
+    )
+    .await
+    .expect("send");
     assert_eq!(created.status(), 201);
     let created = body(created).await;
     let scoped_key = created["api_key"].as_str().expect("shown once").to_owned();
@@ -1453,7 +1456,9 @@ async fn users_manage_their_own_keys() {
     let r = app.call(&scoped_key, "/legal/q").await;
     assert_eq!(error_code(r).await, "key_scope");
     // A scoped key cannot mint itself a wider one.
-    let r = post(&scoped_key, json!({"name": "wider"})).await.expect("send");
+    let r = post(&scoped_key, json!({"name": "wider"}))
+        .await
+        .expect("send");
     assert_eq!(r.status(), 403);
 
     // Bad input: a clear error each, and nothing created.
@@ -1462,8 +1467,14 @@ async fn users_manage_their_own_keys() {
         (json!({"name": "x", "modules": ["fiscal"]}), "invalid_key"),
         (json!({"name": "x", "modules": []}), "invalid_key"),
         (json!({"name": "x", "modules": ["../legal"]}), "invalid_key"),
-        (json!({"name": "x", "expires_at": "2001-01-01T00:00:00Z"}), "invalid_key"),
-        (json!({"name": "x", "expires_at": "tomorrow"}), "invalid_request"),
+        (
+            json!({"name": "x", "expires_at": "2001-01-01T00:00:00Z"}),
+            "invalid_key",
+        ),
+        (
+            json!({"name": "x", "expires_at": "tomorrow"}),
+            "invalid_request",
+        ),
         (json!({"name": "x", "admin": true}), "invalid_request"),
         (json!({"name": "x".repeat(65)}), "invalid_key"),
     ] {
@@ -1482,8 +1493,16 @@ async fn users_manage_their_own_keys() {
         })
         .collect();
     let statuses = futures_util::future::join_all(tasks).await;
-    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "{statuses:?}");
-    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 9, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 400).count(),
+        9,
+        "{statuses:?}"
+    );
 
     // Revoked by its owner: refused at once. Someone else's key or no key
     // at all: 404, nothing revoked.

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use thiserror::Error;
@@ -21,8 +22,6 @@ use uuid::Uuid;
 
 use crate::catalog::Catalog;
 use crate::config::DatabaseSettings;
-use chrono::{DateTime, Utc};
-
 use crate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, ModuleId, PlanId, UserId};
 use crate::metering::{AccountSeed, Stamp};
 use cache::KeyCache;
@@ -366,15 +365,15 @@ impl Accounts {
             }
         }
         if let Some(modules) = &spec.modules {
-            let in_plan = self.catalog.plan(&plan).map(|p| &p.modules);
-            let outside = modules
-                .iter()
-                .find(|m| !in_plan.is_some_and(|p| p.contains(m)));
             if modules.is_empty() {
                 return Err(AccountError::InvalidKey(
                     "modules, when given, names at least one module".into(),
                 ));
             }
+            let in_plan = self.catalog.plan(&plan).map(|p| &p.modules);
+            let outside = modules
+                .iter()
+                .find(|m| !in_plan.is_some_and(|p| p.contains(m)));
             if let Some(m) = outside {
                 return Err(AccountError::InvalidKey(format!(
                     "module {m} is not in the plan {plan}"
@@ -387,7 +386,12 @@ impl Accounts {
             actor,
             "create_key",
             Some(user),
-            serde_json::json!({"key_id": key.id}),
+            serde_json::json!({
+                "key_id": key.id,
+                "name": spec.name,
+                "expires_at": spec.expires_at,
+                "modules": spec.modules.as_ref().map(|m| m.iter().map(ModuleId::as_str).collect::<Vec<_>>()),
+            }),
         )
         .await?;
         mark_for_sync(&mut tx, user).await?;
@@ -447,10 +451,7 @@ impl Accounts {
 
     /// Records when keys were last used: one statement for a batch, and a
     /// time never moves back.
-    pub async fn record_key_use(
-        &self,
-        uses: &[(KeyHash, DateTime<Utc>)],
-    ) -> Result<(), AccountError> {
+    async fn record_key_use(&self, uses: &[(KeyHash, DateTime<Utc>)]) -> Result<(), AccountError> {
         let hashes: Vec<&str> = uses.iter().map(|(h, _)| h.as_str()).collect();
         let times: Vec<DateTime<Utc>> = uses.iter().map(|(_, t)| *t).collect();
         sqlx::query(
@@ -536,6 +537,8 @@ impl Accounts {
             crate::telemetry::metrics::key_lookup("shed");
             return Err(AccountError::LookupsSaturated);
         };
+        // A hung database must not hold the request (nor the permit) for
+        // good: the pool's acquire timeout bounds the whole lookup.
         let deadline = self.pool.options().get_acquire_timeout();
         let query = sqlx::query_as::<_, (String, bool, bool)>(
             "SELECT user_id, COALESCE(expires_at <= now(), false), modules IS NOT NULL
@@ -569,25 +572,7 @@ impl Accounts {
     }
 
     async fn lookup_key(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
-        let Ok(Ok(_permit)) = tokio::time::timeout(KEY_LOOKUP_WAIT, self.lookups.acquire()).await
-        else {
-            crate::telemetry::metrics::key_lookup("shed");
-            return Err(AccountError::LookupsSaturated);
-        };
-        // A hung database must not hold the request (nor the permit) for
-        // good: the pool's acquire timeout bounds the whole lookup.
-        let deadline = self.pool.options().get_acquire_timeout();
-        let query = sqlx::query_as::<_, (String,)>(
-            "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(hash.as_str())
-        .fetch_optional(&self.pool);
-        let row = tokio::time::timeout(deadline, query)
-            .await
-            .map_err(|_| AccountError::Database(sqlx::Error::PoolTimedOut))??;
-        let user = row.and_then(|(id,)| UserId::parse(&id).ok());
-        crate::telemetry::metrics::key_lookup(if user.is_some() { "found" } else { "unknown" });
-        Ok(user)
+        Ok(self.key_owner(hash).await?.map(|owner| owner.user))
     }
 
     pub async fn get_user(&self, id: &UserId) -> Result<Option<User>, AccountError> {
