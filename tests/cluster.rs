@@ -19,12 +19,18 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
     // cannot exhaust, because exactness is the point here, not the 503 or
     // the 502. (With the tests' 500 ms, up to 135 of the 900 upstream
     // connects timed out on a loaded two-core box: every call in the
-    // burst opens its own upstream connection.)
+    // burst opens its own upstream connection. And with the default pool,
+    // the six new keys' lookups queued for its few lookup permits past
+    // their 250 ms: now and then a call was shed as 503 `overloaded`.
+    // A pool whose lookup permits (half of it per worker) cover all six
+    // at once leaves nothing to shed.)
     const BUDGET: &str = "3000";
+    const POOL: &str = "24";
     let app = TestApp::builder()
         .cluster()
         .env("CREDITGATE_REDIS__COMMAND_TIMEOUT_MS", BUDGET)
         .env("CREDITGATE_UPSTREAM__CONNECT_TIMEOUT_MS", BUDGET)
+        .env("CREDITGATE_DATABASE__MAX_CONNECTIONS", POOL)
         .start()
         .await;
     let gateway = Gateway::start(
@@ -34,6 +40,7 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
             ("CREDITGATE_LEDGER__FLUSHER", "false"),
             ("CREDITGATE_REDIS__COMMAND_TIMEOUT_MS", BUDGET),
             ("CREDITGATE_UPSTREAM__CONNECT_TIMEOUT_MS", BUDGET),
+            ("CREDITGATE_DATABASE__MAX_CONNECTIONS", POOL),
         ],
     )
     .await;
