@@ -828,8 +828,8 @@ fn build_catalog(
                 "must be positive (omit it for no limit)",
             ));
         }
-        // charge.lua keeps the limit's clock in floating-point milliseconds:
-        // an interval under 10 µs would be lost in its rounding.
+        // charge.lua counts the limit in whole microseconds: an interval
+        // under 10 µs would be distorted by its rounding (by up to 5 %).
         if p.rate_limit_per_minute > Some(MAX_RATE_PER_MINUTE) {
             return Err(invalid(
                 key("rate_limit_per_minute"),

@@ -309,6 +309,7 @@ pub struct KeysAnswer {
 #[serde(deny_unknown_fields)]
 pub struct NewKeyBody {
     /// 1 to 64 characters, to tell the keys apart.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
     /// RFC 3339, in the future; absent: never expires.
     pub expires_at: Option<DateTime<Utc>>,
