@@ -273,6 +273,10 @@ async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
     let r = app.call(expiring.key.reveal(), "/legal/q").await;
     assert_eq!(r.status(), 401);
     assert_eq!(error_code(r).await, "key_expired");
+    // The user API refuses it too: an expired key cannot mint a new one.
+    let r = app.user_get(expiring.key.reveal(), "/me").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_code(r).await, "key_expired");
     assert_eq!(app.upstream.hits(), 2);
     assert_eq!(app.balance(&user.id).await, (496, 0, 4), "rag 1 + legal 3");
 
