@@ -128,8 +128,9 @@
     if (!confirm(fill(T.confirm_revoke, { name: k.name }))) return;
     try {
       await send(`/api/billing/keys/${k.id}`, "DELETE");
-      showMessage($("keys-message"), fill(T.done_revoke, { name: k.name }), "ok");
+      // The list first, then the message: when it says so, the list shows it.
       renderKeys(await get("/api/billing/keys"));
+      showMessage($("keys-message"), fill(T.done_revoke, { name: k.name }), "ok");
     } catch (e) {
       showMessage($("keys-message"), e.message, "error");
     }
@@ -147,11 +148,11 @@
       const created = await (await send("/api/billing/keys", "POST", body)).json();
       showMessage($("keys-message"), "", "");
       $("key-form").reset();
+      renderKeys(await get("/api/billing/keys"));
       $("new-key").value = created.api_key;
       showMessage($("key-copy-message"), "", "");
       $("key-dialog").showModal();
       $("new-key").select();
-      renderKeys(await get("/api/billing/keys"));
     } catch (e) {
       showMessage($("keys-message"), e.message, "error");
     }

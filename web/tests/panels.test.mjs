@@ -161,6 +161,7 @@ test("user panel: a key is created with a copy-once dialog, scoped, listed and r
   await p.getByRole("button", { name: "Révoquer Intégration RAG" }).click();
   await until("the revocation", async () => /est révoquée/.test(await p.locator("#keys-message").textContent()));
   assert.match(p.dialogs.at(-1), /Révoquer la clé « Intégration RAG »/);
+  // The message comes once the list is reloaded: the key is gone from it.
   assert.equal(await p.locator("#keys tbody tr").count(), 1);
   assert.equal((await call(newKey, "/rag/q")).status, 401, "revoked at once");
 
