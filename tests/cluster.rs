@@ -189,22 +189,34 @@ async fn failover(wait_replicas: &str, restart_after: Option<Duration>) -> (Test
     };
     let (seen, promoted_at) = tokio::join!(load(&app, keys, 16, stop), kill);
     cluster.wait_healthy().await;
-    app.wait_flushed(Duration::from_secs(30)).await;
-    let mut charged = 0;
-    for u in &users {
-        let (monthly, bonus, _) = app.balance(&u.id).await;
-        charged += 100_000 - monthly - bonus;
-    }
+    // A charge sent to the dying master may still run after its caller had
+    // its 503 (the cluster client retries it on the new master), and a
+    // refund of an unconfirmed charge settles after its answer: the stores
+    // are compared once they have stopped moving, for up to 10 s.
+    let pool = app.pool().await;
+    let settle_by = Instant::now() + Duration::from_secs(10);
+    let (charged, ledgered) = loop {
+        app.wait_flushed(Duration::from_secs(30)).await;
+        let mut charged = 0;
+        for u in &users {
+            let (monthly, bonus, _) = app.balance(&u.id).await;
+            charged += 100_000 - monthly - bonus;
+        }
+        // Charges net of the refunds of charges the replicas did not
+        // confirm (the upstream never fails here).
+        let ledgered: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE kind = 'charge') - count(*) FILTER (WHERE kind = 'refund')
+             FROM ledger_events",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+        if charged == ledgered || Instant::now() > settle_by {
+            break (charged, ledgered);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let served = seen.iter().filter(|s| s.1 == 200).count() as i64;
-    // Charges net of the refunds of charges the replicas did not confirm
-    // (the upstream never fails here).
-    let ledgered: i64 = sqlx::query_scalar(
-        "SELECT count(*) FILTER (WHERE kind = 'charge') - count(*) FILTER (WHERE kind = 'refund')
-         FROM ledger_events",
-    )
-    .fetch_one(&app.pool().await)
-    .await
-    .expect("count");
     (
         app,
         Failover {
