@@ -255,16 +255,16 @@ async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
 
     // Its hour is over (moved back in Postgres, mirrored as any change is).
     let pool = app.pool().await;
+    let mut tx = pool.begin().await.expect("transaction");
     sqlx::query("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1")
         .bind(expiring.id)
-        .execute(&pool)
+        .execute(&mut *tx)
         .await
         .expect("expire");
-    sqlx::query("INSERT INTO account_sync (user_id) VALUES ($1) ON CONFLICT (user_id) DO UPDATE SET version = nextval('account_sync_version')")
-        .bind(user.id.as_str())
-        .execute(&pool)
+    creditgate::accounts::mark_for_sync(&mut tx, &user.id)
         .await
         .expect("mark");
+    tx.commit().await.expect("commit");
     app.state
         .billing
         .sync_account(&user.id)

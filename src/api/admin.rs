@@ -442,7 +442,7 @@ async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
     )
 )]
 async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> ApiResult {
-    let key_id = Uuid::parse_str(key).map_err(|_| invalid("key id is not a UUID"))?;
+    let key_id = super::parse_key_id(key)?;
     state.accounts.revoke_key(id, key_id, actor).await?;
     mirror(state, id).await?;
     ok(&RevokedAnswer {

@@ -94,6 +94,11 @@ fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
     }
 }
 
+/// A key id from a path (`.../keys/{key_id}`): 400 unless a UUID.
+pub(crate) fn parse_key_id(s: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(s).map_err(|_| bad("invalid_request", "key id is not a UUID"))
+}
+
 /// Reads and parses a JSON body: 413 past [`MAX_JSON_BYTES`], 415 for a
 /// non-JSON content type, 400 `invalid_json` for syntax errors and
 /// `invalid_request` for wrong types, missing or unknown fields.

@@ -8,7 +8,6 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use http::StatusCode;
-use uuid::Uuid;
 
 use super::schema::{
     CreatedKeyAnswer, CreditCost, CreditCostsAnswer, Credits, Daily, ErrorBody, KeyView,
@@ -82,20 +81,18 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let body: NewKeyBody = read_json(req).await?;
     let name = body.name.trim();
     if name.is_empty() {
-        return Err(ApiError::BadRequest {
-            code: "invalid_key",
-            message: "name the key (1 to 64 characters)".into(),
-        });
+        return Err(super::bad(
+            "invalid_key",
+            "name the key (1 to 64 characters)",
+        ));
     }
     let modules = body
         .modules
         .map(|m| {
             m.iter()
                 .map(|m| {
-                    ModuleId::parse(m).map_err(|_| ApiError::BadRequest {
-                        code: "invalid_key",
-                        message: format!("{m:?} is not a module id"),
-                    })
+                    ModuleId::parse(m)
+                        .map_err(|_| super::bad("invalid_key", format!("{m:?} is not a module id")))
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -147,10 +144,7 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
 )]
 async fn revoke_key(state: &AppState, req: Request<Incoming>, key_id: &str) -> ApiResult {
     let id = auth::unrestricted_user(state, &req).await?;
-    let key_id = Uuid::parse_str(key_id).map_err(|_| ApiError::BadRequest {
-        code: "invalid_request",
-        message: "key id is not a UUID".into(),
-    })?;
+    let key_id = super::parse_key_id(key_id)?;
     state
         .accounts
         .revoke_key(&id, key_id, &format!("user:{id}"))
