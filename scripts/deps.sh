@@ -58,6 +58,16 @@ ensure_promtool() {
   command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 }
 
+# The Standard Webhooks reference library: the webhook tests check the
+# gateway's signatures with it, not with our own code.
+ensure_standardwebhooks() {
+  command -v python3 >/dev/null || apt_install python3 python3-pip
+  python3 -c 'import standardwebhooks' 2>/dev/null && return
+  log "installing the Python package standardwebhooks"
+  python3 -m pip install -q standardwebhooks 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages standardwebhooks
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null || { log "cargo is required (rustup)"; exit 1; }
 }

@@ -9,6 +9,7 @@ ensure_cargo
 ensure_redis
 ensure_postgres
 ensure_promtool
+ensure_standardwebhooks
 
 export RUST_BACKTRACE=1
 # Property-based API tests and the browser tests first, so the Rust test

@@ -59,6 +59,10 @@ pub struct RawSettings {
     pub modules: BTreeMap<String, ModuleSettings>,
     #[serde(default)]
     pub plans: BTreeMap<String, PlanSettings>,
+    #[serde(default)]
+    pub webhooks: Vec<crate::webhooks::EndpointSettings>,
+    #[serde(default)]
+    pub webhook_delivery: crate::webhooks::DeliverySettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -410,6 +414,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub ledger: LedgerSettings,
     pub catalog: std::sync::Arc<Catalog>,
+    pub webhooks: std::sync::Arc<crate::webhooks::Webhooks>,
 }
 
 impl Settings {
@@ -654,6 +659,8 @@ impl RawSettings {
         }
 
         let catalog = build_catalog(&self.modules, &self.plans, &self.upstream)?;
+        let webhooks = crate::webhooks::Webhooks::validate(&self.webhooks, self.webhook_delivery)
+            .map_err(|e| invalid(e.key, e.message))?;
         Ok(Settings {
             listen,
             metrics_listen,
@@ -675,6 +682,7 @@ impl RawSettings {
             log: self.log,
             ledger: self.ledger,
             catalog: std::sync::Arc::new(catalog),
+            webhooks,
         })
     }
 }

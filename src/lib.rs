@@ -16,6 +16,7 @@
 //! - [`body`]      the response body type
 //! - [`telemetry`] logging setup
 //! - [`web`]       the user and admin panels, embedded at build time
+//! - [`webhooks`]  signed event webhooks: the outbox and its deliverer
 //! - [`demo`]      a tiny upstream for the demo configuration
 
 pub mod accounts;
@@ -33,3 +34,4 @@ pub mod proxy;
 pub mod startup;
 pub mod telemetry;
 pub mod web;
+pub mod webhooks;

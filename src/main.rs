@@ -238,7 +238,10 @@ fn open_flusher(settings: &Settings) -> anyhow::Result<Flusher> {
         &keys,
         pool,
         settings.ledger.flusher_config(),
-    )?)
+    )?
+    .with_outbox(creditgate::webhooks::Outbox::new(std::sync::Arc::clone(
+        &settings.webhooks,
+    ))))
 }
 
 /// Returns whether the ledger and Redis agree.

@@ -71,6 +71,9 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// `/metrics` is on the public port (no `server.metrics_listen`).
     pub public_metrics: bool,
+    /// Where account events go for the webhooks (written in the
+    /// transactions that cause them).
+    pub outbox: Arc<crate::webhooks::Outbox>,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
     /// last byte has gone out.
@@ -140,6 +143,7 @@ impl Application {
                 crate::accounts::connect_pool(&database)?,
                 settings.ledger.flusher_config(),
             )?
+            .with_outbox(Arc::clone(&state.outbox))
             .into_workers(settings.ledger.workers)?
         } else {
             Vec::new()
@@ -200,6 +204,13 @@ impl Application {
         }
         background.push(tokio::spawn(calibrate(self.state.meter.clone())));
         background.push(tokio::spawn(key_uses(self.state.accounts.clone())));
+        background.push(tokio::spawn(
+            crate::webhooks::Deliverer::new(
+                self.state.accounts.pool().clone(),
+                Arc::clone(&self.state.outbox),
+            )
+            .run(),
+        ));
         if let Some(addr) = self.settings.metrics_listen {
             let listener = TcpListener::bind(addr).await?;
             tracing::info!(%addr, "metrics listening");
@@ -330,6 +341,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         api_keys: ApiKeys::new(&settings.auth, settings.trusted_networks.clone()),
         metrics,
         public_metrics: settings.metrics_listen.is_none(),
+        outbox: crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks)),
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
 }

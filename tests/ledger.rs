@@ -668,7 +668,7 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
         event("reset", "u1", None, 100, "2026-11-01", 1),
     ];
     assert_eq!(
-        store::write_batch(&pool, &first, &[])
+        store::write_batch(&pool, &first, &[], None)
             .await
             .expect("new batch"),
         7
@@ -678,14 +678,14 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
     second.push(event("charge", "u1", Some("rag"), 11, "2026-11-01", 1));
     second.push(event("charge", "u2", Some("legal"), 13, "2026-11-01", 2));
     assert_eq!(
-        store::write_batch(&pool, &second, &[])
+        store::write_batch(&pool, &second, &[], None)
             .await
             .expect("redelivery"),
         2
     );
     // And once more whole: nothing new.
     assert_eq!(
-        store::write_batch(&pool, &second, &[])
+        store::write_batch(&pool, &second, &[], None)
             .await
             .expect("again"),
         0

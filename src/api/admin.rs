@@ -41,6 +41,7 @@ use crate::error::ApiError;
 use crate::ledger::store;
 use crate::metering::{Grant, GrantOutcome};
 use crate::startup::AppState;
+use crate::webhooks::{EventType, NewEvent};
 
 /// Largest single grant: a typo of a few zeros must not mint a fortune.
 pub const MAX_GRANT: i64 = 1_000_000;
@@ -68,6 +69,12 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
         (Method::GET, ["export.csv"]) => export_users(state),
         (Method::GET, ["usage.csv"]) => export_usage(state, req),
         (Method::GET, ["audit"]) => list_audit(state, req).await,
+        (Method::GET, ["webhooks", "deliveries"]) => {
+            super::webhooks::list_deliveries(state, req).await
+        }
+        (Method::POST, ["webhooks", "deliveries", id, "retry"]) => {
+            super::webhooks::retry_delivery(state, id, &actor).await
+        }
         (
             _,
             ["users"]
@@ -75,7 +82,9 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
             | ["users", _, "keys"]
             | ["users", _, "keys", _]
             | ["users", _, "plan" | "block" | "unblock"]
-            | ["grant" | "stats" | "export.csv" | "usage.csv" | "audit"],
+            | ["grant" | "stats" | "export.csv" | "usage.csv" | "audit"]
+            | ["webhooks", "deliveries"]
+            | ["webhooks", "deliveries", _, "retry"],
         ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
@@ -467,6 +476,7 @@ fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
 struct AccountChange<'a> {
     user: &'a UserId,
     kind: &'static str,
+    webhook: EventType,
     plan: &'a str,
     actor: &'a str,
     reason: Option<&'a str>,
@@ -475,24 +485,25 @@ struct AccountChange<'a> {
 }
 
 /// Applies `update` to the users table and writes the change's ledger and
-/// audit rows and its mark for Redis (see `accounts::sync`), in one
-/// transaction. `false` when no user row matched.
+/// audit rows, its webhook event and its mark for Redis (see
+/// `accounts::sync`), in one transaction. `false` when no user row matched.
 async fn account_change(
-    pool: &PgPool,
+    state: &AppState,
     update: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
     change: AccountChange<'_>,
 ) -> Result<bool, ApiError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = state.accounts.pool().begin().await?;
     if update.execute(&mut *tx).await?.rows_affected() == 0 {
         return Ok(false);
     }
     let now = Utc::now();
+    let event_id = Uuid::now_v7().to_string();
     sqlx::query(
         "INSERT INTO ledger_events (event_id, user_id, kind, amount, plan, actor, local_day,
             occurred_at, stream_ms, reason)
          VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9)",
     )
-    .bind(Uuid::now_v7().to_string())
+    .bind(&event_id)
     .bind(change.user.as_str())
     .bind(change.kind)
     .bind(change.plan)
@@ -503,6 +514,21 @@ async fn account_change(
     .bind(change.reason)
     .execute(&mut *tx)
     .await?;
+    let mut data = json!({"user_id": change.user.as_str(), "actor": change.actor});
+    if let (Some(data), Some(details)) = (data.as_object_mut(), change.details.as_object()) {
+        data.extend(details.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let webhook = NewEvent {
+        kind: change.webhook,
+        dedupe_key: format!("ledger:{event_id}"),
+        user_id: change.user.to_string(),
+        at: now,
+        data,
+    };
+    let produced = state
+        .outbox
+        .emit(&mut tx, std::slice::from_ref(&webhook))
+        .await?;
     accounts::audit_in(
         &mut *tx,
         change.actor,
@@ -513,6 +539,9 @@ async fn account_change(
     .await?;
     accounts::mark_for_sync(&mut tx, change.user).await?;
     tx.commit().await?;
+    if produced > 0 {
+        state.outbox.committed();
+    }
     Ok(true)
 }
 
@@ -558,13 +587,14 @@ async fn change_plan(
     let change = AccountChange {
         user: id,
         kind: "plan_change",
+        webhook: EventType::PlanChanged,
         plan: plan.id.as_str(),
         actor,
         reason: None,
         details: json!({"from": old.plan.as_str(), "to": plan.id.as_str()}),
         day: state.calendar.now().local_date(),
     };
-    if !account_change(state.accounts.pool(), update, change).await? {
+    if !account_change(state, update, change).await? {
         return Err(ApiError::UnknownUser(id.to_string()));
     }
     // Modules and daily limit follow at once; the allowance of the current
@@ -650,13 +680,18 @@ async fn set_blocked(
     let change = AccountChange {
         user: id,
         kind: if blocked { "block" } else { "unblock" },
+        webhook: if blocked {
+            EventType::AccountBlocked
+        } else {
+            EventType::AccountUnblocked
+        },
         plan: user.plan.as_str(),
         actor,
         reason: reason.as_deref(),
         details: json!({"reason": reason}),
         day: state.calendar.now().local_date(),
     };
-    if !account_change(state.accounts.pool(), update, change).await? {
+    if !account_change(state, update, change).await? {
         return Err(ApiError::UnknownUser(id.to_string()));
     }
     mirror(state, id).await?;

@@ -10,6 +10,7 @@ pub mod health;
 pub mod openapi;
 pub mod schema;
 pub mod user;
+pub mod webhooks;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};

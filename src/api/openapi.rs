@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, credits, user};
+use super::{admin, credits, user, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -41,6 +41,8 @@ use super::{admin, credits, user};
         admin::export_users,
         admin::export_usage,
         admin::list_audit,
+        webhooks::list_deliveries,
+        webhooks::retry_delivery,
     ),
     modifiers(&Security),
     tags(

@@ -35,6 +35,7 @@ use super::store::{self, Reject};
 use crate::metering::connection::Timeouts;
 use crate::metering::{KeyLayout, RedisConn, Target};
 use crate::telemetry::metrics;
+use crate::webhooks::Outbox;
 
 pub const GROUP: &str = "creditgate-ledger";
 
@@ -226,6 +227,8 @@ pub struct Flusher {
     config: FlusherConfig,
     stats: Arc<LedgerStats>,
     crash_after_commit: Arc<AtomicBool>,
+    /// Webhook events caused by the batches, written in their transaction.
+    outbox: Option<Arc<Outbox>>,
     con: Option<RedisConn>,
     groups_ready: bool,
     /// Own pending entries are re-read once at start (after a crash).
@@ -248,6 +251,7 @@ impl Flusher {
             config,
             stats: Arc::new(LedgerStats::default()),
             crash_after_commit: Arc::new(AtomicBool::new(false)),
+            outbox: None,
             con: None,
             groups_ready: false,
             pending_checked: false,
@@ -276,6 +280,7 @@ impl Flusher {
                     config,
                     stats: Arc::clone(&self.stats),
                     crash_after_commit: Arc::clone(&self.crash_after_commit),
+                    outbox: self.outbox.clone(),
                     con: None,
                     groups_ready: false,
                     pending_checked: false,
@@ -284,6 +289,12 @@ impl Flusher {
                 })
             })
             .collect()
+    }
+
+    /// Produce the webhook events the batches cause (grants, thresholds).
+    pub fn with_outbox(mut self, outbox: Arc<Outbox>) -> Self {
+        self.outbox = Some(outbox);
+        self
     }
 
     pub fn stats(&self) -> Arc<LedgerStats> {
@@ -570,7 +581,8 @@ impl Flusher {
         }
         let (events, mut rejects) = batch.events();
         rejects.extend(batch.rejects.iter().cloned());
-        let inserted = store::write_batch(&self.pool, &events, &rejects).await?;
+        let inserted =
+            store::write_batch(&self.pool, &events, &rejects, self.outbox.as_deref()).await?;
         if self.crash_after_commit.swap(false, Ordering::SeqCst) {
             return Err(FlushError::InjectedCrash);
         }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::event::LedgerEvent;
+use crate::webhooks::Outbox;
 
 /// An entry that could not be parsed, kept for people to look at.
 #[derive(Clone)]
@@ -40,11 +41,12 @@ pub async fn write_batch(
     pool: &PgPool,
     events: &[LedgerEvent<'_>],
     rejects: &[Reject],
+    outbox: Option<&Outbox>,
 ) -> Result<u64, sqlx::Error> {
     let mut present = Present::Fail;
     let mut created = false;
     loop {
-        match write_batch_once(pool, events, rejects, present).await {
+        match write_batch_once(pool, events, rejects, present, outbox).await {
             // Some event is stored already: the batch again, skipping those.
             Err(e) if present == Present::Fail && is_unique_violation(&e) => {
                 present = Present::Skip;
@@ -76,10 +78,18 @@ async fn write_batch_once(
     events: &[LedgerEvent<'_>],
     rejects: &[Reject],
     present: Present,
+    outbox: Option<&Outbox>,
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let inserted = insert_events(&mut tx, events, present).await?;
     upsert_snapshots(&mut tx, events).await?;
+    // After the roll-ups: the thresholds read the period's use from them.
+    let thresholds = match outbox {
+        Some(outbox) if !outbox.hooks().is_empty() => {
+            Some(outbox.from_ledger(&mut tx, events).await?)
+        }
+        _ => None,
+    };
     for r in rejects {
         sqlx::query(
             "INSERT INTO ledger_rejects (stream, entry_id, fields, error) VALUES ($1, $2, $3, $4)
@@ -93,6 +103,10 @@ async fn write_batch_once(
         .await?;
     }
     tx.commit().await?;
+    if let (Some(outbox), Some(keys)) = (outbox, thresholds) {
+        outbox.remember(keys);
+        outbox.committed();
+    }
     Ok(inserted)
 }
 

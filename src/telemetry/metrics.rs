@@ -28,10 +28,14 @@ pub const LEDGER_FLUSHED: &str = "creditgate_ledger_flushed_events_total";
 pub const LEDGER_DUPLICATES: &str = "creditgate_ledger_duplicate_events_total";
 pub const LEDGER_BATCH_SIZE: &str = "creditgate_ledger_flush_batch_size";
 pub const KEY_LOOKUPS: &str = "creditgate_key_lookups_total";
+pub const WEBHOOK_DELIVERIES: &str = "creditgate_webhook_deliveries_total";
+pub const WEBHOOK_ATTEMPTS: &str = "creditgate_webhook_delivery_attempts";
+pub const WEBHOOK_QUEUE_AGE: &str = "creditgate_webhook_queue_age_seconds";
+pub const WEBHOOK_QUEUE_DEPTH: &str = "creditgate_webhook_queue_deliveries";
 
 /// Every metric name, for tests that check dashboards and alerts only use
 /// what is exported.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 21] = [
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -49,6 +53,10 @@ pub const ALL: [&str; 17] = [
     LEDGER_DUPLICATES,
     LEDGER_BATCH_SIZE,
     KEY_LOOKUPS,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_ATTEMPTS,
+    WEBHOOK_QUEUE_AGE,
+    WEBHOOK_QUEUE_DEPTH,
 ];
 
 /// Latency buckets: sub-millisecond (Redis scripts) to a minute (slow
@@ -60,6 +68,8 @@ const SECONDS: [f64; 16] = [
 const BATCH: [f64; 10] = [
     1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
 ];
+/// Attempts a webhook delivery took, once delivered or given up.
+const ATTEMPTS: [f64; 8] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -72,6 +82,9 @@ pub fn install() -> Option<PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
                 .and_then(|b| {
                     b.set_buckets_for_metric(Matcher::Full(LEDGER_BATCH_SIZE.into()), &BATCH)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(WEBHOOK_ATTEMPTS.into()), &ATTEMPTS)
                 });
             match builder.and_then(PrometheusBuilder::install_recorder) {
                 Ok(handle) => {
@@ -86,6 +99,14 @@ pub fn install() -> Option<PrometheusHandle> {
                     gauge!(UPSTREAM_IN_FLIGHT).increment(0.0);
                     gauge!(LEDGER_BACKLOG).set(0.0);
                     gauge!(LEDGER_LAG).set(0.0);
+                    for event in crate::webhooks::EventType::ALL {
+                        for outcome in ["delivered", "retry", "failed"] {
+                            counter!(WEBHOOK_DELIVERIES, "event" => event.as_str(), "outcome" => outcome)
+                                .increment(0);
+                        }
+                    }
+                    gauge!(WEBHOOK_QUEUE_AGE).set(0.0);
+                    gauge!(WEBHOOK_QUEUE_DEPTH).set(0.0);
                     Some(handle)
                 }
                 Err(e) => {
@@ -147,6 +168,37 @@ fn describe() {
         KEY_LOOKUPS,
         "API keys looked up in Postgres (cache misses), by result: found, unknown, or shed when too many lookups were already waiting"
     );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook delivery attempts by event and outcome: delivered, retry (will be tried again) or failed (given up)"
+    );
+    describe_histogram!(
+        WEBHOOK_ATTEMPTS,
+        "Attempts a webhook delivery took, once delivered or given up"
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE_AGE,
+        Unit::Seconds,
+        "Age of the oldest webhook delivery not yet delivered or given up"
+    );
+    describe_gauge!(
+        WEBHOOK_QUEUE_DEPTH,
+        "Webhook deliveries not yet delivered or given up"
+    );
+}
+
+/// One webhook attempt's outcome (`delivered`, `retry`, `failed`), and
+/// the attempts it took once it is final.
+pub fn webhook_attempt(event: &'static str, outcome: &'static str, attempts: u32) {
+    counter!(WEBHOOK_DELIVERIES, "event" => event, "outcome" => outcome).increment(1);
+    if outcome != "retry" {
+        histogram!(WEBHOOK_ATTEMPTS).record(f64::from(attempts));
+    }
+}
+
+pub fn webhook_queue(age_seconds: f64, depth: i64) {
+    gauge!(WEBHOOK_QUEUE_AGE).set(age_seconds);
+    gauge!(WEBHOOK_QUEUE_DEPTH).set(depth as f64);
 }
 
 /// Histogram maintenance the exporter needs periodically.

@@ -601,6 +601,13 @@ impl TestAppBuilder {
         self
     }
 
+    /// Adds TOML at the end of the configuration (`[[webhooks]]`, ...).
+    pub fn config_append(mut self, extra: &str) -> Self {
+        self.config.push('\n');
+        self.config.push_str(extra);
+        self
+    }
+
     /// Reach Postgres through this address (a chaos proxy) instead.
     pub fn database_via(mut self, addr: SocketAddr) -> Self {
         self.database_via = Some(addr);
@@ -991,6 +998,7 @@ impl TestApp {
             config,
         )
         .expect("flusher")
+        .with_outbox(Arc::clone(&self.state.outbox))
     }
 
     pub async fn stop(mut self) {

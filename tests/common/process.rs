@@ -18,11 +18,21 @@ impl Gateway {
     /// plus `env`, and waits until it answers `/healthz`. Its stderr (the
     /// logs) goes to `self.log`.
     pub async fn start(app: &TestApp, port: u16, env: &[(&str, &str)]) -> Self {
+        Self::start_with(app, &app.config_file(), port, env).await
+    }
+
+    /// [`Gateway::start`] with another configuration file.
+    pub async fn start_with(
+        app: &TestApp,
+        config: &std::path::Path,
+        port: u16,
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!("cg-{}-{port}.log", app.db.name));
         let stderr = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_creditgate"))
             .arg("--config")
-            .arg(app.config_file())
+            .arg(config)
             .arg("serve")
             .env("CREDITGATE_SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env_remove("RUST_LOG")
