@@ -72,6 +72,20 @@ impl Receiver {
     }
 
     fn start_on(listener: TcpListener, plan: Plan) -> Self {
+        Self::start_with(listener, plan, None)
+    }
+
+    /// A receiver behind TLS, with the certificate `acceptor` holds.
+    async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_with(listener, Arc::new(|_| Reply::Status(200)), Some(acceptor))
+    }
+
+    fn start_with(
+        listener: TcpListener,
+        plan: Plan,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let addr = listener.local_addr().expect("addr");
         let got = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -83,6 +97,7 @@ impl Receiver {
                 };
                 let reply = plan(connections.fetch_add(1, Ordering::SeqCst));
                 let g = Arc::clone(&g);
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     if let Reply::Garbage = reply {
                         let mut buf = [0u8; 4096];
@@ -90,46 +105,14 @@ impl Receiver {
                         let _ = stream.write_all(b"ceci n'est pas HTTP\r\n\r\n").await;
                         return;
                     }
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let g = Arc::clone(&g);
-                        async move {
-                            let header = |name: &str| {
-                                req.headers()
-                                    .get(name)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_owned()
-                            };
-                            let (id, timestamp, signature) = (
-                                header("webhook-id"),
-                                header("webhook-timestamp"),
-                                header("webhook-signature"),
-                            );
-                            let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                            let body =
-                                String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
-                            g.lock().expect("lock").push(Delivery {
-                                id,
-                                timestamp,
-                                signature,
-                                body,
-                            });
-                            let status = match reply {
-                                Reply::Status(s) => s,
-                                _ => {
-                                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                                    200
-                                }
-                            };
-                            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
-                            *response.status_mut() =
-                                http::StatusCode::from_u16(status).expect("status");
-                            Ok::<_, std::convert::Infallible>(response)
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve(stream, reply, g).await;
+                            }
                         }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                        None => serve(stream, reply, g).await,
+                    }
                 });
             }
         });
@@ -151,6 +134,51 @@ impl Receiver {
         .await;
         self.got()
     }
+}
+
+/// One connection: records each request, answers per `reply`.
+async fn serve<S>(stream: S, reply: Reply, got: Arc<Mutex<Vec<Delivery>>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let got = Arc::clone(&got);
+        async move {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let (id, timestamp, signature) = (
+                header("webhook-id"),
+                header("webhook-timestamp"),
+                header("webhook-signature"),
+            );
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            let body = String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
+            got.lock().expect("lock").push(Delivery {
+                id,
+                timestamp,
+                signature,
+                body,
+            });
+            let status = match reply {
+                Reply::Status(s) => s,
+                _ => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    200
+                }
+            };
+            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+            *response.status_mut() = http::StatusCode::from_u16(status).expect("status");
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 fn endpoint(url: &str, events: &str) -> String {
@@ -761,4 +789,172 @@ fn a_bad_webhook_config_is_refused_at_start_naming_the_key() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(key), "{key} not named: {stderr}");
     }
+}
+
+/// A test CA and a `localhost` certificate it signed, made with openssl:
+/// (the CA's PEM path, the server's acceptor).
+fn test_pki(dir: &std::path::Path) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=creditgate test CA",
+        "-days",
+        "2",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("leaf.pem"))
+        .expect("leaf")
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(dir.join("leaf.key")).expect("key");
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    (
+        dir.join("ca.pem"),
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_endpoints_are_delivered_only_to_a_trusted_certificate() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("cg-{}-pki", app.db.name));
+    let (ca, acceptor) = test_pki(&dir);
+    let receiver = Receiver::start_tls(acceptor).await;
+    let url = format!("https://localhost:{}/hooks", receiver.addr.port());
+    let config = dir.join("hooks.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n{}\n{FAST}",
+            app.config,
+            endpoint(&url, r#"["account.blocked"]"#)
+        ),
+    )
+    .expect("config");
+    let user = app.create_user("free").await;
+    let pool = app.pool().await;
+
+    // A gateway that does not trust the test CA refuses the receiver.
+    let empty = dir.join("no-roots.pem");
+    std::fs::write(&empty, "").expect("empty");
+    let empty = empty.to_string_lossy().into_owned();
+    let mut untrusting = Gateway::start_with(
+        &app,
+        &config,
+        free_port(),
+        &[("SSL_CERT_FILE", empty.as_str())],
+    )
+    .await;
+    let r = app
+        .client
+        .post(untrusting.url(&format!(
+            "/api/admin/billing/users/{}/block",
+            user.id.as_str()
+        )))
+        .header("x-admin-key", common::ADMIN_KEY)
+        .send()
+        .await
+        .expect("admin");
+    assert_eq!(r.status(), 200);
+    wait_until(
+        "a TLS failure is recorded",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, Option<String>>("SELECT last_error FROM webhook_deliveries")
+                .fetch_one(&pool)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.starts_with("tls"))
+        },
+    )
+    .await;
+    untrusting.sigkill();
+    assert!(
+        receiver.got().is_empty(),
+        "nothing reached an untrusted receiver"
+    );
+
+    // One that trusts it delivers, with the same id the first one signed.
+    let ca = ca.to_string_lossy().into_owned();
+    let _trusting = Gateway::start_with(
+        &app,
+        &config,
+        free_port(),
+        &[("SSL_CERT_FILE", ca.as_str())],
+    )
+    .await;
+    let got = receiver.wait_for(1, Duration::from_secs(15)).await;
+    verify_with_reference_library(&got);
+    wait_until("delivered over https", Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, String>("SELECT status FROM webhook_deliveries")
+            .fetch_one(&pool)
+            .await
+            .is_ok_and(|s| s == "delivered")
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
