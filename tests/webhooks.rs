@@ -749,6 +749,45 @@ async fn a_replayed_flush_produces_each_event_once() {
     let got = receiver.wait_for(3, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 3);
     app.assert_verify_clean();
+
+    // Retention: finished events older than keep_days go, with their
+    // deliveries; a pending one stays whatever its age.
+    wait_until("all delivered", Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM webhook_deliveries WHERE status = 'pending'",
+        )
+        .fetch_one(&pool)
+        .await
+        .is_ok_and(|n| n == 0)
+    })
+    .await;
+    sqlx::query("UPDATE webhook_events SET created_at = now() - interval '40 days'")
+        .execute(&pool)
+        .await
+        .expect("age");
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now() + interval '1 hour'
+         WHERE event_id =
+            (SELECT id FROM webhook_events WHERE type = 'credits.low')",
+    )
+    .execute(&pool)
+    .await
+    .expect("pending");
+    let pruned = creditgate::webhooks::deliver::prune(&pool, 30)
+        .await
+        .expect("prune");
+    assert_eq!(pruned, 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT type FROM webhook_events")
+        .fetch_all(&pool)
+        .await
+        .expect("left");
+    assert_eq!(left, vec!["credits.low".to_owned()]);
+    assert_eq!(
+        creditgate::webhooks::deliver::prune(&pool, 30)
+            .await
+            .expect("prune"),
+        0
+    );
 }
 
 #[test]

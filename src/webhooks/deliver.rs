@@ -65,8 +65,8 @@ impl Deliverer {
         Self { pool, outbox }
     }
 
-    /// Runs until the task is dropped: a loop per endpoint, and the queue
-    /// gauges every five seconds.
+    /// Runs until the task is dropped: a loop per endpoint, the queue
+    /// gauges every five seconds, and the retention once an hour.
     pub async fn run(self) {
         let hooks = Arc::clone(self.outbox.hooks());
         if hooks.is_empty() {
@@ -75,9 +75,16 @@ impl Deliverer {
         let loops = (0..hooks.endpoints.len()).map(|i| self.endpoint_loop(i));
         let gauges = async {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let mut last_prune: Option<tokio::time::Instant> = None;
             loop {
                 tick.tick().await;
                 self.queue_gauges().await;
+                if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(3600)) {
+                    last_prune = Some(tokio::time::Instant::now());
+                    if let Err(e) = prune(&self.pool, hooks.delivery.keep_days).await {
+                        tracing::warn!(error = %e, "webhooks: cannot delete old events");
+                    }
+                }
             }
         };
         tokio::join!(join_all(loops), gauges);
@@ -219,6 +226,21 @@ impl Deliverer {
             metrics::webhook_queue(age, depth);
         }
     }
+}
+
+/// Deletes the events older than `keep_days` none of whose deliveries is
+/// still pending (their deliveries go with them). Returns how many.
+pub async fn prune(pool: &PgPool, keep_days: u32) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM webhook_events e
+         WHERE e.created_at < now() - make_interval(days => $1)
+           AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                           WHERE d.event_id = e.id AND d.status = 'pending')",
+    )
+    .bind(i32::try_from(keep_days).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// The wait before attempt `attempts + 1`: `first_retry_ms`, four times

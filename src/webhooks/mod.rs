@@ -88,6 +88,9 @@ pub struct DeliverySettings {
     pub poll_ms: u64,
     /// Attempts in flight at once, per endpoint.
     pub concurrency: usize,
+    /// Finished events (every delivery delivered or failed) are deleted
+    /// this many days after they happened.
+    pub keep_days: u32,
 }
 
 impl Default for DeliverySettings {
@@ -99,6 +102,7 @@ impl Default for DeliverySettings {
             give_up_after_secs: 24 * 3600,
             poll_ms: 1_000,
             concurrency: 8,
+            keep_days: 30,
         }
     }
 }
@@ -190,6 +194,7 @@ impl Webhooks {
             ("give_up_after_secs", d.give_up_after_secs),
             ("poll_ms", d.poll_ms),
             ("concurrency", d.concurrency as u64),
+            ("keep_days", u64::from(d.keep_days)),
         ] {
             if value == 0 {
                 return Err(invalid(
