@@ -21,6 +21,10 @@ pub struct Module {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub strip_prefix: bool,
+    /// What users read instead of the id (`Recherche documentaire`).
+    pub label: String,
+    /// One line on what the service does; empty when not configured.
+    pub description: String,
 }
 
 impl Module {
@@ -79,7 +83,16 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(modules: Vec<Module>, plans: Vec<Plan>) -> Self {
+    /// Plans are kept cheapest first (then by allowance, then id): the
+    /// order every listing shows them in, as a price table reads.
+    pub fn new(modules: Vec<Module>, mut plans: Vec<Plan>) -> Self {
+        plans.sort_by(|a, b| {
+            (a.price_dzd, a.monthly_credits.get(), a.id.as_str()).cmp(&(
+                b.price_dzd,
+                b.monthly_credits.get(),
+                b.id.as_str(),
+            ))
+        });
         let mut routes: Vec<(String, usize)> = modules
             .iter()
             .enumerate()

@@ -356,6 +356,11 @@ pub struct ModuleSettings {
     /// Per-action cost overrides; the action is read from `X-Action`.
     #[serde(default)]
     pub actions: BTreeMap<String, i64>,
+    /// Shown to users instead of the id; the id when absent.
+    pub label: Option<String>,
+    /// One line shown beside the label.
+    #[serde(default)]
+    pub description: String,
 }
 
 fn yes() -> bool {
@@ -795,6 +800,12 @@ fn build_catalog(
             timeout,
             connect_timeout,
             strip_prefix: m.strip_prefix,
+            label: m
+                .label
+                .clone()
+                .filter(|l| !l.trim().is_empty())
+                .unwrap_or_else(|| id.clone()),
+            description: m.description.clone(),
         });
     }
     let mut built_plans = Vec::new();

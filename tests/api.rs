@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use chrono::Datelike;
+
 use common::{ADMIN_KEY, SERVICE_KEY, TestApp, error_code};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -56,6 +58,28 @@ async fn plans_and_credit_costs_are_public_and_come_from_the_config() {
         .expect("legal");
     assert_eq!(legal["cost"], 3);
     assert_eq!(legal["actions"]["draft"], 5);
+    // Without a label the id stands in; with one, users read it.
+    assert_eq!(
+        (&legal["label"], &legal["description"]),
+        (&json!("legal"), &json!(""))
+    );
+    let rag = costs["modules"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["module"] == "rag"))
+        .expect("rag");
+    assert_eq!(rag["label"], "Recherche documentaire");
+    assert_eq!(
+        rag["description"],
+        "Questions sur vos documents, réponses sourcées"
+    );
+    // Cheapest first, then the smaller allowance: a price table's order.
+    let order: Vec<&str> = plans["plans"]
+        .as_array()
+        .expect("plans")
+        .iter()
+        .filter_map(|p| p["id"].as_str())
+        .collect();
+    assert_eq!(order, ["tiny", "free", "limited", "starter", "enterprise"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -69,6 +93,14 @@ async fn me_and_usage_show_the_callers_own_balance_and_history() {
     app.call(&other.key, "/rag/x").await;
     let me = body(app.user_get(&user.key, "/me").await).await;
     assert_eq!(me["user_id"], user.id.as_str());
+    // The renewal as the deployment's calendar has it: the 1st of the next
+    // month in Algiers, whatever the server's own zone.
+    assert_eq!(me["timezone"], "Africa/Algiers");
+    let algiers = chrono::Utc::now().with_timezone(&chrono_tz::Africa::Algiers);
+    let next = chrono::NaiveDate::from_ymd_opt(algiers.year(), algiers.month(), 1)
+        .and_then(|d| d.checked_add_months(chrono::Months::new(1)))
+        .expect("next month");
+    assert_eq!(me["period"]["renews_on"], next.to_string());
     assert_eq!(me["plan"]["id"], "starter");
     assert_eq!(me["status"], "active");
     assert_eq!(me["credits"]["remaining"], 496);
@@ -486,6 +518,7 @@ async fn user_list_filters_and_stats_match_the_data() {
     assert_eq!(s1_row["users"][0]["used_this_month"], 9);
 
     let stats = body(app.admin(Method::GET, "/stats?days=30", None).await).await;
+    assert_eq!(stats["timezone"], "Africa/Algiers");
     assert_eq!(stats["users"]["total"], 4);
     assert_eq!(stats["users"]["by_plan"]["free"], 2);
     assert_eq!(stats["users"]["by_status"]["blocked"], 1);

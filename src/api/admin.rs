@@ -886,6 +886,7 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
                 credits,
             })
             .collect(),
+        timezone: state.calendar.timezone().name().to_owned(),
         daily,
     })
 }

@@ -72,6 +72,10 @@ pub struct PlansAnswer {
 #[derive(Serialize, ToSchema)]
 pub struct CreditCost {
     pub module: String,
+    /// The service's name for people (`Recherche documentaire (RAG)`).
+    pub label: String,
+    /// One line on what it does; empty when not configured.
+    pub description: String,
     pub cost: i64,
     pub prefix: String,
     /// Per-action prices (`X-Action` header / `action` field).
@@ -104,6 +108,9 @@ pub struct Period {
     pub id: String,
     pub start: DateTime<Utc>,
     pub resets_at: DateTime<Utc>,
+    /// The local date the next period starts (the renewal), as the
+    /// deployment's calendar has it: `2026-12-01`.
+    pub renews_on: NaiveDate,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -119,6 +126,9 @@ pub struct MeAnswer {
     pub credits: Credits,
     pub daily: Daily,
     pub period: Period,
+    /// The deployment's time zone (IANA name): days, periods and renewals
+    /// are counted in it, and the panels show times in it.
+    pub timezone: String,
 }
 
 pub use crate::ledger::store::{DayUsage, LedgerRow, ModuleTotal};
@@ -447,6 +457,8 @@ pub struct StatsAnswer {
     pub revenue: Revenue,
     pub consumption: Consumption,
     pub top_consumers: Vec<TopConsumer>,
+    /// The deployment's time zone (IANA name), in which days are counted.
+    pub timezone: String,
     /// Present with `?days=N`: one entry per day, oldest first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily: Option<Vec<DayUsage>>,

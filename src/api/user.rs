@@ -185,6 +185,8 @@ fn credit_costs(state: &AppState) -> ApiResult {
         .iter()
         .map(|m| CreditCost {
             module: m.id.to_string(),
+            label: m.label.clone(),
+            description: m.description.clone(),
             cost: m.cost.get(),
             prefix: m.prefix.clone(),
             actions: m
@@ -286,7 +288,12 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
             id: stamp.period.clone(),
             start: stamp.period_starts,
             resets_at: stamp.period_ends,
+            renews_on: stamp
+                .period_ends
+                .with_timezone(&state.calendar.timezone())
+                .date_naive(),
         },
+        timezone: state.calendar.timezone().name().to_owned(),
     })
 }
 

@@ -63,6 +63,11 @@ impl Stamp {
 }
 
 impl Calendar {
+    /// The deployment's time zone (`server.timezone`).
+    pub fn timezone(&self) -> Tz {
+        self.tz
+    }
+
     pub fn new(tz: Tz) -> Self {
         Self {
             tz,

@@ -235,6 +235,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
             strip_prefix: strip,
+            label: "rag".into(),
+            description: String::new(),
         }
     }
 

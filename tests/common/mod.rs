@@ -508,6 +508,8 @@ service_keys = [{ name = "hub", key = "test-service-key-0123" }]
 prefix = "/rag"
 upstream = "{UP}"
 cost = 1
+label = "Recherche documentaire"
+description = "Questions sur vos documents, réponses sourcées"
 
 [modules.legal]
 prefix = "/legal"

@@ -1,7 +1,7 @@
 // The admin panel: global stats and charts, users with filters and
 // actions (grant, block, unblock, change plan), CSV export, audit trail.
 (function () {
-  const { T, api, el, fill, showMessage, session, num, date } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, num, date } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.admin_key";
   const PER_PAGE = 20;
@@ -39,6 +39,7 @@
   }
 
   function renderStats(stats) {
+    setTimeZone(stats.timezone);
     $("users-total").textContent = num(stats.users.total);
     $("users-detail").textContent = Object.entries(stats.users.by_status)
       .map(([s, n]) => `${T[s] || s} : ${num(n)}`).join(" · ");
@@ -55,7 +56,7 @@
     });
     chart("consumption-chart", {
       type: "line",
-      data: { labels: (stats.daily || []).map((d) => d.date.slice(5)),
+      data: { labels: (stats.daily || []).map((d) => `${d.date.slice(8)}/${d.date.slice(5, 7)}`),
         datasets: [{ label: T.credits, data: (stats.daily || []).map((d) => d.credits), borderColor: "#0b6e4f", fill: false }] },
       options: { plugins: { legend: { display: false } } },
     });

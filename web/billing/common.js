@@ -2,8 +2,25 @@
 // errors, number and date formats. No request ever leaves this origin.
 (function () {
   const T = window.I18N;
-  const fmt = new Intl.NumberFormat("fr-DZ");
-  const dateFmt = new Intl.DateTimeFormat("fr-DZ", { dateStyle: "medium", timeStyle: "short" });
+  // French formats whatever the browser's locale: fr-DZ gives 12-hour
+  // times in Chromium. Times are shown in the deployment's time zone (the
+  // API says which), where the gateway counts days and periods.
+  const fmt = new Intl.NumberFormat("fr-FR");
+  let timeZone = "Africa/Algiers";
+  const dateTimeFmt = () => new Intl.DateTimeFormat("fr-FR", {
+    timeZone, day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
+  });
+  let dateFmt = dateTimeFmt();
+  // A calendar date ("2026-12-01") is the same day everywhere: shown as is.
+  const dayFmt = new Intl.DateTimeFormat("fr-FR", { timeZone: "UTC", day: "numeric", month: "long", year: "numeric" });
+  function setTimeZone(tz) {
+    if (!tz || tz === timeZone) return;
+    try {
+      new Intl.DateTimeFormat("fr-FR", { timeZone: tz });
+      timeZone = tz;
+      dateFmt = dateTimeFmt();
+    } catch (_) { /* a zone this browser does not know: keep the default */ }
+  }
 
   class ApiError extends Error {
     constructor(code, message) { super(message); this.code = code; }
@@ -82,6 +99,9 @@
     return start;
   }
 
-  window.CG = { T, api, el, fill, showMessage, session, ApiError,
-    num: (n) => fmt.format(n), date: (s) => dateFmt.format(new Date(s)) };
+  window.CG = { T, api, el, fill, showMessage, session, ApiError, setTimeZone,
+    num: (n) => fmt.format(n),
+    money: (n) => `${fmt.format(n)} DZD`,
+    date: (s) => dateFmt.format(new Date(s)),
+    day: (d) => dayFmt.format(new Date(`${d}T00:00:00Z`)) };
 })();

@@ -2,7 +2,7 @@
 // paginated history, a 30-day chart, the user's API keys and the plans
 // table.
 (function () {
-  const { T, api, el, fill, showMessage, session, num, date } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, num, money, date, day } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.user_key";
   const PER_PAGE = 10;
@@ -48,40 +48,73 @@
     );
   }
 
+  // Module id -> its label, from /api/billing/credit-costs.
+  let labels = {};
+  const label = (m) => (m ? labels[m] || m : "—");
+
+  const pct = (used, total) => (total > 0 ? Math.min(100, Math.max(0, Math.round((used / total) * 100))) : 100);
+  const level = (p) => (p >= 100 ? " bad" : p >= 80 ? " warn" : "");
+
   function renderMe(me) {
+    setTimeZone(me.timezone);
+    const renewal = day(me.period.renews_on);
     const total = me.credits.monthly_allowance + me.credits.bonus;
     const remaining = me.credits.remaining;
-    const usedPct = total > 0 ? Math.min(100, Math.max(0, Math.round(((total - remaining) / total) * 100))) : 100;
+    const usedPct = pct(total - remaining, total);
     $("remaining").textContent = `${num(remaining)} ${T.of_total} ${num(total)}`;
     const bar = $("bar");
     $("bar-fill").style.width = `${100 - usedPct}%`;
     bar.setAttribute("aria-valuenow", String(100 - usedPct));
-    bar.className = "bar" + (usedPct >= 100 ? " bad" : usedPct >= 80 ? " warn" : "");
+    bar.className = "bar" + level(usedPct);
     $("used-pct").textContent = `${usedPct} % ${T.used_pct} · ${T.monthly} ${num(me.credits.monthly_remaining)} · ${T.bonus} ${num(me.credits.bonus)}`;
+    // What stops the calls, and what to do about it, first.
+    const banner = $("banner");
+    if (me.status === "blocked") showMessage(banner, T.banner_blocked, "error");
+    else if (me.auto_blocked) showMessage(banner, fill(T.banner_auto_blocked, { day: renewal }), "error");
+    else showMessage(banner, "", "");
     const alert = $("alert");
-    if (remaining <= 0 || usedPct >= 100) showMessage(alert, T.alert_100, "error");
+    if (me.status === "blocked" || me.auto_blocked) showMessage(alert, "", "");
+    else if (remaining <= 0 || usedPct >= 100) showMessage(alert, fill(T.alert_100, { day: renewal }), "error");
     else if (usedPct >= 80) showMessage(alert, T.alert_80, "warn");
     else showMessage(alert, "", "");
-    $("daily").textContent = me.daily.limit == null
-      ? `${num(me.daily.used)} (${T.daily_unlimited})`
-      : `${num(me.daily.used)} / ${num(me.daily.limit)}`;
+    const limit = me.daily.limit;
+    const dailyBar = $("daily-bar");
+    const dailyAlert = $("daily-alert");
+    if (limit == null) {
+      $("daily").textContent = num(me.daily.used);
+      $("daily-note").textContent = T.daily_unlimited;
+      dailyBar.hidden = true;
+      showMessage(dailyAlert, "", "");
+    } else {
+      const dailyPct = pct(me.daily.used, limit);
+      $("daily").textContent = `${num(me.daily.used)} / ${num(limit)}`;
+      $("daily-note").textContent = fill(T.daily_of, { used: num(me.daily.used), limit: num(limit) });
+      dailyBar.hidden = false;
+      dailyBar.className = "bar" + level(dailyPct);
+      dailyBar.setAttribute("aria-valuenow", String(dailyPct));
+      $("daily-fill").style.width = `${dailyPct}%`;
+      if (me.status === "blocked" || me.auto_blocked || remaining <= 0) showMessage(dailyAlert, "", "");
+      else if (dailyPct >= 100) showMessage(dailyAlert, T.daily_100, "error");
+      else if (dailyPct >= 80) showMessage(dailyAlert, T.daily_80, "warn");
+      else showMessage(dailyAlert, "", "");
+    }
     $("plan").textContent = me.plan ? me.plan.name : "—";
-    $("resets").textContent = `${T.resets} ${date(me.period.resets_at)}`;
+    $("resets").textContent = `${T.resets} ${renewal}`;
     return me.plan ? me.plan.id : null;
   }
 
   function renderUsage(usage) {
     table($("services"), [T.service, T.credits, T.requests],
-      usage.totals.map((t) => [t.module, num(t.credits), num(t.requests)]));
+      usage.totals.map((t) => [label(t.module), num(t.credits), num(t.requests)]));
     const tx = usage.transactions;
     table($("history"), [T.date, T.kind, T.service, T.amount, T.balance_after],
-      tx.items.map((t) => [date(t.occurred_at), T.kinds[t.kind] || t.kind, t.module || "—", num(t.amount),
+      tx.items.map((t) => [date(t.occurred_at), T.kinds[t.kind] || t.kind, label(t.module), num(t.amount),
         t.monthly_after == null ? "—" : num(t.monthly_after + t.bonus_after)]));
     const pages = Math.max(1, Math.ceil(tx.total / tx.per_page));
     $("page").textContent = `${T.page} ${tx.page} / ${pages}`;
     $("prev").disabled = tx.page <= 1;
     $("next").disabled = tx.page >= pages;
-    const labels = usage.series.map((d) => d.date.slice(5));
+    const labels = usage.series.map((d) => `${d.date.slice(8)}/${d.date.slice(5, 7)}`);
     const data = usage.series.map((d) => d.credits);
     if (chart) chart.destroy();
     chart = new Chart($("chart"), {
@@ -93,11 +126,12 @@
 
   function renderPlans(plans, current) {
     const idx = plans.findIndex((p) => p.id === current);
-    table($("plans"), [T.plan, T.price, T.per_month, T.per_day, T.rate, T.modules],
-      plans.map((p) => [p.id === current ? `${p.name} (${T.your_plan})` : p.name, num(p.price_dzd),
+    table($("plans"), [T.plan, T.price, T.per_month, T.per_day, T.rate, T.modules, T.features],
+      plans.map((p) => [p.id === current ? `${p.name} (${T.your_plan})` : p.name,
+        p.price_dzd === 0 ? T.free : money(p.price_dzd),
         num(p.monthly_credits), p.daily_limit == null ? T.unlimited : num(p.daily_limit),
         p.rate_limit ? fill(T.rate_value, { rate: num(p.rate_limit.per_minute), burst: num(p.rate_limit.burst) }) : T.unlimited,
-        p.modules.join(", ")]), idx);
+        p.modules.map(label).join(", "), p.features.length ? p.features.join(" · ") : "—"]), idx);
   }
 
   const send = (path, method, body) => api(path, { header: "X-API-Key", key: key(), method, body });
@@ -109,7 +143,7 @@
       const expired = k.expires_at && Date.parse(k.expires_at) <= now;
       const revoke = el("button", { type: "button", class: "secondary", "aria-label": `${T.key_revoke} ${k.name}` }, T.key_revoke);
       revoke.addEventListener("click", () => revokeKey(k));
-      return [k.name || "—", `${k.prefix}…`, k.modules ? k.modules.join(", ") : T.key_scope_all,
+      return [k.name || "—", `${k.prefix}…`, k.modules ? k.modules.map(label).join(", ") : T.key_scope_all,
         k.expires_at ? `${date(k.expires_at)}${expired ? ` (${T.key_expired})` : ""}` : T.key_never,
         k.last_used_at ? date(k.last_used_at) : T.key_never_used, revoke];
     });
@@ -120,7 +154,7 @@
     const box = $("key-modules");
     const legend = box.querySelector("legend");
     const choices = (plan ? plan.modules : []).map((m) => el("label", {},
-      el("input", { type: "checkbox", name: "module", value: m }), m));
+      el("input", { type: "checkbox", name: "module", value: m }), label(m)));
     box.replaceChildren(legend, ...choices);
   }
 
@@ -171,12 +205,14 @@
   $("key-dialog").addEventListener("close", () => { $("new-key").value = ""; });
 
   async function load() {
-    const [me, usage, plans, keys] = await Promise.all([
+    const [me, usage, plans, keys, costs] = await Promise.all([
       get("/api/billing/me"),
       get(`/api/billing/usage?days=30&page=${page}&per_page=${PER_PAGE}`),
       fetch("/api/billing/plans").then((r) => r.json()),
       get("/api/billing/keys"),
+      fetch("/api/billing/credit-costs").then((r) => r.json()),
     ]);
+    labels = Object.fromEntries(costs.modules.map((m) => [m.module, m.label]));
     const current = renderMe(me);
     renderUsage(usage);
     renderKeys(keys);

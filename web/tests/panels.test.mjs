@@ -28,7 +28,10 @@ const call = (key, path) => fetch(GATEWAY + path, { headers: { Authorization: `B
 
 /// A page that records every request it makes.
 async function page(width = 1280) {
-  const context = await browser.newContext({ viewport: { width, height: 900 }, acceptDownloads: true });
+  // A browser far from Algiers, in English: the panels must still show
+  // French and the deployment's time zone.
+  const context = await browser.newContext({ viewport: { width, height: 900 }, acceptDownloads: true,
+    timezoneId: "America/New_York", locale: "en-US" });
   const p = await context.newPage();
   p.requests = [];
   p.on("request", (req) => p.requests.push(req.url()));
@@ -103,7 +106,25 @@ test("user panel shows the exact balance, the 80 % alert, the chart and the hist
 
   const rows = await p.locator("#history tbody tr").allTextContents();
   assert.equal(rows.length, 4);
-  assert.ok(rows.every((r) => r.includes("Débit") && r.includes("park")), rows.join("\n"));
+  // Services by their French label; times in French, 24-hour, Algiers time.
+  assert.ok(rows.every((r) => r.includes("Débit") && r.includes("Recherche de véhicules")), rows.join("\n"));
+  assert.ok(rows.every((r) => /\d{1,2} [a-zéû.]+ \d{4}.*\d{2}:\d{2}/.test(r) && !/AM|PM/.test(r)), rows.join("\n"));
+  const newest = (await (await fetch(GATEWAY + "/api/billing/usage", { headers: { "X-API-Key": key } })).json())
+    .transactions.items[0].occurred_at;
+  const algiers = new Intl.DateTimeFormat("fr-FR", { timeZone: "Africa/Algiers", hour: "2-digit", minute: "2-digit", hourCycle: "h23" })
+    .format(new Date(newest));
+  assert.ok(rows[0].includes(algiers), `${algiers} (Algiers) in ${rows[0]}`);
+  // The renewal is the 1st of next month in Algiers, as a date.
+  const next = new Date(Date.UTC(new Date().getUTCFullYear(), new Date().getUTCMonth() + 1, 1));
+  const renewal = new Intl.DateTimeFormat("fr-FR", { timeZone: "UTC", day: "numeric", month: "long", year: "numeric" }).format(next);
+  assert.equal(await p.locator("#resets").textContent(), `Renouvellement le ${renewal}`);
+  // Plans cheapest first, prices in French DZD.
+  const planRows = await p.locator("#plans tbody tr").allTextContents();
+  assert.deepEqual(await p.locator("#plans tbody tr td:first-child").allTextContents(),
+    ["Free", "Mini (Votre offre)", "Starter", "Pro", "Business", "Enterprise"]);
+  assert.match(planRows[0], /Gratuit/);
+  assert.match(planRows[2], /2\u202f000 DZD/);
+  assert.match(planRows[5], /Modèles personnalisés · SLA 99,9 % · Support 24\/7/);
   const current = await p.locator("#plans tr.current").textContent();
   assert.match(current, /Mini \(Votre offre\)/);
   await shoot(p, "user-desktop");
@@ -138,7 +159,7 @@ test("user panel: a key is created with a copy-once dialog, scoped, listed and r
   assert.match(await p.locator("#plans tr.current").textContent(), /60 \(rafale de 20\)/);
 
   await p.getByLabel("Nom de la clé").fill("Intégration RAG");
-  await p.getByRole("checkbox", { name: "rag" }).check();
+  await p.getByRole("checkbox", { name: "Recherche documentaire (RAG)" }).check();
   await p.getByRole("button", { name: "Créer la clé" }).click();
   const dialog = p.getByRole("dialog", { name: "Votre nouvelle clé" });
   await dialog.waitFor({ state: "visible" });
@@ -154,7 +175,7 @@ test("user panel: a key is created with a copy-once dialog, scoped, listed and r
   assert.equal(await p.locator("#new-key").inputValue(), "", "the key is gone from the page");
 
   const row = p.locator("#keys tbody tr", { hasText: "Intégration RAG" });
-  assert.match(await row.textContent(), /rag.*Jamais/);
+  assert.match(await row.textContent(), /Recherche documentaire \(RAG\).*Jamais/);
   assert.equal(await p.locator("#keys tbody tr").count(), 2);
   await shoot(p, "user-keys");
 
@@ -171,6 +192,38 @@ test("user panel: a key is created with a copy-once dialog, scoped, listed and r
   await p.getByRole("button", { name: "Créer la clé" }).click();
   await until("the refusal", async () => /1 à 64 caractères/.test(await p.locator("#keys-message").textContent()));
   assert.equal(await p.locator("#keys tbody tr").count(), 1);
+  assertSameOrigin(p);
+});
+
+test("user panel: the daily bar and its alerts, then a banner saying why calls are refused", async () => {
+  const created = await newUser("Samir Haddad", "free"); // 20 credits a day, park costs 2
+  const key = created.api_key;
+  for (let i = 0; i < 8; i++) assert.equal((await call(key, "/park/q")).status, 200); // 16 of 20
+  const p = await page();
+  await p.goto(GATEWAY + "/billing/");
+  await p.getByLabel("Clé API").fill(key);
+  await p.getByRole("button", { name: "Se connecter" }).click();
+  await p.locator("#account").waitFor({ state: "visible" });
+  assert.equal(await p.locator("#daily").textContent(), "16 / 20");
+  assert.equal(await p.locator("#daily-bar").getAttribute("aria-valuenow"), "80");
+  assert.equal(await p.locator("#daily-fill").evaluate((e) => e.style.width), "80%");
+  assert.match(await p.locator("#daily-alert").textContent(), /plus de 80 % de votre limite quotidienne/);
+  assert.equal(await p.locator("#banner").isVisible(), false);
+
+  for (let i = 0; i < 2; i++) assert.equal((await call(key, "/park/q")).status, 200); // 20 of 20
+  assert.equal((await call(key, "/park/q")).status, 429);
+  await p.reload();
+  await p.locator("#account").waitFor({ state: "visible" });
+  assert.match(await p.locator("#daily-alert").textContent(), /Limite quotidienne atteinte/);
+  assert.match(await p.locator("#daily-bar").getAttribute("class"), /bad/);
+
+  assert.equal((await admin(`/users/${created.user.id}/block`, { method: "POST", body: JSON.stringify({ reason: "impayé" }) })).status, 200);
+  await p.reload();
+  await p.locator("#account").waitFor({ state: "visible" });
+  const banner = p.getByRole("alert");
+  assert.match(await banner.textContent(), /Compte suspendu : vos appels sont refusés\. Contactez votre administrateur/);
+  assert.equal(await p.locator("#daily-alert").isVisible(), false, "the banner says it all");
+  await shoot(p, "user-blocked");
   assertSameOrigin(p);
 });
 
