@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 . scripts/stack.sh
 command -v chromium >/dev/null || apt_install chromium
 command -v node >/dev/null || apt_install nodejs npm
-[ -d web/tests/node_modules/playwright-core ] || (cd web/tests && npm install --silent --no-audit --no-fund)
+[ -d web/tests/node_modules/playwright-core ] && [ -d web/tests/node_modules/@axe-core/playwright ] \
+  || (cd web/tests && npm install --silent --no-audit --no-fund)
 
 prepare_stack bt
 export CREDITGATE_AUTH__ADMIN_KEYS='[{ name = "browser", key = "bt-admin-key-123" }]'

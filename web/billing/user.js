@@ -141,7 +141,7 @@
     const now = Date.now();
     const rows = answer.keys.map((k) => {
       const expired = k.expires_at && Date.parse(k.expires_at) <= now;
-      const revoke = el("button", { type: "button", class: "secondary", "aria-label": `${T.key_revoke} ${k.name}` }, T.key_revoke);
+      const revoke = el("button", { type: "button", class: "secondary", "aria-label": `${T.key_revoke} ${k.name || `${k.prefix}…`}` }, T.key_revoke);
       revoke.addEventListener("click", () => revokeKey(k));
       return [k.name || "—", `${k.prefix}…`, k.modules ? k.modules.map(label).join(", ") : T.key_scope_all,
         k.expires_at ? `${date(k.expires_at)}${expired ? ` (${T.key_expired})` : ""}` : T.key_never,

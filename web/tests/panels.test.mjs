@@ -5,6 +5,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync, readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
+import { AxeBuilder } from "@axe-core/playwright";
 
 const GATEWAY = process.env.GATEWAY;
 const ADMIN_KEY = process.env.ADMIN_KEY;
@@ -330,4 +331,65 @@ test("admin panel: stats, filters, grant, plan change, block and CSV export", as
   await shoot(mobile, "admin-375");
   assertSameOrigin(p);
   assertSameOrigin(mobile);
+});
+
+/// Serious and critical violations axe-core finds on the page as it is now.
+async function axe(p) {
+  const result = await new AxeBuilder({ page: p }).withTags(["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]).analyze();
+  return result.violations
+    .filter((v) => v.impact === "serious" || v.impact === "critical")
+    .map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).slice(0, 5).join(", ")}`);
+}
+
+/// Tabs through the page and returns the ids (or text) of what took focus.
+async function tabStops(p, n) {
+  const seen = [];
+  for (let i = 0; i < n; i++) {
+    await p.keyboard.press("Tab");
+    seen.push(await p.evaluate(() => {
+      const e = document.activeElement;
+      return e ? (e.id || e.getAttribute("aria-label") || e.textContent.trim().slice(0, 30) || e.tagName) : "";
+    }));
+  }
+  return seen;
+}
+
+test("both panels pass axe-core (no serious or critical violation) and work from the keyboard", async () => {
+  const created = await newUser("Lina Amrani", "free");
+  for (let i = 0; i < 3; i++) assert.equal((await call(created.api_key, "/rag/q")).status, 200);
+  await until("the ledger", async () => {
+    const r = await fetch(GATEWAY + "/api/billing/usage", { headers: { "X-API-Key": created.api_key } });
+    return (await r.json()).transactions.total === 3;
+  });
+
+  const user = await page();
+  await user.goto(GATEWAY + "/billing/");
+  assert.deepEqual(await axe(user), [], "login form");
+  await user.getByLabel("Clé API").focus();
+  await user.keyboard.type(created.api_key);
+  await user.keyboard.press("Enter");
+  await until("the user panel", async () =>
+    (await user.locator("#account").isVisible()) || (await user.locator("#login-error").isVisible()));
+  assert.equal(await user.locator("#login-error").isVisible(), false, await user.locator("#login-error").textContent());
+  assert.deepEqual(await axe(user), [], "user panel");
+  const userStops = await tabStops(user, 40);
+  for (const id of ["logout", "key-name", "key-expires", "key-create"]) {
+    assert.ok(userStops.includes(id), `${id} is reachable with Tab: ${userStops.join(", ")}`);
+  }
+  assert.ok(userStops.some((s) => /^Révoquer cg_[0-9a-f]+…$/.test(s)), "a key's revoke button is reachable, named");
+
+  const adminPage = await page();
+  await adminPage.goto(GATEWAY + "/billing/admin.html");
+  await adminPage.getByLabel("Clé d'administration").focus();
+  await adminPage.keyboard.type(ADMIN_KEY);
+  await adminPage.keyboard.press("Enter");
+  await adminPage.locator("#console").waitFor({ state: "visible" });
+  await until("the users table", async () => (await adminPage.locator("#users tbody tr").count()) > 0);
+  assert.deepEqual(await axe(adminPage), [], "admin panel");
+  const adminStops = await tabStops(adminPage, 30);
+  for (const id of ["logout", "f-plan", "f-status"]) {
+    assert.ok(adminStops.includes(id), `${id} is reachable with Tab: ${adminStops.join(", ")}`);
+  }
+  assertSameOrigin(user);
+  assertSameOrigin(adminPage);
 });
