@@ -1,7 +1,7 @@
 // The admin panel: global stats and charts, users with filters and
 // actions (grant, block, unblock, change plan), CSV export, audit trail.
 (function () {
-  const { T, api, el, fill, showMessage, session, setTimeZone, num, date } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, num, date, day } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.admin_key";
   const PER_PAGE = 20;
@@ -15,7 +15,8 @@
     "t-users": T.users, "l-plan": T.plan, "l-status": T.status, "l-q": T.search, export: T.export_csv,
     prev: T.previous, next: T.next, "t-audit": T.audit, "grant-title": T.grant,
     "l-grant-credits": T.grant_amount, "l-grant-reason": T.grant_reason, "grant-cancel": T.cancel,
-    "grant-submit": T.grant,
+    "grant-submit": T.grant, "t-top": T.top_consumers, "t-usage-export": T.usage_export,
+    "l-usage-from": T.usage_from, "l-usage-to": T.usage_to, "usage-export": T.usage_download,
   };
   for (const [id, text] of Object.entries(labels)) $(id).textContent = text;
   document.querySelector('label[for="key"]').textContent = T.admin_key;
@@ -68,6 +69,12 @@
     });
   }
 
+  function renderTop(stats) {
+    const rows = stats.top_consumers.map((c) => [c.name, c.user_id,
+      (state.plans.find((p) => p.id === c.plan) || { name: c.plan }).name, num(c.credits)]);
+    table($("top"), [T.name, "ID", T.plan, T.credits], rows.length ? rows : [[T.no_data, "", "", ""]]);
+  }
+
   function actionButtons(user) {
     const blocked = user.status === "blocked";
     const planSelect = el("select", { "aria-label": `${T.change_plan} — ${user.name}` },
@@ -110,6 +117,8 @@
       $("f-status").append(el("option", { value: "" }, T.all), el("option", { value: "active" }, T.active), el("option", { value: "blocked" }, T.blocked));
     }
     renderStats(stats);
+    renderTop(stats);
+    defaultRange(stats.timezone);
     await Promise.all([loadUsers(), loadAudit()]);
   }
 
@@ -159,18 +168,39 @@
       fill(T.done_grant, { credits: num(credits), name: user.name }));
   });
 
-  // The export needs the admin header, so it is fetched, then saved.
-  $("export").addEventListener("click", async () => {
+  // Exports need the admin header, so they are fetched, then saved.
+  async function download(path, file, done) {
     try {
-      const blob = await (await call("/api/admin/billing/export.csv")).blob();
-      const link = el("a", { href: URL.createObjectURL(blob), download: "utilisateurs.csv" });
+      const blob = await (await call(path)).blob();
+      const link = el("a", { href: URL.createObjectURL(blob), download: file });
       document.body.append(link);
       link.click();
       link.remove();
-      result(T.done_export, "ok");
+      result(done, "ok");
     } catch (e) {
       result(e.message, "error");
     }
+  }
+  $("export").addEventListener("click", () => download("/api/admin/billing/export.csv", "utilisateurs.csv", T.done_export));
+  // The ledger's operations over a range of local days, this month (in the
+  // deployment's time zone) by default.
+  function defaultRange(timeZone) {
+    if ($("usage-from").value) return;
+    let today;
+    try {
+      today = new Intl.DateTimeFormat("en-CA", { timeZone }).format(new Date());
+    } catch (_) {
+      today = new Date().toISOString().slice(0, 10);
+    }
+    $("usage-from").value = `${today.slice(0, 8)}01`;
+    $("usage-to").value = today;
+  }
+  $("usage-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const from = $("usage-from").value;
+    const to = $("usage-to").value;
+    download(`/api/admin/billing/usage.csv?${new URLSearchParams({ from, to })}`, `operations-${from}-${to}.csv`,
+      fill(T.done_usage_export, { from: day(from), to: day(to) }));
   });
 
   for (const id of ["f-plan", "f-status"]) $(id).addEventListener("change", () => { state.page = 1; loadUsers().catch((e) => result(e.message, "error")); });

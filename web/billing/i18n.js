@@ -91,6 +91,13 @@ window.I18N = {
   done_unblock: "{name} est débloqué.",
   done_plan: "{name} est passé à l'offre {plan}.",
   done_export: "Export téléchargé.",
+  top_consumers: "Plus gros consommateurs (ce mois)",
+  usage_export: "Exporter les opérations du registre (CSV)",
+  usage_from: "Du",
+  usage_to: "Au (inclus)",
+  usage_download: "Télécharger",
+  done_usage_export: "Opérations du {from} au {to} téléchargées.",
+  no_data: "Aucune donnée pour l'instant.",
   loading: "Chargement…",
   // Keys (user panel)
   keys_title: "Clés API",

@@ -200,7 +200,10 @@
       // Without clipboard access the key stays selected for Ctrl+C.
     }
   });
-  $("key-dialog-close").addEventListener("click", () => $("key-dialog").close());
+  $("key-dialog-close").addEventListener("click", () => {
+    $("new-key").value = "";
+    $("key-dialog").close();
+  });
   // Shown once: the key leaves the page with the dialog, however it closes.
   $("key-dialog").addEventListener("close", () => { $("new-key").value = ""; });
 

@@ -310,6 +310,35 @@ test("admin panel: stats, filters, grant, plan change, block and CSV export", as
   assert.equal((await blocked.json()).error.code, "blocked");
   await shoot(p, "admin-desktop");
 
+  // The ledger's operations over a date range: today's charges of the target.
+  const today = new Intl.DateTimeFormat("en-CA", { timeZone: "Africa/Algiers" }).format(new Date());
+  assert.equal(await p.getByLabel("Au (inclus)", { exact: true }).inputValue(), today);
+  const charges = (csv) => csv.trim().split("\n").filter((l) => l.includes(target.user.id) && l.includes(",charge,")).length;
+  await until("the target's 17 charges in the ledger", async () =>
+    charges(await (await admin(`/usage.csv?from=${today}&to=${today}`)).text()) === 17);
+  await p.getByLabel("Du", { exact: true }).fill(today);
+  const [usageFile] = await Promise.all([
+    p.waitForEvent("download"),
+    p.getByRole("button", { name: "Télécharger" }).click(),
+  ]);
+  assert.equal(usageFile.suggestedFilename(), `operations-${today}-${today}.csv`);
+  // 1 legal and 16 park calls were charged (the refused ones were not).
+  assert.equal(charges(readFileSync(await usageFile.path(), "utf8")), 17);
+  await until("the export message", async () => /Opérations du/.test(await p.locator("#result").textContent()));
+
+  // The month's biggest consumers, as the stats have them once the
+  // ledger has the charges above (the reload reads them again).
+  await p.reload();
+  await p.locator("#console").waitFor({ state: "visible" });
+  await until("the top consumers table", async () => (await p.locator("#top tbody tr").count()) > 0);
+  const top = (await (await admin("/stats")).json()).top_consumers;
+  assert.ok(top.length > 0);
+  const topRows = await p.locator("#top tbody tr").allTextContents();
+  assert.equal(topRows.length, top.length);
+  for (const c of top) {
+    assert.ok(topRows.some((r) => r.includes(c.name) && r.includes(c.user_id) && r.includes(String(c.credits))), `${c.user_id} in ${topRows}`);
+  }
+
   // CSV export downloads a file whose rows are the users.
   const [download] = await Promise.all([
     p.waitForEvent("download"),
@@ -386,8 +415,8 @@ test("both panels pass axe-core (no serious or critical violation) and work from
   await adminPage.locator("#console").waitFor({ state: "visible" });
   await until("the users table", async () => (await adminPage.locator("#users tbody tr").count()) > 0);
   assert.deepEqual(await axe(adminPage), [], "admin panel");
-  const adminStops = await tabStops(adminPage, 30);
-  for (const id of ["logout", "f-plan", "f-status"]) {
+  const adminStops = await tabStops(adminPage, 80);
+  for (const id of ["logout", "f-plan", "f-status", "usage-from", "usage-to", "usage-export", "export"]) {
     assert.ok(adminStops.includes(id), `${id} is reachable with Tab: ${adminStops.join(", ")}`);
   }
   assertSameOrigin(user);
