@@ -69,9 +69,10 @@
     });
   }
 
+  const planName = (id) => (state.plans.find((p) => p.id === id) || { name: id }).name;
+
   function renderTop(stats) {
-    const rows = stats.top_consumers.map((c) => [c.name, c.user_id,
-      (state.plans.find((p) => p.id === c.plan) || { name: c.plan }).name, num(c.credits)]);
+    const rows = stats.top_consumers.map((c) => [c.name, c.user_id, planName(c.plan), num(c.credits)]);
     table($("top"), [T.name, "ID", T.plan, T.credits], rows.length ? rows : [[T.no_data, "", "", ""]]);
   }
 
@@ -93,7 +94,7 @@
     if ($("f-q").value.trim()) q.set("q", $("f-q").value.trim());
     const list = await get(`/api/admin/billing/users?${q}`);
     table($("users"), ["ID", T.name, T.plan, T.status, T.remaining, T.used_month, T.actions],
-      list.users.map((u) => [u.id, u.name, u.plan, T[u.status] || u.status, num(u.credits_remaining), num(u.used_this_month), actionButtons(u)]));
+      list.users.map((u) => [u.id, u.name, planName(u.plan), T[u.status] || u.status, num(u.credits_remaining), num(u.used_this_month), actionButtons(u)]));
     const pages = Math.max(1, Math.ceil(list.total / list.per_page));
     $("page").textContent = `${T.page} ${list.page} / ${pages}`;
     $("prev").disabled = list.page <= 1;

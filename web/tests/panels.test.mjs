@@ -271,7 +271,7 @@ test("admin panel: stats, filters, grant, plan change, block and CSV export", as
   await p.getByLabel("Offre", { exact: true }).selectOption("mini");
   await until("the filtered table", async () => (await p.locator("#users tbody tr").count()) < all);
   const planCells = await p.locator("#users tbody tr td:nth-child(3)").allTextContents();
-  assert.ok(planCells.length > 0 && planCells.every((c) => c === "mini"), planCells.join(","));
+  assert.ok(planCells.length > 0 && planCells.every((c) => c === "Mini"), planCells.join(","));
   const minis = (await (await admin("/users?plan=mini&per_page=200")).json()).total;
   assert.equal(planCells.length, Math.min(minis, 20));
 
