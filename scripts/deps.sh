@@ -68,6 +68,11 @@ ensure_standardwebhooks() {
     || python3 -m pip install -q --break-system-packages standardwebhooks
 }
 
+# pdftotext (poppler-utils): the invoice tests read the PDFs back.
+ensure_pdftotext() {
+  command -v pdftotext >/dev/null || apt_install poppler-utils
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null || { log "cargo is required (rustup)"; exit 1; }
 }

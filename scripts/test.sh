@@ -10,6 +10,7 @@ ensure_redis
 ensure_postgres
 ensure_promtool
 ensure_standardwebhooks
+ensure_pdftotext
 
 export RUST_BACKTRACE=1
 # Property-based API tests and the browser tests first, so the Rust test

@@ -63,6 +63,8 @@ pub struct RawSettings {
     pub webhooks: Vec<crate::webhooks::EndpointSettings>,
     #[serde(default)]
     pub webhook_delivery: crate::webhooks::DeliverySettings,
+    #[serde(default)]
+    pub invoices: crate::invoices::InvoiceSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -420,6 +422,7 @@ pub struct Settings {
     pub ledger: LedgerSettings,
     pub catalog: std::sync::Arc<Catalog>,
     pub webhooks: std::sync::Arc<crate::webhooks::Webhooks>,
+    pub invoicing: crate::invoices::Invoicing,
 }
 
 impl Settings {
@@ -666,6 +669,10 @@ impl RawSettings {
         let catalog = build_catalog(&self.modules, &self.plans, &self.upstream)?;
         let webhooks = crate::webhooks::Webhooks::validate(&self.webhooks, self.webhook_delivery)
             .map_err(|e| invalid(e.key, e.message))?;
+        let invoicing = self
+            .invoices
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
         Ok(Settings {
             listen,
             metrics_listen,
@@ -688,6 +695,7 @@ impl RawSettings {
             ledger: self.ledger,
             catalog: std::sync::Arc::new(catalog),
             webhooks,
+            invoicing,
         })
     }
 }

@@ -284,6 +284,31 @@ impl From<BillingError> for ApiError {
     }
 }
 
+impl From<crate::invoices::InvoiceError> for ApiError {
+    fn from(e: crate::invoices::InvoiceError) -> Self {
+        use crate::invoices::InvoiceError;
+        match e {
+            InvoiceError::NotConfigured => ApiError::NotFoundCode {
+                code: "invoices_not_configured",
+                message: "invoicing is not configured on this gateway ([invoices] seller)".into(),
+            },
+            InvoiceError::NoInvoice(period) => ApiError::NotFoundCode {
+                code: "unknown_invoice",
+                message: format!("no invoice for period {period:?}"),
+            },
+            InvoiceError::UnknownUser => ApiError::NotFoundCode {
+                code: "unknown_user",
+                message: "no such user".into(),
+            },
+            InvoiceError::Database(e) => e.into(),
+            InvoiceError::Corrupt(why) => {
+                tracing::error!(%why, "a stored invoice cannot be read");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         AccountError::Database(e).into()

@@ -13,6 +13,7 @@
 //! - [`ledger`]    usage streams → Postgres flusher, history queries, verify
 //! - [`api`]       creditgate's own endpoints (health; billing/admin/credits APIs)
 //! - [`error`]     the one mapping from errors to status + JSON body
+//! - [`invoices`]  monthly invoices: amounts, gap-free numbers, the PDF
 //! - [`body`]      the response body type
 //! - [`telemetry`] logging setup
 //! - [`web`]       the user and admin panels, embedded at build time
@@ -28,6 +29,7 @@ pub mod config;
 pub mod demo;
 pub mod domain;
 pub mod error;
+pub mod invoices;
 pub mod ledger;
 pub mod metering;
 pub mod proxy;

@@ -194,6 +194,18 @@ async fn main() -> anyhow::Result<()> {
                 "period {}: reset {} of {} accounts ({} already current)",
                 report.period, report.reset, report.accounts, report.already_current
             );
+            let invoices = creditgate::invoices::Invoices::new(
+                billing.accounts.pool().clone(),
+                settings.catalog.clone(),
+                billing.calendar.clone(),
+                settings.invoicing.clone(),
+            );
+            let closed = invoices.previous_period();
+            match invoices.close_period(&closed).await {
+                Ok(n) => println!("period {closed}: {n} invoices issued"),
+                Err(creditgate::invoices::InvoiceError::NotConfigured) => {}
+                Err(e) => eprintln!("period {closed}: invoices not issued: {e}"),
+            }
         }
         Command::Flush => {
             let (stop, stopped) = tokio::sync::watch::channel(false);

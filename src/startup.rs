@@ -74,6 +74,7 @@ pub struct AppState {
     /// Where account events go for the webhooks (written in the
     /// transactions that cause them).
     pub outbox: Arc<crate::webhooks::Outbox>,
+    pub invoices: crate::invoices::Invoices,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
     /// last byte has gone out.
@@ -330,6 +331,12 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
             access_log: settings.log.access,
         },
     ));
+    let invoices = crate::invoices::Invoices::new(
+        accounts.pool().clone(),
+        Arc::clone(&catalog),
+        calendar.clone(),
+        settings.invoicing.clone(),
+    );
     Ok(AppState {
         catalog,
         meter,
@@ -342,6 +349,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         metrics,
         public_metrics: settings.metrics_listen.is_none(),
         outbox: crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks)),
+        invoices,
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
 }

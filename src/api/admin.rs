@@ -69,6 +69,12 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
         (Method::GET, ["export.csv"]) => export_users(state),
         (Method::GET, ["usage.csv"]) => export_usage(state, req),
         (Method::GET, ["audit"]) => list_audit(state, req).await,
+        (Method::GET, ["users", id, "invoices"]) => {
+            super::invoices::admin_list(state, &parse_user(id)?).await
+        }
+        (Method::GET, ["users", id, "invoices", file]) => {
+            super::invoices::admin_pdf(state, &parse_user(id)?, file).await
+        }
         (Method::GET, ["webhooks", "deliveries"]) => {
             super::webhooks::list_deliveries(state, req).await
         }
@@ -84,7 +90,9 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
             | ["users", _, "plan" | "block" | "unblock"]
             | ["grant" | "stats" | "export.csv" | "usage.csv" | "audit"]
             | ["webhooks", "deliveries"]
-            | ["webhooks", "deliveries", _, "retry"],
+            | ["webhooks", "deliveries", _, "retry"]
+            | ["users", _, "invoices"]
+            | ["users", _, "invoices", _],
         ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }

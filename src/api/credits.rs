@@ -252,6 +252,14 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
 )]
 async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
     let report = state.billing.reset_monthly(actor).await?;
+    // The period just ended gets its invoices numbered now; one that
+    // fails here is numbered when first listed or downloaded.
+    let closed = state.invoices.previous_period();
+    match state.invoices.close_period(&closed).await {
+        Ok(n) => tracing::info!(period = %closed, invoices = n, "invoices issued"),
+        Err(crate::invoices::InvoiceError::NotConfigured) => {}
+        Err(e) => tracing::warn!(period = %closed, error = %e, "invoices not issued"),
+    }
     super::admin::audit(
         state,
         actor,

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod credits;
 pub mod health;
+pub mod invoices;
 pub mod openapi;
 pub mod schema;
 pub mod user;

@@ -7,7 +7,7 @@ use std::sync::LazyLock;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, credits, user, webhooks};
+use super::{admin, credits, invoices, user, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -42,6 +42,10 @@ use super::{admin, credits, user, webhooks};
         admin::export_usage,
         admin::list_audit,
         webhooks::list_deliveries,
+        invoices::user_list,
+        invoices::user_pdf,
+        invoices::admin_list,
+        invoices::admin_pdf,
         webhooks::retry_delivery,
     ),
     modifiers(&Security),

@@ -520,3 +520,25 @@ pub struct DeliveryList {
     pub per_page: i64,
     pub total: i64,
 }
+
+/// One invoice in a list: amounts in centimes of DZD.
+#[derive(Serialize, ToSchema)]
+pub struct InvoiceSummary {
+    /// `YYYY-MM`.
+    pub period: String,
+    /// `2026/000042`; null for the current period's draft.
+    pub number: Option<String>,
+    /// `issued` (a closed period, numbered) or `draft` (the current one).
+    pub status: String,
+    pub issued_on: Option<NaiveDate>,
+    pub total_ht_centimes: i64,
+    pub vat_centimes: i64,
+    pub total_ttc_centimes: i64,
+    /// Where its PDF is.
+    pub pdf: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InvoiceList {
+    pub invoices: Vec<InvoiceSummary>,
+}

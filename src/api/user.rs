@@ -36,6 +36,8 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
                 ["me"] => me(state, req).await,
                 ["usage"] => usage(state, req).await,
                 ["keys"] => list_keys(state, req).await,
+                ["invoices"] => super::invoices::user_list(state, req).await,
+                ["invoices", file] => super::invoices::user_pdf(state, req, file).await,
                 _ => Err(ApiError::NotFound),
             }
         }

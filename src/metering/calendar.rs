@@ -119,6 +119,22 @@ impl Calendar {
 
     /// The first instant of `date` in the zone. Where a DST change skips
     /// midnight, the day starts at the first local time that exists.
+    /// The first instant of period `YYYY-MM` and of the next one, local
+    /// midnights; `None` when `period` is not a month.
+    pub fn period_bounds(&self, period: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let first = NaiveDate::parse_from_str(&format!("{period}-01"), "%Y-%m-%d").ok()?;
+        if period.len() != 7 {
+            return None;
+        }
+        let next = first.checked_add_months(chrono::Months::new(1))?;
+        Some((self.midnight(first), self.midnight(next)))
+    }
+
+    /// The period (`YYYY-MM`) an instant falls in, locally.
+    pub fn period_of(&self, at: DateTime<Utc>) -> String {
+        at.with_timezone(&self.tz).format("%Y-%m").to_string()
+    }
+
     fn midnight(&self, date: NaiveDate) -> DateTime<Utc> {
         let mut t = date.and_hms_opt(0, 0, 0).unwrap_or_default();
         for _ in 0..4 {

@@ -504,6 +504,10 @@ consumer = "test"
 admin_keys = [{ name = "ops", key = "test-admin-key-0123" }]
 service_keys = [{ name = "hub", key = "test-service-key-0123" }]
 
+[invoices]
+seller = { name = "iaFactory Algérie", address = "Cyberparc, Sidi Abdellah, Alger", nif = "000016001234567", nis = "000016019876543", rc = "16/00-0123456 B 20" }
+vat_rate = 0.19
+
 [modules.rag]
 prefix = "/rag"
 upstream = "{UP}"
