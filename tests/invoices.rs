@@ -120,7 +120,8 @@ async fn a_closed_periods_invoice_says_everything_in_french_and_never_changes() 
         "NIS : 000016019876543".to_owned(),
         "RC : 16/00-0123456 B 20".to_owned(),
         "Test User".to_owned(),
-        format!("Compte : {}", user.id.as_str()),
+        "Compte :".to_owned(),
+        user.id.to_string(),
         format!("Abonnement Starter — {month}"),
         "Désignation".to_owned(),
         "Total HT".to_owned(),
@@ -135,6 +136,18 @@ async fn a_closed_periods_invoice_says_everything_in_french_and_never_changes() 
         assert!(flat.contains(&expected), "{expected:?} not in:\n{text}");
     }
     assert!(!text.contains("BROUILLON"));
+    // INVOICE_SCREENSHOT=docs/screenshots/invoice: the page as a picture.
+    if let Ok(out) = std::env::var("INVOICE_SCREENSHOT") {
+        let pdf = std::env::temp_dir().join("cg-invoice-shot.pdf");
+        std::fs::write(&pdf, &first).expect("write");
+        let ok = std::process::Command::new("pdftoppm")
+            .args(["-png", "-r", "110", "-singlefile"])
+            .arg(&pdf)
+            .arg(&out)
+            .status()
+            .expect("pdftoppm");
+        assert!(ok.success());
+    }
 
     // Byte for byte the same, however often and by whom it is fetched,
     // even after the plan's price or the account changes.

@@ -39,21 +39,20 @@ const WIDTH: f32 = 595.0;
 const HEIGHT: f32 = 842.0;
 const LEFT: f32 = 50.0;
 const RIGHT: f32 = WIDTH - 50.0;
-/// DejaVu Sans advances, in em: digits, space, comma, the letters of "DZD".
-/// Amounts are right-aligned by their width.
-fn amount_width(text: &str, size: f32) -> f32 {
+/// The width of `text` at `size` in the given font's own advances (no
+/// kerning, as krilla draws it): amounts are right-aligned by it.
+fn text_width(font: &'static [u8], text: &str, size: f32) -> f32 {
+    use skrifa::MetadataProvider;
+    use skrifa::instance::{LocationRef, Size};
+    let Ok(font) = skrifa::FontRef::new(font) else {
+        return 0.0;
+    };
+    let charmap = font.charmap();
+    let metrics = font.glyph_metrics(Size::new(size), LocationRef::default());
     text.chars()
-        .map(|c| match c {
-            '0'..='9' => 0.636,
-            ' ' => 0.3179,
-            ',' | '.' => 0.3179,
-            'D' => 0.770,
-            'Z' => 0.685,
-            '-' => 0.361,
-            _ => 0.6,
-        })
-        .sum::<f32>()
-        * size
+        .filter_map(|c| charmap.map(c))
+        .filter_map(|g| metrics.advance_width(g))
+        .sum()
 }
 
 struct Pen<'s, 'a> {
@@ -74,9 +73,9 @@ impl Pen<'_, '_> {
         );
     }
 
-    /// An amount whose right edge is at `right`.
+    /// Text (an amount, a column's title) whose right edge is at `right`.
     fn amount(&mut self, right: f32, y: f32, size: f32, bold: bool, text: &str) {
-        let x = right - amount_width(text, size);
+        let x = right - text_width(if bold { BOLD } else { REGULAR }, text, size);
         self.text(x, y, size, bold, text);
     }
 
@@ -200,15 +199,17 @@ fn draw(pen: &mut Pen<'_, '_>, invoice: &Invoice) {
         pen.text(cx, cy, 10.0, false, email);
         cy += 14.0;
     }
-    pen.text(cx, cy, 10.0, false, &format!("Compte : {}", c.id));
+    pen.text(cx, cy, 10.0, false, "Compte :");
+    pen.text(cx, cy + 13.0, 8.0, false, &c.id);
+    cy += 13.0;
     let mut y = y.max(cy + 14.0) + 20.0;
 
     // Lines.
     let (qty_x, unit_right, total_right) = (330.0, 450.0, RIGHT);
     pen.text(LEFT, y, 10.0, true, "Désignation");
     pen.text(qty_x, y, 10.0, true, "Qté");
-    pen.text(unit_right - 78.0, y, 10.0, true, "Prix unit. HT");
-    pen.text(total_right - 62.0, y, 10.0, true, "Montant HT");
+    pen.amount(unit_right, y, 10.0, true, "Prix unit. HT");
+    pen.amount(total_right, y, 10.0, true, "Montant HT");
     y += 8.0;
     pen.rule(y);
     y += 16.0;

@@ -6,6 +6,7 @@
   // times in Chromium. Times are shown in the deployment's time zone (the
   // API says which), where the gateway counts days and periods.
   const fmt = new Intl.NumberFormat("fr-FR");
+  const cents = new Intl.NumberFormat("fr-FR", { minimumFractionDigits: 2, maximumFractionDigits: 2 });
   let timeZone = "Africa/Algiers";
   const dateTimeFmt = () => new Intl.DateTimeFormat("fr-FR", {
     timeZone, day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit", hourCycle: "h23",
@@ -102,6 +103,7 @@
   window.CG = { T, api, el, fill, showMessage, session, ApiError, setTimeZone,
     num: (n) => fmt.format(n),
     money: (n) => `${fmt.format(n)} DZD`,
+    centimes: (c) => `${cents.format(c / 100)} DZD`,
     date: (s) => dateFmt.format(new Date(s)),
     day: (d) => dayFmt.format(new Date(`${d}T00:00:00Z`)) };
 })();

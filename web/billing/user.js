@@ -2,7 +2,7 @@
 // paginated history, a 30-day chart, the user's API keys and the plans
 // table.
 (function () {
-  const { T, api, el, fill, showMessage, session, setTimeZone, num, money, date, day } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, num, money, centimes, date, day } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.user_key";
   const PER_PAGE = 10;
@@ -25,6 +25,7 @@
   $("services-title").textContent = T.per_service;
   $("history-title").textContent = T.history;
   $("plans-title").textContent = T.plans;
+  $("invoices-title").textContent = T.invoices_title;
   $("keys-title").textContent = T.keys_title;
   $("l-key-name").textContent = T.key_name;
   $("l-key-expires").textContent = T.key_expires;
@@ -134,6 +135,35 @@
         p.modules.map(label).join(", "), p.features.length ? p.features.join(" · ") : "—"]), idx);
   }
 
+  const MONTHS = ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre",
+    "octobre", "novembre", "décembre"];
+  const monthName = (period) => `${MONTHS[Number(period.slice(5, 7)) - 1] || ""} ${period.slice(0, 4)}`;
+
+  // A PDF needs the key header: fetched, then opened from a blob.
+  async function downloadInvoice(inv) {
+    try {
+      const blob = await (await api(inv.pdf, { header: "X-API-Key", key: key() })).blob();
+      const link = el("a", { href: URL.createObjectURL(blob), download: `facture-${inv.period}.pdf` });
+      document.body.append(link);
+      link.click();
+      link.remove();
+    } catch (e) {
+      showMessage($("invoices-message"), e.message, "error");
+    }
+  }
+
+  function renderInvoices(answer) {
+    const rows = answer.invoices.slice().reverse().map((inv) => {
+      const button = el("button", { type: "button", class: "secondary",
+        "aria-label": fill(T.invoice_download_label, { period: monthName(inv.period) }) }, T.invoice_download);
+      button.addEventListener("click", () => downloadInvoice(inv));
+      return [monthName(inv.period), inv.number || T.invoice_draft,
+        centimes(inv.total_ht_centimes), centimes(inv.total_ttc_centimes), button];
+    });
+    table($("invoices"), [T.invoice_period, T.invoice_number, T.invoice_total_ht, T.invoice_total_ttc, T.actions], rows);
+    showMessage($("invoices-message"), rows.length ? "" : T.invoices_none, "ok");
+  }
+
   const send = (path, method, body) => api(path, { header: "X-API-Key", key: key(), method, body });
 
   function renderKeys(answer) {
@@ -208,12 +238,13 @@
   $("key-dialog").addEventListener("close", () => { $("new-key").value = ""; });
 
   async function load() {
-    const [me, usage, plans, keys, costs] = await Promise.all([
+    const [me, usage, plans, keys, costs, invoices] = await Promise.all([
       get("/api/billing/me"),
       get(`/api/billing/usage?days=30&page=${page}&per_page=${PER_PAGE}`),
       fetch("/api/billing/plans").then((r) => r.json()),
       get("/api/billing/keys"),
       fetch("/api/billing/credit-costs").then((r) => r.json()),
+      get("/api/billing/invoices").catch(() => ({ invoices: [] })),
     ]);
     labels = Object.fromEntries(costs.modules.map((m) => [m.module, m.label]));
     const current = renderMe(me);
@@ -221,6 +252,7 @@
     renderKeys(keys);
     renderModuleChoices(me.plan);
     renderPlans(plans.plans, current);
+    renderInvoices(invoices);
   }
 
   const start = session(STORE, "account", load, () => { page = 1; });

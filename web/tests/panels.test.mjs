@@ -228,6 +228,38 @@ test("user panel: the daily bar and its alerts, then a banner saying why calls a
   assertSameOrigin(p);
 });
 
+test("user panel: the invoices, with a draft for the current month, download as PDFs", async () => {
+  const created = await newUser("Amine Cherif", "starter"); // 2 000 DZD HT a month
+  const p = await page();
+  await p.goto(GATEWAY + "/billing/");
+  await p.getByLabel("Clé API").fill(created.api_key);
+  await p.getByRole("button", { name: "Se connecter" }).click();
+  await p.locator("#account").waitFor({ state: "visible" });
+  const rows = await p.locator("#invoices tbody tr").allTextContents();
+  assert.equal(rows.length, 1, "a new account: the current month's draft only");
+  assert.match(rows[0], /Brouillon/);
+  assert.match(rows[0], /2\u202f000,00 DZD/);
+  assert.match(rows[0], /2\u202f380,00 DZD/);
+  const [download] = await Promise.all([
+    p.waitForEvent("download"),
+    p.getByRole("button", { name: /^Télécharger la facture de / }).click(),
+  ]);
+  assert.match(download.suggestedFilename(), /^facture-\d{4}-\d{2}\.pdf$/);
+  const pdf = readFileSync(await download.path());
+  assert.equal(pdf.subarray(0, 5).toString(), "%PDF-");
+  await shoot(p, "user-invoices");
+  assertSameOrigin(p);
+
+  // A free account has none, and says why.
+  const free = await newUser("Nour Free", "free");
+  const q = await page();
+  await q.goto(GATEWAY + "/billing/");
+  await q.getByLabel("Clé API").fill(free.api_key);
+  await q.getByRole("button", { name: "Se connecter" }).click();
+  await q.locator("#account").waitFor({ state: "visible" });
+  assert.match(await q.locator("#invoices-message").textContent(), /Aucune facture/);
+});
+
 test("a wrong key gives a readable message and shows no data", async () => {
   for (const [path, label] of [["/billing/", "Clé API"], ["/billing/admin.html", "Clé d'administration"]]) {
     const p = await page();
