@@ -11,6 +11,7 @@ COPY migrations migrations
 COPY config config
 COPY web/billing web/billing
 COPY web/vendor web/vendor
+COPY assets assets
 RUN cargo build --release --locked --bin creditgate
 
 FROM debian:bookworm-slim
