@@ -1583,3 +1583,103 @@ async fn users_manage_their_own_keys() {
     assert!(scoped["revoked_at"].is_string());
     assert!(!detail.to_string().contains(&scoped_key));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn monthly_recurring_revenue_follows_the_plan_and_block_history() {
+    use chrono::{Months, TimeZone};
+    let app = TestApp::spawn().await;
+    let pool = app.pool().await;
+    let algiers = chrono_tz::Africa::Algiers;
+    let this_month = chrono::Utc::now()
+        .with_timezone(&algiers)
+        .date_naive()
+        .with_day(1)
+        .expect("first");
+    let at = |months_back: u32, day: u32| {
+        let d = this_month
+            .checked_sub_months(Months::new(months_back))
+            .and_then(|d| d.with_day(day))
+            .expect("date");
+        algiers
+            .from_local_datetime(&d.and_hms_opt(12, 0, 0).expect("noon"))
+            .single()
+            .expect("instant")
+            .with_timezone(&chrono::Utc)
+    };
+    // A: Starter (2,000) for three months. B: Starter, then Pro (5,000)
+    // from the middle of last month. C: Enterprise (50,000), created this
+    // month and blocked now.
+    let a = app.create_user("starter").await;
+    let b = app.create_user("starter").await;
+    let c = app.create_user("enterprise").await;
+    for u in [&a, &b] {
+        sqlx::query("UPDATE users SET created_at = $2 WHERE id = $1")
+            .bind(u.id.as_str())
+            .bind(at(3, 2))
+            .execute(&pool)
+            .await
+            .expect("backdate");
+    }
+    let plan = app
+        .admin(
+            Method::PUT,
+            &format!("/users/{}/plan", b.id.as_str()),
+            Some(json!({"plan": "enterprise"})),
+        )
+        .await;
+    assert_eq!(plan.status(), 200);
+    sqlx::query("UPDATE admin_audit SET at = $2 WHERE user_id = $1 AND action = 'plan_change'")
+        .bind(b.id.as_str())
+        .bind(at(1, 15))
+        .execute(&pool)
+        .await
+        .expect("backdate the change");
+    let blocked = app
+        .admin(
+            Method::POST,
+            &format!("/users/{}/block", c.id.as_str()),
+            None,
+        )
+        .await;
+    assert_eq!(blocked.status(), 200);
+
+    let stats = body(app.admin(Method::GET, "/stats?months=4", None).await).await;
+    let months: Vec<(String, i64)> = stats["revenue"]["by_month"]
+        .as_array()
+        .expect("by_month")
+        .iter()
+        .map(|m| {
+            (
+                m["month"].as_str().unwrap_or("").to_owned(),
+                m["dzd"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    let month = |back: u32| {
+        this_month
+            .checked_sub_months(Months::new(back))
+            .expect("month")
+            .format("%Y-%m")
+            .to_string()
+    };
+    assert_eq!(
+        months,
+        vec![
+            (month(3), 4_000), // A and B on Starter
+            (month(2), 4_000),
+            (month(1), 52_000), // B on Enterprise since the 15th
+            (month(0), 52_000), // C blocked: not counted
+        ]
+    );
+    assert_eq!(
+        stats["revenue"]["monthly_dzd"], 52_000,
+        "this month's figure is the current revenue"
+    );
+    assert!(
+        body(app.admin(Method::GET, "/stats", None).await).await["revenue"]
+            .get("by_month")
+            .is_none()
+    );
+    let r = app.admin(Method::GET, "/stats?months=25", None).await;
+    assert_eq!(r.status(), 400);
+}

@@ -27,9 +27,9 @@ use uuid::Uuid;
 use super::credits::parse_user;
 use super::schema::{
     AdminCredits, AdminDaily, AuditEntry, AuditList, Consumption, CreateUserBody, CreatedUser,
-    ErrorBody, GrantAnswer, GrantBody, KeyView, ModuleUsage, NewKeyAnswer, PlanBody, PlanChanged,
-    PlanView, ReasonBody, Revenue, RevokedAnswer, StatsAnswer, StatusAnswer, TopConsumer,
-    UserDetail, UserList, UserRow, UserSummary, UsersStats,
+    ErrorBody, GrantAnswer, GrantBody, KeyView, ModuleUsage, MonthRevenueView, NewKeyAnswer,
+    PlanBody, PlanChanged, PlanView, ReasonBody, Revenue, RevokedAnswer, StatsAnswer, StatusAnswer,
+    TopConsumer, UserDetail, UserList, UserRow, UserSummary, UsersStats,
 };
 use super::user::{account_state, fill_days, view};
 use super::{ApiResult, Page, auth, json, mirror, ok, query, read_json};
@@ -798,6 +798,7 @@ async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResu
 #[serde(deny_unknown_fields)]
 struct StatsQuery {
     days: Option<i64>,
+    months: Option<u32>,
 }
 
 #[utoipa::path(
@@ -807,6 +808,7 @@ struct StatsQuery {
     security(("admin_key" = [])),
     params(
         ("days" = Option<i64>, Query, minimum = 1, maximum = 366, description = "adds a daily series"),
+        ("months" = Option<u32>, Query, minimum = 1, maximum = 24, description = "adds the monthly recurring revenue of the last N months"),
     ),
     responses(
         (status = 200, description = "Users, revenue, consumption", body = StatsAnswer),
@@ -818,6 +820,9 @@ struct StatsQuery {
 async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: StatsQuery = query(&req)?;
     let window = q.days.map(|d| super::days(Some(d), d)).transpose()?;
+    if q.months.is_some_and(|m| !(1..=24).contains(&m)) {
+        return Err(invalid("months must be between 1 and 24"));
+    }
     let pool = &state.reports;
     let stamp = state.calendar.now();
     let today = stamp.local_date();
@@ -880,6 +885,24 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
         },
         revenue: Revenue {
             monthly_dzd: revenue,
+            by_month: match q.months {
+                Some(months) => Some(
+                    crate::invoices::revenue::by_month(
+                        pool,
+                        &state.catalog,
+                        &state.calendar,
+                        months,
+                    )
+                    .await?
+                    .into_iter()
+                    .map(|m| MonthRevenueView {
+                        month: m.month,
+                        dzd: m.dzd,
+                    })
+                    .collect(),
+                ),
+                None => None,
+            },
         },
         consumption: Consumption {
             today: consumed_today,

@@ -429,6 +429,18 @@ pub struct UsersStats {
 pub struct Revenue {
     /// Sum of the plan prices of active users.
     pub monthly_dzd: i64,
+    /// With `?months=N`: monthly recurring revenue at the end of each of
+    /// the last N months (now for the current one), oldest first, from
+    /// the plan and block history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_month: Option<Vec<MonthRevenueView>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MonthRevenueView {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub dzd: i64,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -15,6 +15,7 @@
 //! shown as a draft ("Brouillon"), computed afresh and never numbered.
 
 pub mod pdf;
+pub mod revenue;
 pub mod words;
 
 use chrono::{DateTime, NaiveDate, Utc};

@@ -17,6 +17,10 @@
     "l-grant-credits": T.grant_amount, "l-grant-reason": T.grant_reason, "grant-cancel": T.cancel,
     "grant-submit": T.grant, "t-top": T.top_consumers, "t-usage-export": T.usage_export,
     "l-usage-from": T.usage_from, "l-usage-to": T.usage_to, "usage-export": T.usage_download,
+    "t-create": T.create_user, "l-create-name": T.create_name, "l-create-email": T.create_email,
+    "l-create-plan": T.plan, "create-submit": T.create_submit, "secret-note": T.secret_note,
+    "l-secret-key": T.api_key, "secret-close": T.key_done, "user-key-create": T.key_new,
+    "keys-dialog-close": T.close,
   };
   for (const [id, text] of Object.entries(labels)) $(id).textContent = text;
   document.querySelector('label[for="key"]').textContent = T.admin_key;
@@ -49,10 +53,13 @@
     $("today").textContent = num(sum(stats.consumption.today));
     $("month").textContent = num(sum(stats.consumption.this_month));
     const plans = state.plans;
+    // Monthly recurring revenue over the last 12 months (plan and block
+    // history), the current month last.
+    const mrr = stats.revenue.by_month || [];
     chart("revenue-chart", {
       type: "bar",
-      data: { labels: plans.map((p) => p.name),
-        datasets: [{ label: T.revenue, data: plans.map((p) => p.price_dzd * (stats.users.by_plan[p.id] || 0)), backgroundColor: "#0b6e4f" }] },
+      data: { labels: mrr.map((m) => monthShort(m.month)),
+        datasets: [{ label: T.revenue, data: mrr.map((m) => m.dzd), backgroundColor: "#0b6e4f" }] },
       options: { plugins: { legend: { display: false } } },
     });
     chart("consumption-chart", {
@@ -69,6 +76,8 @@
     });
   }
 
+  const SHORT = ["janv.", "févr.", "mars", "avr.", "mai", "juin", "juil.", "août", "sept.", "oct.", "nov.", "déc."];
+  const monthShort = (m) => `${SHORT[Number(m.slice(5, 7)) - 1] || ""} ${m.slice(2, 4)}`;
   const planName = (id) => (state.plans.find((p) => p.id === id) || { name: id }).name;
 
   function renderTop(stats) {
@@ -83,6 +92,7 @@
     planSelect.addEventListener("change", () => changePlan(user, planSelect));
     return el("div", { class: "row" },
       el("button", { type: "button", class: "secondary", onclick: () => openGrant(user) }, T.grant),
+      el("button", { type: "button", class: "secondary", "aria-label": `${T.keys} — ${user.name}`, onclick: () => openKeys(user) }, T.keys),
       el("button", { type: "button", class: "secondary", onclick: () => setBlocked(user, !blocked) }, blocked ? T.unblock : T.block),
       planSelect);
   }
@@ -110,9 +120,12 @@
   async function loadAll() {
     const [plans, stats] = await Promise.all([
       fetch("/api/billing/plans").then((r) => r.json()),
-      get("/api/admin/billing/stats?days=30"),
+      get("/api/admin/billing/stats?days=30&months=12"),
     ]);
     state.plans = plans.plans;
+    if ($("create-plan").options.length === 0) {
+      $("create-plan").append(...state.plans.map((p) => el("option", { value: p.id }, p.name)));
+    }
     if ($("f-plan").options.length === 0) {
       $("f-plan").append(el("option", { value: "" }, T.all), ...state.plans.map((p) => el("option", { value: p.id }, p.name)));
       $("f-status").append(el("option", { value: "" }, T.all), el("option", { value: "active" }, T.active), el("option", { value: "blocked" }, T.blocked));
@@ -148,6 +161,80 @@
     act(() => call(`/api/admin/billing/users/${encodeURIComponent(user.id)}/plan`, { method: "PUT", body: { plan: plan.id } }),
       fill(T.done_plan, { name: user.name, plan: plan.name }));
   }
+
+  // A new key is shown once, in its own dialog; closing it forgets it.
+  function showSecret(name, key) {
+    $("secret-title").textContent = fill(T.secret_title, { name });
+    $("secret-key").value = key;
+    $("secret-dialog").showModal();
+    $("secret-key").select();
+  }
+  $("secret-close").addEventListener("click", () => {
+    $("secret-key").value = "";
+    $("secret-dialog").close();
+  });
+  $("secret-dialog").addEventListener("close", () => { $("secret-key").value = ""; });
+
+  $("create-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = { name: $("create-name").value.trim(), plan: $("create-plan").value };
+    const email = $("create-email").value.trim();
+    if (email) body.email = email;
+    try {
+      const created = await (await call("/api/admin/billing/users", { method: "POST", body })).json();
+      $("create-form").reset();
+      result(fill(T.created_user, { name: created.user.name }), "ok");
+      showSecret(created.user.name, created.api_key);
+      await loadAll();
+    } catch (e) {
+      result(e.message, "error");
+    }
+  });
+
+  let keysOf = null;
+  async function renderUserKeys() {
+    const user = keysOf;
+    const detail = await get(`/api/admin/billing/users/${encodeURIComponent(user.id)}`);
+    const rows = detail.keys.map((k) => {
+      const cells = [k.name || "—", `${k.prefix}…`, date(k.created_at), k.last_used_at ? date(k.last_used_at) : T.key_never_used];
+      if (k.revoked_at) return [...cells, T.key_revoked];
+      const revoke = el("button", { type: "button", class: "secondary", "aria-label": `${T.key_revoke} ${k.prefix}…` }, T.key_revoke);
+      revoke.addEventListener("click", async () => {
+        if (!confirm(fill(T.confirm_admin_revoke, { prefix: k.prefix, name: user.name }))) return;
+        try {
+          await call(`/api/admin/billing/users/${encodeURIComponent(user.id)}/keys/${k.id}`, { method: "DELETE" });
+          await renderUserKeys();
+          showMessage($("keys-dialog-message"), fill(T.done_admin_revoke, { prefix: k.prefix }), "ok");
+        } catch (e) {
+          showMessage($("keys-dialog-message"), e.message, "error");
+        }
+      });
+      return [...cells, revoke];
+    });
+    table($("user-keys"), [T.key_name, T.key_prefix, T.date, T.key_last_used, T.actions], rows);
+  }
+  async function openKeys(user) {
+    keysOf = user;
+    $("keys-dialog-title").textContent = fill(T.keys_of, { name: user.name });
+    showMessage($("keys-dialog-message"), "", "");
+    try {
+      await renderUserKeys();
+      $("keys-dialog").showModal();
+    } catch (e) {
+      result(e.message, "error");
+    }
+  }
+  $("keys-dialog-close").addEventListener("click", () => $("keys-dialog").close());
+  $("user-key-create").addEventListener("click", async () => {
+    const user = keysOf;
+    try {
+      const created = await (await call(`/api/admin/billing/users/${encodeURIComponent(user.id)}/keys`, { method: "POST", body: {} })).json();
+      await renderUserKeys();
+      showSecret(user.name, created.api_key);
+    } catch (e) {
+      showMessage($("keys-dialog-message"), e.message, "error");
+    }
+  });
 
   let granting = null;
   function openGrant(user) {

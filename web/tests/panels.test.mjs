@@ -260,6 +260,53 @@ test("user panel: the invoices, with a draft for the current month, download as 
   assert.match(await q.locator("#invoices-message").textContent(), /Aucune facture/);
 });
 
+test("admin panel: a user is created with the key shown once, then its keys are listed, added and revoked", async () => {
+  const p = await page();
+  await p.goto(GATEWAY + "/billing/admin.html");
+  await p.getByLabel("Clé d'administration").fill(ADMIN_KEY);
+  await p.getByRole("button", { name: "Se connecter" }).click();
+  await p.locator("#console").waitFor({ state: "visible" });
+
+  await p.getByLabel("Nom", { exact: true }).fill("Meriem Bouzid");
+  await p.getByLabel("E-mail (facultatif)").fill("meriem@example.dz");
+  await p.locator("#create-plan").selectOption("starter");
+  await p.getByRole("button", { name: "Créer", exact: true }).click();
+  const secret = p.getByRole("dialog", { name: "Clé API de Meriem Bouzid" });
+  await secret.waitFor({ state: "visible" });
+  assert.match(await secret.textContent(), /ne sera plus jamais affichée/);
+  const first = await p.locator("#secret-key").inputValue();
+  assert.match(first, /^cg_[0-9a-f]{48}$/);
+  assert.equal((await call(first, "/legal/x")).status, 200, "the new user's key works at once, on its plan");
+  await p.getByRole("button", { name: "J'ai copié la clé" }).click();
+  await secret.waitFor({ state: "hidden" });
+  assert.equal(await p.locator("#secret-key").inputValue(), "", "the key is gone from the page");
+
+  await p.getByLabel("Recherche").fill("Meriem");
+  await until("the new user's row", async () => (await p.locator("#users tbody tr").count()) === 1);
+  await p.getByRole("button", { name: "Clés — Meriem Bouzid" }).click();
+  const keys = p.getByRole("dialog", { name: "Clés API de Meriem Bouzid" });
+  await keys.waitFor({ state: "visible" });
+  assert.equal(await p.locator("#user-keys tbody tr").count(), 1);
+  await p.getByRole("button", { name: "Nouvelle clé" }).click();
+  await secret.waitFor({ state: "visible" });
+  const second = await p.locator("#secret-key").inputValue();
+  assert.notEqual(second, first);
+  await p.getByRole("button", { name: "J'ai copié la clé" }).click();
+  await until("two keys listed", async () => (await p.locator("#user-keys tbody tr").count()) === 2);
+
+  const prefix = first.slice(0, 11);
+  await p.getByRole("button", { name: `Révoquer ${prefix}…` }).click();
+  await until("the revocation", async () => /est révoquée/.test(await p.locator("#keys-dialog-message").textContent()));
+  assert.ok(p.dialogs.some((m) => m.startsWith(`Révoquer la clé ${prefix}… de Meriem Bouzid`)), p.dialogs.join("|"));
+  assert.equal((await call(first, "/rag/x")).status, 401, "revoked at once");
+  assert.equal((await call(second, "/rag/x")).status, 200);
+  assert.match(await p.locator("#user-keys tbody tr", { hasText: prefix }).textContent(), /révoquée/);
+  await p.getByRole("button", { name: "Fermer" }).click();
+  await keys.waitFor({ state: "hidden" });
+  assert.deepEqual(await axe(p), [], "admin panel after the dialogs");
+  assertSameOrigin(p);
+});
+
 test("a wrong key gives a readable message and shows no data", async () => {
   for (const [path, label] of [["/billing/", "Clé API"], ["/billing/admin.html", "Clé d'administration"]]) {
     const p = await page();
@@ -284,7 +331,12 @@ test("admin panel: stats, filters, grant, plan change, block and CSV export", as
   await p.getByRole("button", { name: "Se connecter" }).click();
   await p.locator("#console").waitFor({ state: "visible" });
 
-  const stats = await (await admin("/stats?days=30")).json();
+  const stats = await (await admin("/stats?days=30&months=12")).json();
+  // The revenue chart: twelve months of recurring revenue, this month last.
+  const mrr = await p.locator("#revenue-chart").evaluate((c) => Chart.getChart(c).data.datasets[0].data);
+  assert.equal(mrr.length, 12);
+  assert.equal(mrr.at(-1), stats.revenue.monthly_dzd);
+  assert.deepEqual(mrr, stats.revenue.by_month.map((m) => m.dzd));
   assert.equal(await p.locator("#users-total").textContent(), String(stats.users.total));
   const revenue = (await p.locator("#revenue").textContent()).replace(/\D/g, "");
   assert.equal(revenue, String(stats.revenue.monthly_dzd));
