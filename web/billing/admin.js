@@ -18,7 +18,7 @@
     "grant-submit": T.grant, "t-top": T.top_consumers, "t-usage-export": T.usage_export,
     "l-usage-from": T.usage_from, "l-usage-to": T.usage_to, "usage-export": T.usage_download,
     "t-create": T.create_user, "l-create-name": T.create_name, "l-create-email": T.create_email,
-    "l-create-plan": T.plan, "create-submit": T.create_submit, "secret-note": T.secret_note,
+    "l-create-plan": T.create_plan, "create-submit": T.create_submit, "secret-note": T.secret_note,
     "l-secret-key": T.api_key, "secret-close": T.key_done, "user-key-create": T.key_new,
     "keys-dialog-close": T.close,
   };

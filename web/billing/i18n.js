@@ -104,6 +104,7 @@ window.I18N = {
   create_user: "Créer un utilisateur",
   create_name: "Nom",
   create_email: "E-mail (facultatif)",
+  create_plan: "Offre souscrite",
   create_submit: "Créer",
   created_user: "Compte de {name} créé.",
   secret_title: "Clé API de {name}",

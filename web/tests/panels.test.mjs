@@ -269,7 +269,7 @@ test("admin panel: a user is created with the key shown once, then its keys are 
 
   await p.getByLabel("Nom", { exact: true }).fill("Meriem Bouzid");
   await p.getByLabel("E-mail (facultatif)").fill("meriem@example.dz");
-  await p.locator("#create-plan").selectOption("starter");
+  await p.getByLabel("Offre souscrite").selectOption("starter");
   await p.getByRole("button", { name: "Créer", exact: true }).click();
   const secret = p.getByRole("dialog", { name: "Clé API de Meriem Bouzid" });
   await secret.waitFor({ state: "visible" });
