@@ -26,6 +26,7 @@
   $("history-title").textContent = T.history;
   $("plans-title").textContent = T.plans;
   $("invoices-title").textContent = T.invoices_title;
+  $("costs-title").textContent = T.costs_title;
   $("keys-title").textContent = T.keys_title;
   $("l-key-name").textContent = T.key_name;
   $("l-key-expires").textContent = T.key_expires;
@@ -152,6 +153,12 @@
     }
   }
 
+  function renderCosts(costs, plan) {
+    const mine = new Set(plan ? plan.modules : []);
+    table($("costs"), [T.service, T.description, T.cost_per_call, T.in_your_plan],
+      costs.modules.map((m) => [m.label, m.description || "—", num(m.cost), mine.has(m.module) ? T.yes : T.no]));
+  }
+
   function renderInvoices(answer) {
     const rows = answer.invoices.slice().reverse().map((inv) => {
       const button = el("button", { type: "button", class: "secondary",
@@ -253,6 +260,7 @@
     renderModuleChoices(me.plan);
     renderPlans(plans.plans, current);
     renderInvoices(invoices);
+    renderCosts(costs, me.plan);
   }
 
   const start = session(STORE, "account", load, () => { page = 1; });

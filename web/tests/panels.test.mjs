@@ -126,6 +126,13 @@ test("user panel shows the exact balance, the 80 % alert, the chart and the hist
   assert.match(planRows[0], /Gratuit/);
   assert.match(planRows[2], /2\u202f000 DZD/);
   assert.match(planRows[5], /Modèles personnalisés · SLA 99,9 % · Support 24\/7/);
+  // Each service by its label, with its description, price and whether
+  // the plan opens it.
+  const costRows = await p.locator("#costs tbody tr").allTextContents();
+  const park = costRows.find((r) => r.startsWith("Recherche de véhicules"));
+  assert.ok(park && park.includes("Recherche dans le parc automobile") && /2oui$/.test(park), costRows.join("\n"));
+  const legal = costRows.find((r) => r.startsWith("Assistant juridique"));
+  assert.ok(legal && /3non$/.test(legal), costRows.join("\n"));
   const current = await p.locator("#plans tr.current").textContent();
   assert.match(current, /Mini \(Votre offre\)/);
   await shoot(p, "user-desktop");
