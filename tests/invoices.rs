@@ -247,3 +247,43 @@ async fn numbers_stay_gap_free_when_periods_close_concurrently() {
         .expect("counter");
     assert_eq!(last, 30);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_monthly_reset_numbers_the_period_just_closed() {
+    let app = TestApp::spawn().await;
+    let users = [
+        old_user(&app, "starter").await,
+        old_user(&app, "enterprise").await,
+        old_user(&app, "free").await,
+    ];
+    let (period, _) = previous_period();
+    let r = app.service("/reset-monthly", serde_json::json!({})).await;
+    assert_eq!(r.status(), 200);
+    let pool = app.pool().await;
+    common::wait_until(
+        "the invoices issued",
+        std::time::Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM invoices WHERE period = $1")
+                .bind(&period)
+                .fetch_one(&pool)
+                .await
+                .is_ok_and(|n| n == 2)
+        },
+    )
+    .await;
+    // Numbered by the reset, before anyone asked: the paying accounts in
+    // id order, the free one has none.
+    let numbered: Vec<(String, i64)> =
+        sqlx::query_as("SELECT user_id, number FROM invoices WHERE period = $1 ORDER BY number")
+            .bind(&period)
+            .fetch_all(&pool)
+            .await
+            .expect("numbers");
+    let mut paying: Vec<&str> = users[..2].iter().map(|u| u.id.as_str()).collect();
+    paying.sort();
+    assert_eq!(
+        numbered,
+        vec![(paying[0].to_owned(), 1), (paying[1].to_owned(), 2)]
+    );
+}

@@ -252,14 +252,19 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
 )]
 async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
     let report = state.billing.reset_monthly(actor).await?;
-    // The period just ended gets its invoices numbered now; one that
-    // fails here is numbered when first listed or downloaded.
-    let closed = state.invoices.previous_period();
-    match state.invoices.close_period(&closed).await {
-        Ok(n) => tracing::info!(period = %closed, invoices = n, "invoices issued"),
-        Err(crate::invoices::InvoiceError::NotConfigured) => {}
-        Err(e) => tracing::warn!(period = %closed, error = %e, "invoices not issued"),
-    }
+    // The period just ended gets its invoices numbered, in the background
+    // (one transaction per account: minutes for a large base, longer than
+    // a caller should wait); one that fails is numbered when first listed
+    // or downloaded.
+    let invoices = state.invoices.clone();
+    tokio::spawn(async move {
+        let closed = invoices.previous_period();
+        match invoices.close_period(&closed).await {
+            Ok(n) => tracing::info!(period = %closed, invoices = n, "invoices issued"),
+            Err(crate::invoices::InvoiceError::NotConfigured) => {}
+            Err(e) => tracing::warn!(period = %closed, error = %e, "invoices not issued"),
+        }
+    });
     super::admin::audit(
         state,
         actor,

@@ -382,6 +382,8 @@ pub struct Meter {
 
 /// No offset measured yet: charges go without a deadline.
 const UNCALIBRATED: i64 = i64::MIN;
+/// A clock comparison whose round trip took longer is not trusted.
+const CALIBRATION_MAX_RTT_MS: i64 = 50;
 
 impl Meter {
     /// Builds the meter without connecting: the gateway starts (and answers
@@ -468,19 +470,31 @@ impl Meter {
             .await?;
         let received = chrono::Utc::now().timestamp_millis();
         let offset = secs * 1000 + micros / 1000 - (sent + received) / 2;
+        // A slow round trip (Redis stalled, then answering a backlog) says
+        // little about the clocks: the error is up to half of it. Keep the
+        // last good measure rather than move every deadline by it.
+        if received - sent > CALIBRATION_MAX_RTT_MS
+            && self.clock_offset_ms.load(Ordering::Relaxed) != UNCALIBRATED
+        {
+            return Ok(self.clock_offset_ms.load(Ordering::Relaxed));
+        }
         self.clock_offset_ms.store(offset, Ordering::Relaxed);
         Ok(offset)
     }
 
     /// When a charge sent now must have run, on Redis's clock; "0" (none)
-    /// until the clocks have been compared.
+    /// until the clocks have been compared. Earlier than our own deadline
+    /// by a margin (a fifth of the budget, at most 50 ms): a script that
+    /// runs just in time must also get its answer back in time, or its
+    /// caller hears 503 "nothing charged" for a charge that stands. Seen
+    /// once with a Redis that stalled and then ran its backlog the moment
+    /// it came back.
     fn deadline_on_redis(&self) -> i64 {
         match self.clock_offset_ms.load(Ordering::Relaxed) {
             UNCALIBRATED => 0,
             offset => {
-                chrono::Utc::now().timestamp_millis()
-                    + offset
-                    + i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4)
+                let budget = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4);
+                chrono::Utc::now().timestamp_millis() + offset + budget - (budget / 5).min(50)
             }
         }
     }
