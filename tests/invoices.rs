@@ -19,23 +19,9 @@ fn previous_period() -> (String, String) {
         .with_day(1)
         .and_then(|d| d.checked_sub_months(Months::new(1)))
         .expect("last month");
-    let months = [
-        "janvier",
-        "février",
-        "mars",
-        "avril",
-        "mai",
-        "juin",
-        "juillet",
-        "août",
-        "septembre",
-        "octobre",
-        "novembre",
-        "décembre",
-    ];
     (
         first.format("%Y-%m").to_string(),
-        format!("{} {}", months[first.month0() as usize], first.year()),
+        creditgate::invoices::month_name(&first.format("%Y-%m").to_string()),
     )
 }
 
