@@ -1,7 +1,7 @@
 // The admin panel: global stats and charts, users with filters and
 // actions (grant, block, unblock, change plan), CSV export, audit trail.
 (function () {
-  const { T, api, el, fill, showMessage, session, setTimeZone, num, date, day } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, save, num, date, day } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.admin_key";
   const PER_PAGE = 20;
@@ -259,11 +259,7 @@
   // Exports need the admin header, so they are fetched, then saved.
   async function download(path, file, done) {
     try {
-      const blob = await (await call(path)).blob();
-      const link = el("a", { href: URL.createObjectURL(blob), download: file });
-      document.body.append(link);
-      link.click();
-      link.remove();
+      await save(await call(path), file);
       result(done, "ok");
     } catch (e) {
       result(e.message, "error");

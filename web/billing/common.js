@@ -59,6 +59,16 @@
     return template.replace(/\{(\w+)\}/g, (_, k) => values[k] ?? "");
   }
 
+  /// Saves a fetched file (exports, invoices: they need the key header, so
+  /// a plain link cannot fetch them).
+  async function save(response, filename) {
+    const blob = await response.blob();
+    const link = el("a", { href: URL.createObjectURL(blob), download: filename });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  }
+
   function showMessage(box, text, kind) {
     box.textContent = text;
     box.className = "message " + kind;
@@ -100,7 +110,7 @@
     return start;
   }
 
-  window.CG = { T, api, el, fill, showMessage, session, ApiError, setTimeZone,
+  window.CG = { T, api, el, fill, showMessage, session, ApiError, setTimeZone, save,
     num: (n) => fmt.format(n),
     money: (n) => `${fmt.format(n)} DZD`,
     centimes: (c) => `${cents.format(c / 100)} DZD`,

@@ -2,7 +2,7 @@
 // paginated history, a 30-day chart, the user's API keys and the plans
 // table.
 (function () {
-  const { T, api, el, fill, showMessage, session, setTimeZone, num, money, centimes, date, day } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, save, num, money, centimes, date, day } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.user_key";
   const PER_PAGE = 10;
@@ -140,14 +140,9 @@
     "octobre", "novembre", "décembre"];
   const monthName = (period) => `${MONTHS[Number(period.slice(5, 7)) - 1] || ""} ${period.slice(0, 4)}`;
 
-  // A PDF needs the key header: fetched, then opened from a blob.
   async function downloadInvoice(inv) {
     try {
-      const blob = await (await api(inv.pdf, { header: "X-API-Key", key: key() })).blob();
-      const link = el("a", { href: URL.createObjectURL(blob), download: `facture-${inv.period}.pdf` });
-      document.body.append(link);
-      link.click();
-      link.remove();
+      await save(await api(inv.pdf, { header: "X-API-Key", key: key() }), `facture-${inv.period}.pdf`);
     } catch (e) {
       showMessage($("invoices-message"), e.message, "error");
     }
