@@ -107,13 +107,22 @@ impl Default for DeliverySettings {
     }
 }
 
-/// A validated endpoint.
-#[derive(Debug)]
+/// A validated endpoint. Its Debug output leaves the signing key out.
 pub struct Endpoint {
     pub url: String,
     pub target: client::Target,
     key: Vec<u8>,
     pub events: Vec<EventType>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("url", &self.url)
+            .field("key", &"<redacted>")
+            .field("events", &self.events)
+            .finish()
+    }
 }
 
 impl Endpoint {
@@ -299,6 +308,29 @@ mod tests {
         ];
         let err = Webhooks::validate(&twice, DeliverySettings::default()).unwrap_err();
         assert_eq!(err.key, "webhooks[1].url");
+    }
+
+    #[test]
+    fn the_signing_key_never_shows_in_debug_output() {
+        let hooks = Webhooks::validate(
+            &[endpoint(
+                "https://hub.example/hooks",
+                SECRET,
+                &["plan.changed"],
+            )],
+            DeliverySettings::default(),
+        )
+        .unwrap();
+        let text = format!("{hooks:?}");
+        assert!(
+            text.contains("<redacted>") && text.contains("hub.example"),
+            "{text}"
+        );
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
+        assert!(!text.contains(&format!("{key:?}")), "{text}");
+        assert!(!text.contains(&format!("{:?}", &key[..4])), "{text}");
     }
 
     #[test]
