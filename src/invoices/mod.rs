@@ -169,6 +169,35 @@ struct Account {
     email: Option<String>,
     plan: String,
     created_at: DateTime<Utc>,
+    /// From the audit trail, oldest first: read once per account, whatever
+    /// the number of periods asked about.
+    plan_changes: Vec<PlanChange>,
+}
+
+/// A plan change from the audit trail (`from`, `to` of its details).
+pub(crate) struct PlanChange {
+    pub at: DateTime<Utc>,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// The plan in force at some instant: that of the last change `happened`
+/// says took place by then, else the plan before the first change, else
+/// the plan now (an account never changed). `changes` oldest first.
+pub(crate) fn plan_in_force(
+    changes: &[PlanChange],
+    plan_now: &str,
+    happened: impl Fn(DateTime<Utc>) -> bool,
+) -> String {
+    match (
+        changes.iter().rev().find(|c| happened(c.at)),
+        changes.first(),
+    ) {
+        (Some(c), _) => c.to.clone(),
+        (None, Some(first)) => first.from.clone(),
+        (None, None) => None,
+    }
+    .unwrap_or_else(|| plan_now.to_owned())
 }
 
 impl Invoices {
@@ -200,22 +229,6 @@ impl Invoices {
                 .fetch_optional(&self.pool)
                 .await?;
         let (name, email, plan, created_at) = row.ok_or(InvoiceError::UnknownUser)?;
-        Ok(Account {
-            name,
-            email,
-            plan,
-            created_at,
-        })
-    }
-
-    /// The plan held at `at`: the plan changes are in the audit trail
-    /// (`from`, `to`); without any, the account's plan.
-    async fn plan_at(
-        &self,
-        user: &UserId,
-        account: &Account,
-        at: DateTime<Utc>,
-    ) -> Result<String, InvoiceError> {
         let changes: Vec<(DateTime<Utc>, Option<String>, Option<String>)> = sqlx::query_as(
             "SELECT at, details->>'from', details->>'to' FROM admin_audit
              WHERE user_id = $1 AND action = 'plan_change' ORDER BY at, id",
@@ -223,11 +236,15 @@ impl Invoices {
         .bind(user.as_str())
         .fetch_all(&self.pool)
         .await?;
-        let before = changes.iter().rev().find(|(t, _, _)| *t <= at);
-        Ok(match (before, changes.first()) {
-            (Some((_, _, Some(to))), _) => to.clone(),
-            (None, Some((_, Some(from), _))) => from.clone(),
-            _ => account.plan.clone(),
+        Ok(Account {
+            name,
+            email,
+            plan,
+            created_at,
+            plan_changes: changes
+                .into_iter()
+                .map(|(at, from, to)| PlanChange { at, from, to })
+                .collect(),
         })
     }
 
@@ -246,9 +263,8 @@ impl Invoices {
         if account.created_at >= end {
             return Ok(None);
         }
-        let plan_id = self
-            .plan_at(user, account, start.max(account.created_at))
-            .await?;
+        let held = start.max(account.created_at);
+        let plan_id = plan_in_force(&account.plan_changes, &account.plan, |t| t <= held);
         let Some(plan) = self.catalog.plan(&plan_id) else {
             return Ok(None);
         };
@@ -335,15 +351,7 @@ impl Invoices {
     }
 
     async fn stored(&self, user: &UserId, period: &str) -> Result<Option<Invoice>, InvoiceError> {
-        let content: Option<serde_json::Value> =
-            sqlx::query_scalar("SELECT content FROM invoices WHERE user_id = $1 AND period = $2")
-                .bind(user.as_str())
-                .bind(period)
-                .fetch_optional(&self.pool)
-                .await?;
-        content
-            .map(|c| serde_json::from_value(c).map_err(|e| InvoiceError::Corrupt(e.to_string())))
-            .transpose()
+        stored_in(&self.pool, user, period).await
     }
 
     /// Numbers and stores a closed period's invoice. The seller's counter
@@ -364,15 +372,8 @@ impl Invoices {
                 .bind(&seller_key)
                 .fetch_one(&mut *tx)
                 .await?;
-        let existing: Option<serde_json::Value> =
-            sqlx::query_scalar("SELECT content FROM invoices WHERE user_id = $1 AND period = $2")
-                .bind(user.as_str())
-                .bind(&invoice.period)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(content) = existing {
-            return serde_json::from_value(content)
-                .map_err(|e| InvoiceError::Corrupt(e.to_string()));
+        if let Some(existing) = stored_in(&mut *tx, user, &invoice.period).await? {
+            return Ok(existing);
         }
         let number = last + 1;
         let issued_on = self.calendar.now().local_date();
@@ -433,13 +434,33 @@ impl Invoices {
 
     /// The period before the current one, which the monthly reset closes.
     pub fn previous_period(&self) -> String {
-        let current = self.calendar.now().period;
-        let (y, m) = split_period(&current).unwrap_or((1970, 1));
-        if m == 1 {
-            format!("{:04}-12", y - 1)
-        } else {
-            format!("{y:04}-{:02}", m - 1)
-        }
+        previous_period(&self.calendar.now().period)
+    }
+}
+
+/// A stored invoice, through the pool or inside a transaction.
+async fn stored_in<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    user: &UserId,
+    period: &str,
+) -> Result<Option<Invoice>, InvoiceError> {
+    let content: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT content FROM invoices WHERE user_id = $1 AND period = $2")
+            .bind(user.as_str())
+            .bind(period)
+            .fetch_optional(executor)
+            .await?;
+    content
+        .map(|c| serde_json::from_value(c).map_err(|e| InvoiceError::Corrupt(e.to_string())))
+        .transpose()
+}
+
+/// `2026-01` → `2025-12`.
+pub(crate) fn previous_period(period: &str) -> String {
+    match split_period(period) {
+        Some((y, 1)) => format!("{:04}-12", y - 1),
+        Some((y, m)) => format!("{y:04}-{:02}", m - 1),
+        None => "1969-12".into(),
     }
 }
 
@@ -507,6 +528,8 @@ mod tests {
         assert_eq!(month_name("2027-02"), "février 2027");
         assert_eq!(next_period("2026-12"), "2027-01");
         assert_eq!(next_period("2026-09"), "2026-10");
+        assert_eq!(previous_period("2026-01"), "2025-12");
+        assert_eq!(previous_period("2026-11"), "2026-10");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use super::{PlanChange, plan_in_force, previous_period};
 use crate::catalog::Catalog;
 use crate::metering::Calendar;
 
@@ -32,11 +33,12 @@ type AuditRow = (
     Option<String>,
 );
 
-struct Event {
-    at: DateTime<Utc>,
-    action: String,
-    from: Option<String>,
-    to: Option<String>,
+/// An account's history: its plan changes, and its blocks (`true`) and
+/// unblocks, each oldest first.
+#[derive(Default)]
+struct History {
+    plans: Vec<PlanChange>,
+    blocks: Vec<(DateTime<Utc>, bool)>,
 }
 
 /// The last `months` months, oldest first, the current one last.
@@ -57,21 +59,22 @@ pub async fn by_month(
     )
     .fetch_all(pool)
     .await?;
-    let mut history: HashMap<String, Vec<Event>> = HashMap::new();
+    let mut history: HashMap<String, History> = HashMap::new();
     for (user, at, action, from, to) in rows {
-        history.entry(user).or_default().push(Event {
-            at,
-            action,
-            from,
-            to,
-        });
+        let h = history.entry(user).or_default();
+        if action == "plan_change" {
+            h.plans.push(PlanChange { at, from, to });
+        } else {
+            h.blocks.push((at, action == "block"));
+        }
     }
+    let none = History::default();
     let now = Utc::now();
     let mut period = calendar.now().period;
     let mut periods = Vec::new();
     for _ in 0..months.max(1) {
         periods.push(period.clone());
-        period = previous(&period);
+        period = previous_period(&period);
     }
     periods.reverse();
     let mut out = Vec::with_capacity(periods.len());
@@ -85,8 +88,8 @@ pub async fn by_month(
             if *created_at >= at {
                 continue;
             }
-            let events = history.get(id).map_or(&[][..], Vec::as_slice);
-            let (plan, active) = state_at(events, at, plan, status == "active");
+            let h = history.get(id).unwrap_or(&none);
+            let (plan, active) = state_at(h, at, plan, status == "active");
             if active {
                 dzd += catalog.plan(&plan).map_or(0, |p| p.price_dzd);
             }
@@ -97,86 +100,60 @@ pub async fn by_month(
 }
 
 /// The plan and whether the account was active at `at`, from its history
-/// (oldest first) and its state now.
-fn state_at(
-    events: &[Event],
-    at: DateTime<Utc>,
-    plan_now: &str,
-    active_now: bool,
-) -> (String, bool) {
-    let plans = || events.iter().filter(|e| e.action == "plan_change");
-    let blocks = || events.iter().filter(|e| e.action != "plan_change");
-    let plan = match (plans().rev().find(|e| e.at < at), plans().next()) {
-        (Some(e), _) => e.to.clone(),
-        (None, Some(first)) => first.from.clone(),
-        (None, None) => None,
-    }
-    .unwrap_or_else(|| plan_now.to_owned());
-    let active = match (blocks().rev().find(|e| e.at < at), blocks().next()) {
-        (Some(e), _) => e.action == "unblock",
+/// and its state now.
+fn state_at(h: &History, at: DateTime<Utc>, plan_now: &str, active_now: bool) -> (String, bool) {
+    let plan = plan_in_force(&h.plans, plan_now, |t| t < at);
+    let active = match (
+        h.blocks.iter().rev().find(|(t, _)| *t < at),
+        h.blocks.first(),
+    ) {
+        (Some((_, blocked)), _) => !blocked,
         // Before its first block or unblock, the account was the opposite.
-        (None, Some(first)) => first.action == "block",
+        (None, Some((_, blocked))) => *blocked,
         (None, None) => active_now,
     };
     (plan, active)
-}
-
-fn previous(period: &str) -> String {
-    let (y, m) = period
-        .split_once('-')
-        .and_then(|(y, m)| Some((y.parse::<i32>().ok()?, m.parse::<u32>().ok()?)))
-        .unwrap_or((1970, 1));
-    if m <= 1 {
-        format!("{:04}-12", y - 1)
-    } else {
-        format!("{y:04}-{:02}", m - 1)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn event(days_ago: i64, action: &str, from: Option<&str>, to: Option<&str>) -> Event {
-        Event {
-            at: Utc::now() - chrono::Duration::days(days_ago),
-            action: action.into(),
-            from: from.map(Into::into),
-            to: to.map(Into::into),
-        }
+    fn days_ago(d: i64) -> DateTime<Utc> {
+        Utc::now() - chrono::Duration::days(d)
     }
 
     #[test]
     fn the_state_at_an_instant_follows_the_history() {
-        let events = vec![
-            event(60, "plan_change", Some("free"), Some("starter")),
-            event(40, "block", None, None),
-            event(20, "unblock", None, None),
-            event(10, "plan_change", Some("starter"), Some("pro")),
-        ];
-        let at = |d: i64| Utc::now() - chrono::Duration::days(d);
+        let change = |d: i64, from: &str, to: &str| PlanChange {
+            at: days_ago(d),
+            from: Some(from.into()),
+            to: Some(to.into()),
+        };
+        let h = History {
+            plans: vec![change(60, "free", "starter"), change(10, "starter", "pro")],
+            blocks: vec![(days_ago(40), true), (days_ago(20), false)],
+        };
         assert_eq!(
-            state_at(&events, at(70), "pro", true),
+            state_at(&h, days_ago(70), "pro", true),
             ("free".into(), true)
         );
         assert_eq!(
-            state_at(&events, at(50), "pro", true),
+            state_at(&h, days_ago(50), "pro", true),
             ("starter".into(), true)
         );
         assert_eq!(
-            state_at(&events, at(30), "pro", true),
+            state_at(&h, days_ago(30), "pro", true),
             ("starter".into(), false)
         );
         assert_eq!(
-            state_at(&events, at(15), "pro", true),
+            state_at(&h, days_ago(15), "pro", true),
             ("starter".into(), true)
         );
-        assert_eq!(state_at(&events, at(0), "pro", true), ("pro".into(), true));
+        assert_eq!(state_at(&h, days_ago(0), "pro", true), ("pro".into(), true));
         assert_eq!(
-            state_at(&[], at(5), "business", false),
+            state_at(&History::default(), days_ago(5), "business", false),
             ("business".into(), false)
         );
-        assert_eq!(previous("2026-01"), "2025-12");
-        assert_eq!(previous("2026-11"), "2026-10");
     }
 }

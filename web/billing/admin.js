@@ -1,7 +1,7 @@
 // The admin panel: global stats and charts, users with filters and
 // actions (grant, block, unblock, change plan), CSV export, audit trail.
 (function () {
-  const { T, api, el, fill, showMessage, session, setTimeZone, save, num, date, day } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, save, num, date, day, month } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.admin_key";
   const PER_PAGE = 20;
@@ -58,7 +58,7 @@
     const mrr = stats.revenue.by_month || [];
     chart("revenue-chart", {
       type: "bar",
-      data: { labels: mrr.map((m) => monthShort(m.month)),
+      data: { labels: mrr.map((m) => month(m.month, "short")),
         datasets: [{ label: T.revenue, data: mrr.map((m) => m.dzd), backgroundColor: "#0b6e4f" }] },
       options: { plugins: { legend: { display: false } } },
     });
@@ -76,8 +76,6 @@
     });
   }
 
-  const SHORT = ["janv.", "févr.", "mars", "avr.", "mai", "juin", "juil.", "août", "sept.", "oct.", "nov.", "déc."];
-  const monthShort = (m) => `${SHORT[Number(m.slice(5, 7)) - 1] || ""} ${m.slice(2, 4)}`;
   const planName = (id) => (state.plans.find((p) => p.id === id) || { name: id }).name;
 
   function renderTop(stats) {

@@ -14,6 +14,11 @@
   let dateFmt = dateTimeFmt();
   // A calendar date ("2026-12-01") is the same day everywhere: shown as is.
   const dayFmt = new Intl.DateTimeFormat("fr-FR", { timeZone: "UTC", day: "numeric", month: "long", year: "numeric" });
+  // A period ("2026-11"), as a month: "novembre 2026", or "nov. 26" short.
+  const monthFmt = {
+    long: new Intl.DateTimeFormat("fr-FR", { timeZone: "UTC", month: "long", year: "numeric" }),
+    short: new Intl.DateTimeFormat("fr-FR", { timeZone: "UTC", month: "short", year: "2-digit" }),
+  };
   function setTimeZone(tz) {
     if (!tz || tz === timeZone) return;
     try {
@@ -115,5 +120,6 @@
     money: (n) => `${fmt.format(n)} DZD`,
     centimes: (c) => `${cents.format(c / 100)} DZD`,
     date: (s) => dateFmt.format(new Date(s)),
-    day: (d) => dayFmt.format(new Date(`${d}T00:00:00Z`)) };
+    day: (d) => dayFmt.format(new Date(`${d}T00:00:00Z`)),
+    month: (period, style = "long") => monthFmt[style].format(new Date(`${period}-01T00:00:00Z`)) };
 })();

@@ -2,7 +2,7 @@
 // paginated history, a 30-day chart, the user's API keys and the plans
 // table.
 (function () {
-  const { T, api, el, fill, showMessage, session, setTimeZone, save, num, money, centimes, date, day } = window.CG;
+  const { T, api, el, fill, showMessage, session, setTimeZone, save, num, money, centimes, date, day, month } = window.CG;
   const $ = (id) => document.getElementById(id);
   const STORE = "creditgate.user_key";
   const PER_PAGE = 10;
@@ -136,10 +136,6 @@
         p.modules.map(label).join(", "), p.features.length ? p.features.join(" · ") : "—"]), idx);
   }
 
-  const MONTHS = ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre",
-    "octobre", "novembre", "décembre"];
-  const monthName = (period) => `${MONTHS[Number(period.slice(5, 7)) - 1] || ""} ${period.slice(0, 4)}`;
-
   async function downloadInvoice(inv) {
     try {
       await save(await api(inv.pdf, { header: "X-API-Key", key: key() }), `facture-${inv.period}.pdf`);
@@ -157,9 +153,9 @@
   function renderInvoices(answer) {
     const rows = answer.invoices.slice().reverse().map((inv) => {
       const button = el("button", { type: "button", class: "secondary",
-        "aria-label": fill(T.invoice_download_label, { period: monthName(inv.period) }) }, T.invoice_download);
+        "aria-label": fill(T.invoice_download_label, { period: month(inv.period) }) }, T.invoice_download);
       button.addEventListener("click", () => downloadInvoice(inv));
-      return [monthName(inv.period), inv.number || T.invoice_draft,
+      return [month(inv.period), inv.number || T.invoice_draft,
         centimes(inv.total_ht_centimes), centimes(inv.total_ttc_centimes), button];
     });
     table($("invoices"), [T.invoice_period, T.invoice_number, T.invoice_total_ht, T.invoice_total_ttc, T.actions], rows);
