@@ -1,19 +1,24 @@
 //! Operations that need both stores: Redis decides, Postgres knows the
-//! accounts. Charging with on-demand rebuild, grants, the monthly reset.
-//! Shared by the proxy and the credits/admin APIs, so there is one set of
-//! rules whatever the entry point.
+//! accounts. Charging with on-demand rebuild, grants, the monthly reset,
+//! and every admin or user change to an account's access (plan, block,
+//! keys), which follows one rule: Postgres first, then mirrored to Redis.
+//! Shared by the proxy and the credits/admin/user APIs, so there is one set
+//! of rules whatever the entry point.
 
 use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::accounts::{AccountError, Accounts};
+use uuid::Uuid;
+
+use crate::accounts::{AccountError, Accounts, Change, KeySpec, NewKey};
 use crate::catalog::Catalog;
-use crate::domain::UserId;
+use crate::domain::{PlanId, UserId};
 use crate::metering::{
     Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Meter, MeterError,
     Receipt, Refusal, Repeat, ResetOutcome, SyncState,
 };
+use crate::webhooks::Outbox;
 
 #[derive(Debug, Error)]
 pub enum BillingError {
@@ -25,6 +30,10 @@ pub enum BillingError {
     UnknownUser(UserId),
     #[error("account state for {0} could not be rebuilt in Redis")]
     RebuildFailed(UserId),
+    /// The change is committed in Postgres but Redis did not take it: the
+    /// reconciler applies it once Redis answers, and repeating is safe.
+    #[error("saved, not yet mirrored to Redis: {0}")]
+    NotMirrored(MeterError),
 }
 
 /// A charge's final answer, after any rebuild.
@@ -42,6 +51,9 @@ pub struct Billing {
     pub accounts: Accounts,
     pub calendar: Calendar,
     pub catalog: Arc<Catalog>,
+    /// Where account changes put their webhook events, in the change's
+    /// own transaction.
+    pub outbox: Arc<Outbox>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -140,6 +152,109 @@ impl Billing {
             }
         }
         Err(BillingError::RebuildFailed(grant.user.clone()))
+    }
+
+    /// Moves `user` to the plan `to`. Modules and daily limit follow at
+    /// once; the current period keeps its allowance, the new plan's starts
+    /// with the next period.
+    pub async fn change_plan(
+        &self,
+        user: &UserId,
+        to: &PlanId,
+        actor: &str,
+    ) -> Result<(), BillingError> {
+        let old = self
+            .accounts
+            .get_user(user)
+            .await?
+            .ok_or_else(|| BillingError::UnknownUser(user.clone()))?;
+        let change = Change::Plan {
+            from: &old.plan,
+            to,
+        };
+        self.change(user, change, to, actor).await
+    }
+
+    /// Blocks or unblocks `user` on every instance. An auto-block (credits
+    /// exhausted) is the policy's: an unblock leaves it to charge.lua.
+    pub async fn set_blocked(
+        &self,
+        user: &UserId,
+        blocked: bool,
+        reason: Option<&str>,
+        actor: &str,
+    ) -> Result<(), BillingError> {
+        let account = self
+            .accounts
+            .get_user(user)
+            .await?
+            .ok_or_else(|| BillingError::UnknownUser(user.clone()))?;
+        let change = if blocked {
+            Change::Block { reason }
+        } else {
+            Change::Unblock { reason }
+        };
+        self.change(user, change, &account.plan, actor).await
+    }
+
+    async fn change(
+        &self,
+        user: &UserId,
+        change: Change<'_>,
+        plan: &PlanId,
+        actor: &str,
+    ) -> Result<(), BillingError> {
+        let day = self.calendar.now().local_date();
+        match self
+            .accounts
+            .apply_change(&self.outbox, user, change, plan, actor, day)
+            .await
+        {
+            Err(AccountError::UnknownUser(u)) => return Err(BillingError::UnknownUser(u)),
+            other => other?,
+        }
+        self.mirror(user).await
+    }
+
+    /// A new API key for `user`, usable on every instance once this returns
+    /// (`max_keys`: the self-service cap, `None` for admins).
+    pub async fn create_key(
+        &self,
+        user: &UserId,
+        spec: &KeySpec,
+        max_keys: Option<u32>,
+        actor: &str,
+    ) -> Result<NewKey, BillingError> {
+        let key = self
+            .accounts
+            .create_key_with(user, spec, max_keys, actor)
+            .await?;
+        self.mirror(user).await?;
+        Ok(key)
+    }
+
+    /// Revokes one of `user`'s keys on every instance.
+    pub async fn revoke_key(
+        &self,
+        user: &UserId,
+        key_id: Uuid,
+        actor: &str,
+    ) -> Result<(), BillingError> {
+        self.accounts.revoke_key(user, key_id, actor).await?;
+        self.mirror(user).await
+    }
+
+    /// After a change committed in Postgres: applies it to Redis now, so
+    /// it bites on the next request everywhere. When Redis does not answer
+    /// the change stands and the reconciler finishes the job.
+    async fn mirror(&self, user: &UserId) -> Result<(), BillingError> {
+        match self.sync_account(user).await {
+            Err(BillingError::Meter(e)) => {
+                tracing::warn!(%user, error = %e, "change saved; Redis will get it from the reconciler");
+                Err(BillingError::NotMirrored(e))
+            }
+            other => other,
+        }
     }
 
     /// Applies to Redis what Postgres says about `user`'s access (plan,

@@ -1,9 +1,11 @@
 //! The one place where failures become HTTP answers.
 //!
 //! Every layer has its own error type (`MeterError`, `AccountError`,
-//! `UpstreamError`, ...); they convert into [`ApiError`], and
+//! `BillingError`, `UpstreamError`, `InvoiceError`); each one that can
+//! reach a client converts into [`ApiError`] here, and nowhere else.
 //! [`ApiError::into_response`] is the only function that picks a status,
-//! a `{"error": {"code", "message"}}` body and `Retry-After`.
+//! a `{"error": {"code", "message"}}` body and `Retry-After`. Startup and
+//! configuration errors never reach a client: they end the process.
 
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use crate::billing::BillingError;
 use crate::body::{self, Body};
 use crate::domain::ModuleId;
 use crate::metering::{MeterError, Refusal, Stamp};
+use crate::proxy::UpstreamError;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ApiError {
@@ -61,22 +64,114 @@ pub enum ApiError {
     /// things are in and how to finish (admin wording, never the proxy's).
     RedisUnavailable(&'static str),
     InvalidHeader(String),
+    /// 400: the request's content is refused; the code says which rule.
     BadRequest {
-        code: &'static str,
+        code: InvalidCode,
         message: String,
     },
     NotFound,
     UnknownUser(String),
     /// A well-formed request about something that does not exist (a key,
     /// a charge to refund): 404 with its own code.
-    NotFoundCode {
-        code: &'static str,
+    Missing {
+        code: MissingCode,
         message: String,
     },
     Forbidden(&'static str),
     MethodNotAllowed,
     Overloaded,
     Internal,
+}
+
+/// The codes of 400 answers about a request's content. An enum, not
+/// strings at the call sites, so the set of codes clients see is this list
+/// and the API documentation can be checked against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidCode {
+    /// A field is missing, of the wrong type or out of range.
+    Request,
+    Query,
+    Json,
+    UnsupportedMediaType,
+    /// The body could not be read at all.
+    Body,
+    Key,
+    Amount,
+    BonusLimit,
+    UnknownPlan,
+    UnknownModule,
+    TooManyKeys,
+    UserExists,
+    EndpointNotConfigured,
+}
+
+impl InvalidCode {
+    pub const ALL: [Self; 13] = [
+        Self::Request,
+        Self::Query,
+        Self::Json,
+        Self::UnsupportedMediaType,
+        Self::Body,
+        Self::Key,
+        Self::Amount,
+        Self::BonusLimit,
+        Self::UnknownPlan,
+        Self::UnknownModule,
+        Self::TooManyKeys,
+        Self::UserExists,
+        Self::EndpointNotConfigured,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "invalid_request",
+            Self::Query => "invalid_query",
+            Self::Json => "invalid_json",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Body => "invalid_body",
+            Self::Key => "invalid_key",
+            Self::Amount => "invalid_amount",
+            Self::BonusLimit => "bonus_limit",
+            Self::UnknownPlan => "unknown_plan",
+            Self::UnknownModule => "unknown_module",
+            Self::TooManyKeys => "too_many_keys",
+            Self::UserExists => "user_exists",
+            Self::EndpointNotConfigured => "endpoint_not_configured",
+        }
+    }
+}
+
+/// The codes of 404 answers about a named thing that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingCode {
+    Charge,
+    Delivery,
+    Invoice,
+    InvoicesNotConfigured,
+    Key,
+    User,
+}
+
+impl MissingCode {
+    pub const ALL: [Self; 6] = [
+        Self::Charge,
+        Self::Delivery,
+        Self::Invoice,
+        Self::InvoicesNotConfigured,
+        Self::Key,
+        Self::User,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Charge => "charge_not_found",
+            Self::Delivery => "unknown_delivery",
+            Self::Invoice => "unknown_invoice",
+            Self::InvoicesNotConfigured => "invoices_not_configured",
+            Self::Key => "unknown_key",
+            Self::User => "unknown_user",
+        }
+    }
 }
 
 /// Seconds a client should wait before retrying when a dependency is down:
@@ -105,9 +200,7 @@ impl ApiError {
             Self::BadPath | Self::InvalidHeader(_) | Self::BadRequest { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            Self::NotFound | Self::UnknownUser(_) | Self::NotFoundCode { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            Self::NotFound | Self::UnknownUser(_) | Self::Missing { .. } => StatusCode::NOT_FOUND,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -138,10 +231,10 @@ impl ApiError {
             }
             Self::RedisUnavailable(_) => "redis_unavailable",
             Self::InvalidHeader(_) => "invalid_header",
-            Self::BadRequest { code, .. } => code,
+            Self::BadRequest { code, .. } => code.as_str(),
             Self::NotFound => "not_found",
             Self::UnknownUser(_) => "unknown_user",
-            Self::NotFoundCode { code, .. } => code,
+            Self::Missing { code, .. } => code.as_str(),
             Self::Forbidden(_) => "forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Overloaded => "overloaded",
@@ -202,7 +295,7 @@ impl ApiError {
             Self::BadRequest { message, .. } => message.clone(),
             Self::NotFound => "no such route".into(),
             Self::UnknownUser(u) => format!("no such user {u}"),
-            Self::NotFoundCode { message, .. } => message.clone(),
+            Self::Missing { message, .. } => message.clone(),
             Self::Forbidden(why) => (*why).to_owned(),
             Self::MethodNotAllowed => "method not allowed on this route".into(),
             Self::Overloaded => "the gateway is at capacity; retry shortly".into(),
@@ -238,6 +331,40 @@ impl ApiError {
 }
 
 impl ApiError {
+    pub fn bad_request(code: InvalidCode, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request`: the most common refusal of a field.
+    pub fn invalid_request(message: impl Into<String>) -> Self {
+        Self::bad_request(InvalidCode::Request, message)
+    }
+
+    /// 400 `invalid_request` naming the field at fault.
+    pub fn invalid_field(field: &str, why: impl std::fmt::Display) -> Self {
+        Self::invalid_request(format!("{field}: {why}"))
+    }
+
+    pub fn missing(code: MissingCode, message: impl Into<String>) -> Self {
+        Self::Missing {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A billing failure as the proxy answers its caller: a key whose user
+    /// Postgres no longer has is no key at all (401), where the admin API
+    /// says 404 about the same user.
+    pub fn for_caller(e: BillingError) -> Self {
+        match e {
+            BillingError::UnknownUser(_) => Self::Unauthenticated("unknown user"),
+            e => e.into(),
+        }
+    }
+
     /// A refusal by charge.lua, as the proxy and the credits API answer it.
     pub fn refusal(refusal: Refusal, module: &ModuleId, cost: i64, stamp: &Stamp) -> Self {
         match refusal {
@@ -280,6 +407,9 @@ impl From<BillingError> for ApiError {
                 tracing::error!(%user, "account rebuild did not stick");
                 Self::MeteringUnavailable
             }
+            BillingError::NotMirrored(_) => Self::RedisUnavailable(
+                "Redis did not answer: the change is saved and reaches every gateway within a second of Redis answering again; repeating this call is safe",
+            ),
         }
     }
 }
@@ -288,22 +418,33 @@ impl From<crate::invoices::InvoiceError> for ApiError {
     fn from(e: crate::invoices::InvoiceError) -> Self {
         use crate::invoices::InvoiceError;
         match e {
-            InvoiceError::NotConfigured => ApiError::NotFoundCode {
-                code: "invoices_not_configured",
-                message: "invoicing is not configured on this gateway ([invoices] seller)".into(),
-            },
-            InvoiceError::NoInvoice(period) => ApiError::NotFoundCode {
-                code: "unknown_invoice",
-                message: format!("no invoice for period {period:?}"),
-            },
-            InvoiceError::UnknownUser => ApiError::NotFoundCode {
-                code: "unknown_user",
-                message: "no such user".into(),
-            },
+            InvoiceError::NotConfigured => ApiError::missing(
+                MissingCode::InvoicesNotConfigured,
+                "invoicing is not configured on this gateway ([invoices] seller)",
+            ),
+            InvoiceError::NoInvoice(period) => ApiError::missing(
+                MissingCode::Invoice,
+                format!("no invoice for period {period:?}"),
+            ),
+            InvoiceError::UnknownUser => ApiError::missing(MissingCode::User, "no such user"),
             InvoiceError::Database(e) => e.into(),
             InvoiceError::Corrupt(why) => {
                 tracing::error!(%why, "a stored invoice cannot be read");
                 ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Timeout(d) => Self::UpstreamTimeout(d),
+            UpstreamError::BodyTooLarge(limit) => Self::PayloadTooLarge { limit },
+            UpstreamError::BodyStalled(d) => Self::RequestTimeout(d),
+            UpstreamError::Unreachable(_) | UpstreamError::BadUri(_) => {
+                tracing::warn!(error = %e, "upstream failed");
+                Self::UpstreamUnavailable
             }
         }
     }
@@ -327,38 +468,28 @@ fn rejected_value(e: &sqlx::Error) -> bool {
 impl From<AccountError> for ApiError {
     fn from(e: AccountError) -> Self {
         match e {
-            AccountError::Database(err) if rejected_value(&err) => Self::BadRequest {
-                code: "invalid_request",
-                message: "a value was refused by the database (control characters?)".into(),
-            },
+            AccountError::Database(err) if rejected_value(&err) => {
+                Self::invalid_request("a value was refused by the database (control characters?)")
+            }
             AccountError::Database(err) => {
                 crate::telemetry::metrics::postgres_error();
                 tracing::warn!(error = %err, "database unavailable");
                 Self::DatabaseUnavailable
             }
             AccountError::UnknownUser(user) => Self::UnknownUser(user.to_string()),
-            AccountError::UnknownPlan(_) => Self::BadRequest {
-                code: "unknown_plan",
-                message: e.to_string(),
-            },
-            AccountError::UnknownKey(_) => Self::NotFoundCode {
-                code: "unknown_key",
-                message: e.to_string(),
-            },
+            AccountError::UnknownPlan(_) => {
+                Self::bad_request(InvalidCode::UnknownPlan, e.to_string())
+            }
+            AccountError::UnknownKey(_) => Self::missing(MissingCode::Key, e.to_string()),
             AccountError::IdempotencyKeyReused => Self::AdminIdempotencyKeyReused,
-            AccountError::InvalidKey(_) => Self::BadRequest {
-                code: "invalid_key",
-                message: e.to_string(),
-            },
-            AccountError::TooManyKeys(_) => Self::BadRequest {
-                code: "too_many_keys",
-                message: e.to_string(),
-            },
+            AccountError::InvalidKey(_) => Self::bad_request(InvalidCode::Key, e.to_string()),
+            AccountError::TooManyKeys(_) => {
+                Self::bad_request(InvalidCode::TooManyKeys, e.to_string())
+            }
             AccountError::LookupsSaturated => Self::Overloaded,
-            AccountError::UserExists(_) => Self::BadRequest {
-                code: "user_exists",
-                message: e.to_string(),
-            },
+            AccountError::UserExists(_) => {
+                Self::bad_request(InvalidCode::UserExists, e.to_string())
+            }
             AccountError::Corrupt(detail) => {
                 tracing::error!(%detail, "corrupt account data");
                 Self::Internal
@@ -388,6 +519,108 @@ mod tests {
             .unwrap_or_default();
         let json = serde_json::from_slice(&bytes).unwrap_or_default();
         (status, retry, json)
+    }
+
+    const VARIANTS: usize = 29;
+
+    fn variant_index(e: &ApiError) -> usize {
+        match e {
+            ApiError::Unauthenticated(_) => 0,
+            ApiError::KeyExpired => 1,
+            ApiError::KeyScope(_) => 2,
+            ApiError::Blocked => 3,
+            ApiError::ModuleNotInPlan(_) => 4,
+            ApiError::InsufficientCredits { .. } => 5,
+            ApiError::DailyLimit { .. } => 6,
+            ApiError::RateLimited { .. } => 7,
+            ApiError::MeteringUnavailable => 8,
+            ApiError::DatabaseUnavailable => 9,
+            ApiError::UpstreamUnavailable => 10,
+            ApiError::UpstreamTimeout(_) => 11,
+            ApiError::PayloadTooLarge { .. } => 12,
+            ApiError::BadPath => 13,
+            ApiError::RequestTimeout(_) => 14,
+            ApiError::RequestInProgress(_) => 15,
+            ApiError::DuplicateRequest(_) => 16,
+            ApiError::IdempotencyKeyReused(_) => 17,
+            ApiError::AdminIdempotencyKeyReused => 18,
+            ApiError::RedisUnavailable(_) => 19,
+            ApiError::InvalidHeader(_) => 20,
+            ApiError::BadRequest { .. } => 21,
+            ApiError::NotFound => 22,
+            ApiError::UnknownUser(_) => 23,
+            ApiError::Missing { .. } => 24,
+            ApiError::Forbidden(_) => 25,
+            ApiError::MethodNotAllowed => 26,
+            ApiError::Overloaded => 27,
+            ApiError::Internal => 28,
+        }
+    }
+
+    #[tokio::test]
+    async fn every_code_is_distinct_and_snake_case() {
+        let mut codes: Vec<&str> = InvalidCode::ALL.iter().map(|c| c.as_str()).collect();
+        codes.extend(MissingCode::ALL.iter().map(|c| c.as_str()));
+        for code in &codes {
+            assert!(
+                code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code}"
+            );
+        }
+        let distinct: std::collections::BTreeSet<_> = codes.iter().collect();
+        assert_eq!(distinct.len(), codes.len(), "two codes share a name");
+        // Each code is what the answer carries, as a 400 or a 404.
+        for code in InvalidCode::ALL {
+            let (status, _, body) = render(ApiError::bad_request(code, "why")).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (400, Some(code.as_str()))
+            );
+        }
+        for code in MissingCode::ALL {
+            let (status, _, body) = render(ApiError::missing(code, "what")).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (404, Some(code.as_str()))
+            );
+        }
+    }
+
+    #[test]
+    fn upstream_failures_map_to_gateway_answers() {
+        let d = Duration::from_millis(250);
+        let table = [
+            (UpstreamError::Timeout(d), ApiError::UpstreamTimeout(d)),
+            (
+                UpstreamError::BodyTooLarge(10),
+                ApiError::PayloadTooLarge { limit: 10 },
+            ),
+            (UpstreamError::BodyStalled(d), ApiError::RequestTimeout(d)),
+            (
+                UpstreamError::Unreachable("refused".into()),
+                ApiError::UpstreamUnavailable,
+            ),
+            (
+                UpstreamError::BadUri("x".into()),
+                ApiError::UpstreamUnavailable,
+            ),
+        ];
+        for (from, to) in table {
+            assert_eq!(ApiError::from(from), to);
+        }
+    }
+
+    #[test]
+    fn an_unknown_user_is_a_404_to_admins_and_a_401_to_callers() {
+        let user = crate::domain::UserId::parse("u1").expect("valid id");
+        assert_eq!(
+            ApiError::from(BillingError::UnknownUser(user.clone())).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            ApiError::for_caller(BillingError::UnknownUser(user)).status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
 
     #[tokio::test]
@@ -496,7 +729,49 @@ mod tests {
                 "idempotency_key_reused",
                 None,
             ),
+            (
+                ApiError::DatabaseUnavailable,
+                503,
+                "database_unavailable",
+                Some("1"),
+            ),
+            (
+                ApiError::InvalidHeader("bad header".into()),
+                400,
+                "invalid_header",
+                None,
+            ),
+            (
+                ApiError::invalid_request("amount: must be positive"),
+                400,
+                "invalid_request",
+                None,
+            ),
+            (ApiError::NotFound, 404, "not_found", None),
+            (
+                ApiError::UnknownUser("u1".into()),
+                404,
+                "unknown_user",
+                None,
+            ),
+            (
+                ApiError::missing(MissingCode::Key, "no such key"),
+                404,
+                "unknown_key",
+                None,
+            ),
+            (ApiError::Forbidden("admin only"), 403, "forbidden", None),
+            (ApiError::MethodNotAllowed, 405, "method_not_allowed", None),
+            (ApiError::Internal, 500, "internal", None),
         ];
+        // Every variant is in the table: `variant_index` has no wildcard,
+        // so a new variant does not compile until it is numbered here, and
+        // then this fails until the table has a row for it.
+        let mut seen = std::collections::BTreeSet::new();
+        for (err, ..) in &table {
+            seen.insert(variant_index(err));
+        }
+        assert_eq!(seen.len(), VARIANTS, "a variant of ApiError has no row");
         for (err, status, code, retry) in table {
             let (s, r, body) = render(err).await;
             assert_eq!(s, status, "{code}");

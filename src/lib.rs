@@ -15,7 +15,7 @@
 //! - [`error`]     the one mapping from errors to status + JSON body
 //! - [`invoices`]  monthly invoices: amounts, gap-free numbers, the PDF
 //! - [`body`]      the response body type
-//! - [`telemetry`] logging setup
+//! - [`telemetry`] logging setup and the Prometheus metrics
 //! - [`web`]       the user and admin panels, embedded at build time
 //! - [`webhooks`]  signed event webhooks: the outbox and its deliverer
 //! - [`demo`]      a tiny upstream for the demo configuration

@@ -188,6 +188,9 @@ async fn main() -> anyhow::Result<()> {
                 accounts: open_accounts(&settings)?,
                 calendar: Calendar::new(settings.timezone),
                 catalog,
+                outbox: creditgate::webhooks::Outbox::new(std::sync::Arc::clone(
+                    &settings.webhooks,
+                )),
             };
             let report = billing.reset_monthly("cli").await?;
             println!(

@@ -33,7 +33,7 @@ use crate::body::{Body, BoxError};
 use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::error::ApiError;
-use crate::ledger::{FlushError, Flusher, LedgerStats};
+use crate::ledger::{FlushError, Flusher};
 use crate::metering::{Calendar, Meter, MeterError};
 use crate::proxy::upstream::Upstreams;
 use crate::proxy::{Proxy, ProxySettings};
@@ -164,11 +164,6 @@ impl Application {
 
     pub fn state(&self) -> Arc<AppState> {
         Arc::clone(&self.state)
-    }
-
-    /// Counters of the in-process ledger flusher, if it runs.
-    pub fn ledger_stats(&self) -> Option<Arc<LedgerStats>> {
-        self.flushers.first().map(Flusher::stats)
     }
 
     pub async fn run_until_stopped(
@@ -312,15 +307,17 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let reports = accounts::connect_reports(&settings.database, &pool)?;
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);
+    let outbox = crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks));
     let billing = Billing {
         meter: meter.clone(),
         accounts: accounts.clone(),
         calendar: calendar.clone(),
         catalog: Arc::clone(&catalog),
+        outbox: Arc::clone(&outbox),
     };
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
-        Upstreams::new(&catalog, &settings.upstream),
+        Upstreams::new(&catalog, &settings.upstream, settings.max_body_bytes),
         ProxySettings {
             max_body_bytes: settings.max_body_bytes,
             body_idle_timeout: settings.body_idle_timeout,
@@ -348,7 +345,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         api_keys: ApiKeys::new(&settings.auth, settings.trusted_networks.clone()),
         metrics,
         public_metrics: settings.metrics_listen.is_none(),
-        outbox: crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks)),
+        outbox,
         invoices,
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })

@@ -6,6 +6,7 @@
 //! account's Redis state from Postgres when Redis does not have it.
 
 mod cache;
+mod changes;
 pub mod credentials;
 mod sync;
 
@@ -25,6 +26,7 @@ use crate::config::DatabaseSettings;
 use crate::domain::{ApiKey, Credits, IdempotencyKey, KeyHash, ModuleId, PlanId, UserId};
 use crate::metering::{AccountSeed, Stamp};
 use cache::KeyCache;
+pub use changes::Change;
 pub use credentials::Credential;
 
 #[derive(Debug, Error)]

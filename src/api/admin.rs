@@ -19,12 +19,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::Deserialize;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use uuid::Uuid;
 
-use super::credits::parse_user;
 use super::schema::{
     AdminCredits, AdminDaily, AuditEntry, AuditList, Consumption, CreateUserBody, CreatedUser,
     ErrorBody, GrantAnswer, GrantBody, KeyView, ModuleUsage, MonthRevenueView, NewKeyAnswer,
@@ -32,16 +29,15 @@ use super::schema::{
     TopConsumer, UserDetail, UserList, UserRow, UserSummary, UsersStats,
 };
 use super::user::{account_state, fill_days, view};
-use super::{ApiResult, Page, auth, json, mirror, ok, query, read_json};
+use super::{ApiResult, Page, auth, json, ok, parse_user, query, read_json};
 use crate::accounts::{self, Created, NewUser};
 use crate::billing::BillingError;
 use crate::body::{Body, BoxError};
 use crate::domain::{Credits, UserId};
-use crate::error::ApiError;
+use crate::error::{ApiError, InvalidCode};
 use crate::ledger::store;
 use crate::metering::{Grant, GrantOutcome};
 use crate::startup::AppState;
-use crate::webhooks::{EventType, NewEvent};
 
 /// Largest single grant: a typo of a few zeros must not mint a fortune.
 pub const MAX_GRANT: i64 = 1_000_000;
@@ -98,24 +94,6 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
     }
 }
 
-fn invalid(message: impl Into<String>) -> ApiError {
-    ApiError::BadRequest {
-        code: "invalid_request",
-        message: message.into(),
-    }
-}
-
-/// Appends to the audit trail.
-pub async fn audit(
-    state: &AppState,
-    actor: &str,
-    action: &str,
-    user: Option<&UserId>,
-    details: serde_json::Value,
-) -> Result<(), ApiError> {
-    Ok(state.accounts.audit(actor, action, user, details).await?)
-}
-
 // ------------------------------------------------------------------ users
 
 #[derive(Deserialize)]
@@ -155,23 +133,25 @@ async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
         .as_deref()
         .filter(|p| !p.is_empty() && state.catalog.plan(p).is_none());
     if let Some(plan) = unknown_plan {
-        return Err(ApiError::BadRequest {
-            code: "unknown_plan",
-            message: format!("no plan {plan:?}"),
-        });
+        return Err(ApiError::bad_request(
+            InvalidCode::UnknownPlan,
+            format!("no plan {plan:?}"),
+        ));
     }
     let status = q.status.as_deref().filter(|s| !s.is_empty());
     if status.is_some_and(|s| s != "active" && s != "blocked") {
-        return Err(invalid("status must be active or blocked"));
+        return Err(ApiError::invalid_request(
+            "status must be active or blocked",
+        ));
     }
     if q.q
         .as_deref()
         .is_some_and(|s| s.chars().count() > 100 || s.chars().any(char::is_control))
     {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: "q must be at most 100 characters, no control characters".into(),
-        });
+        return Err(ApiError::bad_request(
+            InvalidCode::Query,
+            "q must be at most 100 characters, no control characters",
+        ));
     }
     let search = q.q.as_deref().filter(|s| !s.is_empty()).map(|s| {
         format!(
@@ -264,7 +244,7 @@ async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
 fn check_name(name: &str) -> Result<&str, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(invalid(
+        return Err(ApiError::invalid_request(
             "name must be 1 to 100 characters, no control characters",
         ));
     }
@@ -281,7 +261,7 @@ fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError> {
         })
         && !email.chars().any(|c| c.is_whitespace() || c.is_control());
     if !valid {
-        return Err(invalid("email is not a valid address"));
+        return Err(ApiError::invalid_request("email is not a valid address"));
     }
     Ok(Some(email))
 }
@@ -430,8 +410,10 @@ async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
     )
 )]
 async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
-    let key = state.accounts.create_key(id, actor).await?;
-    mirror(state, id).await?;
+    let key = state
+        .billing
+        .create_key(id, &accounts::KeySpec::default(), None, actor)
+        .await?;
     json(
         StatusCode::CREATED,
         &NewKeyAnswer {
@@ -460,8 +442,7 @@ async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
 )]
 async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> ApiResult {
     let key_id = super::parse_key_id(key)?;
-    state.accounts.revoke_key(id, key_id, actor).await?;
-    mirror(state, id).await?;
+    state.billing.revoke_key(id, key_id, actor).await?;
     ok(&RevokedAnswer {
         revoked: true,
         key_id,
@@ -471,86 +452,17 @@ async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> Ap
 fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
     let reason = reason.map(str::trim).filter(|r| !r.is_empty());
     if reason.is_some_and(|r| r.chars().count() > 500) {
-        return Err(invalid("reason must be at most 500 characters"));
+        return Err(ApiError::invalid_request(
+            "reason must be at most 500 characters",
+        ));
     }
     // Postgres text cannot hold NUL; other control characters are noise.
     if reason.is_some_and(|r| r.chars().any(|c| c.is_control() && c != '\n' && c != '\t')) {
-        return Err(invalid("reason must not contain control characters"));
+        return Err(ApiError::invalid_request(
+            "reason must not contain control characters",
+        ));
     }
     Ok(reason.map(str::to_owned))
-}
-
-/// A non-monetary account change: its ledger row and audit row.
-struct AccountChange<'a> {
-    user: &'a UserId,
-    kind: &'static str,
-    webhook: EventType,
-    plan: &'a str,
-    actor: &'a str,
-    reason: Option<&'a str>,
-    details: serde_json::Value,
-    day: NaiveDate,
-}
-
-/// Applies `update` to the users table and writes the change's ledger and
-/// audit rows, its webhook event and its mark for Redis (see
-/// `accounts::sync`), in one transaction. `false` when no user row matched.
-async fn account_change(
-    state: &AppState,
-    update: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    change: AccountChange<'_>,
-) -> Result<bool, ApiError> {
-    let mut tx = state.accounts.pool().begin().await?;
-    if update.execute(&mut *tx).await?.rows_affected() == 0 {
-        return Ok(false);
-    }
-    let now = Utc::now();
-    let event_id = Uuid::now_v7().to_string();
-    sqlx::query(
-        "INSERT INTO ledger_events (event_id, user_id, kind, amount, plan, actor, local_day,
-            occurred_at, stream_ms, reason)
-         VALUES ($1, $2, $3, 0, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(&event_id)
-    .bind(change.user.as_str())
-    .bind(change.kind)
-    .bind(change.plan)
-    .bind(change.actor)
-    .bind(change.day)
-    .bind(now)
-    .bind(now.timestamp_millis())
-    .bind(change.reason)
-    .execute(&mut *tx)
-    .await?;
-    let mut data = json!({"user_id": change.user.as_str(), "actor": change.actor});
-    if let (Some(data), Some(details)) = (data.as_object_mut(), change.details.as_object()) {
-        data.extend(details.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    let webhook = NewEvent {
-        kind: change.webhook,
-        dedupe_key: format!("ledger:{event_id}"),
-        user_id: change.user.to_string(),
-        at: now,
-        data,
-    };
-    let produced = state
-        .outbox
-        .emit(&mut tx, std::slice::from_ref(&webhook))
-        .await?;
-    accounts::audit_in(
-        &mut *tx,
-        change.actor,
-        change.kind,
-        Some(change.user),
-        change.details,
-    )
-    .await?;
-    accounts::mark_for_sync(&mut tx, change.user).await?;
-    tx.commit().await?;
-    if produced > 0 {
-        state.outbox.committed();
-    }
-    Ok(true)
 }
 
 #[utoipa::path(
@@ -577,37 +489,10 @@ async fn change_plan(
     actor: &str,
 ) -> ApiResult {
     let body: PlanBody = read_json(req).await?;
-    let plan = state
-        .catalog
-        .plan(&body.plan)
-        .ok_or_else(|| ApiError::BadRequest {
-            code: "unknown_plan",
-            message: format!("no plan {:?}", body.plan),
-        })?;
-    let old = state
-        .accounts
-        .get_user(id)
-        .await?
-        .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
-    let update = sqlx::query("UPDATE users SET plan = $2, updated_at = now() WHERE id = $1")
-        .bind(id.as_str())
-        .bind(plan.id.as_str());
-    let change = AccountChange {
-        user: id,
-        kind: "plan_change",
-        webhook: EventType::PlanChanged,
-        plan: plan.id.as_str(),
-        actor,
-        reason: None,
-        details: json!({"from": old.plan.as_str(), "to": plan.id.as_str()}),
-        day: state.calendar.now().local_date(),
-    };
-    if !account_change(state, update, change).await? {
-        return Err(ApiError::UnknownUser(id.to_string()));
-    }
-    // Modules and daily limit follow at once; the allowance of the current
-    // period is kept, the new plan's allowance starts with the next period.
-    mirror(state, id).await?;
+    let plan = state.catalog.plan(&body.plan).ok_or_else(|| {
+        ApiError::bad_request(InvalidCode::UnknownPlan, format!("no plan {:?}", body.plan))
+    })?;
+    state.billing.change_plan(id, &plan.id, actor).await?;
     ok(&PlanChanged {
         user_id: id.to_string(),
         plan: PlanView::from(plan),
@@ -674,35 +559,10 @@ async fn set_blocked(
         ReasonBody::default()
     };
     let reason = check_reason(body.reason.as_deref())?;
-    let user = state
-        .accounts
-        .get_user(id)
-        .await?
-        .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
-    let update = sqlx::query(
-        "UPDATE users SET status = $2, blocked_reason = $3, updated_at = now() WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .bind(if blocked { "blocked" } else { "active" })
-    .bind(reason.as_deref().filter(|_| blocked));
-    let change = AccountChange {
-        user: id,
-        kind: if blocked { "block" } else { "unblock" },
-        webhook: if blocked {
-            EventType::AccountBlocked
-        } else {
-            EventType::AccountUnblocked
-        },
-        plan: user.plan.as_str(),
-        actor,
-        reason: reason.as_deref(),
-        details: json!({"reason": reason}),
-        day: state.calendar.now().local_date(),
-    };
-    if !account_change(state, update, change).await? {
-        return Err(ApiError::UnknownUser(id.to_string()));
-    }
-    mirror(state, id).await?;
+    state
+        .billing
+        .set_blocked(id, blocked, reason.as_deref(), actor)
+        .await?;
     ok(&StatusAnswer {
         user_id: id.to_string(),
         status: if blocked { "blocked" } else { "active" }.into(),
@@ -728,13 +588,15 @@ async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResu
     let body: GrantBody = read_json(req).await?;
     let id = parse_user(&body.user_id)?;
     if !(1..=MAX_GRANT).contains(&body.credits) {
-        return Err(ApiError::BadRequest {
-            code: "invalid_amount",
-            message: format!("credits must be a whole number from 1 to {MAX_GRANT}"),
-        });
+        return Err(ApiError::bad_request(
+            InvalidCode::Amount,
+            format!("credits must be a whole number from 1 to {MAX_GRANT}"),
+        ));
     }
-    let reason = check_reason(Some(&body.reason))?.ok_or_else(|| invalid("reason is required"))?;
-    let credits = Credits::new(body.credits).map_err(|e| invalid(e.to_string()))?;
+    let reason = check_reason(Some(&body.reason))?
+        .ok_or_else(|| ApiError::invalid_request("reason is required"))?;
+    let credits =
+        Credits::new(body.credits).map_err(|e| ApiError::invalid_request(e.to_string()))?;
     if state.accounts.get_user(&id).await?.is_none() {
         return Err(ApiError::UnknownUser(id.to_string()));
     }
@@ -763,14 +625,14 @@ async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResu
         GrantOutcome::Repeat { monthly, bonus } => (monthly, bonus, true),
         GrantOutcome::KeyReused => return Err(ApiError::AdminIdempotencyKeyReused),
         GrantOutcome::OverLimit { bonus } => {
-            return Err(ApiError::BadRequest {
-                code: "bonus_limit",
-                message: format!(
+            return Err(ApiError::bad_request(
+                InvalidCode::BonusLimit,
+                format!(
                     "granting {} would take the bonus from {bonus} past the maximum of {} credits",
                     body.credits,
                     Credits::MAX
                 ),
-            });
+            ));
         }
         GrantOutcome::Missing => return Err(BillingError::RebuildFailed(id).into()),
     };
@@ -821,7 +683,7 @@ async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: StatsQuery = query(&req)?;
     let window = q.days.map(|d| super::days(Some(d), d)).transpose()?;
     if q.months.is_some_and(|m| !(1..=24).contains(&m)) {
-        return Err(invalid("months must be between 1 and 24"));
+        return Err(ApiError::invalid_request("months must be between 1 and 24"));
     }
     let pool = &state.reports;
     let stamp = state.calendar.now();
@@ -1042,9 +904,11 @@ fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, Api
     value
         .filter(|v| !v.is_empty())
         .map(|v| {
-            NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| ApiError::BadRequest {
-                code: "invalid_query",
-                message: format!("{field} must be a date like 2026-11-01"),
+            NaiveDate::parse_from_str(v, "%Y-%m-%d").map_err(|_| {
+                ApiError::bad_request(
+                    InvalidCode::Query,
+                    format!("{field} must be a date like 2026-11-01"),
+                )
             })
         })
         .transpose()
@@ -1072,10 +936,10 @@ fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
         .unwrap_or_else(|| today.with_day0(0).unwrap_or(today));
     let to = parse_date("to", q.to.as_deref())?.unwrap_or(today);
     if to < from {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: "to must not be before from".into(),
-        });
+        return Err(ApiError::bad_request(
+            InvalidCode::Query,
+            "to must not be before from",
+        ));
     }
     type Row = (
         String,

@@ -6,6 +6,7 @@
 use http::{Method, Request};
 use hyper::body::Incoming;
 
+use super::parse_user;
 use super::schema::{
     CheckAnswer, CheckBody, ConsumeAnswer, ConsumeBody, ErrorBody, RefundAnswer, RefundBody,
     ResetAnswer,
@@ -13,8 +14,8 @@ use super::schema::{
 use super::{ApiResult, auth, ok, read_json, require};
 use crate::billing::Decision;
 use crate::catalog::Module;
-use crate::domain::{ActionId, RequestId, UserId};
-use crate::error::ApiError;
+use crate::domain::{ActionId, RequestId};
+use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::metering::{ChargeRequest, Idempotency, Mode, RefundOf, RefundOutcome, Refusal};
 use crate::startup::AppState;
 
@@ -30,26 +31,14 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
     }
 }
 
-fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {
-    ApiError::BadRequest {
-        code: "invalid_request",
-        message: format!("{field}: {why}"),
-    }
-}
-
-pub(super) fn parse_user(s: &str) -> Result<UserId, ApiError> {
-    UserId::parse(s).map_err(|e| invalid("user_id", e.why))
-}
-
 fn parse_module<'a>(state: &'a AppState, s: &str) -> Result<&'a Module, ApiError> {
-    state.catalog.module(s).ok_or_else(|| ApiError::BadRequest {
-        code: "unknown_module",
-        message: format!("no module {s:?}"),
+    state.catalog.module(s).ok_or_else(|| {
+        ApiError::bad_request(InvalidCode::UnknownModule, format!("no module {s:?}"))
     })
 }
 
 fn parse_action(s: Option<&str>) -> Result<Option<ActionId>, ApiError> {
-    s.map(|a| ActionId::parse(a).map_err(|e| invalid("action", e.why)))
+    s.map(|a| ActionId::parse(a).map_err(|e| ApiError::invalid_field("action", e.why)))
         .transpose()
 }
 
@@ -159,7 +148,8 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
     let user = parse_user(&body.user_id)?;
     let module = parse_module(state, &body.module)?;
     let action = parse_action(body.action.as_deref())?;
-    let rid = RequestId::parse(&body.request_id).map_err(|e| invalid("request_id", e.why))?;
+    let rid = RequestId::parse(&body.request_id)
+        .map_err(|e| ApiError::invalid_field("request_id", e.why))?;
     let stamp = state.calendar.now();
     let cost = module.cost_of(action.as_ref()).get();
     let decision = state
@@ -212,7 +202,8 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
 async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
     let body: RefundBody = read_json(req).await?;
     let user = parse_user(&body.user_id)?;
-    let rid = RequestId::parse(&body.request_id).map_err(|e| invalid("request_id", e.why))?;
+    let rid = RequestId::parse(&body.request_id)
+        .map_err(|e| ApiError::invalid_field("request_id", e.why))?;
     let now = state.calendar.now();
     match state
         .meter
@@ -229,13 +220,13 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
             refunded: amount,
             credits_remaining: monthly + bonus,
         }),
-        RefundOutcome::NotFound | RefundOutcome::Missing => Err(ApiError::NotFoundCode {
-            code: "charge_not_found",
-            message: format!(
+        RefundOutcome::NotFound | RefundOutcome::Missing => Err(ApiError::missing(
+            MissingCode::Charge,
+            format!(
                 "no refundable charge {} for user {user} (never charged, already refunded, or older than 24 h)",
                 rid
             ),
-        }),
+        )),
     }
 }
 
@@ -265,14 +256,15 @@ async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
             Err(e) => tracing::warn!(period = %closed, error = %e, "invoices not issued"),
         }
     });
-    super::admin::audit(
-        state,
-        actor,
-        "reset_monthly",
-        None,
-        serde_json::json!({"period": report.period, "reset": report.reset}),
-    )
-    .await?;
+    state
+        .accounts
+        .audit(
+            actor,
+            "reset_monthly",
+            None,
+            serde_json::json!({"period": report.period, "reset": report.reset}),
+        )
+        .await?;
     ok(&ResetAnswer {
         period: report.period,
         accounts: report.accounts,

@@ -8,7 +8,7 @@ use super::schema::{ErrorBody, InvoiceList, InvoiceSummary};
 use super::{ApiResult, auth, ok};
 use crate::body;
 use crate::domain::UserId;
-use crate::error::ApiError;
+use crate::error::{ApiError, MissingCode};
 use crate::invoices::{Invoice, pdf};
 use crate::startup::AppState;
 
@@ -49,9 +49,11 @@ async fn pdf(state: &AppState, user: &UserId, file: &str) -> ApiResult {
                     .enumerate()
                     .all(|(i, b)| i == 4 || b.is_ascii_digit())
         })
-        .ok_or_else(|| ApiError::NotFoundCode {
-            code: "unknown_invoice",
-            message: format!("{file:?} is not an invoice (YYYY-MM.pdf)"),
+        .ok_or_else(|| {
+            ApiError::missing(
+                MissingCode::Invoice,
+                format!("{file:?} is not an invoice (YYYY-MM.pdf)"),
+            )
         })?;
     let invoice = state.invoices.get(user, period).await?;
     let bytes = pdf::render(&invoice).map_err(|e| {

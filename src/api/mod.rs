@@ -20,10 +20,9 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::billing::BillingError;
 use crate::body::{self, Body};
 use crate::domain::UserId;
-use crate::error::ApiError;
+use crate::error::{ApiError, InvalidCode};
 use crate::startup::AppState;
 
 /// JSON bodies of the API are small; anything bigger is a mistake or abuse.
@@ -45,23 +44,6 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<
 }
 
 pub type ApiResult = Result<Response<Body>, ApiError>;
-
-/// Puts a change committed to Postgres (plan, block, keys) into Redis at
-/// once. When Redis does not answer, the change is saved and the
-/// reconciler applies it within a second of Redis answering again: the
-/// caller learns so (503), and repeating the call is safe.
-pub(crate) async fn mirror(state: &AppState, user: &UserId) -> Result<(), ApiError> {
-    match state.billing.sync_account(user).await {
-        Ok(()) => Ok(()),
-        Err(BillingError::Meter(e)) => {
-            tracing::warn!(%user, error = %e, "change saved; Redis will get it from the reconciler");
-            Err(ApiError::RedisUnavailable(
-                "Redis did not answer: the change is saved and reaches every gateway within a second of Redis answering again; repeating this call is safe",
-            ))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
 
 fn openapi_json(req: &Request<Incoming>) -> ApiResult {
     require(req, Method::GET)?;
@@ -85,31 +67,26 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> ApiResult {
     Ok(body::json(status, &value))
 }
 
-pub fn method_not_allowed() -> ApiResult {
-    Err(ApiError::MethodNotAllowed)
-}
-
-fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
-    ApiError::BadRequest {
-        code,
-        message: message.into(),
-    }
+/// A user id from a path or a body field: 400 unless well-formed.
+pub(crate) fn parse_user(s: &str) -> Result<UserId, ApiError> {
+    UserId::parse(s).map_err(|e| ApiError::invalid_field("user_id", e.why))
 }
 
 /// A key id from a path (`.../keys/{key_id}`): 400 unless a UUID.
 pub(crate) fn parse_key_id(s: &str) -> Result<uuid::Uuid, ApiError> {
-    uuid::Uuid::parse_str(s).map_err(|_| bad("invalid_request", "key id is not a UUID"))
+    uuid::Uuid::parse_str(s)
+        .map_err(|_| ApiError::bad_request(InvalidCode::Request, "key id is not a UUID"))
 }
 
-/// Reads and parses a JSON body: 413 past [`MAX_JSON_BYTES`], 415 for a
-/// non-JSON content type, 400 `invalid_json` for syntax errors and
+/// Reads and parses a JSON body: 413 past [`MAX_JSON_BYTES`], 400
+/// `unsupported_media_type` for a non-JSON content type, 400 `invalid_json` for syntax errors and
 /// `invalid_request` for wrong types, missing or unknown fields.
 pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or("");
         if !ct.trim_start().starts_with("application/json") {
-            return Err(bad(
-                "unsupported_media_type",
+            return Err(ApiError::bad_request(
+                InvalidCode::UnsupportedMediaType,
                 "send the body as application/json",
             ));
         }
@@ -123,13 +100,15 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
                     limit: MAX_JSON_BYTES as u64,
                 }
             } else {
-                bad("invalid_body", "the request body could not be read")
+                ApiError::bad_request(InvalidCode::Body, "the request body could not be read")
             }
         })?
         .to_bytes();
     serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => bad("invalid_request", e.to_string()),
-        _ => bad("invalid_json", format!("malformed JSON: {e}")),
+        serde_json::error::Category::Data => {
+            ApiError::bad_request(InvalidCode::Request, e.to_string())
+        }
+        _ => ApiError::bad_request(InvalidCode::Json, format!("malformed JSON: {e}")),
     })
 }
 
@@ -137,14 +116,17 @@ pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T,
 /// typo does not silently return unfiltered data).
 pub fn query<T: DeserializeOwned>(req: &Request<Incoming>) -> Result<T, ApiError> {
     serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| bad("invalid_query", format!("bad query string: {e}")))
+        .map_err(|e| ApiError::bad_request(InvalidCode::Query, format!("bad query string: {e}")))
 }
 
 /// A `days=` window: 1 to 366, `default` when absent.
 pub fn days(value: Option<i64>, default: i64) -> Result<i64, ApiError> {
     let days = value.unwrap_or(default);
     if !(1..=366).contains(&days) {
-        return Err(bad("invalid_query", "days must be between 1 and 366"));
+        return Err(ApiError::bad_request(
+            InvalidCode::Query,
+            "days must be between 1 and 366",
+        ));
     }
     Ok(days)
 }
@@ -161,10 +143,16 @@ impl Page {
         let page = page.unwrap_or(1);
         let per_page = per_page.unwrap_or(50);
         if !(1..=1_000_000).contains(&page) {
-            return Err(bad("invalid_query", "page must be between 1 and 1000000"));
+            return Err(ApiError::bad_request(
+                InvalidCode::Query,
+                "page must be between 1 and 1000000",
+            ));
         }
         if !(1..=200).contains(&per_page) {
-            return Err(bad("invalid_query", "per_page must be between 1 and 200"));
+            return Err(ApiError::bad_request(
+                InvalidCode::Query,
+                "per_page must be between 1 and 200",
+            ));
         }
         Ok(Self { page, per_page })
     }

@@ -496,11 +496,6 @@ pub struct AuditList {
     pub total: i64,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct Health {
-    pub status: String,
-}
-
 /// One event's delivery to one endpoint.
 #[derive(Serialize, ToSchema, sqlx::FromRow)]
 pub struct DeliveryView {

@@ -14,11 +14,11 @@ use super::schema::{
     KeysAnswer, MeAnswer, NewKeyBody, Period, PlanView, PlansAnswer, RevokedAnswer, Transactions,
     UsageAnswer,
 };
-use super::{ApiResult, Page, auth, json, mirror, ok, query, read_json, require};
+use super::{ApiResult, Page, auth, json, ok, query, read_json, require};
 use crate::accounts::KeySpec;
 use crate::catalog::Plan;
 use crate::domain::ModuleId;
-use crate::error::ApiError;
+use crate::error::{ApiError, InvalidCode};
 use crate::ledger::store;
 use crate::metering::AccountState;
 use crate::startup::AppState;
@@ -83,8 +83,8 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let body: NewKeyBody = read_json(req).await?;
     let name = body.name.trim();
     if name.is_empty() {
-        return Err(super::bad(
-            "invalid_key",
+        return Err(ApiError::bad_request(
+            InvalidCode::Key,
             "name the key (1 to 64 characters)",
         ));
     }
@@ -93,8 +93,9 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
         .map(|m| {
             m.iter()
                 .map(|m| {
-                    ModuleId::parse(m)
-                        .map_err(|_| super::bad("invalid_key", format!("{m:?} is not a module id")))
+                    ModuleId::parse(m).map_err(|_| {
+                        ApiError::bad_request(InvalidCode::Key, format!("{m:?} is not a module id"))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -106,10 +107,9 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
     };
     let actor = format!("user:{id}");
     let key = state
-        .accounts
-        .create_key_with(&id, &spec, Some(state.api_keys.max_keys_per_user), &actor)
+        .billing
+        .create_key(&id, &spec, Some(state.api_keys.max_keys_per_user), &actor)
         .await?;
-    mirror(state, &id).await?;
     let view = state
         .accounts
         .keys_of(&id, false)
@@ -148,10 +148,9 @@ async fn revoke_key(state: &AppState, req: Request<Incoming>, key_id: &str) -> A
     let id = auth::unrestricted_user(state, &req).await?;
     let key_id = super::parse_key_id(key_id)?;
     state
-        .accounts
+        .billing
         .revoke_key(&id, key_id, &format!("user:{id}"))
         .await?;
-    mirror(state, &id).await?;
     ok(&RevokedAnswer {
         revoked: true,
         key_id,

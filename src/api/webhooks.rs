@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::schema::{DeliveryList, DeliveryView, ErrorBody};
 use super::{ApiResult, Page, ok, query};
-use crate::error::ApiError;
+use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::startup::AppState;
 
 const STATUSES: [&str; 3] = ["pending", "delivered", "failed"];
@@ -69,16 +69,16 @@ pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiRes
     if let Some(s) = status
         && !STATUSES.contains(&s)
     {
-        return Err(ApiError::BadRequest {
-            code: "invalid_query",
-            message: format!("status must be one of {}", STATUSES.join(", ")),
-        });
+        return Err(ApiError::bad_request(
+            InvalidCode::Query,
+            format!("status must be one of {}", STATUSES.join(", ")),
+        ));
     }
     let user = q
         .user_id
         .as_deref()
         .filter(|u| !u.is_empty())
-        .map(super::credits::parse_user)
+        .map(super::parse_user)
         .transpose()?;
     let deliveries: Vec<DeliveryView> =
         sqlx::query_as(view!(filtered!("ORDER BY d.id DESC LIMIT $3 OFFSET $4")))
@@ -121,10 +121,8 @@ pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiRes
     )
 )]
 pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResult {
-    let not_found = || ApiError::NotFoundCode {
-        code: "unknown_delivery",
-        message: format!("no webhook delivery {id:?}"),
-    };
+    let not_found =
+        || ApiError::missing(MissingCode::Delivery, format!("no webhook delivery {id:?}"));
     let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(not_found)?;
     let mut tx = state.accounts.pool().begin().await?;
     let endpoint: Option<String> =
@@ -140,10 +138,10 @@ pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResul
         .iter()
         .any(|e| e.url == endpoint)
     {
-        return Err(ApiError::BadRequest {
-            code: "endpoint_not_configured",
-            message: format!("{endpoint} is not in this gateway's [[webhooks]] any more"),
-        });
+        return Err(ApiError::bad_request(
+            InvalidCode::EndpointNotConfigured,
+            format!("{endpoint} is not in this gateway's [[webhooks]] any more"),
+        ));
     }
     sqlx::query(
         "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now()

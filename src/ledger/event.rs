@@ -13,21 +13,16 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-pub const KINDS: [&str; 7] = [
-    "charge",
-    "refund",
-    "grant",
-    "reset",
-    "plan_change",
-    "block",
-    "unblock",
-];
+/// The kinds of event a usage stream carries (the scripts' `k` field).
+/// Plan changes, blocks and unblocks are ledger rows too, but the admin
+/// change writes them in its own transaction; they never pass a stream.
+pub const STREAM_KINDS: [&str; 4] = ["charge", "refund", "grant", "reset"];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LedgerEvent<'a> {
     pub event_id: Cow<'a, str>,
     pub user_id: Cow<'a, str>,
-    /// One of [`KINDS`].
+    /// One of [`STREAM_KINDS`].
     pub kind: &'static str,
     pub module: Option<Cow<'a, str>>,
     pub action: Option<Cow<'a, str>>,
@@ -199,7 +194,7 @@ fn non_empty(s: String) -> Option<Cow<'static, str>> {
 }
 
 fn kind(k: &str) -> Result<&'static str, String> {
-    KINDS
+    STREAM_KINDS
         .iter()
         .find(|&&known| known == k)
         .copied()

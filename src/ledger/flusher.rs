@@ -69,14 +69,8 @@ pub struct FlusherConfig {
 pub struct LedgerStats {
     pub flushed_total: AtomicU64,
     pub duplicates_total: AtomicU64,
-    pub rejects_total: AtomicU64,
-    pub last_batch_size: AtomicU64,
-    pub postgres_errors_total: AtomicU64,
-    pub redis_errors_total: AtomicU64,
     /// Entries in the streams not yet acknowledged (refreshed ≤ 1/s).
     pub backlog: AtomicI64,
-    /// Age of the oldest unacknowledged entry, ms (0 when empty).
-    pub lag_ms: AtomicI64,
 }
 
 /// Entries in the usage streams and the age of the oldest.
@@ -412,15 +406,9 @@ impl Flusher {
         match e {
             FlushError::Postgres(_) => {
                 metrics::postgres_error();
-                self.stats
-                    .postgres_errors_total
-                    .fetch_add(1, Ordering::Relaxed);
             }
             _ => {
                 metrics::redis_error();
-                self.stats
-                    .redis_errors_total
-                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         if matches!(e, FlushError::Redis(_)) {
@@ -606,12 +594,6 @@ impl Flusher {
         self.stats
             .duplicates_total
             .fetch_add(parsed.saturating_sub(inserted), Ordering::Relaxed);
-        self.stats
-            .rejects_total
-            .fetch_add(rejects.len() as u64, Ordering::Relaxed);
-        self.stats
-            .last_batch_size
-            .store(n as u64, Ordering::Relaxed);
         metrics::ledger_flushed(n, inserted, parsed.saturating_sub(inserted));
         tracing::debug!(entries = n, inserted, "ledger batch flushed");
         *batch = Batch::default();
@@ -630,7 +612,6 @@ impl Flusher {
         match self.backlog().await {
             Ok(b) => {
                 self.stats.backlog.store(b.entries, Ordering::Relaxed);
-                self.stats.lag_ms.store(b.oldest_age_ms, Ordering::Relaxed);
                 metrics::ledger_backlog(
                     b.entries,
                     Duration::from_millis(b.oldest_age_ms.max(0) as u64),

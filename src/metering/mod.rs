@@ -431,7 +431,8 @@ impl Meter {
         &self.keys
     }
 
-    /// A connection for callers with their own commands (flusher, admin).
+    /// The meter's own connection, for tests and tools that inspect the
+    /// keys it writes (the product's callers go through its methods).
     pub fn connection(&self) -> RedisConn {
         self.redis.clone()
     }
@@ -1114,6 +1115,109 @@ mod tests {
             decode_charge(reply("rate_limited", &[1999]), String::new()).ok(),
             Some(ChargeOutcome::Refused(Refusal::RateLimited(1999)))
         );
+        let balance = Balance {
+            monthly: 7,
+            bonus: 2,
+            day_used: 3,
+            daily_limit: Some(100),
+        };
+        assert_eq!(
+            decode_charge(reply("daily_limit", &[7, 2, 3, 100]), String::new()).ok(),
+            Some(ChargeOutcome::Refused(Refusal::DailyLimit(balance)))
+        );
+        for (status, refusal) in [
+            ("unknown_key", Refusal::UnknownKey),
+            ("key_expired", Refusal::KeyExpired),
+            ("key_scope", Refusal::KeyScope),
+            ("not_in_plan", Refusal::ModuleNotInPlan),
+        ] {
+            assert_eq!(
+                decode_charge(reply(status, &[]), String::new()).ok(),
+                Some(ChargeOutcome::Refused(refusal)),
+                "{status}"
+            );
+        }
+        let text = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let mixed = |values: Vec<Value>| Value::Array(values);
+        assert_eq!(
+            decode_charge(
+                mixed(vec![
+                    text("duplicate"),
+                    Value::Int(0),
+                    Value::Int(7),
+                    Value::Int(2),
+                    Value::Int(3),
+                    Value::Int(100),
+                    text("pro"),
+                ]),
+                String::new()
+            )
+            .ok(),
+            Some(ChargeOutcome::Duplicate {
+                balance,
+                plan: "pro".into()
+            })
+        );
+        assert_eq!(
+            decode_charge(
+                mixed(vec![
+                    text("replay"),
+                    text("r-1"),
+                    Value::Int(201),
+                    text("content-type: text/plain"),
+                    text("done"),
+                    Value::Int(7),
+                    Value::Int(2),
+                    Value::Int(3),
+                    Value::Int(100),
+                    text("pro"),
+                ]),
+                String::new()
+            )
+            .ok(),
+            Some(ChargeOutcome::Repeat(Repeat::Replay {
+                original: "r-1".into(),
+                response: StoredResponse {
+                    status: 201,
+                    headers: "content-type: text/plain".into(),
+                    body: bytes::Bytes::from_static(b"done"),
+                },
+                balance,
+                plan: "pro".into(),
+            }))
+        );
+        for (status, repeat) in [
+            (
+                "in_progress",
+                Repeat::InProgress {
+                    original: "r-1".into(),
+                },
+            ),
+            (
+                "key_reused",
+                Repeat::KeyReused {
+                    original: "r-1".into(),
+                },
+            ),
+            (
+                "not_replayable",
+                Repeat::NotReplayable {
+                    original: "r-1".into(),
+                },
+            ),
+        ] {
+            assert_eq!(
+                decode_charge(mixed(vec![text(status), text("r-1")]), String::new()).ok(),
+                Some(ChargeOutcome::Repeat(repeat)),
+                "{status}"
+            );
+        }
+        assert!(matches!(
+            decode_charge(reply("expired", &[]), String::new()),
+            Err(MeterError::Expired)
+        ));
+        assert!(decode_charge(mixed(vec![text("error"), text("boom")]), String::new()).is_err());
+        assert!(decode_charge(reply("surprise", &[]), String::new()).is_err());
     }
 
     #[test]

@@ -27,6 +27,8 @@ mod pool;
 mod replay;
 pub mod upstream;
 
+pub use upstream::UpstreamError;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,7 +40,7 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::accounts::{Credential, credentials};
-use crate::billing::{Billing, BillingError, Decision};
+use crate::billing::{Billing, Decision};
 use crate::body::Body;
 use crate::catalog::{Module, RateLimit};
 use crate::domain::{ActionId, IdempotencyKey, KeyHash, Networks, RequestId, UserId};
@@ -49,7 +51,7 @@ use crate::metering::{
 };
 use crate::telemetry::metrics::{self, ModuleMetrics};
 use detached::Detached;
-use upstream::{IdleTimeout, PooledBody, UpstreamError, Upstreams};
+use upstream::{IdleTimeout, PooledBody, Upstreams};
 
 /// What the proxy takes from the settings.
 pub struct ProxySettings {
@@ -284,17 +286,7 @@ impl Proxy {
                 if let Some(recording) = recording {
                     recording.abandon().await;
                 }
-                Err(match e {
-                    UpstreamError::Timeout(d) => ApiError::UpstreamTimeout(d),
-                    UpstreamError::BodyTooLarge => ApiError::PayloadTooLarge {
-                        limit: self.settings.max_body_bytes,
-                    },
-                    UpstreamError::BodyStalled(d) => ApiError::RequestTimeout(d),
-                    e => {
-                        tracing::warn!(error = %e, module = %ctx.module.id, "upstream failed");
-                        ApiError::UpstreamUnavailable
-                    }
-                })
+                Err(e.into())
             }
         }
     }
@@ -445,9 +437,7 @@ impl Proxy {
                 let cost = ctx.module.cost_of(ctx.action.as_ref()).get();
                 Err(ApiError::refusal(refusal, &ctx.module.id, cost, &ctx.stamp))
             }
-            // The key resolved to a user Postgres no longer has.
-            Err(BillingError::UnknownUser(_)) => Err(ApiError::Unauthenticated("unknown user")),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(ApiError::for_caller(e)),
         }
     }
 

@@ -103,8 +103,8 @@ pub enum UpstreamError {
     Unreachable(String),
     #[error("upstream sent no response headers within {0:?}")]
     Timeout(Duration),
-    #[error("request body exceeded the limit while streaming")]
-    BodyTooLarge,
+    #[error("request body exceeded the limit of {0} bytes while streaming")]
+    BodyTooLarge(u64),
     #[error("request body stalled for {0:?}")]
     BodyStalled(Duration),
     #[error("bad upstream URI: {0}")]
@@ -114,10 +114,13 @@ pub enum UpstreamError {
 pub struct Upstreams {
     /// Per module: its pool and its `Host` (none: not a usable URL).
     pools: Vec<(ModuleId, Arc<Pool>, Option<HeaderValue>)>,
+    /// `server.max_body_bytes`, the limit the proxy streams bodies under:
+    /// named in the 413 when a body outgrows it mid-stream.
+    body_limit: u64,
 }
 
 impl Upstreams {
-    pub fn new(catalog: &Catalog, settings: &UpstreamSettings) -> Self {
+    pub fn new(catalog: &Catalog, settings: &UpstreamSettings, body_limit: u64) -> Self {
         let pools = catalog
             .modules()
             .iter()
@@ -136,7 +139,7 @@ impl Upstreams {
                 (m.id.clone(), pool, Self::host(m).ok())
             })
             .collect();
-        Self { pools }
+        Self { pools, body_limit }
     }
 
     /// The request target for a client path, in origin form: base path of
@@ -188,16 +191,16 @@ impl Upstreams {
         match tokio::time::timeout(module.timeout, pool.send(request)).await {
             Err(_) => Err(UpstreamError::Timeout(module.timeout)),
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Err(e)) => Err(classify(&e, self.body_limit)),
         }
     }
 }
 
-fn classify(e: &SendError) -> UpstreamError {
+fn classify(e: &SendError, body_limit: u64) -> UpstreamError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err.is::<http_body_util::LengthLimitError>() {
-            return UpstreamError::BodyTooLarge;
+            return UpstreamError::BodyTooLarge(body_limit);
         }
         if let Some(stalled) = err.downcast_ref::<BodyStalled>() {
             return UpstreamError::BodyStalled(stalled.0);
