@@ -131,7 +131,7 @@ pub struct MeAnswer {
     pub timezone: String,
 }
 
-pub use crate::ledger::store::{DayUsage, LedgerRow, ModuleTotal};
+pub use crate::ledger::reports::{DayUsage, LedgerRow, ModuleTotal};
 
 #[derive(Serialize, ToSchema)]
 pub struct Transactions {
@@ -496,29 +496,7 @@ pub struct AuditList {
     pub total: i64,
 }
 
-/// One event's delivery to one endpoint.
-#[derive(Serialize, ToSchema, sqlx::FromRow)]
-pub struct DeliveryView {
-    pub id: i64,
-    /// The `webhook-id` the receiver sees (the same on every attempt).
-    pub event_id: String,
-    #[serde(rename = "type")]
-    #[sqlx(rename = "type")]
-    pub kind: String,
-    pub user_id: String,
-    pub endpoint: String,
-    /// pending, delivered or failed.
-    pub status: String,
-    pub attempts: i32,
-    /// When a pending delivery is next attempted.
-    pub next_attempt_at: DateTime<Utc>,
-    pub last_attempt_at: Option<DateTime<Utc>>,
-    /// The receiver's HTTP status at the last attempt, if it answered.
-    pub last_status: Option<i32>,
-    pub last_error: Option<String>,
-    pub delivered_at: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-}
+pub use crate::webhooks::queue::DeliveryView;
 
 #[derive(Serialize, ToSchema)]
 pub struct DeliveryList {

@@ -19,7 +19,7 @@ use crate::accounts::KeySpec;
 use crate::catalog::Plan;
 use crate::domain::ModuleId;
 use crate::error::{ApiError, InvalidCode};
-use crate::ledger::store;
+use crate::ledger::reports;
 use crate::metering::AccountState;
 use crate::startup::AppState;
 
@@ -333,11 +333,11 @@ async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let from = today
         .checked_sub_days(Days::new(days as u64 - 1))
         .unwrap_or(today);
-    let recorded = store::usage_by_day(pool, Some(id.as_str()), from).await?;
+    let recorded = reports::usage_by_day(pool, Some(id.as_str()), from).await?;
     let series = fill_days(from, today, recorded);
-    let totals = store::totals_by_module(pool, id.as_str(), from).await?;
+    let totals = reports::totals_by_module(pool, id.as_str(), from).await?;
     let (items, total) =
-        store::transactions(pool, id.as_str(), page.per_page, page.offset()).await?;
+        reports::transactions(pool, id.as_str(), page.per_page, page.offset()).await?;
     ok(&UsageAnswer {
         days,
         from,
@@ -357,15 +357,15 @@ async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
 pub fn fill_days(
     from: NaiveDate,
     to: NaiveDate,
-    recorded: Vec<store::DayUsage>,
-) -> Vec<store::DayUsage> {
+    recorded: Vec<reports::DayUsage>,
+) -> Vec<reports::DayUsage> {
     let mut out = Vec::new();
     let mut recorded = recorded.into_iter().peekable();
     let mut day = from;
     while day <= to {
         match recorded.next_if(|r| r.date == day) {
             Some(r) => out.push(r),
-            None => out.push(store::DayUsage {
+            None => out.push(reports::DayUsage {
                 date: day,
                 credits: 0,
                 requests: 0,

@@ -9,31 +9,7 @@ use super::schema::{DeliveryList, DeliveryView, ErrorBody};
 use super::{ApiResult, Page, ok, query};
 use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::startup::AppState;
-
-const STATUSES: [&str; 3] = ["pending", "delivered", "failed"];
-
-/// A query of [`DeliveryView`]s, ending with `$tail`.
-macro_rules! view {
-    ($tail:expr) => {
-        concat!(
-            "SELECT d.id, d.event_id, e.type, e.user_id, d.endpoint, d.status, d.attempts,
-                d.next_attempt_at, d.last_attempt_at, d.last_status, d.last_error,
-                d.delivered_at, d.created_at
-             FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id ",
-            $tail
-        )
-    };
-}
-
-/// The list's filter: `$1` status, `$2` user, either NULL for any.
-macro_rules! filtered {
-    ($tail:expr) => {
-        concat!(
-            "WHERE ($1::text IS NULL OR d.status = $1) AND ($2::text IS NULL OR e.user_id = $2) ",
-            $tail
-        )
-    };
-}
+use crate::webhooks::queue::{self, Retried, STATUSES};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,21 +56,13 @@ pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiRes
         .filter(|u| !u.is_empty())
         .map(super::parse_user)
         .transpose()?;
-    let deliveries: Vec<DeliveryView> =
-        sqlx::query_as(view!(filtered!("ORDER BY d.id DESC LIMIT $3 OFFSET $4")))
-            .bind(status)
-            .bind(user.as_ref().map(|u| u.as_str()))
-            .bind(page.per_page)
-            .bind(page.offset())
-            .fetch_all(state.accounts.pool())
-            .await?;
-    let total: i64 = sqlx::query_scalar(concat!(
-        "SELECT count(*) FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event_id ",
-        filtered!("")
-    ))
-    .bind(status)
-    .bind(user.as_ref().map(|u| u.as_str()))
-    .fetch_one(state.accounts.pool())
+    let (deliveries, total) = queue::deliveries(
+        state.accounts.pool(),
+        status,
+        user.as_ref(),
+        page.per_page,
+        page.offset(),
+    )
     .await?;
     ok(&DeliveryList {
         deliveries,
@@ -124,45 +92,12 @@ pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResul
     let not_found =
         || ApiError::missing(MissingCode::Delivery, format!("no webhook delivery {id:?}"));
     let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(not_found)?;
-    let mut tx = state.accounts.pool().begin().await?;
-    let endpoint: Option<String> =
-        sqlx::query_scalar("SELECT endpoint FROM webhook_deliveries WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let endpoint = endpoint.ok_or_else(not_found)?;
-    if !state
-        .outbox
-        .hooks()
-        .endpoints
-        .iter()
-        .any(|e| e.url == endpoint)
-    {
-        return Err(ApiError::bad_request(
+    match queue::retry(state.accounts.pool(), &state.outbox, id, actor).await? {
+        Retried::Queued(view) => ok(&view),
+        Retried::NoSuchDelivery => Err(not_found()),
+        Retried::EndpointGone(endpoint) => Err(ApiError::bad_request(
             InvalidCode::EndpointNotConfigured,
             format!("{endpoint} is not in this gateway's [[webhooks]] any more"),
-        ));
+        )),
     }
-    sqlx::query(
-        "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    let view: DeliveryView = sqlx::query_as(view!("WHERE d.id = $1"))
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-    crate::accounts::audit_in(
-        &mut *tx,
-        actor,
-        "webhook_retry",
-        None,
-        serde_json::json!({"delivery_id": id, "event_id": view.event_id, "endpoint": endpoint}),
-    )
-    .await?;
-    tx.commit().await?;
-    state.outbox.committed();
-    ok(&view)
 }

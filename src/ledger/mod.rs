@@ -1,10 +1,12 @@
 //! The durable ledger: usage events from the Redis streams into Postgres
-//! ([`flusher`]), the tables history and stats are read from ([`store`]),
+//! ([`flusher`], writing through [`store`]), the history, stats and
+//! exports read back ([`reports`]), monthly partitions ([`partitions`]),
 //! and the proof that Redis and the ledger agree ([`verify`]).
 
 pub mod event;
 pub mod flusher;
 pub mod partitions;
+pub mod reports;
 pub mod store;
 pub mod verify;
 

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod deliver;
 pub mod outbox;
+pub mod queue;
 pub mod sign;
 
 use std::sync::Arc;

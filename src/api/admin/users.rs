@@ -1,0 +1,287 @@
+//! Admin handlers for users: list, create, detail, plan, block, grant.
+
+use chrono::Datelike;
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::super::schema::{
+    AdminCredits, AdminDaily, CreateUserBody, CreatedUser, ErrorBody, KeyView, PlanView,
+    UserDetail, UserList, UserRow, UserSummary,
+};
+use super::super::user::{account_state, view};
+use super::super::{ApiResult, Page, json, ok, parse_user, query, read_json};
+use crate::accounts::directory::UserFilter;
+use crate::accounts::{Created, NewUser};
+use crate::domain::UserId;
+use crate::error::{ApiError, InvalidCode};
+use crate::ledger::reports;
+use crate::startup::AppState;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    plan: Option<String>,
+    status: Option<String>,
+    q: Option<String>,
+    page: Option<i64>,
+    per_page: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/users",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("plan" = Option<String>, Query,),
+        ("status" = Option<String>, Query, description = "active or blocked"),
+        ("q" = Option<String>, Query, description = "search in name, email, id"),
+        ("page" = Option<i64>, Query, minimum = 1),
+        ("per_page" = Option<i64>, Query, minimum = 1, maximum = 200),
+    ),
+    responses(
+        (status = 200, description = "A page of users", body = UserList),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
+    let q: ListQuery = query(&req)?;
+    let page = Page::parse(q.page, q.per_page)?;
+    let unknown_plan = q
+        .plan
+        .as_deref()
+        .filter(|p| !p.is_empty() && state.catalog.plan(p).is_none());
+    if let Some(plan) = unknown_plan {
+        return Err(ApiError::bad_request(
+            InvalidCode::UnknownPlan,
+            format!("no plan {plan:?}"),
+        ));
+    }
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    if status.is_some_and(|s| s != "active" && s != "blocked") {
+        return Err(ApiError::invalid_request(
+            "status must be active or blocked",
+        ));
+    }
+    if q.q
+        .as_deref()
+        .is_some_and(|s| s.chars().count() > 100 || s.chars().any(char::is_control))
+    {
+        return Err(ApiError::bad_request(
+            InvalidCode::Query,
+            "q must be at most 100 characters, no control characters",
+        ));
+    }
+    let stamp = state.calendar.now();
+    let month_start = stamp
+        .local_date()
+        .with_day0(0)
+        .unwrap_or_else(|| stamp.local_date());
+    let filter = UserFilter {
+        plan: q.plan.as_deref().filter(|p| !p.is_empty()),
+        status,
+        search: q.q.as_deref().filter(|s| !s.is_empty()),
+    };
+    let (rows, total) = state
+        .accounts
+        .list_users(filter, month_start, page.per_page, page.offset())
+        .await?;
+    let mut users = Vec::with_capacity(rows.len());
+    for row in rows {
+        let plan_def = state.catalog.plan(&row.plan);
+        let allowance = plan_def.map_or(0, |p| p.monthly_credits.get());
+        // Redis when it holds the account, else the ledger snapshot, else
+        // a fresh allowance: the same answer the account would give.
+        let hot = match UserId::parse(&row.id) {
+            Ok(uid) => state.meter.account(&uid).await?,
+            Err(_) => None,
+        };
+        let remaining = match hot {
+            Some(a) => {
+                let v = view(&a, plan_def, &stamp.day, &stamp.period);
+                v.monthly + v.bonus
+            }
+            None => match row.snapshot {
+                Some((m, b, p)) if p == stamp.period => m + b,
+                Some((_, b, _)) => allowance + b,
+                None => allowance,
+            },
+        };
+        users.push(UserRow {
+            id: row.id,
+            name: row.name,
+            email: row.email,
+            plan: row.plan,
+            status: row.status,
+            created_at: row.created_at,
+            credits_remaining: remaining,
+            used_this_month: row.used_this_month,
+        });
+    }
+    ok(&UserList {
+        users,
+        page: page.page,
+        per_page: page.per_page,
+        total,
+    })
+}
+
+pub(super) fn check_name(name: &str) -> Result<&str, ApiError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid_request(
+            "name must be 1 to 100 characters, no control characters",
+        ));
+    }
+    Ok(name)
+}
+
+pub(super) fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError> {
+    let Some(email) = email.map(str::trim).filter(|e| !e.is_empty()) else {
+        return Ok(None);
+    };
+    let valid = email.len() <= 254
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.')
+        })
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !valid {
+        return Err(ApiError::invalid_request("email is not a valid address"));
+    }
+    Ok(Some(email))
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/admin/billing/users",
+    tag = "admin",
+    security(("admin_key" = [])),
+    request_body = CreateUserBody,
+    responses(
+        (status = 201, description = "The user and its first API key (shown once)", body = CreatedUser),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn create_user(
+    state: &AppState,
+    req: Request<Incoming>,
+    actor: &str,
+) -> ApiResult {
+    let idempotency_key = super::super::idempotency_key(req.headers())?;
+    let body: CreateUserBody = read_json(req).await?;
+    let name = check_name(&body.name)?;
+    let email = check_email(body.email.as_deref())?;
+    let id = body.id.as_deref().map(parse_user).transpose()?;
+    let fingerprint = fingerprint(&[
+        "create_user",
+        name,
+        email.unwrap_or(""),
+        &body.plan,
+        body.id.as_deref().unwrap_or(""),
+    ]);
+    let created = state
+        .accounts
+        .create_user(NewUser {
+            id,
+            name,
+            email,
+            plan: &body.plan,
+            actor,
+            idempotency: idempotency_key.as_ref().map(|k| (k, fingerprint.as_str())),
+        })
+        .await?;
+    let (user, api_key, key_id, replayed) = match created {
+        Created::New(user, key) => (user, Some(key.key.reveal().to_owned()), key.id, false),
+        Created::Replayed(user, key_id) => (user, None, key_id, true),
+    };
+    let mut response = json(
+        StatusCode::CREATED,
+        &CreatedUser {
+            user: UserSummary {
+                id: user.id.to_string(),
+                name: user.name,
+                email: user.email,
+                plan: user.plan.to_string(),
+                status: if user.blocked { "blocked" } else { "active" }.into(),
+            },
+            api_key,
+            key_id,
+        },
+    )?;
+    if replayed {
+        response.headers_mut().insert(
+            "idempotent-replayed",
+            http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+/// What makes two admin writes "the same" under one Idempotency-Key.
+pub(super) fn fingerprint(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+#[utoipa::path(
+    get,
+    path = "/api/admin/billing/users/{id}",
+    tag = "admin",
+    security(("admin_key" = [])),
+    params(
+        ("id" = String, Path,),
+    ),
+    responses(
+        (status = 200, description = "One user", body = UserDetail),
+        (status = 400, description = "Invalid input; nothing changed", body = ErrorBody),
+        (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
+        (status = 404, description = "No such user", body = ErrorBody),
+        (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
+    )
+)]
+pub(super) async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
+    let user = state
+        .accounts
+        .get_user(id)
+        .await?
+        .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
+    let account = account_state(state, id).await?;
+    let stamp = state.calendar.now();
+    let plan = state.catalog.plan(user.plan.as_str());
+    let v = view(&account, plan, &stamp.day, &stamp.period);
+    let keys = state.accounts.keys_of(id, true).await?;
+    let month_start = stamp
+        .local_date()
+        .with_day0(0)
+        .unwrap_or_else(|| stamp.local_date());
+    let totals = reports::totals_by_module(&state.reports, id.as_str(), month_start).await?;
+    ok(&UserDetail {
+        id: id.to_string(),
+        name: user.name,
+        email: user.email,
+        plan: plan.map(PlanView::from),
+        status: if user.blocked { "blocked" } else { "active" }.into(),
+        auto_blocked: v.auto_blocked,
+        credits: AdminCredits {
+            remaining: v.monthly + v.bonus,
+            monthly_remaining: v.monthly,
+            bonus: v.bonus,
+        },
+        daily: AdminDaily {
+            used: v.day_used,
+            limit: plan.and_then(|p| p.daily_limit.map(|l| l.get())),
+        },
+        usage_this_month: totals,
+        keys: keys.into_iter().map(KeyView::from).collect(),
+    })
+}
