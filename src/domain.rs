@@ -188,6 +188,21 @@ impl IdempotencyKey {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The `Idempotency-Key` header, if sent: the proxy, the credits API
+    /// and the admin writes read it the same way.
+    pub fn from_headers(headers: &http::HeaderMap) -> Result<Option<Self>, ParseError> {
+        headers
+            .get("idempotency-key")
+            .map(|v| {
+                let text = v.to_str().map_err(|_| ParseError {
+                    what: "idempotency key",
+                    why: "must be visible ASCII".into(),
+                })?;
+                Self::parse(text.trim())
+            })
+            .transpose()
+    }
 }
 
 /// A client API key. Only ever held briefly: hashed on arrival, printed once

@@ -6,6 +6,7 @@
 //! - [`catalog`]   plans and modules (costs, prefixes, upstreams) from the config
 //! - [`domain`]    newtypes: user, plan and module ids, credits, API keys
 //! - [`startup`]   bind, build the shared state, serve until shutdown
+//! - [`state`]     the shared state handlers read (`AppState`)
 //! - [`proxy`]     the hot path: admit → identify → charge → forward → settle → respond
 //! - [`metering`]  the Redis side: key layout, Lua scripts, the `Meter` API
 //! - [`billing`]   rules needing both stores: charge with rebuild, grant, monthly reset
@@ -15,6 +16,7 @@
 //! - [`error`]     the one mapping from errors to status + JSON body
 //! - [`invoices`]  monthly invoices: amounts, gap-free numbers, the PDF
 //! - [`body`]      the response body type
+//! - [`upstream`]  the client side: one keep-alive pool per module, deadlines
 //! - [`telemetry`] logging setup and the Prometheus metrics
 //! - [`web`]       the user and admin panels, embedded at build time
 //! - [`webhooks`]  signed event webhooks: the outbox and its deliverer
@@ -34,6 +36,8 @@ pub mod ledger;
 pub mod metering;
 pub mod proxy;
 pub mod startup;
+pub mod state;
 pub mod telemetry;
+pub mod upstream;
 pub mod web;
 pub mod webhooks;

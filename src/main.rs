@@ -183,24 +183,22 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::ResetMonthly => {
             let catalog = settings.catalog.clone();
-            let billing = Billing {
-                meter: Meter::new(&settings.redis, catalog.clone(), &settings.metering)?,
-                accounts: open_accounts(&settings)?,
-                calendar: Calendar::new(settings.timezone),
+            let billing = Billing::new(
+                Meter::new(&settings.redis, catalog.clone(), &settings.metering)?,
+                open_accounts(&settings)?,
+                Calendar::new(settings.timezone),
                 catalog,
-                outbox: creditgate::webhooks::Outbox::new(std::sync::Arc::clone(
-                    &settings.webhooks,
-                )),
-            };
+                creditgate::webhooks::Outbox::new(std::sync::Arc::clone(&settings.webhooks)),
+            );
             let report = billing.reset_monthly("cli").await?;
             println!(
                 "period {}: reset {} of {} accounts ({} already current)",
                 report.period, report.reset, report.accounts, report.already_current
             );
             let invoices = creditgate::invoices::Invoices::new(
-                billing.accounts.pool().clone(),
+                billing.accounts().pool().clone(),
                 settings.catalog.clone(),
-                billing.calendar.clone(),
+                billing.calendar().clone(),
                 settings.invoicing.clone(),
             );
             let closed = invoices.previous_period();
@@ -252,9 +250,9 @@ fn open_flusher(settings: &Settings) -> anyhow::Result<Flusher> {
         &settings.redis.url,
         &keys,
         pool,
-        settings.ledger.flusher_config(),
+        creditgate::ledger::FlusherConfig::from_settings(&settings.ledger),
     )?
-    .with_outbox(creditgate::webhooks::Outbox::new(std::sync::Arc::clone(
+    .with_hook(creditgate::webhooks::Outbox::new(std::sync::Arc::clone(
         &settings.webhooks,
     ))))
 }

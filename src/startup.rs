@@ -25,20 +25,19 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::accounts::ApiKeys;
 use crate::accounts::{self, Accounts};
 use crate::api;
-use crate::api::auth::ApiKeys;
 use crate::billing::Billing;
 use crate::body::{Body, BoxError};
-use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::error::ApiError;
 use crate::ledger::{FlushError, Flusher};
 use crate::metering::{Calendar, Meter, MeterError};
-use crate::proxy::upstream::Upstreams;
 use crate::proxy::{Proxy, ProxySettings};
+use crate::state::AppState;
 use crate::telemetry::metrics;
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::upstream::Upstreams;
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -53,32 +52,6 @@ pub enum StartupError {
     Database(#[from] sqlx::Error),
     #[error("ledger: {0}")]
     Ledger(#[from] FlushError),
-}
-
-/// Everything a request handler needs; one cheap-to-clone handle.
-pub struct AppState {
-    pub catalog: Arc<Catalog>,
-    pub meter: Meter,
-    pub accounts: Accounts,
-    /// What reports read (usage, stats, CSV exports): `database.read_url`'s
-    /// replica, or the primary. Never balances, keys or writes.
-    pub reports: sqlx::PgPool,
-    pub calendar: Calendar,
-    pub billing: Billing,
-    pub proxy: Arc<Proxy>,
-    pub api_keys: ApiKeys,
-    /// Renders `/metrics`; `None` when another recorder owns the process.
-    pub metrics: Option<PrometheusHandle>,
-    /// `/metrics` is on the public port (no `server.metrics_listen`).
-    pub public_metrics: bool,
-    /// Where account events go for the webhooks (written in the
-    /// transactions that cause them).
-    pub outbox: Arc<crate::webhooks::Outbox>,
-    pub invoices: crate::invoices::Invoices,
-    /// Bounds concurrent requests. A semaphore rather than a counter so the
-    /// permit can ride along with a streaming body and be released when the
-    /// last byte has gone out.
-    in_flight: Arc<Semaphore>,
 }
 
 pub struct Application {
@@ -140,11 +113,11 @@ impl Application {
                 .saturating_add(1);
             Flusher::new(
                 &settings.redis.url,
-                state.meter.keys(),
+                state.billing.meter().keys(),
                 crate::accounts::connect_pool(&database)?,
-                settings.ledger.flusher_config(),
+                crate::ledger::FlusherConfig::from_settings(&settings.ledger),
             )?
-            .with_outbox(Arc::clone(&state.outbox))
+            .with_hook(state.outbox.clone())
             .into_workers(settings.ledger.workers)?
         } else {
             Vec::new()
@@ -193,16 +166,18 @@ impl Application {
         if self.reconciler {
             background.push(tokio::spawn(reconcile(self.state.billing.clone())));
             background.push(tokio::spawn(partitions(
-                self.state.accounts.pool().clone(),
-                self.state.calendar.clone(),
+                self.state.billing.accounts().pool().clone(),
+                self.state.billing.calendar().clone(),
                 self.settings.ledger.retention_months,
             )));
         }
-        background.push(tokio::spawn(calibrate(self.state.meter.clone())));
-        background.push(tokio::spawn(key_uses(self.state.accounts.clone())));
+        background.push(tokio::spawn(calibrate(self.state.billing.meter().clone())));
+        background.push(tokio::spawn(key_uses(
+            self.state.billing.accounts().clone(),
+        )));
         background.push(tokio::spawn(
             crate::webhooks::Deliverer::new(
-                self.state.accounts.pool().clone(),
+                self.state.billing.accounts().pool().clone(),
                 Arc::clone(&self.state.outbox),
             )
             .run(),
@@ -301,6 +276,9 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     } else {
         None
     };
+    if metrics.is_some() {
+        metrics::webhook_events(crate::webhooks::EventType::ALL.map(|e| e.as_str()));
+    }
     let catalog = Arc::clone(&settings.catalog);
     let meter = Meter::new(&settings.redis, Arc::clone(&catalog), &settings.metering)?;
     let pool = accounts::connect_pool(&settings.database)?;
@@ -308,13 +286,13 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);
     let outbox = crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks));
-    let billing = Billing {
-        meter: meter.clone(),
-        accounts: accounts.clone(),
-        calendar: calendar.clone(),
-        catalog: Arc::clone(&catalog),
-        outbox: Arc::clone(&outbox),
-    };
+    let billing = Billing::new(
+        meter,
+        accounts.clone(),
+        calendar.clone(),
+        Arc::clone(&catalog),
+        Arc::clone(&outbox),
+    );
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
         Upstreams::new(&catalog, &settings.upstream, settings.max_body_bytes),
@@ -335,11 +313,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         settings.invoicing.clone(),
     );
     Ok(AppState {
-        catalog,
-        meter,
-        accounts,
         reports,
-        calendar,
         billing,
         proxy,
         api_keys: ApiKeys::new(&settings.auth, settings.trusted_networks.clone()),
@@ -367,7 +341,7 @@ async fn reconcile(billing: Billing) {
         }
         rounds += 1;
         if rounds.is_multiple_of(240) {
-            let _ = billing.accounts.expire_idempotency().await;
+            let _ = billing.accounts().expire_idempotency().await;
         }
     }
 }
@@ -496,7 +470,7 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
             ApiError::MethodNotAllowed.into_response()
         }
         (_, "/healthz" | "/readyz") => ApiError::MethodNotAllowed.into_response(),
-        _ => match state.catalog.route(path) {
+        _ => match state.billing.catalog().route(path) {
             Some(module) => state.proxy.handle(Arc::clone(module), req, peer).await,
             None => match crate::web::serve(req.method(), path) {
                 Some(response) => response,

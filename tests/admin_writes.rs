@@ -18,7 +18,7 @@ async fn json_of(r: reqwest::Response) -> serde_json::Value {
 async fn account_field(app: &TestApp, user: &creditgate::domain::UserId, field: &str) -> String {
     let mut con = app.redis.connection().await;
     let v: Option<String> = redis::cmd("HGET")
-        .arg(app.state.meter.keys().account(user))
+        .arg(app.state.billing.meter().keys().account(user))
         .arg(field)
         .query_async(&mut con)
         .await
@@ -43,7 +43,8 @@ async fn block_revoke_and_plan_change_during_a_redis_write_pause_land_within_a_s
     let user = app.create_user("free").await;
     let spare = app
         .state
-        .accounts
+        .billing
+        .accounts()
         .create_key(&user.id, "test")
         .await
         .expect("second key");
@@ -105,7 +106,7 @@ async fn block_revoke_and_plan_change_during_a_redis_write_pause_land_within_a_s
     assert_eq!(error_code(r).await, "blocked");
     let mut con = app.redis.connection().await;
     let live: Vec<String> = redis::cmd("HKEYS")
-        .arg(app.state.meter.keys().api_keys(&user.id))
+        .arg(app.state.billing.meter().keys().api_keys(&user.id))
         .query_async(&mut con)
         .await
         .expect("HKEYS");
@@ -242,7 +243,7 @@ async fn a_grant_past_the_bonus_ceiling_is_refused_and_changes_nothing() {
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
     let mut con = app.redis.connection().await;
     let _: () = redis::cmd("HSET")
-        .arg(app.state.meter.keys().account(&user.id))
+        .arg(app.state.billing.meter().keys().account(&user.id))
         .arg("bonus")
         .arg(999_999_990_i64)
         .query_async(&mut con)
@@ -272,7 +273,7 @@ async fn a_grant_past_the_bonus_ceiling_is_refused_and_changes_nothing() {
 async fn an_account_the_ledger_holds_past_todays_bounds_is_still_rebuilt() {
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
-    let stamp = app.state.calendar.now();
+    let stamp = app.state.billing.calendar().now();
     let pool = app.pool().await;
     // As an older release could have left it: a bonus over 1e9.
     sqlx::query(

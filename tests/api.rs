@@ -248,7 +248,7 @@ async fn age_accounts(app: &TestApp, users: &[&creditgate::domain::UserId]) {
     let mut con = app.redis.connection().await;
     for u in users {
         let _: () = redis::cmd("HSET")
-            .arg(app.state.meter.keys().account(u))
+            .arg(app.state.billing.meter().keys().account(u))
             .arg("period")
             .arg("1999-12")
             .query_async(&mut con)
@@ -1383,7 +1383,7 @@ async fn reports_read_the_replica_of_database_read_url() {
     assert_eq!(app.call(&user.key, "/rag/a").await.status(), 200);
     app.wait_flushed(Duration::from_secs(10)).await;
 
-    let today = app.state.calendar.now().day;
+    let today = app.state.billing.calendar().now().day;
     let pool = sqlx::PgPool::connect(&replica.url).await.expect("replica");
     sqlx::query(
         "INSERT INTO usage_daily (user_id, day, module, charged_credits, charges,
@@ -1438,7 +1438,7 @@ async fn reports_read_the_replica_of_database_read_url() {
 #[tokio::test]
 async fn database_sessions_have_a_statement_timeout_and_no_jit() {
     let app = TestApp::spawn().await;
-    for pool in [app.state.accounts.pool(), &app.state.reports] {
+    for pool in [app.state.billing.accounts().pool(), &app.state.reports] {
         let (jit, timeout): (String, String) =
             sqlx::query_as("SELECT current_setting('jit'), current_setting('statement_timeout')")
                 .fetch_one(pool)
@@ -1559,7 +1559,12 @@ async fn users_manage_their_own_keys() {
     assert_eq!(r.status(), 400);
 
     // Last use: noted per call, written in one batch.
-    app.state.accounts.flush_key_uses().await.expect("flush");
+    app.state
+        .billing
+        .accounts()
+        .flush_key_uses()
+        .await
+        .expect("flush");
     let listed = body(app.user_get(&user.key, "/keys").await).await;
     let keys = listed["keys"].as_array().expect("keys");
     assert_eq!(keys.len(), 2, "the revoked key is no longer listed");

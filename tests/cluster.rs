@@ -47,7 +47,8 @@ async fn two_gateways_on_a_cluster_keep_daily_limits_exact_and_the_ledger_verifi
     // Six users, on at least two masters (the test covers more than one
     // node): a user that would make it six on one master is swapped.
     let cluster = app.cluster.as_ref().expect("cluster");
-    let master_of = |u: &common::Account| cluster.master_of(&app.state.meter.keys().account(&u.id));
+    let master_of =
+        |u: &common::Account| cluster.master_of(&app.state.billing.meter().keys().account(&u.id));
     let mut users = Vec::new();
     while users.len() < 6 {
         let user = app.create_user("starter").await; // 100 credits a day
@@ -167,7 +168,7 @@ async fn failover(wait_replicas: &str, restart_after: Option<Duration>) -> (Test
     for _ in 0..8 {
         users.push(app.create_user("enterprise").await);
     }
-    let account = app.state.meter.keys().account(&users[0].id);
+    let account = app.state.billing.meter().keys().account(&users[0].id);
     let cluster = app.cluster.as_ref().expect("cluster");
     let victim = cluster.master_of(&account);
     let keys: Vec<String> = users.iter().map(|u| u.key.clone()).collect();
@@ -326,7 +327,7 @@ async fn with_wait_replicas_a_master_killed_under_load_loses_no_charge() {
 async fn slots_resharded_under_load_lose_and_double_nothing() {
     let app = TestApp::builder().cluster().start().await;
     let cluster = app.cluster.as_ref().expect("cluster");
-    let keys = app.state.meter.keys();
+    let keys = app.state.billing.meter().keys();
     // The master of slot 0 gives its first 500 slots away: shards 0, 4 and
     // 8 ({cg:0} is slot 248, {cg:4} 124, {cg:8} 496) move with everything
     // in them, usage streams and consumer groups included.
@@ -427,7 +428,7 @@ async fn a_wiped_master_and_replica_are_rebuilt_from_postgres_and_verify_clean()
 
     // The master of the first user loses everything; FLUSHALL reaches its
     // replica too, as a wipe of both would.
-    let victim = cluster.master_of(&app.state.meter.keys().account(&users[0].id));
+    let victim = cluster.master_of(&app.state.billing.meter().keys().account(&users[0].id));
     common::cluster::cli(victim, &["FLUSHALL"]).expect("flushall");
     assert_eq!(app.balance(&users[0].id).await, (-1, -1, -1), "wiped");
 
@@ -470,10 +471,10 @@ async fn refunds_grants_and_the_monthly_reset_work_on_a_cluster() {
         assert_eq!(app.balance(&u.id).await, (499, 7, 1));
     }
     // The accounts' period is made last century's, so the reset has work.
-    let mut con = app.state.meter.connection();
+    let mut con = app.state.billing.meter().connection();
     for u in &users {
         let _: () = redis::cmd("HSET")
-            .arg(app.state.meter.keys().account(&u.id))
+            .arg(app.state.billing.meter().keys().account(&u.id))
             .arg("period")
             .arg("1999-12")
             .query_async(&mut con)

@@ -167,7 +167,7 @@ async fn an_unreadable_entry_is_kept_aside_and_the_stream_goes_on() {
         .await;
     let user = app.create_user("enterprise").await;
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
-    let stream = app.state.meter.keys().stream_of(&user.id);
+    let stream = app.state.billing.meter().keys().stream_of(&user.id);
     let mut con = app.redis.connection().await;
     let bad: String = redis::cmd("XADD")
         .arg(&stream)
@@ -310,7 +310,7 @@ async fn a_balance_changed_behind_the_gateways_back_is_reported_as_drift() {
 
     let mut con = app.redis.connection().await;
     let _: () = redis::cmd("HSET")
-        .arg(app.state.meter.keys().account(&tampered.id))
+        .arg(app.state.billing.meter().keys().account(&tampered.id))
         .arg("monthly")
         .arg(5000)
         .query_async(&mut con)
@@ -339,7 +339,7 @@ async fn history_is_served_from_the_ledger_aggregates() {
     }
     app.wait_flushed(Duration::from_secs(10)).await;
     let pool = app.pool().await;
-    let today = app.state.calendar.now().day;
+    let today = app.state.billing.calendar().now().day;
     let from = chrono::NaiveDate::parse_from_str(&today, "%Y-%m-%d").expect("date");
     let days = reports::usage_by_day(&pool, Some(user.id.as_str()), from)
         .await
@@ -479,7 +479,7 @@ async fn ledger_months_are_partitions_created_on_demand_and_detached_by_retentio
         }
     };
     assert!(!exists("ledger_events_2020_01").await);
-    let stream = app.state.meter.keys().stream_of(&user.id);
+    let stream = app.state.billing.meter().keys().stream_of(&user.id);
     let event = serde_json::json!({
         "e": "old-event-1", "u": user.id.as_str(), "k": "charge", "p": "free", "m": "rag",
         "n": 1, "fm": 1, "fb": 0, "mb": 99, "bb": 0, "r": "old-request", "by": "proxy",

@@ -149,7 +149,8 @@ async fn missing_unknown_malformed_and_revoked_keys_are_401() {
     // The key works, is cached, then is revoked: the very next call fails.
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
     app.state
-        .accounts
+        .billing
+        .accounts()
         .revoke_key(&user.id, user.key_id, "test")
         .await
         .expect("revoke");
@@ -173,7 +174,8 @@ async fn a_key_created_after_the_account_reached_redis_works_at_once() {
     // Created in Postgres only (as the CLI does): the proxy repairs Redis.
     let second = app
         .state
-        .accounts
+        .billing
+        .accounts()
         .create_key(&user.id, "cli")
         .await
         .expect("key");
@@ -184,7 +186,7 @@ async fn a_key_created_after_the_account_reached_redis_works_at_once() {
     // of its own (both keys among its live keys) and cleared the account's
     // sync mark, rather than adding the one key unversioned.
     let mut live: Vec<String> = redis::cmd("HKEYS")
-        .arg(app.state.meter.keys().api_keys(&user.id))
+        .arg(app.state.billing.meter().keys().api_keys(&user.id))
         .query_async(&mut app.redis.connection().await)
         .await
         .expect("HKEYS");
@@ -217,7 +219,7 @@ async fn expired_and_out_of_scope_keys_are_refused_and_not_charged() {
     use creditgate::domain::ModuleId;
     let app = TestApp::spawn().await;
     let user = app.create_user("starter").await;
-    let accounts = &app.state.accounts;
+    let accounts = &app.state.billing.accounts();
     let scoped = accounts
         .create_key_with(
             &user.id,
@@ -317,7 +319,7 @@ async fn an_account_mirrored_before_key_details_is_served_and_brought_up_to_date
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
     assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
-    let keys = app.state.meter.keys();
+    let keys = app.state.billing.meter().keys();
     let mut con = app.redis.connection().await;
     let _: () = redis::cmd("DEL")
         .arg(keys.api_keys(&user.id))

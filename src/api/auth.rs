@@ -9,26 +9,11 @@
 use std::net::SocketAddr;
 
 use http::{HeaderMap, Request};
-use secrecy::ExposeSecret;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::accounts::{Credential, credentials};
-use crate::config::{AuthSettings, NamedKey};
-use crate::domain::{Networks, UserId};
+use crate::domain::UserId;
 use crate::error::ApiError;
-use crate::startup::AppState;
-
-pub struct ApiKeys {
-    admin: Vec<(String, [u8; 32])>,
-    service: Vec<(String, [u8; 32])>,
-    trust_user_id_header: bool,
-    /// `auth.trusted_networks`: the credits API without a key, and
-    /// `X-User-ID` when `trust_user_id_header` is on.
-    trusted_networks: Networks,
-    /// `auth.max_keys_per_user`: live keys a user may create for itself.
-    pub max_keys_per_user: u32,
-}
+use crate::state::AppState;
 
 /// The TCP peer of an API request, put in its extensions by the router.
 #[derive(Clone, Copy, Debug)]
@@ -37,40 +22,7 @@ pub struct ClientAddr(pub SocketAddr);
 fn peer_is_trusted(state: &AppState, req: &Request<impl Sized>) -> bool {
     req.extensions()
         .get::<ClientAddr>()
-        .is_some_and(|p| state.api_keys.trusted_networks.contains(p.0.ip()))
-}
-
-fn digest(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-fn digests(keys: &[NamedKey]) -> Vec<(String, [u8; 32])> {
-    keys.iter()
-        .map(|k| (k.name.clone(), digest(k.key.expose_secret().as_bytes())))
-        .collect()
-}
-
-fn find(keys: &[(String, [u8; 32])], presented: &[u8]) -> Option<String> {
-    let presented = digest(presented);
-    let mut found = None;
-    for (name, key) in keys {
-        if bool::from(key.ct_eq(&presented)) {
-            found = Some(name.clone());
-        }
-    }
-    found
-}
-
-impl ApiKeys {
-    pub fn new(settings: &AuthSettings, trusted_networks: Networks) -> Self {
-        Self {
-            admin: digests(&settings.admin_keys),
-            service: digests(&settings.service_keys),
-            trust_user_id_header: settings.trust_user_id_header,
-            trusted_networks,
-            max_keys_per_user: settings.max_keys_per_user(),
-        }
-    }
+        .is_some_and(|p| state.api_keys.trusts(p.0.ip()))
 }
 
 /// The name of the admin key presented, which becomes the audit actor.
@@ -78,7 +30,9 @@ pub fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
     let presented = headers
         .get("x-admin-key")
         .ok_or(ApiError::Unauthenticated("send X-Admin-Key"))?;
-    find(&state.api_keys.admin, presented.as_bytes())
+    state
+        .api_keys
+        .admin(presented.as_bytes())
         .map(|name| format!("admin:{name}"))
         .ok_or(ApiError::Unauthenticated("invalid admin key"))
 }
@@ -94,7 +48,9 @@ pub fn service(state: &AppState, req: &Request<impl Sized>) -> Result<String, Ap
             Err(ApiError::Unauthenticated("send X-Service-Key"))
         };
     };
-    find(&state.api_keys.service, presented.as_bytes())
+    state
+        .api_keys
+        .service(presented.as_bytes())
         .map(|name| format!("service:{name}"))
         .ok_or(ApiError::Unauthenticated("invalid service key"))
 }
@@ -122,37 +78,22 @@ pub async fn unrestricted_user(
 
 /// The caller, and whether its key is limited to some modules.
 async fn caller(state: &AppState, req: &Request<impl Sized>) -> Result<(UserId, bool), ApiError> {
-    let trust_user_id = state.api_keys.trust_user_id_header && peer_is_trusted(state, req);
+    let trust_user_id = state.api_keys.trust_user_id_header() && peer_is_trusted(state, req);
     match credentials::from_headers(req.headers(), trust_user_id) {
         Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
             "send Authorization: Bearer <api key> or X-API-Key",
         )),
         Err(credentials::CredentialError::Malformed(why)) => Err(ApiError::Unauthenticated(why)),
-        Ok(Credential::TrustedUser(user)) => match state.accounts.get_user(&user).await? {
-            Some(_) => Ok((user, false)),
-            None => Err(ApiError::Unauthenticated("unknown user")),
-        },
-        Ok(Credential::Key(key)) => match state.accounts.key_owner(&key.hash()).await? {
+        Ok(Credential::TrustedUser(user)) => {
+            match state.billing.accounts().get_user(&user).await? {
+                Some(_) => Ok((user, false)),
+                None => Err(ApiError::Unauthenticated("unknown user")),
+            }
+        }
+        Ok(Credential::Key(key)) => match state.billing.accounts().key_owner(&key.hash()).await? {
             None => Err(ApiError::Unauthenticated("unknown or revoked API key")),
             Some(owner) if owner.expired => Err(ApiError::KeyExpired),
             Some(owner) => Ok((owner.user, owner.scoped)),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_configured_key_is_compared_and_names_are_returned() {
-        let keys = vec![
-            ("ops".to_owned(), digest(b"first-key-123")),
-            ("ci".to_owned(), digest(b"second-key-456")),
-        ];
-        assert_eq!(find(&keys, b"second-key-456").as_deref(), Some("ci"));
-        assert_eq!(find(&keys, b"first-key-123").as_deref(), Some("ops"));
-        assert_eq!(find(&keys, b"first-key-12"), None);
-        assert_eq!(find(&keys, b""), None);
     }
 }

@@ -17,7 +17,7 @@ use crate::catalog::Module;
 use crate::domain::{ActionId, RequestId};
 use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::metering::{ChargeRequest, Idempotency, Mode, RefundOf, RefundOutcome, Refusal};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
     let actor = auth::service(state, &req)?;
@@ -32,7 +32,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
 }
 
 fn parse_module<'a>(state: &'a AppState, s: &str) -> Result<&'a Module, ApiError> {
-    state.catalog.module(s).ok_or_else(|| {
+    state.billing.catalog().module(s).ok_or_else(|| {
         ApiError::bad_request(InvalidCode::UnknownModule, format!("no module {s:?}"))
     })
 }
@@ -62,7 +62,7 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let module = parse_module(state, &body.module)?;
     let action = parse_action(body.action.as_deref())?;
     let cost = module.cost_of(action.as_ref()).get();
-    let stamp = state.calendar.now();
+    let stamp = state.billing.calendar().now();
     let rid = RequestId::generate();
     let decision = state
         .billing
@@ -104,12 +104,13 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
     };
     let (remaining, used, limit) = match balance {
         Some(b) => (b.remaining(), b.day_used, b.daily_limit),
-        None => match state.meter.account(&user).await? {
+        None => match state.billing.meter().account(&user).await? {
             Some(a) => (
                 a.monthly + a.bonus,
                 if a.day == stamp.day { a.day_used } else { 0 },
                 state
-                    .catalog
+                    .billing
+                    .catalog()
                     .plan(&a.plan)
                     .and_then(|p| p.daily_limit.map(|l| l.get())),
             ),
@@ -150,7 +151,7 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
     let action = parse_action(body.action.as_deref())?;
     let rid = RequestId::parse(&body.request_id)
         .map_err(|e| ApiError::invalid_field("request_id", e.why))?;
-    let stamp = state.calendar.now();
+    let stamp = state.billing.calendar().now();
     let cost = module.cost_of(action.as_ref()).get();
     let decision = state
         .billing
@@ -204,9 +205,10 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
     let user = parse_user(&body.user_id)?;
     let rid = RequestId::parse(&body.request_id)
         .map_err(|e| ApiError::invalid_field("request_id", e.why))?;
-    let now = state.calendar.now();
+    let now = state.billing.calendar().now();
     match state
-        .meter
+        .billing
+        .meter()
         .refund(&user, &rid, RefundOf::Record, actor, &now)
         .await?
     {
@@ -257,7 +259,8 @@ async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
         }
     });
     state
-        .accounts
+        .billing
+        .accounts()
         .audit(
             actor,
             "reset_monthly",

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::accounts::MIGRATOR;
 use crate::body::{self, Body};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub fn healthz() -> Response<Body> {
     body::json(StatusCode::OK, &json!({"status": "ok"}))
@@ -26,7 +26,7 @@ pub enum Detail {
 /// 200 when Redis answers PING and Postgres answers with every migration
 /// applied; 503 otherwise, with as much detail as `detail` allows.
 pub async fn readyz(state: &AppState, detail: Detail) -> Response<Body> {
-    let (redis, database) = tokio::join!(state.meter.ping(), database_ready(state));
+    let (redis, database) = tokio::join!(state.billing.meter().ping(), database_ready(state));
     let ready = redis.is_ok() && database.is_ok();
     let status = if ready {
         StatusCode::OK
@@ -54,7 +54,7 @@ pub async fn readyz(state: &AppState, detail: Detail) -> Response<Body> {
 
 async fn database_ready(state: &AppState) -> Result<(), String> {
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(state.accounts.pool())
+        .fetch_one(state.billing.accounts().pool())
         .await
         .map_err(|e| format!("unavailable: {e}"))?;
     let expected = MIGRATOR.iter().count() as i64;

@@ -10,7 +10,7 @@ use crate::body;
 use crate::domain::UserId;
 use crate::error::{ApiError, MissingCode};
 use crate::invoices::{Invoice, pdf};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 fn summary(invoice: &Invoice, base: &str) -> InvoiceSummary {
     InvoiceSummary {

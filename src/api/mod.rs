@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use crate::body::{self, Body};
 use crate::domain::UserId;
 use crate::error::{ApiError, InvalidCode};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// JSON bodies of the API are small; anything bigger is a mistake or abuse.
 pub const MAX_JSON_BYTES: usize = 64 * 1024;
@@ -160,26 +160,6 @@ impl Page {
     pub fn offset(&self) -> i64 {
         (self.page - 1) * self.per_page
     }
-}
-
-/// The optional `Idempotency-Key` header, as the proxy and the admin API
-/// read it.
-pub fn idempotency_key(
-    headers: &http::HeaderMap,
-) -> Result<Option<crate::domain::IdempotencyKey>, ApiError> {
-    headers
-        .get("idempotency-key")
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| crate::domain::IdempotencyKey::parse(s.trim()).ok())
-                .ok_or_else(|| {
-                    ApiError::InvalidHeader(
-                        "Idempotency-Key must be 1 to 128 visible ASCII characters".into(),
-                    )
-                })
-        })
-        .transpose()
 }
 
 pub fn require(req: &Request<Incoming>, method: Method) -> Result<(), ApiError> {

@@ -21,7 +21,7 @@ use crate::domain::ModuleId;
 use crate::error::{ApiError, InvalidCode};
 use crate::ledger::reports;
 use crate::metering::AccountState;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
     match rest {
@@ -57,7 +57,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
 )]
 async fn list_keys(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let id = auth::user(state, &req).await?;
-    let keys = state.accounts.keys_of(&id, false).await?;
+    let keys = state.billing.accounts().keys_of(&id, false).await?;
     ok(&KeysAnswer {
         keys: keys.into_iter().map(KeyView::from).collect(),
         max_keys: state.api_keys.max_keys_per_user,
@@ -111,7 +111,8 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
         .create_key(&id, &spec, Some(state.api_keys.max_keys_per_user), &actor)
         .await?;
     let view = state
-        .accounts
+        .billing
+        .accounts()
         .keys_of(&id, false)
         .await?
         .into_iter()
@@ -167,7 +168,13 @@ async fn revoke_key(state: &AppState, req: Request<Incoming>, key_id: &str) -> A
 )]
 fn plans(state: &AppState) -> ApiResult {
     ok(&PlansAnswer {
-        plans: state.catalog.plans().iter().map(PlanView::from).collect(),
+        plans: state
+            .billing
+            .catalog()
+            .plans()
+            .iter()
+            .map(PlanView::from)
+            .collect(),
     })
 }
 
@@ -181,7 +188,8 @@ fn plans(state: &AppState) -> ApiResult {
 )]
 fn credit_costs(state: &AppState) -> ApiResult {
     let modules = state
-        .catalog
+        .billing
+        .catalog()
         .modules()
         .iter()
         .map(|m| CreditCost {
@@ -233,12 +241,13 @@ pub async fn account_state(
     state: &AppState,
     user: &crate::domain::UserId,
 ) -> Result<AccountState, ApiError> {
-    if let Some(a) = state.meter.account(user).await? {
+    if let Some(a) = state.billing.meter().account(user).await? {
         return Ok(a);
     }
     state.billing.rebuild(user).await?;
     state
-        .meter
+        .billing
+        .meter()
         .account(user)
         .await?
         .ok_or(ApiError::MeteringUnavailable)
@@ -258,13 +267,14 @@ pub async fn account_state(
 async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let id = auth::user(state, &req).await?;
     let user = state
-        .accounts
+        .billing
+        .accounts()
         .get_user(&id)
         .await?
         .ok_or(ApiError::Unauthenticated("unknown user"))?;
     let account = account_state(state, &id).await?;
-    let stamp = state.calendar.now();
-    let plan = state.catalog.plan(user.plan.as_str());
+    let stamp = state.billing.calendar().now();
+    let plan = state.billing.catalog().plan(user.plan.as_str());
     let v = view(&account, plan, &stamp.day, &stamp.period);
     let allowance = plan.map_or(0, |p| p.monthly_credits.get());
     ok(&MeAnswer {
@@ -291,10 +301,10 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
             resets_at: stamp.period_ends,
             renews_on: stamp
                 .period_ends
-                .with_timezone(&state.calendar.timezone())
+                .with_timezone(&state.billing.calendar().timezone())
                 .date_naive(),
         },
-        timezone: state.calendar.timezone().name().to_owned(),
+        timezone: state.billing.calendar().timezone().name().to_owned(),
     })
 }
 
@@ -329,7 +339,7 @@ async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let days = super::days(q.days, 30)?;
     let page = Page::parse(q.page, q.per_page)?;
     let pool = &state.reports;
-    let today = state.calendar.now().local_date();
+    let today = state.billing.calendar().now().local_date();
     let from = today
         .checked_sub_days(Days::new(days as u64 - 1))
         .unwrap_or(today);

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::schema::{DeliveryList, DeliveryView, ErrorBody};
 use super::{ApiResult, Page, ok, query};
 use crate::error::{ApiError, InvalidCode, MissingCode};
-use crate::startup::AppState;
+use crate::state::AppState;
 use crate::webhooks::queue::{self, Retried, STATUSES};
 
 #[derive(Deserialize)]
@@ -57,7 +57,7 @@ pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiRes
         .map(super::parse_user)
         .transpose()?;
     let (deliveries, total) = queue::deliveries(
-        state.accounts.pool(),
+        state.billing.accounts().pool(),
         status,
         user.as_ref(),
         page.per_page,
@@ -92,7 +92,7 @@ pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResul
     let not_found =
         || ApiError::missing(MissingCode::Delivery, format!("no webhook delivery {id:?}"));
     let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(not_found)?;
-    match queue::retry(state.accounts.pool(), &state.outbox, id, actor).await? {
+    match queue::retry(state.billing.accounts().pool(), &state.outbox, id, actor).await? {
         Retried::Queued(view) => ok(&view),
         Retried::NoSuchDelivery => Err(not_found()),
         Retried::EndpointGone(endpoint) => Err(ApiError::bad_request(

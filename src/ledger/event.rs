@@ -13,6 +13,9 @@ use std::borrow::Cow;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
+pub use crate::metering::rows::escape_field;
+use crate::metering::rows::integer;
+
 /// The kinds of event a usage stream carries (the scripts' `k` field).
 /// Plan changes, blocks and unblocks are ledger rows too, but the admin
 /// change writes them in its own transaction; they never pass a stream.
@@ -82,28 +85,6 @@ fn day(text: &str) -> Option<NaiveDate> {
     NaiveDate::from_ymd_opt(year, digits(5..7)?, digits(8..10)?)
 }
 
-/// Escapes `value` as a field of a row (and of `COPY` text): backslash,
-/// tab, newline and carriage return. What the gateway passes to
-/// charge.lua for the text it cannot vouch for (user, request id, actor).
-pub fn escape_field(out: &mut Vec<u8>, value: &str) {
-    if !value
-        .bytes()
-        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
-    {
-        out.extend_from_slice(value.as_bytes());
-        return;
-    }
-    for &b in value.as_bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => out.push(b),
-        }
-    }
-}
-
 /// A row's text field as its value: borrowed unless it holds an escape or
 /// a NUL (Postgres text cannot hold NUL, and one unstorable event must
 /// never stall the whole stream, so NULs become U+FFFD).
@@ -127,26 +108,6 @@ fn unescape(field: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
-}
-
-/// A decimal integer, optionally negative, as Lua's `%d` writes it: the
-/// numbers of a row, and those of charge.lua's answer.
-pub(crate) fn integer(digits: &[u8]) -> Option<i64> {
-    let (negative, digits) = match digits.split_first()? {
-        (b'-', rest) => (true, rest),
-        _ => (false, digits),
-    };
-    if digits.is_empty() {
-        return None;
-    }
-    let mut n: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
-    }
-    Some(if negative { -n } else { n })
 }
 
 /// The JSON object a script writes as the entry's single field `v`.

@@ -30,12 +30,13 @@ use redis::Value;
 use sqlx::PgPool;
 use thiserror::Error;
 
+use super::BatchHook;
 use super::event::{LedgerEvent, parse_entry_id};
 use super::store::{self, Reject};
+use crate::config::LedgerSettings;
 use crate::metering::connection::Timeouts;
 use crate::metering::{KeyLayout, RedisConn, Target};
 use crate::telemetry::metrics;
-use crate::webhooks::Outbox;
 
 pub const GROUP: &str = "creditgate-ledger";
 
@@ -62,6 +63,29 @@ pub struct FlusherConfig {
     pub drain_timeout: Duration,
     /// Pause after a batch that was not full (0: none).
     pub linger: Duration,
+}
+
+impl FlusherConfig {
+    /// `[ledger]` as the flusher runs it. The consumer name defaults to
+    /// the host's name, so that a restarted gateway on the same host
+    /// takes back its own pending entries at once.
+    pub fn from_settings(settings: &LedgerSettings) -> Self {
+        let consumer = settings.consumer.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "creditgate".into())
+        });
+        Self {
+            consumer,
+            batch_size: settings.batch_size,
+            block: Duration::from_millis(settings.block_ms),
+            claim_idle: Duration::from_millis(settings.claim_idle_ms),
+            drain_timeout: Duration::from_millis(settings.drain_timeout_ms),
+            linger: Duration::from_millis(settings.linger_ms),
+        }
+    }
 }
 
 /// Numbers the metrics exporter and logs read.
@@ -222,7 +246,7 @@ pub struct Flusher {
     stats: Arc<LedgerStats>,
     crash_after_commit: Arc<AtomicBool>,
     /// Webhook events caused by the batches, written in their transaction.
-    outbox: Option<Arc<Outbox>>,
+    hook: Option<Arc<dyn BatchHook>>,
     con: Option<RedisConn>,
     groups_ready: bool,
     /// Own pending entries are re-read once at start (after a crash).
@@ -245,7 +269,7 @@ impl Flusher {
             config,
             stats: Arc::new(LedgerStats::default()),
             crash_after_commit: Arc::new(AtomicBool::new(false)),
-            outbox: None,
+            hook: None,
             con: None,
             groups_ready: false,
             pending_checked: false,
@@ -274,7 +298,7 @@ impl Flusher {
                     config,
                     stats: Arc::clone(&self.stats),
                     crash_after_commit: Arc::clone(&self.crash_after_commit),
-                    outbox: self.outbox.clone(),
+                    hook: self.hook.clone(),
                     con: None,
                     groups_ready: false,
                     pending_checked: false,
@@ -286,8 +310,8 @@ impl Flusher {
     }
 
     /// Produce the webhook events the batches cause (grants, thresholds).
-    pub fn with_outbox(mut self, outbox: Arc<Outbox>) -> Self {
-        self.outbox = Some(outbox);
+    pub fn with_hook(mut self, hook: Arc<dyn BatchHook>) -> Self {
+        self.hook = Some(hook);
         self
     }
 
@@ -570,7 +594,7 @@ impl Flusher {
         let (events, mut rejects) = batch.events();
         rejects.extend(batch.rejects.iter().cloned());
         let inserted =
-            store::write_batch(&self.pool, &events, &rejects, self.outbox.as_deref()).await?;
+            store::write_batch(&self.pool, &events, &rejects, self.hook.as_deref()).await?;
         if self.crash_after_commit.swap(false, Ordering::SeqCst) {
             return Err(FlushError::InjectedCrash);
         }

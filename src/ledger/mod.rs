@@ -5,6 +5,7 @@
 
 pub mod event;
 pub mod flusher;
+pub mod hook;
 pub mod partitions;
 pub mod reports;
 pub mod store;
@@ -12,3 +13,4 @@ pub mod verify;
 
 pub use event::LedgerEvent;
 pub use flusher::{Backlog, FlushError, Flusher, FlusherConfig, LedgerStats};
+pub use hook::BatchHook;

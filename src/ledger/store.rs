@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 
+use super::BatchHook;
 use super::event::LedgerEvent;
-use crate::webhooks::Outbox;
 
 /// An entry that could not be parsed, kept for people to look at.
 #[derive(Clone)]
@@ -40,12 +40,12 @@ pub async fn write_batch(
     pool: &PgPool,
     events: &[LedgerEvent<'_>],
     rejects: &[Reject],
-    outbox: Option<&Outbox>,
+    hook: Option<&dyn BatchHook>,
 ) -> Result<u64, sqlx::Error> {
     let mut present = Present::Fail;
     let mut created = false;
     loop {
-        match write_batch_once(pool, events, rejects, present, outbox).await {
+        match write_batch_once(pool, events, rejects, present, hook).await {
             // Some event is stored already: the batch again, skipping those.
             Err(e) if present == Present::Fail && is_unique_violation(&e) => {
                 present = Present::Skip;
@@ -77,16 +77,14 @@ async fn write_batch_once(
     events: &[LedgerEvent<'_>],
     rejects: &[Reject],
     present: Present,
-    outbox: Option<&Outbox>,
+    hook: Option<&dyn BatchHook>,
 ) -> Result<u64, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let inserted = insert_events(&mut tx, events, present).await?;
     upsert_snapshots(&mut tx, events).await?;
     // After the roll-ups: the thresholds read the period's use from them.
-    let thresholds = match outbox {
-        Some(outbox) if !outbox.hooks().is_empty() => {
-            Some(outbox.from_ledger(&mut tx, events).await?)
-        }
+    let after = match hook {
+        Some(hook) if hook.active() => Some(hook.in_batch(&mut tx, events).await?),
         _ => None,
     };
     for r in rejects {
@@ -102,9 +100,8 @@ async fn write_batch_once(
         .await?;
     }
     tx.commit().await?;
-    if let (Some(outbox), Some(keys)) = (outbox, thresholds) {
-        outbox.remember(keys);
-        outbox.committed();
+    if let (Some(hook), Some(keys)) = (hook, after) {
+        hook.committed(keys);
     }
     Ok(inserted)
 }

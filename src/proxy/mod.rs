@@ -23,11 +23,8 @@
 
 mod detached;
 mod headers;
-mod pool;
 mod replay;
-pub mod upstream;
-
-pub use upstream::UpstreamError;
+pub use crate::upstream::UpstreamError;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,8 +47,8 @@ use crate::metering::{
     Stamp,
 };
 use crate::telemetry::metrics::{self, ModuleMetrics};
+use crate::upstream::{IdleTimeout, PooledBody, Upstreams};
 use detached::Detached;
-use upstream::{IdleTimeout, PooledBody, Upstreams};
 
 /// What the proxy takes from the settings.
 pub struct ProxySettings {
@@ -152,7 +149,7 @@ impl Proxy {
     /// Builds the per-module metric handles: call after the metrics
     /// recorder is installed.
     pub fn new(billing: Billing, upstreams: Upstreams, settings: ProxySettings) -> Self {
-        let catalog = Arc::clone(&billing.catalog);
+        let catalog = Arc::clone(billing.catalog());
         let plans = catalog.plans().iter().map(|p| p.id.as_str());
         let metrics = catalog
             .modules()
@@ -210,7 +207,7 @@ impl Proxy {
         let started = Instant::now();
         let mut ctx = Ctx {
             module,
-            stamp: self.billing.calendar.now(),
+            stamp: self.billing.calendar().now(),
             request_id: RequestId::generate(),
             idempotency_key: None,
             action: None,
@@ -304,7 +301,8 @@ impl Proxy {
                     )
                 })?;
         }
-        ctx.idempotency_key = crate::api::idempotency_key(headers)?;
+        ctx.idempotency_key = crate::domain::IdempotencyKey::from_headers(headers)
+            .map_err(|_| ApiError::bad_idempotency_key())?;
         if let Some(value) = headers.get("x-action") {
             let action = value
                 .to_str()
@@ -350,7 +348,7 @@ impl Proxy {
             Ok(Credential::TrustedUser(user)) => Ok((user, None)),
             Ok(Credential::Key(key)) => {
                 let hash = key.hash();
-                match self.billing.accounts.user_for_key(&hash).await? {
+                match self.billing.accounts().user_for_key(&hash).await? {
                     Some(user) => Ok((user, Some(hash))),
                     None => Err(ApiError::Unauthenticated("unknown API key")),
                 }
@@ -398,12 +396,12 @@ impl Proxy {
                     m.charged(&receipt.plan, receipt.charged);
                 }
                 if let Some(hash) = key_hash {
-                    self.billing.accounts.note_key_use(hash, ctx.stamp.now);
+                    self.billing.accounts().note_key_use(hash, ctx.stamp.now);
                 }
                 ctx.charged = receipt.charged;
                 ctx.balance = Some(receipt.balance);
                 ctx.rate = receipt.rate.and_then(|state| {
-                    let plan = self.billing.catalog.plan(&receipt.plan)?;
+                    let plan = self.billing.catalog().plan(&receipt.plan)?;
                     Some((plan.rate_limit?, state))
                 });
                 ctx.plan = Some(receipt.plan.clone());
@@ -498,10 +496,10 @@ impl Proxy {
                 charged_at: &ctx.stamp,
             },
         };
-        let now = self.billing.calendar.now();
+        let now = self.billing.calendar().now();
         match self
             .billing
-            .meter
+            .meter()
             .refund(user, &ctx.request_id, of, "proxy", &now)
             .await
         {
@@ -537,7 +535,7 @@ impl Proxy {
         let key = ctx.idempotency_key.clone()?;
         let receipt = ctx.receipt.as_ref()?;
         Some(replay::Recording {
-            meter: self.billing.meter.clone(),
+            meter: self.billing.meter().clone(),
             user: user.clone(),
             key,
             event_id: receipt.event_id.clone(),

@@ -320,3 +320,22 @@ impl Low {
         }
     }
 }
+
+impl crate::ledger::BatchHook for Outbox {
+    fn active(&self) -> bool {
+        !self.hooks.is_empty()
+    }
+
+    fn in_batch<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [LedgerEvent<'a>],
+    ) -> futures_util::future::BoxFuture<'a, Result<Vec<String>, sqlx::Error>> {
+        Box::pin(self.from_ledger(tx, events))
+    }
+
+    fn committed(&self, keys: Vec<String>) {
+        self.remember(keys);
+        Outbox::committed(self);
+    }
+}

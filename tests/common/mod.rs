@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use creditgate::config::Settings;
 use creditgate::domain::UserId;
-use creditgate::startup::{AppState, Application};
+use creditgate::startup::Application;
+use creditgate::state::AppState;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -728,7 +729,8 @@ impl TestApp {
     pub async fn create_user(&self, plan: &str) -> Account {
         let created = self
             .state
-            .accounts
+            .billing
+            .accounts()
             .create_user(creditgate::accounts::NewUser {
                 id: None,
                 name: "Test User",
@@ -761,11 +763,12 @@ impl TestApp {
 
     /// The account's hot state: (monthly, bonus, used today).
     pub async fn balance(&self, user: &UserId) -> (i64, i64, i64) {
-        let key = self.state.meter.keys().account(user);
+        let key = self.state.billing.meter().keys().account(user);
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(&key).arg("monthly").arg("bonus").arg("used");
         let (m, b, u): (Option<i64>, Option<i64>, Option<i64>) = if self.cluster.is_some() {
-            cmd.query_async(&mut self.state.meter.connection()).await
+            cmd.query_async(&mut self.state.billing.meter().connection())
+                .await
         } else {
             cmd.query_async(&mut self.redis.connection().await).await
         }
@@ -941,8 +944,8 @@ impl TestApp {
     /// Unflushed entries in the usage streams.
     pub async fn backlog(&self) -> i64 {
         // Through the gateway's own connection: a single Redis or the cluster.
-        let con = self.state.meter.connection();
-        let streams: Vec<String> = self.state.meter.keys().streams().collect();
+        let con = self.state.billing.meter().connection();
+        let streams: Vec<String> = self.state.billing.meter().keys().streams().collect();
         creditgate::ledger::flusher::backlog(&con, &streams)
             .await
             .map(|b| b.entries)
@@ -995,16 +998,16 @@ impl TestApp {
     pub async fn flusher(&self, consumer: &str) -> creditgate::ledger::Flusher {
         let settings = Settings::from_toml(&self.config, "test", Vec::<(String, String)>::new())
             .expect("settings");
-        let mut config = settings.ledger.flusher_config();
+        let mut config = creditgate::ledger::FlusherConfig::from_settings(&settings.ledger);
         config.consumer = consumer.into();
         creditgate::ledger::Flusher::new(
             &settings.redis.url,
-            self.state.meter.keys(),
+            self.state.billing.meter().keys(),
             self.pool().await,
             config,
         )
         .expect("flusher")
-        .with_outbox(Arc::clone(&self.state.outbox))
+        .with_hook(self.state.outbox.clone())
     }
 
     pub async fn stop(mut self) {

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::super::schema::{AuditEntry, AuditList, ErrorBody};
 use super::super::{ApiResult, Page, ok, parse_user, query};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,7 +43,8 @@ pub(super) async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiR
         .map(parse_user)
         .transpose()?;
     let (entries, total) = state
-        .accounts
+        .billing
+        .accounts()
         .audit_trail(user.as_ref(), page.per_page, page.offset())
         .await?;
     ok(&AuditList {

@@ -15,7 +15,7 @@ use crate::billing::BillingError;
 use crate::domain::{Credits, UserId};
 use crate::error::{ApiError, InvalidCode};
 use crate::metering::{Grant, GrantOutcome};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 pub(super) fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiError> {
     let reason = reason.map(str::trim).filter(|r| !r.is_empty());
@@ -57,7 +57,7 @@ pub(super) async fn change_plan(
     actor: &str,
 ) -> ApiResult {
     let body: PlanBody = read_json(req).await?;
-    let plan = state.catalog.plan(&body.plan).ok_or_else(|| {
+    let plan = state.billing.catalog().plan(&body.plan).ok_or_else(|| {
         ApiError::bad_request(InvalidCode::UnknownPlan, format!("no plan {:?}", body.plan))
     })?;
     state.billing.change_plan(id, &plan.id, actor).await?;
@@ -162,7 +162,8 @@ pub(super) async fn set_blocked(
     )
 )]
 pub(super) async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let idempotency_key = super::super::idempotency_key(req.headers())?;
+    let idempotency_key = crate::domain::IdempotencyKey::from_headers(req.headers())
+        .map_err(|_| ApiError::bad_idempotency_key())?;
     let body: GrantBody = read_json(req).await?;
     let id = parse_user(&body.user_id)?;
     if !(1..=MAX_GRANT).contains(&body.credits) {
@@ -175,7 +176,7 @@ pub(super) async fn grant(state: &AppState, req: Request<Incoming>, actor: &str)
         .ok_or_else(|| ApiError::invalid_request("reason is required"))?;
     let credits =
         Credits::new(body.credits).map_err(|e| ApiError::invalid_request(e.to_string()))?;
-    if state.accounts.get_user(&id).await?.is_none() {
+    if state.billing.accounts().get_user(&id).await?.is_none() {
         return Err(ApiError::UnknownUser(id.to_string()));
     }
     let fingerprint = fingerprint(&["grant", &body.credits.to_string(), &reason]);

@@ -16,7 +16,7 @@ use crate::accounts::directory;
 use crate::body::{Body, BoxError};
 use crate::error::{ApiError, InvalidCode};
 use crate::ledger::reports;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// A cell for CSV: text that a spreadsheet would run as a formula is
 /// prefixed with an apostrophe, and a cell is quoted when it holds a comma,
@@ -151,7 +151,7 @@ fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, Api
 )]
 pub(super) fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: UsageCsvQuery = query(&req)?;
-    let today = state.calendar.now().local_date();
+    let today = state.billing.calendar().now().local_date();
     let from = parse_date("from", q.from.as_deref())?
         .unwrap_or_else(|| today.with_day0(0).unwrap_or(today));
     let to = parse_date("to", q.to.as_deref())?.unwrap_or(today);

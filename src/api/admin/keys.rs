@@ -6,7 +6,7 @@ use super::super::schema::{ErrorBody, NewKeyAnswer, RevokedAnswer};
 use super::super::{ApiResult, json, ok};
 use crate::accounts::KeySpec;
 use crate::domain::UserId;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[utoipa::path(
     post,

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 
 use super::{ApiResult, auth, parse_user};
 use crate::error::ApiError;
-use crate::startup::AppState;
+use crate::state::AppState;
 pub(crate) use audit::*;
 pub(crate) use changes::*;
 pub(crate) use export::*;

@@ -15,7 +15,7 @@ use super::super::user::fill_days;
 use super::super::{ApiResult, ok, query};
 use crate::error::ApiError;
 use crate::ledger::reports;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,7 +47,7 @@ pub(super) async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult
         return Err(ApiError::invalid_request("months must be between 1 and 24"));
     }
     let pool = &state.reports;
-    let stamp = state.calendar.now();
+    let stamp = state.billing.calendar().now();
     let today = stamp.local_date();
     let month_start = today.with_day0(0).unwrap_or(today);
 
@@ -59,7 +59,12 @@ pub(super) async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult
         *by_plan.entry(plan.clone()).or_default() += n;
         *by_status.entry(status.clone()).or_default() += n;
         if status == "active" {
-            revenue += state.catalog.plan(plan).map_or(0, |p| p.price_dzd) * n;
+            revenue += state
+                .billing
+                .catalog()
+                .plan(plan)
+                .map_or(0, |p| p.price_dzd)
+                * n;
         }
     }
     let to_map = |rows: Vec<(String, i64, i64)>| -> BTreeMap<String, ModuleUsage> {
@@ -92,8 +97,8 @@ pub(super) async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult
                 Some(months) => Some(
                     crate::invoices::revenue::by_month(
                         pool,
-                        &state.catalog,
-                        &state.calendar,
+                        state.billing.catalog(),
+                        state.billing.calendar(),
                         months,
                     )
                     .await?
@@ -120,7 +125,7 @@ pub(super) async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult
                 credits: c.credits,
             })
             .collect(),
-        timezone: state.calendar.timezone().name().to_owned(),
+        timezone: state.billing.calendar().timezone().name().to_owned(),
         daily,
     })
 }

@@ -17,7 +17,7 @@ use crate::accounts::{Created, NewUser};
 use crate::domain::UserId;
 use crate::error::{ApiError, InvalidCode};
 use crate::ledger::reports;
-use crate::startup::AppState;
+use crate::state::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,7 +54,7 @@ pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiR
     let unknown_plan = q
         .plan
         .as_deref()
-        .filter(|p| !p.is_empty() && state.catalog.plan(p).is_none());
+        .filter(|p| !p.is_empty() && state.billing.catalog().plan(p).is_none());
     if let Some(plan) = unknown_plan {
         return Err(ApiError::bad_request(
             InvalidCode::UnknownPlan,
@@ -76,7 +76,7 @@ pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiR
             "q must be at most 100 characters, no control characters",
         ));
     }
-    let stamp = state.calendar.now();
+    let stamp = state.billing.calendar().now();
     let month_start = stamp
         .local_date()
         .with_day0(0)
@@ -87,17 +87,18 @@ pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiR
         search: q.q.as_deref().filter(|s| !s.is_empty()),
     };
     let (rows, total) = state
-        .accounts
+        .billing
+        .accounts()
         .list_users(filter, month_start, page.per_page, page.offset())
         .await?;
     let mut users = Vec::with_capacity(rows.len());
     for row in rows {
-        let plan_def = state.catalog.plan(&row.plan);
+        let plan_def = state.billing.catalog().plan(&row.plan);
         let allowance = plan_def.map_or(0, |p| p.monthly_credits.get());
         // Redis when it holds the account, else the ledger snapshot, else
         // a fresh allowance: the same answer the account would give.
         let hot = match UserId::parse(&row.id) {
-            Ok(uid) => state.meter.account(&uid).await?,
+            Ok(uid) => state.billing.meter().account(&uid).await?,
             Err(_) => None,
         };
         let remaining = match hot {
@@ -173,7 +174,8 @@ pub(super) async fn create_user(
     req: Request<Incoming>,
     actor: &str,
 ) -> ApiResult {
-    let idempotency_key = super::super::idempotency_key(req.headers())?;
+    let idempotency_key = crate::domain::IdempotencyKey::from_headers(req.headers())
+        .map_err(|_| ApiError::bad_idempotency_key())?;
     let body: CreateUserBody = read_json(req).await?;
     let name = check_name(&body.name)?;
     let email = check_email(body.email.as_deref())?;
@@ -186,7 +188,8 @@ pub(super) async fn create_user(
         body.id.as_deref().unwrap_or(""),
     ]);
     let created = state
-        .accounts
+        .billing
+        .accounts()
         .create_user(NewUser {
             id,
             name,
@@ -251,15 +254,16 @@ pub(super) fn fingerprint(parts: &[&str]) -> String {
 )]
 pub(super) async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
     let user = state
-        .accounts
+        .billing
+        .accounts()
         .get_user(id)
         .await?
         .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
     let account = account_state(state, id).await?;
-    let stamp = state.calendar.now();
-    let plan = state.catalog.plan(user.plan.as_str());
+    let stamp = state.billing.calendar().now();
+    let plan = state.billing.catalog().plan(user.plan.as_str());
     let v = view(&account, plan, &stamp.day, &stamp.period);
-    let keys = state.accounts.keys_of(id, true).await?;
+    let keys = state.billing.accounts().keys_of(id, true).await?;
     let month_start = stamp
         .local_date()
         .with_day0(0)

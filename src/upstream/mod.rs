@@ -17,11 +17,13 @@ use hyper::body::Incoming;
 use thiserror::Error;
 use tokio::time::{Instant, Sleep};
 
-pub use super::pool::PooledBody;
-use super::pool::{Pool, SendError};
+pub use pool::PooledBody;
+mod pool;
+
 use crate::catalog::{Catalog, Module};
 use crate::config::UpstreamSettings;
 use crate::domain::ModuleId;
+use pool::{Pool, SendError};
 
 /// The client's body, cut off at `server.max_body_bytes` while streaming
 /// and when it stalls for `server.body_idle_timeout_ms`.

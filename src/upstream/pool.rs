@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::upstream::RequestBody;
+use super::RequestBody;
 use crate::telemetry::metrics;
 
 /// Why a request did not get response headers from the upstream.

@@ -11,7 +11,9 @@ use thiserror::Error;
 
 use uuid::Uuid;
 
-use crate::accounts::{AccountError, Accounts, Change, KeySpec, NewKey};
+mod changes;
+
+use crate::accounts::{AccountError, Accounts, KeySpec, NewKey};
 use crate::catalog::Catalog;
 use crate::domain::{PlanId, UserId};
 use crate::metering::{
@@ -19,6 +21,7 @@ use crate::metering::{
     Receipt, Refusal, Repeat, ResetOutcome, SyncState,
 };
 use crate::webhooks::Outbox;
+pub use changes::Change;
 
 #[derive(Debug, Error)]
 pub enum BillingError {
@@ -45,15 +48,18 @@ pub enum Decision {
     Repeat(Repeat),
 }
 
+/// The handles every rule needs. Cheap to clone (each is a handle).
+/// Private: callers change an account only through these methods, and
+/// read through the accessors below.
 #[derive(Clone)]
 pub struct Billing {
-    pub meter: Meter,
-    pub accounts: Accounts,
-    pub calendar: Calendar,
-    pub catalog: Arc<Catalog>,
+    meter: Meter,
+    accounts: Accounts,
+    calendar: Calendar,
+    catalog: Arc<Catalog>,
     /// Where account changes put their webhook events, in the change's
     /// own transaction.
-    pub outbox: Arc<Outbox>,
+    outbox: Arc<Outbox>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -65,6 +71,44 @@ pub struct ResetReport {
 }
 
 impl Billing {
+    pub fn new(
+        meter: Meter,
+        accounts: Accounts,
+        calendar: Calendar,
+        catalog: Arc<Catalog>,
+        outbox: Arc<Outbox>,
+    ) -> Self {
+        Self {
+            meter,
+            accounts,
+            calendar,
+            catalog,
+            outbox,
+        }
+    }
+
+    /// Redis: balances, limits, keys as charge.lua sees them.
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    /// Postgres: users, keys, the audit trail.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
+    }
+
+    pub fn calendar(&self) -> &Calendar {
+        &self.calendar
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
     /// charge.lua, plus the two repairs that need Postgres: an account
     /// missing from Redis is rebuilt, and when Redis does not know a key
     /// Postgres says is live, the account's access is mirrored again.
@@ -205,11 +249,7 @@ impl Billing {
         actor: &str,
     ) -> Result<(), BillingError> {
         let day = self.calendar.now().local_date();
-        match self
-            .accounts
-            .apply_change(&self.outbox, user, change, plan, actor, day)
-            .await
-        {
+        match changes::apply(&self.accounts, &self.outbox, user, change, plan, actor, day).await {
             Err(AccountError::UnknownUser(u)) => return Err(BillingError::UnknownUser(u)),
             other => other?,
         }

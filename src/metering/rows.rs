@@ -1,0 +1,46 @@
+//! The text of the usage rows charge.lua appends to a stream (the `rows`
+//! field: one line per event, tab-separated, escaped like Postgres `COPY`
+//! text) and of its `ok` answer. The gateway writes the fields it cannot
+//! vouch for; the ledger's flusher reads them back (`ledger::event`).
+
+/// Escapes `value` as a field of a row (and of `COPY` text): backslash,
+/// tab, newline and carriage return. What the gateway passes to
+/// charge.lua for the text it cannot vouch for (user, request id, actor).
+pub fn escape_field(out: &mut Vec<u8>, value: &str) {
+    if !value
+        .bytes()
+        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        out.extend_from_slice(value.as_bytes());
+        return;
+    }
+    for &b in value.as_bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A decimal integer, optionally negative, as Lua's `%d` writes it: the
+/// numbers of a row, and those of charge.lua's answer.
+pub fn integer(digits: &[u8]) -> Option<i64> {
+    let (negative, digits) = match digits.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
+    }
+    Some(if negative { -n } else { n })
+}

@@ -1,0 +1,328 @@
+//! What the scripts take and answer, as Rust types.
+
+use super::*;
+
+#[derive(Debug, Error)]
+pub enum MeterError {
+    #[error("redis unavailable: {0}")]
+    Unavailable(#[source] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// charge.lua ran past its deadline and wrote nothing.
+    #[error("the charge reached Redis after its deadline")]
+    Expired,
+    /// `redis.wait_replicas` replicas did not confirm the charge in time;
+    /// it was given back.
+    #[error("the charge was not confirmed by the replicas in time")]
+    NotReplicated,
+    #[error("unexpected reply from {script}: {detail}")]
+    Protocol {
+        script: &'static str,
+        detail: String,
+    },
+}
+
+/// An account's balance right after a script ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Balance {
+    pub monthly: i64,
+    pub bonus: i64,
+    pub day_used: i64,
+    /// `None`: the plan has no daily limit.
+    pub daily_limit: Option<i64>,
+}
+
+impl Balance {
+    pub fn remaining(&self) -> i64 {
+        self.monthly + self.bonus
+    }
+
+    pub fn daily_remaining(&self) -> Option<i64> {
+        self.daily_limit.map(|l| (l - self.day_used).max(0))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The charge event's id (owner of an idempotency record).
+    pub event_id: String,
+    /// The account's plan, as Redis holds it (forwarded as `X-Plan`).
+    pub plan: String,
+    /// This charge emptied the account and the auto-block policy blocked it.
+    pub auto_blocked: bool,
+    pub charged: i64,
+    pub from_monthly: i64,
+    pub from_bonus: i64,
+    pub balance: Balance,
+    /// Where the plan's rate limit stands after this call; `None` when the
+    /// plan has none.
+    pub rate: Option<RateState>,
+}
+
+/// The account's rate limit after a call (GCRA in charge.lua).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateState {
+    /// Calls that would pass right now, after this one.
+    pub remaining: u32,
+    /// Until the whole burst is available again.
+    pub reset_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The key is not among the account's live keys (revoked).
+    UnknownKey,
+    /// The key's expiry has passed.
+    KeyExpired,
+    /// The key is limited to other modules.
+    KeyScope,
+    Blocked,
+    ModuleNotInPlan,
+    DailyLimit(Balance),
+    InsufficientCredits(Balance),
+    /// The plan's rate limit; the next call fits in this many
+    /// milliseconds.
+    RateLimited(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Charged(Receipt),
+    /// The idempotency key was already charged within its window.
+    Duplicate {
+        balance: Balance,
+        plan: String,
+    },
+    Refused(Refusal),
+    /// A proxy `Idempotency-Key` seen before: nothing charged, nothing to
+    /// forward.
+    Repeat(Repeat),
+    /// The account has no state in Redis yet (or Redis lost it).
+    Missing,
+}
+
+/// What a repeated proxy `Idempotency-Key` gets instead of a second call.
+/// `original` is the request id of the first call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Repeat {
+    /// The first call completed: its response, to be replayed.
+    Replay {
+        original: String,
+        response: StoredResponse,
+        balance: Balance,
+        plan: String,
+    },
+    /// The first call has not completed yet.
+    InProgress { original: String },
+    /// The key was first used with another module, method or path.
+    KeyReused { original: String },
+    /// The first call completed but its response was not kept (longer than
+    /// `metering.replay_max_bytes`, or cut off).
+    NotReplayable { original: String },
+}
+
+/// A response kept for replay by complete.lua.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// `name: value` lines joined by `\n` (header values cannot hold a
+    /// newline, so the encoding is unambiguous).
+    pub headers: String,
+    pub body: bytes::Bytes,
+}
+
+/// How a charge treats its request id.
+#[derive(Clone, Copy, Debug)]
+pub enum Idempotency<'a> {
+    /// Every call is a new charge.
+    None,
+    /// The credits API's `request_id`: charged at most once; a repeat is a
+    /// `Duplicate`, answered without charging.
+    RequestId,
+    /// The proxy's `Idempotency-Key`: a repeat is never forwarded again.
+    Key {
+        key: &'a IdempotencyKey,
+        /// Digest of method, module, path and query: the same key on
+        /// another request is refused.
+        fingerprint: &'a str,
+        /// Until then (unix ms) a first call without an answer yet is "in
+        /// progress"; after it, its gateway is presumed gone.
+        lease_until_ms: i64,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Charge,
+    /// Same rules, nothing written (`POST /api/credits/check`).
+    Check,
+}
+
+pub struct ChargeRequest<'a> {
+    pub user: &'a UserId,
+    /// The key the caller presented; `None` when identity is already trusted.
+    pub key_hash: Option<&'a KeyHash>,
+    pub module: &'a Module,
+    pub action: Option<&'a ActionId>,
+    pub request_id: &'a RequestId,
+    pub idempotency: Idempotency<'a>,
+    pub actor: &'a str,
+    pub stamp: &'a Stamp,
+    pub mode: Mode,
+}
+
+/// Which charge to give back.
+pub enum RefundOf<'a> {
+    /// The one recorded under the request id (credits API charges).
+    Record,
+    /// The one recorded under a proxy `Idempotency-Key`; frees the key.
+    Idempotent(&'a IdempotencyKey),
+    /// A charge without a record, described by its receipt.
+    Receipt {
+        receipt: &'a Receipt,
+        module: &'a ModuleId,
+        action: Option<&'a ActionId>,
+        charged_at: &'a Stamp,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Refunded {
+        amount: i64,
+        monthly: i64,
+        bonus: i64,
+        day_used: i64,
+    },
+    NotFound,
+    Missing,
+}
+
+/// One grant of bonus credits.
+pub struct Grant<'a> {
+    pub user: &'a UserId,
+    pub credits: Credits,
+    pub reason: &'a str,
+    pub actor: &'a str,
+    /// The caller's Idempotency-Key and the grant's fingerprint (amount and
+    /// reason): the same key applies the grant once.
+    pub idempotency: Option<(&'a IdempotencyKey, &'a str)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantOutcome {
+    Granted {
+        monthly: i64,
+        bonus: i64,
+    },
+    /// The key's grant was applied before; the balances it left.
+    Repeat {
+        monthly: i64,
+        bonus: i64,
+    },
+    /// The key was used for another grant (amount or reason).
+    KeyReused,
+    /// The bonus would pass [`Credits::MAX`]; nothing changed.
+    OverLimit {
+        bonus: i64,
+    },
+    Missing,
+}
+
+/// What Postgres says about an account's access, at one version (see
+/// sync.lua).
+pub struct SyncState {
+    pub user: UserId,
+    pub version: i64,
+    pub plan: PlanId,
+    pub blocked: bool,
+    pub keys: Vec<LiveKey>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncOutcome {
+    Applied,
+    /// Redis already holds this version or a newer one.
+    AlreadyNewer,
+    /// The account is not in Redis; it is seeded from Postgres when used.
+    NotInRedis,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetOutcome {
+    Reset {
+        monthly: i64,
+        bonus: i64,
+    },
+    /// Already in the period: nothing to do.
+    Current,
+    Missing,
+    /// The account's plan is no longer configured.
+    UnknownPlan,
+}
+
+/// What Redis needs to hold for an account, from Postgres.
+pub struct AccountSeed {
+    pub user: UserId,
+    pub plan: PlanId,
+    pub monthly: Credits,
+    pub bonus: Credits,
+    pub period: String,
+    pub day: String,
+    pub day_used: Credits,
+    pub blocked: bool,
+    pub keys: Vec<LiveKey>,
+}
+
+/// A live (not revoked) API key, as charge.lua checks it on every call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveKey {
+    pub hash: KeyHash,
+    /// Unix ms from which the key is refused (`key_expired`).
+    pub expires_ms: Option<i64>,
+    /// The only modules the key may call (`key_scope`); `None`: every
+    /// module of the plan.
+    pub modules: Option<Vec<ModuleId>>,
+}
+
+impl LiveKey {
+    pub fn unrestricted(hash: KeyHash) -> Self {
+        Self {
+            hash,
+            expires_ms: None,
+            modules: None,
+        }
+    }
+
+    /// The value charge.lua reads: `<expires ms>|<,module,...,>`, either
+    /// part empty when there is no such restriction.
+    pub fn details(&self) -> String {
+        let mut out = String::new();
+        if let Some(ms) = self.expires_ms {
+            out.push_str(itoa::Buffer::new().format(ms));
+        }
+        out.push('|');
+        if let Some(modules) = &self.modules {
+            out.push(',');
+            for m in modules {
+                out.push_str(m.as_str());
+                out.push(',');
+            }
+        }
+        out
+    }
+}
+
+/// An account's hot state as Redis holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountState {
+    pub plan: String,
+    pub monthly: i64,
+    pub bonus: i64,
+    pub period: String,
+    pub day: String,
+    pub day_used: i64,
+    pub blocked: bool,
+    /// Blocked by the auto-block policy until credits come back.
+    pub exhausted: bool,
+}
