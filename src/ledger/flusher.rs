@@ -20,7 +20,6 @@
 //! reshard is followed there), and polls every [`CLUSTER_POLL`] instead of
 //! blocking: a blocked read would hold up the node connection it shares.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,8 +30,9 @@ use sqlx::PgPool;
 use thiserror::Error;
 
 use super::BatchHook;
-use super::event::{LedgerEvent, parse_entry_id};
-use super::store::{self, Reject};
+use super::backlog::{Backlog, backlog};
+use super::batch::{Batch, add_reply};
+use super::store;
 use crate::config::LedgerSettings;
 use crate::metering::connection::Timeouts;
 use crate::metering::{KeyLayout, RedisConn, Target};
@@ -97,13 +97,6 @@ pub struct LedgerStats {
     pub backlog: AtomicI64,
 }
 
-/// Entries in the usage streams and the age of the oldest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backlog {
-    pub entries: i64,
-    pub oldest_age_ms: i64,
-}
-
 /// How a read treats new and abandoned entries.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reading {
@@ -113,129 +106,6 @@ enum Reading {
     Drain,
     /// `ledger verify`: also take over every other consumer's pending entries.
     Steal,
-}
-
-/// One batch read from Redis, kept until it is safely in Postgres.
-#[derive(Default)]
-struct Batch {
-    /// stream → entry ids to acknowledge
-    ids: HashMap<String, Vec<String>>,
-    entries: Vec<Entry>,
-    /// Entries without events at all (deleted while pending).
-    rejects: Vec<Reject>,
-}
-
-/// A stream entry as Redis sent it. Its events are read when the batch is
-/// written, borrowing their text from it.
-struct Entry {
-    stream: String,
-    id: String,
-    shard: i16,
-    fields: Vec<Value>,
-}
-
-impl Batch {
-    fn len(&self) -> usize {
-        self.ids.values().map(Vec::len).sum()
-    }
-
-    /// One stream entry: its id and its field/value list as Redis sent it.
-    fn add(&mut self, stream: &str, id: &str, fields: &[Value]) {
-        // Once per stream and batch, not per entry.
-        match self.ids.get_mut(stream) {
-            Some(ids) => ids.push(id.to_owned()),
-            None => {
-                self.ids.insert(stream.to_owned(), vec![id.to_owned()]);
-            }
-        }
-        if fields.is_empty() {
-            self.rejects
-                .push(reject(stream, id, fields, "no fields".into()));
-            return;
-        }
-        self.entries.push(Entry {
-            stream: stream.to_owned(),
-            id: id.to_owned(),
-            shard: shard_of_stream(stream),
-            fields: fields.to_vec(),
-        });
-    }
-
-    /// The batch's events, in stream order within each stream, and the
-    /// entries that hold none that can be stored.
-    fn events(&self) -> (Vec<LedgerEvent<'_>>, Vec<Reject>) {
-        let mut events = Vec::with_capacity(self.entries.len());
-        let mut rejects = Vec::new();
-        for entry in &self.entries {
-            let parsed = match field(&entry.fields, b"rows") {
-                Some(rows) => LedgerEvent::from_rows(&entry.id, rows),
-                None => LedgerEvent::from_entry(&entry.id, field(&entry.fields, b"v")),
-            };
-            match parsed {
-                Ok(list) => events.extend(list.into_iter().map(|e| LedgerEvent {
-                    shard: entry.shard,
-                    ..e
-                })),
-                Err(error) => {
-                    tracing::error!(stream = %entry.stream, entry = %entry.id, %error, "unparseable usage event");
-                    rejects.push(reject(&entry.stream, &entry.id, &entry.fields, error));
-                }
-            }
-        }
-        (events, rejects)
-    }
-
-    /// Entries of a stream reply (`[id, [field, value, ...]]` each), as
-    /// Redis sent them: walking the raw reply costs a fraction of building
-    /// redis-rs's `StreamId` (a map per entry) for thousands of entries.
-    fn add_entries(&mut self, stream: &str, entries: &[Value]) {
-        for entry in entries {
-            let Value::Array(parts) = entry else { continue };
-            let (Some(Value::BulkString(id)), fields) = (parts.first(), parts.get(1)) else {
-                continue;
-            };
-            let Ok(id) = std::str::from_utf8(id) else {
-                continue;
-            };
-            match fields {
-                Some(Value::Array(fields)) => self.add(stream, id, fields),
-                // Deleted while pending (XAUTOCLAIM before Redis 7): kept
-                // as a reject, so its id is acknowledged all the same.
-                _ => self.add(stream, id, &[]),
-            }
-        }
-    }
-}
-
-/// An entry kept aside in `ledger_rejects`, with every field it had.
-fn reject(stream: &str, id: &str, fields: &[Value], error: String) -> Reject {
-    let fields: serde_json::Map<String, serde_json::Value> = fields
-        .chunks(2)
-        .map(|kv| {
-            let text = |v: Option<&Value>| match v {
-                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
-                other => format!("{other:?}"),
-            };
-            (text(kv.first()), serde_json::Value::String(text(kv.get(1))))
-        })
-        .collect();
-    Reject {
-        stream: stream.to_owned(),
-        entry_id: id.to_owned(),
-        fields: serde_json::Value::Object(fields),
-        error,
-    }
-}
-
-/// The value of `name` in a field/value list.
-fn field<'a>(fields: &'a [Value], name: &[u8]) -> Option<&'a [u8]> {
-    fields.chunks(2).find_map(|kv| match kv {
-        [Value::BulkString(k), Value::BulkString(v)] if k.as_slice() == name => Some(v.as_slice()),
-        [Value::BulkString(k), Value::SimpleString(v)] if k.as_slice() == name => {
-            Some(v.as_bytes())
-        }
-        _ => None,
-    })
 }
 
 pub struct Flusher {
@@ -656,91 +526,6 @@ impl Flusher {
     pub async fn backlog(&mut self) -> Result<Backlog, FlushError> {
         let con = self.connection().await?;
         backlog(&con, &self.streams).await
-    }
-}
-
-/// Entries and the oldest entry's age over `streams`, asked per stream (one
-/// slot each on a cluster), all at once.
-pub async fn backlog(con: &RedisConn, streams: &[String]) -> Result<Backlog, FlushError> {
-    let replies = join_all(streams.iter().map(|s| {
-        let mut con = con.clone();
-        let mut pipe = redis::pipe();
-        pipe.cmd("XLEN").arg(s);
-        pipe.cmd("XRANGE")
-            .arg(s)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        async move { pipe.query_async::<Vec<Value>>(&mut con).await }
-    }))
-    .await;
-    let now = chrono::Utc::now().timestamp_millis();
-    let mut out = Backlog::default();
-    for pair in replies {
-        let pair = pair?;
-        if let Some(Value::Int(n)) = pair.first() {
-            out.entries += n;
-        }
-        if let Some(oldest) = pair.get(1).and_then(first_entry_ms) {
-            out.oldest_age_ms = out.oldest_age_ms.max(now - oldest);
-        }
-    }
-    Ok(out)
-}
-
-fn first_entry_ms(reply: &Value) -> Option<i64> {
-    let Value::Array(entries) = reply else {
-        return None;
-    };
-    let Some(Value::Array(entry)) = entries.first() else {
-        return None;
-    };
-    match entry.first() {
-        Some(Value::BulkString(id)) => {
-            parse_entry_id(std::str::from_utf8(id).ok()?).map(|(ms, _)| ms)
-        }
-        _ => None,
-    }
-}
-
-/// `{cg:7}:events` → 7 (0 for anything else).
-fn shard_of_stream(stream: &str) -> i16 {
-    stream
-        .split_once(':')
-        .and_then(|(_, rest)| rest.split_once('}'))
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// XREADGROUP replies: nil, or per stream `[name, entries]` (a map from
-/// name to entries under RESP3).
-fn add_reply(batch: &mut Batch, replies: Vec<Value>) {
-    for reply in &replies {
-        let mut add = |name: &Value, entries: &Value| {
-            if let (Value::BulkString(name), Value::Array(entries)) = (name, entries)
-                && let Ok(name) = std::str::from_utf8(name)
-            {
-                batch.add_entries(name, entries);
-            }
-        };
-        match reply {
-            Value::Array(streams) => {
-                for stream in streams {
-                    if let Value::Array(pair) = stream
-                        && let [name, entries] = pair.as_slice()
-                    {
-                        add(name, entries);
-                    }
-                }
-            }
-            Value::Map(streams) => {
-                for (name, entries) in streams {
-                    add(name, entries);
-                }
-            }
-            _ => {}
-        }
     }
 }
 

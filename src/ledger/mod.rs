@@ -3,6 +3,9 @@
 //! exports read back ([`reports`]), monthly partitions ([`partitions`]),
 //! and the proof that Redis and the ledger agree ([`verify`]).
 
+mod backlog;
+mod batch;
+mod copy;
 pub mod event;
 pub mod flusher;
 pub mod hook;
@@ -11,6 +14,7 @@ pub mod reports;
 pub mod store;
 pub mod verify;
 
+pub use backlog::{Backlog, backlog};
 pub use event::LedgerEvent;
-pub use flusher::{Backlog, FlushError, Flusher, FlusherConfig, LedgerStats};
+pub use flusher::{FlushError, Flusher, FlusherConfig, LedgerStats};
 pub use hook::BatchHook;

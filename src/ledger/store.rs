@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Datelike, NaiveDate, Timelike, Utc};
+use chrono::{Datelike, NaiveDate};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::BatchHook;
+use super::copy::copy_rows;
 use super::event::LedgerEvent;
 
 /// An entry that could not be parsed, kept for people to look at.
@@ -443,109 +444,6 @@ async fn insert_grant_audits(
     Ok(())
 }
 
-/// The events as `COPY` text rows: tab-separated, `\N` for NULL, and
-/// backslash, tab, newline and carriage return escaped in text.
-fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8> {
-    fn text(out: &mut Vec<u8>, value: &str) {
-        super::event::escape_field(out, value);
-        out.push(b'\t');
-    }
-    fn optional(out: &mut Vec<u8>, value: Option<&str>) {
-        match value {
-            Some(v) => text(out, v),
-            None => out.extend_from_slice(b"\\N\t"),
-        }
-    }
-    fn number(out: &mut Vec<u8>, n: i64) {
-        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        out.push(b'\t');
-    }
-    let mut out = Vec::with_capacity(events.len() * 256);
-    for e in events {
-        text(&mut out, &e.event_id);
-        text(&mut out, &e.user_id);
-        text(&mut out, e.kind);
-        optional(&mut out, e.module.as_deref());
-        optional(&mut out, e.action.as_deref());
-        number(&mut out, e.amount);
-        number(&mut out, e.from_monthly);
-        number(&mut out, e.from_bonus);
-        number(&mut out, e.monthly_after);
-        number(&mut out, e.bonus_after);
-        optional(&mut out, e.plan.as_deref());
-        optional(&mut out, e.request_id.as_deref());
-        text(&mut out, &e.actor);
-        date(&mut out, e.local_day);
-        out.push(b'\t');
-        timestamp(&mut out, e.occurred_at);
-        out.push(b'\t');
-        number(&mut out, e.stream_ms);
-        number(&mut out, e.stream_seq);
-        if with_shard {
-            optional(&mut out, e.reason.as_deref());
-            out.extend_from_slice(itoa::Buffer::new().format(e.shard).as_bytes());
-        } else {
-            // The row's last column ends it: no tab after it.
-            match e.reason.as_deref() {
-                Some(r) => {
-                    text(&mut out, r);
-                    out.pop();
-                }
-                None => out.extend_from_slice(b"\\N"),
-            }
-        }
-        out.push(b'\n');
-    }
-    out
-}
-
-/// `YYYY-MM-DD`. chrono's `Display` goes through `fmt`: about 400
-/// instructions a row, and the timestamp's RFC 3339 another 900
-/// (bench/gateway_instructions.sh).
-fn date(out: &mut Vec<u8>, day: NaiveDate) {
-    if !(1..=9999).contains(&day.year()) {
-        // Writing into a Vec cannot fail.
-        let _ = std::io::Write::write_fmt(out, format_args!("{day}"));
-        return;
-    }
-    let year = day.year() as u32;
-    digits(out, year / 100);
-    digits(out, year % 100);
-    out.push(b'-');
-    digits(out, day.month());
-    out.push(b'-');
-    digits(out, day.day());
-}
-
-/// `YYYY-MM-DD HH:MM:SS.mmm+00`, which Postgres reads as a timestamptz.
-fn timestamp(out: &mut Vec<u8>, at: DateTime<Utc>) {
-    if !(1..=9999).contains(&at.year()) {
-        out.extend_from_slice(
-            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                .as_bytes(),
-        );
-        return;
-    }
-    date(out, at.date_naive());
-    out.push(b' ');
-    digits(out, at.hour());
-    out.push(b':');
-    digits(out, at.minute());
-    out.push(b':');
-    digits(out, at.second());
-    out.push(b'.');
-    let ms = at.timestamp_subsec_millis().min(999);
-    out.push(b'0' + (ms / 100) as u8);
-    digits(out, ms % 100);
-    out.extend_from_slice(b"+00");
-}
-
-/// Two decimal digits of `n` (< 100).
-fn digits(out: &mut Vec<u8>, n: u32) {
-    out.push(b'0' + (n / 10 % 10) as u8);
-    out.push(b'0' + (n % 10) as u8);
-}
-
 async fn upsert_snapshots(
     tx: &mut Transaction<'_, Postgres>,
     events: &[LedgerEvent<'_>],
@@ -605,39 +503,4 @@ async fn upsert_snapshots(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_dates_and_times_are_what_chrono_writes() {
-        for ms in [
-            0,
-            1_795_700_000_007,
-            1_795_786_399_999,
-            253_402_300_799_999,
-            -62_135_596_800_000,
-        ] {
-            let at = DateTime::<Utc>::from_timestamp_millis(ms).expect("in range");
-            let mut out = Vec::new();
-            timestamp(&mut out, at);
-            let text = String::from_utf8(out).expect("ASCII");
-            let expected = at.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string();
-            assert_eq!(text, expected, "{ms}");
-            let mut out = Vec::new();
-            date(&mut out, at.date_naive());
-            assert_eq!(out, at.date_naive().to_string().as_bytes());
-        }
-        // Outside four-digit years, chrono's own text (Postgres reads it).
-        let far = DateTime::<Utc>::from_timestamp_millis(300_000_000_000_000).expect("in range");
-        let mut out = Vec::new();
-        timestamp(&mut out, far);
-        assert_eq!(
-            out,
-            far.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                .as_bytes()
-        );
-    }
 }

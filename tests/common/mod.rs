@@ -946,7 +946,7 @@ impl TestApp {
         // Through the gateway's own connection: a single Redis or the cluster.
         let con = self.state.billing.meter().connection();
         let streams: Vec<String> = self.state.billing.meter().keys().streams().collect();
-        creditgate::ledger::flusher::backlog(&con, &streams)
+        creditgate::ledger::backlog(&con, &streams)
             .await
             .map(|b| b.entries)
             .unwrap_or(-1)
