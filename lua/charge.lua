@@ -95,7 +95,8 @@
 --   {"insufficient", monthly, bonus, day_used, daily_limit}
 --   {"error", message}          this charge failed in Redis; the others stand
 -- daily_limit is -1 when the plan has none. In "check" mode "ok" means the
--- call would be charged; nothing is written.
+-- call would be charged, its balances are the account's as it is (before
+-- the call), and nothing is written.
 
 local PER_CHARGE = 15
 local stream = KEYS[1]
@@ -282,8 +283,8 @@ local function charge(k, a)
   local from_monthly = math.min(monthly, cost)
   local from_bonus = cost - from_monthly
   if check_only then
-    return ok_reply(cost, monthly - from_monthly, bonus - from_bonus, used + cost, limit, from_monthly,
-      from_bonus, 0, rate_remaining, rate_reset, plan)
+    return ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, 0, rate_remaining,
+      rate_reset, plan)
   end
 
   monthly = monthly - from_monthly

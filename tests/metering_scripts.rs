@@ -15,8 +15,9 @@ use creditgate::domain::{
 };
 use creditgate::ledger::LedgerEvent;
 use creditgate::metering::{
-    AccountSeed, Calendar, ChargeOutcome, ChargeRequest, Idempotency, LiveKey, Meter, Mode,
-    RefundOf, RefundOutcome, Refusal, Repeat, Stamp, StoredResponse, SyncOutcome, SyncState,
+    AccountSeed, Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Idempotency,
+    LiveKey, Meter, Mode, RefundOf, RefundOutcome, Refusal, Repeat, ResetOutcome, Stamp,
+    StoredResponse, SyncOutcome, SyncState,
 };
 
 struct Harness {
@@ -235,6 +236,20 @@ async fn check_mode_answers_without_writing_anything() {
     let later = h.at("2026-11-26T10:00:00Z"); // a new period and a new day
     let check = h.charge(&user, "rag", &later, None, Mode::Check).await;
     assert_eq!(charged(&check), Some((1, 1, 0)));
+    // The balance is the account as it is at `later` (the new period's
+    // allowance, nothing used today), not what the call would leave.
+    let ChargeOutcome::Charged(receipt) = &check else {
+        panic!("not charged: {check:?}");
+    };
+    assert_eq!(
+        receipt.balance,
+        Balance {
+            monthly: 100,
+            bonus: 0,
+            day_used: 0,
+            daily_limit: Some(20)
+        }
+    );
     let (monthly, bonus, used, day, period) = h.hash(&user).await;
     assert_eq!(
         (monthly, bonus, used, day.as_str(), period.as_str()),
@@ -1085,4 +1100,119 @@ async fn an_expired_or_out_of_scope_key_is_refused_and_charges_nothing() {
     // legal costs 3, rag 1: only the two calls that passed were charged.
     assert_eq!(h.hash(&user).await.0, 96);
     assert_eq!(h.event_kinds(&user).await.len(), 2);
+}
+
+fn grant<'a>(
+    user: &'a UserId,
+    credits: i64,
+    reason: &'a str,
+    idempotency: Option<(&'a IdempotencyKey, &'a str)>,
+) -> Grant<'a> {
+    Grant {
+        user,
+        credits: Credits::new(credits).expect("credits"),
+        reason,
+        actor: "admin:test",
+        idempotency,
+    }
+}
+
+#[tokio::test]
+async fn a_grant_adds_to_the_bonus_once_per_key_and_never_past_the_ceiling() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("gina", "free", 40, 5, &now).await;
+    assert_eq!(
+        h.meter
+            .grant(&grant(&user, 10, "gift", None), &now)
+            .await
+            .ok(),
+        Some(GrantOutcome::Granted {
+            monthly: 40,
+            bonus: 15
+        })
+    );
+    // The same Idempotency-Key and the same grant: applied once, and the
+    // repeat answers with the balances the first left.
+    let k = IdempotencyKey::parse("grant-1").expect("key");
+    let first = h
+        .meter
+        .grant(&grant(&user, 7, "promo", Some((&k, "7|promo"))), &now)
+        .await
+        .ok();
+    let again = h
+        .meter
+        .grant(&grant(&user, 7, "promo", Some((&k, "7|promo"))), &now)
+        .await
+        .ok();
+    assert_eq!(
+        first,
+        Some(GrantOutcome::Granted {
+            monthly: 40,
+            bonus: 22
+        })
+    );
+    assert_eq!(
+        again,
+        Some(GrantOutcome::Repeat {
+            monthly: 40,
+            bonus: 22
+        })
+    );
+    // The key with another grant: refused, nothing changes.
+    assert_eq!(
+        h.meter
+            .grant(&grant(&user, 8, "promo", Some((&k, "8|promo"))), &now)
+            .await
+            .ok(),
+        Some(GrantOutcome::KeyReused)
+    );
+    // Past the bonus ceiling: refused, nothing changes.
+    let over = h
+        .meter
+        .grant(&grant(&user, Credits::MAX, "too much", None), &now)
+        .await
+        .ok();
+    assert_eq!(over, Some(GrantOutcome::OverLimit { bonus: 22 }));
+    let (monthly, bonus, ..) = h.hash(&user).await;
+    assert_eq!((monthly, bonus), (40, 22));
+    assert_eq!(h.event_kinds(&user).await, ["grant", "grant"]);
+    // An account Redis does not hold is not invented.
+    let ghost = UserId::parse("ghost").expect("id");
+    assert_eq!(
+        h.meter.grant(&grant(&ghost, 1, "x", None), &now).await.ok(),
+        Some(GrantOutcome::Missing)
+    );
+}
+
+#[tokio::test]
+async fn a_reset_starts_the_new_period_once_and_keeps_the_bonus() {
+    let h = Harness::new().await;
+    let october = h.at("2026-10-20T12:00:00Z");
+    let user = h.seed("hugo", "free", 3, 9, &october).await;
+    assert_eq!(
+        h.meter.reset_period(&user, "cron", &october).await.ok(),
+        Some(ResetOutcome::Current)
+    );
+    let november = h.at("2026-11-01T00:30:00Z"); // 01:30 in Algiers, the 1st
+    assert_eq!(
+        h.meter.reset_period(&user, "cron", &november).await.ok(),
+        Some(ResetOutcome::Reset {
+            monthly: 100,
+            bonus: 9
+        })
+    );
+    // Run again (cron retried, two instances): nothing more happens.
+    assert_eq!(
+        h.meter.reset_period(&user, "cron", &november).await.ok(),
+        Some(ResetOutcome::Current)
+    );
+    let (monthly, bonus, _, _, period) = h.hash(&user).await;
+    assert_eq!((monthly, bonus, period.as_str()), (100, 9, "2026-11"));
+    assert_eq!(h.event_kinds(&user).await, ["reset"]);
+    let ghost = UserId::parse("ghost").expect("id");
+    assert_eq!(
+        h.meter.reset_period(&ghost, "cron", &november).await.ok(),
+        Some(ResetOutcome::Missing)
+    );
 }

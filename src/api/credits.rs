@@ -79,14 +79,8 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
         })
         .await?;
     let (can_proceed, balance, reason) = match decision {
-        // In check mode the balance is what it would be after the call.
-        Decision::Charged(r) => {
-            let mut b = r.balance;
-            b.monthly += r.from_monthly;
-            b.bonus += r.from_bonus;
-            b.day_used -= r.charged;
-            (true, Some(b), None)
-        }
+        // In check mode the receipt's balance is the account as it is.
+        Decision::Charged(r) => (true, Some(r.balance), None),
         Decision::Duplicate { balance, .. } => (true, Some(balance), None),
         // Only proxy Idempotency-Keys produce repeats.
         Decision::Repeat(_) => return Err(ApiError::Internal),

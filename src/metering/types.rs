@@ -53,6 +53,8 @@ pub struct Receipt {
     pub charged: i64,
     pub from_monthly: i64,
     pub from_bonus: i64,
+    /// After the charge; in check mode, the account as it is (nothing
+    /// was charged).
     pub balance: Balance,
     /// Where the plan's rate limit stands after this call; `None` when the
     /// plan has none.
