@@ -3,64 +3,66 @@
 //! charge.lua); unknown keys are remembered briefly so a flood of random
 //! keys cannot turn into a flood of queries, while a key created on another
 //! instance works within `negative_ttl`.
+//!
+//! Storage and eviction are moka's (bounded, concurrent, TinyLFU: a flood of
+//! one-off keys does not push out the keys in daily use). The expiry of an
+//! "unknown" answer is checked here against the caller's clock, so the rule
+//! is tested without sleeping.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
 
 use crate::domain::{KeyHash, UserId};
 
+#[derive(Clone)]
 enum Entry {
     Known(UserId),
     Unknown(Instant),
 }
 
 pub struct KeyCache {
-    // A std Mutex: held for one hash-map operation, never across an await.
-    map: Mutex<HashMap<KeyHash, Entry>>,
-    capacity: usize,
+    map: Cache<KeyHash, Entry>,
     negative_ttl: Duration,
 }
 
 impl KeyCache {
-    pub fn new(capacity: usize, negative_ttl: Duration) -> Self {
+    pub fn new(capacity: u64, negative_ttl: Duration) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
-            capacity,
+            map: Cache::new(capacity),
             negative_ttl,
         }
     }
 
     /// `Some(Some(user))` known, `Some(None)` recently unknown, `None` miss.
     pub fn get(&self, hash: &KeyHash) -> Option<Option<UserId>> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(hash)? {
-            Entry::Known(user) => Some(Some(user.clone())),
-            Entry::Unknown(at) if at.elapsed() < self.negative_ttl => Some(None),
+        self.get_at(hash, Instant::now())
+    }
+
+    fn get_at(&self, hash: &KeyHash, now: Instant) -> Option<Option<UserId>> {
+        match self.map.get(hash)? {
+            Entry::Known(user) => Some(Some(user)),
+            Entry::Unknown(at) if now.saturating_duration_since(at) < self.negative_ttl => {
+                Some(None)
+            }
             Entry::Unknown(_) => None,
         }
     }
 
     pub fn put(&self, hash: KeyHash, user: Option<UserId>) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= self.capacity {
-            // Crude but bounded: drop the negatives first, everything if
-            // that is not enough. Refilling costs one query per live key.
-            map.retain(|_, e| matches!(e, Entry::Known(_)));
-            if map.len() >= self.capacity {
-                map.clear();
-            }
-        }
+        self.put_at(hash, user, Instant::now());
+    }
+
+    fn put_at(&self, hash: KeyHash, user: Option<UserId>, now: Instant) {
         let entry = match user {
             Some(u) => Entry::Known(u),
-            None => Entry::Unknown(Instant::now()),
+            None => Entry::Unknown(now),
         };
-        map.insert(hash, entry);
+        self.map.insert(hash, entry);
     }
 
     pub fn forget(&self, hash: &KeyHash) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(hash);
+        self.map.invalidate(hash);
     }
 }
 
@@ -73,21 +75,39 @@ mod tests {
     }
 
     #[test]
-    fn negative_entries_expire_and_capacity_is_bounded() {
-        let cache = KeyCache::new(2, Duration::from_millis(30));
+    fn unknown_keys_are_remembered_for_the_negative_ttl_only() {
+        let cache = KeyCache::new(100, Duration::from_secs(1));
         let alice = UserId::parse("alice").expect("id");
-        cache.put(h("a"), Some(alice.clone()));
-        cache.put(h("b"), None);
-        assert_eq!(cache.get(&h("a")), Some(Some(alice.clone())));
-        assert_eq!(cache.get(&h("b")), Some(None));
-        std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(cache.get(&h("b")), None);
-        cache.put(h("c"), Some(alice.clone()));
-        cache.put(h("d"), Some(alice));
-        let held = ["a", "b", "c", "d"]
-            .iter()
-            .filter(|k| cache.get(&h(k)).is_some())
-            .count();
-        assert!(held <= 2, "{held} entries held");
+        let t0 = Instant::now();
+        cache.put_at(h("a"), Some(alice.clone()), t0);
+        cache.put_at(h("b"), None, t0);
+        assert_eq!(cache.get_at(&h("a"), t0), Some(Some(alice.clone())));
+        assert_eq!(cache.get_at(&h("b"), t0), Some(None));
+        let later = t0 + Duration::from_millis(999);
+        assert_eq!(cache.get_at(&h("b"), later), Some(None));
+        // A second on, the key is asked about again (it may exist now).
+        let expired = t0 + Duration::from_secs(1);
+        assert_eq!(cache.get_at(&h("b"), expired), None);
+        // Known keys do not expire; revocation is Redis's job.
+        let much_later = t0 + Duration::from_secs(86_400);
+        assert_eq!(cache.get_at(&h("a"), much_later), Some(Some(alice)));
+        cache.forget(&h("a"));
+        assert_eq!(cache.get_at(&h("a"), much_later), None);
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_capacity() {
+        let cache = KeyCache::new(50, Duration::from_secs(1));
+        let alice = UserId::parse("alice").expect("id");
+        for i in 0..1000 {
+            cache.put(h(&format!("k{i}")), Some(alice.clone()));
+        }
+        // moka applies evictions in the background; settle them first.
+        cache.map.run_pending_tasks();
+        assert!(
+            cache.map.entry_count() <= 50,
+            "{} entries held",
+            cache.map.entry_count()
+        );
     }
 }

@@ -210,6 +210,14 @@ impl Accounts {
         &self.pool
     }
 
+    /// How many migrations the database has applied (readiness compares it
+    /// with [`MIGRATOR`]).
+    pub async fn migrations_applied(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+    }
+
     fn check_plan(&self, plan: &str) -> Result<PlanId, AccountError> {
         self.catalog
             .plan(plan)

@@ -99,15 +99,15 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let (remaining, used, limit) = match balance {
         Some(b) => (b.remaining(), b.day_used, b.daily_limit),
         None => match state.billing.meter().account(&user).await? {
-            Some(a) => (
-                a.monthly + a.bonus,
-                if a.day == stamp.day { a.day_used } else { 0 },
-                state
-                    .billing
-                    .catalog()
-                    .plan(&a.plan)
-                    .and_then(|p| p.daily_limit.map(|l| l.get())),
-            ),
+            Some(a) => {
+                let plan = state.billing.catalog().plan(&a.plan);
+                let v = a.as_of(plan, &stamp);
+                (
+                    v.remaining(),
+                    v.day_used,
+                    plan.and_then(|p| p.daily_limit.map(|l| l.get())),
+                )
+            }
             None => (0, 0, None),
         },
     };

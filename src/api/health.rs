@@ -53,8 +53,10 @@ pub async fn readyz(state: &AppState, detail: Detail) -> Response<Body> {
 }
 
 async fn database_ready(state: &AppState) -> Result<(), String> {
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
-        .fetch_one(state.billing.accounts().pool())
+    let applied = state
+        .billing
+        .accounts()
+        .migrations_applied()
         .await
         .map_err(|e| format!("unavailable: {e}"))?;
     let expected = MIGRATOR.iter().count() as i64;

@@ -16,11 +16,9 @@ use super::schema::{
 };
 use super::{ApiResult, Page, auth, json, ok, query, read_json, require};
 use crate::accounts::KeySpec;
-use crate::catalog::Plan;
 use crate::domain::ModuleId;
 use crate::error::{ApiError, InvalidCode};
 use crate::ledger::reports;
-use crate::metering::AccountState;
 use crate::state::AppState;
 
 pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
@@ -208,51 +206,6 @@ fn credit_costs(state: &AppState) -> ApiResult {
     ok(&CreditCostsAnswer { modules })
 }
 
-/// The account as the user should see it now: a new day or period that no
-/// call has started yet is shown as started (what the next call will do).
-pub struct View {
-    pub monthly: i64,
-    pub bonus: i64,
-    pub day_used: i64,
-    /// Blocked by the auto-block policy and still without credits.
-    pub auto_blocked: bool,
-}
-
-pub fn view(account: &AccountState, plan: Option<&Plan>, day: &str, period: &str) -> View {
-    let monthly = if account.period == period {
-        account.monthly
-    } else {
-        plan.map_or(0, |p| p.monthly_credits.get())
-    };
-    View {
-        monthly,
-        bonus: account.bonus,
-        day_used: if account.day == day {
-            account.day_used
-        } else {
-            0
-        },
-        auto_blocked: account.exhausted && monthly + account.bonus <= 0,
-    }
-}
-
-/// The account's Redis state, rebuilding it from Postgres if needed.
-pub async fn account_state(
-    state: &AppState,
-    user: &crate::domain::UserId,
-) -> Result<AccountState, ApiError> {
-    if let Some(a) = state.billing.meter().account(user).await? {
-        return Ok(a);
-    }
-    state.billing.rebuild(user).await?;
-    state
-        .billing
-        .meter()
-        .account(user)
-        .await?
-        .ok_or(ApiError::MeteringUnavailable)
-}
-
 #[utoipa::path(
     get,
     path = "/api/billing/me",
@@ -272,10 +225,10 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
         .get_user(&id)
         .await?
         .ok_or(ApiError::Unauthenticated("unknown user"))?;
-    let account = account_state(state, &id).await?;
+    let account = state.billing.account(&id).await?;
     let stamp = state.billing.calendar().now();
     let plan = state.billing.catalog().plan(user.plan.as_str());
-    let v = view(&account, plan, &stamp.day, &stamp.period);
+    let v = account.as_of(plan, &stamp);
     let allowance = plan.map_or(0, |p| p.monthly_credits.get());
     ok(&MeAnswer {
         user_id: id.to_string(),

@@ -17,8 +17,8 @@ use crate::accounts::{AccountError, Accounts, KeySpec, NewKey};
 use crate::catalog::Catalog;
 use crate::domain::{PlanId, UserId};
 use crate::metering::{
-    Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Meter, MeterError,
-    Receipt, Refusal, Repeat, ResetOutcome, SyncState,
+    AccountState, Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Meter,
+    MeterError, Receipt, Refusal, Repeat, ResetOutcome, SyncState,
 };
 use crate::webhooks::Outbox;
 pub use changes::Change;
@@ -182,6 +182,19 @@ impl Billing {
             .ok_or_else(|| BillingError::UnknownUser(user.clone()))?;
         self.meter.seed(&seed).await?;
         Ok(())
+    }
+
+    /// The account's state in Redis, rebuilt from Postgres first if Redis
+    /// does not hold it.
+    pub async fn account(&self, user: &UserId) -> Result<AccountState, BillingError> {
+        if let Some(a) = self.meter.account(user).await? {
+            return Ok(a);
+        }
+        self.rebuild(user).await?;
+        self.meter
+            .account(user)
+            .await?
+            .ok_or_else(|| BillingError::RebuildFailed(user.clone()))
     }
 
     /// Adds bonus credits, rebuilding the account first if Redis lacks it.

@@ -50,6 +50,12 @@ impl Stamp {
         NaiveDate::parse_from_str(&self.day, "%Y-%m-%d").unwrap_or_else(|_| self.now.date_naive())
     }
 
+    /// The first local day of the period: where the month's reports start.
+    pub fn period_first_day(&self) -> NaiveDate {
+        let day = self.local_date();
+        day.with_day(1).unwrap_or(day)
+    }
+
     pub fn now_ms(&self) -> i64 {
         self.now.timestamp_millis()
     }

@@ -328,3 +328,94 @@ pub struct AccountState {
     /// Blocked by the auto-block policy until credits come back.
     pub exhausted: bool,
 }
+
+/// The account as its owner should see it at an instant: a new day or
+/// period that no call has started yet is shown as started (what the next
+/// call will find). The one place this rule is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccountView {
+    pub monthly: i64,
+    pub bonus: i64,
+    pub day_used: i64,
+    /// Blocked by the auto-block policy and still without credits.
+    pub auto_blocked: bool,
+}
+
+impl AccountView {
+    pub fn remaining(&self) -> i64 {
+        self.monthly + self.bonus
+    }
+}
+
+impl AccountState {
+    /// The view at `now`, under `plan` (the account's plan, if configured:
+    /// a new period starts with its allowance).
+    pub fn as_of(&self, plan: Option<&crate::catalog::Plan>, now: &Stamp) -> AccountView {
+        let monthly = if self.period == now.period {
+            self.monthly
+        } else {
+            plan.map_or(0, |p| p.monthly_credits.get())
+        };
+        AccountView {
+            monthly,
+            bonus: self.bonus,
+            day_used: if self.day == now.day {
+                self.day_used
+            } else {
+                0
+            },
+            auto_blocked: self.exhausted && monthly + self.bonus <= 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_account_is_seen_as_the_next_call_will_find_it() {
+        let calendar = Calendar::new(chrono_tz::Africa::Algiers);
+        let at = |s: &str| {
+            calendar.at(chrono::DateTime::parse_from_rfc3339(s)
+                .expect("instant")
+                .with_timezone(&chrono::Utc))
+        };
+        let account = AccountState {
+            plan: "free".into(),
+            monthly: 0,
+            bonus: 0,
+            period: "2026-11".into(),
+            day: "2026-11-26".into(),
+            day_used: 7,
+            blocked: false,
+            exhausted: true,
+        };
+        // The same day: as stored, and still auto-blocked (nothing left).
+        let same = account.as_of(None, &at("2026-11-26T12:00:00Z"));
+        assert_eq!(
+            (same.monthly, same.day_used, same.auto_blocked),
+            (0, 7, true)
+        );
+        // 23:30 UTC is already the 27th in Algiers: the day counter is new.
+        let next_day = account.as_of(None, &at("2026-11-26T23:30:00Z"));
+        assert_eq!(next_day.day_used, 0);
+        // A bonus keeps it unblocked; a new period without a configured
+        // plan starts at 0 monthly credits.
+        let with_bonus = AccountState {
+            bonus: 5,
+            ..account.clone()
+        };
+        let december = with_bonus.as_of(None, &at("2026-12-01T08:00:00Z"));
+        assert_eq!(
+            december,
+            AccountView {
+                monthly: 0,
+                bonus: 5,
+                day_used: 0,
+                auto_blocked: false
+            }
+        );
+        assert_eq!(december.remaining(), 5);
+    }
+}

@@ -1,14 +1,13 @@
 //! The admin's CSV downloads: users and ledger events, streamed.
 
 use bytes::Bytes;
-use chrono::{Datelike, NaiveDate};
+use chrono::NaiveDate;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::Deserialize;
-use sqlx::PgPool;
 
 use super::super::schema::ErrorBody;
 use super::super::{ApiResult, query};
@@ -37,9 +36,10 @@ pub fn csv_cell(value: &str) -> String {
 /// A CSV download whose body is streamed as `lines` yields rows: the
 /// export is never held in memory. `lines` runs on its own task, fed with
 /// its own pool handle so the query outlives the handler.
-fn csv_response<F>(filename: &str, header: &'static str, pool: PgPool, lines: F) -> ApiResult
+fn csv_response<P, F>(filename: &str, header: &'static str, pool: P, lines: F) -> ApiResult
 where
-    F: for<'a> FnOnce(&'a PgPool) -> BoxStream<'a, Result<String, sqlx::Error>> + Send + 'static,
+    P: Send + 'static,
+    F: for<'a> FnOnce(&'a P) -> BoxStream<'a, Result<String, BoxError>> + Send + 'static,
 {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     tokio::spawn(async move {
@@ -59,7 +59,7 @@ where
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                    let _ = tx.send(Err(e)).await;
                     return;
                 }
             }
@@ -97,6 +97,7 @@ pub(super) fn export_users(state: &AppState) -> ApiResult {
         state.reports.clone(),
         |pool| {
             directory::all_users(pool)
+                .map_err(BoxError::from)
                 .map_ok(|u| {
                     format!(
                         "{},{},{},{},{},{}",
@@ -151,9 +152,9 @@ fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, Api
 )]
 pub(super) fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let q: UsageCsvQuery = query(&req)?;
-    let today = state.billing.calendar().now().local_date();
-    let from = parse_date("from", q.from.as_deref())?
-        .unwrap_or_else(|| today.with_day0(0).unwrap_or(today));
+    let stamp = state.billing.calendar().now();
+    let today = stamp.local_date();
+    let from = parse_date("from", q.from.as_deref())?.unwrap_or_else(|| stamp.period_first_day());
     let to = parse_date("to", q.to.as_deref())?.unwrap_or(today);
     if to < from {
         return Err(ApiError::bad_request(
@@ -168,6 +169,7 @@ pub(super) fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResul
         move |pool| {
             let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
             reports::events_between(pool, from, to)
+                .map_err(BoxError::from)
                 .map_ok(move |e| {
                     format!(
                         "{},{},{},{},{},{},{},{},{},{},{},{}",

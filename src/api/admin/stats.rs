@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{Datelike, Days};
+use chrono::Days;
 use http::Request;
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -49,7 +49,7 @@ pub(super) async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult
     let pool = &state.reports;
     let stamp = state.billing.calendar().now();
     let today = stamp.local_date();
-    let month_start = today.with_day0(0).unwrap_or(today);
+    let month_start = stamp.period_first_day();
 
     let counts = reports::users_by_plan_and_status(pool).await?;
     let mut by_plan: BTreeMap<String, i64> = BTreeMap::new();

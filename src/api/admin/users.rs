@@ -1,6 +1,5 @@
 //! Admin handlers for users: list, create, detail, plan, block, grant.
 
-use chrono::Datelike;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -10,7 +9,6 @@ use super::super::schema::{
     AdminCredits, AdminDaily, CreateUserBody, CreatedUser, ErrorBody, KeyView, PlanView,
     UserDetail, UserList, UserRow, UserSummary,
 };
-use super::super::user::{account_state, view};
 use super::super::{ApiResult, Page, json, ok, parse_user, query, read_json};
 use crate::accounts::directory::UserFilter;
 use crate::accounts::{Created, NewUser};
@@ -77,10 +75,7 @@ pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiR
         ));
     }
     let stamp = state.billing.calendar().now();
-    let month_start = stamp
-        .local_date()
-        .with_day0(0)
-        .unwrap_or_else(|| stamp.local_date());
+    let month_start = stamp.period_first_day();
     let filter = UserFilter {
         plan: q.plan.as_deref().filter(|p| !p.is_empty()),
         status,
@@ -103,7 +98,7 @@ pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiR
         };
         let remaining = match hot {
             Some(a) => {
-                let v = view(&a, plan_def, &stamp.day, &stamp.period);
+                let v = a.as_of(plan_def, &stamp);
                 v.monthly + v.bonus
             }
             None => match row.snapshot {
@@ -259,15 +254,12 @@ pub(super) async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
         .get_user(id)
         .await?
         .ok_or_else(|| ApiError::UnknownUser(id.to_string()))?;
-    let account = account_state(state, id).await?;
+    let account = state.billing.account(id).await?;
     let stamp = state.billing.calendar().now();
     let plan = state.billing.catalog().plan(user.plan.as_str());
-    let v = view(&account, plan, &stamp.day, &stamp.period);
+    let v = account.as_of(plan, &stamp);
     let keys = state.billing.accounts().keys_of(id, true).await?;
-    let month_start = stamp
-        .local_date()
-        .with_day0(0)
-        .unwrap_or_else(|| stamp.local_date());
+    let month_start = stamp.period_first_day();
     let totals = reports::totals_by_module(&state.reports, id.as_str(), month_start).await?;
     ok(&UserDetail {
         id: id.to_string(),

@@ -2,7 +2,7 @@
 //! loopback): exact limits across gateways, a master's death, slots moving
 //! under load, and a wiped shard rebuilt from Postgres.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The metering proxy, end to end: real redis-server, real Postgres, a stub
 //! upstream, the gateway on a real socket.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

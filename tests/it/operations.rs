@@ -1,7 +1,7 @@
 //! Operations: metrics, dashboards and alerts, health, graceful shutdown,
 //! logs without secrets, deployment files.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::io::Write;

@@ -1,6 +1,6 @@
 //! The `creditgate` binary: check-config, migrate, user create, key create.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 

@@ -221,18 +221,6 @@ impl TestCluster {
         );
     }
 
-    /// `redis-cli --cluster <args>` against the first live node.
-    pub fn admin(&self, args: &[&str]) -> String {
-        let node = format!("127.0.0.1:{}", self.live_ports()[0]);
-        let mut cmd = Command::new("redis-cli");
-        cmd.arg("--cluster")
-            .arg(args[0])
-            .arg(&node)
-            .args(&args[1..]);
-        let out = cmd.output().expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// The id of the master on `port`.
     pub fn node_id(&self, port: u16) -> String {
         cli(port, &["CLUSTER", "MYID"])

@@ -1,7 +1,7 @@
 //! The billing, admin and credits APIs (SPEC §3–§5), against a real
 //! gateway, Redis and Postgres.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The durable ledger: every charge and refund reaches Postgres exactly
 //! once, whatever crashes, and `ledger verify` proves Redis agrees.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::Arc;

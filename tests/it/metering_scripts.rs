@@ -2,7 +2,7 @@
 //! redis-server, with the clock injected: day and month boundaries in
 //! Africa/Algiers (UTC+1, so local midnight is 23:00 UTC).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
@@ -710,7 +710,7 @@ async fn one_call(
     let mut cmd = redis::cmd("EVAL");
     // KEYS[1], the call's one stream: the first charge's (the events of
     // every charge of the call go there).
-    cmd.arg(include_str!("../lua/charge.lua"))
+    cmd.arg(include_str!("../../lua/charge.lua"))
         .arg(1 + charges.len() * 3)
         .arg(keys.stream_of(charges[0].0));
     for (i, (user, _)) in charges.iter().enumerate() {

@@ -4,7 +4,7 @@
 //! hang-ups escaping settlement, credentials and spoofable headers reaching
 //! upstreams, stalled bodies, and trust that came from the network alone.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

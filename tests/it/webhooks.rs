@@ -4,7 +4,7 @@
 //! answer garbage, a gateway killed mid-delivery, two instances), signed
 //! as the Standard Webhooks reference library verifies.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! words and the stores agree within a second of Redis answering again.
 //! Retried grants and user creations apply once under an Idempotency-Key.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,8 +2,6 @@
 //! database, its own stub upstream and its own gateway on port 0.
 //! Logs stay silent unless `TEST_LOG` is set.
 
-#![allow(dead_code)]
-
 pub mod chaos;
 pub mod cluster;
 pub mod process;
@@ -237,7 +235,6 @@ impl Drop for TestDb {
 /// sent (no normalisation) and every header.
 #[derive(Clone, Debug)]
 pub struct Captured {
-    pub method: String,
     pub target: String,
     pub headers: Vec<(String, String)>,
 }
@@ -291,7 +288,6 @@ impl Upstream {
                         let (h, p, r) = (h.clone(), p.clone(), r.clone());
                         if let Ok(mut all) = c.lock() {
                             all.push(Captured {
-                                method: req.method().to_string(),
                                 target: req.uri().to_string(),
                                 headers: req
                                     .headers()
@@ -589,8 +585,9 @@ pub struct TestApp {
     pub upstream: Upstream,
     pub redis: TestRedis,
     pub db: TestDb,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    /// Held for its drop: the gateway task shuts down when the test's
+    /// `TestApp` goes away.
+    _stop: oneshot::Sender<()>,
 }
 
 pub struct TestAppBuilder {
@@ -672,7 +669,7 @@ impl TestAppBuilder {
         let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().expect("addr");
         let state = app.state();
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let _ = app
                 .run_until_stopped(async {
                     let _ = stopped.await;
@@ -694,8 +691,7 @@ impl TestAppBuilder {
             upstream,
             redis,
             db,
-            stop: Some(stop),
-            server: Some(server),
+            _stop: stop,
         }
     }
 }
@@ -1008,15 +1004,6 @@ impl TestApp {
         )
         .expect("flusher")
         .with_hook(self.state.outbox.clone())
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.await;
-        }
     }
 }
 

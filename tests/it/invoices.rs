@@ -2,7 +2,7 @@
 //! (read back with pdftotext), that a closed period's PDF never changes,
 //! and that numbers stay gap-free when periods close concurrently.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 
