@@ -8,6 +8,7 @@ mod common;
 mod admin_writes;
 mod api;
 mod attacks;
+mod billing;
 mod cli;
 mod cluster;
 mod invoices;
