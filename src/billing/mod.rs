@@ -43,7 +43,7 @@ pub enum BillingError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Charged(Receipt),
-    Duplicate { balance: Balance, plan: String },
+    Duplicate { balance: Balance, plan: PlanId },
     Refused(Refusal),
     Repeat(Repeat),
 }

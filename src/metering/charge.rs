@@ -164,7 +164,7 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
             }),
             _ => None,
         },
-        plan: std::str::from_utf8(rest).ok()?.to_owned(),
+        plan: PlanId::parse(std::str::from_utf8(rest).ok()?).ok()?,
     }))
 }
 
@@ -181,7 +181,7 @@ pub(super) fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutc
     Ok(match r.status.as_str() {
         "duplicate" => ChargeOutcome::Duplicate {
             balance: r.balance(1)?,
-            plan: r.text(5)?,
+            plan: r.plan(5)?,
         },
         "replay" => ChargeOutcome::Repeat(Repeat::Replay {
             original: r.text(0)?,
@@ -192,7 +192,7 @@ pub(super) fn decode_charge(reply: Value, event_id: String) -> Result<ChargeOutc
                 body: r.bytes(3)?,
             },
             balance: r.balance(4)?,
-            plan: r.text(8)?,
+            plan: r.plan(8)?,
         }),
         "in_progress" => ChargeOutcome::Repeat(Repeat::InProgress {
             original: r.text(0)?,
@@ -235,7 +235,7 @@ mod tests {
     #[test]
     fn decodes_every_charge_status() {
         let ok = decode_charge(
-            Value::BulkString(b"ok 3 7 0 3 100 3 0 0 9 1500 starter plan".to_vec()),
+            Value::BulkString(b"ok 3 7 0 3 100 3 0 0 9 1500 starter".to_vec()),
             "ev".into(),
         )
         .expect("ok");
@@ -243,8 +243,7 @@ mod tests {
             ok,
             ChargeOutcome::Charged(Receipt {
                 event_id: "ev".into(),
-                // The plan is the rest of the line, spaces and all.
-                plan: "starter plan".into(),
+                plan: PlanId::parse("starter").expect("plan"),
                 auto_blocked: false,
                 charged: 3,
                 from_monthly: 3,
@@ -334,7 +333,7 @@ mod tests {
             .ok(),
             Some(ChargeOutcome::Duplicate {
                 balance,
-                plan: "pro".into()
+                plan: PlanId::parse("pro").expect("plan")
             })
         );
         assert_eq!(
@@ -362,7 +361,7 @@ mod tests {
                     body: bytes::Bytes::from_static(b"done"),
                 },
                 balance,
-                plan: "pro".into(),
+                plan: PlanId::parse("pro").expect("plan"),
             }))
         );
         for (status, repeat) in [

@@ -55,6 +55,18 @@ impl Reply {
         }
     }
 
+    /// A plan id: what seed.lua and sync.lua stored, so a malformed one
+    /// means Redis holds something this gateway did not write.
+    pub(super) fn plan(&self, i: usize) -> Result<PlanId, MeterError> {
+        let text = self.text(i)?;
+        PlanId::parse(&text).map_err(|e| {
+            protocol(
+                self.script,
+                format!("{}: plan {text:?}: {}", self.status, e.why),
+            )
+        })
+    }
+
     pub(super) fn bytes(&self, i: usize) -> Result<bytes::Bytes, MeterError> {
         match self.values.get(i) {
             Some(Value::BulkString(b)) => Ok(bytes::Bytes::copy_from_slice(b)),

@@ -47,7 +47,7 @@ pub struct Receipt {
     /// The charge event's id (owner of an idempotency record).
     pub event_id: String,
     /// The account's plan, as Redis holds it (forwarded as `X-Plan`).
-    pub plan: String,
+    pub plan: PlanId,
     /// This charge emptied the account and the auto-block policy blocked it.
     pub auto_blocked: bool,
     pub charged: i64,
@@ -93,7 +93,7 @@ pub enum ChargeOutcome {
     /// The idempotency key was already charged within its window.
     Duplicate {
         balance: Balance,
-        plan: String,
+        plan: PlanId,
     },
     Refused(Refusal),
     /// A proxy `Idempotency-Key` seen before: nothing charged, nothing to
@@ -112,7 +112,7 @@ pub enum Repeat {
         original: String,
         response: StoredResponse,
         balance: Balance,
-        plan: String,
+        plan: PlanId,
     },
     /// The first call has not completed yet.
     InProgress { original: String },

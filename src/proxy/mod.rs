@@ -42,7 +42,7 @@ use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, Decision};
 use crate::body::Body;
 use crate::catalog::{Module, RateLimit};
-use crate::domain::{ActionId, IdempotencyKey, KeyHash, Networks, RequestId, UserId};
+use crate::domain::{ActionId, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId};
 use crate::error::ApiError;
 use crate::metering::{
     Balance, ChargeRequest, Idempotency, Mode, RateState, Receipt, RefundOf, RefundOutcome, Repeat,
@@ -88,7 +88,7 @@ struct Ctx {
     /// Balance to report in the response headers.
     balance: Option<Balance>,
     /// The account's plan (from the charge), for metrics labels.
-    plan: Option<String>,
+    plan: Option<PlanId>,
     /// The plan's rate limit and where the account stands in it, for the
     /// `RateLimit-Policy` and `RateLimit` headers.
     rate: Option<(RateLimit, RateState)>,
@@ -350,7 +350,7 @@ impl Proxy {
         match self.billing.charge(&request).await {
             Ok(Decision::Charged(receipt)) => {
                 if let Some(m) = self.metrics_of(&ctx.module) {
-                    m.charged(&receipt.plan, receipt.charged);
+                    m.charged(receipt.plan.as_str(), receipt.charged);
                 }
                 if let Some(hash) = key_hash {
                     self.billing.accounts().note_key_use(hash, ctx.stamp.now);
@@ -358,7 +358,7 @@ impl Proxy {
                 ctx.charged = receipt.charged;
                 ctx.balance = Some(receipt.balance);
                 ctx.rate = receipt.rate.and_then(|state| {
-                    let plan = self.billing.catalog().plan(&receipt.plan)?;
+                    let plan = self.billing.catalog().plan(receipt.plan.as_str())?;
                     Some((plan.rate_limit?, state))
                 });
                 ctx.plan = Some(receipt.plan.clone());
@@ -403,7 +403,7 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
         user: &UserId,
-        plan: &str,
+        plan: &PlanId,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
         parts.uri = Upstreams::target(&ctx.module, &parts.uri)?;
@@ -413,7 +413,7 @@ impl Proxy {
             peer,
             self.settings.trusted_proxies.contains(peer.ip()),
             user.as_str(),
-            Some(plan),
+            Some(plan.as_str()),
             ctx.request_id.as_str(),
         );
         let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
@@ -467,7 +467,7 @@ impl Proxy {
                 day_used,
             }) => {
                 if let Some(m) = self.metrics_of(&ctx.module) {
-                    m.refunded(ctx.plan.as_deref().unwrap_or(""), amount);
+                    m.refunded(ctx.plan.as_ref().map_or("", PlanId::as_str), amount);
                 }
                 ctx.charged = 0;
                 if let Some(b) = ctx.balance.as_mut() {
@@ -504,7 +504,7 @@ impl Proxy {
 /// The charge phase's answer when it does not refuse.
 enum Charged {
     /// Charged; forward. The account's plan.
-    Fresh(String),
+    Fresh(PlanId),
     /// A repeated `Idempotency-Key`: the first call's response.
     Replayed(Response<Body>),
 }
