@@ -290,7 +290,7 @@ async fn ledger_verify(settings: &Settings, drain_timeout: Duration) -> anyhow::
 async fn ledger_partitions(settings: &Settings) -> anyhow::Result<()> {
     let pool = accounts::connect_pool(&settings.database)?;
     let calendar = Calendar::new(settings.timezone);
-    let today = chrono::NaiveDate::parse_from_str(&calendar.now().day, "%Y-%m-%d")?;
+    let today = calendar.now().local_date();
     partitions::ensure_ahead(&pool, today).await?;
     if settings.ledger.retention_months > 0 {
         for name in

@@ -363,8 +363,7 @@ async fn key_uses(accounts: Accounts) {
 /// then old months detached when `ledger.retention_months` says so.
 async fn partitions(pool: sqlx::PgPool, calendar: Calendar, retention_months: u32) {
     loop {
-        let today = chrono::NaiveDate::parse_from_str(&calendar.now().day, "%Y-%m-%d")
-            .unwrap_or_else(|_| chrono::Utc::now().date_naive());
+        let today = calendar.now().local_date();
         let done = async {
             crate::ledger::partitions::ensure_ahead(&pool, today).await?;
             if retention_months > 0 {

@@ -416,8 +416,8 @@ impl Accounts {
                     .plan(user.plan.as_str())
                     .map_or(Credits::ZERO, |p| p.monthly_credits),
                 Credits::ZERO,
-                stamp.period.clone(),
-                stamp.day.clone(),
+                stamp.period.to_string(),
+                stamp.day.to_string(),
                 Credits::ZERO,
             ),
         };

@@ -249,7 +249,7 @@ async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
             resets_at: stamp.day_ends,
         },
         period: Period {
-            id: stamp.period.clone(),
+            id: stamp.period.to_string(),
             start: stamp.period_starts,
             resets_at: stamp.period_ends,
             renews_on: stamp

@@ -343,7 +343,7 @@ impl Billing {
     pub async fn reset_monthly(&self, actor: &str) -> Result<ResetReport, BillingError> {
         let now = self.calendar.now();
         let mut report = ResetReport {
-            period: now.period.clone(),
+            period: now.period.to_string(),
             ..Default::default()
         };
         let mut after: Option<UserId> = None;

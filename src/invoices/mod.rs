@@ -305,7 +305,7 @@ impl Invoices {
     pub async fn list(&self, user: &UserId) -> Result<Vec<Invoice>, InvoiceError> {
         self.seller()?;
         let account = self.account(user).await?;
-        let current = self.calendar.now().period;
+        let current = self.calendar.now().period.to_string();
         let mut period = self.calendar.period_of(account.created_at);
         let mut out = Vec::new();
         while period <= current {
@@ -322,7 +322,7 @@ impl Invoices {
     pub async fn get(&self, user: &UserId, period: &str) -> Result<Invoice, InvoiceError> {
         self.seller()?;
         let account = self.account(user).await?;
-        let current = self.calendar.now().period;
+        let current = self.calendar.now().period.to_string();
         self.get_for(user, &account, period, &current)
             .await?
             .ok_or_else(|| InvoiceError::NoInvoice(period.to_owned()))
@@ -414,7 +414,7 @@ impl Invoices {
                 .bind(end)
                 .fetch_all(&self.pool)
                 .await?;
-        let current = self.calendar.now().period;
+        let current = self.calendar.now().period.to_string();
         let mut n = 0;
         for id in users {
             let Ok(user) = UserId::parse(&id) else {
@@ -434,7 +434,7 @@ impl Invoices {
 
     /// The period before the current one, which the monthly reset closes.
     pub fn previous_period(&self) -> String {
-        previous_period(&self.calendar.now().period)
+        previous_period(self.calendar.now().period.as_str())
     }
 }
 

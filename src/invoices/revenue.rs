@@ -70,7 +70,7 @@ pub async fn by_month(
     }
     let none = History::default();
     let now = Utc::now();
-    let mut period = calendar.now().period;
+    let mut period = calendar.now().period.to_string();
     let mut periods = Vec::new();
     for _ in 0..months.max(1) {
         periods.push(period.clone());

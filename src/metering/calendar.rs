@@ -28,14 +28,99 @@ struct CachedDay {
     stamp: Stamp,
 }
 
+/// A local day: the daily limit's counter. Its text (`YYYY-MM-DD`, what
+/// the scripts and the ledger store) is made once per day and shared, so a
+/// request's stamp costs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalDay {
+    date: NaiveDate,
+    text: Arc<str>,
+}
+
+impl LocalDay {
+    pub fn new(date: NaiveDate) -> Self {
+        Self {
+            date,
+            text: date.format("%Y-%m-%d").to_string().into(),
+        }
+    }
+
+    pub fn date(&self) -> NaiveDate {
+        self.date
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// A local month (`YYYY-MM`): the monthly allowance's period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Period {
+    first_day: NaiveDate,
+    text: Arc<str>,
+}
+
+impl Period {
+    /// The period `date` falls in.
+    pub fn of(date: NaiveDate) -> Self {
+        let first_day = date.with_day(1).unwrap_or(date);
+        Self {
+            first_day,
+            text: first_day.format("%Y-%m").to_string().into(),
+        }
+    }
+
+    /// Its first local day.
+    pub fn first_day(&self) -> NaiveDate {
+        self.first_day
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Stored text (an account's `day` or `period` field) against the
+/// calendar's value.
+macro_rules! text_eq {
+    ($t:ty) => {
+        impl PartialEq<str> for $t {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+        impl PartialEq<&str> for $t {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+        impl PartialEq<String> for $t {
+            fn eq(&self, other: &String) -> bool {
+                self.as_str() == other
+            }
+        }
+        impl PartialEq<$t> for String {
+            fn eq(&self, other: &$t) -> bool {
+                self == other.as_str()
+            }
+        }
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+text_eq!(LocalDay);
+text_eq!(Period);
+
 /// Where one instant falls on the local calendar.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stamp {
     pub now: DateTime<Utc>,
-    /// Local day, `YYYY-MM-DD`: the daily limit's counter.
-    pub day: String,
-    /// Local month, `YYYY-MM`: the monthly allowance's period.
-    pub period: String,
+    pub day: LocalDay,
+    pub period: Period,
     /// Next local midnight, when the daily counter resets.
     pub day_ends: DateTime<Utc>,
     /// First instant of the period.
@@ -47,13 +132,12 @@ pub struct Stamp {
 impl Stamp {
     /// The local day as a date.
     pub fn local_date(&self) -> NaiveDate {
-        NaiveDate::parse_from_str(&self.day, "%Y-%m-%d").unwrap_or_else(|_| self.now.date_naive())
+        self.day.date()
     }
 
     /// The first local day of the period: where the month's reports start.
     pub fn period_first_day(&self) -> NaiveDate {
-        let day = self.local_date();
-        day.with_day(1).unwrap_or(day)
+        self.period.first_day()
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -115,8 +199,8 @@ impl Calendar {
             .unwrap_or(month_start);
         Stamp {
             now,
-            day: local.format("%Y-%m-%d").to_string(),
-            period: local.format("%Y-%m").to_string(),
+            day: LocalDay::new(local),
+            period: Period::of(local),
             day_ends: self.midnight(local.checked_add_days(Days::new(1)).unwrap_or(local)),
             period_starts: self.midnight(month_start),
             period_ends: self.midnight(next_month),

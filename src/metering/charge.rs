@@ -117,7 +117,11 @@ pub(super) fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
     escape_field(out, req.actor);
     out.push(b'\t');
     out.extend_from_slice(itoa::Buffer::new().format(req.stamp.now_ms()).as_bytes());
-    for value in [&req.stamp.day, &req.stamp.period, &req.stamp.day] {
+    for value in [
+        req.stamp.day.as_str(),
+        req.stamp.period.as_str(),
+        req.stamp.day.as_str(),
+    ] {
         out.push(b'\t');
         escape_field(out, value);
     }

@@ -31,7 +31,7 @@ impl Meter {
             .arg(grant.user.as_str())
             .arg(grant.actor)
             .arg(grant.reason)
-            .arg(&now.day)
+            .arg(now.day.as_str())
             .arg(Credits::MAX)
             .arg(key)
             .arg(fingerprint)

@@ -39,7 +39,7 @@ use crate::domain::{
     ActionId, Credits, IdempotencyKey, KeyHash, ModuleId, PlanId, RequestId, UserId,
 };
 use crate::telemetry::metrics;
-pub use calendar::{Calendar, Stamp};
+pub use calendar::{Calendar, LocalDay, Period, Stamp};
 pub use connection::{RedisConn, Target};
 pub use keys::KeyLayout;
 pub use types::*;

@@ -48,8 +48,8 @@ impl Meter {
                 inv.arg("direct")
                     .arg(receipt.from_monthly)
                     .arg(receipt.from_bonus)
-                    .arg(&charged_at.day)
-                    .arg(&charged_at.period)
+                    .arg(charged_at.day.as_str())
+                    .arg(charged_at.period.as_str())
                     .arg(module.as_str())
                     .arg(action.map_or("", ActionId::as_str));
             }

@@ -281,8 +281,8 @@ async fn an_account_the_ledger_holds_past_todays_bounds_is_still_rebuilt() {
             stream_ms, stream_seq) VALUES ($1, 100, 1500000000, $2, $3, 0, 1, 0)",
     )
     .bind(user.id.as_str())
-    .bind(&stamp.period)
-    .bind(&stamp.day)
+    .bind(stamp.period.as_str())
+    .bind(stamp.day.as_str())
     .execute(&pool)
     .await
     .expect("snapshot");

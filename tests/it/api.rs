@@ -1383,7 +1383,7 @@ async fn reports_read_the_replica_of_database_read_url() {
     assert_eq!(app.call(&user.key, "/rag/a").await.status(), 200);
     app.wait_flushed(Duration::from_secs(10)).await;
 
-    let today = app.state.billing.calendar().now().day;
+    let today = app.state.billing.calendar().now().day.to_string();
     let pool = sqlx::PgPool::connect(&replica.url).await.expect("replica");
     sqlx::query(
         "INSERT INTO usage_daily (user_id, day, module, charged_credits, charges,

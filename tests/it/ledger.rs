@@ -340,7 +340,7 @@ async fn history_is_served_from_the_ledger_aggregates() {
     app.wait_flushed(Duration::from_secs(10)).await;
     let pool = app.pool().await;
     let today = app.state.billing.calendar().now().day;
-    let from = chrono::NaiveDate::parse_from_str(&today, "%Y-%m-%d").expect("date");
+    let from = today.date();
     let days = reports::usage_by_day(&pool, Some(user.id.as_str()), from)
         .await
         .expect("days");

@@ -71,8 +71,8 @@ impl Harness {
                 plan: PlanId::parse(plan).expect("plan"),
                 monthly: Credits::new(monthly).expect("credits"),
                 bonus: Credits::new(bonus).expect("credits"),
-                period: stamp.period.clone(),
-                day: stamp.day.clone(),
+                period: stamp.period.to_string(),
+                day: stamp.day.to_string(),
                 day_used: Credits::ZERO,
                 blocked: false,
                 keys: vec![LiveKey::unrestricted(key().hash())],
@@ -408,8 +408,8 @@ async fn concurrent_rebuilds_write_the_account_once() {
                         plan: PlanId::parse("free").expect("plan"),
                         monthly: Credits::new(100 - i).expect("credits"),
                         bonus: Credits::ZERO,
-                        period: now.period.clone(),
-                        day: now.day.clone(),
+                        period: now.period.to_string(),
+                        day: now.day.to_string(),
                         day_used: Credits::ZERO,
                         blocked: false,
                         keys: vec![LiveKey::unrestricted(KeyHash::from_stored("x".into()))],
@@ -729,8 +729,8 @@ async fn one_call(
             .arg("")
             .arg(1)
             .arg(",free,starter,tiny,limited,enterprise,")
-            .arg(&now.day)
-            .arg(&now.period)
+            .arg(now.day.as_str())
+            .arg(now.period.as_str())
             .arg(now.now_ms())
             .arg(format!("ev-{i}"))
             .arg(format!("call-{i}"))
@@ -1043,8 +1043,8 @@ async fn an_expired_or_out_of_scope_key_is_refused_and_charges_nothing() {
             plan: PlanId::parse("starter").expect("plan"),
             monthly: Credits::new(100).expect("credits"),
             bonus: Credits::ZERO,
-            period: now.period.clone(),
-            day: now.day.clone(),
+            period: now.period.to_string(),
+            day: now.day.to_string(),
             day_used: Credits::ZERO,
             blocked: false,
             keys: vec![
