@@ -399,7 +399,7 @@ impl Accounts {
         .bind(id.as_str())
         .fetch_all(&self.pool)
         .await?;
-        let snapshot = crate::ledger::reports::snapshot(&self.pool, id.as_str()).await?;
+        let snapshot = crate::ledger::reports::snapshot(&self.pool, id).await?;
         // Values the ledger recorded are taken as they are, even past
         // today's bounds: an account must always be rebuildable.
         let credits = Credits::from_ledger;

@@ -296,11 +296,10 @@ async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
     let from = today
         .checked_sub_days(Days::new(days as u64 - 1))
         .unwrap_or(today);
-    let recorded = reports::usage_by_day(pool, Some(id.as_str()), from).await?;
+    let recorded = reports::usage_by_day(pool, Some(&id), from).await?;
     let series = fill_days(from, today, recorded);
-    let totals = reports::totals_by_module(pool, id.as_str(), from).await?;
-    let (items, total) =
-        reports::transactions(pool, id.as_str(), page.per_page, page.offset()).await?;
+    let totals = reports::totals_by_module(pool, &id, from).await?;
+    let (items, total) = reports::transactions(pool, &id, page.per_page, page.offset()).await?;
     ok(&UsageAnswer {
         days,
         from,

@@ -10,6 +10,8 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use sqlx::PgPool;
 
+use crate::domain::UserId;
+
 /// An account's state after its latest flushed event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
@@ -20,11 +22,11 @@ pub struct Snapshot {
     pub day_used: i64,
 }
 
-pub async fn snapshot(pool: &PgPool, user: &str) -> Result<Option<Snapshot>, sqlx::Error> {
+pub async fn snapshot(pool: &PgPool, user: &UserId) -> Result<Option<Snapshot>, sqlx::Error> {
     let row: Option<(i64, i64, String, String, i64)> = sqlx::query_as(
         "SELECT monthly, bonus, period, day, day_used FROM account_snapshots WHERE user_id = $1",
     )
-    .bind(user)
+    .bind(user.as_str())
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|(monthly, bonus, period, day, day_used)| Snapshot {
@@ -50,7 +52,7 @@ pub struct DayUsage {
 /// or everyone's with `None`.
 pub async fn usage_by_day(
     pool: &PgPool,
-    user: Option<&str>,
+    user: Option<&UserId>,
     from: NaiveDate,
 ) -> Result<Vec<DayUsage>, sqlx::Error> {
     // Everyone's usage from the per-module roll-up (a few rows a day),
@@ -70,7 +72,7 @@ pub async fn usage_by_day(
         }
     };
     let rows: Vec<(NaiveDate, String, i64, i64)> = sqlx::query_as(sql)
-        .bind(user)
+        .bind(user.map(UserId::as_str))
         .bind(from)
         .fetch_all(pool)
         .await?;
@@ -103,7 +105,7 @@ pub struct ModuleTotal {
 /// Net credits and requests per module of one user since `from`.
 pub async fn totals_by_module(
     pool: &PgPool,
-    user: &str,
+    user: &UserId,
     from: NaiveDate,
 ) -> Result<Vec<ModuleTotal>, sqlx::Error> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -111,7 +113,7 @@ pub async fn totals_by_module(
                 SUM(charges - refunds)::bigint
          FROM usage_daily WHERE user_id = $1 AND day >= $2 GROUP BY module ORDER BY module",
     )
-    .bind(user)
+    .bind(user.as_str())
     .bind(from)
     .fetch_all(pool)
     .await?;
@@ -142,7 +144,7 @@ pub struct LedgerRow {
 /// One user's ledger rows, newest first.
 pub async fn transactions(
     pool: &PgPool,
-    user: &str,
+    user: &UserId,
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<LedgerRow>, i64), sqlx::Error> {
@@ -164,13 +166,13 @@ pub async fn transactions(
          FROM ledger_events WHERE user_id = $1
          ORDER BY stream_ms DESC, stream_seq DESC LIMIT $2 OFFSET $3",
     )
-    .bind(user)
+    .bind(user.as_str())
     .bind(limit)
     .bind(offset)
     .fetch_all(pool)
     .await?;
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events WHERE user_id = $1")
-        .bind(user)
+        .bind(user.as_str())
         .fetch_one(pool)
         .await?;
     let items = rows

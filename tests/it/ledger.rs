@@ -341,18 +341,18 @@ async fn history_is_served_from_the_ledger_aggregates() {
     let pool = app.pool().await;
     let today = app.state.billing.calendar().now().day;
     let from = today.date();
-    let days = reports::usage_by_day(&pool, Some(user.id.as_str()), from)
+    let days = reports::usage_by_day(&pool, Some(&user.id), from)
         .await
         .expect("days");
     assert_eq!(days.len(), 1);
     assert_eq!((days[0].credits, days[0].requests), (5, 3));
     assert_eq!(days[0].by_module.get("legal"), Some(&3));
-    let totals = reports::totals_by_module(&pool, user.id.as_str(), from)
+    let totals = reports::totals_by_module(&pool, &user.id, from)
         .await
         .expect("totals");
     let rag = totals.iter().find(|t| t.module == "rag").expect("rag");
     assert_eq!((rag.credits, rag.requests), (2, 2));
-    let (page, total) = reports::transactions(&pool, user.id.as_str(), 2, 0)
+    let (page, total) = reports::transactions(&pool, &user.id, 2, 0)
         .await
         .expect("page");
     assert_eq!(total, 5); // 4 charges + 1 refund

@@ -260,7 +260,7 @@ pub(super) async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
     let v = account.as_of(plan, &stamp);
     let keys = state.billing.accounts().keys_of(id, true).await?;
     let month_start = stamp.period_first_day();
-    let totals = reports::totals_by_module(&state.reports, id.as_str(), month_start).await?;
+    let totals = reports::totals_by_module(&state.reports, id, month_start).await?;
     ok(&UserDetail {
         id: id.to_string(),
         name: user.name,
