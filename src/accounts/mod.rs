@@ -1,17 +1,17 @@
 //! Accounts and API keys: Postgres is their home, Redis holds the hot copy
 //! that scripts read (see `metering::keys`).
 //!
-//! This module owns creating users and keys, revoking keys, resolving a
-//! presented key to its user (with an in-process cache) and rebuilding an
-//! account's Redis state from Postgres when Redis does not have it.
+//! This module owns creating users and keys (`keys`), revoking keys,
+//! resolving a presented key to its user (with an in-process cache),
+//! reading what an account's Redis state should be rebuilt from, the
+//! admin's directory of accounts (`directory`), and the gateway's own
+//! admin and service keys (`gateway_keys`).
 
 mod cache;
 pub mod credentials;
 pub mod directory;
 mod gateway_keys;
 mod keys;
-
-use keys::insert_key;
 mod sync;
 
 use std::collections::HashMap;
@@ -32,6 +32,7 @@ use crate::metering::{AccountSeed, Stamp};
 use cache::KeyCache;
 pub use credentials::Credential;
 pub use gateway_keys::ApiKeys;
+use keys::insert_key;
 
 #[derive(Debug, Error)]
 pub enum AccountError {

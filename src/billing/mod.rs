@@ -5,13 +5,12 @@
 //! Shared by the proxy and the credits/admin/user APIs, so there is one set
 //! of rules whatever the entry point.
 
+mod changes;
+
 use std::sync::Arc;
 
 use thiserror::Error;
-
 use uuid::Uuid;
-
-mod changes;
 
 use crate::accounts::{AccountError, Accounts, KeySpec, NewKey};
 use crate::catalog::Catalog;

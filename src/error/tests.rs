@@ -282,3 +282,19 @@ async fn spec_table_of_refusals() {
         );
     }
 }
+
+#[test]
+fn the_api_documentation_names_every_code() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/API.md"))
+        .expect("docs/API.md");
+    let codes = InvalidCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .chain(MissingCode::ALL.iter().map(|c| c.as_str()));
+    for code in codes {
+        assert!(
+            doc.contains(&format!("`{code}`")),
+            "docs/API.md does not name {code}"
+        );
+    }
+}

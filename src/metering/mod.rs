@@ -5,9 +5,9 @@
 //! script holds its arguments, its call and its reply's decoding (`charge`,
 //! `refund`, `complete`, `grant`, `reset`, `account` for seed.lua and reads,
 //! `sync`); the types they share are in `types`, the reply reader in
-//! `reply`. Charges of
-//! one shard that arrive together share a script call (`batch`: group
-//! commit, decided one by one in order). Every call has a deadline
+//! `reply`. Charges of one shard that arrive together share a script call
+//! (`batch`: group commit, decided one by one in order). Every call has a
+//! deadline
 //! (`redis.command_timeout_ms`) and turns into [`MeterError`] instead of
 //! hanging, so callers can answer 503 at once and Redis coming back needs no
 //! restart.
