@@ -398,3 +398,40 @@ mod tests {
         assert!(RequestId::parse(&"x".repeat(129)).is_err());
     }
 }
+
+/// The events an endpoint can subscribe to (SPEC §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    CreditsLow,
+    CreditsExhausted,
+    AccountBlocked,
+    AccountUnblocked,
+    PlanChanged,
+    CreditsGranted,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::CreditsLow,
+        EventType::CreditsExhausted,
+        EventType::AccountBlocked,
+        EventType::AccountUnblocked,
+        EventType::PlanChanged,
+        EventType::CreditsGranted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::CreditsLow => "credits.low",
+            EventType::CreditsExhausted => "credits.exhausted",
+            EventType::AccountBlocked => "account.blocked",
+            EventType::AccountUnblocked => "account.unblocked",
+            EventType::PlanChanged => "plan.changed",
+            EventType::CreditsGranted => "credits.granted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}

@@ -7,9 +7,11 @@
 
 mod catalog;
 mod env;
+pub mod invoices;
 mod raw;
 pub mod redis;
 mod validate;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -75,8 +77,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub ledger: LedgerSettings,
     pub catalog: std::sync::Arc<Catalog>,
-    pub webhooks: std::sync::Arc<crate::webhooks::Webhooks>,
-    pub invoicing: crate::invoices::Invoicing,
+    pub webhooks: std::sync::Arc<webhooks::Webhooks>,
+    pub invoicing: invoices::Invoicing,
 }
 
 impl Settings {

@@ -29,11 +29,11 @@ pub struct RawSettings {
     #[serde(default)]
     pub plans: BTreeMap<String, PlanSettings>,
     #[serde(default)]
-    pub webhooks: Vec<crate::webhooks::EndpointSettings>,
+    pub webhooks: Vec<super::webhooks::EndpointSettings>,
     #[serde(default)]
-    pub webhook_delivery: crate::webhooks::DeliverySettings,
+    pub webhook_delivery: super::webhooks::DeliverySettings,
     #[serde(default)]
-    pub invoices: crate::invoices::InvoiceSettings,
+    pub invoices: super::invoices::InvoiceSettings,
 }
 
 #[derive(Debug, Deserialize)]

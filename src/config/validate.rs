@@ -129,7 +129,7 @@ impl RawSettings {
         }
 
         let catalog = build_catalog(&self.modules, &self.plans, &self.upstream)?;
-        let webhooks = crate::webhooks::Webhooks::validate(&self.webhooks, self.webhook_delivery)
+        let webhooks = super::webhooks::Webhooks::validate(&self.webhooks, self.webhook_delivery)
             .map_err(|e| invalid(e.key, e.message))?;
         let invoicing = self
             .invoices

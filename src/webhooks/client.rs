@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Uri};
+use http::Request;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -21,51 +21,7 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 /// normal response, not enough for a receiver to make us buffer much.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Where an endpoint's requests go.
-#[derive(Clone, Debug)]
-pub struct Target {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    /// `host[:port]` as the `Host` header carries it.
-    pub authority: String,
-    pub path_and_query: String,
-}
-
-impl Target {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| format!("{url:?} is not a URL like https://hub.example/hooks"))?;
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(format!("{url:?}: the scheme must be http or https")),
-        };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url:?} has no host"))?;
-        if authority.as_str().contains('@') {
-            return Err(format!("{url:?}: credentials in the URL are not supported"));
-        }
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("{url:?} has no host"));
-        }
-        Ok(Self {
-            tls,
-            host: host.to_owned(),
-            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
-            authority: authority.as_str().to_owned(),
-            path_and_query: uri
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-        })
-    }
-}
+pub use crate::config::webhooks::Target;
 
 /// What came of one attempt.
 #[derive(Debug, PartialEq, Eq)]
@@ -177,29 +133,4 @@ where
     .await;
     conn.abort();
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_endpoint_urls() {
-        let t = Target::parse("https://hub.example/hooks/credits?x=1").unwrap();
-        assert!(t.tls);
-        assert_eq!((t.host.as_str(), t.port), ("hub.example", 443));
-        assert_eq!(t.path_and_query, "/hooks/credits?x=1");
-        let t = Target::parse("http://127.0.0.1:9000").unwrap();
-        assert_eq!((t.port, t.path_and_query.as_str()), (9000, "/"));
-        assert_eq!(t.authority, "127.0.0.1:9000");
-        for bad in [
-            "ftp://h/x",
-            "hub.example/hooks",
-            "http://u:p@h/x",
-            "",
-            "http://",
-        ] {
-            assert!(Target::parse(bad).is_err(), "{bad}");
-        }
-    }
 }
