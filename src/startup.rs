@@ -117,7 +117,7 @@ impl Application {
                 crate::accounts::connect_pool(&database)?,
                 crate::ledger::FlusherConfig::from_settings(&settings.ledger),
             )?
-            .with_hook(state.outbox.clone())
+            .with_hook(state.billing.outbox().clone())
             .into_workers(settings.ledger.workers)?
         } else {
             Vec::new()
@@ -178,7 +178,7 @@ impl Application {
         background.push(tokio::spawn(
             crate::webhooks::Deliverer::new(
                 self.state.billing.accounts().pool().clone(),
-                Arc::clone(&self.state.outbox),
+                Arc::clone(self.state.billing.outbox()),
             )
             .run(),
         ));
@@ -285,13 +285,12 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     let reports = accounts::connect_reports(&settings.database, &pool)?;
     let accounts = Accounts::new(pool, Arc::clone(&catalog));
     let calendar = Calendar::new(settings.timezone);
-    let outbox = crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks));
     let billing = Billing::new(
         meter,
         accounts.clone(),
         calendar.clone(),
         Arc::clone(&catalog),
-        Arc::clone(&outbox),
+        crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks)),
     );
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
@@ -319,7 +318,6 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         api_keys: ApiKeys::new(&settings.auth, settings.trusted_networks.clone()),
         metrics,
         public_metrics: settings.metrics_listen.is_none(),
-        outbox,
         invoices,
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })

@@ -12,11 +12,10 @@ use crate::accounts::ApiKeys;
 use crate::billing::Billing;
 use crate::invoices::Invoices;
 use crate::proxy::Proxy;
-use crate::webhooks::Outbox;
 
 pub struct AppState {
     /// Charging, account changes, and through its accessors the meter,
-    /// the accounts, the calendar and the catalog.
+    /// the accounts, the calendar, the catalog and the webhooks' outbox.
     pub billing: Billing,
     /// What reports read (usage, stats, CSV exports): `database.read_url`'s
     /// replica, or the primary. Never balances, keys or writes.
@@ -27,9 +26,6 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// `/metrics` is on the public port (no `server.metrics_listen`).
     pub public_metrics: bool,
-    /// Where account events go for the webhooks (written in the
-    /// transactions that cause them); the same as `billing.outbox()`.
-    pub outbox: Arc<Outbox>,
     pub invoices: Invoices,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the

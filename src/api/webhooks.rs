@@ -92,7 +92,14 @@ pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResul
     let not_found =
         || ApiError::missing(MissingCode::Delivery, format!("no webhook delivery {id:?}"));
     let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(not_found)?;
-    match queue::retry(state.billing.accounts().pool(), &state.outbox, id, actor).await? {
+    match queue::retry(
+        state.billing.accounts().pool(),
+        state.billing.outbox(),
+        id,
+        actor,
+    )
+    .await?
+    {
         Retried::Queued(view) => ok(&view),
         Retried::NoSuchDelivery => Err(not_found()),
         Retried::EndpointGone(endpoint) => Err(ApiError::bad_request(

@@ -1003,7 +1003,7 @@ impl TestApp {
             config,
         )
         .expect("flusher")
-        .with_hook(self.state.outbox.clone())
+        .with_hook(self.state.billing.outbox().clone())
     }
 }
 
