@@ -34,7 +34,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let result = match segments.as_slice() {
-        ["api", "openapi.json"] => openapi_json(&req),
+        ["api", "openapi.json"] => openapi_json(state, &req),
         ["api", "billing", rest @ ..] => user::route(state, req, rest).await,
         ["api", "admin", "billing", rest @ ..] => admin::route(state, req, rest).await,
         ["api", "credits", rest @ ..] => credits::route(state, req, rest).await,
@@ -45,9 +45,10 @@ pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<
 
 pub type ApiResult = Result<Response<Body>, ApiError>;
 
-fn openapi_json(req: &Request<Incoming>) -> ApiResult {
+fn openapi_json(state: &AppState, req: &Request<Incoming>) -> ApiResult {
     require(req, Method::GET)?;
-    let mut response = Response::new(body::full(openapi::JSON.as_str().to_owned()));
+    let document = openapi::document(state.billing.catalog());
+    let mut response = Response::new(body::full(document));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),

@@ -8,6 +8,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{admin, credits, invoices, user, webhooks};
+use crate::catalog::Catalog;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -75,9 +76,38 @@ impl Modify for Security {
     }
 }
 
-/// Rendered once: the document does not change while the process runs.
-pub static JSON: LazyLock<String> = LazyLock::new(|| {
-    ApiDoc::openapi()
-        .to_pretty_json()
-        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-});
+/// The document as the code describes it, rendered once.
+static DOCUMENT: LazyLock<serde_json::Value> =
+    LazyLock::new(|| serde_json::to_value(ApiDoc::openapi()).unwrap_or_default());
+
+/// Request fields that name a plan or a module, by schema: this
+/// deployment's ids are the only values they accept.
+const PLAN_FIELDS: [(&str, &str); 2] = [("CreateUserBody", "plan"), ("PlanBody", "plan")];
+const MODULE_FIELDS: [(&str, &str); 2] = [("CheckBody", "module"), ("ConsumeBody", "module")];
+
+/// The document for this deployment: the code's, with the configured plan
+/// and module ids listed as each such field's `enum`, so a client (and a
+/// generated test) knows which values are accepted rather than only their
+/// shape.
+pub fn document(catalog: &Catalog) -> String {
+    let mut doc = DOCUMENT.clone();
+    let plans: Vec<serde_json::Value> = catalog
+        .plans()
+        .iter()
+        .map(|p| p.id.as_str().into())
+        .collect();
+    let modules: Vec<serde_json::Value> = catalog
+        .modules()
+        .iter()
+        .map(|m| m.id.as_str().into())
+        .collect();
+    for (fields, ids) in [(&PLAN_FIELDS, &plans), (&MODULE_FIELDS, &modules)] {
+        for (schema, field) in fields {
+            let pointer = format!("/components/schemas/{schema}/properties/{field}");
+            if let Some(property) = doc.pointer_mut(&pointer).and_then(|p| p.as_object_mut()) {
+                property.insert("enum".into(), serde_json::Value::Array(ids.clone()));
+            }
+        }
+    }
+    serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

@@ -245,8 +245,14 @@ pub struct UserList {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserBody {
-    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
+    /// 1 to 100 characters, not only spaces, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\x00-\\x1f\\x7f]*[^\\s\\x00-\\x1f\\x7f][^\\x00-\\x1f\\x7f]*$"
+    )]
     pub name: String,
+    #[schema(format = Email, max_length = 254)]
     pub email: Option<String>,
     #[schema(pattern = "^[a-z0-9_]{1,32}$")]
     pub plan: String,

@@ -1366,6 +1366,44 @@ async fn the_openapi_document_describes_every_endpoint() {
         doc["components"]["securitySchemes"]["admin_key"]["name"],
         "X-Admin-Key"
     );
+    // Fields naming a plan or a module list this deployment's ids.
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        let mut ids: Vec<String> = v
+            .as_array()
+            .expect("an enum")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut modules: Vec<String> = app
+        .state
+        .billing
+        .catalog()
+        .modules()
+        .iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    modules.sort();
+    let mut plans: Vec<String> = app
+        .state
+        .billing
+        .catalog()
+        .plans()
+        .iter()
+        .map(|p| p.id.to_string())
+        .collect();
+    plans.sort();
+    for schema in ["CheckBody", "ConsumeBody"] {
+        assert_eq!(
+            ids(&schemas[schema]["properties"]["module"]["enum"]),
+            modules
+        );
+    }
+    for schema in ["CreateUserBody", "PlanBody"] {
+        assert_eq!(ids(&schemas[schema]["properties"]["plan"]["enum"]), plans);
+    }
 }
 
 /// With `database.read_url`, reports are read from the replica; balances
