@@ -3,8 +3,8 @@
 //! account live in `Billing`.
 
 use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 
 use super::{AccountError, Accounts};
@@ -35,6 +35,7 @@ pub struct ListedUser {
 }
 
 /// A user as the users export writes it.
+#[derive(sqlx::FromRow)]
 pub struct UserRecord {
     pub id: String,
     pub name: String,
@@ -176,25 +177,9 @@ impl Accounts {
 
 /// Every user, oldest first, streamed from `pool` (the reports pool).
 pub fn all_users(pool: &PgPool) -> BoxStream<'_, Result<UserRecord, sqlx::Error>> {
-    type Row = (
-        String,
-        String,
-        Option<String>,
-        String,
-        String,
-        DateTime<Utc>,
-    );
-    sqlx::query_as::<_, Row>(
+    sqlx::query_as::<_, UserRecord>(
         "SELECT id, name, email, plan, status, created_at FROM users ORDER BY created_at, id",
     )
     .fetch(pool)
-    .map_ok(|(id, name, email, plan, status, created_at)| UserRecord {
-        id,
-        name,
-        email,
-        plan,
-        status,
-        created_at,
-    })
     .boxed()
 }

@@ -348,9 +348,14 @@ impl ApiError {
         Self::invalid_request(format!("{field}: {why}"))
     }
 
-    /// A malformed `Idempotency-Key` header.
-    pub fn bad_idempotency_key() -> Self {
-        Self::InvalidHeader("Idempotency-Key must be 1 to 128 visible ASCII characters".into())
+    /// The `Idempotency-Key` header, if sent, as the proxy, the credits API
+    /// and the admin writes all read it: 400 `invalid_header` when unusable.
+    pub fn idempotency_key(
+        headers: &http::HeaderMap,
+    ) -> Result<Option<crate::domain::IdempotencyKey>, Self> {
+        crate::domain::IdempotencyKey::from_headers(headers).map_err(|_| {
+            Self::InvalidHeader("Idempotency-Key must be 1 to 128 visible ASCII characters".into())
+        })
     }
 
     pub fn missing(code: MissingCode, message: impl Into<String>) -> Self {

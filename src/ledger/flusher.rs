@@ -21,7 +21,7 @@
 //! blocking: a blocked read would hold up the node connection it shares.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -88,13 +88,11 @@ impl FlusherConfig {
     }
 }
 
-/// Numbers the metrics exporter and logs read.
+/// What a flusher has written: new events and redelivered ones it skipped.
 #[derive(Debug, Default)]
 pub struct LedgerStats {
     pub flushed_total: AtomicU64,
     pub duplicates_total: AtomicU64,
-    /// Entries in the streams not yet acknowledged (refreshed ≤ 1/s).
-    pub backlog: AtomicI64,
 }
 
 /// How a read treats new and abandoned entries.
@@ -505,7 +503,6 @@ impl Flusher {
         self.last_stats = Some(Instant::now());
         match self.backlog().await {
             Ok(b) => {
-                self.stats.backlog.store(b.entries, Ordering::Relaxed);
                 metrics::ledger_backlog(
                     b.entries,
                     Duration::from_millis(b.oldest_age_ms.max(0) as u64),

@@ -5,8 +5,8 @@
 //! which is the events themselves.
 
 use chrono::{DateTime, NaiveDate, Utc};
+use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use sqlx::PgPool;
 
@@ -258,6 +258,7 @@ pub async fn top_consumers(
 }
 
 /// One ledger row as the usage export writes it.
+#[derive(sqlx::FromRow)]
 pub struct ExportedEvent {
     pub event_id: String,
     pub user_id: String,
@@ -280,21 +281,7 @@ pub fn events_between(
     from: NaiveDate,
     to: NaiveDate,
 ) -> BoxStream<'_, Result<ExportedEvent, sqlx::Error>> {
-    type Row = (
-        String,
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        Option<String>,
-        String,
-        NaiveDate,
-        DateTime<Utc>,
-    );
-    sqlx::query_as::<_, Row>(
+    sqlx::query_as::<_, ExportedEvent>(
         "SELECT event_id, user_id, kind, module, action, amount, monthly_after,
                 bonus_after, request_id, actor, local_day, occurred_at
          FROM ledger_events WHERE local_day BETWEEN $1 AND $2
@@ -303,23 +290,5 @@ pub fn events_between(
     .bind(from)
     .bind(to)
     .fetch(pool)
-    .map_ok(
-        |(event_id, user_id, kind, module, action, amount, m, b, request_id, actor, day, at)| {
-            ExportedEvent {
-                event_id,
-                user_id,
-                kind,
-                module,
-                action,
-                amount,
-                monthly_after: m,
-                bonus_after: b,
-                request_id,
-                actor,
-                local_day: day,
-                occurred_at: at,
-            }
-        },
-    )
     .boxed()
 }

@@ -258,8 +258,7 @@ impl Proxy {
                     )
                 })?;
         }
-        ctx.idempotency_key = crate::domain::IdempotencyKey::from_headers(headers)
-            .map_err(|_| ApiError::bad_idempotency_key())?;
+        ctx.idempotency_key = ApiError::idempotency_key(headers)?;
         if let Some(value) = headers.get("x-action") {
             let action = value
                 .to_str()

@@ -162,8 +162,7 @@ pub(super) async fn set_blocked(
     )
 )]
 pub(super) async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let idempotency_key = crate::domain::IdempotencyKey::from_headers(req.headers())
-        .map_err(|_| ApiError::bad_idempotency_key())?;
+    let idempotency_key = ApiError::idempotency_key(req.headers())?;
     let body: GrantBody = read_json(req).await?;
     let id = parse_user(&body.user_id)?;
     if !(1..=MAX_GRANT).contains(&body.credits) {

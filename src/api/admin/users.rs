@@ -169,8 +169,7 @@ pub(super) async fn create_user(
     req: Request<Incoming>,
     actor: &str,
 ) -> ApiResult {
-    let idempotency_key = crate::domain::IdempotencyKey::from_headers(req.headers())
-        .map_err(|_| ApiError::bad_idempotency_key())?;
+    let idempotency_key = ApiError::idempotency_key(req.headers())?;
     let body: CreateUserBody = read_json(req).await?;
     let name = check_name(&body.name)?;
     let email = check_email(body.email.as_deref())?;
