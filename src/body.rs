@@ -26,3 +26,8 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     );
     response
 }
+
+/// An axum body (the API plane's answers) as the gateway's body type.
+pub fn boxed(body: axum::body::Body) -> Body {
+    body.map_err(BoxError::from).boxed_unsync()
+}

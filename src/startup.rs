@@ -190,6 +190,10 @@ impl Application {
                 Arc::clone(&self.state),
             )));
         }
+        let front = Arc::new(Front {
+            api: api::router(Arc::clone(&self.state)),
+            state: Arc::clone(&self.state),
+        });
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -204,10 +208,10 @@ impl Application {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let state = Arc::clone(&self.state);
+            let front = Arc::clone(&front);
             let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, std::convert::Infallible>(route(state, req, peer).await) }
+                let front = Arc::clone(&front);
+                async move { Ok::<_, std::convert::Infallible>(route(front, req, peer).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             let conn = graceful.watch(conn);
@@ -438,7 +442,15 @@ fn render_metrics(state: &AppState) -> Response<Body> {
     response
 }
 
-async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+/// What every connection of a listener shares.
+struct Front {
+    state: Arc<AppState>,
+    /// The API plane (`/api/*`); see [`api::router`].
+    api: axum::Router,
+}
+
+async fn route(front: Arc<Front>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let state = &front.state;
     let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         return ApiError::Overloaded.into_response();
     };
@@ -460,9 +472,9 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
             } else {
                 api::health::Detail::Status
             };
-            Box::pin(api::health::readyz(&state, detail)).await
+            Box::pin(api::health::readyz(state, detail)).await
         }
-        (&Method::GET, "/metrics") if state.public_metrics => render_metrics(&state),
+        (&Method::GET, "/metrics") if state.public_metrics => render_metrics(state),
         (_, "/healthz" | "/readyz" | "/metrics") if state.public_metrics => {
             ApiError::MethodNotAllowed.into_response()
         }
@@ -474,16 +486,11 @@ async fn route(state: Arc<AppState>, req: Request<Incoming>, peer: SocketAddr) -
                 // Boxed: the API handlers' futures are large, and hyper
                 // keeps room for the service future of every connection,
                 // idle or not; the proxy path stays small on its own.
-                None => match Box::pin(api::route(&state, {
-                    let mut req = req;
+                None => {
+                    let mut req = req.map(axum::body::Body::new);
                     req.extensions_mut().insert(api::auth::ClientAddr(peer));
-                    req
-                }))
-                .await
-                {
-                    Some(response) => response,
-                    None => ApiError::NotFound.into_response(),
-                },
+                    Box::pin(api::serve(&front.api, req)).await
+                }
             },
         },
     };

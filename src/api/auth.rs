@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use http::{HeaderMap, Request};
+use http::{Extensions, HeaderMap};
 
 use crate::accounts::{Credential, credentials};
 use crate::domain::UserId;
@@ -19,8 +19,8 @@ use crate::state::AppState;
 #[derive(Clone, Copy, Debug)]
 pub struct ClientAddr(pub SocketAddr);
 
-fn peer_is_trusted(state: &AppState, req: &Request<impl Sized>) -> bool {
-    req.extensions()
+fn peer_is_trusted(state: &AppState, extensions: &Extensions) -> bool {
+    extensions
         .get::<ClientAddr>()
         .is_some_and(|p| state.api_keys.trusts(p.0.ip()))
 }
@@ -40,9 +40,13 @@ pub fn admin(state: &AppState, headers: &HeaderMap) -> Result<String, ApiError> 
 /// The name of the service key presented. A caller from
 /// `auth.trusted_networks` may omit the key (the platform's services call
 /// the credits API that way); a key it does send must still be right.
-pub fn service(state: &AppState, req: &Request<impl Sized>) -> Result<String, ApiError> {
-    let Some(presented) = req.headers().get("x-service-key") else {
-        return if peer_is_trusted(state, req) {
+pub fn service(
+    state: &AppState,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> Result<String, ApiError> {
+    let Some(presented) = headers.get("x-service-key") else {
+        return if peer_is_trusted(state, extensions) {
             Ok("service:trusted-network".to_owned())
         } else {
             Err(ApiError::Unauthenticated("send X-Service-Key"))
@@ -58,17 +62,24 @@ pub fn service(state: &AppState, req: &Request<impl Sized>) -> Result<String, Ap
 /// The calling user, identified like the proxy does. Keys are checked
 /// against Postgres without the cache, so a revoked or expired key is
 /// refused here exactly as in the proxy.
-pub async fn user(state: &AppState, req: &Request<impl Sized>) -> Result<UserId, ApiError> {
-    caller(state, req).await.map(|(user, _)| user)
+pub async fn user(
+    state: &AppState,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> Result<UserId, ApiError> {
+    caller(state, headers, extensions)
+        .await
+        .map(|(user, _)| user)
 }
 
 /// [`user`], for the calls that manage keys: a key limited to some modules
 /// cannot mint or revoke keys (it would mint itself a wider one).
 pub async fn unrestricted_user(
     state: &AppState,
-    req: &Request<impl Sized>,
+    headers: &HeaderMap,
+    extensions: &Extensions,
 ) -> Result<UserId, ApiError> {
-    match caller(state, req).await? {
+    match caller(state, headers, extensions).await? {
         (user, false) => Ok(user),
         (_, true) => Err(ApiError::Forbidden(
             "a key limited to some modules cannot manage API keys",
@@ -77,9 +88,13 @@ pub async fn unrestricted_user(
 }
 
 /// The caller, and whether its key is limited to some modules.
-async fn caller(state: &AppState, req: &Request<impl Sized>) -> Result<(UserId, bool), ApiError> {
-    let trust_user_id = state.api_keys.trust_user_id_header() && peer_is_trusted(state, req);
-    match credentials::from_headers(req.headers(), trust_user_id) {
+async fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> Result<(UserId, bool), ApiError> {
+    let trust_user_id = state.api_keys.trust_user_id_header() && peer_is_trusted(state, extensions);
+    match credentials::from_headers(headers, trust_user_id) {
         Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
             "send Authorization: Bearer <api key> or X-API-Key",
         )),

@@ -3,15 +3,19 @@
 //! `check` → `consume` (idempotent on `request_id`) → `refund`, and the
 //! monthly reset for cron. The same scripts and rules as the proxy.
 
-use http::{Method, Request};
-use hyper::body::Incoming;
+use std::sync::Arc;
 
+use axum::extract::State;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{Actor, Json};
 use super::parse_user;
 use super::schema::{
     CheckAnswer, CheckBody, ConsumeAnswer, ConsumeBody, ErrorBody, RefundAnswer, RefundBody,
     ResetAnswer,
 };
-use super::{ApiResult, auth, ok, read_json, require};
+use super::{ApiResult, Group, ok};
 use crate::billing::Decision;
 use crate::catalog::Module;
 use crate::domain::{ActionId, RequestId};
@@ -19,16 +23,14 @@ use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::metering::{ChargeRequest, Idempotency, Mode, RefundOf, RefundOutcome, Refusal};
 use crate::state::AppState;
 
-pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
-    let actor = auth::service(state, &req)?;
-    require(&req, Method::POST)?;
-    match rest {
-        ["check"] => check(state, req).await,
-        ["consume"] => consume(state, req, &actor).await,
-        ["refund"] => refund(state, req, &actor).await,
-        ["reset-monthly"] => reset_monthly(state, &actor).await,
-        _ => Err(ApiError::NotFound),
-    }
+/// `/api/credits/*`, every route behind `X-Service-Key` or a trusted
+/// network (the layer is put on by [`super::router`]).
+pub fn routes() -> Group {
+    OpenApiRouter::new()
+        .routes(routes!(check))
+        .routes(routes!(consume))
+        .routes(routes!(refund))
+        .routes(routes!(reset_monthly))
 }
 
 fn parse_module<'a>(state: &'a AppState, s: &str) -> Result<&'a Module, ApiError> {
@@ -44,7 +46,7 @@ fn parse_action(s: Option<&str>) -> Result<Option<ActionId>, ApiError> {
 
 #[utoipa::path(
     post,
-    path = "/api/credits/check",
+    path = "/check",
     tag = "credits",
     security(("service_key" = [])),
     request_body = CheckBody,
@@ -56,10 +58,9 @@ fn parse_action(s: Option<&str>) -> Result<Option<ActionId>, ApiError> {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let body: CheckBody = read_json(req).await?;
+async fn check(State(state): State<Arc<AppState>>, Json(body): Json<CheckBody>) -> ApiResult {
     let user = parse_user(&body.user_id)?;
-    let module = parse_module(state, &body.module)?;
+    let module = parse_module(&state, &body.module)?;
     let action = parse_action(body.action.as_deref())?;
     let cost = module.cost_of(action.as_ref()).get();
     let stamp = state.billing.calendar().now();
@@ -123,7 +124,7 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
 
 #[utoipa::path(
     post,
-    path = "/api/credits/consume",
+    path = "/consume",
     tag = "credits",
     security(("service_key" = [])),
     request_body = ConsumeBody,
@@ -138,10 +139,13 @@ async fn check(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let body: ConsumeBody = read_json(req).await?;
+async fn consume(
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    Json(body): Json<ConsumeBody>,
+) -> ApiResult {
     let user = parse_user(&body.user_id)?;
-    let module = parse_module(state, &body.module)?;
+    let module = parse_module(&state, &body.module)?;
     let action = parse_action(body.action.as_deref())?;
     let rid = RequestId::parse(&body.request_id)
         .map_err(|e| ApiError::invalid_field("request_id", e.why))?;
@@ -156,7 +160,7 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
             action: action.as_ref(),
             request_id: &rid,
             idempotency: Idempotency::RequestId,
-            actor,
+            actor: &actor,
             stamp: &stamp,
             mode: Mode::Charge,
         })
@@ -182,7 +186,7 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
 
 #[utoipa::path(
     post,
-    path = "/api/credits/refund",
+    path = "/refund",
     tag = "credits",
     security(("service_key" = [])),
     request_body = RefundBody,
@@ -194,8 +198,11 @@ async fn consume(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRe
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let body: RefundBody = read_json(req).await?;
+async fn refund(
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    Json(body): Json<RefundBody>,
+) -> ApiResult {
     let user = parse_user(&body.user_id)?;
     let rid = RequestId::parse(&body.request_id)
         .map_err(|e| ApiError::invalid_field("request_id", e.why))?;
@@ -203,7 +210,7 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
     match state
         .billing
         .meter()
-        .refund(&user, &rid, RefundOf::Record, actor, &now)
+        .refund(&user, &rid, RefundOf::Record, &actor, &now)
         .await?
     {
         RefundOutcome::Refunded {
@@ -228,7 +235,7 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
 
 #[utoipa::path(
     post,
-    path = "/api/credits/reset-monthly",
+    path = "/reset-monthly",
     tag = "credits",
     security(("service_key" = [])),
     responses(
@@ -237,8 +244,8 @@ async fn refund(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiRes
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
-    let report = state.billing.reset_monthly(actor).await?;
+async fn reset_monthly(State(state): State<Arc<AppState>>, Actor(actor): Actor) -> ApiResult {
+    let report = state.billing.reset_monthly(&actor).await?;
     // The period just ended gets its invoices numbered, in the background
     // (one transaction per account: minutes for a large base, longer than
     // a caller should wait); one that fails is numbered when first listed
@@ -256,7 +263,7 @@ async fn reset_monthly(state: &AppState, actor: &str) -> ApiResult {
         .billing
         .accounts()
         .audit(
-            actor,
+            &actor,
             "reset_monthly",
             None,
             serde_json::json!({"period": report.period, "reset": report.reset}),

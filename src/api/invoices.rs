@@ -1,11 +1,14 @@
 //! Invoices over HTTP: the caller's own (`/api/billing/invoices`) and, for
 //! admins, any user's (`/api/admin/billing/users/{id}/invoices`).
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use std::sync::Arc;
 
+use axum::extract::State;
+use http::{Response, StatusCode};
+
+use super::extract::{Caller, Segments};
 use super::schema::{ErrorBody, InvoiceList, InvoiceSummary};
-use super::{ApiResult, auth, ok};
+use super::{ApiResult, ok, parse_user};
 use crate::body;
 use crate::domain::UserId;
 use crate::error::{ApiError, MissingCode};
@@ -85,7 +88,7 @@ async fn pdf(state: &AppState, user: &UserId, file: &str) -> ApiResult {
 
 #[utoipa::path(
     get,
-    path = "/api/billing/invoices",
+    path = "/invoices",
     tag = "billing",
     security(("api_key" = [])),
     responses(
@@ -95,17 +98,16 @@ async fn pdf(state: &AppState, user: &UserId, file: &str) -> ApiResult {
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
-pub async fn user_list(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let id = auth::user(state, &req).await?;
-    list(state, &id, "/api/billing/invoices").await
+pub(crate) async fn user_list(State(state): State<Arc<AppState>>, Caller(id): Caller) -> ApiResult {
+    list(&state, &id, "/api/billing/invoices").await
 }
 
 #[utoipa::path(
     get,
-    path = "/api/billing/invoices/{period}.pdf",
+    path = "/invoices/{file}",
     tag = "billing",
     security(("api_key" = [])),
-    params(("period" = String, Path, description = "YYYY-MM")),
+    params(("file" = String, Path, description = "<period>.pdf, the period as YYYY-MM", pattern = r"^[0-9]{4}-[0-9]{2}\.pdf$")),
     responses(
         (status = 200, description = "The invoice as a PDF, in French", content_type = "application/pdf", body = String),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
@@ -113,14 +115,17 @@ pub async fn user_list(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
-pub async fn user_pdf(state: &AppState, req: Request<Incoming>, file: &str) -> ApiResult {
-    let id = auth::user(state, &req).await?;
-    pdf(state, &id, file).await
+pub(crate) async fn user_pdf(
+    State(state): State<Arc<AppState>>,
+    Caller(id): Caller,
+    Segments(file): Segments<String>,
+) -> ApiResult {
+    pdf(&state, &id, &file).await
 }
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/users/{id}/invoices",
+    path = "/users/{id}/invoices",
     tag = "admin",
     security(("admin_key" = [])),
     params(("id" = String, Path,)),
@@ -131,10 +136,14 @@ pub async fn user_pdf(state: &AppState, req: Request<Incoming>, file: &str) -> A
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
-pub async fn admin_list(state: &AppState, id: &UserId) -> ApiResult {
+pub(crate) async fn admin_list(
+    State(state): State<Arc<AppState>>,
+    Segments(id): Segments<String>,
+) -> ApiResult {
+    let id = parse_user(&id)?;
     list(
-        state,
-        id,
+        &state,
+        &id,
         &format!("/api/admin/billing/users/{id}/invoices"),
     )
     .await
@@ -142,10 +151,10 @@ pub async fn admin_list(state: &AppState, id: &UserId) -> ApiResult {
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/users/{id}/invoices/{period}.pdf",
+    path = "/users/{id}/invoices/{file}",
     tag = "admin",
     security(("admin_key" = [])),
-    params(("id" = String, Path,), ("period" = String, Path, description = "YYYY-MM")),
+    params(("id" = String, Path,), ("file" = String, Path, description = "<period>.pdf, the period as YYYY-MM", pattern = r"^[0-9]{4}-[0-9]{2}\.pdf$")),
     responses(
         (status = 200, description = "The user's invoice as a PDF", content_type = "application/pdf", body = String),
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
@@ -153,6 +162,9 @@ pub async fn admin_list(state: &AppState, id: &UserId) -> ApiResult {
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
-pub async fn admin_pdf(state: &AppState, id: &UserId, file: &str) -> ApiResult {
-    pdf(state, id, file).await
+pub(crate) async fn admin_pdf(
+    State(state): State<Arc<AppState>>,
+    Segments((id, file)): Segments<(String, String)>,
+) -> ApiResult {
+    pdf(&state, &parse_user(&id)?, &file).await
 }

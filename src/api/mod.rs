@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod credits;
+pub mod extract;
 pub mod health;
 pub mod invoices;
 pub mod openapi;
@@ -13,47 +14,141 @@ pub mod schema;
 pub mod user;
 pub mod webhooks;
 
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http::{HeaderValue, StatusCode};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::body::{self, Body};
 use crate::domain::UserId;
 use crate::error::{ApiError, InvalidCode};
 use crate::state::AppState;
 
-/// JSON bodies of the API are small; anything bigger is a mistake or abuse.
-pub const MAX_JSON_BYTES: usize = 64 * 1024;
+pub type ApiResult = Result<http::Response<Body>, ApiError>;
 
-/// Dispatches `/api/billing/*`, `/api/admin/billing/*` and `/api/credits/*`.
-/// `None` when the path belongs to none of them.
-pub async fn route(state: &AppState, req: Request<Incoming>) -> Option<Response<Body>> {
-    let path = req.uri().path().trim_end_matches('/').to_owned();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let result = match segments.as_slice() {
-        ["api", "openapi.json"] => openapi_json(state, &req),
-        ["api", "billing", rest @ ..] => user::route(state, req, rest).await,
-        ["api", "admin", "billing", rest @ ..] => admin::route(state, req, rest).await,
-        ["api", "credits", rest @ ..] => credits::route(state, req, rest).await,
-        _ => return None,
-    };
-    Some(result.unwrap_or_else(ApiError::into_response))
+/// A group of routes, with the document of their paths, before it is
+/// mounted under its prefix.
+type Group = OpenApiRouter<Arc<AppState>>;
+
+/// The API plane: `/api/billing/*` (users), `/api/admin/billing/*`
+/// (`X-Admin-Key`), `/api/credits/*` (`X-Service-Key`) and
+/// `/api/openapi.json`, whose paths come from the routes themselves.
+///
+/// In each authenticated group the key is checked before anything else, so
+/// a caller without one learns nothing from a 404 or a 405. Every answer,
+/// 404 and 405 included, is the JSON error body.
+pub fn router(state: Arc<AppState>) -> Router {
+    let (user, user_paths) = finish(user::routes());
+    let (admin, admin_paths) = finish(admin::routes());
+    let (credits, credits_paths) = finish(credits::routes());
+    let admin = admin.layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        authenticate::<Admin>,
+    ));
+    let credits = credits.layer(middleware::from_fn_with_state(
+        Arc::clone(&state),
+        authenticate::<Service>,
+    ));
+    let doc = openapi::ApiDoc::openapi()
+        .nest("/api/billing", user_paths)
+        .nest("/api/admin/billing", admin_paths)
+        .nest("/api/credits", credits_paths);
+    let document = Bytes::from(openapi::document(doc, state.billing.catalog()));
+    Router::new()
+        .nest("/api/billing", user)
+        .nest("/api/admin/billing", admin)
+        .nest("/api/credits", credits)
+        .route(
+            "/api/openapi.json",
+            axum::routing::get(move || std::future::ready(openapi_json(document.clone()))),
+        )
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .with_state(state)
 }
 
-pub type ApiResult = Result<Response<Body>, ApiError>;
+/// A group's routes with the JSON 404 and 405, and the document of its
+/// paths.
+fn finish(group: Group) -> (Router<Arc<AppState>>, utoipa::openapi::OpenApi) {
+    let (routes, paths) = group.split_for_parts();
+    let routes = routes
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found);
+    (routes, paths)
+}
 
-fn openapi_json(state: &AppState, req: &Request<Incoming>) -> ApiResult {
-    require(req, Method::GET)?;
-    let document = openapi::document(state.billing.catalog());
-    let mut response = Response::new(body::full(document));
+/// Answers a request for the API plane. A trailing slash is ignored
+/// (`/api/billing/me/` is `/api/billing/me`), as it always has been here.
+pub async fn serve(api: &Router, mut req: Request) -> http::Response<Body> {
+    let path = req.uri().path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let target = match req.uri().query() {
+            Some(q) => format!("{trimmed}?{q}"),
+            None => trimmed.to_owned(),
+        };
+        if let Ok(uri) = target.parse() {
+            *req.uri_mut() = uri;
+        }
+    }
+    let response = match tower_service::Service::call(&mut api.clone(), req).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    response.map(body::boxed)
+}
+
+fn openapi_json(document: Bytes) -> http::Response<Body> {
+    let mut response = http::Response::new(body::full(document));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
-    Ok(response)
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Who may call a group, and the [`extract::Actor`] the audit trail names.
+trait Gate {
+    fn actor(state: &AppState, req: &Request) -> Result<String, ApiError>;
+}
+
+struct Admin;
+struct Service;
+
+impl Gate for Admin {
+    fn actor(state: &AppState, req: &Request) -> Result<String, ApiError> {
+        auth::admin(state, req.headers())
+    }
+}
+
+impl Gate for Service {
+    fn actor(state: &AppState, req: &Request) -> Result<String, ApiError> {
+        auth::service(state, req.headers(), req.extensions())
+    }
+}
+
+async fn authenticate<G: Gate>(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Result<axum::response::Response, ApiError> {
+    let actor = G::actor(&state, &req)?;
+    req.extensions_mut().insert(extract::Actor(actor));
+    Ok(next.run(req).await)
 }
 
 pub fn ok<T: Serialize>(value: &T) -> ApiResult {
@@ -77,47 +172,6 @@ pub(crate) fn parse_user(s: &str) -> Result<UserId, ApiError> {
 pub(crate) fn parse_key_id(s: &str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::parse_str(s)
         .map_err(|_| ApiError::bad_request(InvalidCode::Request, "key id is not a UUID"))
-}
-
-/// Reads and parses a JSON body: 413 past [`MAX_JSON_BYTES`], 400
-/// `unsupported_media_type` for a non-JSON content type, 400 `invalid_json` for syntax errors and
-/// `invalid_request` for wrong types, missing or unknown fields.
-pub async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    if let Some(ct) = req.headers().get(http::header::CONTENT_TYPE) {
-        let ct = ct.to_str().unwrap_or("");
-        if !ct.trim_start().starts_with("application/json") {
-            return Err(ApiError::bad_request(
-                InvalidCode::UnsupportedMediaType,
-                "send the body as application/json",
-            ));
-        }
-    }
-    let bytes: Bytes = Limited::new(req.into_body(), MAX_JSON_BYTES)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                ApiError::PayloadTooLarge {
-                    limit: MAX_JSON_BYTES as u64,
-                }
-            } else {
-                ApiError::bad_request(InvalidCode::Body, "the request body could not be read")
-            }
-        })?
-        .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::bad_request(InvalidCode::Request, e.to_string())
-        }
-        _ => ApiError::bad_request(InvalidCode::Json, format!("malformed JSON: {e}")),
-    })
-}
-
-/// Parses the query string into `T` (unknown parameters are refused, so a
-/// typo does not silently return unfiltered data).
-pub fn query<T: DeserializeOwned>(req: &Request<Incoming>) -> Result<T, ApiError> {
-    serde_urlencoded::from_str(req.uri().query().unwrap_or(""))
-        .map_err(|e| ApiError::bad_request(InvalidCode::Query, format!("bad query string: {e}")))
 }
 
 /// A `days=` window: 1 to 366, `default` when absent.
@@ -160,13 +214,5 @@ impl Page {
 
     pub fn offset(&self) -> i64 {
         (self.page - 1) * self.per_page
-    }
-}
-
-pub fn require(req: &Request<Incoming>, method: Method) -> Result<(), ApiError> {
-    if req.method() == method {
-        Ok(())
-    } else {
-        Err(ApiError::MethodNotAllowed)
     }
 }

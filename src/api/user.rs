@@ -2,49 +2,45 @@
 //! public plan and price tables. History comes from the Postgres ledger and
 //! its daily aggregates, never from scanning Redis.
 
+use std::sync::Arc;
+
+use axum::extract::State;
 use chrono::{Days, NaiveDate};
-use http::{Method, Request};
-use hyper::body::Incoming;
-use serde::Deserialize;
-
 use http::StatusCode;
+use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use super::extract::{Caller, Json, KeyManager, Query, Segments};
 use super::schema::{
     CreatedKeyAnswer, CreditCost, CreditCostsAnswer, Credits, Daily, ErrorBody, KeyView,
     KeysAnswer, MeAnswer, NewKeyBody, Period, PlanView, PlansAnswer, RevokedAnswer, Transactions,
     UsageAnswer,
 };
-use super::{ApiResult, Page, auth, json, ok, query, read_json, require};
+use super::{ApiResult, Group, Page, json, ok};
 use crate::accounts::KeySpec;
 use crate::domain::ModuleId;
 use crate::error::{ApiError, InvalidCode};
 use crate::ledger::reports;
 use crate::state::AppState;
 
-pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> ApiResult {
-    match rest {
-        ["keys"] if req.method() == Method::POST => create_key(state, req).await,
-        ["keys", key_id] if req.method() == Method::DELETE => revoke_key(state, req, key_id).await,
-        ["keys", _] => Err(ApiError::MethodNotAllowed),
-        _ => {
-            require(&req, Method::GET)?;
-            match rest {
-                ["plans"] => plans(state),
-                ["credit-costs"] => credit_costs(state),
-                ["me"] => me(state, req).await,
-                ["usage"] => usage(state, req).await,
-                ["keys"] => list_keys(state, req).await,
-                ["invoices"] => super::invoices::user_list(state, req).await,
-                ["invoices", file] => super::invoices::user_pdf(state, req, file).await,
-                _ => Err(ApiError::NotFound),
-            }
-        }
-    }
+/// `/api/billing/*`: the price tables are public; the rest names the
+/// caller by its API key.
+pub fn routes() -> Group {
+    OpenApiRouter::new()
+        .routes(routes!(plans))
+        .routes(routes!(credit_costs))
+        .routes(routes!(me))
+        .routes(routes!(usage))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(super::invoices::user_list))
+        .routes(routes!(super::invoices::user_pdf))
 }
 
 #[utoipa::path(
     get,
-    path = "/api/billing/keys",
+    path = "/keys",
     tag = "billing",
     security(("api_key" = [])),
     responses(
@@ -53,8 +49,7 @@ pub async fn route(state: &AppState, req: Request<Incoming>, rest: &[&str]) -> A
         (status = 503, description = "Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn list_keys(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let id = auth::user(state, &req).await?;
+async fn list_keys(State(state): State<Arc<AppState>>, Caller(id): Caller) -> ApiResult {
     let keys = state.billing.accounts().keys_of(&id, false).await?;
     ok(&KeysAnswer {
         keys: keys.into_iter().map(KeyView::from).collect(),
@@ -64,7 +59,7 @@ async fn list_keys(state: &AppState, req: Request<Incoming>) -> ApiResult {
 
 #[utoipa::path(
     post,
-    path = "/api/billing/keys",
+    path = "/keys",
     tag = "billing",
     security(("api_key" = [])),
     request_body = NewKeyBody,
@@ -76,9 +71,11 @@ async fn list_keys(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (status = 503, description = "Redis or Postgres unavailable (a key created in Postgres reaches Redis within a second of it answering)", body = ErrorBody),
     )
 )]
-async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let id = auth::unrestricted_user(state, &req).await?;
-    let body: NewKeyBody = read_json(req).await?;
+async fn create_key(
+    State(state): State<Arc<AppState>>,
+    KeyManager(id): KeyManager,
+    Json(body): Json<NewKeyBody>,
+) -> ApiResult {
     let name = body.name.trim();
     if name.is_empty() {
         return Err(ApiError::bad_request(
@@ -128,7 +125,7 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
 
 #[utoipa::path(
     delete,
-    path = "/api/billing/keys/{key_id}",
+    path = "/keys/{key_id}",
     tag = "billing",
     security(("api_key" = [])),
     params(
@@ -143,9 +140,12 @@ async fn create_key(state: &AppState, req: Request<Incoming>) -> ApiResult {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn revoke_key(state: &AppState, req: Request<Incoming>, key_id: &str) -> ApiResult {
-    let id = auth::unrestricted_user(state, &req).await?;
-    let key_id = super::parse_key_id(key_id)?;
+async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    KeyManager(id): KeyManager,
+    Segments(key_id): Segments<String>,
+) -> ApiResult {
+    let key_id = super::parse_key_id(&key_id)?;
     state
         .billing
         .revoke_key(&id, key_id, &format!("user:{id}"))
@@ -158,13 +158,13 @@ async fn revoke_key(state: &AppState, req: Request<Incoming>, key_id: &str) -> A
 
 #[utoipa::path(
     get,
-    path = "/api/billing/plans",
+    path = "/plans",
     tag = "billing",
     responses(
         (status = 200, description = "The plans table", body = PlansAnswer),
     )
 )]
-fn plans(state: &AppState) -> ApiResult {
+async fn plans(State(state): State<Arc<AppState>>) -> ApiResult {
     ok(&PlansAnswer {
         plans: state
             .billing
@@ -178,13 +178,13 @@ fn plans(state: &AppState) -> ApiResult {
 
 #[utoipa::path(
     get,
-    path = "/api/billing/credit-costs",
+    path = "/credit-costs",
     tag = "billing",
     responses(
         (status = 200, description = "Credits per call of each module", body = CreditCostsAnswer),
     )
 )]
-fn credit_costs(state: &AppState) -> ApiResult {
+async fn credit_costs(State(state): State<Arc<AppState>>) -> ApiResult {
     let modules = state
         .billing
         .catalog()
@@ -208,7 +208,7 @@ fn credit_costs(state: &AppState) -> ApiResult {
 
 #[utoipa::path(
     get,
-    path = "/api/billing/me",
+    path = "/me",
     tag = "billing",
     security(("api_key" = [])),
     responses(
@@ -217,8 +217,7 @@ fn credit_costs(state: &AppState) -> ApiResult {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn me(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let id = auth::user(state, &req).await?;
+async fn me(State(state): State<Arc<AppState>>, Caller(id): Caller) -> ApiResult {
     let user = state
         .billing
         .accounts()
@@ -271,7 +270,7 @@ struct UsageQuery {
 
 #[utoipa::path(
     get,
-    path = "/api/billing/usage",
+    path = "/usage",
     tag = "billing",
     security(("api_key" = [])),
     params(
@@ -286,9 +285,11 @@ struct UsageQuery {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-async fn usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let q: UsageQuery = query(&req)?;
-    let id = auth::user(state, &req).await?;
+async fn usage(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<UsageQuery>,
+    Caller(id): Caller,
+) -> ApiResult {
     let days = super::days(q.days, 30)?;
     let page = Page::parse(q.page, q.per_page)?;
     let pool = &state.reports;

@@ -1,19 +1,21 @@
 //! The admin API's view of webhook deliveries: list them by status, and
 //! send one again (`POST …/deliveries/{id}/retry`).
 
-use http::Request;
-use hyper::body::Incoming;
+use std::sync::Arc;
+
+use axum::extract::State;
 use serde::Deserialize;
 
+use super::extract::{Actor, Query, Segments};
 use super::schema::{DeliveryList, DeliveryView, ErrorBody};
-use super::{ApiResult, Page, ok, query};
+use super::{ApiResult, Page, ok};
 use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::state::AppState;
 use crate::webhooks::queue::{self, Retried, STATUSES};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeliveriesQuery {
+pub(crate) struct DeliveriesQuery {
     status: Option<String>,
     user_id: Option<String>,
     page: Option<i64>,
@@ -22,7 +24,7 @@ struct DeliveriesQuery {
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/webhooks/deliveries",
+    path = "/webhooks/deliveries",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -38,8 +40,10 @@ struct DeliveriesQuery {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let q: DeliveriesQuery = query(&req)?;
+pub(crate) async fn list_deliveries(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<DeliveriesQuery>,
+) -> ApiResult {
     let page = Page::parse(q.page, q.per_page)?;
     let status = q.status.as_deref().filter(|s| !s.is_empty());
     if let Some(s) = status
@@ -74,7 +78,7 @@ pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiRes
 
 #[utoipa::path(
     post,
-    path = "/api/admin/billing/webhooks/deliveries/{id}/retry",
+    path = "/webhooks/deliveries/{id}/retry",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -88,7 +92,11 @@ pub async fn list_deliveries(state: &AppState, req: Request<Incoming>) -> ApiRes
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResult {
+pub(crate) async fn retry_delivery(
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    Segments(id): Segments<String>,
+) -> ApiResult {
     let not_found =
         || ApiError::missing(MissingCode::Delivery, format!("no webhook delivery {id:?}"));
     let id: i64 = id.parse().ok().filter(|n| *n > 0).ok_or_else(not_found)?;
@@ -96,7 +104,7 @@ pub async fn retry_delivery(state: &AppState, id: &str, actor: &str) -> ApiResul
         state.billing.accounts().pool(),
         state.billing.outbox(),
         id,
-        actor,
+        &actor,
     )
     .await?
     {

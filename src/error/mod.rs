@@ -330,6 +330,13 @@ impl ApiError {
     }
 }
 
+/// The API plane's handlers and extractors fail with an `ApiError`.
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        ApiError::into_response(self).map(axum::body::Body::new)
+    }
+}
+
 impl ApiError {
     pub fn bad_request(code: InvalidCode, message: impl Into<String>) -> Self {
         Self::BadRequest {

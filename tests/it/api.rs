@@ -1725,3 +1725,73 @@ async fn monthly_recurring_revenue_follows_the_plan_and_block_history() {
     let r = app.admin(Method::GET, "/stats?months=25", None).await;
     assert_eq!(r.status(), 400);
 }
+
+/// The API plane is an axum router: in an authenticated group the key is
+/// checked before the route, a 405 names the allowed methods and is the
+/// JSON error, and a trailing slash is ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_checks_keys_before_routes_and_its_405s_name_the_allowed_methods() {
+    let app = TestApp::spawn().await;
+    let send = |method: Method, path: &str, admin: bool| {
+        let mut req = app.client.request(method, app.url(path));
+        if admin {
+            req = req.header("x-admin-key", ADMIN_KEY);
+        }
+        req.send()
+    };
+    for (method, path) in [
+        (Method::PATCH, "/api/admin/billing/users"),
+        (Method::GET, "/api/admin/billing/nothing/here"),
+        (Method::GET, "/api/admin/billing/grant"),
+    ] {
+        let r = send(method.clone(), path, false).await.expect("send");
+        assert_eq!(r.status(), 401, "{method} {path} without a key");
+        assert_eq!(error_code(r).await, "unauthenticated");
+    }
+
+    let r = send(Method::PATCH, "/api/admin/billing/users", true)
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 405);
+    let allow = r
+        .headers()
+        .get("allow")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        allow.contains("GET") && allow.contains("POST") && !allow.contains("PATCH"),
+        "Allow: {allow:?}"
+    );
+    assert_eq!(error_code(r).await, "method_not_allowed");
+
+    let r = send(Method::GET, "/api/admin/billing/nothing/here", true)
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "not_found");
+
+    let r = send(Method::DELETE, "/api/billing/plans", false)
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 405);
+    let allow = r.headers().get("allow").and_then(|v| v.to_str().ok());
+    assert!(
+        allow.is_some_and(|a| a.contains("GET") && !a.contains("DELETE")),
+        "Allow: {allow:?}"
+    );
+    assert_eq!(error_code(r).await, "method_not_allowed");
+
+    let r = send(Method::POST, "/api/openapi.json", false)
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_code(r).await, "method_not_allowed");
+
+    let r = send(Method::GET, "/api/billing/plans/", false)
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+    let json: Value = r.json().await.expect("json");
+    assert!(json["plans"].as_array().is_some_and(|p| !p.is_empty()));
+}

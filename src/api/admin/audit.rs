@@ -1,16 +1,18 @@
 //! The admin actions trail.
 
-use http::Request;
-use hyper::body::Incoming;
+use std::sync::Arc;
+
+use axum::extract::State;
 use serde::Deserialize;
 
+use super::super::extract::Query;
 use super::super::schema::{AuditEntry, AuditList, ErrorBody};
-use super::super::{ApiResult, Page, ok, parse_user, query};
+use super::super::{ApiResult, Page, ok, parse_user};
 use crate::state::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AuditQuery {
+pub(crate) struct AuditQuery {
     user_id: Option<String>,
     page: Option<i64>,
     per_page: Option<i64>,
@@ -18,7 +20,7 @@ struct AuditQuery {
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/audit",
+    path = "/audit",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -33,8 +35,10 @@ struct AuditQuery {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn list_audit(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let q: AuditQuery = query(&req)?;
+pub(super) async fn list_audit(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult {
     let page = Page::parse(q.page, q.per_page)?;
     let user = q
         .user_id

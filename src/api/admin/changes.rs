@@ -1,14 +1,17 @@
 //! Admin changes to an account: plan, block, unblock, bonus grants. Each
 //! is one `Billing` operation; this file only checks the input.
 
-use http::Request;
-use hyper::body::Incoming;
+use std::sync::Arc;
 
+use axum::extract::State;
+use http::HeaderMap;
+
+use super::super::extract::{Actor, Json, OptionalJson, PathUser};
 use super::super::schema::{
     AdminCredits, ErrorBody, GrantAnswer, GrantBody, PlanBody, PlanChanged, PlanView, ReasonBody,
     StatusAnswer,
 };
-use super::super::{ApiResult, ok, parse_user, read_json};
+use super::super::{ApiResult, ok, parse_user};
 use super::MAX_GRANT;
 use super::users::fingerprint;
 use crate::billing::BillingError;
@@ -35,7 +38,7 @@ pub(super) fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiEr
 
 #[utoipa::path(
     put,
-    path = "/api/admin/billing/users/{id}/plan",
+    path = "/users/{id}/plan",
     tag = "admin",
     security(("admin_key" = [])),
     request_body = PlanBody,
@@ -51,16 +54,15 @@ pub(super) fn check_reason(reason: Option<&str>) -> Result<Option<String>, ApiEr
     )
 )]
 pub(super) async fn change_plan(
-    state: &AppState,
-    req: Request<Incoming>,
-    id: &UserId,
-    actor: &str,
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    PathUser(id): PathUser,
+    Json(body): Json<PlanBody>,
 ) -> ApiResult {
-    let body: PlanBody = read_json(req).await?;
     let plan = state.billing.catalog().plan(&body.plan).ok_or_else(|| {
         ApiError::bad_request(InvalidCode::UnknownPlan, format!("no plan {:?}", body.plan))
     })?;
-    state.billing.change_plan(id, &plan.id, actor).await?;
+    state.billing.change_plan(&id, &plan.id, &actor).await?;
     ok(&PlanChanged {
         user_id: id.to_string(),
         plan: PlanView::from(plan),
@@ -69,7 +71,7 @@ pub(super) async fn change_plan(
 
 #[utoipa::path(
     post,
-    path = "/api/admin/billing/users/{id}/block",
+    path = "/users/{id}/block",
     tag = "admin",
     security(("admin_key" = [])),
     request_body = Option<ReasonBody>,
@@ -85,17 +87,17 @@ pub(super) async fn change_plan(
     )
 )]
 pub(super) async fn block(
-    state: &AppState,
-    req: Request<Incoming>,
-    id: &UserId,
-    actor: &str,
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    PathUser(id): PathUser,
+    OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> ApiResult {
-    set_blocked(state, req, id, true, actor).await
+    set_blocked(&state, &id, true, body, &actor).await
 }
 
 #[utoipa::path(
     post,
-    path = "/api/admin/billing/users/{id}/unblock",
+    path = "/users/{id}/unblock",
     tag = "admin",
     security(("admin_key" = [])),
     request_body = Option<ReasonBody>,
@@ -111,31 +113,21 @@ pub(super) async fn block(
     )
 )]
 pub(super) async fn unblock(
-    state: &AppState,
-    req: Request<Incoming>,
-    id: &UserId,
-    actor: &str,
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    PathUser(id): PathUser,
+    OptionalJson(body): OptionalJson<ReasonBody>,
 ) -> ApiResult {
-    set_blocked(state, req, id, false, actor).await
+    set_blocked(&state, &id, false, body, &actor).await
 }
 
-pub(super) async fn set_blocked(
+async fn set_blocked(
     state: &AppState,
-    req: Request<Incoming>,
     id: &UserId,
     blocked: bool,
+    body: ReasonBody,
     actor: &str,
 ) -> ApiResult {
-    let has_body = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .is_some_and(|l| l != "0")
-        || req.headers().contains_key(http::header::TRANSFER_ENCODING);
-    let body: ReasonBody = if has_body {
-        read_json(req).await?
-    } else {
-        ReasonBody::default()
-    };
     let reason = check_reason(body.reason.as_deref())?;
     state
         .billing
@@ -149,7 +141,7 @@ pub(super) async fn set_blocked(
 
 #[utoipa::path(
     post,
-    path = "/api/admin/billing/grant",
+    path = "/grant",
     tag = "admin",
     security(("admin_key" = [])),
     request_body = GrantBody,
@@ -161,9 +153,13 @@ pub(super) async fn set_blocked(
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn grant(state: &AppState, req: Request<Incoming>, actor: &str) -> ApiResult {
-    let idempotency_key = ApiError::idempotency_key(req.headers())?;
-    let body: GrantBody = read_json(req).await?;
+pub(super) async fn grant(
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    headers: HeaderMap,
+    Json(body): Json<GrantBody>,
+) -> ApiResult {
+    let idempotency_key = ApiError::idempotency_key(&headers)?;
     let id = parse_user(&body.user_id)?;
     if !(1..=MAX_GRANT).contains(&body.credits) {
         return Err(ApiError::bad_request(
@@ -185,7 +181,7 @@ pub(super) async fn grant(state: &AppState, req: Request<Incoming>, actor: &str)
             user: &id,
             credits,
             reason: &reason,
-            actor,
+            actor: &actor,
             idempotency: idempotency_key.as_ref().map(|k| (k, fingerprint.as_str())),
         })
         .await

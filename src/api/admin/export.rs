@@ -1,16 +1,20 @@
 //! The admin's CSV downloads: users and ledger events, streamed.
 
+use std::sync::Arc;
+
+use axum::extract::State;
 use bytes::Bytes;
 use chrono::NaiveDate;
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
-use http::{Request, Response};
+use http::Response;
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use serde::Deserialize;
 
+use super::super::ApiResult;
+use super::super::extract::Query;
 use super::super::schema::ErrorBody;
-use super::super::{ApiResult, query};
 use crate::accounts::directory;
 use crate::body::{Body, BoxError};
 use crate::error::{ApiError, InvalidCode};
@@ -82,7 +86,7 @@ where
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/export.csv",
+    path = "/export.csv",
     tag = "admin",
     security(("admin_key" = [])),
     responses(
@@ -90,7 +94,7 @@ where
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
     )
 )]
-pub(super) fn export_users(state: &AppState) -> ApiResult {
+pub(super) async fn export_users(State(state): State<Arc<AppState>>) -> ApiResult {
     csv_response(
         "users.csv",
         "id,name,email,plan,status,created_at\n",
@@ -116,7 +120,7 @@ pub(super) fn export_users(state: &AppState) -> ApiResult {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UsageCsvQuery {
+pub(crate) struct UsageCsvQuery {
     from: Option<String>,
     to: Option<String>,
 }
@@ -137,7 +141,7 @@ fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, Api
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/usage.csv",
+    path = "/usage.csv",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -150,8 +154,10 @@ fn parse_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>, Api
         (status = 401, description = "Missing or wrong credentials", body = ErrorBody),
     )
 )]
-pub(super) fn export_usage(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let q: UsageCsvQuery = query(&req)?;
+pub(super) async fn export_usage(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<UsageCsvQuery>,
+) -> ApiResult {
     let stamp = state.billing.calendar().now();
     let today = stamp.local_date();
     let from = parse_date("from", q.from.as_deref())?.unwrap_or_else(|| stamp.period_first_day());

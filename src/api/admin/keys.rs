@@ -1,16 +1,20 @@
 //! Admin handlers for a user's API keys.
 
-use http::StatusCode;
+use std::sync::Arc;
 
+use axum::extract::State;
+use http::StatusCode;
+use serde::Deserialize;
+
+use super::super::extract::{Actor, PathUser, Segments};
 use super::super::schema::{ErrorBody, NewKeyAnswer, RevokedAnswer};
 use super::super::{ApiResult, json, ok};
 use crate::accounts::KeySpec;
-use crate::domain::UserId;
 use crate::state::AppState;
 
 #[utoipa::path(
     post,
-    path = "/api/admin/billing/users/{id}/keys",
+    path = "/users/{id}/keys",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -24,10 +28,14 @@ use crate::state::AppState;
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn create_key(state: &AppState, id: &UserId, actor: &str) -> ApiResult {
+pub(super) async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    PathUser(id): PathUser,
+) -> ApiResult {
     let key = state
         .billing
-        .create_key(id, &KeySpec::default(), None, actor)
+        .create_key(&id, &KeySpec::default(), None, &actor)
         .await?;
     json(
         StatusCode::CREATED,
@@ -38,9 +46,14 @@ pub(super) async fn create_key(state: &AppState, id: &UserId, actor: &str) -> Ap
     )
 }
 
+#[derive(Deserialize)]
+pub(crate) struct KeySegment {
+    key_id: String,
+}
+
 #[utoipa::path(
     delete,
-    path = "/api/admin/billing/users/{id}/keys/{key_id}",
+    path = "/users/{id}/keys/{key_id}",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -55,9 +68,14 @@ pub(super) async fn create_key(state: &AppState, id: &UserId, actor: &str) -> Ap
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn revoke_key(state: &AppState, id: &UserId, key: &str, actor: &str) -> ApiResult {
-    let key_id = super::super::parse_key_id(key)?;
-    state.billing.revoke_key(id, key_id, actor).await?;
+pub(super) async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    PathUser(id): PathUser,
+    Segments(KeySegment { key_id }): Segments<KeySegment>,
+) -> ApiResult {
+    let key_id = super::super::parse_key_id(&key_id)?;
+    state.billing.revoke_key(&id, key_id, &actor).await?;
     ok(&RevokedAnswer {
         revoked: true,
         key_id,

@@ -1,32 +1,33 @@
 //! The admin dashboard's numbers: accounts, revenue, consumption.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use axum::extract::State;
 use chrono::Days;
-use http::Request;
-use hyper::body::Incoming;
 use serde::Deserialize;
 
+use super::super::extract::Query;
 use super::super::schema::{
     Consumption, ErrorBody, ModuleUsage, MonthRevenueView, Revenue, StatsAnswer, TopConsumer,
     UsersStats,
 };
 use super::super::user::fill_days;
-use super::super::{ApiResult, ok, query};
+use super::super::{ApiResult, ok};
 use crate::error::ApiError;
 use crate::ledger::reports;
 use crate::state::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StatsQuery {
+pub(crate) struct StatsQuery {
     days: Option<i64>,
     months: Option<u32>,
 }
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/stats",
+    path = "/stats",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -40,8 +41,10 @@ struct StatsQuery {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn stats(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let q: StatsQuery = query(&req)?;
+pub(super) async fn stats(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<StatsQuery>,
+) -> ApiResult {
     let window = q.days.map(|d| super::super::days(Some(d), d)).transpose()?;
     if q.months.is_some_and(|m| !(1..=24).contains(&m)) {
         return Err(ApiError::invalid_request("months must be between 1 and 24"));

@@ -1,15 +1,18 @@
 //! Admin handlers for users: list, create, detail, plan, block, grant.
 
-use http::{Request, StatusCode};
-use hyper::body::Incoming;
+use std::sync::Arc;
+
+use axum::extract::State;
+use http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::super::extract::{Actor, Json, PathUser, Query};
 use super::super::schema::{
     AdminCredits, AdminDaily, CreateUserBody, CreatedUser, ErrorBody, KeyView, PlanView,
     UserDetail, UserList, UserRow, UserSummary,
 };
-use super::super::{ApiResult, Page, json, ok, parse_user, query, read_json};
+use super::super::{ApiResult, Page, json, ok, parse_user};
 use crate::accounts::directory::UserFilter;
 use crate::accounts::{Created, NewUser};
 use crate::domain::UserId;
@@ -19,7 +22,7 @@ use crate::state::AppState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     plan: Option<String>,
     status: Option<String>,
     q: Option<String>,
@@ -29,7 +32,7 @@ struct ListQuery {
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/users",
+    path = "/users",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -46,8 +49,10 @@ struct ListQuery {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn list_users(state: &AppState, req: Request<Incoming>) -> ApiResult {
-    let q: ListQuery = query(&req)?;
+pub(super) async fn list_users(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult {
     let page = Page::parse(q.page, q.per_page)?;
     let unknown_plan = q
         .plan
@@ -153,7 +158,7 @@ pub(super) fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError>
 
 #[utoipa::path(
     post,
-    path = "/api/admin/billing/users",
+    path = "/users",
     tag = "admin",
     security(("admin_key" = [])),
     request_body = CreateUserBody,
@@ -165,12 +170,12 @@ pub(super) fn check_email(email: Option<&str>) -> Result<Option<&str>, ApiError>
     )
 )]
 pub(super) async fn create_user(
-    state: &AppState,
-    req: Request<Incoming>,
-    actor: &str,
+    State(state): State<Arc<AppState>>,
+    Actor(actor): Actor,
+    headers: HeaderMap,
+    Json(body): Json<CreateUserBody>,
 ) -> ApiResult {
-    let idempotency_key = ApiError::idempotency_key(req.headers())?;
-    let body: CreateUserBody = read_json(req).await?;
+    let idempotency_key = ApiError::idempotency_key(&headers)?;
     let name = check_name(&body.name)?;
     let email = check_email(body.email.as_deref())?;
     let id = body.id.as_deref().map(parse_user).transpose()?;
@@ -189,7 +194,7 @@ pub(super) async fn create_user(
             name,
             email,
             plan: &body.plan,
-            actor,
+            actor: &actor,
             idempotency: idempotency_key.as_ref().map(|k| (k, fingerprint.as_str())),
         })
         .await?;
@@ -232,7 +237,7 @@ pub(super) fn fingerprint(parts: &[&str]) -> String {
 
 #[utoipa::path(
     get,
-    path = "/api/admin/billing/users/{id}",
+    path = "/users/{id}",
     tag = "admin",
     security(("admin_key" = [])),
     params(
@@ -246,7 +251,11 @@ pub(super) fn fingerprint(parts: &[&str]) -> String {
         (status = 503, description = "Redis or Postgres unavailable", body = ErrorBody),
     )
 )]
-pub(super) async fn get_user(state: &AppState, id: &UserId) -> ApiResult {
+pub(super) async fn get_user(
+    State(state): State<Arc<AppState>>,
+    PathUser(id): PathUser,
+) -> ApiResult {
+    let id = &id;
     let user = state
         .billing
         .accounts()
