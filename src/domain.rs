@@ -128,10 +128,12 @@ impl Credits {
         Ok(Self(n))
     }
 
-    /// An amount the ledger recorded. Taken as it is (only a negative is
-    /// floored at 0): rebuilding an account must never fail on a value the
-    /// system itself wrote, even one past today's [`Credits::MAX`].
-    pub fn from_ledger(n: i64) -> Self {
+    /// An amount the system itself recorded (the ledger, an account in
+    /// Redis). Taken as it is (only a negative is floored at 0): rebuilding
+    /// or answering for an account must never fail on a value the system
+    /// wrote, even one past today's [`Credits::MAX`] (a day's use of a busy
+    /// account without a daily limit can be).
+    pub fn recorded(n: i64) -> Self {
         Self(n.max(0))
     }
 

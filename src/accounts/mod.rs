@@ -403,7 +403,7 @@ impl Accounts {
         let snapshot = crate::ledger::reports::snapshot(&self.pool, id).await?;
         // Values the ledger recorded are taken as they are, even past
         // today's bounds: an account must always be rebuildable.
-        let credits = Credits::from_ledger;
+        let credits = Credits::recorded;
         let (monthly, bonus, period, day, day_used) = match snapshot {
             Some(s) => (
                 credits(s.monthly),

@@ -18,7 +18,7 @@ use super::schema::{
 use super::{ApiResult, Group, ok};
 use crate::billing::Decision;
 use crate::catalog::Module;
-use crate::domain::{ActionId, RequestId};
+use crate::domain::{ActionId, Credits, RequestId};
 use crate::error::{ApiError, InvalidCode, MissingCode};
 use crate::metering::{ChargeRequest, Idempotency, Mode, RefundOf, RefundOutcome, Refusal};
 use crate::state::AppState;
@@ -98,7 +98,11 @@ async fn check(State(state): State<Arc<AppState>>, Json(body): Json<CheckBody>) 
         Decision::Refused(Refusal::RateLimited(_)) => (false, None, Some("rate_limited")),
     };
     let (remaining, used, limit) = match balance {
-        Some(b) => (b.remaining(), b.day_used, b.daily_limit),
+        Some(b) => (
+            b.remaining(),
+            b.day_used.get(),
+            b.daily_limit.map(Credits::get),
+        ),
         None => match state.billing.meter().account(&user).await? {
             Some(a) => {
                 let plan = state.billing.catalog().plan(&a.plan);

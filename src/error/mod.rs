@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::accounts::AccountError;
 use crate::billing::BillingError;
 use crate::body::{self, Body};
-use crate::domain::ModuleId;
+use crate::domain::{Credits, ModuleId};
 use crate::metering::{MeterError, Refusal, Stamp};
 use crate::upstream::UpstreamError;
 
@@ -391,7 +391,7 @@ impl ApiError {
             Refusal::Blocked => Self::Blocked,
             Refusal::ModuleNotInPlan => Self::ModuleNotInPlan(module.to_string()),
             Refusal::DailyLimit(b) => Self::DailyLimit {
-                limit: b.daily_limit.unwrap_or(0),
+                limit: b.daily_limit.map_or(0, Credits::get),
                 retry_after_secs: stamp.secs_to_day_end(),
             },
             Refusal::InsufficientCredits(b) => Self::InsufficientCredits {

@@ -153,10 +153,10 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
         event_id,
         charged,
         balance: Balance {
-            monthly,
-            bonus,
-            day_used,
-            daily_limit: (limit >= 0).then_some(limit),
+            monthly: Credits::recorded(monthly),
+            bonus: Credits::recorded(bonus),
+            day_used: Credits::recorded(day_used),
+            daily_limit: (limit >= 0).then(|| Credits::recorded(limit)),
         },
         from_monthly,
         from_bonus,
@@ -253,10 +253,10 @@ mod tests {
                 from_monthly: 3,
                 from_bonus: 0,
                 balance: Balance {
-                    monthly: 7,
-                    bonus: 0,
-                    day_used: 3,
-                    daily_limit: Some(100)
+                    monthly: Credits::recorded(7),
+                    bonus: Credits::ZERO,
+                    day_used: Credits::recorded(3),
+                    daily_limit: Some(Credits::recorded(100))
                 },
                 rate: Some(RateState {
                     remaining: 9,
@@ -298,10 +298,10 @@ mod tests {
             Some(ChargeOutcome::Refused(Refusal::RateLimited(1999)))
         );
         let balance = Balance {
-            monthly: 7,
-            bonus: 2,
-            day_used: 3,
-            daily_limit: Some(100),
+            monthly: Credits::recorded(7),
+            bonus: Credits::recorded(2),
+            day_used: Credits::recorded(3),
+            daily_limit: Some(Credits::recorded(100)),
         };
         assert_eq!(
             decode_charge(reply("daily_limit", &[7, 2, 3, 100]), String::new()).ok(),
@@ -403,13 +403,15 @@ mod tests {
     }
 
     #[test]
-    fn the_charge_answer_carries_negative_numbers_and_no_limit() {
+    fn the_charge_answer_reads_negative_numbers_and_no_limit() {
+        // No script leaves a negative balance; were one found, it reads as
+        // 0 credits rather than failing every call of the account.
         let limitless = decode_ok(b"ok 1 -5 0 1 -1 1 0 1 -1 -1 free", String::new());
         assert!(matches!(
             limitless,
             Some(ChargeOutcome::Charged(Receipt {
                 balance: Balance {
-                    monthly: -5,
+                    monthly: Credits::ZERO,
                     daily_limit: None,
                     ..
                 },

@@ -82,10 +82,10 @@ impl Reply {
     pub(super) fn balance(&self, i: usize) -> Result<Balance, MeterError> {
         let limit = self.int(i + 3)?;
         Ok(Balance {
-            monthly: self.int(i)?,
-            bonus: self.int(i + 1)?,
-            day_used: self.int(i + 2)?,
-            daily_limit: (limit >= 0).then_some(limit),
+            monthly: Credits::recorded(self.int(i)?),
+            bonus: Credits::recorded(self.int(i + 1)?),
+            day_used: Credits::recorded(self.int(i + 2)?),
+            daily_limit: (limit >= 0).then(|| Credits::recorded(limit)),
         })
     }
 }

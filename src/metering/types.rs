@@ -25,20 +25,23 @@ pub enum MeterError {
 /// An account's balance right after a script ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Balance {
-    pub monthly: i64,
-    pub bonus: i64,
-    pub day_used: i64,
+    pub monthly: Credits,
+    pub bonus: Credits,
+    pub day_used: Credits,
     /// `None`: the plan has no daily limit.
-    pub daily_limit: Option<i64>,
+    pub daily_limit: Option<Credits>,
 }
 
 impl Balance {
+    /// Monthly plus bonus credits. A plain number: the sum of two amounts
+    /// may pass [`Credits::MAX`].
     pub fn remaining(&self) -> i64 {
-        self.monthly + self.bonus
+        self.monthly.get() + self.bonus.get()
     }
 
     pub fn daily_remaining(&self) -> Option<i64> {
-        self.daily_limit.map(|l| (l - self.day_used).max(0))
+        self.daily_limit
+            .map(|l| (l.get() - self.day_used.get()).max(0))
     }
 }
 

@@ -42,7 +42,9 @@ use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, Decision};
 use crate::body::Body;
 use crate::catalog::{Module, RateLimit};
-use crate::domain::{ActionId, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId};
+use crate::domain::{
+    ActionId, Credits, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId,
+};
 use crate::error::ApiError;
 use crate::metering::{
     Balance, ChargeRequest, Idempotency, Mode, RateState, Receipt, RefundOf, RefundOutcome, Repeat,
@@ -470,9 +472,9 @@ impl Proxy {
                 }
                 ctx.charged = 0;
                 if let Some(b) = ctx.balance.as_mut() {
-                    b.monthly = monthly;
-                    b.bonus = bonus;
-                    b.day_used = day_used;
+                    b.monthly = Credits::recorded(monthly);
+                    b.bonus = Credits::recorded(bonus);
+                    b.day_used = Credits::recorded(day_used);
                 }
                 tracing::info!(request_id = %ctx.request_id, reason, "charge refunded");
             }

@@ -169,7 +169,9 @@ async fn the_day_counter_resets_at_algiers_midnight_not_utc_midnight() {
         assert!(charged(&h.charge(&user, "rag", &before, None, Mode::Charge).await).is_some());
     }
     let refused = h.charge(&user, "rag", &before, None, Mode::Charge).await;
-    assert!(matches!(refused, ChargeOutcome::Refused(Refusal::DailyLimit(b)) if b.day_used == 20));
+    assert!(
+        matches!(refused, ChargeOutcome::Refused(Refusal::DailyLimit(b)) if b.day_used.get() == 20)
+    );
 
     let after = h.at("2026-11-26T23:00:00Z"); // local midnight
     assert_eq!(after.day, "2026-11-27");
@@ -244,10 +246,10 @@ async fn check_mode_answers_without_writing_anything() {
     assert_eq!(
         receipt.balance,
         Balance {
-            monthly: 100,
-            bonus: 0,
-            day_used: 0,
-            daily_limit: Some(20)
+            monthly: Credits::recorded(100),
+            bonus: Credits::ZERO,
+            day_used: Credits::ZERO,
+            daily_limit: Some(Credits::recorded(20))
         }
     );
     let (monthly, bonus, used, day, period) = h.hash(&user).await;
