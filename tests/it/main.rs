@@ -13,7 +13,7 @@ mod cli;
 mod cluster;
 mod invoices;
 mod ledger;
-mod metering_scripts;
 mod operations;
 mod proxy;
+mod scripts;
 mod webhooks;
