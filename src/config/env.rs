@@ -3,16 +3,24 @@
 
 use super::{ConfigError, ENV_PREFIX, invalid};
 
+/// The top-level keys of the file that are not tables: set whole, by a
+/// variable without `__` (`CREDITGATE_WEBHOOKS='[{ url = …, secret = … }]'`).
+const TOP_LEVEL_ARRAYS: [&str; 1] = ["WEBHOOKS"];
+
 /// `CREDITGATE_MODULES__RAG__UPSTREAM=http://x` sets `modules.rag.upstream`.
-/// Only variables with a `__` are overrides (every top-level key is a
-/// table), which leaves `CREDITGATE_CONFIG` and friends to the CLI.
+/// Overrides are the variables with a `__`, and those naming a top-level
+/// array ([`TOP_LEVEL_ARRAYS`]); that leaves `CREDITGATE_CONFIG` and
+/// friends to the CLI.
 pub(super) fn apply_env_overrides(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     let mut vars: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .filter(|(k, _)| {
+            k.strip_prefix(ENV_PREFIX)
+                .is_some_and(|key| key.contains("__") || TOP_LEVEL_ARRAYS.contains(&key))
+        })
         .collect();
     vars.sort();
     for (name, raw) in vars {

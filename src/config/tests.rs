@@ -101,6 +101,33 @@ fn env_overrides_nested_keys() {
     assert_eq!(s.redis.shards, 4);
 }
 
+/// The one top-level array: an environment without a config file edit
+/// (secrets from a vault, say) can still configure webhooks, and a bad one
+/// is refused, naming the key, rather than silently ignored.
+#[test]
+fn env_sets_the_webhooks_array_whole() {
+    let endpoint = r#"[{ url = "https://hub.example/hooks", secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", events = ["credits.granted"] }]"#;
+    let s = load(SHIPPED, &[("CREDITGATE_WEBHOOKS", endpoint)]).expect("valid");
+    assert_eq!(s.webhooks.endpoints.len(), 1);
+    assert!(s.webhooks.wanted(crate::domain::EventType::CreditsGranted));
+    assert!(!s.webhooks.wanted(crate::domain::EventType::CreditsLow));
+
+    let bad = endpoint.replace("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "nope");
+    let e = load(SHIPPED, &[("CREDITGATE_WEBHOOKS", &bad)])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("webhooks[0].secret"), "{e}");
+
+    // Other variables without `__` stay the CLI's.
+    let s = load(
+        SHIPPED,
+        &[("CREDITGATE_CONFIG", "other.toml"), ("CREDITGATE_BIN", "x")],
+    )
+    .expect("valid");
+    assert!(s.webhooks.endpoints.is_empty());
+}
+
 #[test]
 fn invalid_configs_name_the_key() {
     let base = SHIPPED;
