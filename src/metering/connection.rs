@@ -16,7 +16,11 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::io::tcp::TcpSettings;
+use redis::{
+    Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
+    RedisResult, Value,
+};
 
 pub use crate::config::redis::Target;
 
@@ -57,7 +61,7 @@ impl RedisConn {
                     .set_number_of_retries(1)
                     .set_min_delay(Duration::from_millis(10))
                     .set_max_delay(Duration::from_millis(50));
-                let client = redis::Client::open(url.as_str())?;
+                let client = redis::Client::open(no_delay(url)?)?;
                 Ok(Self::Single(ConnectionManager::new_lazy_with_config(
                     client, config,
                 )?))
@@ -79,7 +83,7 @@ impl RedisConn {
                     .set_connection_timeout(Some(timeouts.connect))
                     .set_response_timeout(Some(timeouts.response))
                     .set_number_of_retries(1);
-                let client = redis::Client::open(url.as_str())?;
+                let client = redis::Client::open(no_delay(url)?)?;
                 Ok(Self::Single(
                     ConnectionManager::new_with_config(client, config).await?,
                 ))
@@ -189,6 +193,22 @@ impl RedisConn {
     }
 }
 
+/// `TCP_NODELAY` on, as hiredis and Redis's own side of the socket have it.
+/// The multiplexed connection has several script calls in flight at once
+/// (one per shard); with Nagle's algorithm on (the redis crate's default),
+/// a call written while another is unacknowledged waits for that call's
+/// answer to carry the acknowledgement back: one more round trip for the
+/// second call. On loopback a round trip is microseconds and the benches
+/// show no difference (docs/BENCHMARKS.md); across a network it is the
+/// network's round trip.
+fn tcp() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
+}
+
+fn no_delay(url: &str) -> RedisResult<ConnectionInfo> {
+    Ok(url.into_connection_info()?.set_tcp_settings(tcp()))
+}
+
 fn cluster_client(nodes: &[String], timeouts: Timeouts) -> RedisResult<ClusterClient> {
     // A failover or a reshard shows up as MOVED, ASK or a closed socket;
     // the client refreshes its slot map and retries, quickly, and the
@@ -199,6 +219,7 @@ fn cluster_client(nodes: &[String], timeouts: Timeouts) -> RedisResult<ClusterCl
         .retries(3)
         .min_retry_wait(10)
         .max_retry_wait(100)
+        .tcp_settings(tcp())
         .build()
 }
 
