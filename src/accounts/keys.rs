@@ -196,6 +196,13 @@ impl Accounts {
         if let Some(hit) = self.cache.get(hash) {
             return Ok(hit);
         }
+        // Boxed: the Postgres lookup's future is large, and inline it would
+        // enlarge every request's future, cache hit or not.
+        Box::pin(self.lookup_once(hash)).await
+    }
+
+    /// A cache miss: one lookup per key at a time, its answer cached.
+    async fn lookup_once(&self, hash: &KeyHash) -> Result<Option<UserId>, AccountError> {
         let lookup = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(inflight.entry(hash.clone()).or_default())

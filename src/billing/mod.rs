@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::accounts::{AccountError, Accounts, KeySpec, NewKey};
 use crate::catalog::Catalog;
-use crate::domain::{PlanId, UserId};
+use crate::domain::{KeyHash, PlanId, UserId};
 use crate::metering::{
     AccountState, Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Meter,
     MeterError, Receipt, Refusal, Repeat, ResetOutcome, SyncState,
@@ -125,28 +125,22 @@ impl Billing {
                 ChargeOutcome::Duplicate { balance, plan } => {
                     return Ok(Decision::Duplicate { balance, plan });
                 }
+                // The repairs ask Postgres: boxed, so that their (large)
+                // futures are allocated when a repair happens instead of
+                // making every request's future, moved on each call,
+                // that much bigger.
                 ChargeOutcome::Missing if !repaired => {
                     repaired = true;
-                    self.rebuild(req.user).await?;
+                    Box::pin(self.rebuild(req.user)).await?;
                 }
                 ChargeOutcome::Refused(Refusal::UnknownKey) if !repaired => {
                     repaired = true;
                     let Some(hash) = req.key_hash else {
                         return Ok(Decision::Refused(Refusal::UnknownKey));
                     };
-                    if !self.accounts.key_is_live(req.user, hash).await? {
+                    if !Box::pin(self.mirror_new_key(req.user, hash)).await? {
                         return Ok(Decision::Refused(Refusal::UnknownKey));
                     }
-                    // The key's creation has not reached Redis yet. The
-                    // account's whole state goes over under a fresh
-                    // version, never this one key alone, so a revocation
-                    // racing with this repair cannot be undone by it.
-                    let state = self
-                        .accounts
-                        .fresh_sync_state(req.user)
-                        .await?
-                        .ok_or_else(|| BillingError::UnknownUser(req.user.clone()))?;
-                    self.apply_sync(&state).await?;
                 }
                 ChargeOutcome::Missing => {
                     return Err(BillingError::RebuildFailed(req.user.clone()));
@@ -155,6 +149,23 @@ impl Billing {
                 ChargeOutcome::Repeat(repeat) => return Ok(Decision::Repeat(repeat)),
             }
         }
+    }
+
+    /// A key Redis does not know: live in Postgres (its creation has not
+    /// reached Redis yet), the account's whole state goes over under a
+    /// fresh version, never this one key alone, so a revocation racing with
+    /// this repair cannot be undone by it. `false`: the key is not live.
+    async fn mirror_new_key(&self, user: &UserId, hash: &KeyHash) -> Result<bool, BillingError> {
+        if !self.accounts.key_is_live(user, hash).await? {
+            return Ok(false);
+        }
+        let state = self
+            .accounts
+            .fresh_sync_state(user)
+            .await?
+            .ok_or_else(|| BillingError::UnknownUser(user.clone()))?;
+        self.apply_sync(&state).await?;
+        Ok(true)
     }
 
     /// The audit row for a policy block, written off the hot path.
