@@ -6,6 +6,7 @@
 //! - [`catalog`]   plans and modules (costs, prefixes, upstreams) from the config
 //! - [`domain`]    newtypes: user, plan and module ids, credits, API keys
 //! - [`startup`]   bind, build the shared state, serve until shutdown
+//! - [`connection`] one client connection: hyper while it talks, a bare socket while idle
 //! - [`state`]     the shared state handlers read (`AppState`)
 //! - [`proxy`]     the hot path: admit → identify → charge → forward → settle → respond
 //! - [`metering`]  the Redis side: key layout, Lua scripts, the `Meter` API
@@ -28,6 +29,7 @@ pub mod billing;
 pub mod body;
 pub mod catalog;
 pub mod config;
+pub mod connection;
 pub mod demo;
 pub mod domain;
 pub mod error;

@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -31,6 +30,7 @@ use crate::api;
 use crate::billing::Billing;
 use crate::body::{Body, BoxError};
 use crate::config::Settings;
+use crate::connection::{self, Activity, Busy, ClientBody, Serving};
 use crate::error::ApiError;
 use crate::ledger::{FlushError, Flusher};
 use crate::metering::{Calendar, Meter, MeterError};
@@ -148,7 +148,9 @@ impl Application {
             .timer(TokioTimer::new())
             .header_read_timeout(self.settings.header_read_timeout)
             .keep_alive(true);
-        let graceful = GracefulShutdown::new();
+        // Every connection holds a receiver: the sender's `closed` is the
+        // moment the last one has ended.
+        let (stop_connections, connections_stopped) = tokio::sync::watch::channel(false);
         tokio::pin!(shutdown);
         let (stop_flushers, flushers_stopped) = tokio::sync::watch::channel(false);
         let flushers = run_flushers(self.flushers, flushers_stopped)?;
@@ -209,21 +211,27 @@ impl Application {
             };
             let _ = stream.set_nodelay(true);
             let front = Arc::clone(&front);
+            let activity = Activity::new();
+            let busy = Arc::clone(&activity);
             let service = service_fn(move |req| {
                 let front = Arc::clone(&front);
-                async move { Ok::<_, std::convert::Infallible>(route(front, req, peer).await) }
+                let busy = busy.begin();
+                let req = req.map(|body| ClientBody::new(body, busy.also()));
+                async move { Ok::<_, std::convert::Infallible>(route(front, req, peer, busy).await) }
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with error");
-                }
-            });
+            let serving = Serving {
+                http: builder.clone(),
+                header_read_timeout: self.settings.header_read_timeout,
+                stop: connections_stopped.clone(),
+            };
+            let fut = connection::serve(stream, service, activity, serving);
+            tokio::spawn(fut);
         }
         drop(self.listener);
+        drop(connections_stopped);
         tracing::info!("shutting down: waiting for in-flight requests");
-        if tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown())
+        let _ = stop_connections.send(true);
+        if tokio::time::timeout(self.settings.shutdown_grace, stop_connections.closed())
             .await
             .is_err()
         {
@@ -449,16 +457,22 @@ struct Front {
     api: axum::Router,
 }
 
-async fn route(front: Arc<Front>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn route(
+    front: Arc<Front>,
+    req: Request<ClientBody>,
+    peer: SocketAddr,
+    busy: Busy,
+) -> Response<Body> {
     let state = &front.state;
     let Ok(permit) = Arc::clone(&state.in_flight).try_acquire_owned() else {
         return ApiError::Overloaded.into_response();
     };
-    // Both ride along with the response body and are released with it,
-    // or here if the client hangs up first.
+    // All three ride along with the response body and are released with
+    // it, or here if the client hangs up first.
     let guard = InFlightGuard {
         _permit: permit,
         _gauge: metrics::InFlight::enter(),
+        _busy: busy,
     };
     let path = req.uri().path();
     if let Err(e) = crate::proxy::check_path(path) {
@@ -501,6 +515,8 @@ async fn route(front: Arc<Front>, req: Request<Incoming>, peer: SocketAddr) -> R
 struct InFlightGuard {
     _permit: OwnedSemaphorePermit,
     _gauge: metrics::InFlight,
+    /// Keeps the connection from being parked until the body is done.
+    _busy: Busy,
 }
 
 fn with_guard(response: Response<Body>, guard: InFlightGuard) -> Response<Body> {

@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
@@ -42,6 +41,7 @@ use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, Decision};
 use crate::body::Body;
 use crate::catalog::{Module, RateLimit};
+use crate::connection::ClientBody;
 use crate::domain::{
     ActionId, Credits, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId,
 };
@@ -138,7 +138,7 @@ impl Proxy {
     pub async fn handle(
         self: &Arc<Self>,
         module: Arc<Module>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
     ) -> Response<Body> {
         // One span per request: every event of the phases carries its
@@ -159,7 +159,7 @@ impl Proxy {
     async fn run(
         self: Arc<Self>,
         module: Arc<Module>,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         span: tracing::Span,
     ) -> Response<Body> {
@@ -194,7 +194,7 @@ impl Proxy {
     async fn phases(
         &self,
         ctx: &mut Ctx,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         span: &tracing::Span,
     ) -> Result<Response<Body>, ApiError> {
@@ -322,7 +322,7 @@ impl Proxy {
         ctx: &mut Ctx,
         user: &UserId,
         key_hash: Option<&KeyHash>,
-        req: &Request<Incoming>,
+        req: &Request<ClientBody>,
     ) -> Result<Charged, ApiError> {
         let fingerprint = ctx
             .idempotency_key
@@ -401,7 +401,7 @@ impl Proxy {
     async fn forward(
         &self,
         ctx: &Ctx,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         user: &UserId,
         plan: &PlanId,
@@ -512,7 +512,7 @@ enum Charged {
 
 /// What makes two requests "the same" for an `Idempotency-Key`: method,
 /// module, path and query.
-fn fingerprint(req: &Request<Incoming>, module: &Module) -> String {
+fn fingerprint(req: &Request<ClientBody>, module: &Module) -> String {
     let mut h = Sha256::new();
     h.update(req.method().as_str().as_bytes());
     h.update(b" ");

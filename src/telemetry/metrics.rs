@@ -20,6 +20,7 @@ pub const REDIS_SCRIPT_DURATION: &str = "creditgate_redis_script_duration_second
 pub const REDIS_ERRORS: &str = "creditgate_redis_errors_total";
 pub const POSTGRES_ERRORS: &str = "creditgate_postgres_errors_total";
 pub const IN_FLIGHT: &str = "creditgate_in_flight_requests";
+pub const CLIENT_CONNECTIONS: &str = "creditgate_client_connections";
 pub const UPSTREAM_IN_FLIGHT: &str = "creditgate_upstream_in_flight_requests";
 pub const UPSTREAM_CONNECTIONS: &str = "creditgate_upstream_open_connections";
 pub const LEDGER_BACKLOG: &str = "creditgate_ledger_backlog_events";
@@ -35,7 +36,7 @@ pub const WEBHOOK_QUEUE_DEPTH: &str = "creditgate_webhook_queue_deliveries";
 
 /// Every metric name, for tests that check dashboards and alerts only use
 /// what is exported.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -45,6 +46,7 @@ pub const ALL: [&str; 21] = [
     REDIS_ERRORS,
     POSTGRES_ERRORS,
     IN_FLIGHT,
+    CLIENT_CONNECTIONS,
     UPSTREAM_IN_FLIGHT,
     UPSTREAM_CONNECTIONS,
     LEDGER_BACKLOG,
@@ -106,6 +108,8 @@ pub fn install() -> Option<PrometheusHandle> {
                     counter!(LEDGER_FLUSHED).increment(0);
                     counter!(LEDGER_DUPLICATES).increment(0);
                     gauge!(IN_FLIGHT).increment(0.0);
+                    gauge!(CLIENT_CONNECTIONS, "state" => "open").increment(0.0);
+                    gauge!(CLIENT_CONNECTIONS, "state" => "parked").increment(0.0);
                     gauge!(UPSTREAM_IN_FLIGHT).increment(0.0);
                     gauge!(LEDGER_BACKLOG).set(0.0);
                     gauge!(LEDGER_LAG).set(0.0);
@@ -145,6 +149,10 @@ fn describe() {
     describe_counter!(REDIS_ERRORS, "Redis calls that failed or timed out");
     describe_counter!(POSTGRES_ERRORS, "Postgres calls that failed");
     describe_gauge!(IN_FLIGHT, "Requests being served");
+    describe_gauge!(
+        CLIENT_CONNECTIONS,
+        "Client connections: open (all of them), and parked (idle, holding no HTTP buffers)"
+    );
     describe_gauge!(
         UPSTREAM_IN_FLIGHT,
         "Requests waiting for an upstream's response headers"
@@ -363,6 +371,37 @@ impl Drop for InFlight {
         IN_FLIGHT_GAUGE
             .get_or_init(|| gauge!(IN_FLIGHT))
             .decrement(1.0);
+    }
+}
+
+/// A client connection, counted in `creditgate_client_connections` while
+/// it is open (`open`) or parked (`parked`).
+pub struct ClientConnection(&'static OnceLock<Gauge>);
+
+static CONNECTIONS_OPEN: OnceLock<Gauge> = OnceLock::new();
+static CONNECTIONS_PARKED: OnceLock<Gauge> = OnceLock::new();
+
+impl ClientConnection {
+    pub fn open() -> Self {
+        Self::enter(&CONNECTIONS_OPEN, "open")
+    }
+
+    pub fn parked() -> Self {
+        Self::enter(&CONNECTIONS_PARKED, "parked")
+    }
+
+    fn enter(cell: &'static OnceLock<Gauge>, state: &'static str) -> Self {
+        cell.get_or_init(|| gauge!(CLIENT_CONNECTIONS, "state" => state))
+            .increment(1.0);
+        Self(cell)
+    }
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        if let Some(gauge) = self.0.get() {
+            gauge.decrement(1.0);
+        }
     }
 }
 

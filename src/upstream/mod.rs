@@ -13,7 +13,6 @@ use http::HeaderValue;
 use http::{Request, Response, Uri};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::Limited;
-use hyper::body::Incoming;
 use thiserror::Error;
 use tokio::time::{Instant, Sleep};
 
@@ -22,12 +21,13 @@ mod pool;
 
 use crate::catalog::{Catalog, Module};
 use crate::config::UpstreamSettings;
+use crate::connection::ClientBody;
 use crate::domain::ModuleId;
 use pool::{Pool, SendError};
 
 /// The client's body, cut off at `server.max_body_bytes` while streaming
 /// and when it stalls for `server.body_idle_timeout_ms`.
-pub type RequestBody = Limited<IdleTimeout<Incoming>>;
+pub type RequestBody = Limited<IdleTimeout<ClientBody>>;
 
 /// The client's body sent nothing for this long.
 #[derive(Debug, Error)]

@@ -11,6 +11,7 @@ mod attacks;
 mod billing;
 mod cli;
 mod cluster;
+mod connections;
 mod invoices;
 mod ledger;
 mod operations;

@@ -1,0 +1,388 @@
+//! One client connection, from accept to close: hyper while it talks, only
+//! its socket while it is idle.
+//!
+//! hyper 1 keeps, for every connection and for as long as it is open, a
+//! read buffer and a header buffer of 8 KiB each and the room of its
+//! service future (4 KiB here): about 22 KB per connection, 250 MB for
+//! 10,000 idle keep-alive clients (`bench/idle.sh`), and none of it can be
+//! configured smaller. So a connection that has had no request in flight
+//! for [`PARK_AFTER`] is *parked*: the hyper connection is taken apart
+//! ([`http1::Connection::into_parts`]), which frees all of that, and the
+//! task keeps only the socket and any bytes hyper had read past the last
+//! request. When the client writes again, a new hyper connection is built
+//! over the same socket and starts with those bytes. nginx does the same
+//! at every keep-alive turn (it frees a connection's large buffers between
+//! requests); here it waits [`PARK_AFTER`] so that a busy connection does
+//! not rebuild hyper's state at every request.
+//!
+//! A connection is only taken apart when nothing can be lost:
+//! - no request is in flight: every [`Busy`] guard is gone (taken when
+//!   hyper calls the service; held by the response body until it is
+//!   written and by the request body until it is read to its end);
+//! - hyper has written everything it had: its last write was followed by a
+//!   completed flush ([`Socket`] keeps the flag);
+//! - what hyper read and did not parse yet (a part of the next request's
+//!   head, a pipelined request) comes back from `into_parts` and is read
+//!   again first.
+//!
+//! `server.header_read_timeout_ms` keeps its meaning across a park: the
+//! next request's head must be complete that long after the previous
+//! response ended, parked or not; a client that dribbles a head across
+//! parks is closed at the same moment hyper would have closed it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::server::conn::http1;
+use hyper::service::HttpService;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::telemetry::metrics;
+
+/// How long a connection stays idle, holding hyper's buffers, before it is
+/// parked. Long enough that a client sending back-to-back requests never
+/// pays for a rebuild; short against the 10 s a keep-alive connection may
+/// wait for its next request.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// What the connection's service and its socket tell the driver: whether
+/// a request is in flight, since when the connection has been idle, and
+/// whether hyper still has bytes to write.
+pub struct Activity {
+    opened: Instant,
+    in_flight: AtomicU32,
+    /// Requests begun on this connection: a change tells the driver that a
+    /// head was read, so the previous idle period's deadline is over.
+    begun: AtomicU64,
+    /// When `in_flight` last fell to 0, in µs since `opened`.
+    idle_since_us: AtomicU64,
+    /// hyper wrote since its last completed flush.
+    unflushed: AtomicBool,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            opened: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            begun: AtomicU64::new(0),
+            idle_since_us: AtomicU64::new(0),
+            unflushed: AtomicBool::new(false),
+        })
+    }
+
+    /// A request begins: the connection is busy until the returned guard
+    /// (which rides with the response body) is dropped.
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        // Relaxed: the service, the body and the driver all run on the
+        // connection's task; the atomics only make the type `Sync`.
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(self))
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        Some(self.opened + Duration::from_micros(self.idle_since_us.load(Ordering::Relaxed)))
+    }
+}
+
+/// One request in flight on its connection.
+pub struct Busy(Arc<Activity>);
+
+impl Busy {
+    /// A second hold on the same request: its body and its response each
+    /// keep the connection busy, as either may outlive the other (an
+    /// upstream may answer before it has read the whole upload).
+    pub fn also(&self) -> Busy {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(Arc::clone(&self.0))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let us = u64::try_from(a.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+            a.idle_since_us.store(us, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A client's request body. Until it has been read to its end (or
+/// dropped) hyper may still be reading it off the socket, and taking the
+/// connection apart then would read the rest of the body as the next
+/// request's head.
+pub struct ClientBody {
+    inner: Incoming,
+    busy: Option<Busy>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, busy: Busy) -> Self {
+        Self {
+            inner,
+            busy: Some(busy),
+        }
+    }
+}
+
+impl HttpBody for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = frame {
+            self.busy = None;
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The client's socket as hyper sees it: the bytes carried over from the
+/// previous hyper connection first, then the socket; writes mark the
+/// connection unflushed until hyper's flush completes.
+pub struct Socket {
+    stream: TcpStream,
+    carry: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.carry.is_empty() {
+            let n = self.carry.len().min(buf.remaining());
+            buf.put_slice(&self.carry[..n]);
+            self.carry.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.activity.unflushed.store(true, Ordering::Relaxed);
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // hyper flushes the socket only once its own buffer is written out.
+        let flushed = Pin::new(&mut self.stream).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.activity.unflushed.store(false, Ordering::Relaxed);
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// How the connection is served.
+pub struct Serving {
+    pub http: http1::Builder,
+    /// `server.header_read_timeout_ms`, which the parked state must keep.
+    pub header_read_timeout: Duration,
+    /// Turns true when the gateway stops: an idle connection closes at
+    /// once, a busy one after its request (hyper's graceful shutdown).
+    pub stop: watch::Receiver<bool>,
+}
+
+/// How one hyper connection over the socket ended.
+enum Turn {
+    /// Closed, by either side, or failed.
+    Ended(Result<(), hyper::Error>),
+    /// Idle long enough: take it apart and keep the socket.
+    Park,
+    /// The client did not complete a request head in time.
+    HeadTimeout,
+}
+
+/// Serves `stream` until it closes. The service moves from one hyper
+/// connection over the socket to the next.
+pub async fn serve<S, B>(
+    stream: TcpStream,
+    mut service: S,
+    activity: Arc<Activity>,
+    mut serving: Serving,
+) where
+    S: HttpService<Incoming, ResBody = B> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: HttpBody + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _open = metrics::ClientConnection::open();
+    let mut stream = stream;
+    let mut carry = Bytes::new();
+    // The current idle period's deadline for a complete head: set while
+    // parked, kept into the next hyper connection until a request begins.
+    let mut head_deadline: Option<Instant> = None;
+    loop {
+        if *serving.stop.borrow() {
+            return;
+        }
+        if carry.is_empty() && head_deadline.is_some() {
+            let _parked = metrics::ClientConnection::parked();
+            let deadline = head_deadline.unwrap_or_else(Instant::now);
+            tokio::select! {
+                biased;
+                _ = serving.stop.changed() => return,
+                ready = tokio::time::timeout_at(deadline, stream.readable()) => match ready {
+                    Ok(Ok(())) => {}
+                    // Closed by the head timeout, or the socket failed.
+                    _ => return,
+                },
+            }
+        }
+        let begun = activity.begun.load(Ordering::Relaxed);
+        let socket = Socket {
+            stream,
+            carry,
+            activity: Arc::clone(&activity),
+        };
+        // Boxed: while parked, the task holds a pointer, not the
+        // connection's state.
+        let mut conn = Box::new(serving.http.serve_connection(TokioIo::new(socket), service));
+        let turn = drive(
+            &mut conn,
+            &activity,
+            &mut serving.stop,
+            head_deadline,
+            begun,
+        )
+        .await;
+        match turn {
+            Turn::Ended(Ok(())) | Turn::HeadTimeout => return,
+            Turn::Ended(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended with an error");
+                return;
+            }
+            Turn::Park => {
+                let idle_since = activity.idle_since().unwrap_or_else(Instant::now);
+                let parts = conn.into_parts();
+                let socket = parts.io.into_inner();
+                stream = socket.stream;
+                // A copy: the `Bytes` hyper hands back shares its whole
+                // read buffer, which is what parking is meant to free.
+                carry = if parts.read_buf.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&parts.read_buf)
+                };
+                service = parts.service;
+                head_deadline = Some(match head_deadline {
+                    // No request began since the last park: same idle period.
+                    Some(d) if activity.begun.load(Ordering::Relaxed) == begun => d,
+                    _ => idle_since + serving.header_read_timeout,
+                });
+            }
+        }
+    }
+}
+
+/// Runs one hyper connection until it ends, until it has been idle for
+/// [`PARK_AFTER`], or until the head deadline carried over from a park
+/// passes with no request begun.
+async fn drive<S, B>(
+    conn: &mut http1::Connection<TokioIo<Socket>, S>,
+    activity: &Activity,
+    stop: &mut watch::Receiver<bool>,
+    head_deadline: Option<Instant>,
+    begun: u64,
+) -> Turn
+where
+    S: HttpService<Incoming, ResBody = B> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: HttpBody + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // Each hyper connection lives at least PARK_AFTER: one rebuilt with a
+    // part of a head (which does not make the connection busy) is not
+    // taken apart again at once.
+    let earliest_park = Instant::now() + PARK_AFTER;
+    let first_check = head_deadline.map_or(earliest_park, |d| d.min(earliest_park));
+    let check = tokio::time::sleep_until(first_check);
+    tokio::pin!(check);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        Pin::new(&mut *conn).graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            biased;
+            ended = &mut *conn => return Turn::Ended(ended),
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
+            () = &mut check => {
+                let now = Instant::now();
+                let waiting_head = head_deadline
+                    .filter(|_| activity.begun.load(Ordering::Relaxed) == begun);
+                if waiting_head.is_some_and(|deadline| now >= deadline) {
+                    return Turn::HeadTimeout;
+                }
+                let next = match activity.idle_since() {
+                    Some(since) if !activity.unflushed.load(Ordering::Relaxed) => {
+                        let park_at = (since + PARK_AFTER).max(earliest_park);
+                        if !stopping && now >= park_at {
+                            return Turn::Park;
+                        }
+                        park_at.max(now + Duration::from_millis(10))
+                    }
+                    _ => now + PARK_AFTER,
+                };
+                let next = waiting_head.map_or(next, |d| next.min(d));
+                check.as_mut().reset(next);
+            }
+        }
+    }
+}
