@@ -7,10 +7,14 @@
 /// tab, newline and carriage return. What the gateway passes to
 /// charge.lua for the text it cannot vouch for (user, request id, actor).
 pub fn escape_field(out: &mut Vec<u8>, value: &str) {
-    if !value
+    // Without an early exit the test compiles to a vector loop: most
+    // fields (ids, plans, dates) need no escape, and a byte-at-a-time
+    // `any` was a fifth of a row's cost (bench/gateway_instructions.sh).
+    // Other control bytes send it down the exact path, which copies them.
+    let maybe = value
         .bytes()
-        .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
-    {
+        .fold(false, |seen, b| seen | (b < 0x20) | (b == b'\\'));
+    if !maybe {
         out.extend_from_slice(value.as_bytes());
         return;
     }
@@ -43,4 +47,27 @@ pub fn integer(digits: &[u8]) -> Option<i64> {
         n = n.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
     }
     Some(if negative { -n } else { n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_field;
+
+    fn escaped(value: &str) -> String {
+        let mut out = Vec::new();
+        escape_field(&mut out, value);
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    #[test]
+    fn only_backslash_tab_newline_and_return_are_escaped() {
+        assert_eq!(escaped("user-42"), "user-42");
+        assert_eq!(escaped("a\\b\tc\nd\re"), "a\\\\b\\tc\\nd\\re");
+        // Other control bytes take the careful path and come out as they are.
+        assert_eq!(escaped("a\u{1}b\u{1f}"), "a\u{1}b\u{1f}");
+        assert_eq!(escaped("é\t"), "é\\t");
+        // Longer than a vector's width, the escape at the very end.
+        let long = format!("{}\\", "x".repeat(100));
+        assert_eq!(escaped(&long), format!("{}\\\\", "x".repeat(100)));
+    }
 }
