@@ -182,6 +182,15 @@ impl fmt::Display for RequestId {
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
+    /// Marks an answer given again for a repeated key rather than made
+    /// anew: the proxy's replays and the admin writes alike.
+    pub fn mark_replayed(headers: &mut http::HeaderMap) {
+        headers.insert(
+            http::HeaderName::from_static("idempotent-replayed"),
+            http::HeaderValue::from_static("true"),
+        );
+    }
+
     pub fn parse(s: &str) -> Result<Self, ParseError> {
         check_chars("idempotency key", s, 128, |c| c.is_ascii_graphic())?;
         Ok(Self(s.to_owned()))

@@ -198,7 +198,7 @@ pub fn rebuild(stored: StoredResponse) -> Response<Body> {
             headers.append(name, value);
         }
     }
-    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    IdempotencyKey::mark_replayed(headers);
     response
 }
 

@@ -15,7 +15,7 @@ use super::super::{ApiResult, ok, parse_user};
 use super::MAX_GRANT;
 use super::users::fingerprint;
 use crate::billing::BillingError;
-use crate::domain::{Credits, UserId};
+use crate::domain::{Credits, IdempotencyKey, UserId};
 use crate::error::{ApiError, InvalidCode};
 use crate::metering::{Grant, GrantOutcome};
 use crate::state::AppState;
@@ -220,10 +220,7 @@ pub(super) async fn grant(
         },
     })?;
     if replayed {
-        response.headers_mut().insert(
-            "idempotent-replayed",
-            http::HeaderValue::from_static("true"),
-        );
+        IdempotencyKey::mark_replayed(response.headers_mut());
     }
     Ok(response)
 }

@@ -15,7 +15,7 @@ use super::super::schema::{
 use super::super::{ApiResult, Page, json, ok, parse_user};
 use crate::accounts::directory::UserFilter;
 use crate::accounts::{Created, NewUser};
-use crate::domain::UserId;
+use crate::domain::{IdempotencyKey, UserId};
 use crate::error::{ApiError, InvalidCode};
 use crate::ledger::reports;
 use crate::state::AppState;
@@ -217,10 +217,7 @@ pub(super) async fn create_user(
         },
     )?;
     if replayed {
-        response.headers_mut().insert(
-            "idempotent-replayed",
-            http::HeaderValue::from_static("true"),
-        );
+        IdempotencyKey::mark_replayed(response.headers_mut());
     }
     Ok(response)
 }
