@@ -12,7 +12,7 @@ start_gateway
 rss() { awk '/^VmRSS/ {print $2 / 1024 " MB"}' "/proc/$GW_PID/status"; }
 echo "== gateway RSS at rest: $(rss)"
 python3 - "$N" "$GATEWAY" "$KEY" "$GW_PID" <<'PY'
-import asyncio, sys
+import asyncio, sys, urllib.request
 n, gateway, key, pid = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 host, port = gateway.split(":")
 request = (f"GET /rag/q HTTP/1.1\r\nHost: {gateway}\r\nAuthorization: Bearer {key}\r\n\r\n").encode()
@@ -38,8 +38,12 @@ async def main():
     held, sem = [], asyncio.Semaphore(200)
     results = await asyncio.gather(*(one(sem, held) for _ in range(n)), return_exceptions=True)
     ok = sum(1 for r in results if r is True)
-    await asyncio.sleep(2)
+    await asyncio.sleep(2)  # past the gateway's 1 s before it parks an idle connection
     print(f"== {len(held)} idle keep-alive connections open ({ok} got 200): gateway RSS {rss():.1f} MB")
+    metrics = urllib.request.urlopen(f"http://{gateway}/metrics").read().decode()
+    for line in metrics.splitlines():
+        if line.startswith("creditgate_client_connections{"):
+            print(f"   {line}")
     for w in held:
         w.close()
 

@@ -26,10 +26,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// (`madvise`) on its 2 MiB-aligned arena chunks, and where THP is
 /// `always` the kernel backs them so anyway: every chunk the allocator has
 /// touched then stays resident whole, and what parked connections give
-/// back (`connection`) never leaves the process. `bench/idle.sh`: 51 MB at
-/// rest instead of 29, and 94 MB instead of 71–76 with 10,000 parked
-/// connections (docs/BENCHMARKS.md). The same as `MIMALLOC_ALLOW_THP=0`,
-/// which would have to be set before the process starts.
+/// back (`connection`) does not leave the process. `bench/idle.sh`: 51 MB
+/// at rest instead of 29 (docs/BENCHMARKS.md). The same as
+/// `MIMALLOC_ALLOW_THP=0`, which would have to be set before the process
+/// starts.
 fn keep_huge_pages_off() {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_THP_DISABLE) takes integers only and touches no
@@ -37,6 +37,26 @@ fn keep_huge_pages_off() {
     unsafe {
         libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
+}
+
+/// mimalloc gives freed memory back to the system after a delay, but only
+/// when a thread next calls into it, and a thread keeps pages it has
+/// emptied for reuse: after a burst, once every connection is parked and
+/// the process is quiet, that memory stays. `bench/idle.sh` read 64–131 MB
+/// for the same 10,000 parked connections; 64–84 MB with a plain
+/// collection every second; 63–66 MB with this forced one, which costs
+/// nothing measurable under load (`bench/compare.sh`, docs/BENCHMARKS.md).
+fn return_freed_memory() {
+    let _ = std::thread::Builder::new()
+        .name("creditgate-mem".into())
+        .spawn(|| {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                // SAFETY: takes no pointers and touches no memory in use;
+                // it returns free pages to the system.
+                unsafe { libmimalloc_sys::mi_collect(true) };
+            }
+        });
 }
 
 #[derive(Parser)]
@@ -131,6 +151,7 @@ enum KeyCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     keep_huge_pages_off();
+    return_freed_memory();
     let cli = Cli::parse();
     if let Command::DemoUpstream { listen } = &cli.command {
         let listener = tokio::net::TcpListener::bind(listen)

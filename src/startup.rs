@@ -224,8 +224,7 @@ impl Application {
                 header_read_timeout: self.settings.header_read_timeout,
                 stop: connections_stopped.clone(),
             };
-            let fut = connection::serve(stream, service, activity, serving);
-            tokio::spawn(fut);
+            tokio::spawn(connection::serve(stream, service, activity, serving));
         }
         drop(self.listener);
         drop(connections_stopped);
