@@ -84,8 +84,11 @@ impl Activity {
     /// A request begins: the connection is busy until the returned guard
     /// (which rides with the response body) is dropped.
     pub fn begin(self: &Arc<Self>) -> Busy {
-        // Relaxed: the service, the body and the driver all run on the
-        // connection's task; the atomics only make the type `Sync`.
+        // Relaxed: each count is exact on its own and publishes nothing
+        // else. Counts only rise here, when hyper calls the service, which
+        // it does only while the driver polls it; so a 0 the driver reads
+        // stays 0 until it polls hyper again. Guards may be dropped on other
+        // tasks (a request body the upstream client holds).
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.begun.fetch_add(1, Ordering::Relaxed);
         Busy(Arc::clone(self))
