@@ -243,8 +243,9 @@ pub struct Serving {
 enum Turn {
     /// Closed, by either side, or failed.
     Ended(Result<(), hyper::Error>),
-    /// Idle long enough: take it apart and keep the socket.
-    Park,
+    /// Idle long enough, since the given moment: take it apart and keep
+    /// the socket.
+    Park { idle_since: Instant },
     /// The client did not complete a request head in time.
     HeadTimeout,
 }
@@ -252,7 +253,7 @@ enum Turn {
 /// Serves `stream` until it closes. The service moves from one hyper
 /// connection over the socket to the next.
 pub async fn serve<S, B>(
-    stream: TcpStream,
+    mut stream: TcpStream,
     mut service: S,
     activity: Arc<Activity>,
     mut serving: Serving,
@@ -262,8 +263,7 @@ pub async fn serve<S, B>(
     B: HttpBody + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _open = metrics::ClientConnection::open();
-    let mut stream = stream;
+    let _open = metrics::Held::client_connection();
     let mut carry = Bytes::new();
     // The current idle period's deadline for a complete head: set while
     // parked, kept into the next hyper connection until a request begins.
@@ -272,9 +272,8 @@ pub async fn serve<S, B>(
         if *serving.stop.borrow() {
             return;
         }
-        if carry.is_empty() && head_deadline.is_some() {
-            let _parked = metrics::ClientConnection::parked();
-            let deadline = head_deadline.unwrap_or_else(Instant::now);
+        if let Some(deadline) = head_deadline.filter(|_| carry.is_empty()) {
+            let _parked = metrics::Held::parked_connection();
             tokio::select! {
                 biased;
                 _ = serving.stop.changed() => return,
@@ -308,8 +307,7 @@ pub async fn serve<S, B>(
                 tracing::debug!(error = %e, "connection ended with an error");
                 return;
             }
-            Turn::Park => {
-                let idle_since = activity.idle_since().unwrap_or_else(Instant::now);
+            Turn::Park { idle_since } => {
                 let parts = conn.into_parts();
                 let socket = parts.io.into_inner();
                 stream = socket.stream;
@@ -354,10 +352,9 @@ where
     let first_check = head_deadline.map_or(earliest_park, |d| d.min(earliest_park));
     let check = tokio::time::sleep_until(first_check);
     tokio::pin!(check);
-    let mut stopping = *stop.borrow();
-    if stopping {
-        Pin::new(&mut *conn).graceful_shutdown();
-    }
+    // A stop sent before this connection was built is not yet seen by
+    // `changed`, which resolves at once for it.
+    let mut stopping = false;
     loop {
         tokio::select! {
             biased;
@@ -377,7 +374,7 @@ where
                     Some(since) if !activity.unflushed.load(Ordering::Relaxed) => {
                         let park_at = (since + PARK_AFTER).max(earliest_park);
                         if !stopping && now >= park_at {
-                            return Turn::Park;
+                            return Turn::Park { idle_since: since };
                         }
                         park_at.max(now + Duration::from_millis(10))
                     }

@@ -151,7 +151,6 @@ enum KeyCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     keep_huge_pages_off();
-    return_freed_memory();
     let cli = Cli::parse();
     if let Command::DemoUpstream { listen } = &cli.command {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -176,6 +175,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => migrate(&settings).await?,
         Command::Serve => {
             settings.refuse_example_secrets()?;
+            // Only a long-running server holds memory worth giving back.
+            return_freed_memory();
             match settings.runtime {
                 Runtime::MultiThread => {
                     let app = Application::build(settings).await?;

@@ -470,7 +470,7 @@ async fn route(
     // it, or here if the client hangs up first.
     let guard = InFlightGuard {
         _permit: permit,
-        _gauge: metrics::InFlight::enter(),
+        _gauge: metrics::Held::in_flight(),
         _busy: busy,
     };
     let path = req.uri().path();
@@ -513,7 +513,7 @@ async fn route(
 /// One request's share of `server.max_in_flight` and of the in-flight gauge.
 struct InFlightGuard {
     _permit: OwnedSemaphorePermit,
-    _gauge: metrics::InFlight,
+    _gauge: metrics::Held,
     /// Keeps the connection from being parked until the body is done.
     _busy: Busy,
 }

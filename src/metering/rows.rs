@@ -9,7 +9,7 @@
 pub fn escape_field(out: &mut Vec<u8>, value: &str) {
     // Without an early exit the test compiles to a vector loop: most
     // fields (ids, plans, dates) need no escape, and a byte-at-a-time
-    // `any` was a fifth of a row's cost (bench/gateway_instructions.sh).
+    // `any` took 1.7 times the instructions (callgrind, docs/BENCHMARKS.md).
     // Other control bytes send it down the exact path, which copies them.
     let maybe = value
         .bytes()

@@ -425,7 +425,7 @@ impl Proxy {
         let request = Request::from_parts(parts, body);
         let started = Instant::now();
         let sent = {
-            let _gauge = metrics::UpstreamInFlight::enter();
+            let _gauge = metrics::Held::upstream_in_flight();
             self.upstreams.send(&ctx.module, request).await
         };
         if let Some(m) = self.metrics_of(&ctx.module) {

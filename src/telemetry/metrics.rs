@@ -349,80 +349,54 @@ pub fn redis_error() {
     counter!(REDIS_ERRORS).increment(1);
 }
 
-/// Counts one request in `creditgate_in_flight_requests` for as long as it
-/// lives: dropped with the request however it ends (answered, streamed to
-/// the end, or abandoned by its client), so the gauge cannot leak.
-pub struct InFlight(());
+/// One unit of a gauge, held for as long as what it counts lives, and
+/// given back when dropped however that ends (answered, streamed to the
+/// end, abandoned by its client), so the gauge cannot leak.
+pub struct Held(&'static OnceLock<Gauge>);
 
 static IN_FLIGHT_GAUGE: OnceLock<Gauge> = OnceLock::new();
 static UPSTREAM_IN_FLIGHT_GAUGE: OnceLock<Gauge> = OnceLock::new();
-
-impl InFlight {
-    pub fn enter() -> Self {
-        IN_FLIGHT_GAUGE
-            .get_or_init(|| gauge!(IN_FLIGHT))
-            .increment(1.0);
-        Self(())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        IN_FLIGHT_GAUGE
-            .get_or_init(|| gauge!(IN_FLIGHT))
-            .decrement(1.0);
-    }
-}
-
-/// A client connection, counted in `creditgate_client_connections` while
-/// it is open (`open`) or parked (`parked`).
-pub struct ClientConnection(&'static OnceLock<Gauge>);
-
 static CONNECTIONS_OPEN: OnceLock<Gauge> = OnceLock::new();
 static CONNECTIONS_PARKED: OnceLock<Gauge> = OnceLock::new();
 
-impl ClientConnection {
-    pub fn open() -> Self {
-        Self::enter(&CONNECTIONS_OPEN, "open")
+impl Held {
+    /// A request, in `creditgate_in_flight_requests`.
+    pub fn in_flight() -> Self {
+        Self::raise(&IN_FLIGHT_GAUGE, || gauge!(IN_FLIGHT))
     }
 
-    pub fn parked() -> Self {
-        Self::enter(&CONNECTIONS_PARKED, "parked")
+    /// One upstream call, in `creditgate_upstream_in_flight_requests`.
+    pub fn upstream_in_flight() -> Self {
+        Self::raise(&UPSTREAM_IN_FLIGHT_GAUGE, || gauge!(UPSTREAM_IN_FLIGHT))
     }
 
-    fn enter(cell: &'static OnceLock<Gauge>, state: &'static str) -> Self {
-        cell.get_or_init(|| gauge!(CLIENT_CONNECTIONS, "state" => state))
-            .increment(1.0);
+    /// A client connection, in `creditgate_client_connections{state="open"}`.
+    pub fn client_connection() -> Self {
+        Self::raise(
+            &CONNECTIONS_OPEN,
+            || gauge!(CLIENT_CONNECTIONS, "state" => "open"),
+        )
+    }
+
+    /// A parked client connection, in `{state="parked"}`.
+    pub fn parked_connection() -> Self {
+        Self::raise(
+            &CONNECTIONS_PARKED,
+            || gauge!(CLIENT_CONNECTIONS, "state" => "parked"),
+        )
+    }
+
+    fn raise(cell: &'static OnceLock<Gauge>, make: fn() -> Gauge) -> Self {
+        cell.get_or_init(make).increment(1.0);
         Self(cell)
     }
 }
 
-impl Drop for ClientConnection {
+impl Drop for Held {
     fn drop(&mut self) {
         if let Some(gauge) = self.0.get() {
             gauge.decrement(1.0);
         }
-    }
-}
-
-/// The same for `creditgate_upstream_in_flight_requests`, around one
-/// upstream call.
-pub struct UpstreamInFlight(());
-
-impl UpstreamInFlight {
-    pub fn enter() -> Self {
-        UPSTREAM_IN_FLIGHT_GAUGE
-            .get_or_init(|| gauge!(UPSTREAM_IN_FLIGHT))
-            .increment(1.0);
-        Self(())
-    }
-}
-
-impl Drop for UpstreamInFlight {
-    fn drop(&mut self) {
-        UPSTREAM_IN_FLIGHT_GAUGE
-            .get_or_init(|| gauge!(UPSTREAM_IN_FLIGHT))
-            .decrement(1.0);
     }
 }
 

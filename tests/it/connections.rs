@@ -6,9 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use creditgate::config::Settings;
 use creditgate::connection::PARK_AFTER;
-use creditgate::startup::Application;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -183,19 +181,8 @@ async fn stopping_the_gateway_closes_parked_connections_at_once() {
     let app = TestApp::spawn().await;
     let user = app.create_user("enterprise").await;
     // An instance of its own, to stop and to wait for.
-    let settings = Settings::from_toml(
-        &app.config,
-        "second instance",
-        [("CREDITGATE_LEDGER__FLUSHER".to_owned(), "false".to_owned())],
-    )
-    .expect("config");
-    let gateway = Application::build(settings).await.expect("build");
-    let addr = format!("127.0.0.1:{}", gateway.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(gateway.run_until_stopped(async {
-        let _ = stopped.await;
-    }));
-    let mut s = TcpStream::connect(&addr).await.expect("connect");
+    let (addr, stop, running) = app.second_instance_running().await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(&get(&user.key)).await.expect("write");
     let status = response(&mut s).await;
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");

@@ -775,6 +775,19 @@ impl TestApp {
     /// Another gateway instance on the same Redis and Postgres (as a second
     /// replica behind a load balancer would be). Its flusher is off.
     pub async fn second_instance(&self) -> (SocketAddr, oneshot::Sender<()>) {
+        let (addr, stop, _running) = self.second_instance_running().await;
+        (addr, stop)
+    }
+
+    /// The same, with the task that serves it: it ends once the instance
+    /// has stopped.
+    pub async fn second_instance_running(
+        &self,
+    ) -> (
+        SocketAddr,
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let settings = Settings::from_toml(
             &self.config,
             "second instance",
@@ -784,14 +797,10 @@ impl TestApp {
         let app = Application::build(settings).await.expect("build");
         let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = app
-                .run_until_stopped(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
-        (addr, stop)
+        let running = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, running)
     }
 
     /// An admin API call with the test admin key.
