@@ -6,6 +6,9 @@
 # GET /api/billing/usage, the admin GET /api/admin/billing/stats, and
 # GET /api/admin/billing/usage.csv for one day.
 #   bench/ledger_scale.sh [rows=50000000] [out=docs/perf/ledger-scale.txt]
+# DAYS=30 spreads the rows over the last 30 days instead of 365: a day then
+# holds as many rows as a day of the full 50M-row database with a twelfth
+# of the build time (the one-day export reads one day of one partition).
 # Needs about 20 GB of disk for 50M rows; KEEP=1 keeps the database,
 # EXPLAIN_ONLY=1 only runs the queries on a database kept before.
 set -euo pipefail
@@ -14,13 +17,14 @@ ROWS=${1:-50000000}
 OUT=${2:-docs/perf/ledger-scale.txt}
 DB=creditgate_scale
 USERS=20000
+DAYS=${DAYS:-365}
 CHUNK=1000000
 PSQL=(psql -h 127.0.0.1 -U postgres -qAt -v ON_ERROR_STOP=1)
 BIN=${BIN:-target/release/creditgate}
 [ -x "$BIN" ] || cargo build --release --quiet
 
 q() { "${PSQL[@]}" -d $DB -c "$1"; }
-FIRST=$(date -d '365 days ago' +%F)
+FIRST=$(date -d "$DAYS days ago" +%F)
 FIRST_MS=$(( $(date -d "$FIRST" +%s) * 1000 ))
 if [ -z "${EXPLAIN_ONLY:-}" ]; then
 "${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB"
@@ -31,7 +35,7 @@ CREDITGATE_DATABASE__URL="postgres://postgres@127.0.0.1:5432/$DB" \
 [ -n "${KEEP:-}" ] || trap '"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB"' EXIT
 echo "== $ROWS events, $USERS users, local days $FIRST .. $(date -d yesterday +%F)"
 q "SELECT ledger_ensure_partition((DATE '$FIRST' + make_interval(months => m))::date)
-   FROM generate_series(0, 13) m" >/dev/null
+   FROM generate_series(0, $DAYS / 28 + 1) m" >/dev/null
 q "INSERT INTO users (id, name, plan, created_at)
    SELECT 'usr_' || lpad(u::text, 6, '0'), 'User ' || u,
           (ARRAY['free', 'starter', 'pro', 'business'])[1 + u % 4], now() - u * interval '1 minute'
@@ -47,9 +51,9 @@ for ((c = 0; c < ROWS; c += CHUNK)); do
        CASE WHEN i % 20 = 0 THEN 'refund' ELSE 'charge' END,
        (ARRAY['rag', 'legal', 'voice', 'park', 'api'])[1 + (i / $USERS) % 5],
        1 + i % 3, 1 + i % 3, 1000000 - i / $USERS, 0, 'pro', 'req-' || i, 'proxy',
-       DATE '$FIRST' + (i * 365 / $ROWS)::int,
-       to_timestamp(($FIRST_MS + i * 31536000000 / $ROWS) / 1000.0),
-       $FIRST_MS + i * 31536000000 / $ROWS, i % 1024
+       DATE '$FIRST' + (i * $DAYS / $ROWS)::int,
+       to_timestamp(($FIRST_MS + i * ($DAYS * 86400000::bigint) / $ROWS) / 1000.0),
+       $FIRST_MS + i * ($DAYS * 86400000::bigint) / $ROWS, i % 1024
      FROM generate_series($c::bigint, LEAST($c + $CHUNK, $ROWS) - 1) i"
   printf '\r  %d rows (%d s)' $((c + CHUNK)) $(( $(date +%s) - start ))
 done
@@ -78,12 +82,14 @@ USER_ID=usr_000421
 TODAY=$(date -d yesterday +%F)   # the last day with events
 MONTH=$(date -d "$TODAY" +%Y-%m-01)
 FROM30=$(date -d "$TODAY - 29 days" +%F)
-explain() { # title, SQL
+# The gateway's connections run with JIT off (src/accounts/mod.rs): so do these.
+export PGOPTIONS="-c jit=off"
+explain() { # title, SQL, [extra EXPLAIN options]
   echo
   echo "### $1"
   echo
   echo '```'
-  q "EXPLAIN (ANALYZE, BUFFERS) $2"
+  q "EXPLAIN (ANALYZE, BUFFERS${3:+, $3}) $2"
   echo '```'
 }
 {
@@ -114,7 +120,9 @@ explain() { # title, SQL
     FROM usage_module_daily WHERE NULL::text IS NULL AND day >= '$FROM30' GROUP BY day, module ORDER BY day, module"
   echo
   echo "## GET /api/admin/billing/usage.csv?from=$TODAY&to=$TODAY"
-  explain "one day of ledger rows" "SELECT event_id, user_id, kind, module, action, amount, monthly_after, bonus_after, request_id, actor, local_day, occurred_at
-    FROM ledger_events WHERE local_day BETWEEN '$TODAY' AND '$TODAY' ORDER BY occurred_at, stream_ms, stream_seq"
+  # TIMING OFF: per-node timing reads the clock twice per row, which at
+  # 137k rows is a fifth of the time measured (docs/BENCHMARKS.md).
+  explain "one day of ledger rows (the export asks day by day, unsorted)" "SELECT event_id, user_id, kind, module, action, amount, monthly_after, bonus_after, request_id, actor, local_day, occurred_at
+    FROM ledger_events WHERE local_day = '$TODAY'" "TIMING OFF"
 } > "$OUT"
 grep -E '^(#|ledger_events|usage|users)|Execution Time' "$OUT"

@@ -50,8 +50,8 @@ stats() {
   true
 }
 stats | grep -E 'cmdstat_(evalsha|eval|xreadgroup|xack|xdel|xautoclaim|hmget|hset|xadd|sismember|exists|time)' \
-  | sed -E 's/cmdstat_([a-z]+):calls=([0-9]+).*/\1 \2/' \
-  | awk -v n="$reqs" '{c[$1] += $2} END {for (k in c) printf "  %-11s %9d calls  %.3f per request\n", k, c[k], c[k] / n}'
+  | sed -E 's/cmdstat_([a-z]+):calls=([0-9]+),usec=([0-9]+).*/\1 \2 \3/' \
+  | awk -v n="$reqs" '{c[$1] += $2; u[$1] += $3} END {for (k in c) printf "  %-11s %9d calls  %.3f per request  %.2f us per request inside the command\n", k, c[k], c[k] / n, u[k] / n}'
 echo
 echo "== ledger lag during the run (ms, from $(wc -l < "$WORK/lag") samples; not sampled on a cluster)"
 [ -s "$WORK/lag" ] && sort -n "$WORK/lag" | awk '{a[NR]=$1} END {printf "  p50 %d  p99 %d  max %d\n", a[int(NR*0.5)+1], a[int(NR*0.99)+1], a[NR]}'
