@@ -34,13 +34,15 @@ pub async fn ensure(pool: &PgPool, day: NaiveDate) -> Result<String, sqlx::Error
 }
 
 /// The partitions attached now, oldest first: (name, first day).
-pub async fn list(pool: &PgPool) -> Result<Vec<(String, NaiveDate)>, sqlx::Error> {
+pub async fn list<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+) -> Result<Vec<(String, NaiveDate)>, sqlx::Error> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i
          JOIN pg_class c ON c.oid = i.inhrelid
          WHERE i.inhparent = 'ledger_events'::regclass",
     )
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     let mut out: Vec<(String, NaiveDate)> = names
         .into_iter()

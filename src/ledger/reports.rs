@@ -280,40 +280,66 @@ pub struct ExportedEvent {
 /// they were flushed, close to the order they happened, but not sorted).
 ///
 /// Not sorting is the point: at 137,000 events a day, one day read in
-/// storage order takes 27–45 ms in Postgres, and the same day sorted by
-/// time 95–160 ms (a sort materialises every row before the first one
-/// leaves); a month sorted would spill gigabytes to disk before its first
+/// storage order takes 29–38 ms in Postgres, and the same day sorted by
+/// time 90–160 ms (a sort copies every row before the first one leaves);
+/// a month sorted would spill about a gigabyte to disk before its first
 /// byte (docs/BENCHMARKS.md, the one-day export). A query per day keeps
-/// every query to one partition and the days in order without a sort.
+/// each query to one partition and the days in order without a sort, and
+/// all of them run in one read-only `REPEATABLE READ` transaction, so the
+/// export is one consistent view of the ledger, as a single query was.
 /// Only days of attached partitions are asked, so a range reaching back
-/// decades costs no more than the ledger holds.
+/// centuries costs no more than the ledger holds.
+///
+/// The rows are read on a task of their own, which owns the transaction,
+/// and handed over through a short channel: a slow client holds the
+/// transaction open, never more than a few rows in memory.
 pub fn events_between(
+    pool: PgPool,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> BoxStream<'static, Result<ExportedEvent, sqlx::Error>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        if let Err(e) = export_days(&pool, from, to, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+async fn export_days(
     pool: &PgPool,
     from: NaiveDate,
     to: NaiveDate,
-) -> BoxStream<'_, Result<ExportedEvent, sqlx::Error>> {
-    futures_util::stream::once(partitions::list(pool))
-        .map_ok(move |parts| {
-            let days = parts
-                .into_iter()
-                .flat_map(|(_, first)| {
-                    first
-                        .iter_days()
-                        .take_while(move |d| d.month() == first.month())
-                })
-                .filter(move |d| (from..=to).contains(d));
-            futures_util::stream::iter(days.map(Ok::<_, sqlx::Error>))
+    out: &tokio::sync::mpsc::Sender<Result<ExportedEvent, sqlx::Error>>,
+) -> Result<(), sqlx::Error> {
+    let mut db = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *db)
+        .await?;
+    let days: Vec<NaiveDate> = partitions::list(&mut *db)
+        .await?
+        .into_iter()
+        .flat_map(|(_, first)| {
+            first
+                .iter_days()
+                .take_while(move |d| d.month() == first.month())
         })
-        .try_flatten()
-        .map_ok(move |day| {
-            sqlx::query_as::<_, ExportedEvent>(
-                "SELECT event_id, user_id, kind, module, action, amount, monthly_after,
-                        bonus_after, request_id, actor, local_day, occurred_at
-                 FROM ledger_events WHERE local_day = $1",
-            )
-            .bind(day)
-            .fetch(pool)
-        })
-        .try_flatten()
-        .boxed()
+        .filter(|d| (from..=to).contains(d))
+        .collect();
+    for day in days {
+        let mut rows = sqlx::query_as::<_, ExportedEvent>(
+            "SELECT event_id, user_id, kind, module, action, amount, monthly_after,
+                    bonus_after, request_id, actor, local_day, occurred_at
+             FROM ledger_events WHERE local_day = $1",
+        )
+        .bind(day)
+        .fetch(&mut *db);
+        while let Some(row) = rows.try_next().await? {
+            if out.send(Ok(row)).await.is_err() {
+                return Ok(()); // the client went away
+            }
+        }
+    }
+    db.commit().await
 }

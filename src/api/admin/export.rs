@@ -174,7 +174,7 @@ pub(super) async fn export_usage(
         state.reports.clone(),
         move |pool| {
             let opt = |v: Option<i64>| v.map(|n| n.to_string()).unwrap_or_default();
-            reports::events_between(pool, from, to)
+            reports::events_between(pool.clone(), from, to)
                 .map_err(BoxError::from)
                 .map_ok(move |e| {
                     format!(
