@@ -709,6 +709,79 @@ async fn usage_export_gives_the_days_asked_in_day_order() {
     assert_eq!(all.len(), 12, "every row once");
 }
 
+/// An export is one view of the ledger: a row written to a later day while
+/// the export is still streaming an earlier one is not in it. The first
+/// day is far larger than every buffer between Postgres and the client,
+/// so the later day's query only runs after the insert.
+#[tokio::test(flavor = "multi_thread")]
+async fn usage_export_is_one_consistent_view_while_it_streams() {
+    let app = TestApp::spawn().await;
+    let pool = app.pool().await;
+    let first = chrono::NaiveDate::from_ymd_opt(2025, 6, 1).expect("date");
+    let second = chrono::NaiveDate::from_ymd_opt(2025, 6, 2).expect("date");
+    sqlx::query("SELECT ledger_ensure_partition($1)")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .expect("partition");
+    sqlx::query(
+        "INSERT INTO ledger_events (event_id, user_id, kind, module, amount, actor, local_day, occurred_at)
+         SELECT 'ev-big-' || i, 'u_view', 'charge', 'rag', 1, 'proxy', $1, $1::timestamptz
+         FROM generate_series(1, 200000) i",
+    )
+    .bind(first)
+    .execute(&pool)
+    .await
+    .expect("first day");
+    let mut response = app
+        .admin(
+            Method::GET,
+            "/usage.csv?from=2025-06-01&to=2025-06-02",
+            None,
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut text = response
+        .chunk()
+        .await
+        .expect("read")
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO ledger_events (event_id, user_id, kind, module, amount, actor, local_day, occurred_at)
+         VALUES ('ev-late', 'u_view', 'charge', 'rag', 1, 'proxy', $1, $1::timestamptz)",
+    )
+    .bind(second)
+    .execute(&pool)
+    .await
+    .expect("late row");
+    while let Some(chunk) = response.chunk().await.expect("read") {
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(text).expect("utf-8");
+    assert_eq!(
+        text.lines().count(),
+        1 + 200_000,
+        "header and the first day"
+    );
+    assert!(
+        !text.contains("ev-late"),
+        "a row written after the export began"
+    );
+    // The next export sees it.
+    let again = app
+        .admin(
+            Method::GET,
+            "/usage.csv?from=2025-06-02&to=2025-06-02",
+            None,
+        )
+        .await
+        .text()
+        .await
+        .expect("csv");
+    assert!(again.contains("ev-late"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_for_one_api_never_open_another() {
     let app = TestApp::spawn().await;
