@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Two upper bounds for the throughput work, each measured against this
+# checkout's build in turns (bench/compare.sh: nginx, then A B A B):
+#   canned     lua/charge.lua replaced by bench/experiments/charge-canned.lua:
+#              Redis decides nothing, everything else as shipped (the batch,
+#              the events, the flusher, Postgres). The most that taking
+#              decisions out of Redis (leases, docs/LEASES.md) could give.
+#   no-charge  bench/experiments/no-charge.patch: the proxy charges nothing
+#              and writes no event. What the HTTP path costs on its own,
+#              the most any metering work could give.
+#   bench/upper_bounds.sh [duration=8s] [connections=50]
+# The variants are built from HEAD (uncommitted changes are not in them)
+# in a throwaway worktree sharing target/; this checkout's release binary
+# is rebuilt at the end. Neither variant is ever shipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-8s}
+CONNS=${2:-50}
+OUT=$(mktemp -d /tmp/cg-upper.XXXX)
+TREE=$OUT/tree
+cargo build --release --quiet
+cp target/release/creditgate "$OUT/shipped"
+git worktree add -f --detach "$TREE" HEAD >/dev/null
+trap 'git worktree remove --force "$TREE"; git worktree prune; cargo build --release --quiet' EXIT
+variant() { # name: build the worktree as it stands now
+  (cd "$TREE" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --quiet)
+  cp target/release/creditgate "$OUT/$1"
+}
+cp bench/experiments/charge-canned.lua "$TREE/lua/charge.lua"
+variant canned
+git -C "$TREE" checkout -q -- lua/charge.lua
+git -C "$TREE" apply "$PWD/bench/experiments/no-charge.patch"
+variant no-charge
+for v in canned no-charge; do
+  echo
+  echo "######## A = shipped, B = $v"
+  CREDITGATE_BIN=$OUT/$v bench/compare.sh "$OUT/shipped" "$DURATION" "$CONNS"
+done
