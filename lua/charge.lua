@@ -115,7 +115,7 @@ local function plan_of(name)
   if not plans then
     plans = {}
     for id, limit, allowance, rpm, burst in string.gmatch(ARGV[1], ';([^;:]+):(%-?%d+):(%d+):(%-?%d+):(%d+)') do
-      local p = {limit = tonumber(limit), allowance = allowance, needle = ',' .. id .. ','}
+      local p = {limit = tonumber(limit), limit_s = limit, allowance = allowance, needle = ',' .. id .. ','}
       if tonumber(rpm) > 0 then
         -- Whole microseconds: every sum below stays an exact integer
         -- (unix us are under 2^53). Rounding the interval moves a rate of
@@ -142,6 +142,19 @@ local function ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bo
     from_bonus, auto_blocked)
   if rate_remaining < 0 then
     -- No rate limit: constants, not two more numbers to format.
+    return head .. '-1 -1 ' .. plan
+  end
+  return head .. string.format('%d %d ', rate_remaining, rate_reset) .. plan
+end
+
+-- The same answer for a charge that was made, from the strings the
+-- charge already formatted for its HSET and its event: string.format's
+-- eight %d were 11.6k of a charge's 91k instructions
+-- (bench/redis_charge_cost.py INSTRUCTIONS=1).
+local function ok_text(cost_s, mb, bb, au, limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
+  local head = 'ok ' .. cost_s .. ' ' .. mb .. ' ' .. bb .. ' ' .. au .. ' ' .. limit_s .. ' ' .. fm .. ' ' .. fb ..
+    ' ' .. auto_blocked .. ' '
+  if rate_remaining < 0 then
     return head .. '-1 -1 ' .. plan
   end
   return head .. string.format('%d %d ', rate_remaining, rate_reset) .. plan
@@ -321,13 +334,12 @@ local function charge(k, a)
   end
   events[#events + 1] = event_id .. '\tcharge\t' .. plan .. '\t' .. module .. '\t' .. action .. '\t' ..
     cost_s .. '\t' .. fm .. '\t' .. fb .. '\t' .. mb .. '\t' .. bb .. '\t' .. au .. '\t\t' .. common
-  local auto_blocked = 0
+  local auto_blocked = '0'
   if auto_block and monthly + bonus <= 0 then
     redis.call('HSET', acct, 'blocked', 'exhausted')
-    auto_blocked = 1
+    auto_blocked = '1'
   end
-  return ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, auto_blocked, rate_remaining,
-    rate_reset, plan)
+  return ok_text(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
 end
 
 if deadline ~= 0 then
