@@ -128,7 +128,9 @@ pub(super) fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
 }
 
 /// charge.lua's common answer, one string:
-/// `ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked> <plan>`.
+/// `ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked>
+/// <rate_remaining> <rate_reset_ms> <plan>`. Strict: one space between
+/// fields, every number an integer, or the reply is refused.
 fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
     let mut rest = line.strip_prefix(b"ok ")?;
     let mut n = [0i64; 10];
