@@ -135,26 +135,15 @@ end
 
 -- The common answer as one string: the gateway's RESP parser pays per
 -- value, and eleven values per charge were most of its cost of reading a
--- call's replies (bench/gateway_instructions.sh).
-local function ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, auto_blocked,
-                        rate_remaining, rate_reset, plan)
-  local head = string.format('ok %d %d %d %d %d %d %d %d ', cost, monthly, bonus, used, limit, from_monthly,
-    from_bonus, auto_blocked)
-  if rate_remaining < 0 then
-    -- No rate limit: constants, not two more numbers to format.
-    return head .. '-1 -1 ' .. plan
-  end
-  return head .. string.format('%d %d ', rate_remaining, rate_reset) .. plan
-end
-
--- The same answer for a charge that was made, from the strings the
--- charge already formatted for its HSET and its event: string.format's
--- eight %d were 11.6k of a charge's 91k instructions
--- (bench/redis_charge_cost.py INSTRUCTIONS=1).
-local function ok_text(cost_s, mb, bb, au, limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
+-- call's replies (bench/gateway_instructions.sh). Built from strings: a
+-- made charge passes those it already formatted for its HSET and its
+-- event, as string.format's eight %d were 11.6k of a charge's 91k
+-- instructions (bench/redis_charge_cost.py INSTRUCTIONS=1).
+local function ok_reply(cost_s, mb, bb, au, limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
   local head = 'ok ' .. cost_s .. ' ' .. mb .. ' ' .. bb .. ' ' .. au .. ' ' .. limit_s .. ' ' .. fm .. ' ' .. fb ..
     ' ' .. auto_blocked .. ' '
   if rate_remaining < 0 then
+    -- No rate limit: constants, not two more numbers to format.
     return head .. '-1 -1 ' .. plan
   end
   return head .. string.format('%d %d ', rate_remaining, rate_reset) .. plan
@@ -296,8 +285,8 @@ local function charge(k, a)
   local from_monthly = math.min(monthly, cost)
   local from_bonus = cost - from_monthly
   if check_only then
-    return ok_reply(cost, monthly, bonus, used, limit, from_monthly, from_bonus, 0, rate_remaining,
-      rate_reset, plan)
+    return ok_reply(cost_s, int(monthly), int(bonus), int(used), p.limit_s, int(from_monthly), int(from_bonus),
+      '0', rate_remaining, rate_reset, plan)
   end
 
   monthly = monthly - from_monthly
@@ -339,7 +328,7 @@ local function charge(k, a)
     redis.call('HSET', acct, 'blocked', 'exhausted')
     auto_blocked = '1'
   end
-  return ok_text(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
+  return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
 end
 
 if deadline ~= 0 then
