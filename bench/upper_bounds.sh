@@ -21,7 +21,10 @@ TREE=$OUT/tree
 cargo build --release --quiet
 cp target/release/creditgate "$OUT/shipped"
 git worktree add -f --detach "$TREE" HEAD >/dev/null
-trap 'git worktree remove --force "$TREE"; git worktree prune; cargo build --release --quiet' EXIT
+# The variants share this checkout's artifact names and are newer than its
+# sources, so cargo would take the last one for this checkout's build:
+# touching the sources makes the rebuild at the end real.
+trap 'git worktree remove --force "$TREE"; git worktree prune; touch src/lib.rs src/main.rs; cargo build --release --quiet' EXIT
 variant() { # name: build the worktree as it stands now
   (cd "$TREE" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --quiet)
   cp target/release/creditgate "$OUT/$1"
