@@ -145,6 +145,19 @@ measure() {
     "$(us "$(cpu_ticks "$pids") - $b_proxy")" "$(us "$(cpu_ticks "$REDIS_PID") - $b_redis")" \
     "$(us "$(cpu_ticks "$pg") - $b_pg")" "$(us "$(cpu_ticks "$upstream") - $b_up")"
 }
+# CPU ticks of each thread of a process, summed by thread name:
+# "name ticks" lines (the gateway names its runtime and ledger threads).
+thread_ticks() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14 + $15}' "$t/stat" 2>/dev/null || echo 0)"
+  done | awk '{a[$1] += $2} END {for (k in a) print k, a[k]}' | sort
+}
+# thread_split BEFORE AFTER REQUESTS: the µs per request of each thread
+# that worked, from two thread_ticks snapshots.
+thread_split() {
+  join "$1" "$2" | awk -v n="$3" -v tk="$TICK" '$3 > $2 {printf "  %-16s %5.1f us/req\n", $1, ($3 - $2) * 1e6 / tk / n}'
+}
 rps() { awk '/Requests\/sec/ {print $2}' "$WORK/$1.wrk"; }
 
 GW_PID=""

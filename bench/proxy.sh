@@ -23,6 +23,7 @@ measure nginx "http://$NGINX_PROXY/rag/q" "$(workers_of proxy)" "${WRK_ARGS[@]}"
 measure peer "http://$PEER/rag/q" "$(workers_of peer)" "${WRK_ARGS[@]}"
 redis-cli CONFIG RESETSTAT >/dev/null
 if [ -n "${BENCH_CLUSTER:-}" ]; then for p in $(seq 7100 7105); do redis-cli -p "$p" CONFIG RESETSTAT >/dev/null; done; fi
+thread_ticks "$GW_PID" > "$WORK/threads.before"
 measure creditgate "http://$GATEWAY/rag/q" "$GW_PID" "${WRK_ARGS[@]}" &
 WRK_PID=$!
 # Ledger lag while the proxy runs flat out, sampled every 200 ms.
@@ -32,6 +33,7 @@ while kill -0 $WRK_PID 2>/dev/null; do
   sleep 0.2
 done
 wait $WRK_PID
+thread_ticks "$GW_PID" > "$WORK/threads.after"
 
 reqs=$(awk '/requests in/ {print $1}' "$WORK/creditgate.wrk")
 echo
@@ -52,6 +54,9 @@ stats() {
 stats | grep -E 'cmdstat_(evalsha|eval|xreadgroup|xack|xdel|xautoclaim|hmget|hset|xadd|sismember|exists|time)' \
   | sed -E 's/cmdstat_([a-z]+):calls=([0-9]+),usec=([0-9]+).*/\1 \2 \3/' \
   | awk -v n="$reqs" '{c[$1] += $2; u[$1] += $3} END {for (k in c) printf "  %-11s %9d calls  %.3f per request  %.2f us per request inside the command\n", k, c[k], c[k] / n, u[k] / n}'
+echo
+echo "== the gateway's threads during its run: runtimes (creditgate-N), the ledger's flusher (creditgate-ledg)"
+thread_split "$WORK/threads.before" "$WORK/threads.after" "$reqs"
 echo
 echo "== ledger lag during the run (ms, from $(wc -l < "$WORK/lag") samples; not sampled on a cluster)"
 [ -s "$WORK/lag" ] && sort -n "$WORK/lag" | awk '{a[NR]=$1} END {printf "  p50 %d  p99 %d  max %d\n", a[int(NR*0.5)+1], a[int(NR*0.99)+1], a[NR]}'
