@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two upper bounds for the throughput work, each measured against this
+# Three upper bounds for the throughput work, each measured against this
 # checkout's build in turns (bench/compare.sh: nginx, then A B A B):
 #   canned     lua/charge.lua replaced by bench/experiments/charge-canned.lua:
 #              Redis decides nothing, everything else as shipped (the batch,
@@ -8,10 +8,15 @@
 #   no-charge  bench/experiments/no-charge.patch: the proxy charges nothing
 #              and writes no event. What the HTTP path costs on its own,
 #              the most any metering work could give.
+#   lease-ceiling  bench/experiments/lease-ceiling.patch: no charge, but
+#              every request's charge event goes through a per-runtime
+#              spend log (grouped write(2), no fsync; the request waits
+#              for it) straight to Postgres, with no Redis at all: the most
+#              a lease (docs/LEASES.md) could give on a hot account.
 #   bench/upper_bounds.sh [duration=8s] [connections=50]
 # The variants are built from HEAD (uncommitted changes are not in them)
 # in a throwaway worktree sharing target/; this checkout's release binary
-# is rebuilt at the end. Neither variant is ever shipped.
+# is rebuilt at the end. No variant is ever shipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-8s}
@@ -34,7 +39,10 @@ variant canned
 git -C "$TREE" checkout -q -- lua/charge.lua
 git -C "$TREE" apply "$PWD/bench/experiments/no-charge.patch"
 variant no-charge
-for v in canned no-charge; do
+git -C "$TREE" checkout -q -- .
+git -C "$TREE" apply "$PWD/bench/experiments/lease-ceiling.patch"
+variant lease-ceiling
+for v in canned no-charge lease-ceiling; do
   echo
   echo "######## A = shipped, B = $v"
   CREDITGATE_BIN=$OUT/$v bench/compare.sh "$OUT/shipped" "$DURATION" "$CONNS"
