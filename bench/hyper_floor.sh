@@ -23,6 +23,7 @@ cargo build --release --quiet
 cp target/release/creditgate "$OUT/metered"
 TREE=$OUT/tree
 git worktree add -f --detach "$TREE" HEAD >/dev/null
+trap 'git worktree remove --force "$TREE" 2>/dev/null; git worktree prune' EXIT
 git -C "$TREE" apply "$PWD/bench/experiments/no-charge.patch"
 (cd "$TREE" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --quiet)
 cp target/release/creditgate "$OUT/no-charge"
