@@ -6,8 +6,7 @@
 # with its metering taken out; "metered" is creditgate as shipped.
 #   bench/hyper_floor.sh [duration=8s] [connections=50]
 # ROUNDS (default 2) turns of floor, no-charge, metered after one nginx run.
-# The no-charge build is made from HEAD in a throwaway worktree sharing
-# target/; this checkout's release binary is rebuilt after it.
+# The no-charge build is made from HEAD by bench/variants.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-8s}
@@ -16,23 +15,14 @@ ROUNDS=${ROUNDS:-2}
 OUT=$(mktemp -d /tmp/cg-floor.XXXX)
 cargo build --release --quiet --example hyper_floor
 cp target/release/examples/hyper_floor "$OUT/floor"
-# An earlier variant build (this script's, bench/upper_bounds.sh's) may
-# still sit under this checkout's artifact names, newer than its sources.
-touch src/lib.rs src/main.rs
 cargo build --release --quiet
 cp target/release/creditgate "$OUT/metered"
-TREE=$OUT/tree
-git worktree add -f --detach "$TREE" HEAD >/dev/null
-trap 'git worktree remove --force "$TREE" 2>/dev/null; git worktree prune' EXIT
+. bench/variants.sh
+variants_begin "$OUT"
 git -C "$TREE" apply "$PWD/bench/experiments/no-charge.patch"
-(cd "$TREE" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --quiet)
-cp target/release/creditgate "$OUT/no-charge"
-git worktree remove --force "$TREE"; git worktree prune
-# The worktree's build shares this checkout's artifact names and is newer
-# than its sources, so cargo would take it for this checkout's: touching
-# the sources makes the next build here rebuild them.
-touch src/lib.rs src/main.rs
-cargo build --release --quiet
+variant no-charge
+# Before bench/common.sh sets its own EXIT trap.
+variants_end
 CREDITGATE_BIN=$OUT/metered
 . bench/common.sh
 FLOOR=127.0.0.1:18209

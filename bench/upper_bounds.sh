@@ -15,25 +15,16 @@
 #              a lease (docs/LEASES.md) could give on a hot account.
 #   bench/upper_bounds.sh [duration=8s] [connections=50]
 # The variants are built from HEAD (uncommitted changes are not in them)
-# in a throwaway worktree sharing target/; this checkout's release binary
-# is rebuilt at the end. No variant is ever shipped.
+# by bench/variants.sh, into target/variants. No variant is ever shipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-8s}
 CONNS=${2:-50}
 OUT=$(mktemp -d /tmp/cg-upper.XXXX)
-TREE=$OUT/tree
 cargo build --release --quiet
 cp target/release/creditgate "$OUT/shipped"
-git worktree add -f --detach "$TREE" HEAD >/dev/null
-# The variants share this checkout's artifact names and are newer than its
-# sources, so cargo would take the last one for this checkout's build:
-# touching the sources makes the rebuild at the end real.
-trap 'git worktree remove --force "$TREE"; git worktree prune; touch src/lib.rs src/main.rs; cargo build --release --quiet' EXIT
-variant() { # name: build the worktree as it stands now
-  (cd "$TREE" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --release --quiet)
-  cp target/release/creditgate "$OUT/$1"
-}
+. bench/variants.sh
+variants_begin "$OUT"
 cp bench/experiments/charge-canned.lua "$TREE/lua/charge.lua"
 variant canned
 git -C "$TREE" checkout -q -- lua/charge.lua
@@ -42,6 +33,7 @@ variant no-charge
 git -C "$TREE" checkout -q -- .
 git -C "$TREE" apply "$PWD/bench/experiments/lease-ceiling.patch"
 variant lease-ceiling
+variants_end
 for v in canned no-charge lease-ceiling; do
   echo
   echo "######## A = shipped, B = $v"
