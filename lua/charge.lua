@@ -31,7 +31,9 @@
 --      {tag}:idem:<user>:<Idempotency-Key> (proxy, a hash: split (the same
 --      string), fp request fingerprint, st p|d|x, lease (unix ms), rid the
 --      original request id, ev its charge event id, status hdrs body);
---      any key of the slot (the account's) when the charge has neither
+--      for a "lease:" mode, the shard's lease index {tag}:leases (a sorted
+--      set: "<user> <lease id>" scored by the lease's end on Redis's clock,
+--      unix ms); any key of the slot (the account's) otherwise
 --
 -- ARGV[1]  plan table, ";<plan>:<daily limit or -1>:<monthly credits>:<calls per minute or -1>:<burst>;"
 -- ARGV[2]  idempotency record TTL in seconds
@@ -56,7 +58,14 @@
 --   +11 idempotency: "0" none; "1" credits API request id (a repeat is a
 --       "duplicate", charged 0); "2" proxy Idempotency-Key (a repeat is never
 --       forwarded: replayed, in progress, reused or not replayable)
---   +12 mode: "charge" deducts; "check" answers the same question and writes nothing
+--   +12 mode: "charge" deducts; "check" answers the same question and writes nothing;
+--       "lease:<credits>:<room>:<ttl ms>" deducts and, when the account keeps
+--       at least <room> credits and <room> of its daily limit after the
+--       charge, also takes a lease of <credits> (docs/LEASES.md): moved from
+--       the balance and the day counter into the account hash's field
+--       "lease:<lease id>" = "<credits>,<from monthly>,<from bonus>,<day>,<period>",
+--       indexed in +3, with a "lease" event. Never for idempotent charges or
+--       plans with a rate limit. The lease id is the charge's event id .. ":lease".
 --   +13 request fingerprint (idempotency "2"): hash of method, module, path, query
 --   +14 lease end, unix ms (idempotency "2"): until then a pending first call
 --       is "in progress"; after it, the gateway that owned it is presumed dead
@@ -71,8 +80,10 @@
 --
 -- Returns one reply per charge, in order (integers unless noted):
 --   "ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked>
---       <rate_remaining> <rate_reset_ms> <plan>"
---                               one string, space-separated (the plan last);
+--       <rate_remaining> <rate_reset_ms> <plan>[ <lease credits> <lease from monthly> <lease from bonus>]"
+--                               one string, space-separated (the plan last
+--                               unless a lease was taken); the balances are
+--                               after the lease;
 --                               rate_remaining: calls the rate limit lets through
 --                               right now after this one, rate_reset_ms: until
 --                               its whole burst is back (both -1: no limit)
@@ -155,6 +166,10 @@ local function charge(k, a)
         request_id, idempotency, mode, fingerprint, lease, common =
     unpack(ARGV, a + 1, a + PER_CHARGE)
   local check_only = mode == 'check'
+  local lease_want, lease_room, lease_ttl
+  if idempotency == '0' and string.byte(mode, 1) == 108 then -- 'l'
+    lease_want, lease_room, lease_ttl = string.match(mode, '^lease:(%d+):(%d+):(%d+)$')
+  end
 
   if expired then
     return {'expired'}
@@ -295,6 +310,37 @@ local function charge(k, a)
   local fm, fb = cost_s, '0'
   local mb, au = int(monthly), int(used)
   local bb
+  if lease_want and not p.interval then
+    -- Far from every limit only: near one, each call is decided here, so
+    -- the exactness at the edge is the plain charge's. The charge's event
+    -- keeps the balance after the charge, the lease's the balance after
+    -- the lease: each one's change, in order, for the ledger's chain.
+    local want, room = tonumber(lease_want), tonumber(lease_room)
+    if want > 0 and room >= want and monthly + bonus >= room and (limit < 0 or limit - used >= room) then
+      if from_bonus ~= 0 then
+        fm, fb = int(from_monthly), int(from_bonus)
+      end
+      local charge_row = event_id .. '\tcharge\t' .. plan .. '\t' .. module .. '\t' .. action .. '\t' ..
+        cost_s .. '\t' .. fm .. '\t' .. fb .. '\t' .. mb .. '\t' .. int(bonus) .. '\t' .. au .. '\t\t' .. common
+      events[#events + 1] = charge_row
+      local lfm = math.min(monthly, want)
+      local lfb = want - lfm
+      monthly = monthly - lfm
+      bonus = bonus - lfb
+      used = used + want
+      mb, bb, au = int(monthly), int(bonus), int(used)
+      local lease_id = event_id .. ':lease'
+      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au,
+        'lease:' .. lease_id, int(want) .. ',' .. int(lfm) .. ',' .. int(lfb) .. ',' .. today .. ',' .. this_period)
+      local t = redis.call('TIME')
+      local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease_ttl)
+      redis.call('ZADD', record, until_ms, string.match(acct, ':acct:(.*)$') .. ' ' .. lease_id)
+      events[#events + 1] = lease_id .. '\tlease\t' .. plan .. '\t' .. module .. '\t\t' .. int(want) .. '\t' ..
+        int(lfm) .. '\t' .. int(lfb) .. '\t' .. mb .. '\t' .. bb .. '\t' .. au .. '\t\t' .. common
+      return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, '0', -1, -1, plan) ..
+        ' ' .. int(want) .. ' ' .. int(lfm) .. ' ' .. int(lfb)
+    end
+  end
   if from_bonus == 0 then
     bb = f[3] or '0'
     if tat_after then

@@ -12,6 +12,7 @@
 //! - [`metering`]  the Redis side: key layout, Lua scripts, the `Meter` API
 //! - [`billing`]   rules needing both stores: charge with rebuild, grant, monthly reset
 //! - [`accounts`]  users and API keys in Postgres; key cache; Redis rebuild
+//! - [`leases`]    credit leases: hot accounts' calls spent locally, via a spend log
 //! - [`ledger`]    usage streams → Postgres flusher, history queries, verify
 //! - [`api`]       creditgate's own endpoints (health; billing/admin/credits APIs)
 //! - [`error`]     the one mapping from errors to status + JSON body
@@ -34,6 +35,7 @@ pub mod demo;
 pub mod domain;
 pub mod error;
 pub mod invoices;
+pub mod leases;
 pub mod ledger;
 pub mod metering;
 pub mod proxy;

@@ -52,6 +52,8 @@ pub enum StartupError {
     Database(#[from] sqlx::Error),
     #[error("ledger: {0}")]
     Ledger(#[from] FlushError),
+    #[error("spend log: {0}")]
+    SpendLog(std::io::Error),
 }
 
 pub struct Application {
@@ -154,6 +156,12 @@ impl Application {
         tokio::pin!(shutdown);
         let (stop_flushers, flushers_stopped) = tokio::sync::watch::channel(false);
         let flushers = run_flushers(self.flushers, flushers_stopped)?;
+        let (stop_leases, leases_stopped) = tokio::sync::watch::channel(false);
+        let leases = self
+            .state
+            .leases
+            .clone()
+            .map(|l| tokio::spawn(l.run(self.reconciler, leases_stopped)));
         tracing::info!(addr = %self.listener.local_addr()?, "creditgate listening");
         let mut background = Vec::new();
         if let Some(handle) = self.state.metrics.clone() {
@@ -239,7 +247,12 @@ impl Application {
         for task in background {
             task.abort();
         }
-        // Requests are done: every charge they made is in the streams now.
+        // Requests are done: the leases are settled and their calls written
+        // to the ledger, and then every charge is in the streams.
+        let _ = stop_leases.send(true);
+        if let Some(leases) = leases {
+            let _ = leases.await;
+        }
         let _ = stop_flushers.send(true);
         let _ = flushers.await;
         Ok(())
@@ -303,8 +316,23 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         Arc::clone(&catalog),
         crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks)),
     );
+    let leases = if settings.metering.leases.enabled {
+        let hook: Arc<dyn crate::ledger::BatchHook> = billing.outbox().clone();
+        Some(
+            crate::leases::Leases::start(
+                settings.metering.leases.clone(),
+                billing.meter().clone(),
+                billing.accounts().pool().clone(),
+                Some(hook),
+            )
+            .map_err(StartupError::SpendLog)?,
+        )
+    } else {
+        None
+    };
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
+        leases.clone(),
         Upstreams::new(&catalog, &settings.upstream, settings.max_body_bytes),
         ProxySettings {
             max_body_bytes: settings.max_body_bytes,
@@ -330,6 +358,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         metrics,
         public_metrics: settings.metrics_listen.is_none(),
         invoices,
+        leases,
         in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
     })
 }

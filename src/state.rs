@@ -27,6 +27,8 @@ pub struct AppState {
     /// `/metrics` is on the public port (no `server.metrics_listen`).
     pub public_metrics: bool,
     pub invoices: Invoices,
+    /// Credit leases (`metering.leases.enabled`), shared with the proxy.
+    pub leases: Option<Arc<crate::leases::Leases>>,
     /// Bounds concurrent requests. A semaphore rather than a counter so the
     /// permit can ride along with a streaming body and be released when the
     /// last byte has gone out.

@@ -211,6 +211,8 @@ pub struct MeteringSettings {
     /// Responses up to this size are kept for replay under their
     /// `Idempotency-Key`; a longer one makes a repeat 409 `duplicate_request`.
     pub replay_max_bytes: usize,
+    /// Credit leases for hot accounts (docs/LEASES.md).
+    pub leases: LeaseSettings,
 }
 
 impl Default for MeteringSettings {
@@ -219,6 +221,47 @@ impl Default for MeteringSettings {
             idempotency_ttl_secs: 86_400,
             auto_block_exhausted: false,
             replay_max_bytes: 64 * 1024,
+            leases: LeaseSettings::default(),
+        }
+    }
+}
+
+/// `[metering.leases]`: a gateway takes a block of credits from a hot
+/// account in one charge and spends it locally, one call at a time, each
+/// call written to a local spend log and from there to the ledger.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseSettings {
+    pub enabled: bool,
+    /// A lease holds this many calls' worth of the module's cost.
+    pub calls: i64,
+    /// Granted only when the account keeps `room` times the lease, of its
+    /// balance and of its daily limit, after it: near a limit every call is
+    /// decided in Redis.
+    pub room: i64,
+    /// A lease is spent for at most this long; revocations, blocks and plan
+    /// changes take effect on its calls after it. At most 900.
+    pub ttl_ms: u64,
+    /// An account becomes hot (its next charge asks for a lease) after this
+    /// many charges of one module within one second on one worker.
+    pub after_calls: u32,
+    /// Where the spend logs live: a local disk that survives a restart.
+    pub dir: std::path::PathBuf,
+    /// A lease nobody settled this long after its end is closed as lost:
+    /// its credits stay spent.
+    pub lost_after_secs: u64,
+}
+
+impl Default for LeaseSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            calls: 64,
+            room: 20,
+            ttl_ms: 500,
+            after_calls: 16,
+            dir: std::path::PathBuf::from("spend-log"),
+            lost_after_secs: 60,
         }
     }
 }

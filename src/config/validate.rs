@@ -64,6 +64,26 @@ impl RawSettings {
             .map_err(|e| invalid("server.trusted_proxies", e.why))?;
         let trusted_networks = Networks::parse(&self.auth.trusted_networks)
             .map_err(|e| invalid("auth.trusted_networks", e.why))?;
+        let leases = &self.metering.leases;
+        if !(10..=900).contains(&leases.ttl_ms) {
+            return Err(invalid(
+                "metering.leases.ttl_ms",
+                "must be 10..=900: revocations and blocks reach leased calls after it, \
+                 and they must within a second",
+            ));
+        }
+        if !(1..=100_000).contains(&leases.calls) {
+            return Err(invalid("metering.leases.calls", "must be 1..=100000"));
+        }
+        if !(1..=1_000).contains(&leases.room) {
+            return Err(invalid("metering.leases.room", "must be 1..=1000"));
+        }
+        if leases.lost_after_secs < 5 {
+            return Err(invalid(
+                "metering.leases.lost_after_secs",
+                "must be at least 5: a gateway restarting must get to settle its own leases",
+            ));
+        }
         if self.metering.replay_max_bytes > 16 * 1024 * 1024 {
             return Err(invalid(
                 "metering.replay_max_bytes",

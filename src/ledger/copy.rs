@@ -34,8 +34,13 @@ pub(super) fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8>
         number(&mut out, e.amount);
         number(&mut out, e.from_monthly);
         number(&mut out, e.from_bonus);
-        number(&mut out, e.monthly_after);
-        number(&mut out, e.bonus_after);
+        match (e.monthly_after, e.bonus_after) {
+            (Some(m), Some(b)) => {
+                number(&mut out, m);
+                number(&mut out, b);
+            }
+            _ => out.extend_from_slice(b"\\N\t\\N\t"),
+        }
         optional(&mut out, e.plan.as_deref());
         optional(&mut out, e.request_id.as_deref());
         text(&mut out, &e.actor);
@@ -45,14 +50,15 @@ pub(super) fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8>
         out.push(b'\t');
         number(&mut out, e.stream_ms);
         number(&mut out, e.stream_seq);
+        optional(&mut out, e.reason.as_deref());
         if with_shard {
-            optional(&mut out, e.reason.as_deref());
+            optional(&mut out, e.lease_id.as_deref());
             out.extend_from_slice(itoa::Buffer::new().format(e.shard).as_bytes());
         } else {
             // The row's last column ends it: no tab after it.
-            match e.reason.as_deref() {
-                Some(r) => {
-                    text(&mut out, r);
+            match e.lease_id.as_deref() {
+                Some(l) => {
+                    text(&mut out, l);
                     out.pop();
                 }
                 None => out.extend_from_slice(b"\\N"),

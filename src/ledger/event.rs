@@ -19,7 +19,15 @@ use crate::metering::rows::integer;
 /// The kinds of event a usage stream carries (the scripts' `k` field).
 /// Plan changes, blocks and unblocks are ledger rows too, but the admin
 /// change writes them in its own transaction; they never pass a stream.
-pub const STREAM_KINDS: [&str; 4] = ["charge", "refund", "grant", "reset"];
+pub const STREAM_KINDS: [&str; 7] = [
+    "charge",
+    "refund",
+    "grant",
+    "reset",
+    "lease",
+    "lease_return",
+    "lease_lost",
+];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LedgerEvent<'a> {
@@ -32,8 +40,10 @@ pub struct LedgerEvent<'a> {
     pub amount: i64,
     pub from_monthly: i64,
     pub from_bonus: i64,
-    pub monthly_after: i64,
-    pub bonus_after: i64,
+    /// The balance after the event; `None` for a call spent from a lease,
+    /// whose credits left the balance with the lease.
+    pub monthly_after: Option<i64>,
+    pub bonus_after: Option<i64>,
     pub plan: Option<Cow<'a, str>>,
     pub request_id: Option<Cow<'a, str>>,
     pub actor: Cow<'a, str>,
@@ -46,6 +56,10 @@ pub struct LedgerEvent<'a> {
     pub account_day: Cow<'a, str>,
     pub account_day_used: i64,
     pub reason: Option<Cow<'a, str>>,
+    /// The lease the event belongs to: a lease's own events (its id is the
+    /// `lease` event's id; `lease_return` and `lease_lost` append `:return`
+    /// and `:lost`), and the calls spent from it.
+    pub lease_id: Option<Cow<'a, str>>,
     /// The shard whose stream carried the event (0 when unknown): spreads
     /// the everyone-wide roll-up rows over the flusher workers.
     pub shard: i16,
@@ -162,6 +176,17 @@ fn kind(k: &str) -> Result<&'static str, String> {
         .ok_or_else(|| format!("unknown kind {k:?}"))
 }
 
+/// The lease a lease event belongs to, from its id (see
+/// [`LedgerEvent::lease_id`]).
+fn lease_of<'s>(kind: &str, event_id: &'s str) -> Option<&'s str> {
+    match kind {
+        "lease" => Some(event_id),
+        "lease_return" => event_id.strip_suffix(":return"),
+        "lease_lost" => event_id.strip_suffix(":lost"),
+        _ => None,
+    }
+}
+
 /// The place of an entry's first event: its stream time, and its sequence
 /// number scaled by [`EVENTS_PER_ENTRY`].
 fn first_place(entry_id: &str) -> Result<(i64, i64), String> {
@@ -203,6 +228,7 @@ impl LedgerEvent<'static> {
         if w.n < 0 {
             return Err("negative amount".into());
         }
+        let lease_id = lease_of(kind, &w.e).map(|l| Cow::Owned(l.to_owned()));
         Ok(Self {
             event_id: clean(w.e),
             user_id: clean(w.u),
@@ -212,8 +238,8 @@ impl LedgerEvent<'static> {
             amount: w.n,
             from_monthly: w.fm,
             from_bonus: w.fb,
-            monthly_after: w.mb,
-            bonus_after: w.bb,
+            monthly_after: Some(w.mb),
+            bonus_after: Some(w.bb),
             plan: non_empty(w.p),
             request_id: non_empty(w.r),
             actor: clean(w.by),
@@ -225,6 +251,7 @@ impl LedgerEvent<'static> {
             account_day: Cow::Owned(w.ad),
             account_day_used: w.au,
             reason: non_empty(w.why),
+            lease_id,
             shard: 0,
         })
     }
@@ -288,17 +315,18 @@ impl<'a> LedgerEvent<'a> {
             return Err("negative amount".into());
         }
         let t = number("t", t)?;
+        let kind = kind(k)?;
         Ok(Self {
             event_id: text(0),
             user_id: text(12),
-            kind: kind(k)?,
+            kind,
             module: optional(3),
             action: optional(4),
             amount,
             from_monthly: number("fm", fm)?,
             from_bonus: number("fb", fb)?,
-            monthly_after: number("mb", mb)?,
-            bonus_after: number("bb", bb)?,
+            monthly_after: Some(number("mb", mb)?),
+            bonus_after: Some(number("bb", bb)?),
             plan: optional(2),
             request_id: optional(13),
             actor: text(14),
@@ -311,6 +339,10 @@ impl<'a> LedgerEvent<'a> {
             account_day: text(18),
             account_day_used: if au.is_empty() { 0 } else { number("au", au)? },
             reason: optional(11),
+            lease_id: match lease_of(kind, f[0]) {
+                Some(_) if !plain[0] => return Err("a lease id holds an escape".into()),
+                lease => lease.map(Cow::Borrowed),
+            },
             shard: 0,
         })
     }
@@ -358,7 +390,7 @@ mod tests {
         );
         assert_eq!(e.kind, "charge");
         assert_eq!(e.action, None);
-        assert_eq!(e.monthly_after, 99);
+        assert_eq!(e.monthly_after, Some(99));
         assert_eq!(e.local_day.to_string(), "2026-11-26");
     }
 

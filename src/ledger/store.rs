@@ -112,10 +112,10 @@ async fn write_batch_once(
 const INSERT_SKIPPING: &str = "WITH ins AS (
             INSERT INTO ledger_events (event_id, user_id, kind, module, action, amount,
                 from_monthly, from_bonus, monthly_after, bonus_after, plan, request_id, actor,
-                local_day, occurred_at, stream_ms, stream_seq, reason)
+                local_day, occurred_at, stream_ms, stream_seq, reason, lease_id)
             SELECT event_id, user_id, kind, module, action, amount, from_monthly,
                 from_bonus, monthly_after, bonus_after, plan, request_id, actor, local_day,
-                occurred_at, stream_ms, stream_seq, reason
+                occurred_at, stream_ms, stream_seq, reason, lease_id
             FROM ledger_stage
             ON CONFLICT (event_id, local_day) DO NOTHING
             RETURNING event_id, user_id, local_day, module, kind, amount, actor, reason,
@@ -193,7 +193,7 @@ const STAGE: &str = "SET LOCAL client_min_messages = warning;
         from_bonus bigint NOT NULL, monthly_after bigint, bonus_after bigint, plan text,
         request_id text, actor text NOT NULL, local_day date NOT NULL,
         occurred_at timestamptz NOT NULL, stream_ms bigint NOT NULL, stream_seq bigint NOT NULL,
-        reason text, shard smallint NOT NULL
+        reason text, lease_id text, shard smallint NOT NULL
     ) ON COMMIT DELETE ROWS";
 
 async fn insert_events(
@@ -224,7 +224,7 @@ async fn insert_new(
         .copy_in_raw(
             "COPY ledger_events (event_id, user_id, kind, module, action, amount, from_monthly,
                 from_bonus, monthly_after, bonus_after, plan, request_id, actor, local_day,
-                occurred_at, stream_ms, stream_seq, reason) FROM STDIN",
+                occurred_at, stream_ms, stream_seq, reason, lease_id) FROM STDIN",
         )
         .await?;
     copy.send(copy_rows(events, false)).await?;
@@ -246,7 +246,7 @@ async fn insert_skipping(
         .copy_in_raw(
             "COPY ledger_stage (event_id, user_id, kind, module, action, amount, from_monthly,
                 from_bonus, monthly_after, bonus_after, plan, request_id, actor, local_day,
-                occurred_at, stream_ms, stream_seq, reason, shard) FROM STDIN",
+                occurred_at, stream_ms, stream_seq, reason, lease_id, shard) FROM STDIN",
         )
         .await?;
     copy.send(copy_rows(events, true)).await?;
@@ -450,7 +450,10 @@ async fn upsert_snapshots(
 ) -> Result<(), sqlx::Error> {
     // Latest event per user in this batch.
     let mut latest: HashMap<&str, &LedgerEvent> = HashMap::new();
-    for e in events.iter().filter(|e| !e.account_period.is_empty()) {
+    // A call spent from a lease has no balance after it: the balance moved
+    // with the lease.
+    let known = |e: &&LedgerEvent<'_>| !e.account_period.is_empty() && e.monthly_after.is_some();
+    for e in events.iter().filter(known) {
         let newer = latest
             .get(e.user_id.as_ref())
             .is_none_or(|cur| (e.stream_ms, e.stream_seq) > (cur.stream_ms, cur.stream_seq));
@@ -473,8 +476,8 @@ async fn upsert_snapshots(
     );
     for (user, e) in latest {
         users.push(user.to_owned());
-        monthly.push(e.monthly_after);
-        bonus.push(e.bonus_after);
+        monthly.push(e.monthly_after.unwrap_or(0));
+        bonus.push(e.bonus_after.unwrap_or(0));
         period.push(e.account_period.clone());
         day.push(e.account_day.clone());
         used.push(e.account_day_used);

@@ -7,7 +7,10 @@
 //! 2. each account's events form an unbroken chain: every event's balance
 //!    after equals the previous one's plus or minus what the event moved;
 //! 3. the daily aggregates equal the sums of the rows they summarise;
-//! 4. each snapshot equals its account's latest event.
+//! 4. each snapshot equals its account's latest event;
+//! 5. each credit lease adds up: the calls spent from it plus what it gave
+//!    back equal what it took, and one that was neither settled nor lost
+//!    is still open in Redis.
 
 use std::collections::HashMap;
 
@@ -101,6 +104,9 @@ pub async fn verify(
                 "refund" => Some((pm + fm, pb + fb)),
                 "grant" => Some((*pm, pb + amount)),
                 "reset" => Some((amount, *pb)),
+                "lease" => Some((pm - fm, pb - fb)),
+                "lease_return" => Some((pm + fm, pb + fb)),
+                "lease_lost" => Some((*pm, *pb)),
                 _ => None,
             };
             if let Some(exp) = expected.filter(|exp| *exp != (m, b)) {
@@ -194,7 +200,58 @@ pub async fn verify(
             });
         }
     }
+    // 5. Leases.
+    let leases: Vec<(String, String, Option<i64>, i64, i64, Option<i64>, i64)> = sqlx::query_as(
+        "SELECT MIN(user_id), lease_id,
+                SUM(amount) FILTER (WHERE kind = 'lease')::bigint,
+                COUNT(*) FILTER (WHERE kind = 'lease'),
+                (COALESCE(SUM(amount) FILTER (WHERE kind = 'charge'), 0)
+                 - COALESCE(SUM(amount) FILTER (WHERE kind = 'refund'), 0))::bigint,
+                SUM(amount) FILTER (WHERE kind = 'lease_return')::bigint,
+                COUNT(*) FILTER (WHERE kind = 'lease_lost')
+         FROM ledger_events WHERE lease_id IS NOT NULL
+         GROUP BY lease_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (user, lease, taken, takes, spent, returned, lost) in leases {
+        let what = match (taken, returned) {
+            (None, _) => Some(format!("lease {lease}: {spent} spent, but no lease event")),
+            (Some(_), _) if takes > 1 || lost > 1 || (returned.is_some() && lost > 0) => {
+                Some(format!("lease {lease}: taken {takes}x, lost {lost}x, returned {returned:?}"))
+            }
+            (Some(t), _) if spent > t => Some(format!("lease {lease}: {spent} spent of {t}")),
+            (Some(t), Some(r)) if spent + r != t => Some(format!(
+                "lease {lease}: took {t}, {spent} spent, {r} returned"
+            )),
+            (Some(_), None) if lost == 0 && !lease_open(con, keys, &user, &lease).await? => {
+                Some(format!("lease {lease}: neither returned nor lost, and not open in Redis"))
+            }
+            _ => None,
+        };
+        if let Some(what) = what {
+            report.drifts.push(Drift { user, what });
+        }
+    }
     Ok(report)
+}
+
+/// Whether the account still holds `lease` in Redis (open, in a gateway).
+async fn lease_open(
+    con: &mut RedisConn,
+    keys: &KeyLayout,
+    user: &str,
+    lease: &str,
+) -> Result<bool, VerifyError> {
+    let Ok(user) = crate::domain::UserId::parse(user) else {
+        return Ok(false);
+    };
+    let open: bool = redis::cmd("HEXISTS")
+        .arg(keys.account(&user))
+        .arg(format!("lease:{lease}"))
+        .query_async(con)
+        .await?;
+    Ok(open)
 }
 
 struct RedisAccount {

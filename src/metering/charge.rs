@@ -14,6 +14,10 @@ impl Meter {
         let event_id = uuid::Uuid::now_v7().to_string();
         let account = self.keys.account(req.user);
         let (record, idempotency, fingerprint, lease) = match req.idempotency {
+            // Where charge.lua indexes a lease it grants.
+            Idempotency::None if matches!(req.mode, Mode::Lease { .. }) => {
+                (self.keys.leases_of(req.user), "0", "", 0)
+            }
             // Never read: any key of the account's slot will do.
             Idempotency::None => (account.clone(), "0", "", 0),
             Idempotency::RequestId => (self.keys.request(req.user, req.request_id), "1", "", 0),
@@ -42,10 +46,23 @@ impl Meter {
         args.push(event_id.as_str());
         args.push(req.request_id.as_str());
         args.push(idempotency);
-        args.push(match req.mode {
-            Mode::Charge => "charge",
-            Mode::Check => "check",
-        });
+        match req.mode {
+            Mode::Charge => args.push("charge"),
+            Mode::Check => args.push("check"),
+            Mode::Lease {
+                credits,
+                room,
+                ttl_ms,
+            } => args.push_with(|out| {
+                let mut n = itoa::Buffer::new();
+                out.extend_from_slice(b"lease:");
+                out.extend_from_slice(n.format(credits).as_bytes());
+                out.push(b':');
+                out.extend_from_slice(n.format(room).as_bytes());
+                out.push(b':');
+                out.extend_from_slice(n.format(ttl_ms).as_bytes());
+            }),
+        }
         args.push(fingerprint);
         args.push(lease);
         args.push_with(|out| event_members(out, req));
@@ -67,6 +84,12 @@ impl Meter {
         match decode_charge(answer.value, event_id) {
             Ok(ChargeOutcome::Charged(receipt)) if !answer.replicated => {
                 self.give_back(req, &receipt).await;
+                if let Some(LeaseUse::Took(lease)) = &receipt.lease {
+                    // Nobody will spend it: back whole, as the charge.
+                    if let Err(error) = self.settle_lease(req.user, &lease.id, 0, "replication").await {
+                        tracing::error!(user = %req.user, %error, "could not give back an unreplicated lease");
+                    }
+                }
                 Err(MeterError::NotReplicated)
             }
             Err(MeterError::Expired) => {
@@ -129,8 +152,9 @@ pub(super) fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
 
 /// charge.lua's common answer, one string:
 /// `ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked>
-/// <rate_remaining> <rate_reset_ms> <plan>`. Strict: one space between
-/// fields, every number an integer, or the reply is refused.
+/// <rate_remaining> <rate_reset_ms> <plan>[ <lease credits> <lease from monthly> <lease from bonus>]`.
+/// Strict: one space between fields, every number an integer, or the reply
+/// is refused.
 fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
     let mut rest = line.strip_prefix(b"ok ")?;
     let mut n = [0i64; 10];
@@ -151,8 +175,28 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
         rate_remaining,
         rate_reset_ms,
     ] = n;
+    let (plan, lease) = match rest.iter().position(|&b| b == b' ') {
+        None => (rest, None),
+        Some(end) => {
+            let mut l = [0i64; 3];
+            let mut fields = rest[end + 1..].split(|&b| b == b' ');
+            for v in &mut l {
+                *v = rows::integer(fields.next()?)?;
+            }
+            if fields.next().is_some() {
+                return None;
+            }
+            let [credits, from_monthly, from_bonus] = l;
+            let lease = LeaseTaken {
+                id: format!("{event_id}:lease"),
+                credits,
+                from_monthly,
+                from_bonus,
+            };
+            (&rest[..end], Some(LeaseUse::Took(lease)))
+        }
+    };
     Some(ChargeOutcome::Charged(Receipt {
-        event_id,
         charged,
         balance: Balance {
             monthly: Credits::recorded(monthly),
@@ -170,7 +214,9 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
             }),
             _ => None,
         },
-        plan: PlanId::parse(std::str::from_utf8(rest).ok()?).ok()?,
+        plan: PlanId::parse(std::str::from_utf8(plan).ok()?).ok()?,
+        lease,
+        event_id,
     }))
 }
 
@@ -264,8 +310,19 @@ mod tests {
                     remaining: 9,
                     reset_ms: 1500
                 }),
+                lease: None,
             })
         );
+        let leased = decode_charge(
+            Value::BulkString(b"ok 1 40 5 61 -1 1 0 0 -1 -1 pro 60 55 5".to_vec()),
+            "ev".into(),
+        )
+        .expect("ok with a lease");
+        assert!(matches!(
+            leased,
+            ChargeOutcome::Charged(Receipt { lease: Some(LeaseUse::Took(LeaseTaken { ref id, credits: 60, from_monthly: 55, from_bonus: 5 })), .. })
+                if id == "ev:lease"
+        ));
         for bad in [
             "ok 3 7 0 3 100 3 0 0 -1 -1",
             "ok 3 7 0 3 100 3 0 0 p",

@@ -12,6 +12,10 @@
 //! {<prefix>:<shard>}:grant:<user>:<key>   string "fingerprint|monthly|bonus": an admin grant's
 //!                                                Idempotency-Key (TTL 24 h)
 //! {<prefix>:<shard>}:events               stream usage events of every account in the shard
+//! {<prefix>:<shard>}:leases               zset   open credit leases of the shard's accounts,
+//!                                                "<user> <lease id>" scored by their end (unix ms);
+//!                                                each lease itself is the account hash's field
+//!                                                "lease:<lease id>" (docs/LEASES.md)
 //! ```
 //!
 //! `shard = fnv1a64(user) % redis.shards`. Everything about one account
@@ -44,6 +48,10 @@ impl KeyLayout {
             tags,
             streams,
         }
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
     }
 
     pub fn shard_of(&self, user: &UserId) -> u16 {
@@ -110,6 +118,15 @@ impl KeyLayout {
     }
 
     /// The stream that receives `user`'s events.
+    /// The lease index of `user`'s shard.
+    pub fn leases_of(&self, user: &UserId) -> String {
+        self.leases(self.shard_of(user))
+    }
+
+    pub fn leases(&self, shard: u16) -> String {
+        format!("{}:leases", self.tag(shard))
+    }
+
     pub fn stream_of(&self, user: &UserId) -> String {
         self.stream(self.shard_of(user))
     }

@@ -20,6 +20,7 @@ mod complete;
 pub mod connection;
 mod grant;
 pub mod keys;
+mod lease;
 mod refund;
 mod reply;
 mod reset;
@@ -42,6 +43,7 @@ use crate::telemetry::metrics;
 pub use calendar::{Calendar, LocalDay, Period, Stamp};
 pub use connection::{RedisConn, Target};
 pub use keys::KeyLayout;
+pub use lease::LeaseClosed;
 pub use types::*;
 
 /// Cheap to clone: one multiplexed connection (per cluster node) is shared.

@@ -62,6 +62,27 @@ pub struct Receipt {
     /// Where the plan's rate limit stands after this call; `None` when the
     /// plan has none.
     pub rate: Option<RateState>,
+    /// The lease this call took ([`Mode::Lease`]), or was spent from.
+    pub lease: Option<LeaseUse>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseUse {
+    /// Charged in Redis, which also granted this lease.
+    Took(LeaseTaken),
+    /// Spent from this lease, without Redis (`crate::leases`).
+    SpentFrom(std::sync::Arc<str>),
+}
+
+/// A lease charge.lua granted with a charge: its credits, taken from the
+/// monthly allowance first, then bonus. Its id is the charge's event id
+/// followed by `:lease`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTaken {
+    pub id: String,
+    pub credits: i64,
+    pub from_monthly: i64,
+    pub from_bonus: i64,
 }
 
 /// The account's rate limit after a call (GCRA in charge.lua).
@@ -161,6 +182,15 @@ pub enum Mode {
     Charge,
     /// Same rules, nothing written (`POST /api/credits/check`).
     Check,
+    /// Charge, and take a lease of `credits` when the account keeps at
+    /// least `room` credits and `room` of its daily limit after it
+    /// (docs/LEASES.md). Ignored for idempotent charges and rate-limited
+    /// plans.
+    Lease {
+        credits: i64,
+        room: i64,
+        ttl_ms: u64,
+    },
 }
 
 pub struct ChargeRequest<'a> {

@@ -46,9 +46,10 @@ use crate::domain::{
     ActionId, Credits, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId,
 };
 use crate::error::ApiError;
+use crate::leases::Leases;
 use crate::metering::{
-    Balance, ChargeRequest, Idempotency, Mode, RateState, Receipt, RefundOf, RefundOutcome, Repeat,
-    Stamp,
+    Balance, ChargeRequest, Idempotency, LeaseUse, Mode, RateState, Receipt, RefundOf,
+    RefundOutcome, Repeat, Stamp,
 };
 use crate::telemetry::metrics::{self, ModuleMetrics};
 use crate::upstream::{IdleTimeout, PooledBody, Upstreams};
@@ -70,6 +71,8 @@ pub struct ProxySettings {
 
 pub struct Proxy {
     billing: Billing,
+    /// Credit leases (`metering.leases.enabled`): calls spent without Redis.
+    leases: Option<Arc<Leases>>,
     upstreams: Upstreams,
     settings: ProxySettings,
     /// Per-module metric handles, resolved once (see [`ModuleMetrics`]).
@@ -107,7 +110,12 @@ enum Settlement {
 impl Proxy {
     /// Builds the per-module metric handles: call after the metrics
     /// recorder is installed.
-    pub fn new(billing: Billing, upstreams: Upstreams, settings: ProxySettings) -> Self {
+    pub fn new(
+        billing: Billing,
+        leases: Option<Arc<Leases>>,
+        upstreams: Upstreams,
+        settings: ProxySettings,
+    ) -> Self {
         let catalog = Arc::clone(billing.catalog());
         let plans = catalog.plans().iter().map(|p| p.id.as_str());
         let metrics = catalog
@@ -122,6 +130,7 @@ impl Proxy {
             .collect();
         Self {
             billing,
+            leases,
             upstreams,
             settings,
             metrics,
@@ -337,6 +346,31 @@ impl Proxy {
             },
             _ => Idempotency::None,
         };
+        // A call without an Idempotency-Key may be spent from a lease this
+        // worker holds: no Redis call. Otherwise a hot account's charge
+        // may ask for one.
+        let leases = self
+            .leases
+            .as_ref()
+            .filter(|_| ctx.idempotency_key.is_none());
+        if let Some(leases) = leases {
+            let spent = leases
+                .spend(
+                    user,
+                    key_hash,
+                    &ctx.module,
+                    ctx.action.as_ref(),
+                    &ctx.request_id,
+                    &ctx.stamp,
+                )
+                .await;
+            if let Some(receipt) = spent {
+                return Ok(self.charged(ctx, key_hash, receipt));
+            }
+        }
+        let mode = leases
+            .and_then(|l| l.ask(user, &ctx.module, ctx.module.cost_of(ctx.action.as_ref())))
+            .unwrap_or(Mode::Charge);
         let request = ChargeRequest {
             user,
             key_hash,
@@ -346,27 +380,20 @@ impl Proxy {
             idempotency,
             actor: "proxy",
             stamp: &ctx.stamp,
-            mode: Mode::Charge,
+            mode,
         };
-        match self.billing.charge(&request).await {
-            Ok(Decision::Charged(receipt)) => {
-                if let Some(m) = self.metrics_of(&ctx.module) {
-                    m.charged(receipt.plan.as_str(), receipt.charged);
-                }
-                if let Some(hash) = key_hash {
-                    self.billing.accounts().note_key_use(hash, ctx.stamp.now);
-                }
-                ctx.charged = receipt.charged;
-                ctx.balance = Some(receipt.balance);
-                ctx.rate = receipt.rate.and_then(|state| {
-                    let plan = self.billing.catalog().plan(receipt.plan.as_str())?;
-                    Some((plan.rate_limit?, state))
-                });
-                ctx.plan = Some(receipt.plan.clone());
-                let plan = receipt.plan.clone();
-                ctx.receipt = Some(receipt);
-                Ok(Charged::Fresh(plan))
-            }
+        let decided = self.billing.charge(&request).await;
+        if let (Some(leases), Mode::Lease { .. }) = (leases, mode) {
+            let receipt = match &decided {
+                Ok(Decision::Charged(receipt)) => Some(receipt),
+                _ => None,
+            };
+            leases
+                .asked(user, key_hash, &ctx.module, receipt, &ctx.stamp)
+                .await;
+        }
+        match decided {
+            Ok(Decision::Charged(receipt)) => Ok(self.charged(ctx, key_hash, receipt)),
             Ok(Decision::Repeat(Repeat::Replay {
                 response,
                 balance,
@@ -395,6 +422,27 @@ impl Proxy {
             }
             Err(e) => Err(ApiError::for_caller(e)),
         }
+    }
+
+    /// A charge made, in Redis or from a lease: what the later phases and
+    /// the response need of it.
+    fn charged(&self, ctx: &mut Ctx, key_hash: Option<&KeyHash>, receipt: Receipt) -> Charged {
+        if let Some(m) = self.metrics_of(&ctx.module) {
+            m.charged(receipt.plan.as_str(), receipt.charged);
+        }
+        if let Some(hash) = key_hash {
+            self.billing.accounts().note_key_use(hash, ctx.stamp.now);
+        }
+        ctx.charged = receipt.charged;
+        ctx.balance = Some(Leases::view_of(&receipt));
+        ctx.rate = receipt.rate.and_then(|state| {
+            let plan = self.billing.catalog().plan(receipt.plan.as_str())?;
+            Some((plan.rate_limit?, state))
+        });
+        ctx.plan = Some(receipt.plan.clone());
+        let plan = receipt.plan.clone();
+        ctx.receipt = Some(receipt);
+        Charged::Fresh(plan)
     }
 
     /// Phase 4: stream the request to the upstream.
@@ -445,6 +493,33 @@ impl Proxy {
         let Some(receipt) = ctx.receipt.take() else {
             return;
         };
+        if let (Some(leases), Some(LeaseUse::SpentFrom(lease))) = (&self.leases, &receipt.lease) {
+            // Back to its lease while the lease is open; after, in Redis.
+            let back = leases
+                .give_back(
+                    user,
+                    lease,
+                    &receipt,
+                    &ctx.module,
+                    ctx.action.as_ref(),
+                    &ctx.request_id,
+                    &ctx.stamp,
+                )
+                .await;
+            if back {
+                if let Some(m) = self.metrics_of(&ctx.module) {
+                    m.refunded(receipt.plan.as_str(), receipt.charged);
+                }
+                ctx.charged = 0;
+                if let Some(b) = ctx.balance.as_mut() {
+                    b.monthly = Credits::recorded(b.monthly.get() + receipt.from_monthly);
+                    b.bonus = Credits::recorded(b.bonus.get() + receipt.from_bonus);
+                    b.day_used = Credits::recorded(b.day_used.get() - receipt.charged);
+                }
+                tracing::info!(request_id = %ctx.request_id, reason, "leased call given back");
+                return;
+            }
+        }
         let of = match &ctx.idempotency_key {
             Some(key) => RefundOf::Idempotent(key),
             None => RefundOf::Receipt {

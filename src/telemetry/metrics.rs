@@ -33,10 +33,12 @@ pub const WEBHOOK_DELIVERIES: &str = "creditgate_webhook_deliveries_total";
 pub const WEBHOOK_ATTEMPTS: &str = "creditgate_webhook_delivery_attempts";
 pub const WEBHOOK_QUEUE_AGE: &str = "creditgate_webhook_queue_age_seconds";
 pub const WEBHOOK_QUEUE_DEPTH: &str = "creditgate_webhook_queue_deliveries";
+pub const LEASED_CALLS: &str = "creditgate_leased_calls_total";
+pub const LEASES: &str = "creditgate_leases_total";
 
 /// Every metric name, for tests that check dashboards and alerts only use
 /// what is exported.
-pub const ALL: [&str; 22] = [
+pub const ALL: [&str; 24] = [
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -59,6 +61,8 @@ pub const ALL: [&str; 22] = [
     WEBHOOK_ATTEMPTS,
     WEBHOOK_QUEUE_AGE,
     WEBHOOK_QUEUE_DEPTH,
+    LEASED_CALLS,
+    LEASES,
 ];
 
 /// Latency buckets: sub-millisecond (Redis scripts) to a minute (slow
@@ -196,6 +200,14 @@ fn describe() {
     describe_gauge!(
         WEBHOOK_QUEUE_DEPTH,
         "Webhook deliveries not yet delivered or given up"
+    );
+    describe_counter!(
+        LEASED_CALLS,
+        "Calls spent from a credit lease without a Redis call, by result: served, or fell_back to Redis when the spend log could not be written"
+    );
+    describe_counter!(
+        LEASES,
+        "Credit leases by event: taken, settled (by their gateway) or lost (closed by the sweep, credits kept)"
     );
 }
 
@@ -398,6 +410,30 @@ impl Drop for Held {
             gauge.decrement(1.0);
         }
     }
+}
+
+/// One call spent from a lease (`written`), or sent back to Redis.
+pub fn lease_call(written: bool) {
+    static HANDLES: OnceLock<[Counter; 2]> = OnceLock::new();
+    let [served, fell_back] = HANDLES.get_or_init(|| {
+        [
+            counter!(LEASED_CALLS, "result" => "served"),
+            counter!(LEASED_CALLS, "result" => "fell_back"),
+        ]
+    });
+    if written { served } else { fell_back }.increment(1);
+}
+
+pub fn lease_taken() {
+    counter!(LEASES, "event" => "taken").increment(1);
+}
+
+pub fn lease_settled(_spent: i64) {
+    counter!(LEASES, "event" => "settled").increment(1);
+}
+
+pub fn lease_lost() {
+    counter!(LEASES, "event" => "lost").increment(1);
 }
 
 /// One API key looked up in Postgres: "found", "unknown" or "shed".

@@ -234,8 +234,16 @@ impl Outbox {
     /// left, and the charge that left it.
     fn lows<'e>(&self, events: &'e [LedgerEvent<'_>]) -> BTreeMap<(&'e str, &'e str), Low> {
         let mut lows: BTreeMap<(&str, &str), Low> = BTreeMap::new();
-        for e in events.iter().filter(|e| e.kind == "charge") {
-            let remaining = e.monthly_after + e.bonus_after;
+        // A lease moves the balance as its calls would: the credits are held.
+        // The calls spent from it carry no balance.
+        for e in events
+            .iter()
+            .filter(|e| e.kind == "charge" || e.kind == "lease")
+        {
+            let (Some(monthly_after), Some(bonus_after)) = (e.monthly_after, e.bonus_after) else {
+                continue;
+            };
+            let remaining = monthly_after + bonus_after;
             let entry = lows
                 .entry((e.user_id.as_ref(), e.account_period.as_ref()))
                 .or_insert_with(|| Low {
@@ -249,8 +257,8 @@ impl Outbox {
             if remaining < entry.remaining {
                 *entry = Low {
                     remaining,
-                    monthly: e.monthly_after,
-                    bonus: e.bonus_after,
+                    monthly: monthly_after,
+                    bonus: bonus_after,
                     plan: e.plan.as_deref().map(str::to_owned),
                     at: e.occurred_at,
                     month: e.local_day.with_day(1).unwrap_or(e.local_day),

@@ -639,8 +639,8 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
                 amount,
                 from_monthly: amount,
                 from_bonus: 0,
-                monthly_after: 100,
-                bonus_after: 0,
+                monthly_after: Some(100),
+                bonus_after: Some(0),
                 plan: Some("pro".into()),
                 request_id: Some(format!("req-{seq}").into()),
                 actor: "gateway".into(),
@@ -655,6 +655,7 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
                 account_day: "".into(),
                 account_day_used: 0,
                 reason: Some(format!("tab\there {seq}").into()),
+                lease_id: None,
                 shard,
             }
         };

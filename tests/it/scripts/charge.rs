@@ -244,8 +244,8 @@ async fn a_charge_row_reads_back_exactly_what_was_charged() {
     let (reset, charge) = (&events[0], &events[1]);
     assert_eq!(reset.kind, "reset");
     assert_eq!(reset.amount, 500);
-    assert_eq!(reset.monthly_after, 500);
-    assert_eq!(reset.bonus_after, 5);
+    assert_eq!(reset.monthly_after, Some(500));
+    assert_eq!(reset.bonus_after, Some(5));
     assert!(reset.event_id.ends_with(":reset"));
     assert_eq!(format!("{}:reset", charge.event_id), reset.event_id);
 
@@ -260,7 +260,7 @@ async fn a_charge_row_reads_back_exactly_what_was_charged() {
         (charge.amount, charge.from_monthly, charge.from_bonus),
         (3, 3, 0)
     );
-    assert_eq!((charge.monthly_after, charge.bonus_after), (497, 5));
+    assert_eq!((charge.monthly_after, charge.bonus_after), (Some(497), Some(5)));
     assert_eq!(charge.local_day.to_string(), "2026-11-01");
     assert_eq!(
         (charge.account_period.as_ref(), charge.account_day.as_ref()),

@@ -1,0 +1,666 @@
+//! Credit leases, the gateway side (docs/LEASES.md).
+//!
+//! Owns one worker's open leases: when a hot account's charge asks for one,
+//! spending a call from one (no Redis: one line in the spend log, awaited),
+//! giving a failed call back to its lease, and closing leases. A lease is
+//! closed when it ends (`metering.leases.ttl_ms` after it was taken, or
+//! when spent), by `settle` in lease.lua with what was spent; leases whose
+//! gateway died are settled from its spend log by the next gateway to start
+//! on the same disk, or closed as lost by any gateway's sweep once they are
+//! `lost_after_secs` past their end.
+//!
+//! What keeps the guarantees (each tested in `tests/it/leases.rs`):
+//! - limits: a lease's credits leave the balance and the day counter before
+//!   its first call, and none is granted near a limit (`room`);
+//! - revocations, blocks, plan changes: a lease is spent for at most
+//!   `ttl_ms` (≤ 900 ms), then the next call goes to Redis, which refuses;
+//! - exactly once: each leased call is one spend-log line, written before
+//!   the call is forwarded, and one ledger row (its event id) from there;
+//!   its lease is settled only after every line of it is written.
+
+pub mod log;
+pub mod tail;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::catalog::Module;
+use crate::config::LeaseSettings;
+use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, UserId};
+use crate::ledger::BatchHook;
+use crate::ledger::event::LedgerEvent;
+use crate::metering::{Balance, LeaseClosed, LeaseUse, Meter, Mode, Receipt, Stamp};
+use crate::telemetry::metrics;
+use log::{Files, SpendLog};
+use tail::{Progress, Tailer};
+
+pub struct Leases {
+    settings: LeaseSettings,
+    meter: Meter,
+    pool: sqlx::PgPool,
+    hook: Option<Arc<dyn BatchHook>>,
+    files: Files,
+    log: SpendLog,
+    /// Held while this worker lives: its files are not a dead worker's.
+    _lock: std::fs::File,
+    appended: Arc<Notify>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Per user, the leases held for (key, module).
+    open: HashMap<String, Vec<Held>>,
+    /// Per (user, module), the charges of the current second.
+    heat: HashMap<(String, String), Heat>,
+    /// Ended leases waiting for their settle (or retrying it).
+    closing: Vec<Closing>,
+}
+
+struct Held {
+    key: Option<KeyHash>,
+    module: ModuleId,
+    lease: Lease,
+}
+
+struct Lease {
+    id: Arc<str>,
+    plan: PlanId,
+    credits: i64,
+    from_monthly: i64,
+    spent: i64,
+    /// Calls counted in `spent` whose spend-log line is not written yet:
+    /// the lease is not settled before they are.
+    pending: u32,
+    ends: Instant,
+    day: String,
+    period: String,
+    /// The balance Redis answered, after the lease was taken from it.
+    balance: Balance,
+    /// Spent (a call did not fit), or its log failed: no more calls.
+    ended: bool,
+}
+
+impl Lease {
+    fn usable(&self, now: Instant, stamp: &Stamp, cost: i64) -> bool {
+        !self.ended
+            && now < self.ends
+            && self.credits - self.spent >= cost
+            && self.day == stamp.day.as_str()
+            && self.period == stamp.period.as_str()
+    }
+
+    /// The account's balance as callers should see it: Redis's, plus what
+    /// the lease still holds (spent from the monthly part first).
+    fn view(&self) -> Balance {
+        let spent_monthly = self.spent.clamp(0, self.from_monthly);
+        let from_bonus = self.credits - self.from_monthly;
+        let left_bonus = from_bonus - (self.spent - spent_monthly);
+        Balance {
+            monthly: Credits::recorded(
+                self.balance.monthly.get() + self.from_monthly - spent_monthly,
+            ),
+            bonus: Credits::recorded(self.balance.bonus.get() + left_bonus),
+            day_used: Credits::recorded(
+                self.balance.day_used.get() - (self.credits - self.spent),
+            ),
+            daily_limit: self.balance.daily_limit,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Heat {
+    second: u64,
+    calls: u32,
+    /// A charge asking for a lease is in Redis: the others don't ask too.
+    asking: bool,
+}
+
+struct Closing {
+    user: UserId,
+    id: Arc<str>,
+    spent: i64,
+}
+
+impl Leases {
+    /// Opens this worker's spend log (its writer runs on the current
+    /// runtime). The tasks that close leases and write the log to the
+    /// ledger are [`Leases::run`].
+    pub fn start(
+        settings: LeaseSettings,
+        meter: Meter,
+        pool: sqlx::PgPool,
+        hook: Option<Arc<dyn BatchHook>>,
+    ) -> std::io::Result<Arc<Self>> {
+        let files = Files {
+            dir: settings.dir.clone(),
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+        };
+        let appended = Arc::new(Notify::new());
+        let (log, lock) = SpendLog::start(&files, Arc::clone(&appended))?;
+        Ok(Arc::new(Self {
+            settings,
+            meter,
+            pool,
+            hook,
+            files,
+            log,
+            _lock: lock,
+            appended,
+            state: Mutex::new(State::default()),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding it leaves plain data behind: go on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spends one call from a lease this worker holds for (user, key,
+    /// module), if one fits: its receipt, after its spend-log line is
+    /// written. `None`: charge it in Redis.
+    pub async fn spend(
+        &self,
+        user: &UserId,
+        key: Option<&KeyHash>,
+        module: &Module,
+        action: Option<&ActionId>,
+        request_id: &RequestId,
+        stamp: &Stamp,
+    ) -> Option<Receipt> {
+        let cost = module.cost_of(action).get();
+        let now = Instant::now();
+        let (event, receipt) = {
+            let mut state = self.state();
+            let held = state
+                .open
+                .get_mut(user.as_str())?
+                .iter_mut()
+                .find(|h| h.key.as_ref() == key && h.module == module.id)?;
+            let lease = &mut held.lease;
+            if !lease.usable(now, stamp, cost) {
+                if lease.credits - lease.spent < cost {
+                    lease.ended = true;
+                }
+                return None;
+            }
+            let from_monthly = (lease.from_monthly - lease.spent).clamp(0, cost);
+            lease.spent += cost;
+            lease.pending += 1;
+            let event = spend_event(
+                user,
+                &lease.id,
+                "charge",
+                module,
+                action,
+                [cost, from_monthly, cost - from_monthly],
+                &lease.plan,
+                request_id,
+                stamp,
+            );
+            let receipt = Receipt {
+                event_id: event.event_id.to_string(),
+                plan: lease.plan.clone(),
+                auto_blocked: false,
+                charged: cost,
+                from_monthly,
+                from_bonus: cost - from_monthly,
+                balance: lease.view(),
+                rate: None,
+                lease: Some(LeaseUse::SpentFrom(Arc::clone(&lease.id))),
+            };
+            (event, receipt)
+        };
+        let written = self.log.write(log::spend_line(&event)).await;
+        let id = match &receipt.lease {
+            Some(LeaseUse::SpentFrom(id)) => Arc::clone(id),
+            _ => return None,
+        };
+        self.with_lease(user, &id, |lease| {
+            lease.pending -= 1;
+            if !written {
+                lease.spent -= cost;
+                lease.ended = true;
+            }
+        });
+        metrics::lease_call(written);
+        written.then_some(receipt)
+    }
+
+    fn with_lease<T>(&self, user: &UserId, id: &str, f: impl FnOnce(&mut Lease) -> T) -> Option<T> {
+        let mut state = self.state();
+        let held = state
+            .open
+            .get_mut(user.as_str())?
+            .iter_mut()
+            .find(|h| &*h.lease.id == id)?;
+        Some(f(&mut held.lease))
+    }
+
+    /// Counts a charge going to Redis, and says whether it should ask for
+    /// a lease: the account made `after_calls` charges of this module in
+    /// this second here, holds no usable lease for them, and no other
+    /// charge is asking already. Every `Some` must be followed by
+    /// [`Leases::asked`].
+    pub fn ask(&self, user: &UserId, module: &Module, cost: Credits) -> Option<Mode> {
+        let cost = cost.get();
+        if cost <= 0 {
+            return None;
+        }
+        let second = self.meter_second();
+        let mut state = self.state();
+        let heat = state
+            .heat
+            .entry((user.as_str().to_owned(), module.id.as_str().to_owned()))
+            .or_default();
+        if heat.second != second {
+            heat.second = second;
+            heat.calls = 0;
+        }
+        heat.calls += 1;
+        if heat.asking || heat.calls < self.settings.after_calls {
+            return None;
+        }
+        heat.asking = true;
+        let credits = cost.saturating_mul(self.settings.calls);
+        Some(Mode::Lease {
+            credits,
+            room: credits.saturating_mul(self.settings.room),
+            ttl_ms: self.settings.ttl_ms,
+        })
+    }
+
+    fn meter_second(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    /// The answer to a charge that asked for a lease: holds the lease it
+    /// took, if any, once its `L` line is written (a lease the log does
+    /// not know could not be settled after a crash: it is given back at
+    /// once instead).
+    pub async fn asked(
+        &self,
+        user: &UserId,
+        key: Option<&KeyHash>,
+        module: &Module,
+        receipt: Option<&Receipt>,
+        stamp: &Stamp,
+    ) {
+        let taken = match receipt.and_then(|r| r.lease.as_ref()) {
+            Some(LeaseUse::Took(taken)) => Some(taken),
+            _ => None,
+        };
+        let Some((taken, receipt)) = taken.zip(receipt) else {
+            self.done_asking(user, module);
+            return;
+        };
+        let id: Arc<str> = Arc::from(taken.id.as_str());
+        // Written before the lease can be spent: its calls' lines follow it.
+        let logged = self
+            .log
+            .write(log::lease_line(&id, user.as_str()))
+            .await;
+        let mut state = self.state();
+        if let Some(heat) = state
+            .heat
+            .get_mut(&(user.as_str().to_owned(), module.id.as_str().to_owned()))
+        {
+            heat.asking = false;
+        }
+        if !logged {
+            state.closing.push(Closing {
+                user: user.clone(),
+                id,
+                spent: 0,
+            });
+            return;
+        }
+        let lease = Lease {
+            id,
+            plan: receipt.plan.clone(),
+            credits: taken.credits,
+            from_monthly: taken.from_monthly,
+            spent: 0,
+            pending: 0,
+            ends: Instant::now() + Duration::from_millis(self.settings.ttl_ms),
+            day: stamp.day.as_str().to_owned(),
+            period: stamp.period.as_str().to_owned(),
+            balance: receipt.balance,
+            ended: false,
+        };
+        metrics::lease_taken();
+        state
+            .open
+            .entry(user.as_str().to_owned())
+            .or_default()
+            .push(Held {
+                key: key.cloned(),
+                module: module.id.clone(),
+                lease,
+            });
+    }
+
+    fn done_asking(&self, user: &UserId, module: &Module) {
+        if let Some(heat) = self
+            .state()
+            .heat
+            .get_mut(&(user.as_str().to_owned(), module.id.as_str().to_owned()))
+        {
+            heat.asking = false;
+        }
+    }
+
+    /// The balance a call taking a lease should report: Redis's, plus the
+    /// lease it just took.
+    pub fn view_of(receipt: &Receipt) -> Balance {
+        match &receipt.lease {
+            Some(LeaseUse::Took(t)) => Balance {
+                monthly: Credits::recorded(receipt.balance.monthly.get() + t.from_monthly),
+                bonus: Credits::recorded(receipt.balance.bonus.get() + t.credits - t.from_monthly),
+                day_used: Credits::recorded(receipt.balance.day_used.get() - t.credits),
+                daily_limit: receipt.balance.daily_limit,
+            },
+            _ => receipt.balance,
+        }
+    }
+
+    /// Gives a call spent from `lease` back to it (its upstream failed).
+    /// False when the lease is closed already: refund it in Redis then.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn give_back(
+        &self,
+        user: &UserId,
+        lease: &Arc<str>,
+        receipt: &Receipt,
+        module: &Module,
+        action: Option<&ActionId>,
+        request_id: &RequestId,
+        charged_at: &Stamp,
+    ) -> bool {
+        let amount = receipt.charged;
+        let open = self.with_lease(user, lease, |l| {
+            l.pending += 1;
+        });
+        if open.is_none() {
+            return false;
+        }
+        let event = spend_event(
+            user,
+            lease,
+            "refund",
+            module,
+            action,
+            [amount, receipt.from_monthly, receipt.from_bonus],
+            &receipt.plan,
+            request_id,
+            charged_at,
+        );
+        let written = self.log.write(log::spend_line(&event)).await;
+        self.with_lease(user, lease, |l| {
+            l.pending -= 1;
+            if written {
+                l.spent -= amount;
+            }
+        });
+        written
+    }
+
+    /// Runs this worker's lease tasks until `stopped`: closing ended
+    /// leases, writing the spend log to the ledger, and (`first`: one
+    /// worker per process) sweeping lost leases and settling dead workers'
+    /// logs. On stop, every lease is closed and the log written out.
+    pub async fn run(self: Arc<Self>, first: bool, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        let mut tailer = match Tailer::new(
+            self.files.clone(),
+            self.pool.clone(),
+            self.meter.keys().clone(),
+            self.hook.clone(),
+        ) {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::error!(%error, "spend log: cannot read it back");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(
+            (self.settings.ttl_ms / 4).clamp(5, 100),
+        ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep = Instant::now() - Duration::from_secs(3600);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.appended.notified() => {}
+                _ = stopped.wait_for(|s| *s) => break,
+            }
+            self.close_ended(false).await;
+            drain(&mut tailer).await;
+            if first && last_sweep.elapsed() >= Duration::from_secs(5) {
+                last_sweep = Instant::now();
+                self.replay_dead_workers().await;
+                self.sweep_lost().await;
+            }
+        }
+        // Stopping: no request is left (connections drained first).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.close_ended(true).await;
+            let left = {
+                let s = self.state();
+                s.closing.len() + s.open.values().map(Vec::len).sum::<usize>()
+            };
+            if left == 0 || Instant::now() > deadline {
+                if left > 0 {
+                    tracing::warn!(leases = left, "leases not settled at stop: the next start settles them from the spend log");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drain(&mut tailer).await;
+    }
+
+    /// Moves ended leases with no call in flight to closing (every lease,
+    /// with `all`), and settles those closing.
+    async fn close_ended(&self, all: bool) {
+        let now = Instant::now();
+        let closing: Vec<Closing> = {
+            let mut state = self.state();
+            let mut ended = Vec::new();
+            state.open.retain(|user, held| {
+                held.retain(|h| {
+                    let l = &h.lease;
+                    let over = all || l.ended || now >= l.ends;
+                    if over && l.pending == 0 {
+                        if let Ok(user) = UserId::parse(user) {
+                            ended.push(Closing {
+                                user,
+                                id: Arc::clone(&l.id),
+                                spent: l.spent,
+                            });
+                        }
+                        return false;
+                    }
+                    true
+                });
+                !held.is_empty()
+            });
+            let mut closing = std::mem::take(&mut state.closing);
+            closing.extend(ended);
+            if state.heat.len() > 4096 {
+                let second = self.meter_second();
+                state.heat.retain(|_, h| h.asking || h.second + 1 >= second);
+            }
+            closing
+        };
+        let mut retry = Vec::new();
+        for c in closing {
+            match self
+                .meter
+                .settle_lease(&c.user, &c.id, c.spent, "proxy")
+                .await
+            {
+                Ok(closed) => {
+                    if let LeaseClosed::Lost { .. } | LeaseClosed::Gone = closed {
+                        tracing::warn!(lease = %c.id, ?closed, "lease was closed before its settle");
+                    }
+                    metrics::lease_settled(c.spent);
+                    // Not waited: a missing `X` only makes a restart settle
+                    // it again, which finds nothing.
+                    let log = self.log.clone();
+                    let line = log::settled_line(&c.id);
+                    tokio::spawn(async move { log.write(line).await });
+                }
+                Err(error) => {
+                    tracing::warn!(lease = %c.id, %error, "lease settle failed; retrying");
+                    retry.push(c);
+                }
+            }
+        }
+        if !retry.is_empty() {
+            self.state().closing.extend(retry);
+        }
+    }
+
+    /// Settles the leases of workers that died (their lock file is free),
+    /// from their spend logs, then deletes the logs.
+    async fn replay_dead_workers(&self) {
+        let instances = match Files::instances(&self.files.dir) {
+            Ok(i) => i,
+            Err(error) => {
+                tracing::warn!(%error, "spend log directory unreadable");
+                return;
+            }
+        };
+        for instance in instances {
+            if instance == self.files.instance {
+                continue;
+            }
+            let files = Files {
+                dir: self.files.dir.clone(),
+                instance,
+            };
+            if let Err(error) = self.replay(&files).await {
+                tracing::warn!(instance = %files.instance, %error, "dead worker's spend log not replayed yet");
+            }
+        }
+    }
+
+    async fn replay(&self, files: &Files) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(files.lock())?;
+        if lock.try_lock().is_err() {
+            return Ok(()); // alive
+        }
+        let mut tailer = Tailer::new(
+            files.clone(),
+            self.pool.clone(),
+            self.meter.keys().clone(),
+            self.hook.clone(),
+        )?;
+        while tailer.step().await? == Progress::Moved {}
+        let open: Vec<(String, tail::OpenLease)> = tailer
+            .open_leases()
+            .iter()
+            .map(|(id, o)| (id.clone(), o.clone()))
+            .collect();
+        for (id, lease) in &open {
+            let user = UserId::parse(&lease.user)?;
+            let closed = self.meter.settle_lease(&user, id, lease.spent, "replay").await?;
+            tracing::info!(lease = %id, spent = lease.spent, ?closed, "dead worker's lease settled from its spend log");
+        }
+        tailer.remove_all()?;
+        tracing::info!(instance = %files.instance, leases = open.len(), "dead worker's spend log replayed");
+        Ok(())
+    }
+
+    /// Closes as lost the leases past their end by `lost_after_secs` that
+    /// no gateway settled.
+    async fn sweep_lost(&self) {
+        let grace = Duration::from_secs(self.settings.lost_after_secs);
+        let Ok(now) = self.meter.redis_now_ms().await else {
+            return;
+        };
+        let before = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX / 2);
+        for shard in 0..self.meter.keys().shards() {
+            let Ok(ended) = self.meter.ended_leases(shard, before, 100).await else {
+                return;
+            };
+            for (user, lease) in ended {
+                match self.meter.close_lost_lease(&user, &lease, grace).await {
+                    Ok(LeaseClosed::Lost { held }) => {
+                        metrics::lease_lost();
+                        tracing::warn!(%user, %lease, held, "lease closed as lost: its gateway never settled it");
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::debug!(%error, "lease sweep waits for Redis"),
+                }
+            }
+        }
+    }
+}
+
+/// Writes what the spend log holds to the ledger (retried next time on
+/// failure).
+async fn drain(tailer: &mut Tailer) {
+    loop {
+        match tailer.step().await {
+            Ok(Progress::Moved) => {}
+            Ok(Progress::AtEnd) => return,
+            Err(error) => {
+                tracing::warn!(%error, "spend log: ledger write failed; retrying");
+                return;
+            }
+        }
+    }
+}
+
+/// A leased call's ledger row: a charge (or its refund) with no balance
+/// after it, which moved with the lease.
+#[allow(clippy::too_many_arguments)]
+fn spend_event(
+    user: &UserId,
+    lease: &Arc<str>,
+    kind: &'static str,
+    module: &Module,
+    action: Option<&ActionId>,
+    [amount, from_monthly, from_bonus]: [i64; 3],
+    plan: &PlanId,
+    request_id: &RequestId,
+    stamp: &Stamp,
+) -> LedgerEvent<'static> {
+    LedgerEvent {
+        event_id: uuid::Uuid::now_v7().to_string().into(),
+        user_id: user.as_str().to_owned().into(),
+        kind,
+        module: Some(module.id.as_str().to_owned().into()),
+        action: action.map(|a| a.as_str().to_owned().into()),
+        amount,
+        from_monthly,
+        from_bonus,
+        monthly_after: None,
+        bonus_after: None,
+        plan: Some(plan.as_str().to_owned().into()),
+        request_id: Some(request_id.as_str().to_owned().into()),
+        actor: "proxy".into(),
+        local_day: stamp.day.date(),
+        occurred_at: stamp.now,
+        stream_ms: stamp.now_ms(),
+        stream_seq: 0,
+        account_period: "".into(),
+        account_day: "".into(),
+        account_day_used: 0,
+        reason: None,
+        lease_id: Some(lease.to_string().into()),
+        shard: 0,
+    }
+}

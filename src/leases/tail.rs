@@ -1,0 +1,229 @@
+//! Reading a spend log back: its calls into the ledger, and which of its
+//! leases are still open and how much of each was spent.
+//!
+//! The same reader follows a live worker's log (a few milliseconds behind
+//! it) and replays a dead worker's log at start, so the replay path is the
+//! one exercised by every leased call.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::log::{Files, Line, parse_line};
+use crate::ledger::BatchHook;
+use crate::ledger::event::LedgerEvent;
+use crate::ledger::store;
+use crate::metering::KeyLayout;
+
+/// The most events in one ledger write.
+const BATCH: usize = 4096;
+
+/// A lease the log shows taken and not settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenLease {
+    pub user: String,
+    /// Credits spent from it, net of calls given back.
+    pub spent: i64,
+    /// The segment its `L` line is in: that segment and every later one
+    /// stay on disk until it is settled.
+    segment: u64,
+}
+
+pub struct Tailer {
+    files: Files,
+    pool: PgPool,
+    keys: KeyLayout,
+    hook: Option<Arc<dyn BatchHook>>,
+    segment: u64,
+    offset: u64,
+    /// Segments read to their end, not yet deleted.
+    done: BTreeSet<u64>,
+    open: HashMap<String, OpenLease>,
+    /// Bad lines skipped (logged once each).
+    pub skipped: u64,
+}
+
+/// What one step found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Read and wrote something; there may be more.
+    Moved,
+    /// At the end of the newest segment.
+    AtEnd,
+}
+
+impl Tailer {
+    /// Reads `files` from its oldest segment on disk.
+    pub fn new(
+        files: Files,
+        pool: PgPool,
+        keys: KeyLayout,
+        hook: Option<Arc<dyn BatchHook>>,
+    ) -> std::io::Result<Self> {
+        let first = files.segments()?.first().copied().unwrap_or(0);
+        Ok(Self {
+            files,
+            pool,
+            keys,
+            hook,
+            segment: first,
+            offset: 0,
+            done: BTreeSet::new(),
+            open: HashMap::new(),
+            skipped: 0,
+        })
+    }
+
+    pub fn open_leases(&self) -> &HashMap<String, OpenLease> {
+        &self.open
+    }
+
+    /// Reads what was appended since the last step (up to one batch of
+    /// calls), writes its calls to the ledger, and only then moves on: a
+    /// failed write is read and written again next time.
+    pub async fn step(&mut self) -> Result<Progress, TailError> {
+        // Whether a next segment exists is asked before reading to the end
+        // of this one: once it exists, this one is complete.
+        let next_exists = self.files.segment(self.segment + 1).exists();
+        let mut file = match std::fs::File::open(self.files.segment(self.segment)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_exists => {
+                self.segment += 1;
+                self.offset = 0;
+                return Ok(Progress::Moved);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Progress::AtEnd),
+            Err(e) => return Err(TailError::Io(e)),
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        file.take(4 * 1024 * 1024).read_to_end(&mut buf)?;
+        // Only whole lines: the writer may be in the middle of one.
+        let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let text = String::from_utf8_lossy(&buf[..whole]);
+        let mut events: Vec<LedgerEvent<'_>> = Vec::new();
+        // The log's order, which the lease accounting follows: a lease's
+        // calls come after its `L` line.
+        let mut order: Vec<Op> = Vec::new();
+        let mut consumed = 0usize;
+        for line in text.split_inclusive('\n') {
+            if events.len() >= BATCH {
+                break;
+            }
+            consumed += line.len();
+            let line = line.trim_end_matches('\n');
+            if line.is_empty() {
+                continue;
+            }
+            let keys = &self.keys;
+            match parse_line(line, |user| {
+                crate::domain::UserId::parse(user)
+                    .map_or(0, |u| i16::try_from(keys.shard_of(&u)).unwrap_or(0))
+            }) {
+                Ok(Line::Spend(e)) => {
+                    order.push(Op::Spend(events.len()));
+                    events.push(e);
+                }
+                Ok(Line::Lease { lease, user }) => {
+                    order.push(Op::Lease(lease.to_owned(), user.into_owned()));
+                }
+                Ok(Line::Settled { lease }) => order.push(Op::Settled(lease.to_owned())),
+                Err(error) => {
+                    self.skipped += 1;
+                    tracing::error!(segment = self.segment, %error, "spend log: line skipped");
+                }
+            }
+        }
+        if !events.is_empty() {
+            store::write_batch(&self.pool, &events, &[], self.hook.as_deref()).await?;
+        }
+        let mut settled = false;
+        for op in order {
+            match op {
+                Op::Spend(i) => {
+                    let e = &events[i];
+                    if let Some(open) = e.lease_id.as_deref().and_then(|l| self.open.get_mut(l)) {
+                        open.spent += if e.kind == "refund" { -e.amount } else { e.amount };
+                    }
+                }
+                Op::Lease(lease, user) => {
+                    let segment = self.segment;
+                    self.open.insert(lease, OpenLease { user, spent: 0, segment });
+                }
+                Op::Settled(lease) => {
+                    settled |= self.open.remove(&lease).is_some();
+                }
+            }
+        }
+        self.offset += consumed as u64;
+        // This segment is complete once a next one exists: read to its end
+        // (a half line a failed write left at its end is dropped), go on.
+        let read_all = consumed == whole && buf.len() < 4 * 1024 * 1024;
+        if next_exists && read_all {
+            if whole < buf.len() {
+                self.skipped += 1;
+                tracing::error!(segment = self.segment, "spend log: half a line at a segment's end, skipped");
+            }
+            self.done.insert(self.segment);
+            self.segment += 1;
+            self.offset = 0;
+            self.delete_finished();
+            return Ok(Progress::Moved);
+        }
+        if settled {
+            self.delete_finished();
+        }
+        Ok(if consumed == 0 {
+            Progress::AtEnd
+        } else {
+            Progress::Moved
+        })
+    }
+
+    /// Deletes the segments read to their end that no open lease needs.
+    fn delete_finished(&mut self) {
+        let oldest_open = self.open.values().map(|o| o.segment).min();
+        let deletable: Vec<u64> = self
+            .done
+            .iter()
+            .copied()
+            .filter(|&s| oldest_open.is_none_or(|o| s < o))
+            .collect();
+        for s in deletable {
+            match std::fs::remove_file(self.files.segment(s)) {
+                Ok(()) => {
+                    self.done.remove(&s);
+                }
+                Err(error) => tracing::warn!(%error, segment = s, "spend log: cannot delete"),
+            }
+        }
+    }
+
+    /// Every segment of a dead worker read and written; its files can go
+    /// once its open leases are settled.
+    pub fn remove_all(&self) -> std::io::Result<()> {
+        for s in self.files.segments()? {
+            std::fs::remove_file(self.files.segment(s))?;
+        }
+        match std::fs::remove_file(self.files.lock()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+enum Op {
+    Spend(usize),
+    Lease(String, String),
+    Settled(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("spend log: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("ledger: {0}")]
+    Postgres(#[from] sqlx::Error),
+}
