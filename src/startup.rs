@@ -316,6 +316,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
         Arc::clone(&catalog),
         crate::webhooks::Outbox::new(Arc::clone(&settings.webhooks)),
     );
+    let mut billing = billing;
     let leases = if settings.metering.leases.enabled {
         let hook: Arc<dyn crate::ledger::BatchHook> = billing.outbox().clone();
         Some(
@@ -330,6 +331,9 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     } else {
         None
     };
+    if let Some(leases) = &leases {
+        billing = billing.with_leases(Arc::clone(leases));
+    }
     let proxy = Arc::new(Proxy::new(
         billing.clone(),
         leases.clone(),

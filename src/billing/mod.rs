@@ -59,6 +59,9 @@ pub struct Billing {
     /// Where account changes put their webhook events, in the change's
     /// own transaction.
     outbox: Arc<Outbox>,
+    /// This worker's credit leases: an access change ends the account's
+    /// at once here (other workers' end with their `ttl_ms`).
+    leases: Option<Arc<crate::leases::Leases>>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -83,7 +86,14 @@ impl Billing {
             calendar,
             catalog,
             outbox,
+            leases: None,
         }
+    }
+
+    /// The same, with this worker's credit leases.
+    pub fn with_leases(mut self, leases: Arc<crate::leases::Leases>) -> Self {
+        self.leases = Some(leases);
+        self
     }
 
     /// Redis: balances, limits, keys as charge.lua sees them.
@@ -276,7 +286,12 @@ impl Billing {
             Err(AccountError::UnknownUser(u)) => return Err(BillingError::UnknownUser(u)),
             other => other?,
         }
-        self.mirror(user).await
+        self.end_leases(user);
+        let mirrored = self.mirror(user).await;
+        // Again once Redis has the change: a lease it granted before is
+        // refused when its charge comes back (see `Leases::end_user`).
+        self.end_leases(user);
+        mirrored
     }
 
     /// A new API key for `user`, usable on every instance once this returns
@@ -304,7 +319,18 @@ impl Billing {
         actor: &str,
     ) -> Result<(), BillingError> {
         self.accounts.revoke_key(user, key_id, actor).await?;
-        self.mirror(user).await
+        self.end_leases(user);
+        let mirrored = self.mirror(user).await;
+        // Again once Redis has the change: a lease it granted before is
+        // refused when its charge comes back (see `Leases::end_user`).
+        self.end_leases(user);
+        mirrored
+    }
+
+    fn end_leases(&self, user: &UserId) {
+        if let Some(leases) = &self.leases {
+            leases.end_user(user);
+        }
     }
 
     /// After a change committed in Postgres: applies it to Redis now, so

@@ -40,7 +40,7 @@ const QUEUE: usize = 16 * 1024;
 #[derive(Debug)]
 pub enum Line<'a> {
     Lease { lease: &'a str, user: Cow<'a, str> },
-    Spend(LedgerEvent<'a>),
+    Spend(Box<LedgerEvent<'a>>),
     Settled { lease: &'a str },
 }
 
@@ -130,7 +130,7 @@ pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, S
             fn optional(s: &str) -> Option<Cow<'_, str>> {
                 (!s.is_empty()).then(|| unescape(s))
             }
-            Ok(Line::Spend(LedgerEvent {
+            Ok(Line::Spend(Box::new(LedgerEvent {
                 event_id: text(event),
                 kind,
                 module: optional(module),
@@ -156,7 +156,7 @@ pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, S
                 lease_id: Some(text(lease)),
                 user_id: user,
                 shard,
-            }))
+            })))
         }
         _ => Err(format!(
             "not a spend log line: {:?}",
@@ -261,9 +261,8 @@ impl SpendLog {
             .truncate(false)
             .write(true)
             .open(files.lock())?;
-        lock.try_lock().map_err(|e| {
-            io::Error::other(format!("{}: {e}", files.lock().display()))
-        })?;
+        lock.try_lock()
+            .map_err(|e| io::Error::other(format!("{}: {e}", files.lock().display())))?;
         let segment = Segment::create(files.clone(), 0)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write(rx, segment, appended));
@@ -400,7 +399,7 @@ mod tests {
         let text = std::str::from_utf8(&line).expect("utf8");
         let parsed = parse_line(text.trim_end_matches('\n'), |_| 7).expect("parses");
         match parsed {
-            Line::Spend(back) => assert_eq!(back, event),
+            Line::Spend(back) => assert_eq!(*back, event),
             other => panic!("{other:?}"),
         }
         let lease = lease_line("ev-0:lease", "alice@x");
@@ -410,9 +409,16 @@ mod tests {
         ));
         assert!(matches!(
             parse_line("X\tev-0:lease", |_| 0),
-            Ok(Line::Settled { lease: "ev-0:lease" })
+            Ok(Line::Settled {
+                lease: "ev-0:lease"
+            })
         ));
-        for bad in ["", "S\tshort", "Q\tx", "S\te\tl\tu\tgrant\trag\t\t1\t1\t0\tp\tr\tproxy\t1\t2026-11-29"] {
+        for bad in [
+            "",
+            "S\tshort",
+            "Q\tx",
+            "S\te\tl\tu\tgrant\trag\t\t1\t1\t0\tp\tr\tproxy\t1\t2026-11-29",
+        ] {
             assert!(parse_line(bad, |_| 0).is_err(), "{bad:?}");
         }
     }

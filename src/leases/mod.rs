@@ -58,6 +58,11 @@ struct State {
     heat: HashMap<(String, String), Heat>,
     /// Ended leases waiting for their settle (or retrying it).
     closing: Vec<Closing>,
+    /// Counts access changes ([`Leases::end_user`]); each user's last one.
+    /// A lease asked for before its account's last change is not used:
+    /// Redis may have granted it before it had the change.
+    generation: u64,
+    changed: HashMap<String, u64>,
 }
 
 struct Held {
@@ -82,6 +87,9 @@ struct Lease {
     balance: Balance,
     /// Spent (a call did not fit), or its log failed: no more calls.
     ended: bool,
+    /// Half spent, and a call went to Redis to take the next lease, so
+    /// that the others do not all find this one empty at once.
+    refilling: bool,
 }
 
 impl Lease {
@@ -104,9 +112,7 @@ impl Lease {
                 self.balance.monthly.get() + self.from_monthly - spent_monthly,
             ),
             bonus: Credits::recorded(self.balance.bonus.get() + left_bonus),
-            day_used: Credits::recorded(
-                self.balance.day_used.get() - (self.credits - self.spent),
-            ),
+            day_used: Credits::recorded(self.balance.day_used.get() - (self.credits - self.spent)),
             daily_limit: self.balance.daily_limit,
         }
     }
@@ -118,6 +124,13 @@ struct Heat {
     calls: u32,
     /// A charge asking for a lease is in Redis: the others don't ask too.
     asking: bool,
+}
+
+/// A charge's request for a lease ([`Leases::ask`]).
+pub struct Ask {
+    pub mode: Mode,
+    id: Arc<str>,
+    generation: u64,
 }
 
 struct Closing {
@@ -176,16 +189,24 @@ impl Leases {
         let now = Instant::now();
         let (event, receipt) = {
             let mut state = self.state();
-            let held = state
-                .open
-                .get_mut(user.as_str())?
-                .iter_mut()
-                .find(|h| h.key.as_ref() == key && h.module == module.id)?;
-            let lease = &mut held.lease;
-            if !lease.usable(now, stamp, cost) {
-                if lease.credits - lease.spent < cost {
-                    lease.ended = true;
+            let mut usable = None;
+            for h in state.open.get_mut(user.as_str())? {
+                if h.key.as_ref() != key || h.module != module.id {
+                    continue;
                 }
+                if h.lease.usable(now, stamp, cost) {
+                    usable = Some(h);
+                    break;
+                }
+                if h.lease.credits - h.lease.spent < cost {
+                    // Spent: the tick settles it.
+                    h.lease.ended = true;
+                }
+            }
+            let lease = &mut usable?.lease;
+            if !lease.refilling && (lease.credits - lease.spent - cost) * 2 < lease.credits {
+                // This call goes to Redis and asks for the next lease.
+                lease.refilling = true;
                 return None;
             }
             let from_monthly = (lease.from_monthly - lease.spent).clamp(0, cost);
@@ -246,13 +267,30 @@ impl Leases {
     /// this second here, holds no usable lease for them, and no other
     /// charge is asking already. Every `Some` must be followed by
     /// [`Leases::asked`].
-    pub fn ask(&self, user: &UserId, module: &Module, cost: Credits) -> Option<Mode> {
+    pub fn ask(
+        &self,
+        user: &UserId,
+        key: Option<&KeyHash>,
+        module: &Module,
+        stamp: &Stamp,
+        cost: Credits,
+    ) -> Option<Ask> {
         let cost = cost.get();
         if cost <= 0 {
             return None;
         }
         let second = self.meter_second();
+        let now = Instant::now();
         let mut state = self.state();
+        let holding = state.open.get(user.as_str()).is_some_and(|held| {
+            held.iter().any(|h| {
+                h.key.as_ref() == key
+                    && h.module == module.id
+                    && !h.lease.refilling
+                    && h.lease.usable(now, stamp, cost)
+            })
+        });
+        let generation = state.generation;
         let heat = state
             .heat
             .entry((user.as_str().to_owned(), module.id.as_str().to_owned()))
@@ -262,15 +300,21 @@ impl Leases {
             heat.calls = 0;
         }
         heat.calls += 1;
-        if heat.asking || heat.calls < self.settings.after_calls {
+        if holding || heat.asking || heat.calls < self.settings.after_calls {
             return None;
         }
         heat.asking = true;
         let credits = cost.saturating_mul(self.settings.calls);
-        Some(Mode::Lease {
-            credits,
-            room: credits.saturating_mul(self.settings.room),
-            ttl_ms: self.settings.ttl_ms,
+        let event = uuid::Uuid::now_v7();
+        Some(Ask {
+            mode: Mode::Lease {
+                credits,
+                room: credits.saturating_mul(self.settings.room),
+                ttl_ms: self.settings.ttl_ms,
+                event,
+            },
+            id: Arc::from(format!("{event}:lease")),
+            generation,
         })
     }
 
@@ -280,32 +324,32 @@ impl Leases {
             .map_or(0, |d| d.as_secs())
     }
 
+    /// Writes the lease `ask` may get into the spend log before Redis is
+    /// asked: a gateway killed between Redis granting it and its first
+    /// call still has it on disk, and the next start settles it. False:
+    /// the log cannot be written, charge without asking.
+    pub async fn announce(&self, user: &UserId, ask: &Ask) -> bool {
+        self.log
+            .write(log::lease_line(&ask.id, user.as_str()))
+            .await
+    }
+
     /// The answer to a charge that asked for a lease: holds the lease it
-    /// took, if any, once its `L` line is written (a lease the log does
-    /// not know could not be settled after a crash: it is given back at
-    /// once instead).
+    /// took, if any. A lease Redis did not grant is crossed out in the log;
+    /// one granted before an access change of its account is given back.
     pub async fn asked(
         &self,
         user: &UserId,
         key: Option<&KeyHash>,
         module: &Module,
+        ask: Ask,
         receipt: Option<&Receipt>,
         stamp: &Stamp,
     ) {
-        let taken = match receipt.and_then(|r| r.lease.as_ref()) {
-            Some(LeaseUse::Took(taken)) => Some(taken),
+        let granted = receipt.and_then(|r| match &r.lease {
+            Some(LeaseUse::Took(taken)) if *taken.id == *ask.id => Some((taken, r)),
             _ => None,
-        };
-        let Some((taken, receipt)) = taken.zip(receipt) else {
-            self.done_asking(user, module);
-            return;
-        };
-        let id: Arc<str> = Arc::from(taken.id.as_str());
-        // Written before the lease can be spent: its calls' lines follow it.
-        let logged = self
-            .log
-            .write(log::lease_line(&id, user.as_str()))
-            .await;
+        });
         let mut state = self.state();
         if let Some(heat) = state
             .heat
@@ -313,16 +357,25 @@ impl Leases {
         {
             heat.asking = false;
         }
-        if !logged {
+        let Some((taken, receipt)) = granted else {
+            drop(state);
+            self.cross_out(&ask.id);
+            return;
+        };
+        if state
+            .changed
+            .get(user.as_str())
+            .is_some_and(|&g| g > ask.generation)
+        {
             state.closing.push(Closing {
                 user: user.clone(),
-                id,
+                id: ask.id,
                 spent: 0,
             });
             return;
         }
         let lease = Lease {
-            id,
+            id: ask.id,
             plan: receipt.plan.clone(),
             credits: taken.credits,
             from_monthly: taken.from_monthly,
@@ -333,6 +386,7 @@ impl Leases {
             period: stamp.period.as_str().to_owned(),
             balance: receipt.balance,
             ended: false,
+            refilling: false,
         };
         metrics::lease_taken();
         state
@@ -346,13 +400,26 @@ impl Leases {
             });
     }
 
-    fn done_asking(&self, user: &UserId, module: &Module) {
-        if let Some(heat) = self
-            .state()
-            .heat
-            .get_mut(&(user.as_str().to_owned(), module.id.as_str().to_owned()))
-        {
-            heat.asking = false;
+    /// An `X` line for `lease`: the log's reader forgets it. Not waited: a
+    /// missing one only makes a restart settle it again, which finds
+    /// nothing.
+    fn cross_out(&self, lease: &str) {
+        let log = self.log.clone();
+        let line = log::settled_line(lease);
+        tokio::spawn(async move { log.write(line).await });
+    }
+
+    /// Ends every lease this worker holds for `user`: an access change
+    /// (key revoked, block, plan) must bite on the next call here.
+    pub fn end_user(&self, user: &UserId) {
+        let mut state = self.state();
+        state.generation += 1;
+        let generation = state.generation;
+        state.changed.insert(user.as_str().to_owned(), generation);
+        if let Some(held) = state.open.get_mut(user.as_str()) {
+            for h in held {
+                h.lease.ended = true;
+            }
         }
     }
 
@@ -415,7 +482,11 @@ impl Leases {
     /// leases, writing the spend log to the ledger, and (`first`: one
     /// worker per process) sweeping lost leases and settling dead workers'
     /// logs. On stop, every lease is closed and the log written out.
-    pub async fn run(self: Arc<Self>, first: bool, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(
+        self: Arc<Self>,
+        first: bool,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut tailer = match Tailer::new(
             self.files.clone(),
             self.pool.clone(),
@@ -457,7 +528,10 @@ impl Leases {
             };
             if left == 0 || Instant::now() > deadline {
                 if left > 0 {
-                    tracing::warn!(leases = left, "leases not settled at stop: the next start settles them from the spend log");
+                    tracing::warn!(
+                        leases = left,
+                        "leases not settled at stop: the next start settles them from the spend log"
+                    );
                 }
                 break;
             }
@@ -497,6 +571,11 @@ impl Leases {
                 let second = self.meter_second();
                 state.heat.retain(|_, h| h.asking || h.second + 1 >= second);
             }
+            if state.changed.len() > 4096 {
+                // Marks only matter to asks in flight.
+                let State { changed, heat, .. } = &mut *state;
+                changed.retain(|user, _| heat.iter().any(|((u, _), h)| u == user && h.asking));
+            }
             closing
         };
         let mut retry = Vec::new();
@@ -511,11 +590,7 @@ impl Leases {
                         tracing::warn!(lease = %c.id, ?closed, "lease was closed before its settle");
                     }
                     metrics::lease_settled(c.spent);
-                    // Not waited: a missing `X` only makes a restart settle
-                    // it again, which finds nothing.
-                    let log = self.log.clone();
-                    let line = log::settled_line(&c.id);
-                    tokio::spawn(async move { log.write(line).await });
+                    self.cross_out(&c.id);
                 }
                 Err(error) => {
                     tracing::warn!(lease = %c.id, %error, "lease settle failed; retrying");
@@ -575,7 +650,10 @@ impl Leases {
             .collect();
         for (id, lease) in &open {
             let user = UserId::parse(&lease.user)?;
-            let closed = self.meter.settle_lease(&user, id, lease.spent, "replay").await?;
+            let closed = self
+                .meter
+                .settle_lease(&user, id, lease.spent, "replay")
+                .await?;
             tracing::info!(lease = %id, spent = lease.spent, ?closed, "dead worker's lease settled from its spend log");
         }
         tailer.remove_all()?;

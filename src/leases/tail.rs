@@ -124,7 +124,7 @@ impl Tailer {
             }) {
                 Ok(Line::Spend(e)) => {
                     order.push(Op::Spend(events.len()));
-                    events.push(e);
+                    events.push(*e);
                 }
                 Ok(Line::Lease { lease, user }) => {
                     order.push(Op::Lease(lease.to_owned(), user.into_owned()));
@@ -145,12 +145,23 @@ impl Tailer {
                 Op::Spend(i) => {
                     let e = &events[i];
                     if let Some(open) = e.lease_id.as_deref().and_then(|l| self.open.get_mut(l)) {
-                        open.spent += if e.kind == "refund" { -e.amount } else { e.amount };
+                        open.spent += if e.kind == "refund" {
+                            -e.amount
+                        } else {
+                            e.amount
+                        };
                     }
                 }
                 Op::Lease(lease, user) => {
                     let segment = self.segment;
-                    self.open.insert(lease, OpenLease { user, spent: 0, segment });
+                    self.open.insert(
+                        lease,
+                        OpenLease {
+                            user,
+                            spent: 0,
+                            segment,
+                        },
+                    );
                 }
                 Op::Settled(lease) => {
                     settled |= self.open.remove(&lease).is_some();
@@ -164,7 +175,10 @@ impl Tailer {
         if next_exists && read_all {
             if whole < buf.len() {
                 self.skipped += 1;
-                tracing::error!(segment = self.segment, "spend log: half a line at a segment's end, skipped");
+                tracing::error!(
+                    segment = self.segment,
+                    "spend log: half a line at a segment's end, skipped"
+                );
             }
             self.done.insert(self.segment);
             self.segment += 1;

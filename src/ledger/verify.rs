@@ -201,7 +201,9 @@ pub async fn verify(
         }
     }
     // 5. Leases.
-    let leases: Vec<(String, String, Option<i64>, i64, i64, Option<i64>, i64)> = sqlx::query_as(
+    // (user, lease, taken, times taken, spent, returned, times lost)
+    type LeaseRow = (String, String, Option<i64>, i64, i64, Option<i64>, i64);
+    let leases: Vec<LeaseRow> = sqlx::query_as(
         "SELECT MIN(user_id), lease_id,
                 SUM(amount) FILTER (WHERE kind = 'lease')::bigint,
                 COUNT(*) FILTER (WHERE kind = 'lease'),
@@ -217,16 +219,16 @@ pub async fn verify(
     for (user, lease, taken, takes, spent, returned, lost) in leases {
         let what = match (taken, returned) {
             (None, _) => Some(format!("lease {lease}: {spent} spent, but no lease event")),
-            (Some(_), _) if takes > 1 || lost > 1 || (returned.is_some() && lost > 0) => {
-                Some(format!("lease {lease}: taken {takes}x, lost {lost}x, returned {returned:?}"))
-            }
+            (Some(_), _) if takes > 1 || lost > 1 || (returned.is_some() && lost > 0) => Some(
+                format!("lease {lease}: taken {takes}x, lost {lost}x, returned {returned:?}"),
+            ),
             (Some(t), _) if spent > t => Some(format!("lease {lease}: {spent} spent of {t}")),
             (Some(t), Some(r)) if spent + r != t => Some(format!(
                 "lease {lease}: took {t}, {spent} spent, {r} returned"
             )),
-            (Some(_), None) if lost == 0 && !lease_open(con, keys, &user, &lease).await? => {
-                Some(format!("lease {lease}: neither returned nor lost, and not open in Redis"))
-            }
+            (Some(_), None) if lost == 0 && !lease_open(con, keys, &user, &lease).await? => Some(
+                format!("lease {lease}: neither returned nor lost, and not open in Redis"),
+            ),
             _ => None,
         };
         if let Some(what) = what {

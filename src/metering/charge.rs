@@ -11,7 +11,11 @@ impl Meter {
     /// Decide and (in [`Mode::Charge`]) deduct one call: charge.lua.
     pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<ChargeOutcome, MeterError> {
         let cost = req.module.cost_of(req.action);
-        let event_id = uuid::Uuid::now_v7().to_string();
+        let event_id = match req.mode {
+            Mode::Lease { event, .. } => event,
+            _ => uuid::Uuid::now_v7(),
+        }
+        .to_string();
         let account = self.keys.account(req.user);
         let (record, idempotency, fingerprint, lease) = match req.idempotency {
             // Where charge.lua indexes a lease it grants.
@@ -53,6 +57,7 @@ impl Meter {
                 credits,
                 room,
                 ttl_ms,
+                ..
             } => args.push_with(|out| {
                 let mut n = itoa::Buffer::new();
                 out.extend_from_slice(b"lease:");
@@ -86,7 +91,10 @@ impl Meter {
                 self.give_back(req, &receipt).await;
                 if let Some(LeaseUse::Took(lease)) = &receipt.lease {
                     // Nobody will spend it: back whole, as the charge.
-                    if let Err(error) = self.settle_lease(req.user, &lease.id, 0, "replication").await {
+                    if let Err(error) = self
+                        .settle_lease(req.user, &lease.id, 0, "replication")
+                        .await
+                    {
                         tracing::error!(user = %req.user, %error, "could not give back an unreplicated lease");
                     }
                 }

@@ -190,6 +190,9 @@ pub enum Mode {
         credits: i64,
         room: i64,
         ttl_ms: u64,
+        /// The charge's event id, chosen by the caller: the lease's id is
+        /// `<event>:lease`, known (and written down) before Redis grants it.
+        event: uuid::Uuid,
     },
 }
 

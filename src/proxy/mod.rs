@@ -368,9 +368,19 @@ impl Proxy {
                 return Ok(self.charged(ctx, key_hash, receipt));
             }
         }
-        let mode = leases
-            .and_then(|l| l.ask(user, &ctx.module, ctx.module.cost_of(ctx.action.as_ref())))
-            .unwrap_or(Mode::Charge);
+        let mut ask = leases.and_then(|l| {
+            let cost = ctx.module.cost_of(ctx.action.as_ref());
+            l.ask(user, key_hash, &ctx.module, &ctx.stamp, cost)
+        });
+        if let (Some(leases), Some(a)) = (leases, &ask)
+            && !leases.announce(user, a).await
+            && let Some(a) = ask.take()
+        {
+            leases
+                .asked(user, key_hash, &ctx.module, a, None, &ctx.stamp)
+                .await;
+        }
+        let mode = ask.as_ref().map_or(Mode::Charge, |a| a.mode);
         let request = ChargeRequest {
             user,
             key_hash,
@@ -383,13 +393,13 @@ impl Proxy {
             mode,
         };
         let decided = self.billing.charge(&request).await;
-        if let (Some(leases), Mode::Lease { .. }) = (leases, mode) {
+        if let (Some(leases), Some(ask)) = (leases, ask) {
             let receipt = match &decided {
                 Ok(Decision::Charged(receipt)) => Some(receipt),
                 _ => None,
             };
             leases
-                .asked(user, key_hash, &ctx.module, receipt, &ctx.stamp)
+                .asked(user, key_hash, &ctx.module, ask, receipt, &ctx.stamp)
                 .await;
         }
         match decided {

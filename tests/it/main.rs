@@ -13,6 +13,7 @@ mod cli;
 mod cluster;
 mod connections;
 mod invoices;
+mod leases;
 mod ledger;
 mod operations;
 mod proxy;

@@ -624,6 +624,18 @@ impl TestAppBuilder {
         self
     }
 
+    /// Credit leases on, quick to take and short: an account is hot after
+    /// 4 charges in a second, a lease holds 20 calls, is granted with 5
+    /// leases' room and lasts 300 ms; a lease nobody settles is lost 5 s
+    /// after its end. The spend log is the test's own directory
+    /// ([`TestApp::spend_dir`]). Tune with `CREDITGATE_METERING__LEASES__*`.
+    pub fn leases(self) -> Self {
+        self.config_append(
+            "[metering.leases]\nenabled = true\ndir = \"{SPEND}\"\nafter_calls = 4\n\
+             calls = 20\nroom = 5\nttl_ms = 300\nlost_after_secs = 5\n",
+        )
+    }
+
     /// Run against a private Redis Cluster ([`TestApp::cluster`]).
     pub fn cluster(mut self) -> Self {
         self.cluster = true;
@@ -663,7 +675,8 @@ impl TestAppBuilder {
             .replace("{UP}", &upstream.url())
             .replace("{DEAD}", &dead)
             .replace("{REDIS}", &redis_url)
-            .replace("{DB}", &db_url);
+            .replace("{DB}", &db_url)
+            .replace("{SPEND}", &spend_dir(&db.name).display().to_string());
         let settings = Settings::from_toml(&text, "test config", self.env).expect("test config");
         let app = Application::build(settings).await.expect("build app");
         let addr: SocketAddr = format!("127.0.0.1:{}", app.port()).parse().expect("addr");
@@ -703,7 +716,18 @@ pub struct Account {
     pub key_id: uuid::Uuid,
 }
 
+/// The spend log directory of the test whose database is `db`.
+fn spend_dir(db: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cg-spend-{db}"))
+}
+
 impl TestApp {
+    /// Where this app's gateways keep their spend logs
+    /// ([`TestAppBuilder::leases`]).
+    pub fn spend_dir(&self) -> std::path::PathBuf {
+        spend_dir(&self.db.name)
+    }
+
     pub fn builder() -> TestAppBuilder {
         TestAppBuilder {
             config: TEST_CONFIG.to_owned(),

@@ -260,7 +260,10 @@ async fn a_charge_row_reads_back_exactly_what_was_charged() {
         (charge.amount, charge.from_monthly, charge.from_bonus),
         (3, 3, 0)
     );
-    assert_eq!((charge.monthly_after, charge.bonus_after), (Some(497), Some(5)));
+    assert_eq!(
+        (charge.monthly_after, charge.bonus_after),
+        (Some(497), Some(5))
+    );
     assert_eq!(charge.local_day.to_string(), "2026-11-01");
     assert_eq!(
         (charge.account_period.as_ref(), charge.account_day.as_ref()),
