@@ -102,6 +102,13 @@ export CREDITGATE_PLANS__BENCH__NAME=Bench
 export CREDITGATE_PLANS__BENCH__MONTHLY_CREDITS=1000000000
 export CREDITGATE_PLANS__BENCH__MODULES='["rag"]'
 export CREDITGATE_MODULES__RAG__UPSTREAM=http://$UPSTREAM
+# BENCH_LEASES=1: credit leases on (docs/LEASES.md), with their defaults;
+# the spend log in this run's work directory. The bench's one account is
+# as hot as an account gets.
+if [ -n "${BENCH_LEASES:-}" ]; then
+  export CREDITGATE_METERING__LEASES__ENABLED=true
+  export CREDITGATE_METERING__LEASES__DIR=$WORK/spend
+fi
 redis-cli --scan --pattern '{bench:*' | xargs -r -d '\n' redis-cli del >/dev/null
 # BENCH_CLUSTER=1: the gateway meters on a fresh local Redis Cluster
 # (scripts/cluster.sh, ports 7100-7105) instead of the Redis on 6379; the

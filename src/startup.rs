@@ -324,6 +324,7 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
                 settings.metering.leases.clone(),
                 billing.meter().clone(),
                 billing.accounts().pool().clone(),
+                settings.database.clone(),
                 Some(hook),
             )
             .map_err(StartupError::SpendLog)?,

@@ -248,7 +248,9 @@ pub struct LeaseSettings {
     /// Where the spend logs live: a local disk that survives a restart.
     pub dir: std::path::PathBuf,
     /// A lease nobody settled this long after its end is closed as lost:
-    /// its credits stay spent.
+    /// its credits stay spent. Longer than a gateway's restart and than a
+    /// Postgres outage (a lease is settled once its calls are in the
+    /// ledger).
     pub lost_after_secs: u64,
 }
 
@@ -261,7 +263,7 @@ impl Default for LeaseSettings {
             ttl_ms: 500,
             after_calls: 16,
             dir: std::path::PathBuf::from("spend-log"),
-            lost_after_secs: 60,
+            lost_after_secs: 600,
         }
     }
 }

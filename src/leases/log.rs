@@ -22,12 +22,11 @@ use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use chrono::{DateTime, NaiveDate, Utc};
-use tokio::sync::{Notify, mpsc, oneshot};
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::ledger::event::{LedgerEvent, escape_field};
+use crate::ledger::event::{LedgerEvent, day, escape_field, unescape};
 use crate::metering::rows::integer;
 
 /// A segment is closed and a new one started past this size.
@@ -62,89 +61,102 @@ pub fn settled_line(lease: &str) -> Vec<u8> {
     out
 }
 
-/// A call spent from (or given back to) a lease, as its ledger row.
-pub fn spend_line(e: &LedgerEvent<'_>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"S");
-    let text = |out: &mut Vec<u8>, v: &str| {
+/// A call spent from (or given back to) a lease: what its ledger row needs.
+pub struct Spend<'a> {
+    pub event_id: &'a str,
+    pub lease: &'a str,
+    pub user: &'a str,
+    /// "charge" or "refund".
+    pub kind: &'a str,
+    pub module: &'a str,
+    pub action: &'a str,
+    pub amount: i64,
+    pub from_monthly: i64,
+    pub from_bonus: i64,
+    pub plan: &'a str,
+    pub request_id: &'a str,
+    pub actor: &'a str,
+    pub at_ms: i64,
+    /// `YYYY-MM-DD`, the local day it counts for.
+    pub day: &'a str,
+}
+
+/// The `S` line of a spend, written straight from borrowed parts: this
+/// runs for every leased call.
+pub fn spend_line(s: &Spend<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192);
+    out.push(b'S');
+    for v in [s.event_id, s.lease, s.user, s.kind, s.module, s.action] {
         out.push(b'\t');
-        escape_field(out, v);
-    };
-    text(&mut out, &e.event_id);
-    text(&mut out, e.lease_id.as_deref().unwrap_or(""));
-    text(&mut out, &e.user_id);
-    text(&mut out, e.kind);
-    text(&mut out, e.module.as_deref().unwrap_or(""));
-    text(&mut out, e.action.as_deref().unwrap_or(""));
-    let mut n = itoa::Buffer::new();
-    for v in [e.amount, e.from_monthly, e.from_bonus] {
-        text(&mut out, n.format(v));
+        escape_field(&mut out, v);
     }
-    text(&mut out, e.plan.as_deref().unwrap_or(""));
-    text(&mut out, e.request_id.as_deref().unwrap_or(""));
-    text(&mut out, &e.actor);
-    text(&mut out, n.format(e.occurred_at.timestamp_millis()));
-    text(&mut out, &e.local_day.to_string());
+    let mut n = itoa::Buffer::new();
+    for v in [s.amount, s.from_monthly, s.from_bonus] {
+        out.push(b'\t');
+        out.extend_from_slice(n.format(v).as_bytes());
+    }
+    for v in [s.plan, s.request_id, s.actor] {
+        out.push(b'\t');
+        escape_field(&mut out, v);
+    }
+    out.push(b'\t');
+    out.extend_from_slice(n.format(s.at_ms).as_bytes());
+    out.push(b'\t');
+    escape_field(&mut out, s.day);
     out.push(b'\n');
     out
 }
 
 /// Parses one line (without its newline). `shard` places the event's
-/// roll-up rows, as the flusher's do.
+/// roll-up rows, as the flusher's do. Fields are cut in one pass and text
+/// is borrowed unless it holds an escape: the reader runs this for every
+/// leased call.
 pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, String> {
-    let f: Vec<&str> = line.split('\t').collect();
-    let text = unescape;
-    match f.as_slice() {
-        ["L", lease, user] => Ok(Line::Lease {
-            lease,
-            user: text(user),
+    const MOST: usize = 15;
+    let mut f = [""; MOST];
+    let (mut n, mut start) = (0, 0);
+    // One memchr pass: `str::split` searched for each short field apart.
+    for end in memchr::memchr_iter(b'\t', line.as_bytes()).chain([line.len()]) {
+        if n == MOST {
+            return Err(not_a_line(line));
+        }
+        f[n] = &line[start..end];
+        (n, start) = (n + 1, end + 1);
+    }
+    match (f[0], n) {
+        ("L", 3) => Ok(Line::Lease {
+            lease: f[1],
+            user: unescape(f[2]),
         }),
-        ["X", lease] => Ok(Line::Settled { lease }),
-        [
-            "S",
-            event,
-            lease,
-            user,
-            kind,
-            module,
-            action,
-            amount,
-            fm,
-            fb,
-            plan,
-            request,
-            actor,
-            t,
-            day,
-        ] => {
+        ("X", 2) => Ok(Line::Settled { lease: f[1] }),
+        ("S", MOST) => {
             let number =
                 |name: &str, v: &str| integer(v.as_bytes()).ok_or_else(|| format!("{name}: {v:?}"));
-            let kind = match *kind {
+            let kind = match f[4] {
                 "charge" => "charge",
                 "refund" => "refund",
                 other => return Err(format!("unknown spend kind {other:?}")),
             };
-            let t = number("t", t)?;
-            let user = text(user);
-            let shard = shard(&user);
             fn optional(s: &str) -> Option<Cow<'_, str>> {
                 (!s.is_empty()).then(|| unescape(s))
             }
+            let t = number("t", f[13])?;
+            let user = unescape(f[3]);
+            let shard = shard(&user);
             Ok(Line::Spend(Box::new(LedgerEvent {
-                event_id: text(event),
+                event_id: unescape(f[1]),
                 kind,
-                module: optional(module),
-                action: optional(action),
-                amount: number("amount", amount)?,
-                from_monthly: number("from monthly", fm)?,
-                from_bonus: number("from bonus", fb)?,
+                module: optional(f[5]),
+                action: optional(f[6]),
+                amount: number("amount", f[7])?,
+                from_monthly: number("from monthly", f[8])?,
+                from_bonus: number("from bonus", f[9])?,
                 monthly_after: None,
                 bonus_after: None,
-                plan: optional(plan),
-                request_id: optional(request),
-                actor: text(actor),
-                local_day: NaiveDate::parse_from_str(day, "%Y-%m-%d")
-                    .map_err(|e| format!("day {day:?}: {e}"))?,
+                plan: optional(f[10]),
+                request_id: optional(f[11]),
+                actor: unescape(f[12]),
+                local_day: day(f[14]).ok_or_else(|| format!("day {:?}", f[14]))?,
                 occurred_at: DateTime::<Utc>::from_timestamp_millis(t)
                     .ok_or_else(|| format!("t out of range: {t}"))?,
                 stream_ms: t,
@@ -153,38 +165,20 @@ pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, S
                 account_day: Cow::Borrowed(""),
                 account_day_used: 0,
                 reason: None,
-                lease_id: Some(text(lease)),
+                lease_id: Some(unescape(f[2])),
                 user_id: user,
                 shard,
             })))
         }
-        _ => Err(format!(
-            "not a spend log line: {:?}",
-            line.chars().take(80).collect::<String>()
-        )),
+        _ => Err(not_a_line(line)),
     }
 }
 
-fn unescape(field: &str) -> Cow<'_, str> {
-    if !field.contains('\\') {
-        return Cow::Borrowed(field);
-    }
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('t') => out.push('\t'),
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some(other) => out.push(other),
-            None => {}
-        }
-    }
-    Cow::Owned(out)
+fn not_a_line(line: &str) -> String {
+    format!(
+        "not a spend log line: {:?}",
+        line.chars().take(80).collect::<String>()
+    )
 }
 
 /// A worker's log files, named after its instance id.
@@ -240,7 +234,15 @@ impl Files {
 
 struct Append {
     line: Vec<u8>,
-    written: Option<oneshot::Sender<bool>>,
+    written: oneshot::Sender<Option<Position>>,
+}
+
+/// A place in a worker's log: its segment and the byte offset after a
+/// line, as one ordered number (a segment never reaches 2^40 bytes).
+pub type Position = u64;
+
+pub fn position(segment: u64, offset: u64) -> Position {
+    (segment << 40) | offset
 }
 
 /// The appending side, cheap to clone.
@@ -251,10 +253,10 @@ pub struct SpendLog {
 
 impl SpendLog {
     /// Creates this worker's lock and first segment and starts its writer
-    /// on the current runtime. `appended` is notified after each write.
+    /// on the current runtime.
     /// The returned lock file must live as long as the log: while it is
     /// held, no other process takes these files for a dead worker's.
-    pub fn start(files: &Files, appended: Arc<Notify>) -> io::Result<(SpendLog, File)> {
+    pub fn start(files: &Files) -> io::Result<(SpendLog, File)> {
         std::fs::create_dir_all(&files.dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -265,22 +267,17 @@ impl SpendLog {
             .map_err(|e| io::Error::other(format!("{}: {e}", files.lock().display())))?;
         let segment = Segment::create(files.clone(), 0)?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write(rx, segment, appended));
+        tokio::spawn(write(rx, segment));
         Ok((SpendLog { tx }, lock))
     }
 
-    /// Appends `line` and waits until it is written: false when it could
-    /// not be (the caller must then not count on it).
-    pub async fn write(&self, line: Vec<u8>) -> bool {
+    /// Appends `line` and waits until it is written: where it ends, or
+    /// `None` when it could not be written (the caller must then not count
+    /// on it).
+    pub async fn write(&self, line: Vec<u8>) -> Option<Position> {
         let (written, done) = oneshot::channel();
-        let append = Append {
-            line,
-            written: Some(written),
-        };
-        if self.tx.send(append).await.is_err() {
-            return false;
-        }
-        done.await.unwrap_or(false)
+        self.tx.send(Append { line, written }).await.ok()?;
+        done.await.ok().flatten()
     }
 }
 
@@ -326,7 +323,7 @@ impl Segment {
     }
 }
 
-async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment, appended: Arc<Notify>) {
+async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment) {
     let mut batch: Vec<Append> = Vec::new();
     let mut buf = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -338,8 +335,10 @@ async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment, appended: A
             }
         }
         buf.clear();
+        let mut ends = Vec::with_capacity(batch.len());
         for a in &batch {
             buf.extend_from_slice(&a.line);
+            ends.push(segment.len + buf.len() as u64);
         }
         let ok = match segment.append(&buf) {
             Ok(()) => true,
@@ -348,10 +347,8 @@ async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment, appended: A
                 false
             }
         };
-        for a in batch.drain(..) {
-            if let Some(w) = a.written {
-                let _ = w.send(ok);
-            }
+        for (a, end) in batch.drain(..).zip(ends) {
+            let _ = a.written.send(ok.then(|| position(segment.seq, end)));
         }
         if segment.len >= SEGMENT_BYTES {
             match Segment::create(segment.files.clone(), segment.seq + 1) {
@@ -359,7 +356,6 @@ async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment, appended: A
                 Err(error) => tracing::error!(%error, "spend log: cannot start a new segment"),
             }
         }
-        appended.notify_one();
     }
 }
 
@@ -369,39 +365,49 @@ mod tests {
 
     #[test]
     fn a_spend_line_reads_back_as_its_event() {
-        let event = LedgerEvent {
-            event_id: "ev-1".into(),
-            user_id: "alice@x".into(),
+        let spend = Spend {
+            event_id: "ev-1",
+            lease: "ev-0:lease",
+            user: "alice@x",
             kind: "charge",
-            module: Some("rag".into()),
-            action: None,
+            module: "rag",
+            action: "",
             amount: 3,
             from_monthly: 2,
             from_bonus: 1,
-            monthly_after: None,
-            bonus_after: None,
-            plan: Some("pro".into()),
-            request_id: Some("req\twith\\tab\nand newline".into()),
-            actor: "proxy".into(),
-            local_day: NaiveDate::from_ymd_opt(2026, 11, 29).expect("day"),
-            occurred_at: DateTime::<Utc>::from_timestamp_millis(1_795_900_000_123).expect("t"),
-            stream_ms: 1_795_900_000_123,
-            stream_seq: 0,
-            account_period: "".into(),
-            account_day: "".into(),
-            account_day_used: 0,
-            reason: None,
-            lease_id: Some("ev-0:lease".into()),
-            shard: 7,
+            plan: "pro",
+            request_id: "req\twith\\tab\nand newline",
+            actor: "proxy",
+            at_ms: 1_795_900_000_123,
+            day: "2026-11-29",
         };
-        let line = spend_line(&event);
+        let line = spend_line(&spend);
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let text = std::str::from_utf8(&line).expect("utf8");
         let parsed = parse_line(text.trim_end_matches('\n'), |_| 7).expect("parses");
-        match parsed {
-            Line::Spend(back) => assert_eq!(*back, event),
-            other => panic!("{other:?}"),
-        }
+        let Line::Spend(e) = parsed else {
+            panic!("{parsed:?}");
+        };
+        assert_eq!(
+            (
+                &*e.event_id,
+                &*e.user_id,
+                e.kind,
+                e.module.as_deref(),
+                e.action.as_deref()
+            ),
+            ("ev-1", "alice@x", "charge", Some("rag"), None)
+        );
+        assert_eq!((e.amount, e.from_monthly, e.from_bonus), (3, 2, 1));
+        assert_eq!((e.monthly_after, e.bonus_after), (None, None));
+        assert_eq!(e.request_id.as_deref(), Some(spend.request_id));
+        assert_eq!(e.lease_id.as_deref(), Some("ev-0:lease"));
+        assert_eq!(e.local_day.to_string(), "2026-11-29");
+        assert_eq!(e.occurred_at.timestamp_millis(), 1_795_900_000_123);
+        assert_eq!(
+            (e.stream_ms, e.shard, e.account_period.as_ref()),
+            (1_795_900_000_123, 7, "")
+        );
         let lease = lease_line("ev-0:lease", "alice@x");
         assert!(matches!(
             parse_line(std::str::from_utf8(&lease).expect("utf8").trim_end(), |_| 0),

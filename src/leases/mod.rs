@@ -25,35 +25,41 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use crate::catalog::Module;
 use crate::config::LeaseSettings;
 use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, UserId};
 use crate::ledger::BatchHook;
-use crate::ledger::event::LedgerEvent;
 use crate::metering::{Balance, LeaseClosed, LeaseUse, Meter, Mode, Receipt, Stamp};
 use crate::telemetry::metrics;
 use log::{Files, SpendLog};
 use tail::{Progress, Tailer};
 
+/// How often the spend log is read into the ledger.
+const WRITE_EVERY: Duration = Duration::from_millis(100);
+
 pub struct Leases {
     settings: LeaseSettings,
     meter: Meter,
     pool: sqlx::PgPool,
+    /// For the reader's own pool.
+    database: crate::config::DatabaseSettings,
+    /// How far the ledger has this worker's log (see `tail::Tailer`).
+    ledger_has: Arc<std::sync::atomic::AtomicU64>,
     hook: Option<Arc<dyn BatchHook>>,
     files: Files,
     log: SpendLog,
     /// Held while this worker lives: its files are not a dead worker's.
     _lock: std::fs::File,
-    appended: Arc<Notify>,
     state: Mutex<State>,
 }
 
 #[derive(Default)]
 struct State {
-    /// Per user, the leases held for (key, module).
+    /// Per user, the leases held for (key, module) that may still be
+    /// spent: one, or two while the next one is taken.
     open: HashMap<String, Vec<Held>>,
+    /// Ended leases whose last calls' lines are still being written.
+    retiring: Vec<(UserId, Lease)>,
     /// Per (user, module), the charges of the current second.
     heat: HashMap<(String, String), Heat>,
     /// Ended leases waiting for their settle (or retrying it).
@@ -80,6 +86,11 @@ struct Lease {
     /// Calls counted in `spent` whose spend-log line is not written yet:
     /// the lease is not settled before they are.
     pending: u32,
+    /// Where its last call's line ends in the log: the lease is settled
+    /// only once the ledger has the log up to there, so a lease returned
+    /// is a lease whose every call is in the ledger (a lost machine's
+    /// leases are then closed as lost, never returned short).
+    last: log::Position,
     ends: Instant,
     day: String,
     period: String,
@@ -122,6 +133,9 @@ impl Lease {
 struct Heat {
     second: u64,
     calls: u32,
+    /// The second its last lease was taken: an account served from leases
+    /// makes few charges in Redis, and stays hot while it has them.
+    leased: u64,
     /// A charge asking for a lease is in Redis: the others don't ask too.
     asking: bool,
 }
@@ -147,23 +161,24 @@ impl Leases {
         settings: LeaseSettings,
         meter: Meter,
         pool: sqlx::PgPool,
+        database: crate::config::DatabaseSettings,
         hook: Option<Arc<dyn BatchHook>>,
     ) -> std::io::Result<Arc<Self>> {
         let files = Files {
             dir: settings.dir.clone(),
             instance: uuid::Uuid::now_v7().simple().to_string(),
         };
-        let appended = Arc::new(Notify::new());
-        let (log, lock) = SpendLog::start(&files, Arc::clone(&appended))?;
+        let (log, lock) = SpendLog::start(&files)?;
         Ok(Arc::new(Self {
             settings,
             meter,
             pool,
+            database,
+            ledger_has: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             hook,
             files,
             log,
             _lock: lock,
-            appended,
             state: Mutex::new(State::default()),
         }))
     }
@@ -187,22 +202,29 @@ impl Leases {
     ) -> Option<Receipt> {
         let cost = module.cost_of(action).get();
         let now = Instant::now();
-        let (event, receipt) = {
+        let (line, receipt) = {
             let mut state = self.state();
+            let State { open, retiring, .. } = &mut *state;
+            let held = open.get_mut(user.as_str())?;
             let mut usable = None;
-            for h in state.open.get_mut(user.as_str())? {
-                if h.key.as_ref() != key || h.module != module.id {
-                    continue;
+            let mut i = 0;
+            while i < held.len() {
+                let h = &held[i];
+                if h.key.as_ref() == key && h.module == module.id {
+                    if h.lease.usable(now, stamp, cost) {
+                        usable = Some(i);
+                        break;
+                    }
+                    if h.lease.credits - h.lease.spent < cost {
+                        // Spent: out of the way of the next calls; settled
+                        // once its last lines are written.
+                        retiring.push((user.clone(), held.remove(i).lease));
+                        continue;
+                    }
                 }
-                if h.lease.usable(now, stamp, cost) {
-                    usable = Some(h);
-                    break;
-                }
-                if h.lease.credits - h.lease.spent < cost {
-                    // Spent: the tick settles it.
-                    h.lease.ended = true;
-                }
+                i += 1;
             }
+            let usable = usable.map(|i| &mut held[i]);
             let lease = &mut usable?.lease;
             if !lease.refilling && (lease.credits - lease.spent - cost) * 2 < lease.credits {
                 // This call goes to Redis and asks for the next lease.
@@ -212,19 +234,25 @@ impl Leases {
             let from_monthly = (lease.from_monthly - lease.spent).clamp(0, cost);
             lease.spent += cost;
             lease.pending += 1;
-            let event = spend_event(
-                user,
-                &lease.id,
-                "charge",
-                module,
-                action,
-                [cost, from_monthly, cost - from_monthly],
-                &lease.plan,
-                request_id,
-                stamp,
-            );
+            let event_id = uuid::Uuid::now_v7().to_string();
+            let line = log::spend_line(&log::Spend {
+                event_id: &event_id,
+                lease: &lease.id,
+                user: user.as_str(),
+                kind: "charge",
+                module: module.id.as_str(),
+                action: action.map_or("", ActionId::as_str),
+                amount: cost,
+                from_monthly,
+                from_bonus: cost - from_monthly,
+                plan: lease.plan.as_str(),
+                request_id: request_id.as_str(),
+                actor: "proxy",
+                at_ms: stamp.now_ms(),
+                day: stamp.day.as_str(),
+            });
             let receipt = Receipt {
-                event_id: event.event_id.to_string(),
+                event_id,
                 plan: lease.plan.clone(),
                 auto_blocked: false,
                 charged: cost,
@@ -234,32 +262,49 @@ impl Leases {
                 rate: None,
                 lease: Some(LeaseUse::SpentFrom(Arc::clone(&lease.id))),
             };
-            (event, receipt)
+            (line, receipt)
         };
-        let written = self.log.write(log::spend_line(&event)).await;
+        let written = self.log.write(line).await;
         let id = match &receipt.lease {
             Some(LeaseUse::SpentFrom(id)) => Arc::clone(id),
             _ => return None,
         };
         self.with_lease(user, &id, |lease| {
             lease.pending -= 1;
-            if !written {
-                lease.spent -= cost;
-                lease.ended = true;
+            match written {
+                Some(at) => lease.last = lease.last.max(at),
+                None => {
+                    lease.spent -= cost;
+                    lease.ended = true;
+                }
             }
         });
-        metrics::lease_call(written);
-        written.then_some(receipt)
+        metrics::lease_call(written.is_some());
+        written.map(|_| receipt)
     }
 
-    fn with_lease<T>(&self, user: &UserId, id: &str, f: impl FnOnce(&mut Lease) -> T) -> Option<T> {
+    /// `f` on lease `id` of `user`, open or retiring (the same `Arc`: a
+    /// pointer compare, not a string one, as this runs for every call).
+    fn with_lease<T>(
+        &self,
+        user: &UserId,
+        id: &Arc<str>,
+        f: impl FnOnce(&mut Lease) -> T,
+    ) -> Option<T> {
         let mut state = self.state();
-        let held = state
-            .open
-            .get_mut(user.as_str())?
-            .iter_mut()
-            .find(|h| &*h.lease.id == id)?;
-        Some(f(&mut held.lease))
+        let State { open, retiring, .. } = &mut *state;
+        let open = open
+            .get_mut(user.as_str())
+            .and_then(|held| held.iter_mut().find(|h| Arc::ptr_eq(&h.lease.id, id)))
+            .map(|h| &mut h.lease);
+        let lease = match open {
+            Some(lease) => lease,
+            None => retiring
+                .iter_mut()
+                .find(|(_, l)| Arc::ptr_eq(&l.id, id))
+                .map(|(_, l)| l)?,
+        };
+        Some(f(lease))
     }
 
     /// Counts a charge going to Redis, and says whether it should ask for
@@ -300,7 +345,8 @@ impl Leases {
             heat.calls = 0;
         }
         heat.calls += 1;
-        if holding || heat.asking || heat.calls < self.settings.after_calls {
+        let hot = heat.calls >= self.settings.after_calls || heat.leased + 1 >= second;
+        if holding || heat.asking || !hot {
             return None;
         }
         heat.asking = true;
@@ -332,6 +378,7 @@ impl Leases {
         self.log
             .write(log::lease_line(&ask.id, user.as_str()))
             .await
+            .is_some()
     }
 
     /// The answer to a charge that asked for a lease: holds the lease it
@@ -350,12 +397,16 @@ impl Leases {
             Some(LeaseUse::Took(taken)) if *taken.id == *ask.id => Some((taken, r)),
             _ => None,
         });
+        let second = self.meter_second();
         let mut state = self.state();
         if let Some(heat) = state
             .heat
             .get_mut(&(user.as_str().to_owned(), module.id.as_str().to_owned()))
         {
             heat.asking = false;
+            if granted.is_some() {
+                heat.leased = second;
+            }
         }
         let Some((taken, receipt)) = granted else {
             drop(state);
@@ -381,6 +432,7 @@ impl Leases {
             from_monthly: taken.from_monthly,
             spent: 0,
             pending: 0,
+            last: 0,
             ends: Instant::now() + Duration::from_millis(self.settings.ttl_ms),
             day: stamp.day.as_str().to_owned(),
             period: stamp.period.as_str().to_owned(),
@@ -457,25 +509,32 @@ impl Leases {
         if open.is_none() {
             return false;
         }
-        let event = spend_event(
-            user,
+        let event_id = uuid::Uuid::now_v7().to_string();
+        let line = log::spend_line(&log::Spend {
+            event_id: &event_id,
             lease,
-            "refund",
-            module,
-            action,
-            [amount, receipt.from_monthly, receipt.from_bonus],
-            &receipt.plan,
-            request_id,
-            charged_at,
-        );
-        let written = self.log.write(log::spend_line(&event)).await;
+            user: user.as_str(),
+            kind: "refund",
+            module: module.id.as_str(),
+            action: action.map_or("", ActionId::as_str),
+            amount,
+            from_monthly: receipt.from_monthly,
+            from_bonus: receipt.from_bonus,
+            plan: receipt.plan.as_str(),
+            request_id: request_id.as_str(),
+            actor: "proxy",
+            at_ms: charged_at.now_ms(),
+            day: charged_at.day.as_str(),
+        });
+        let written = self.log.write(line).await;
         self.with_lease(user, lease, |l| {
             l.pending -= 1;
-            if written {
+            if let Some(at) = written {
                 l.spent -= amount;
+                l.last = l.last.max(at);
             }
         });
-        written
+        written.is_some()
     }
 
     /// Runs this worker's lease tasks until `stopped`: closing ended
@@ -487,57 +546,121 @@ impl Leases {
         first: bool,
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut tailer = match Tailer::new(
-            self.files.clone(),
-            self.pool.clone(),
-            self.meter.keys().clone(),
-            self.hook.clone(),
-        ) {
-            Ok(t) => t,
+        let (closed, all_closed) = tokio::sync::watch::channel(false);
+        let writer = match self.spawn_writer(all_closed) {
+            Ok(done) => done,
             Err(error) => {
-                tracing::error!(%error, "spend log: cannot read it back");
+                tracing::error!(%error, "spend log: cannot start its reader");
                 return;
             }
         };
-        let mut tick = tokio::time::interval(Duration::from_millis(
-            (self.settings.ttl_ms / 4).clamp(5, 100),
-        ));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sweep = Instant::now() - Duration::from_secs(3600);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = self.appended.notified() => {}
-                _ = stopped.wait_for(|s| *s) => break,
-            }
-            self.close_ended(false).await;
-            drain(&mut tailer).await;
-            if first && last_sweep.elapsed() >= Duration::from_secs(5) {
-                last_sweep = Instant::now();
-                self.replay_dead_workers().await;
-                self.sweep_lost().await;
-            }
-        }
-        // Stopping: no request is left (connections drained first).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            self.close_ended(true).await;
-            let left = {
-                let s = self.state();
-                s.closing.len() + s.open.values().map(Vec::len).sum::<usize>()
-            };
-            if left == 0 || Instant::now() > deadline {
-                if left > 0 {
-                    tracing::warn!(
-                        leases = left,
-                        "leases not settled at stop: the next start settles them from the spend log"
-                    );
+        let closer = async {
+            let mut tick = tokio::time::interval(Duration::from_millis(
+                (self.settings.ttl_ms / 4).clamp(5, 50),
+            ));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_sweep = Instant::now() - Duration::from_secs(3600);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => break,
                 }
-                break;
+                self.close_ended(false).await;
+                if first && last_sweep.elapsed() >= Duration::from_secs(5) {
+                    last_sweep = Instant::now();
+                    self.replay_dead_workers().await;
+                    self.sweep_lost().await;
+                }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        drain(&mut tailer).await;
+            // Stopping: no request is left (connections drained first).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                self.close_ended(true).await;
+                let left = {
+                    let s = self.state();
+                    s.closing.len()
+                        + s.retiring.len()
+                        + s.open.values().map(Vec::len).sum::<usize>()
+                };
+                if left == 0 || Instant::now() > deadline {
+                    if left > 0 {
+                        tracing::warn!(
+                            leases = left,
+                            "leases not settled at stop: the next start settles them from the spend log"
+                        );
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = closed.send(true);
+        };
+        closer.await;
+        let _ = writer.await;
+    }
+
+    /// The log into the ledger, on a thread and runtime of its own (as the
+    /// flushers): a batch of calls is parsed and bound in one go, which on
+    /// a thread that serves requests held up every request queued behind
+    /// it; and a slow Postgres never holds up closing leases. A tick's worth
+    /// of calls per ledger transaction, not one per write of the log. Ends
+    /// once `all_closed` turns true and what the log holds is written.
+    fn spawn_writer(
+        &self,
+        mut all_closed: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (files, keys, hook, ledger_has) = (
+            self.files.clone(),
+            self.meter.keys().clone(),
+            self.hook.clone(),
+            Arc::clone(&self.ledger_has),
+        );
+        let mut database = self.database.clone();
+        database.max_connections = 2;
+        std::thread::Builder::new()
+            .name("creditgate-spend".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // Its own pool: connections belong to the runtime that
+                    // drives them.
+                    let pool = match crate::accounts::connect_pool(&database) {
+                        Ok(pool) => pool,
+                        Err(error) => {
+                            tracing::error!(%error, "spend log: no Postgres pool");
+                            return;
+                        }
+                    };
+                    let mut tailer = match Tailer::new(files, pool, keys, hook) {
+                        Ok(t) => t.sharing_progress(ledger_has),
+                        Err(error) => {
+                            tracing::error!(%error, "spend log: cannot read it back");
+                            return;
+                        }
+                    };
+                    let mut tick = tokio::time::interval(WRITE_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        let go_on = tokio::select! {
+                            _ = tick.tick() => true,
+                            _ = all_closed.wait_for(|c| *c) => false,
+                        };
+                        if !go_on {
+                            break;
+                        }
+                        drain(&mut tailer).await;
+                    }
+                    // The settled leases' `X` lines are spawned writes: let
+                    // them land.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    drain(&mut tailer).await;
+                });
+                let _ = done.send(());
+            })?;
+        Ok(finished)
     }
 
     /// Moves ended leases with no call in flight to closing (every lease,
@@ -546,27 +669,40 @@ impl Leases {
         let now = Instant::now();
         let closing: Vec<Closing> = {
             let mut state = self.state();
-            let mut ended = Vec::new();
-            state.open.retain(|user, held| {
-                held.retain(|h| {
-                    let l = &h.lease;
-                    let over = all || l.ended || now >= l.ends;
-                    if over && l.pending == 0 {
-                        if let Ok(user) = UserId::parse(user) {
-                            ended.push(Closing {
-                                user,
-                                id: Arc::clone(&l.id),
-                                spent: l.spent,
-                            });
-                        }
-                        return false;
+            let State {
+                open,
+                retiring,
+                closing,
+                ..
+            } = &mut *state;
+            open.retain(|user, held| {
+                let mut i = 0;
+                while i < held.len() {
+                    let l = &held[i].lease;
+                    // (The map's keys are user ids it was given: they parse.)
+                    if (all || l.ended || now >= l.ends)
+                        && let Ok(user) = UserId::parse(user)
+                    {
+                        retiring.push((user, held.remove(i).lease));
+                        continue;
                     }
-                    true
-                });
+                    i += 1;
+                }
                 !held.is_empty()
             });
-            let mut closing = std::mem::take(&mut state.closing);
-            closing.extend(ended);
+            let ledger_has = self.ledger_has.load(std::sync::atomic::Ordering::Acquire);
+            retiring.retain(|(user, l)| {
+                if l.pending > 0 || l.last > ledger_has {
+                    return true;
+                }
+                closing.push(Closing {
+                    user: user.clone(),
+                    id: Arc::clone(&l.id),
+                    spent: l.spent,
+                });
+                false
+            });
+            let closing = std::mem::take(&mut state.closing);
             if state.heat.len() > 4096 {
                 let second = self.meter_second();
                 state.heat.retain(|_, h| h.asking || h.second + 1 >= second);
@@ -578,13 +714,16 @@ impl Leases {
             }
             closing
         };
+        // Settled together: one Redis round trip's wait for them all.
+        let settled = futures_util::future::join_all(
+            closing
+                .iter()
+                .map(|c| self.meter.settle_lease(&c.user, &c.id, c.spent, "proxy")),
+        )
+        .await;
         let mut retry = Vec::new();
-        for c in closing {
-            match self
-                .meter
-                .settle_lease(&c.user, &c.id, c.spent, "proxy")
-                .await
-            {
+        for (c, result) in closing.into_iter().zip(settled) {
+            match result {
                 Ok(closed) => {
                     if let LeaseClosed::Lost { .. } | LeaseClosed::Gone = closed {
                         tracing::warn!(lease = %c.id, ?closed, "lease was closed before its settle");
@@ -699,46 +838,5 @@ async fn drain(tailer: &mut Tailer) {
                 return;
             }
         }
-    }
-}
-
-/// A leased call's ledger row: a charge (or its refund) with no balance
-/// after it, which moved with the lease.
-#[allow(clippy::too_many_arguments)]
-fn spend_event(
-    user: &UserId,
-    lease: &Arc<str>,
-    kind: &'static str,
-    module: &Module,
-    action: Option<&ActionId>,
-    [amount, from_monthly, from_bonus]: [i64; 3],
-    plan: &PlanId,
-    request_id: &RequestId,
-    stamp: &Stamp,
-) -> LedgerEvent<'static> {
-    LedgerEvent {
-        event_id: uuid::Uuid::now_v7().to_string().into(),
-        user_id: user.as_str().to_owned().into(),
-        kind,
-        module: Some(module.id.as_str().to_owned().into()),
-        action: action.map(|a| a.as_str().to_owned().into()),
-        amount,
-        from_monthly,
-        from_bonus,
-        monthly_after: None,
-        bonus_after: None,
-        plan: Some(plan.as_str().to_owned().into()),
-        request_id: Some(request_id.as_str().to_owned().into()),
-        actor: "proxy".into(),
-        local_day: stamp.day.date(),
-        occurred_at: stamp.now,
-        stream_ms: stamp.now_ms(),
-        stream_seq: 0,
-        account_period: "".into(),
-        account_day: "".into(),
-        account_day_used: 0,
-        reason: None,
-        lease_id: Some(lease.to_string().into()),
-        shard: 0,
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::log::{Files, Line, parse_line};
+use super::log::{Files, Line, parse_line, position};
 use crate::ledger::BatchHook;
 use crate::ledger::event::LedgerEvent;
 use crate::ledger::store;
@@ -43,6 +43,8 @@ pub struct Tailer {
     open: HashMap<String, OpenLease>,
     /// Bad lines skipped (logged once each).
     pub skipped: u64,
+    /// How far the ledger has this log: every call before it is written.
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What one step found.
@@ -73,7 +75,23 @@ impl Tailer {
             done: BTreeSet::new(),
             open: HashMap::new(),
             skipped: 0,
+            written: Arc::new(std::sync::atomic::AtomicU64::new(position(first, 0))),
         })
+    }
+
+    /// Publishes how far the ledger has this log into `written`, kept up
+    /// to date by [`Tailer::step`].
+    pub fn sharing_progress(mut self, written: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.written = written;
+        self.publish();
+        self
+    }
+
+    fn publish(&self) {
+        self.written.store(
+            position(self.segment, self.offset),
+            std::sync::atomic::Ordering::Release,
+        );
     }
 
     pub fn open_leases(&self) -> &HashMap<String, OpenLease> {
@@ -92,6 +110,7 @@ impl Tailer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_exists => {
                 self.segment += 1;
                 self.offset = 0;
+                self.publish();
                 return Ok(Progress::Moved);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Progress::AtEnd),
@@ -102,25 +121,34 @@ impl Tailer {
         file.take(4 * 1024 * 1024).read_to_end(&mut buf)?;
         // Only whole lines: the writer may be in the middle of one.
         let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        let text = String::from_utf8_lossy(&buf[..whole]);
+        let bytes = &buf[..whole];
         let mut events: Vec<LedgerEvent<'_>> = Vec::new();
         // The log's order, which the lease accounting follows: a lease's
         // calls come after its `L` line.
         let mut order: Vec<Op> = Vec::new();
         let mut consumed = 0usize;
-        for line in text.split_inclusive('\n') {
+        for end in memchr::memchr_iter(b'\n', bytes) {
             if events.len() >= BATCH {
                 break;
             }
-            consumed += line.len();
-            let line = line.trim_end_matches('\n');
+            // Offsets stay those of the file: a line that is not UTF-8 is
+            // skipped whole, never repaired.
+            let line = std::str::from_utf8(&bytes[consumed..end]);
+            consumed = end + 1;
+            let Ok(line) = line else {
+                self.skipped += 1;
+                tracing::error!(
+                    segment = self.segment,
+                    "spend log: a line is not UTF-8, skipped"
+                );
+                continue;
+            };
             if line.is_empty() {
                 continue;
             }
             let keys = &self.keys;
             match parse_line(line, |user| {
-                crate::domain::UserId::parse(user)
-                    .map_or(0, |u| i16::try_from(keys.shard_of(&u)).unwrap_or(0))
+                i16::try_from(keys.shard_of_id(user)).unwrap_or(0)
             }) {
                 Ok(Line::Spend(e)) => {
                     order.push(Op::Spend(events.len()));
@@ -172,6 +200,7 @@ impl Tailer {
         // This segment is complete once a next one exists: read to its end
         // (a half line a failed write left at its end is dropped), go on.
         let read_all = consumed == whole && buf.len() < 4 * 1024 * 1024;
+        self.publish();
         if next_exists && read_all {
             if whole < buf.len() {
                 self.skipped += 1;
@@ -183,6 +212,7 @@ impl Tailer {
             self.done.insert(self.segment);
             self.segment += 1;
             self.offset = 0;
+            self.publish();
             self.delete_finished();
             return Ok(Progress::Moved);
         }

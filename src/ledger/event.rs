@@ -85,7 +85,7 @@ pub fn parse_entry_id(id: &str) -> Option<(i64, i64)> {
 
 /// `YYYY-MM-DD`, exactly. chrono's format-string parser cost 800
 /// instructions per event, 6 % of reading one (examples/parse_cost.rs).
-fn day(text: &str) -> Option<NaiveDate> {
+pub(crate) fn day(text: &str) -> Option<NaiveDate> {
     let b = text.as_bytes();
     let digits = |r: std::ops::Range<usize>| -> Option<u32> {
         b.get(r)?.iter().try_fold(0u32, |n, c| {
@@ -102,7 +102,7 @@ fn day(text: &str) -> Option<NaiveDate> {
 /// A row's text field as its value: borrowed unless it holds an escape or
 /// a NUL (Postgres text cannot hold NUL, and one unstorable event must
 /// never stall the whole stream, so NULs become U+FFFD).
-fn unescape(field: &str) -> Cow<'_, str> {
+pub(crate) fn unescape(field: &str) -> Cow<'_, str> {
     if !field.bytes().any(|b| b == b'\\' || b == 0) {
         return Cow::Borrowed(field);
     }

@@ -55,9 +55,15 @@ impl KeyLayout {
     }
 
     pub fn shard_of(&self, user: &UserId) -> u16 {
+        self.shard_of_id(user.as_str())
+    }
+
+    /// [`KeyLayout::shard_of`] for a user id already known to be one
+    /// (read back from the gateway's own spend log).
+    pub fn shard_of_id(&self, user: &str) -> u16 {
         // FNV-1a: stable across Rust versions and platforms, unlike std's hasher.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in user.as_str().bytes() {
+        for b in user.bytes() {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }

@@ -9,6 +9,7 @@ mod batch;
 mod charge;
 mod grant;
 mod idempotency;
+mod lease;
 mod rate;
 mod refund;
 mod reset;
