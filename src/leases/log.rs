@@ -258,13 +258,17 @@ impl SpendLog {
     /// held, no other process takes these files for a dead worker's.
     pub fn start(files: &Files) -> io::Result<(SpendLog, File)> {
         std::fs::create_dir_all(&files.dir)?;
+        // Locked before it has its name: another gateway looking for dead
+        // workers' logs never finds this one's lock file free.
+        let unnamed = files.dir.join(format!("spend-{}.lock.new", files.instance));
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(files.lock())?;
+            .open(&unnamed)?;
         lock.try_lock()
-            .map_err(|e| io::Error::other(format!("{}: {e}", files.lock().display())))?;
+            .map_err(|e| io::Error::other(format!("{}: {e}", unnamed.display())))?;
+        std::fs::rename(&unnamed, files.lock())?;
         let segment = Segment::create(files.clone(), 0)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write(rx, segment));

@@ -16,7 +16,7 @@
 //!   `ttl_ms` (≤ 900 ms), then the next call goes to Redis, which refuses;
 //! - exactly once: each leased call is one spend-log line, written before
 //!   the call is forwarded, and one ledger row (its event id) from there;
-//!   its lease is settled only after every line of it is written.
+//!   its lease is settled only once every call of it is in the ledger.
 
 pub mod log;
 pub mod tail;
@@ -138,6 +138,16 @@ struct Heat {
     leased: u64,
     /// A charge asking for a lease is in Redis: the others don't ask too.
     asking: bool,
+}
+
+/// What became of a charge that asked for a lease ([`Leases::asked`]).
+pub enum Asked<'a> {
+    /// Redis answered: charged (with or without the lease), or refused
+    /// (`None`, nothing granted).
+    Answered(Option<&'a Receipt>),
+    /// No answer (a timeout, a broken connection, never sent): Redis may
+    /// or may not have granted it.
+    Unknown,
 }
 
 /// A charge's request for a lease ([`Leases::ask`]).
@@ -390,9 +400,23 @@ impl Leases {
         key: Option<&KeyHash>,
         module: &Module,
         ask: Ask,
-        receipt: Option<&Receipt>,
+        answer: Asked<'_>,
         stamp: &Stamp,
     ) {
+        let receipt = match answer {
+            Asked::Answered(receipt) => receipt,
+            Asked::Unknown => {
+                // Redis may have run the charge and lost only its answer:
+                // settling finds the lease if it was granted, or nothing.
+                self.done_asking(user, module);
+                self.state().closing.push(Closing {
+                    user: user.clone(),
+                    id: ask.id,
+                    spent: 0,
+                });
+                return;
+            }
+        };
         let granted = receipt.and_then(|r| match &r.lease {
             Some(LeaseUse::Took(taken)) if *taken.id == *ask.id => Some((taken, r)),
             _ => None,
@@ -472,6 +496,13 @@ impl Leases {
             for h in held {
                 h.lease.ended = true;
             }
+        }
+    }
+
+    fn done_asking(&self, user: &UserId, module: &Module) {
+        let key = (user.as_str().to_owned(), module.id.as_str().to_owned());
+        if let Some(heat) = self.state().heat.get_mut(&key) {
+            heat.asking = false;
         }
     }
 

@@ -46,7 +46,7 @@ use crate::domain::{
     ActionId, Credits, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId,
 };
 use crate::error::ApiError;
-use crate::leases::Leases;
+use crate::leases::{Asked, Leases};
 use crate::metering::{
     Balance, ChargeRequest, Idempotency, LeaseUse, Mode, RateState, Receipt, RefundOf,
     RefundOutcome, Repeat, Stamp,
@@ -376,8 +376,16 @@ impl Proxy {
             && !leases.announce(user, a).await
             && let Some(a) = ask.take()
         {
+            // Not asked: Redis never saw it.
             leases
-                .asked(user, key_hash, &ctx.module, a, None, &ctx.stamp)
+                .asked(
+                    user,
+                    key_hash,
+                    &ctx.module,
+                    a,
+                    Asked::Answered(None),
+                    &ctx.stamp,
+                )
                 .await;
         }
         let mode = ask.as_ref().map_or(Mode::Charge, |a| a.mode);
@@ -394,12 +402,13 @@ impl Proxy {
         };
         let decided = self.billing.charge(&request).await;
         if let (Some(leases), Some(ask)) = (leases, ask) {
-            let receipt = match &decided {
-                Ok(Decision::Charged(receipt)) => Some(receipt),
-                _ => None,
+            let answer = match &decided {
+                Ok(Decision::Charged(receipt)) => Asked::Answered(Some(receipt)),
+                Ok(_) => Asked::Answered(None),
+                Err(_) => Asked::Unknown,
             };
             leases
-                .asked(user, key_hash, &ctx.module, ask, receipt, &ctx.stamp)
+                .asked(user, key_hash, &ctx.module, ask, answer, &ctx.stamp)
                 .await;
         }
         match decided {
