@@ -334,7 +334,7 @@ impl Leases {
         if cost <= 0 {
             return None;
         }
-        let second = self.meter_second();
+        let second = self.unix_second();
         let now = Instant::now();
         let mut state = self.state();
         let holding = state.open.get(user.as_str()).is_some_and(|held| {
@@ -374,7 +374,7 @@ impl Leases {
         })
     }
 
-    fn meter_second(&self) -> u64 {
+    fn unix_second(&self) -> u64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
@@ -421,7 +421,7 @@ impl Leases {
             Some(LeaseUse::Took(taken)) if *taken.id == *ask.id => Some((taken, r)),
             _ => None,
         });
-        let second = self.meter_second();
+        let second = self.unix_second();
         let mut state = self.state();
         if let Some(heat) = state
             .heat
@@ -735,7 +735,7 @@ impl Leases {
             });
             let closing = std::mem::take(&mut state.closing);
             if state.heat.len() > 4096 {
-                let second = self.meter_second();
+                let second = self.unix_second();
                 state.heat.retain(|_, h| h.asking || h.second + 1 >= second);
             }
             if state.changed.len() > 4096 {

@@ -615,3 +615,65 @@ async fn a_lease_whose_gateway_and_log_are_gone_is_closed_as_lost_and_no_call_is
     );
     app.assert_verify_clean();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_granted_by_a_charge_whose_answer_was_lost_is_given_back() {
+    // Every charge asks for a lease; Redis is reached through a proxy that
+    // can drop its answers.
+    let app = TestApp::builder()
+        .leases()
+        .redis_via_chaos()
+        .env("CREDITGATE_METERING__LEASES__AFTER_CALLS", "1")
+        .start()
+        .await;
+    let chaos = app.redis_chaos.clone().expect("chaos proxy");
+    let user = app.create_user("enterprise").await;
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    // That call's lease ends (300 ms) and is settled.
+    wait_until(
+        "the first lease settled",
+        Duration::from_secs(10),
+        || async { open_leases(&app, &user.id).await == 0 },
+    )
+    .await;
+
+    // The next call goes to Redis and asks for a lease: Redis grants it,
+    // and the answer never comes back.
+    chaos.mute();
+    let lost = app.call(&user.key, "/rag/q").await;
+    assert_eq!(lost.status(), 503);
+    chaos.restore_networking();
+
+    // The gateway settles it with nothing spent once Redis answers again.
+    wait_until(
+        "the unanswered lease given back",
+        Duration::from_secs(10),
+        || async { open_leases(&app, &user.id).await == 0 },
+    )
+    .await;
+    wait_until("flushed", Duration::from_secs(10), || async {
+        app.backlog().await == 0
+    })
+    .await;
+    // Two leases, one per call, neither spent from: both came back whole
+    // (the second one by the gateway that never heard of it; left open, the
+    // sweep would have closed it as lost 5 s after its end).
+    let pool = app.pool().await;
+    let leases: Vec<(i64, Option<i64>)> = sqlx::query_as(
+        "SELECT l.amount, r.amount FROM ledger_events l
+         LEFT JOIN ledger_events r ON r.lease_id = l.lease_id AND r.kind = 'lease_return'
+         WHERE l.user_id = $1 AND l.kind = 'lease'",
+    )
+    .bind(user.id.as_str())
+    .fetch_all(&pool)
+    .await
+    .expect("leases");
+    let (kinds, _) = ledger(&app, &user.id).await;
+    assert_eq!(leases.len(), 2, "{leases:?} {kinds:?}");
+    for (taken, returned) in &leases {
+        assert_eq!(Some(*taken), *returned, "{leases:?}");
+    }
+    let (kinds, _) = ledger(&app, &user.id).await;
+    assert!(!kinds.contains_key("lease_lost"), "{kinds:?}");
+    app.assert_verify_clean();
+}

@@ -17,11 +17,33 @@ enum Mode {
     Broken,
     /// Connections accepted and read, never answered (a hung server).
     Stalled,
+    /// Requests reach the server, its answers are dropped: the commands
+    /// run, and their callers never hear of it.
+    Mute,
 }
 
 pub struct ChaosProxy {
     pub addr: SocketAddr,
     mode: watch::Sender<Mode>,
+}
+
+/// Forwards `client`'s bytes to `server` and drops the server's answers,
+/// until either side leaves or the mode changes (then both are closed).
+async fn mute(mut client: TcpStream, mut server: TcpStream, mut mode: watch::Receiver<Mode>) {
+    let (mut from_client, _) = client.split();
+    let (mut from_server, mut to_server) = server.split();
+    let mut sink = [0u8; 4096];
+    tokio::select! {
+        _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+        _ = async {
+            while let Ok(n) = from_server.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        } => {}
+        _ = mode.wait_for(|m| *m != Mode::Mute) => {}
+    }
 }
 
 /// Reads and discards until the peer leaves or the mode changes.
@@ -60,6 +82,15 @@ impl ChaosProxy {
                         tokio::spawn(swallow(client, state.subscribe()));
                         continue;
                     }
+                    Mode::Mute => {
+                        let rx = state.subscribe();
+                        tokio::spawn(async move {
+                            if let Ok(server) = TcpStream::connect(target).await {
+                                mute(client, server, rx).await;
+                            }
+                        });
+                        continue;
+                    }
                     Mode::Pass => {}
                 }
                 let mut rx = state.subscribe();
@@ -71,10 +102,15 @@ impl ChaosProxy {
                         _ = copy_bidirectional(&mut client, &mut server) => None,
                         m = rx.wait_for(|m| *m != Mode::Pass) => m.ok().map(|m| *m),
                     };
-                    // A live connection goes silent too when stalled.
-                    if changed == Some(Mode::Stalled) {
-                        drop(server);
-                        swallow(client, rx).await;
+                    // A live connection goes silent too when stalled, and
+                    // loses its answers when muted.
+                    match changed {
+                        Some(Mode::Stalled) => {
+                            drop(server);
+                            swallow(client, rx).await;
+                        }
+                        Some(Mode::Mute) => mute(client, server, rx).await,
+                        _ => {}
                     }
                 });
             }
@@ -92,7 +128,12 @@ impl ChaosProxy {
         self.mode.send_replace(Mode::Stalled);
     }
 
-    /// Back to normal; connections held while stalled are closed.
+    /// Redis runs what it is sent, and its answers are lost on the way.
+    pub fn mute(&self) {
+        self.mode.send_replace(Mode::Mute);
+    }
+
+    /// Back to normal; connections held while stalled or muted are closed.
     pub fn restore_networking(&self) {
         self.mode.send_replace(Mode::Pass);
     }
