@@ -4,11 +4,11 @@
 use crate::common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::Gateway;
+use common::process::{Gateway, Load};
 use common::{TestApp, free_port, wait_until};
 use creditgate::domain::UserId;
 use reqwest::Method;
@@ -419,48 +419,6 @@ async fn a_gateway_stopping_settles_its_leases_and_writes_every_call() {
     app.assert_verify_clean();
 }
 
-/// Request ids answered 200, calls that got no answer, and the tasks.
-type Load = (
-    Arc<Mutex<Vec<String>>>,
-    Arc<AtomicUsize>,
-    Vec<tokio::task::JoinHandle<()>>,
-);
-
-/// Load on the gateway process at `port` from 16 tasks until `stop`:
-/// request ids answered 200, and calls that got no answer.
-fn process_load(app: &TestApp, port: u16, keys: &[String], stop: &Arc<AtomicBool>) -> Load {
-    let ok = Arc::new(Mutex::new(Vec::<String>::new()));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
-    let tasks = (0..16)
-        .map(|w| {
-            let (client, key) = (app.client.clone(), keys[w % keys.len()].clone());
-            let (ok, failed, next, stop) = (ok.clone(), failed.clone(), next.clone(), stop.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::SeqCst) {
-                    let rid = format!("k-{}", next.fetch_add(1, Ordering::SeqCst));
-                    let sent = client
-                        .get(format!("http://127.0.0.1:{port}/rag/q"))
-                        .bearer_auth(&key)
-                        .header("x-request-id", &rid)
-                        .timeout(Duration::from_secs(5))
-                        .send()
-                        .await;
-                    match sent {
-                        Ok(r) if r.status() == 200 => ok.lock().expect("lock").push(rid),
-                        Ok(r) => panic!("unexpected status {}", r.status()),
-                        Err(_) => {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    (ok, failed, tasks)
-}
-
 /// The spend log segments in `dir`.
 fn logs_in(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -471,10 +429,6 @@ fn logs_in(dir: &std::path::Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn served(ok: &Arc<Mutex<Vec<String>>>) -> usize {
-    ok.lock().map(|v| v.len()).unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -489,9 +443,9 @@ async fn sigkill_with_leases_open_loses_no_call_and_duplicates_none() {
     let own = logs_in(&app.spend_dir());
     let mut gateway = Gateway::start(&app, port, &[]).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, tasks) = process_load(&app, port, &keys, &stop);
+    let mut load = Load::start(&app.client, port, &keys, &stop);
     wait_until("load before the kill", Duration::from_secs(20), || {
-        let n = served(&ok);
+        let n = load.served();
         async move { n >= 1500 }
     })
     .await;
@@ -505,20 +459,18 @@ async fn sigkill_with_leases_open_loses_no_call_and_duplicates_none() {
         .filter(|f| !own.contains(f))
         .collect();
     assert!(!dead.is_empty());
-    let before = served(&ok);
+    let before = load.served();
     // The same disk: the restarted gateway settles the dead one's leases
     // from its spend log.
     gateway = Gateway::start(&app, port, &[]).await;
     wait_until("load after the restart", Duration::from_secs(20), || {
-        let n = served(&ok);
+        let n = load.served();
         async move { n >= before + 500 }
     })
     .await;
     stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("load task");
-    }
-    let ok = ok.lock().expect("lock").clone();
+    load.join().await;
+    let ok = load.ok.lock().expect("lock").clone();
     let mut charged = 0;
     wait_until("every lease settled", Duration::from_secs(20), || async {
         let mut open = 0;
@@ -551,7 +503,7 @@ async fn sigkill_with_leases_open_loses_no_call_and_duplicates_none() {
             "{rid}"
         );
     }
-    let lost_answers = failed.load(Ordering::SeqCst);
+    let lost_answers = load.failed.load(Ordering::SeqCst);
     assert!(
         charged >= ok.len() && charged - ok.len() <= lost_answers,
         "{charged} charged, {} answered, {lost_answers} unanswered",
@@ -582,17 +534,15 @@ async fn a_lease_whose_gateway_and_log_are_gone_is_closed_as_lost_and_no_call_is
     )
     .await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, _failed, tasks) = process_load(&app, port, std::slice::from_ref(&user.key), &stop);
+    let mut load = Load::start(&app.client, port, std::slice::from_ref(&user.key), &stop);
     wait_until("leased load", Duration::from_secs(20), || async {
-        served(&ok) >= 800 && open_leases(&app, &user.id).await > 0
+        load.served() >= 800 && open_leases(&app, &user.id).await > 0
     })
     .await;
     // The machine is lost: the process and its disk.
     gateway.sigkill();
     stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("load task");
-    }
+    load.join().await;
     std::fs::remove_dir_all(&lost_disk).expect("remove the lost disk");
     // The in-process gateway's sweep closes it 5 s after its end.
     wait_until(
@@ -608,7 +558,7 @@ async fn a_lease_whose_gateway_and_log_are_gone_is_closed_as_lost_and_no_call_is
     let (kinds, _) = ledger(&app, &user.id).await;
     assert!(kinds.contains_key("lease_lost"), "{kinds:?}");
     let (monthly, bonus, _) = app.balance(&user.id).await;
-    let answered = served(&ok) as i64;
+    let answered = load.served() as i64;
     assert!(
         monthly + bonus <= 100_000 - answered,
         "a call was free: {answered} answered, {monthly} + {bonus} left"

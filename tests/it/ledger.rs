@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::chaos::ChaosProxy;
-use common::process::Gateway;
+use common::process::{Gateway, Load};
 use common::{Account, TestApp, free_port, wait_until};
 use creditgate::ledger::{reports, store};
 
@@ -377,35 +377,10 @@ async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
     let port = free_port();
     let mut gateway = Gateway::start(&app, port, &[]).await;
 
-    let ok = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..16 {
-        let (client, key) = (app.client.clone(), users[w % 2].key.clone());
-        let (ok, failed, next, stop) = (ok.clone(), failed.clone(), next.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let rid = format!("k-{}", next.fetch_add(1, Ordering::SeqCst));
-                let sent = client
-                    .get(format!("http://127.0.0.1:{port}/rag/q"))
-                    .bearer_auth(&key)
-                    .header("x-request-id", &rid)
-                    .timeout(Duration::from_secs(5))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status() == 200 => ok.lock().expect("lock").push(rid),
-                    Ok(r) => panic!("unexpected status {}", r.status()),
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }));
-    }
+    let keys: Vec<String> = users.iter().map(|u| u.key.clone()).collect();
+    let mut load = Load::start(&app.client, port, &keys, &stop);
+    let (ok, failed) = (load.ok.clone(), load.failed.clone());
     let count = |ok: &Arc<std::sync::Mutex<Vec<String>>>| ok.lock().map(|v| v.len()).unwrap_or(0);
     wait_until("load before the kill", Duration::from_secs(20), || {
         let n = count(&ok);
@@ -421,9 +396,7 @@ async fn sigkill_mid_load_loses_no_event_and_duplicates_none() {
     })
     .await;
     stop.store(true, Ordering::SeqCst);
-    for t in tasks {
-        t.await.expect("load task");
-    }
+    load.join().await;
     wait_until(
         "the restarted gateway's flusher to drain",
         Duration::from_secs(30),

@@ -93,3 +93,69 @@ impl Drop for Gateway {
         self.sigkill();
     }
 }
+
+/// Load on a gateway process at `port`, as a SIGKILL test needs it: 16
+/// tasks calling `/rag/q` with `keys` in turn, each call with its own
+/// request id, until `stop`.
+pub struct Load {
+    /// Request ids answered 200.
+    pub ok: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Calls that got no answer (cut off by a kill, refused while down).
+    pub failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(
+        client: &reqwest::Client,
+        port: u16,
+        keys: &[String],
+        stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex, atomic::AtomicUsize};
+        let ok = Arc::new(Mutex::new(Vec::<String>::new()));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let next = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..16)
+            .map(|w| {
+                let (client, key) = (client.clone(), keys[w % keys.len()].clone());
+                let (ok, failed, next, stop) =
+                    (ok.clone(), failed.clone(), next.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let rid = format!("k-{}", next.fetch_add(1, Ordering::SeqCst));
+                        let sent = client
+                            .get(format!("http://127.0.0.1:{port}/rag/q"))
+                            .bearer_auth(&key)
+                            .header("x-request-id", &rid)
+                            .timeout(Duration::from_secs(5))
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(r) if r.status() == 200 => ok.lock().expect("lock").push(rid),
+                            Ok(r) => panic!("unexpected status {}", r.status()),
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { ok, failed, tasks }
+    }
+
+    /// Calls answered 200 so far.
+    pub fn served(&self) -> usize {
+        self.ok.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Waits for the tasks (after `stop`).
+    pub async fn join(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.await.expect("load task");
+        }
+    }
+}
