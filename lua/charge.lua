@@ -310,37 +310,6 @@ local function charge(k, a)
   local fm, fb = cost_s, '0'
   local mb, au = int(monthly), int(used)
   local bb
-  if lease_want and not p.interval then
-    -- Far from every limit only: near one, each call is decided here, so
-    -- the exactness at the edge is the plain charge's. The charge's event
-    -- keeps the balance after the charge, the lease's the balance after
-    -- the lease: each one's change, in order, for the ledger's chain.
-    local want, room = tonumber(lease_want), tonumber(lease_room)
-    if want > 0 and room >= want and monthly + bonus >= room and (limit < 0 or limit - used >= room) then
-      if from_bonus ~= 0 then
-        fm, fb = int(from_monthly), int(from_bonus)
-      end
-      local charge_row = event_id .. '\tcharge\t' .. plan .. '\t' .. module .. '\t' .. action .. '\t' ..
-        cost_s .. '\t' .. fm .. '\t' .. fb .. '\t' .. mb .. '\t' .. int(bonus) .. '\t' .. au .. '\t\t' .. common
-      events[#events + 1] = charge_row
-      local lfm = math.min(monthly, want)
-      local lfb = want - lfm
-      monthly = monthly - lfm
-      bonus = bonus - lfb
-      used = used + want
-      mb, bb, au = int(monthly), int(bonus), int(used)
-      local lease_id = event_id .. ':lease'
-      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au,
-        'lease:' .. lease_id, int(want) .. ',' .. int(lfm) .. ',' .. int(lfb) .. ',' .. today .. ',' .. this_period)
-      local t = redis.call('TIME')
-      local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease_ttl)
-      redis.call('ZADD', record, until_ms, string.match(acct, ':acct:(.*)$') .. ' ' .. lease_id)
-      events[#events + 1] = lease_id .. '\tlease\t' .. plan .. '\t' .. module .. '\t\t' .. int(want) .. '\t' ..
-        int(lfm) .. '\t' .. int(lfb) .. '\t' .. mb .. '\t' .. bb .. '\t' .. au .. '\t\t' .. common
-      return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, '0', -1, -1, plan) ..
-        ' ' .. int(want) .. ' ' .. int(lfm) .. ' ' .. int(lfb)
-    end
-  end
   if from_bonus == 0 then
     bb = f[3] or '0'
     if tat_after then
@@ -374,7 +343,32 @@ local function charge(k, a)
     redis.call('HSET', acct, 'blocked', 'exhausted')
     auto_blocked = '1'
   end
-  return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan)
+  local leased = ''
+  if lease_want and not p.interval then
+    -- Far from every limit only: near one, each call is decided here, so
+    -- the exactness at the edge is the plain charge's. The charge's event
+    -- (above) keeps the balance after the charge, the lease's the balance
+    -- after the lease: each one's change, in order, for the ledger's chain.
+    local want, room = tonumber(lease_want), tonumber(lease_room)
+    if want > 0 and room >= want and monthly + bonus >= room and (limit < 0 or limit - used >= room) then
+      local lfm = math.min(monthly, want)
+      local lfb = want - lfm
+      monthly = monthly - lfm
+      bonus = bonus - lfb
+      used = used + want
+      mb, bb, au = int(monthly), int(bonus), int(used)
+      local lease_id = event_id .. ':lease'
+      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au,
+        'lease:' .. lease_id, int(want) .. ',' .. int(lfm) .. ',' .. int(lfb) .. ',' .. today .. ',' .. this_period)
+      local t = redis.call('TIME')
+      local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease_ttl)
+      redis.call('ZADD', record, until_ms, string.match(acct, ':acct:(.*)$') .. ' ' .. lease_id)
+      events[#events + 1] = lease_id .. '\tlease\t' .. plan .. '\t' .. module .. '\t\t' .. int(want) .. '\t' ..
+        int(lfm) .. '\t' .. int(lfb) .. '\t' .. mb .. '\t' .. bb .. '\t' .. au .. '\t\t' .. common
+      leased = ' ' .. int(want) .. ' ' .. int(lfm) .. ' ' .. int(lfb)
+    end
+  end
+  return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan) .. leased
 end
 
 if deadline ~= 0 then

@@ -68,6 +68,14 @@ impl UserId {
     }
 }
 
+/// Lets maps keyed by user be searched with a `&str` (the derived `Hash`
+/// of the one field is the string's own).
+impl std::borrow::Borrow<str> for UserId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for UserId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -57,7 +57,7 @@ pub struct Leases {
 struct State {
     /// Per user, the leases held for (key, module) that may still be
     /// spent: one, or two while the next one is taken.
-    open: HashMap<String, Vec<Held>>,
+    open: HashMap<UserId, Vec<Held>>,
     /// Ended leases whose last calls' lines are still being written.
     retiring: Vec<(UserId, Lease)>,
     /// Per (user, module), the charges of the current second.
@@ -68,7 +68,7 @@ struct State {
     /// A lease asked for before its account's last change is not used:
     /// Redis may have granted it before it had the change.
     generation: u64,
-    changed: HashMap<String, u64>,
+    changed: HashMap<UserId, u64>,
 }
 
 struct Held {
@@ -112,19 +112,22 @@ impl Lease {
             && self.period == stamp.period.as_str()
     }
 
-    /// The account's balance as callers should see it: Redis's, plus what
-    /// the lease still holds (spent from the monthly part first).
+    /// The account's balance as callers should see it.
     fn view(&self) -> Balance {
-        let spent_monthly = self.spent.clamp(0, self.from_monthly);
-        let from_bonus = self.credits - self.from_monthly;
-        let left_bonus = from_bonus - (self.spent - spent_monthly);
-        Balance {
-            monthly: Credits::recorded(
-                self.balance.monthly.get() + self.from_monthly - spent_monthly,
-            ),
-            bonus: Credits::recorded(self.balance.bonus.get() + left_bonus),
-            day_used: Credits::recorded(self.balance.day_used.get() - (self.credits - self.spent)),
-            daily_limit: self.balance.daily_limit,
+        holding(&self.balance, self.credits, self.from_monthly, self.spent)
+    }
+}
+
+impl State {
+    /// The charge asking for (user, module)'s lease has its answer; `took`:
+    /// the second it took one.
+    fn done_asking(&mut self, user: &UserId, module: &Module, took: Option<u64>) {
+        let key = (user.as_str().to_owned(), module.id.as_str().to_owned());
+        if let Some(heat) = self.heat.get_mut(&key) {
+            heat.asking = false;
+            if let Some(second) = took {
+                heat.leased = second;
+            }
         }
     }
 }
@@ -148,6 +151,26 @@ pub enum Asked<'a> {
     /// No answer (a timeout, a broken connection, never sent): Redis may
     /// or may not have granted it.
     Unknown,
+}
+
+/// Redis's `balance` (after the lease left it) plus what a lease of
+/// `credits` (`from_monthly` of them from the allowance) still holds once
+/// `spent` of it is spent, the monthly part first, as settling counts it.
+fn holding(balance: &Balance, credits: i64, from_monthly: i64, spent: i64) -> Balance {
+    let spent_monthly = spent.clamp(0, from_monthly);
+    let left_bonus = (credits - from_monthly) - (spent - spent_monthly);
+    Balance {
+        monthly: Credits::recorded(balance.monthly.get() + from_monthly - spent_monthly),
+        bonus: Credits::recorded(balance.bonus.get() + left_bonus),
+        day_used: Credits::recorded(balance.day_used.get() - (credits - spent)),
+        daily_limit: balance.daily_limit,
+    }
+}
+
+fn unix_second() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A charge's request for a lease ([`Leases::ask`]).
@@ -334,7 +357,7 @@ impl Leases {
         if cost <= 0 {
             return None;
         }
-        let second = self.unix_second();
+        let second = unix_second();
         let now = Instant::now();
         let mut state = self.state();
         let holding = state.open.get(user.as_str()).is_some_and(|held| {
@@ -374,12 +397,6 @@ impl Leases {
         })
     }
 
-    fn unix_second(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    }
-
     /// Writes the lease `ask` may get into the spend log before Redis is
     /// asked: a gateway killed between Redis granting it and its first
     /// call still has it on disk, and the next start settles it. False:
@@ -408,8 +425,9 @@ impl Leases {
             Asked::Unknown => {
                 // Redis may have run the charge and lost only its answer:
                 // settling finds the lease if it was granted, or nothing.
-                self.done_asking(user, module);
-                self.state().closing.push(Closing {
+                let mut state = self.state();
+                state.done_asking(user, module, None);
+                state.closing.push(Closing {
                     user: user.clone(),
                     id: ask.id,
                     spent: 0,
@@ -421,17 +439,8 @@ impl Leases {
             Some(LeaseUse::Took(taken)) if *taken.id == *ask.id => Some((taken, r)),
             _ => None,
         });
-        let second = self.unix_second();
         let mut state = self.state();
-        if let Some(heat) = state
-            .heat
-            .get_mut(&(user.as_str().to_owned(), module.id.as_str().to_owned()))
-        {
-            heat.asking = false;
-            if granted.is_some() {
-                heat.leased = second;
-            }
-        }
+        state.done_asking(user, module, granted.is_some().then(unix_second));
         let Some((taken, receipt)) = granted else {
             drop(state);
             self.cross_out(&ask.id);
@@ -465,15 +474,11 @@ impl Leases {
             refilling: false,
         };
         metrics::lease_taken();
-        state
-            .open
-            .entry(user.as_str().to_owned())
-            .or_default()
-            .push(Held {
-                key: key.cloned(),
-                module: module.id.clone(),
-                lease,
-            });
+        state.open.entry(user.clone()).or_default().push(Held {
+            key: key.cloned(),
+            module: module.id.clone(),
+            lease,
+        });
     }
 
     /// An `X` line for `lease`: the log's reader forgets it. Not waited: a
@@ -491,7 +496,7 @@ impl Leases {
         let mut state = self.state();
         state.generation += 1;
         let generation = state.generation;
-        state.changed.insert(user.as_str().to_owned(), generation);
+        state.changed.insert(user.clone(), generation);
         if let Some(held) = state.open.get_mut(user.as_str()) {
             for h in held {
                 h.lease.ended = true;
@@ -499,23 +504,11 @@ impl Leases {
         }
     }
 
-    fn done_asking(&self, user: &UserId, module: &Module) {
-        let key = (user.as_str().to_owned(), module.id.as_str().to_owned());
-        if let Some(heat) = self.state().heat.get_mut(&key) {
-            heat.asking = false;
-        }
-    }
-
     /// The balance a call taking a lease should report: Redis's, plus the
     /// lease it just took.
     pub fn view_of(receipt: &Receipt) -> Balance {
         match &receipt.lease {
-            Some(LeaseUse::Took(t)) => Balance {
-                monthly: Credits::recorded(receipt.balance.monthly.get() + t.from_monthly),
-                bonus: Credits::recorded(receipt.balance.bonus.get() + t.credits - t.from_monthly),
-                day_used: Credits::recorded(receipt.balance.day_used.get() - t.credits),
-                daily_limit: receipt.balance.daily_limit,
-            },
+            Some(LeaseUse::Took(t)) => holding(&receipt.balance, t.credits, t.from_monthly, 0),
             _ => receipt.balance,
         }
     }
@@ -710,11 +703,8 @@ impl Leases {
                 let mut i = 0;
                 while i < held.len() {
                     let l = &held[i].lease;
-                    // (The map's keys are user ids it was given: they parse.)
-                    if (all || l.ended || now >= l.ends)
-                        && let Ok(user) = UserId::parse(user)
-                    {
-                        retiring.push((user, held.remove(i).lease));
+                    if all || l.ended || now >= l.ends {
+                        retiring.push((user.clone(), held.remove(i).lease));
                         continue;
                     }
                     i += 1;
@@ -735,13 +725,16 @@ impl Leases {
             });
             let closing = std::mem::take(&mut state.closing);
             if state.heat.len() > 4096 {
-                let second = self.unix_second();
+                let second = unix_second();
                 state.heat.retain(|_, h| h.asking || h.second + 1 >= second);
             }
             if state.changed.len() > 4096 {
                 // Marks only matter to asks in flight.
                 let State { changed, heat, .. } = &mut *state;
-                changed.retain(|user, _| heat.iter().any(|((u, _), h)| u == user && h.asking));
+                changed.retain(|user, _| {
+                    heat.iter()
+                        .any(|((u, _), h)| u.as_str() == user.as_str() && h.asking)
+                });
             }
             closing
         };
@@ -759,7 +752,7 @@ impl Leases {
                     if let LeaseClosed::Lost { .. } | LeaseClosed::Gone = closed {
                         tracing::warn!(lease = %c.id, ?closed, "lease was closed before its settle");
                     }
-                    metrics::lease_settled(c.spent);
+                    metrics::lease_settled();
                     self.cross_out(&c.id);
                 }
                 Err(error) => {

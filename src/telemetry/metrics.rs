@@ -428,7 +428,7 @@ pub fn lease_taken() {
     counter!(LEASES, "event" => "taken").increment(1);
 }
 
-pub fn lease_settled(_spent: i64) {
+pub fn lease_settled() {
     counter!(LEASES, "event" => "settled").increment(1);
 }
 
