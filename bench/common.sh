@@ -118,6 +118,12 @@ if [ -n "${BENCH_CLUSTER:-}" ]; then
   CREDITGATE_REDIS__URL=$(scripts/cluster.sh url 7100)
   export CREDITGATE_REDIS__URL
 fi
+# A new ledger for every run (BENCH_KEEP_DB=1 keeps it): each run adds up
+# to a million rows, and this box's Postgres runs without autovacuum
+# (`SHOW autovacuum`), so runs on one database would not start alike.
+if [ -z "${BENCH_KEEP_DB:-}" ]; then
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS ${BENCH_DB:-creditgate_bench} WITH (FORCE)"
+fi
 "$BIN" migrate 2>/dev/null
 KEY=$("$BIN" user create --name bench --plan bench | sed -n 's/^api_key: //p')
 redis-cli SET "peer:acct:Bearer $KEY" 1000000000 >/dev/null
@@ -133,16 +139,30 @@ workers_of() { pgrep -P "$(cat "$WORK/$1.pid")" | tr '\n' ' '; }
 # utime + stime of the given processes, in clock ticks.
 cpu_ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 
+# The whole box's CPU time, in clock ticks: user (with nice), system,
+# softirq, idle (with iowait), from /proc/stat.
+box_ticks() { awk '/^cpu / {print $2 + $3, $4, $8, $5 + $6}' /proc/stat; }
+# box_split BEFORE AFTER REQUESTS: the same, in µs per request. The per
+# process figures miss what no process is charged for (softirq: most of
+# the loopback's TCP work) and wrk itself; these add up to the box's cores.
+box_split() {
+  paste -d' ' <(echo "$1" | tr ' ' '\n') <(echo "$2" | tr ' ' '\n') \
+    | awk -v n="$3" -v t="$TICK" 'BEGIN {split("user sys softirq idle", l, " ")}
+        {printf "%s %.1f  ", l[NR], ($2 - $1) * 1e6 / t / n}'
+}
+
 # measure LABEL URL "PROXY PIDS" [wrk options]: one wrk run, then a line
 # with req/s, p50/p99, and the CPU per request (µs) of the proxy under
-# test, Redis, Postgres and the upstream nginx, read from /proc.
+# test, Redis, Postgres and the upstream nginx, read from /proc; and a
+# second line with the whole box's, split as box_split does.
 measure() {
   local label=$1 url=$2 pids=$3; shift 3
-  local upstream pg b_proxy b_redis b_pg b_up out reqs
+  local upstream pg b_proxy b_redis b_pg b_up b_box a_box out reqs
   upstream=$(workers_of upstream); pg=$(pgrep -u postgres | tr '\n' ' ')
   b_proxy=$(cpu_ticks "$pids"); b_redis=$(cpu_ticks "$REDIS_PID")
-  b_pg=$(cpu_ticks "$pg"); b_up=$(cpu_ticks "$upstream")
+  b_pg=$(cpu_ticks "$pg"); b_up=$(cpu_ticks "$upstream"); b_box=$(box_ticks)
   out=$(wrk --latency -H "Authorization: Bearer $KEY" "$@" "$url")
+  a_box=$(box_ticks)
   echo "$out" > "$WORK/$label.wrk"
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   us() { echo "scale=1; ($1) * 1000000 / $TICK / $reqs" | bc; }
@@ -151,6 +171,7 @@ measure() {
     "$(echo "$out" | awk '$1 == "50%" {print $2}')" "$(echo "$out" | awk '$1 == "99%" {print $2}')" \
     "$(us "$(cpu_ticks "$pids") - $b_proxy")" "$(us "$(cpu_ticks "$REDIS_PID") - $b_redis")" \
     "$(us "$(cpu_ticks "$pg") - $b_pg")" "$(us "$(cpu_ticks "$upstream") - $b_up")"
+  printf '%-18s box us/req: %s\n' "" "$(box_split "$b_box" "$a_box" "$reqs")"
 }
 # CPU ticks of each thread of a process, summed by thread name:
 # "name ticks" lines (the gateway names its runtime and ledger threads).
