@@ -38,7 +38,7 @@ for round in $(seq "${ROUNDS:-2}"); do
     if [ $side = A ]; then
       BIN=$OLD; KEY=$OLD_KEY
       # The assignments hold for the gateway start_gateway runs.
-      for kv in "${OLD_ENV[@]}"; do export "${kv?}"; done
+      for kv in "${OLD_ENV[@]}"; do export "$kv"; done
       start_gateway
     else
       BIN=$NEW; KEY=$NEW_KEY
