@@ -139,6 +139,14 @@ async fn kinds_by_request(app: &TestApp, user: &UserId) -> HashMap<String, Vec<S
     by
 }
 
+/// Waits until no lease of `user` is open and the streams are flushed.
+async fn closed_and_flushed(app: &TestApp, user: &UserId, what: &str, timeout: Duration) {
+    wait_until(what, timeout, || async {
+        open_leases(app, user).await == 0 && app.backlog().await == 0
+    })
+    .await;
+}
+
 /// Waits until no lease of `user` is open, the streams are flushed and
 /// the ledger holds `charges` charges of theirs.
 async fn settled(app: &TestApp, user: &UserId, charges: i64) {
@@ -348,10 +356,7 @@ async fn revocations_and_blocks_stop_leased_calls_here_at_once_and_elsewhere_wit
         );
         assert!(here.iter().any(|(_, s)| *s == 200) && there.iter().any(|(_, s)| *s == 200));
     }
-    wait_until("leases settled", Duration::from_secs(10), || async {
-        open_leases(&app, &user.id).await == 0 && app.backlog().await == 0
-    })
-    .await;
+    closed_and_flushed(&app, &user.id, "leases settled", Duration::from_secs(10)).await;
     app.assert_verify_clean();
 }
 
@@ -545,15 +550,12 @@ async fn a_lease_whose_gateway_and_log_are_gone_is_closed_as_lost_and_no_call_is
     load.join().await;
     std::fs::remove_dir_all(&lost_disk).expect("remove the lost disk");
     // The in-process gateway's sweep closes it 5 s after its end.
-    wait_until(
+    closed_and_flushed(
+        &app,
+        &user.id,
         "the sweep to close the lost leases",
-        Duration::from_secs(20),
-        || async { open_leases(&app, &user.id).await == 0 },
+        Duration::from_secs(30),
     )
-    .await;
-    wait_until("flushed", Duration::from_secs(10), || async {
-        app.backlog().await == 0
-    })
     .await;
     let (kinds, _) = ledger(&app, &user.id).await;
     assert!(kinds.contains_key("lease_lost"), "{kinds:?}");
@@ -595,15 +597,12 @@ async fn a_lease_granted_by_a_charge_whose_answer_was_lost_is_given_back() {
     chaos.restore_networking();
 
     // The gateway settles it with nothing spent once Redis answers again.
-    wait_until(
+    closed_and_flushed(
+        &app,
+        &user.id,
         "the unanswered lease given back",
-        Duration::from_secs(10),
-        || async { open_leases(&app, &user.id).await == 0 },
+        Duration::from_secs(20),
     )
-    .await;
-    wait_until("flushed", Duration::from_secs(10), || async {
-        app.backlog().await == 0
-    })
     .await;
     // Two leases, one per call, neither spent from: both came back whole
     // (the second one by the gateway that never heard of it; left open, the
