@@ -27,7 +27,8 @@
 --                     "<expires unix ms>|<,module,...,>", either part empty (no
 --                     expiry, every module of the plan)
 --   +3 idempotency record: {tag}:req:<user>:<request id> (credits API, a string
---      "from_monthly,from_bonus,day,period,module,action") or
+--      "from_monthly,from_bonus,day,period,module,action,event id", then
+--      ",told" once a repeat was answered "duplicate") or
 --      {tag}:idem:<user>:<Idempotency-Key> (proxy, a hash: split (the same
 --      string), fp request fingerprint, st p|d|x, lease (unix ms), rid the
 --      original request id, ev its charge event id, status hdrs body);
@@ -269,8 +270,16 @@ local function charge(k, a)
     end
   end
 
-  if idempotency == '1' and redis.call('EXISTS', record) == 1 then
-    return {'duplicate', 0, monthly, bonus, used, limit, plan}
+  if idempotency == '1' then
+    local rec = redis.call('GET', record)
+    if rec then
+      -- The caller now knows it was charged: a charge whose first answer
+      -- was lost stays (refund.lua's "void_record" reads this).
+      if not check_only and string.sub(rec, -5) ~= ',told' then
+        redis.call('SET', record, rec .. ',told', 'KEEPTTL')
+      end
+      return {'duplicate', 0, monthly, bonus, used, limit, plan}
+    end
   end
   if idempotency == '2' then
     local r = redis.call('HMGET', record, 'fp', 'st', 'lease', 'rid', 'status', 'hdrs', 'body')
@@ -329,7 +338,7 @@ local function charge(k, a)
     -- What refund.lua needs to give this exact charge back, and only once.
     local split = fm .. ',' .. fb .. ',' .. today .. ',' .. this_period .. ',' .. module .. ',' .. action
     if idempotency == '1' then
-      redis.call('SET', record, split, 'EX', ARGV[2])
+      redis.call('SET', record, split .. ',' .. event_id, 'EX', ARGV[2])
     else
       redis.call('HSET', record, 'split', split, 'fp', fingerprint, 'st', 'p', 'lease', lease,
         'rid', request_id, 'ev', event_id)

@@ -6,6 +6,7 @@
 //! of rules whatever the entry point.
 
 mod changes;
+mod unanswered;
 
 use std::sync::Arc;
 
@@ -62,6 +63,8 @@ pub struct Billing {
     /// This worker's credit leases: an access change ends the account's
     /// at once here (other workers' end with their `ttl_ms`).
     leases: Option<Arc<crate::leases::Leases>>,
+    /// Charges whose answer was lost, looked into off the hot path.
+    voids: Arc<unanswered::Voids>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -87,6 +90,7 @@ impl Billing {
             catalog,
             outbox,
             leases: None,
+            voids: Arc::default(),
         }
     }
 
@@ -125,7 +129,14 @@ impl Billing {
     pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<Decision, BillingError> {
         let mut repaired = false;
         loop {
-            match self.meter.charge(req).await? {
+            let outcome = match self.meter.charge(req).await {
+                Err(MeterError::Unanswered { charge, cause }) => {
+                    self.void_later(*charge);
+                    return Err((*cause).into());
+                }
+                outcome => outcome?,
+            };
+            match outcome {
                 ChargeOutcome::Charged(r) => {
                     if r.auto_blocked {
                         self.record_auto_block(req.user);

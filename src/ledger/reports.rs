@@ -23,6 +23,24 @@ pub struct Snapshot {
     pub day_used: i64,
 }
 
+/// A charge event's split (credits from the monthly allowance, from bonus),
+/// if the ledger has it; `day` is the local day it counts for (the table's
+/// partition key, so one partition is read).
+pub async fn charge_split(
+    pool: &PgPool,
+    event_id: &str,
+    day: NaiveDate,
+) -> Result<Option<(i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT from_monthly, from_bonus FROM ledger_events
+         WHERE event_id = $1 AND local_day = $2 AND kind = 'charge'",
+    )
+    .bind(event_id)
+    .bind(day)
+    .fetch_optional(pool)
+    .await
+}
+
 pub async fn snapshot(pool: &PgPool, user: &UserId) -> Result<Option<Snapshot>, sqlx::Error> {
     let row: Option<(i64, i64, String, String, i64)> = sqlx::query_as(
         "SELECT monthly, bonus, period, day, day_used FROM account_snapshots WHERE user_id = $1",

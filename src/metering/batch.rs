@@ -10,6 +10,7 @@
 //! trips.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::{RedisError, Script, Value};
@@ -99,9 +100,20 @@ pub(super) struct Answer {
     pub replicated: bool,
 }
 
+/// A charge that got no answer, and whether it may have run: `sent` is
+/// false only when it certainly never reached Redis.
+pub(super) struct Failed {
+    pub error: MeterError,
+    pub sent: bool,
+}
+
 struct Queued {
     charge: Charge,
-    reply: oneshot::Sender<Result<Answer, MeterError>>,
+    reply: oneshot::Sender<Result<Answer, Failed>>,
+    /// Set by whichever comes first: the shard's task taking the charge
+    /// into a call, or its caller giving up. The loser knows what the
+    /// winner did: a caller that finds it set must assume Redis ran it.
+    taken: Arc<AtomicBool>,
 }
 
 /// What every call shares (ARGV[1..3] of charge.lua).
@@ -134,28 +146,43 @@ impl Batcher {
         }
     }
 
-    /// Queues `charge` on its shard and waits for its reply.
-    pub async fn charge(&self, shard: u16, charge: Charge) -> Result<Answer, MeterError> {
+    /// Queues `charge` on its shard and waits for its reply, until the
+    /// charge's deadline.
+    pub async fn charge(&self, shard: u16, charge: Charge) -> Result<Answer, Failed> {
         let (queue, stream) = &self.queues[usize::from(shard) % self.queues.len()];
         let sender = queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(QUEUE);
             tokio::spawn(drain(Arc::clone(&self.shared), Arc::clone(stream), rx));
             tx
         });
+        let deadline = charge.deadline;
+        let taken = Arc::new(AtomicBool::new(false));
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(Queued { charge, reply })
-            .await
-            .map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        let queued = Queued {
+            charge,
+            reply,
+            taken: Arc::clone(&taken),
+        };
+        let waited = tokio::time::timeout_at(deadline.into(), async {
+            sender.send(queued).await.map_err(|_| ())?;
+            answer.await.map_err(|_| ())
+        })
+        .await;
+        match waited {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(())) => Err(Failed {
+                error: MeterError::Unavailable(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "the charge queue stopped",
+                ))),
+                sent: taken.load(Ordering::Acquire),
+            }),
+            Err(_) => Err(Failed {
+                error: MeterError::Timeout(self.shared.timeout),
+                sent: taken.swap(true, Ordering::AcqRel),
+            }),
+        }
     }
-}
-
-fn gone() -> MeterError {
-    MeterError::Unavailable(RedisError::from((
-        redis::ErrorKind::Io,
-        "the charge queue stopped",
-    )))
 }
 
 /// A shard's task: waits for a charge, takes whatever else is queued behind
@@ -171,9 +198,10 @@ async fn drain(shared: Arc<Shared>, stream: Arc<str>, mut queue: mpsc::Receiver<
                 Err(_) => break,
             }
         }
-        // A caller that gave up has answered its client "nothing was
-        // charged": its charge must not run.
-        batch.retain(|q| !q.reply.is_closed());
+        // A caller that gave up has answered its client 503: its charge
+        // must not run (and one taken here is one its caller will look
+        // for, see `Failed`).
+        batch.retain(|q| !q.taken.swap(true, Ordering::AcqRel));
         if !batch.is_empty() {
             send(&shared, &stream, &mut batch).await;
         }
@@ -220,17 +248,18 @@ async fn send(shared: &Shared, stream: &str, batch: &mut Vec<Queued>) {
         }
         Ok(Ok((other, _))) => {
             let detail = format!("{} replies expected, got {other:?}", batch.len());
-            for q in batch.drain(..) {
-                let _ = q.reply.send(Err(MeterError::Protocol {
-                    script: "charge.lua",
-                    detail: detail.clone(),
-                }));
-            }
+            fail(batch, true, || MeterError::Protocol {
+                script: "charge.lua",
+                detail: detail.clone(),
+            });
         }
         Ok(Err(e)) => {
+            // Refused: the call never left. Anything else (a connection
+            // cut, a timeout) may have come after Redis ran it.
+            let sent = !(e.is_connection_refusal() || e.kind() == NOT_SENT);
             let timed_out = e.is_timeout();
-            for q in batch.drain(..) {
-                let _ = q.reply.send(Err(if timed_out {
+            fail(batch, sent, || {
+                if timed_out {
                     MeterError::Timeout(shared.timeout)
                 } else {
                     MeterError::Unavailable(RedisError::from((
@@ -238,14 +267,22 @@ async fn send(shared: &Shared, stream: &str, batch: &mut Vec<Queued>) {
                         "charge call failed",
                         e.to_string(),
                     )))
-                }));
-            }
+                }
+            });
         }
-        Err(_) => {
-            for q in batch.drain(..) {
-                let _ = q.reply.send(Err(MeterError::Timeout(shared.timeout)));
-            }
-        }
+        Err(_) => fail(batch, true, || MeterError::Timeout(shared.timeout)),
+    }
+}
+
+/// The kind of error `call` gives for a call it did not send.
+const NOT_SENT: redis::ErrorKind = redis::ErrorKind::Client;
+
+fn fail(batch: &mut Vec<Queued>, sent: bool, error: impl Fn() -> MeterError) {
+    for q in batch.drain(..) {
+        let _ = q.reply.send(Err(Failed {
+            error: error(),
+            sent,
+        }));
     }
 }
 
@@ -275,7 +312,7 @@ async fn call(
     if wait.is_some_and(|w| w.is_zero()) {
         // No time left to confirm a charge: better not to make it.
         return Err(RedisError::from((
-            redis::ErrorKind::Io,
+            NOT_SENT,
             "no time left to wait for replicas",
         )));
     }

@@ -72,19 +72,30 @@ impl Meter {
         args.push(lease);
         args.push_with(|out| event_members(out, req));
         let shard = self.keys.shard_of(req.user);
-        let deadline = std::time::Instant::now() + self.timeout;
-        let queued = self.batcher.charge(
-            shard,
-            batch::Charge {
-                keys,
-                args,
-                deadline,
-                redis_deadline: self.deadline_on_redis(),
-            },
-        );
-        let answer = match tokio::time::timeout_at(deadline.into(), queued).await {
-            Ok(answer) => answer?,
-            Err(_) => return Err(MeterError::Timeout(self.timeout)),
+        let redis_deadline = self.deadline_on_redis();
+        let sent = self
+            .batcher
+            .charge(
+                shard,
+                batch::Charge {
+                    keys,
+                    args,
+                    deadline: std::time::Instant::now() + self.timeout,
+                    redis_deadline,
+                },
+            )
+            .await;
+        let answer = match sent {
+            Ok(answer) => answer,
+            Err(batch::Failed { error, sent }) if !sent || req.mode == Mode::Check => {
+                return Err(error);
+            }
+            Err(batch::Failed { error, .. }) => {
+                return Err(MeterError::Unanswered {
+                    charge: Box::new(self.unanswered(req, event_id, redis_deadline)),
+                    cause: Box::new(error),
+                });
+            }
         };
         match decode_charge(answer.value, event_id) {
             Ok(ChargeOutcome::Charged(receipt)) if !answer.replicated => {

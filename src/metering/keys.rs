@@ -5,12 +5,13 @@
 //!                                                tat (per-plan rate limit, GCRA: theoretical arrival, unix us)
 //! {<prefix>:<shard>}:apikeys:<user>       hash   sha256 hex of each live API key -> "<expires ms>|<,modules,>"
 //! {<prefix>:<shard>}:keys:<user>          set    the same hashes alone, for builds before key details
-//! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action"
+//! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action,event id[,told]"
 //!                                                (credits API request_id record + refund data, TTL 24 h)
 //! {<prefix>:<shard>}:idem:<user>:<key>    hash   proxy Idempotency-Key record: split (as above),
 //!                                                fp st lease rid ev status hdrs body (TTL 24 h)
 //! {<prefix>:<shard>}:grant:<user>:<key>   string "fingerprint|monthly|bonus": an admin grant's
 //!                                                Idempotency-Key (TTL 24 h)
+//! {<prefix>:<shard>}:void:<user>:<event>  string a charge whose answer was lost, voided once (TTL 24 h)
 //! {<prefix>:<shard>}:events               stream usage events of every account in the shard
 //! {<prefix>:<shard>}:leases               zset   open credit leases of the shard's accounts,
 //!                                                "<user> <lease id>" scored by their end (unix ms);
@@ -116,6 +117,11 @@ impl KeyLayout {
     /// the two namespaces never collide.
     pub fn idempotency(&self, user: &UserId, key: &IdempotencyKey) -> String {
         self.key("idem", user, &[key.as_str()])
+    }
+
+    /// The mark of a charge whose answer was lost, once voided (refund.lua).
+    pub fn void(&self, user: &UserId, event_id: &str) -> String {
+        self.key("void", user, &[event_id])
     }
 
     /// An admin grant's `Idempotency-Key`, scoped to the account granted.

@@ -27,6 +27,7 @@ mod reset;
 pub mod rows;
 mod sync;
 mod types;
+mod unanswered;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock};

@@ -20,6 +20,65 @@ pub enum MeterError {
         script: &'static str,
         detail: String,
     },
+    /// A charge went to Redis and its answer never came (`cause`): Redis
+    /// may have made it. The caller answers as for `cause` ("nothing was
+    /// charged") and hands `charge` to [`crate::billing`], which gives it
+    /// back if it was made.
+    #[error("{cause} (the charge may have run)")]
+    Unanswered {
+        charge: Box<Unanswered>,
+        cause: Box<MeterError>,
+    },
+}
+
+/// A charge sent to Redis whose answer was lost: what it takes to find out
+/// whether Redis made it, and to give it back if so.
+#[derive(Clone, Debug)]
+pub struct Unanswered {
+    pub user: UserId,
+    /// The charge's event id, as its stream row and ledger row carry it.
+    pub event_id: String,
+    /// Its deadline on Redis's clock, unix ms: charge.lua makes no charge
+    /// past it, so once Redis's clock is there, what Redis holds is final.
+    /// 0: the clocks had not been compared, and no deadline went with it.
+    pub redis_deadline: i64,
+    /// The caller's budget: the charge was sent no earlier than this much
+    /// before its deadline.
+    pub budget_ms: i64,
+    pub request_id: RequestId,
+    pub module: ModuleId,
+    pub action: Option<ActionId>,
+    pub stamp: Stamp,
+    pub record: UnansweredRecord,
+}
+
+/// Where an unanswered charge keeps its split, if anywhere.
+#[derive(Clone, Debug)]
+pub enum UnansweredRecord {
+    /// None: its row in the usage stream (or, once flushed, the ledger)
+    /// is the only trace.
+    None,
+    /// The credits API's request record.
+    Request,
+    /// The proxy's `Idempotency-Key` record.
+    Key(IdempotencyKey),
+}
+
+/// What became of an unanswered charge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VoidOutcome {
+    /// Redis had made it; it is given back.
+    Refunded { amount: i64 },
+    /// Redis never made it (or it was already given back).
+    NotCharged,
+    /// Made, and its caller has since been told so (a repeat answered
+    /// "duplicate"): it stands.
+    Told,
+    /// Redis's clock is not past the charge's deadline yet: ask again in
+    /// this many ms.
+    Early(u64),
+    /// The account is not in Redis: rebuild it, then ask again.
+    Missing,
 }
 
 /// An account's balance right after a script ran.

@@ -35,10 +35,11 @@ pub const WEBHOOK_QUEUE_AGE: &str = "creditgate_webhook_queue_age_seconds";
 pub const WEBHOOK_QUEUE_DEPTH: &str = "creditgate_webhook_queue_deliveries";
 pub const LEASED_CALLS: &str = "creditgate_leased_calls_total";
 pub const LEASES: &str = "creditgate_leases_total";
+pub const UNANSWERED_CHARGES: &str = "creditgate_unanswered_charges_total";
 
 /// Every metric name, for tests that check dashboards and alerts only use
 /// what is exported.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 25] = [
     REQUESTS,
     REQUEST_DURATION,
     UPSTREAM_DURATION,
@@ -63,6 +64,7 @@ pub const ALL: [&str; 24] = [
     WEBHOOK_QUEUE_DEPTH,
     LEASED_CALLS,
     LEASES,
+    UNANSWERED_CHARGES,
 ];
 
 /// Latency buckets: sub-millisecond (Redis scripts) to a minute (slow
@@ -111,6 +113,11 @@ pub fn install() -> Option<PrometheusHandle> {
                     counter!(POSTGRES_ERRORS).increment(0);
                     counter!(LEDGER_FLUSHED).increment(0);
                     counter!(LEDGER_DUPLICATES).increment(0);
+                    // Rare and alerted on: an `increase()` needs the 0
+                    // before the first one.
+                    for outcome in UNANSWERED_OUTCOMES {
+                        counter!(UNANSWERED_CHARGES, "outcome" => outcome).increment(0);
+                    }
                     gauge!(IN_FLIGHT).increment(0.0);
                     gauge!(CLIENT_CONNECTIONS, "state" => "open").increment(0.0);
                     gauge!(CLIENT_CONNECTIONS, "state" => "parked").increment(0.0);
@@ -208,6 +215,10 @@ fn describe() {
     describe_counter!(
         LEASES,
         "Credit leases by event: taken, settled (by their gateway) or lost (closed by the sweep, credits kept)"
+    );
+    describe_counter!(
+        UNANSWERED_CHARGES,
+        "Charges whose answer was lost, by outcome: refunded (Redis had made it), not_charged, kept (a repeat was told it was charged), and, each logged with its event id for an operator, unknown (no deadline went with it), gave_up, dropped"
     );
 }
 
@@ -434,6 +445,20 @@ pub fn lease_settled() {
 
 pub fn lease_lost() {
     counter!(LEASES, "event" => "lost").increment(1);
+}
+
+const UNANSWERED_OUTCOMES: [&str; 6] = [
+    "refunded",
+    "not_charged",
+    "kept",
+    "unknown",
+    "gave_up",
+    "dropped",
+];
+
+/// One charge whose answer was lost, looked into: one of `UNANSWERED_OUTCOMES`.
+pub fn unanswered_charge(outcome: &'static str) {
+    counter!(UNANSWERED_CHARGES, "outcome" => outcome).increment(1);
 }
 
 /// One API key looked up in Postgres: "found", "unknown" or "shed".

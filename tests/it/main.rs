@@ -18,4 +18,5 @@ mod ledger;
 mod operations;
 mod proxy;
 mod scripts;
+mod unanswered;
 mod webhooks;

@@ -28,7 +28,7 @@ use creditgate::ledger::LedgerEvent;
 use creditgate::metering::{
     AccountSeed, Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Idempotency,
     LiveKey, Meter, Mode, RefundOf, RefundOutcome, Refusal, Repeat, ResetOutcome, Stamp,
-    StoredResponse, SyncOutcome, SyncState,
+    StoredResponse, SyncOutcome, SyncState, Unanswered, UnansweredRecord, VoidOutcome,
 };
 
 struct Harness {
