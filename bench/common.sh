@@ -139,6 +139,24 @@ workers_of() { pgrep -P "$(cat "$WORK/$1.pid")" | tr '\n' ' '; }
 # utime + stime of the given processes, in clock ticks.
 cpu_ticks() { local t=0 p; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $t; }
 
+# "pid ticks" for every Postgres process, and "exited ticks": what its
+# processes that have ended used (the postmaster's cutime + cstime). A
+# list of pids taken before a run misses the backends a run opens (the
+# gateway's pools grow under load: with leases, 5 new backends held 90 %
+# of Postgres's CPU), so a run is the difference of two snapshots.
+pg_snapshot() {
+  local p
+  for p in $(pgrep -u postgres); do
+    echo "$p $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)"
+  done
+  echo "exited $(awk '{print $16 + $17}' "/proc/$(pgrep -o -u postgres)/stat")"
+}
+# pg_delta BEFORE AFTER: Postgres's ticks between two snapshots.
+pg_delta() {
+  LC_ALL=C join -a2 -e0 -o 0,1.2,2.2 <(echo "$1" | LC_ALL=C sort) <(echo "$2" | LC_ALL=C sort) \
+    | awk '{t += $3 - $2} END {print t + 0}'
+}
+
 # The whole box's CPU time, in clock ticks: user (with nice), system,
 # softirq, idle (with iowait), from /proc/stat.
 box_ticks() { awk '/^cpu / {print $2 + $3, $4, $8, $5 + $6}' /proc/stat; }
@@ -158,9 +176,9 @@ box_split() {
 measure() {
   local label=$1 url=$2 pids=$3; shift 3
   local upstream pg b_proxy b_redis b_pg b_up b_box a_box out reqs
-  upstream=$(workers_of upstream); pg=$(pgrep -u postgres | tr '\n' ' ')
+  upstream=$(workers_of upstream)
   b_proxy=$(cpu_ticks "$pids"); b_redis=$(cpu_ticks "$REDIS_PID")
-  b_pg=$(cpu_ticks "$pg"); b_up=$(cpu_ticks "$upstream"); b_box=$(box_ticks)
+  b_pg=$(pg_snapshot); b_up=$(cpu_ticks "$upstream"); b_box=$(box_ticks)
   out=$(wrk --latency -H "Authorization: Bearer $KEY" "$@" "$url")
   a_box=$(box_ticks)
   echo "$out" > "$WORK/$label.wrk"
@@ -170,7 +188,7 @@ measure() {
     "$label" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')" \
     "$(echo "$out" | awk '$1 == "50%" {print $2}')" "$(echo "$out" | awk '$1 == "99%" {print $2}')" \
     "$(us "$(cpu_ticks "$pids") - $b_proxy")" "$(us "$(cpu_ticks "$REDIS_PID") - $b_redis")" \
-    "$(us "$(cpu_ticks "$pg") - $b_pg")" "$(us "$(cpu_ticks "$upstream") - $b_up")"
+    "$(us "$(pg_delta "$b_pg" "$(pg_snapshot)")")" "$(us "$(cpu_ticks "$upstream") - $b_up")"
   printf '%-18s box us/req: %s\n' "" "$(box_split "$b_box" "$a_box" "$reqs")"
 }
 # CPU ticks of each thread of a process, summed by thread name:

@@ -47,8 +47,7 @@ run=$(date +%s%N)
 for s in $(seq 0 15); do redis-cli EVAL "$FILL_LUA" 1 "{bench:$s}:events" $per "$run" "$PER_ENTRY" "$FORMAT" >/dev/null; done
 total=$((per * 16))
 echo "== $total events queued ($FORMAT), $PER_ENTRY per stream entry; draining with: creditgate flush (batch_size=$CREDITGATE_LEDGER__BATCH_SIZE)"
-pg=$(pgrep -u postgres | tr '\n' ' ')
-b_pg=$(cpu_ticks "$pg"); b_redis=$(cpu_ticks "$REDIS_PID")
+b_pg=$(pg_snapshot); b_redis=$(cpu_ticks "$REDIS_PID")
 start=$(date +%s.%N)
 "$BIN" flush 2>"$WORK/flush.log" &
 FLUSH_PID=$!
@@ -57,9 +56,8 @@ while [ "$(redis-cli EVAL 'local n=0 for i=0,15 do n=n+redis.call("XLEN","{bench
 done
 end=$(date +%s.%N)
 flusher_ticks=$(cpu_ticks "$FLUSH_PID")
-# The flusher's Postgres backends were forked after the first sample: count
-# every postgres process alive now, minus what the old ones had before.
-pg_ticks=$(( $(cpu_ticks "$(pgrep -u postgres | tr '\n' ' ')") - b_pg )); redis_ticks=$(( $(cpu_ticks "$REDIS_PID") - b_redis ))
+# The flusher's Postgres backends are forked after the first snapshot.
+pg_ticks=$(pg_delta "$b_pg" "$(pg_snapshot)"); redis_ticks=$(( $(cpu_ticks "$REDIS_PID") - b_redis ))
 kill $FLUSH_PID; wait $FLUSH_PID 2>/dev/null || true
 rows=$(psql -h 127.0.0.1 -U postgres -d creditgate_bench -tAc "SELECT count(*) FROM ledger_events")
 secs=$(echo "$end - $start" | bc)
