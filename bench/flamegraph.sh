@@ -6,6 +6,7 @@
 # serving the flusher) instead of the gateway.
 # CALL_GRAPH=dwarf: whole stacks for a build without frame pointers
 # (bigger and slower to record).
+# FOLDED=path keeps the folded stacks there, for sums the SVG does not show.
 # Needs perf (Debian: linux-perf) and inferno (cargo install inferno).
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/flamegraph.sh OUT.svg [seconds]}
@@ -24,6 +25,7 @@ PROFILED=$GW_PID
 perf record -F 499 --call-graph "${CALL_GRAPH:-fp}" -p "$PROFILED" -o "$WORK/perf.data" -- sleep "$SECS" 2>/dev/null
 wait $WRK_PID
 perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "$WORK/folded"
+[ -n "${FOLDED:-}" ] && cp "$WORK/folded" "$FOLDED"
 inferno-flamegraph --title "$WHO: creditgate under wrk -t1 -c50 ($(awk '/Requests\/sec/ {print $2}' "$WORK/flame.wrk") req/s)" \
   < "$WORK/folded" > "$OUT"
 echo "$OUT: $(wc -l < "$WORK/folded") stacks; $(grep Requests/sec "$WORK/flame.wrk")"
