@@ -36,6 +36,11 @@ const GIVE_UP: Duration = Duration::from_secs(600);
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
+/// The longest wait for Redis's clock to pass a deadline before asking
+/// again: a deadline far ahead means Redis's clock moved, and it is
+/// watched rather than trusted.
+const MAX_EARLY: Duration = Duration::from_secs(1);
+
 /// The queue to the task, started on first use.
 #[derive(Default)]
 pub(super) struct Voids {
@@ -63,7 +68,7 @@ impl Billing {
             tracing::error!(
                 user = %charge.user,
                 event = %charge.event_id,
-                "too many unanswered charges queued: this one is not looked into; if the ledger has this event, refund it by hand"
+                "an unanswered charge could not be queued (10,000 waiting): it may stand; if the ledger has this event, refund it by hand"
             );
         }
     }
@@ -90,9 +95,15 @@ impl Billing {
         let mut rebuilt = false;
         loop {
             let error = match self.try_void(charge).await {
-                Ok(VoidOutcome::Early(ms)) => {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(VoidOutcome::Early(ms)) if Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(ms).min(MAX_EARLY)).await;
                     continue;
+                }
+                Ok(VoidOutcome::Early(_)) => {
+                    BillingError::Meter(crate::metering::MeterError::Protocol {
+                        script: "refund.lua",
+                        detail: "Redis's clock never passed the charge's deadline".into(),
+                    })
                 }
                 Ok(VoidOutcome::Missing) if !rebuilt => {
                     rebuilt = true;
