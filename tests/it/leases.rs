@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::process::{Gateway, Load};
-use common::{TestApp, free_port, wait_until};
+use common::{TestApp, free_port, metric, wait_until};
 use creditgate::domain::UserId;
 use reqwest::Method;
 
@@ -624,5 +624,25 @@ async fn a_lease_granted_by_a_charge_whose_answer_was_lost_is_given_back() {
     }
     let (kinds, _) = ledger(&app, &user.id).await;
     assert!(!kinds.contains_key("lease_lost"), "{kinds:?}");
+    // And the charge itself, which asked for the lease, is given back:
+    // two calls charged, one refunded, one served.
+    wait_until(
+        "the unanswered charge given back",
+        Duration::from_secs(15),
+        || async {
+            metric(
+                &app,
+                "creditgate_unanswered_charges_total{outcome=\"refunded\"}",
+            )
+            .await
+                == 1.0
+        },
+    )
+    .await;
+    app.wait_flushed(Duration::from_secs(10)).await;
+    let (kinds, _) = ledger(&app, &user.id).await;
+    assert_eq!(kinds.get("charge").map(|k| k.0), Some(2), "{kinds:?}");
+    assert_eq!(kinds.get("refund").map(|k| k.0), Some(1), "{kinds:?}");
+    assert_eq!(app.upstream.hits(), 1);
     app.assert_verify_clean();
 }
