@@ -151,7 +151,7 @@ impl Billing {
             UnansweredRecord::None => {
                 // Not in the stream means something only once no charge
                 // can still run.
-                let now = meter.redis_now_ms().await?;
+                let now = meter.clock_of(charge).await?;
                 if now <= charge.redis_deadline {
                     return Ok(VoidOutcome::Early(
                         u64::try_from(charge.redis_deadline - now + 1).unwrap_or(1),

@@ -193,6 +193,29 @@ impl RedisConn {
     }
 }
 
+impl RedisConn {
+    /// Redis's clock, unix ms, as the master that owns `key`'s slot reads
+    /// it: the clock a script on that key compares its deadline with (a
+    /// cluster's nodes may run on hosts whose clocks differ).
+    pub async fn time_at(&mut self, key: &str) -> RedisResult<i64> {
+        let cmd = redis::cmd("TIME");
+        let (secs, micros): (i64, i64) = match self {
+            Self::Single(con) => cmd.query_async(con).await?,
+            Self::Cluster(con) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = con
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                redis::from_redis_value(value)?
+            }
+        };
+        Ok(secs * 1000 + micros / 1000)
+    }
+}
+
 /// `TCP_NODELAY` on, as hiredis and Redis's own side of the socket have it.
 /// The multiplexed connection has several script calls in flight at once
 /// (one per shard); with Nagle's algorithm on (the redis crate's default),

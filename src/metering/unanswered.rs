@@ -41,6 +41,14 @@ impl Meter {
         }
     }
 
+    /// Redis's clock, unix ms, where `u`'s charge ran (or would have):
+    /// past `u.redis_deadline` there, charge.lua can no longer make it.
+    pub async fn clock_of(&self, u: &Unanswered) -> Result<i64, MeterError> {
+        let stream = self.keys.stream_of(&u.user);
+        let mut con = self.redis.clone();
+        self.run("time", con.time_at(&stream)).await
+    }
+
     /// The charge's row in its shard's usage stream, if it is there: the
     /// credits it took from the monthly allowance and from bonus. Searched
     /// from when it can first have run to the stream's end, a page at a

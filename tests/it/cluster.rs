@@ -506,3 +506,69 @@ async fn refunds_grants_and_the_monthly_reset_work_on_a_cluster() {
     assert!(kinds.contains(&("grant".to_owned(), 4)), "{kinds:?}");
     assert!(kinds.contains(&("reset".to_owned(), 4)), "{kinds:?}");
 }
+
+/// The lost-answer void on a cluster: Redis's clock read on the master
+/// that owns the account (a cluster's hosts may disagree on the time), the
+/// stream searched there, and refund.lua's four keys in one slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_charge_whose_answer_was_lost_is_found_and_voided_on_a_cluster() {
+    use creditgate::metering::{
+        ChargeOutcome, ChargeRequest, Idempotency, Mode, Unanswered, UnansweredRecord, VoidOutcome,
+    };
+    // No flusher: the charge's row stays in its stream.
+    let app = TestApp::builder()
+        .cluster()
+        .env("CREDITGATE_LEDGER__FLUSHER", "false")
+        .start()
+        .await;
+    let user = app.create_user("starter").await;
+    assert_eq!(app.call(&user.key, "/legal/q").await.status(), 200);
+    let billing = &app.state.billing;
+    let meter = billing.meter();
+    let module = billing.catalog().module("legal").expect("legal");
+    let stamp = billing.calendar().now();
+    let request_id = creditgate::domain::RequestId::generate();
+    let outcome = meter
+        .charge(&ChargeRequest {
+            user: &user.id,
+            key_hash: None,
+            module,
+            action: None,
+            request_id: &request_id,
+            idempotency: Idempotency::None,
+            actor: "test",
+            stamp: &stamp,
+            mode: Mode::Charge,
+        })
+        .await
+        .expect("charge");
+    let ChargeOutcome::Charged(receipt) = outcome else {
+        panic!("not charged: {outcome:?}");
+    };
+    assert_eq!(app.balance(&user.id).await, (494, 0, 6));
+
+    let mut lost = Unanswered {
+        user: user.id.clone(),
+        event_id: receipt.event_id.clone(),
+        redis_deadline: 0,
+        budget_ms: 300,
+        request_id,
+        module: module.id.clone(),
+        action: None,
+        stamp,
+        record: UnansweredRecord::None,
+    };
+    let now = meter.clock_of(&lost).await.expect("TIME on the owner");
+    lost.redis_deadline = now - 1;
+    let split = meter.find_unanswered(&lost).await.expect("XRANGE");
+    assert_eq!(split, Some((3, 0)));
+    assert_eq!(
+        meter.void(&lost, split).await.expect("void"),
+        VoidOutcome::Refunded { amount: 3 }
+    );
+    assert_eq!(
+        meter.void(&lost, split).await.expect("void"),
+        VoidOutcome::NotCharged
+    );
+    assert_eq!(app.balance(&user.id).await, (497, 0, 3));
+}
