@@ -14,9 +14,10 @@
 //!
 //! Off the hot path: one task per process, fed by a bounded queue, working
 //! through the charges in the order they were lost. It retries while Redis
-//! or Postgres are away, for [`GIVE_UP`]; what it gives up on, and charges
-//! sent before the clocks were compared (no deadline), are logged with
-//! their event id for an operator, and counted.
+//! or Postgres are away, for [`GIVE_UP`]; what it gives up on, and a
+//! charge without a deadline (the meter compares clocks before its first
+//! charge, so none is expected), are logged with their event id for an
+//! operator, and counted.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -86,7 +87,7 @@ impl Billing {
             tracing::error!(
                 %user,
                 %event,
-                "a charge's answer was lost before Redis's clock was measured: it may stand; if the ledger has this event, refund it by hand"
+                "a charge without a deadline lost its answer: it may stand; if the ledger has this event, refund it by hand"
             );
             return;
         }

@@ -72,7 +72,20 @@ impl Meter {
         args.push(lease);
         args.push_with(|out| event_members(out, req));
         let shard = self.keys.shard_of(req.user);
-        let redis_deadline = self.deadline_on_redis();
+        let started_ms = chrono::Utc::now().timestamp_millis();
+        let deadline = std::time::Instant::now() + self.timeout;
+        if !self.clocks_compared() {
+            // The first charges after a start, before the background
+            // comparison answered: a charge without a deadline could run
+            // any time later, so one whose answer was lost could never be
+            // given back safely. One TIME first, within the same budget.
+            match tokio::time::timeout_at(deadline.into(), self.calibrate()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(MeterError::Timeout(self.timeout)),
+            }
+        }
+        let redis_deadline = self.deadline_on_redis(started_ms);
         let sent = self
             .batcher
             .charge(
@@ -80,7 +93,7 @@ impl Meter {
                 batch::Charge {
                     keys,
                     args,
-                    deadline: std::time::Instant::now() + self.timeout,
+                    deadline,
                     redis_deadline,
                 },
             )

@@ -165,19 +165,25 @@ impl Meter {
         Ok(offset)
     }
 
-    /// When a charge sent now must have run, on Redis's clock; "0" (none)
-    /// until the clocks have been compared. Earlier than our own deadline
+    /// Whether Redis's clock has been compared with ours.
+    pub fn clocks_compared(&self) -> bool {
+        self.clock_offset_ms.load(Ordering::Relaxed) != UNCALIBRATED
+    }
+
+    /// When a charge started at `started_ms` (unix ms, our clock) must
+    /// have run, on Redis's clock; "0" (none) until the clocks have been
+    /// compared. Earlier than our own deadline
     /// by a margin (a fifth of the budget, at most 50 ms): a script that
     /// runs just in time must also get its answer back in time, or its
     /// caller hears 503 "nothing charged" for a charge that stands. Seen
     /// once with a Redis that stalled and then ran its backlog the moment
     /// it came back.
-    fn deadline_on_redis(&self) -> i64 {
+    fn deadline_on_redis(&self, started_ms: i64) -> i64 {
         match self.clock_offset_ms.load(Ordering::Relaxed) {
             UNCALIBRATED => 0,
             offset => {
                 let budget = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4);
-                chrono::Utc::now().timestamp_millis() + offset + budget - (budget / 5).min(50)
+                started_ms + offset + budget - (budget / 5).min(50)
             }
         }
     }

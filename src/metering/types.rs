@@ -40,7 +40,8 @@ pub struct Unanswered {
     pub event_id: String,
     /// Its deadline on Redis's clock, unix ms: charge.lua makes no charge
     /// past it, so once Redis's clock is there, what Redis holds is final.
-    /// 0: the clocks had not been compared, and no deadline went with it.
+    /// 0: no deadline went with it (the clocks had not been compared,
+    /// which the meter avoids by comparing them before its first charge).
     pub redis_deadline: i64,
     /// The caller's budget: the charge was sent no earlier than this much
     /// before its deadline.

@@ -352,3 +352,16 @@ async fn an_expired_or_out_of_scope_key_is_refused_and_charges_nothing() {
     assert_eq!(h.hash(&user).await.0, 96);
     assert_eq!(h.event_kinds(&user).await.len(), 2);
 }
+
+/// A charge carries its deadline on Redis's clock from the very first one:
+/// a meter that has not compared clocks yet asks Redis's TIME first.
+#[tokio::test]
+async fn the_first_charge_compares_clocks_before_it_is_sent() {
+    let h = Harness::new().await;
+    let now = h.at("2026-11-26T12:00:00Z");
+    let user = h.seed("jo", "tiny", 10, 0, &now).await;
+    assert!(!h.meter.clocks_compared());
+    let outcome = h.charge(&user, "rag", &now, None, Mode::Charge).await;
+    assert!(charged(&outcome).is_some(), "{outcome:?}");
+    assert!(h.meter.clocks_compared());
+}
