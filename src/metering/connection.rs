@@ -177,6 +177,23 @@ impl RedisConn {
     ) -> RedisResult<i64> {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        self.on_master_of(key, cmd).await
+    }
+
+    /// Redis's clock, unix ms, as the master that owns `key`'s slot reads
+    /// it: the clock a script on that key compares its deadline with (a
+    /// cluster's nodes may run on hosts whose clocks differ).
+    pub async fn time_at(&mut self, key: &str) -> RedisResult<i64> {
+        let (secs, micros): (i64, i64) = self.on_master_of(key, redis::cmd("TIME")).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    /// Runs `cmd`, which names no key, on the master that owns `key`'s slot.
+    async fn on_master_of<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: Cmd,
+    ) -> RedisResult<T> {
         match self {
             Self::Single(con) => cmd.query_async(con).await,
             Self::Cluster(con) => {
@@ -190,29 +207,6 @@ impl RedisConn {
                 Ok(redis::from_redis_value(value)?)
             }
         }
-    }
-}
-
-impl RedisConn {
-    /// Redis's clock, unix ms, as the master that owns `key`'s slot reads
-    /// it: the clock a script on that key compares its deadline with (a
-    /// cluster's nodes may run on hosts whose clocks differ).
-    pub async fn time_at(&mut self, key: &str) -> RedisResult<i64> {
-        let cmd = redis::cmd("TIME");
-        let (secs, micros): (i64, i64) = match self {
-            Self::Single(con) => cmd.query_async(con).await?,
-            Self::Cluster(con) => {
-                let route = Route::with_key(key, SlotAddr::Master);
-                let value = con
-                    .route_command(
-                        cmd,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await?;
-                redis::from_redis_value(value)?
-            }
-        };
-        Ok(secs * 1000 + micros / 1000)
     }
 }
 

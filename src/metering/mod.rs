@@ -156,13 +156,16 @@ impl Meter {
         // A slow round trip (Redis stalled, then answering a backlog) says
         // little about the clocks: the error is up to half of it. Keep the
         // last good measure rather than move every deadline by it.
-        if received - sent > CALIBRATION_MAX_RTT_MS
-            && self.clock_offset_ms.load(Ordering::Relaxed) != UNCALIBRATED
-        {
+        if received - sent > CALIBRATION_MAX_RTT_MS && self.clocks_compared() {
             return Ok(self.clock_offset_ms.load(Ordering::Relaxed));
         }
         self.clock_offset_ms.store(offset, Ordering::Relaxed);
         Ok(offset)
+    }
+
+    /// A charge's budget (`redis.command_timeout_ms`), in ms.
+    fn budget_ms(&self) -> i64 {
+        i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4)
     }
 
     /// Whether Redis's clock has been compared with ours.
@@ -182,7 +185,7 @@ impl Meter {
         match self.clock_offset_ms.load(Ordering::Relaxed) {
             UNCALIBRATED => 0,
             offset => {
-                let budget = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4);
+                let budget = self.budget_ms();
                 started_ms + offset + budget - (budget / 5).min(50)
             }
         }

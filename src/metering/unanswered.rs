@@ -28,7 +28,7 @@ impl Meter {
             user: req.user.clone(),
             event_id,
             redis_deadline,
-            budget_ms: i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX / 4),
+            budget_ms: self.budget_ms(),
             request_id: req.request_id.clone(),
             module: req.module.id.clone(),
             action: req.action.cloned(),
