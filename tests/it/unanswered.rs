@@ -6,12 +6,25 @@
 
 use crate::common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestApp, error_code, metric, wait_until};
+use common::chaos::ChaosProxy;
+use common::{Account, TestApp, error_code, metric, wait_until};
 use serde_json::json;
 
 const OUTCOME: &str = "creditgate_unanswered_charges_total";
+
+/// A gateway that reaches Redis through a chaos proxy, and a free user
+/// whose first call (2 credits of `park`) went through: its account is in
+/// Redis and the clocks are compared.
+async fn warmed() -> (TestApp, Arc<ChaosProxy>, Account) {
+    let app = TestApp::builder().redis_via_chaos().start().await;
+    let chaos = app.redis_chaos.clone().expect("chaos proxy");
+    let user = app.create_user("free").await;
+    assert_eq!(app.call(&user.key, "/park/q").await.status(), 200);
+    (app, chaos, user)
+}
 
 async fn outcome(app: &TestApp, outcome: &str) -> f64 {
     metric(app, &format!("{OUTCOME}{{outcome=\"{outcome}\"}}")).await
@@ -41,10 +54,7 @@ async fn voids(app: &TestApp, user: &creditgate::domain::UserId) -> Vec<(i64, St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_charge_redis_made_whose_answer_was_lost_is_given_back_once() {
-    let app = TestApp::builder().redis_via_chaos().start().await;
-    let chaos = app.redis_chaos.clone().expect("chaos proxy");
-    let user = app.create_user("free").await;
-    assert_eq!(app.call(&user.key, "/park/q").await.status(), 200);
+    let (app, chaos, user) = warmed().await;
 
     // Redis runs the charge; its answer never comes back.
     chaos.mute();
@@ -74,10 +84,7 @@ async fn a_charge_redis_made_whose_answer_was_lost_is_given_back_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_charge_that_never_reached_redis_gives_nothing_back() {
-    let app = TestApp::builder().redis_via_chaos().start().await;
-    let chaos = app.redis_chaos.clone().expect("chaos proxy");
-    let user = app.create_user("free").await;
-    assert_eq!(app.call(&user.key, "/park/q").await.status(), 200);
+    let (app, chaos, user) = warmed().await;
 
     // The call is written to a Redis that swallows it: the gateway cannot
     // tell this from a lost answer, and must not refund what was not made.
@@ -94,32 +101,14 @@ async fn a_charge_that_never_reached_redis_gives_nothing_back() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_charge_already_flushed_to_the_ledger_is_found_there() {
-    let app = TestApp::builder().redis_via_chaos().start().await;
-    let chaos = app.redis_chaos.clone().expect("chaos proxy");
-    let user = app.create_user("free").await;
-    assert_eq!(app.call(&user.key, "/park/q").await.status(), 200);
+    let (app, chaos, user) = warmed().await;
 
     chaos.mute();
     assert_eq!(app.call(&user.key, "/park/q").await.status(), 503);
     // While the gateway cannot hear Redis, another flusher (another
     // gateway's) moves the charge's row to the ledger and deletes it from
     // the stream.
-    let settings = creditgate::config::Settings::from_toml(
-        &app.config
-            .replace(&format!("redis://{}", chaos.addr), &app.redis.url()),
-        "direct",
-        Vec::<(String, String)>::new(),
-    )
-    .expect("settings");
-    let mut config = creditgate::ledger::FlusherConfig::from_settings(&settings.ledger);
-    config.consumer = "other-gateway".into();
-    let mut flusher = creditgate::ledger::Flusher::new(
-        &settings.redis.url,
-        app.state.billing.meter().keys(),
-        app.pool().await,
-        config,
-    )
-    .expect("flusher");
+    let mut flusher = app.flusher_on("other-gateway", &app.redis.url()).await;
     let flushed = flusher.drain().await.expect("drain");
     assert!(flushed >= 1, "{flushed} events flushed");
     let pool = app.pool().await;
@@ -150,10 +139,7 @@ async fn a_lost_charge_already_flushed_to_the_ledger_is_found_there() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_charge_under_an_idempotency_key_frees_the_key_for_the_retry() {
-    let app = TestApp::builder().redis_via_chaos().start().await;
-    let chaos = app.redis_chaos.clone().expect("chaos proxy");
-    let user = app.create_user("free").await;
-    assert_eq!(app.call(&user.key, "/park/q").await.status(), 200);
+    let (app, chaos, user) = warmed().await;
 
     let keyed = || app.call_with(&user.key, "/park/q", &[("idempotency-key", "order-7")]);
     chaos.mute();

@@ -1025,12 +1025,31 @@ impl TestApp {
     /// A ledger flusher of this app's configuration, on its Redis and
     /// Postgres, reading as consumer `consumer`.
     pub async fn flusher(&self, consumer: &str) -> creditgate::ledger::Flusher {
-        let settings = Settings::from_toml(&self.config, "test", Vec::<(String, String)>::new())
-            .expect("settings");
+        let settings = self.settings();
+        let url = settings.redis.url.clone();
+        self.flusher_with(settings, consumer, &url).await
+    }
+
+    /// The same, reaching Redis at `redis_url` (past the chaos proxy, say).
+    pub async fn flusher_on(&self, consumer: &str, redis_url: &str) -> creditgate::ledger::Flusher {
+        self.flusher_with(self.settings(), consumer, redis_url)
+            .await
+    }
+
+    fn settings(&self) -> Settings {
+        Settings::from_toml(&self.config, "test", Vec::<(String, String)>::new()).expect("settings")
+    }
+
+    async fn flusher_with(
+        &self,
+        settings: Settings,
+        consumer: &str,
+        redis_url: &str,
+    ) -> creditgate::ledger::Flusher {
         let mut config = creditgate::ledger::FlusherConfig::from_settings(&settings.ledger);
         config.consumer = consumer.into();
         creditgate::ledger::Flusher::new(
-            &settings.redis.url,
+            redis_url,
             self.state.billing.meter().keys(),
             self.pool().await,
             config,
