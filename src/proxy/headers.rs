@@ -22,29 +22,35 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the hop-by-hop headers and every header `also` selects, in one
-/// scan of the map: a request carries a handful of headers, and looking up
-/// each of the twenty names the proxy may drop cost more than the scan
-/// (`bench/gateway_instructions.sh`).
+/// scan of the map per header removed: a request carries a handful of
+/// headers, and looking up each of the twenty names the proxy may drop cost
+/// more than the scan (`bench/gateway_instructions.sh`). Nothing is
+/// allocated unless `Connection` names a header that is not hop-by-hop
+/// already (its usual `keep-alive` or `close` are not parsed as names).
 fn strip(headers: &mut HeaderMap, also: impl Fn(&HeaderName) -> bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            HOP_BY_HOP.contains(name)
-                || *name == header::UPGRADE
-                || named.contains(name)
-                || also(name)
-        })
-        .cloned()
-        .collect();
-    for name in doomed {
-        headers.remove(name);
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for token in value.split(',').map(str::trim) {
+            let known = token.is_empty()
+                || token.eq_ignore_ascii_case("close")
+                || token.eq_ignore_ascii_case(header::UPGRADE.as_str())
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| token.eq_ignore_ascii_case(h.as_str()));
+            if known {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    let doomed = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name) || *name == header::UPGRADE || named.contains(name) || also(name)
+    };
+    while let Some(name) = headers.keys().find(|name| doomed(name)).cloned() {
+        headers.remove(&name);
     }
 }
 
@@ -136,34 +142,41 @@ pub fn prepare_upstream_headers(
         element.push_str(h);
         element.push('"');
     }
-    let forwarded = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) => HeaderValue::from_str(&format!("{prior}, {element}")),
-        None => HeaderValue::from_str(&element),
+    // An untrusted client's forwarding headers went with the strip: only a
+    // trusted proxy's can still be there, so only then are they looked up.
+    let prior = |headers: &HeaderMap, name: &HeaderName| {
+        peer_is_trusted_proxy && headers.contains_key(name)
     };
-    if let Ok(v) = forwarded {
+    let forwarded = match peer_is_trusted_proxy
+        .then(|| headers.get(&FORWARDED).and_then(|v| v.to_str().ok()))
+        .flatten()
+    {
+        Some(prior) => format!("{prior}, {element}"),
+        None => element,
+    };
+    // From the `String`: its bytes become the value's, no copy.
+    if let Ok(v) = HeaderValue::try_from(forwarded) {
         headers.insert(FORWARDED, v);
     }
-    if let Some(host) = host.filter(|_| !headers.contains_key(&X_FORWARDED_HOST)) {
+    if let Some(host) = host.filter(|_| !prior(headers, &X_FORWARDED_HOST)) {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    // One value, shared (a cheap clone) by X-Forwarded-For and X-Real-IP;
-    // an IP address is always a valid header value.
-    if let Ok(ip_value) = HeaderValue::from_str(&ip_text) {
-        match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => {
-                if let Ok(v) = HeaderValue::from_str(&format!("{prior}, {ip_text}")) {
-                    headers.insert(X_FORWARDED_FOR, v);
-                }
-            }
-            None => {
-                headers.insert(X_FORWARDED_FOR, ip_value.clone());
-            }
-        }
-        if !headers.contains_key(&X_REAL_IP) {
-            headers.insert(X_REAL_IP, ip_value);
-        }
+    let for_chain = match peer_is_trusted_proxy
+        .then(|| headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()))
+        .flatten()
+    {
+        Some(prior) => format!("{prior}, {ip_text}"),
+        None => ip_text.clone(),
+    };
+    if let Ok(v) = HeaderValue::try_from(for_chain) {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if !prior(headers, &X_REAL_IP)
+        && let Ok(v) = HeaderValue::try_from(ip_text)
+    {
+        headers.insert(X_REAL_IP, v);
+    }
+    if !prior(headers, &X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     // Ids and plan ids are validated to visible ASCII, so these cannot fail.
@@ -237,6 +250,23 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-host"], "gw.example");
         assert_eq!(h["accept"], "text/event-stream");
+    }
+
+    #[test]
+    fn an_answer_loses_what_its_connection_header_names() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close, X-Trace"));
+        h.append(
+            "connection",
+            HeaderValue::from_static("Keep-Alive,,upgrade"),
+        );
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["content-type"], "text/plain");
     }
 
     #[test]
