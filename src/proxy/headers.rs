@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// RFC 9110 §7.6.1 connection-specific headers, never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -87,7 +87,7 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Headers that carry creditgate's credentials or identity claims: the
 /// upstream gets our verdict (`X-User-ID`, `X-Plan`) instead of the
 /// client's, and never a key.
-const CLIENT_ONLY: [HeaderName; 6] = [
+static CLIENT_ONLY: [HeaderName; 6] = [
     header::AUTHORIZATION,
     HeaderName::from_static("x-api-key"),
     HeaderName::from_static("x-admin-key"),
@@ -98,7 +98,7 @@ const CLIENT_ONLY: [HeaderName; 6] = [
 
 /// Who the client is, as proxies tell it. Written by the gateway; a
 /// client's own values are kept only when it is a trusted proxy.
-const FORWARDING: [HeaderName; 5] = [
+static FORWARDING: [HeaderName; 5] = [
     X_FORWARDED_FOR,
     X_FORWARDED_PROTO,
     X_FORWARDED_HOST,
