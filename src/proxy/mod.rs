@@ -212,11 +212,12 @@ impl Proxy {
         let (user, key_hash) = self.identify(req.headers(), peer).await?;
         span.record("user", user.as_str());
         ctx.user = Some(user.clone());
-        let plan = match self.charge(ctx, &user, key_hash.as_ref(), &req).await? {
-            Charged::Fresh(plan) => plan,
-            Charged::Replayed(response) => return Ok(response),
-        };
-        let result = self.forward(ctx, req, peer, &user, &plan).await;
+        if let Charged::Replayed(response) =
+            self.charge(ctx, &user, key_hash.as_ref(), &req).await?
+        {
+            return Ok(response);
+        }
+        let result = self.forward(ctx, req, peer, &user).await;
         let settlement = match &result {
             Ok(r) if r.status().is_server_error() && ctx.module.refund_on_5xx => {
                 Settlement::Refund("upstream_5xx")
@@ -459,9 +460,8 @@ impl Proxy {
             Some((plan.rate_limit?, state))
         });
         ctx.plan = Some(receipt.plan.clone());
-        let plan = receipt.plan.clone();
         ctx.receipt = Some(receipt);
-        Charged::Fresh(plan)
+        Charged::Fresh
     }
 
     /// Phase 4: stream the request to the upstream.
@@ -471,17 +471,16 @@ impl Proxy {
         req: Request<ClientBody>,
         peer: SocketAddr,
         user: &UserId,
-        plan: &PlanId,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
-        parts.uri = Upstreams::target(&ctx.module, &parts.uri)?;
+        parts.uri = Upstreams::target(&ctx.module, std::mem::take(&mut parts.uri))?;
         parts.version = http::Version::HTTP_11;
         headers::prepare_upstream_headers(
             &mut parts.headers,
             peer,
             self.settings.trusted_proxies.contains(peer.ip()),
             user.as_str(),
-            Some(plan.as_str()),
+            ctx.plan.as_ref().map(PlanId::as_str),
             ctx.request_id.as_str(),
         );
         let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
@@ -598,8 +597,8 @@ impl Proxy {
 
 /// The charge phase's answer when it does not refuse.
 enum Charged {
-    /// Charged; forward. The account's plan.
-    Fresh(PlanId),
+    /// Charged (the account's plan is in the context); forward.
+    Fresh,
     /// A repeated `Idempotency-Key`: the first call's response.
     Replayed(Response<Body>),
 }

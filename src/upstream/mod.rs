@@ -147,7 +147,18 @@ impl Upstreams {
     /// The request target for a client path, in origin form: base path of
     /// the module's upstream + the request path (without the module prefix
     /// when `strip_prefix`), query kept as sent. `send` adds the `Host`.
-    pub fn target(module: &Module, uri: &Uri) -> Result<Uri, UpstreamError> {
+    pub fn target(module: &Module, uri: Uri) -> Result<Uri, UpstreamError> {
+        let base = module.upstream.path().trim_end_matches('/');
+        // The common case: the upstream takes the client's path as it came,
+        // and an origin-form target goes on as it is, neither copied nor
+        // parsed again.
+        if !module.strip_prefix
+            && base.is_empty()
+            && uri.scheme().is_none()
+            && uri.authority().is_none()
+        {
+            return Ok(uri);
+        }
         let path = uri.path();
         let path = if module.strip_prefix {
             let rest = path.strip_prefix(module.prefix.as_str()).unwrap_or(path);
@@ -155,9 +166,12 @@ impl Upstreams {
         } else {
             path
         };
-        let base = module.upstream.path().trim_end_matches('/');
-        let mut target = format!("{base}{path}");
-        if let Some(q) = uri.query() {
+        let query = uri.query();
+        let mut target =
+            String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        target.push_str(base);
+        target.push_str(path);
+        if let Some(q) = query {
             target.push('?');
             target.push_str(q);
         }
@@ -267,11 +281,18 @@ mod tests {
                 "http://up:9000/search?q=1",
             ),
             ("http://up:9000/v2", true, "/rag", "http://up:9000/v2/"),
+            // Absolute form from the client: only its path and query go on.
+            (
+                "http://up:9000",
+                false,
+                "http://gw.example/rag/x?y=1",
+                "http://up:9000/rag/x?y=1",
+            ),
         ];
         for (up, strip, path, want) in cases {
             let uri: Uri = path.parse().expect("uri");
             let m = module(up, strip);
-            let got = Upstreams::target(&m, &uri).and_then(|origin| {
+            let got = Upstreams::target(&m, uri).and_then(|origin| {
                 let host = Upstreams::host(&m)?;
                 Ok(format!("http://{}{origin}", host.to_str().unwrap_or("?")))
             });
