@@ -252,6 +252,9 @@ pub struct LeaseSettings {
     /// Postgres outage (a lease is settled once its calls are in the
     /// ledger).
     pub lost_after_secs: u64,
+    /// The size of a spend log segment, reserved on disk whole when it is
+    /// started. Each worker holds at least one.
+    pub segment_bytes: u64,
 }
 
 impl Default for LeaseSettings {
@@ -264,6 +267,7 @@ impl Default for LeaseSettings {
             after_calls: 16,
             dir: std::path::PathBuf::from("spend-log"),
             lost_after_secs: 600,
+            segment_bytes: 16 * 1024 * 1024,
         }
     }
 }

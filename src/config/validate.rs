@@ -84,6 +84,12 @@ impl RawSettings {
                 "must be at least 5: a gateway restarting must get to settle its own leases",
             ));
         }
+        if !(4096..=1 << 30).contains(&leases.segment_bytes) {
+            return Err(invalid(
+                "metering.leases.segment_bytes",
+                "must be 4096..=1073741824",
+            ));
+        }
         if self.metering.replay_max_bytes > 16 * 1024 * 1024 {
             return Err(invalid(
                 "metering.replay_max_bytes",

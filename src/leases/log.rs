@@ -13,27 +13,34 @@
 //! X <lease id>                                          the lease settled in Redis
 //! ```
 //!
-//! Appends that arrive while one is written share the next `write(2)`;
-//! there is no `fsync`. A killed process's writes are in the page cache and
-//! survive it; a lost machine loses them, and its leases are closed as lost
-//! (their credits stay spent: no call is ever free).
+//! A segment is a file of `metering.leases.segment_bytes` reserved whole with
+//! `posix_fallocate` and mapped shared: a line is copied into the map under
+//! the worker's lock, and the log's length published after it, with no
+//! syscall, no task and no wait. There is no `fsync`. The map's pages are
+//! the file's page cache, so a killed process's lines survive it; a lost
+//! machine loses them, and its leases are closed as lost (their credits
+//! stay spent: no call is ever free). The reserved blocks are why a full
+//! disk refuses a new segment (leased calls then go to Redis) instead of
+//! failing a page of the map with `SIGBUS`.
+//!
+//! Past the last line a segment holds zeros. A process killed in the middle
+//! of a copy can leave a line with zeros in it: readers take a NUL as the
+//! end of a segment's lines.
 
 use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot};
+use memmap2::MmapMut;
 
 use crate::ledger::event::{LedgerEvent, day, escape_field, unescape};
 use crate::metering::rows::integer;
-
-/// A segment is closed and a new one started past this size.
-const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Appends waiting for the writer; past this, appenders wait.
-const QUEUE: usize = 16 * 1024;
 
 /// One parsed line.
 #[derive(Debug)]
@@ -232,11 +239,6 @@ impl Files {
     }
 }
 
-struct Append {
-    line: Vec<u8>,
-    written: oneshot::Sender<Option<Position>>,
-}
-
 /// A place in a worker's log: its segment and the byte offset after a
 /// line, as one ordered number (a segment never reaches 2^40 bytes).
 pub type Position = u64;
@@ -248,15 +250,19 @@ pub fn position(segment: u64, offset: u64) -> Position {
 /// The appending side, cheap to clone.
 #[derive(Clone)]
 pub struct SpendLog {
-    tx: mpsc::Sender<Append>,
+    writer: Arc<Mutex<Writer>>,
+    /// The end of the last whole line: what a reader of the live log may
+    /// read (a line being copied is beyond it).
+    published: Arc<AtomicU64>,
 }
 
 impl SpendLog {
-    /// Creates this worker's lock and first segment and starts its writer
-    /// on the current runtime.
+    /// Creates this worker's lock and first segment.
     /// The returned lock file must live as long as the log: while it is
     /// held, no other process takes these files for a dead worker's.
-    pub fn start(files: &Files) -> io::Result<(SpendLog, File)> {
+    /// A line that does not fit a segment of `segment_bytes` starts the
+    /// next one.
+    pub fn start(files: &Files, segment_bytes: u64) -> io::Result<(SpendLog, File)> {
         std::fs::create_dir_all(&files.dir)?;
         // Locked before it has its name: another gateway looking for dead
         // workers' logs never finds this one's lock file free.
@@ -269,95 +275,116 @@ impl SpendLog {
         lock.try_lock()
             .map_err(|e| io::Error::other(format!("{}: {e}", unnamed.display())))?;
         std::fs::rename(&unnamed, files.lock())?;
-        let segment = Segment::create(files.clone(), 0)?;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write(rx, segment));
-        Ok((SpendLog { tx }, lock))
+        let segment = Segment::create(files.clone(), 0, segment_bytes)?;
+        Ok((
+            SpendLog {
+                published: Arc::new(AtomicU64::new(position(0, 0))),
+                writer: Arc::new(Mutex::new(Writer {
+                    segment,
+                    retry_at: None,
+                })),
+            },
+            lock,
+        ))
     }
 
-    /// Appends `line` and waits until it is written: where it ends, or
-    /// `None` when it could not be written (the caller must then not count
-    /// on it).
-    pub async fn write(&self, line: Vec<u8>) -> Option<Position> {
-        let (written, done) = oneshot::channel();
-        self.tx.send(Append { line, written }).await.ok()?;
-        done.await.ok().flatten()
+    /// Appends `line` (one whole line, newline included): where it ends,
+    /// or `None` when it could not be written (the caller must then not
+    /// count on it).
+    pub fn write(&self, line: &[u8]) -> Option<Position> {
+        let len = line.len() as u64;
+        // A NUL would end the segment's lines for its readers. Lines hold
+        // validated ids and numbers, so this is a guard, not a path.
+        if len == 0 || memchr::memchr(0, line).is_some() {
+            return None;
+        }
+        // A panic while holding it leaves the segment as it was: go on.
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let Writer { segment, retry_at } = &mut *writer;
+        if segment.len + len > segment.size {
+            if len > segment.size {
+                return None;
+            }
+            // A failed start is tried again a second later, not per call.
+            if retry_at.is_some_and(|at| Instant::now() < at) {
+                return None;
+            }
+            match Segment::create(segment.files.clone(), segment.seq + 1, segment.size) {
+                Ok(next) => {
+                    *segment = next;
+                    *retry_at = None;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "spend log: cannot start a new segment; leased calls fall back to Redis");
+                    *retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    return None;
+                }
+            }
+        }
+        let start = usize::try_from(segment.len).ok()?;
+        segment.map[start..start + line.len()].copy_from_slice(line);
+        segment.len += len;
+        let end = position(segment.seq, segment.len);
+        self.published.store(end, Ordering::Release);
+        Some(end)
     }
+
+    /// Where the last whole line ends, for the live log's reader.
+    pub fn published(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.published)
+    }
+}
+
+struct Writer {
+    segment: Segment,
+    /// After a segment could not be started: when to try again.
+    retry_at: Option<Instant>,
 }
 
 struct Segment {
     files: Files,
     seq: u64,
-    file: File,
+    map: MmapMut,
     len: u64,
+    /// The file's size, all of it reserved and mapped.
+    size: u64,
 }
 
 impl Segment {
-    fn create(files: Files, seq: u64) -> io::Result<Self> {
+    /// A new segment file, its blocks reserved and mapped. Never an
+    /// existing file (`create_new`): only the process that started a
+    /// segment ever writes into it.
+    fn create(files: Files, seq: u64, size: u64) -> io::Result<Self> {
+        let path = files.segment(seq);
         let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(files.segment(seq))?;
-        let len = file.metadata()?.len();
-        Ok(Self {
-            files,
-            seq,
-            file,
-            len,
-        })
-    }
-
-    /// Appends `buf` whole or not at all: a failed write is cut back, so a
-    /// half line never sits before the next one.
-    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self.file.write_all(buf) {
-            Ok(()) => {
-                self.len += buf.len() as u64;
-                Ok(())
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let reserve = || -> io::Result<MmapMut> {
+            let bytes = libc::off_t::try_from(size).map_err(io::Error::other)?;
+            // SAFETY: a plain call on a file descriptor this function owns.
+            match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes) } {
+                0 => {}
+                errno => return Err(io::Error::from_raw_os_error(errno)),
             }
-            Err(e) => {
-                if self.file.set_len(self.len).is_err() {
-                    // Cannot cut it back: leave it, start a new segment
-                    // (the reader stops at the half line's segment end).
-                    *self = Segment::create(self.files.clone(), self.seq + 1)?;
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment) {
-    let mut batch: Vec<Append> = Vec::new();
-    let mut buf = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        buf.clear();
-        let mut ends = Vec::with_capacity(batch.len());
-        for a in &batch {
-            buf.extend_from_slice(&a.line);
-            ends.push(segment.len + buf.len() as u64);
-        }
-        let ok = match segment.append(&buf) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::error!(%error, "spend log: write failed; leased calls fall back to Redis");
-                false
-            }
+            // SAFETY: the file is this process's own, created above, never
+            // truncated while mapped; other processes only read it (a
+            // gateway replaying a dead worker's log takes it only once this
+            // one's lock is free, that is, once this process is gone).
+            unsafe { MmapMut::map_mut(&file) }
         };
-        for (a, end) in batch.drain(..).zip(ends) {
-            let _ = a.written.send(ok.then(|| position(segment.seq, end)));
-        }
-        if segment.len >= SEGMENT_BYTES {
-            match Segment::create(segment.files.clone(), segment.seq + 1) {
-                Ok(next) => segment = next,
-                Err(error) => tracing::error!(%error, "spend log: cannot start a new segment"),
+        match reserve() {
+            Ok(map) => Ok(Self {
+                files,
+                seq,
+                map,
+                len: 0,
+                size,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
             }
         }
     }
@@ -366,6 +393,51 @@ async fn write(mut rx: mpsc::Receiver<Append>, mut segment: Segment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_copied_into_reserved_segments_and_published_after_the_copy() {
+        let dir = std::env::temp_dir().join(format!("cg-spend-{}", uuid::Uuid::now_v7()));
+        let files = Files {
+            dir: dir.clone(),
+            instance: "test".into(),
+        };
+        // Three 10-byte lines fit a 32-byte segment; the fourth starts
+        // the next one.
+        let (log, _lock) = SpendLog::start(&files, 32).expect("start");
+        let published = log.published();
+        let mut ends = Vec::new();
+        for i in 0..4 {
+            let line = format!("X\tlease-{i}\n");
+            assert_eq!(line.len(), 10);
+            ends.push(log.write(line.as_bytes()).expect("written"));
+            assert_eq!(
+                published.load(Ordering::Acquire),
+                *ends.last().expect("end")
+            );
+        }
+        assert_eq!(
+            ends,
+            [
+                position(0, 10),
+                position(0, 20),
+                position(0, 30),
+                position(1, 10)
+            ]
+        );
+        assert_eq!(files.segments().expect("segments"), [0, 1]);
+        let first = std::fs::read(files.segment(0)).expect("read");
+        assert_eq!(first.len(), 32, "the whole segment is reserved");
+        assert_eq!(&first[..30], b"X\tlease-0\nX\tlease-1\nX\tlease-2\n");
+        assert_eq!(&first[30..], [0, 0], "zeros past the last line");
+        let second = std::fs::read(files.segment(1)).expect("read");
+        assert_eq!(&second[..10], b"X\tlease-3\n");
+        // A line larger than a segment is refused, not split; one with a
+        // NUL, which would end the segment for its readers, too.
+        assert_eq!(log.write(&[b'x'; 40]), None);
+        assert_eq!(log.write(b"X\tl\0\n"), None);
+        assert_eq!(published.load(Ordering::Acquire), position(1, 10));
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn a_spend_line_reads_back_as_its_event() {

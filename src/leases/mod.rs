@@ -1,7 +1,7 @@
 //! Credit leases, the gateway side (docs/LEASES.md).
 //!
 //! Owns one worker's open leases: when a hot account's charge asks for one,
-//! spending a call from one (no Redis: one line in the spend log, awaited),
+//! spending a call from one (no Redis: one line copied into the spend log),
 //! giving a failed call back to its lease, and closing leases. A lease is
 //! closed when it ends (`metering.leases.ttl_ms` after it was taken, or
 //! when spent), by `settle` in lease.lua with what was spent; leases whose
@@ -201,7 +201,7 @@ impl Leases {
             dir: settings.dir.clone(),
             instance: uuid::Uuid::now_v7().simple().to_string(),
         };
-        let (log, lock) = SpendLog::start(&files)?;
+        let (log, lock) = SpendLog::start(&files, settings.segment_bytes)?;
         Ok(Arc::new(Self {
             settings,
             meter,
@@ -297,7 +297,7 @@ impl Leases {
             };
             (line, receipt)
         };
-        let written = self.log.write(line).await;
+        let written = self.log.write(&line);
         let id = match &receipt.lease {
             Some(LeaseUse::SpentFrom(id)) => Arc::clone(id),
             _ => return None,
@@ -401,10 +401,9 @@ impl Leases {
     /// asked: a gateway killed between Redis granting it and its first
     /// call still has it on disk, and the next start settles it. False:
     /// the log cannot be written, charge without asking.
-    pub async fn announce(&self, user: &UserId, ask: &Ask) -> bool {
+    pub fn announce(&self, user: &UserId, ask: &Ask) -> bool {
         self.log
-            .write(log::lease_line(&ask.id, user.as_str()))
-            .await
+            .write(&log::lease_line(&ask.id, user.as_str()))
             .is_some()
     }
 
@@ -481,13 +480,11 @@ impl Leases {
         });
     }
 
-    /// An `X` line for `lease`: the log's reader forgets it. Not waited: a
-    /// missing one only makes a restart settle it again, which finds
-    /// nothing.
+    /// An `X` line for `lease`: the log's reader forgets it. A missing one
+    /// (the log could not be written) only makes a restart settle it
+    /// again, which finds nothing.
     fn cross_out(&self, lease: &str) {
-        let log = self.log.clone();
-        let line = log::settled_line(lease);
-        tokio::spawn(async move { log.write(line).await });
+        let _ = self.log.write(&log::settled_line(lease));
     }
 
     /// Ends every lease this worker holds for `user`: an access change
@@ -550,7 +547,7 @@ impl Leases {
             at_ms: charged_at.now_ms(),
             day: charged_at.day.as_str(),
         });
-        let written = self.log.write(line).await;
+        let written = self.log.write(&line);
         self.with_lease(user, lease, |l| {
             l.pending -= 1;
             if let Some(at) = written {
@@ -637,11 +634,12 @@ impl Leases {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (files, keys, hook, ledger_has) = (
+        let (files, keys, hook, ledger_has, published) = (
             self.files.clone(),
             self.meter.keys().clone(),
             self.hook.clone(),
             Arc::clone(&self.ledger_has),
+            self.log.published(),
         );
         let mut database = self.database.clone();
         database.max_connections = 2;
@@ -659,7 +657,7 @@ impl Leases {
                         }
                     };
                     let mut tailer = match Tailer::new(files, pool, keys, hook) {
-                        Ok(t) => t.sharing_progress(ledger_has),
+                        Ok(t) => t.sharing_progress(ledger_has).following(published),
                         Err(error) => {
                             tracing::error!(%error, "spend log: cannot read it back");
                             return;
@@ -677,9 +675,6 @@ impl Leases {
                         }
                         drain(&mut tailer).await;
                     }
-                    // The settled leases' `X` lines are spawned writes: let
-                    // them land.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                     drain(&mut tailer).await;
                 });
                 let _ = done.send(());

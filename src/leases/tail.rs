@@ -20,6 +20,9 @@ use crate::metering::KeyLayout;
 /// The most events in one ledger write.
 const BATCH: usize = 4096;
 
+/// The most bytes one step reads.
+const CHUNK: u64 = 4 * 1024 * 1024;
+
 /// A lease the log shows taken and not settled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenLease {
@@ -45,6 +48,9 @@ pub struct Tailer {
     pub skipped: u64,
     /// How far the ledger has this log: every call before it is written.
     written: Arc<std::sync::atomic::AtomicU64>,
+    /// For a live log, where its writer's last whole line ends: nothing
+    /// past it is read (a line may be in the middle of its copy).
+    published: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// What one step found.
@@ -76,7 +82,15 @@ impl Tailer {
             open: HashMap::new(),
             skipped: 0,
             written: Arc::new(std::sync::atomic::AtomicU64::new(position(first, 0))),
+            published: None,
         })
+    }
+
+    /// Reads a live log: only up to where `published` says its writer's
+    /// last whole line ends ([`super::log::SpendLog::published`]).
+    pub fn following(mut self, published: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        self.published = Some(published);
+        self
     }
 
     /// Publishes how far the ledger has this log into `written`, kept up
@@ -116,11 +130,19 @@ impl Tailer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Progress::AtEnd),
             Err(e) => return Err(TailError::Io(e)),
         };
+        // A live log is read up to its last published line while its
+        // writer is in this segment; a segment it has left is whole.
+        let bound = self.published.as_ref().and_then(|p| {
+            let published = p.load(std::sync::atomic::Ordering::Acquire);
+            (published >> 40 == self.segment).then_some(published & ((1 << 40) - 1))
+        });
+        let want = bound.map_or(CHUNK, |end| end.saturating_sub(self.offset).min(CHUNK));
         file.seek(SeekFrom::Start(self.offset))?;
         let mut buf = Vec::new();
-        file.take(4 * 1024 * 1024).read_to_end(&mut buf)?;
-        // Only whole lines: the writer may be in the middle of one.
-        let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        file.take(want).read_to_end(&mut buf)?;
+        let (data, whole) = whole_lines(&buf);
+        let ended = data < buf.len();
+        buf.truncate(data);
         let bytes = &buf[..whole];
         let mut events: Vec<LedgerEvent<'_>> = Vec::new();
         // The log's order, which the lease accounting follows: a lease's
@@ -199,7 +221,7 @@ impl Tailer {
         self.offset += consumed as u64;
         // This segment is complete once a next one exists: read to its end
         // (a half line a failed write left at its end is dropped), go on.
-        let read_all = consumed == whole && buf.len() < 4 * 1024 * 1024;
+        let read_all = consumed == whole && (ended || (buf.len() as u64) < want);
         self.publish();
         if next_exists && read_all {
             if whole < buf.len() {
@@ -258,6 +280,16 @@ impl Tailer {
     }
 }
 
+/// Where a segment's lines end in `buf` (read from it): at its first NUL,
+/// since past its last line a segment is zeros and a line a killed writer
+/// left half copied has zeros in it; and where the last whole line ends
+/// before that (the writer may be in the middle of the next one).
+fn whole_lines(buf: &[u8]) -> (usize, usize) {
+    let data = memchr::memchr(0, buf).unwrap_or(buf.len());
+    let whole = memchr::memrchr(b'\n', &buf[..data]).map_or(0, |i| i + 1);
+    (data, whole)
+}
+
 enum Op {
     Spend(usize),
     Lease(String, String),
@@ -270,4 +302,23 @@ pub enum TailError {
     Io(#[from] std::io::Error),
     #[error("ledger: {0}")]
     Postgres(#[from] sqlx::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_lines;
+
+    #[test]
+    fn a_segment_ends_at_its_first_nul_and_a_half_copied_line_is_never_read() {
+        // Lines, then the reserved segment's zeros.
+        assert_eq!(whole_lines(b"L\ta\tu\nX\ta\n\0\0\0"), (10, 10));
+        // A line being written: its end is not there yet.
+        assert_eq!(whole_lines(b"X\ta\nX\tb"), (7, 4));
+        // A killed writer's last copy, its newline stored before its
+        // middle: the zeros end the segment before that newline.
+        assert_eq!(whole_lines(b"X\ta\nX\0\0b\n\0"), (5, 4));
+        // An old segment written with write(2): no zeros at all.
+        assert_eq!(whole_lines(b"X\ta\n"), (4, 4));
+        assert_eq!(whole_lines(b""), (0, 0));
+    }
 }

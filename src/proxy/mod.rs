@@ -374,7 +374,7 @@ impl Proxy {
             l.ask(user, key_hash, &ctx.module, &ctx.stamp, cost)
         });
         if let (Some(leases), Some(a)) = (leases, &ask)
-            && !leases.announce(user, a).await
+            && !leases.announce(user, a)
             && let Some(a) = ask.take()
         {
             // Not asked: Redis never saw it.

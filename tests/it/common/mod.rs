@@ -627,12 +627,13 @@ impl TestAppBuilder {
     /// Credit leases on, quick to take and short: an account is hot after
     /// 4 charges in a second, a lease holds 20 calls, is granted with 5
     /// leases' room and lasts 300 ms; a lease nobody settles is lost 5 s
-    /// after its end. The spend log is the test's own directory
+    /// after its end. Spend log segments of 4 KiB (about twenty lines), so
+    /// that every test crosses segments. The spend log is the test's own directory
     /// ([`TestApp::spend_dir`]). Tune with `CREDITGATE_METERING__LEASES__*`.
     pub fn leases(self) -> Self {
         self.config_append(
             "[metering.leases]\nenabled = true\ndir = \"{SPEND}\"\nafter_calls = 4\n\
-             calls = 20\nroom = 5\nttl_ms = 300\nlost_after_secs = 5\n",
+             calls = 20\nroom = 5\nttl_ms = 300\nlost_after_secs = 5\nsegment_bytes = 4096\n",
         )
     }
 
