@@ -257,7 +257,7 @@ pub struct SpendLog {
 }
 
 impl SpendLog {
-    /// Creates this worker's lock and first segment.
+    /// Creates this worker's lock and, if it can, its first segment.
     /// The returned lock file must live as long as the log: while it is
     /// held, no other process takes these files for a dead worker's.
     /// A line that does not fit a segment of `segment_bytes` starts the
@@ -275,14 +275,20 @@ impl SpendLog {
         lock.try_lock()
             .map_err(|e| io::Error::other(format!("{}: {e}", unnamed.display())))?;
         std::fs::rename(&unnamed, files.lock())?;
-        let segment = Segment::create(files.clone(), 0, segment_bytes)?;
+        let mut writer = Writer {
+            files: files.clone(),
+            size: segment_bytes,
+            segment: None,
+            next_seq: 0,
+            retry_at: None,
+        };
+        // No first segment (a full disk, say) is no reason not to serve:
+        // leased calls go to Redis until one can be started.
+        writer.start_segment();
         Ok((
             SpendLog {
                 published: Arc::new(AtomicU64::new(position(0, 0))),
-                writer: Arc::new(Mutex::new(Writer {
-                    segment,
-                    retry_at: None,
-                })),
+                writer: Arc::new(Mutex::new(writer)),
             },
             lock,
         ))
@@ -300,27 +306,17 @@ impl SpendLog {
         }
         // A panic while holding it leaves the segment as it was: go on.
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let Writer { segment, retry_at } = &mut *writer;
-        if segment.len + len > segment.size {
-            if len > segment.size {
-                return None;
-            }
-            // A failed start is tried again a second later, not per call.
-            if retry_at.is_some_and(|at| Instant::now() < at) {
-                return None;
-            }
-            match Segment::create(segment.files.clone(), segment.seq + 1, segment.size) {
-                Ok(next) => {
-                    *segment = next;
-                    *retry_at = None;
-                }
-                Err(error) => {
-                    tracing::error!(%error, "spend log: cannot start a new segment; leased calls fall back to Redis");
-                    *retry_at = Some(Instant::now() + Duration::from_secs(1));
-                    return None;
-                }
-            }
+        if len > writer.size {
+            return None;
         }
+        let full = writer
+            .segment
+            .as_ref()
+            .is_none_or(|s| s.len + len > writer.size);
+        if full && !writer.start_segment() {
+            return None;
+        }
+        let segment = writer.segment.as_mut()?;
         let start = usize::try_from(segment.len).ok()?;
         segment.map[start..start + line.len()].copy_from_slice(line);
         segment.len += len;
@@ -336,25 +332,51 @@ impl SpendLog {
 }
 
 struct Writer {
-    segment: Segment,
-    /// After a segment could not be started: when to try again.
+    files: Files,
+    /// Every segment's size.
+    size: u64,
+    /// Where lines go; `None` until one could be started.
+    segment: Option<Segment>,
+    next_seq: u64,
+    /// After a segment could not be started: when to try again (once a
+    /// second, not at every call).
     retry_at: Option<Instant>,
 }
 
+impl Writer {
+    /// Starts the next segment; false if it cannot be, or was tried less
+    /// than a second ago.
+    fn start_segment(&mut self) -> bool {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        match Segment::create(&self.files, self.next_seq, self.size) {
+            Ok(next) => {
+                self.segment = Some(next);
+                self.next_seq += 1;
+                self.retry_at = None;
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "spend log: cannot start a segment; leased calls fall back to Redis");
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                false
+            }
+        }
+    }
+}
+
 struct Segment {
-    files: Files,
     seq: u64,
     map: MmapMut,
     len: u64,
-    /// The file's size, all of it reserved and mapped.
-    size: u64,
 }
 
 impl Segment {
     /// A new segment file, its blocks reserved and mapped. Never an
     /// existing file (`create_new`): only the process that started a
     /// segment ever writes into it.
-    fn create(files: Files, seq: u64, size: u64) -> io::Result<Self> {
+    fn create(files: &Files, seq: u64, size: u64) -> io::Result<Self> {
         let path = files.segment(seq);
         let file = OpenOptions::new()
             .create_new(true)
@@ -375,13 +397,7 @@ impl Segment {
             unsafe { MmapMut::map_mut(&file) }
         };
         match reserve() {
-            Ok(map) => Ok(Self {
-                files,
-                seq,
-                map,
-                len: 0,
-                size,
-            }),
+            Ok(map) => Ok(Self { seq, map, len: 0 }),
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
                 Err(e)
@@ -436,6 +452,27 @@ mod tests {
         assert_eq!(log.write(&[b'x'; 40]), None);
         assert_eq!(log.write(b"X\tl\0\n"), None);
         assert_eq!(published.load(Ordering::Acquire), position(1, 10));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_started_fails_writes_not_the_start_and_is_tried_again() {
+        let dir = std::env::temp_dir().join(format!("cg-spend-{}", uuid::Uuid::now_v7()));
+        let files = Files {
+            dir: dir.clone(),
+            instance: "test".into(),
+        };
+        std::fs::create_dir_all(&dir).expect("dir");
+        // A file in the first segment's place: it is never reused, so the
+        // segment cannot be started (as on a full disk).
+        std::fs::write(files.segment(0), b"").expect("squat");
+        let (log, _lock) = SpendLog::start(&files, 4096).expect("starts anyway");
+        assert_eq!(log.write(b"X\tl\n"), None);
+        std::fs::remove_file(files.segment(0)).expect("unsquat");
+        // Not tried again at every call: a second later.
+        assert_eq!(log.write(b"X\tl\n"), None);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(log.write(b"X\tl\n"), Some(position(0, 4)));
         let _ = std::fs::remove_dir_all(dir);
     }
 
