@@ -8,8 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::wait_until;
-
 pub const NODE_TIMEOUT_MS: u64 = 2000;
 
 pub struct TestCluster {
@@ -34,20 +32,30 @@ fn cluster_port(taken: &[u16]) -> u16 {
 
 impl TestCluster {
     pub async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("cg-cluster-{}", uuid::Uuid::now_v7()));
         let mut ports = Vec::new();
+        let mut children = Vec::new();
         for _ in 0..6 {
-            ports.push(cluster_port(&ports));
+            // A port found free can be taken before the node binds it (by
+            // another test's node, or as a connection's source port): a
+            // node that exits or stays silent is started on another one.
+            let mut tries = 0;
+            let (port, child) = loop {
+                let port = cluster_port(&ports);
+                if let Some(child) = launch(&dir, port).await {
+                    break (port, child);
+                }
+                tries += 1;
+                assert!(tries < 5, "no cluster node would start");
+            };
+            ports.push(port);
+            children.push(Some(child));
         }
-        let dir = std::env::temp_dir().join(format!("cg-cluster-{}", ports[0]));
-        let _ = std::fs::remove_dir_all(&dir);
         let cluster = Self {
-            children: Mutex::new(ports.iter().map(|_| None).collect()),
+            children: Mutex::new(children),
             ports,
             dir,
         };
-        for i in 0..6 {
-            cluster.spawn(i).await;
-        }
         let mut create = Command::new("redis-cli");
         create.arg("--cluster").arg("create");
         for port in &cluster.ports {
@@ -66,36 +74,12 @@ impl TestCluster {
         cluster
     }
 
+    /// Starts node `i` again on its port (after a test killed it).
     async fn spawn(&self, i: usize) {
-        let port = self.ports[i];
-        let dir = self.dir.join(port.to_string());
-        std::fs::create_dir_all(&dir).expect("node dir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(&dir)
-            .args([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ])
-            .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
-            .args(["--appendonly", "no", "--save", ""])
-            // A replica that has not finished its first sync cannot take
-            // over: start the sync at once rather than after 5 s.
-            .args(["--repl-diskless-sync-delay", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
+        let child = launch(&self.dir, self.ports[i])
+            .await
+            .expect("a restarted cluster node answers");
         self.children.lock().expect("lock")[i] = Some(child);
-        wait_until(
-            "a cluster node to answer",
-            Duration::from_secs(10),
-            || async move { cli(port, &["PING"]).is_some_and(|o| o.contains("PONG")) },
-        )
-        .await;
     }
 
     /// Every live node says the cluster is ok, and half of them are replicas.
@@ -240,6 +224,49 @@ pub fn cli(port: u16, args: &[&str]) -> Option<String> {
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
         .filter(|s| !s.starts_with("Could not connect"))
+}
+
+/// Starts a cluster node on `port`: `None` if it exits (its port was taken)
+/// or does not answer within 10 s.
+async fn launch(dir: &std::path::Path, port: u16) -> Option<Child> {
+    let dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&dir).expect("node dir");
+    let mut child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(&dir)
+        .args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ])
+        .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+        .args(["--appendonly", "no", "--save", ""])
+        // A replica that has not finished its first sync cannot take
+        // over: start the sync at once rather than after 5 s.
+        .args(["--repl-diskless-sync-delay", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is installed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return None;
+        }
+        // This node, not one of another test's that holds the port.
+        let pid = format!("process_id:{}", child.id());
+        if cli(port, &["INFO", "server"]).is_some_and(|o| o.lines().any(|l| l.trim_end() == pid)) {
+            return Some(child);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 impl Drop for TestCluster {
