@@ -243,8 +243,15 @@ impl Files {
 /// line, as one ordered number (a segment never reaches 2^40 bytes).
 pub type Position = u64;
 
+const OFFSET_BITS: u32 = 40;
+
 pub fn position(segment: u64, offset: u64) -> Position {
-    (segment << 40) | offset
+    (segment << OFFSET_BITS) | offset
+}
+
+/// A position's segment and offset, as [`position`] joined them.
+pub fn split(at: Position) -> (u64, u64) {
+    (at >> OFFSET_BITS, at & ((1 << OFFSET_BITS) - 1))
 }
 
 /// The appending side, cheap to clone.
@@ -410,13 +417,17 @@ impl Segment {
 mod tests {
     use super::*;
 
+    /// A test's own spend log directory (removed at its end).
+    fn temp_files() -> Files {
+        Files {
+            dir: std::env::temp_dir().join(format!("cg-spend-{}", uuid::Uuid::now_v7())),
+            instance: "test".into(),
+        }
+    }
+
     #[test]
     fn lines_are_copied_into_reserved_segments_and_published_after_the_copy() {
-        let dir = std::env::temp_dir().join(format!("cg-spend-{}", uuid::Uuid::now_v7()));
-        let files = Files {
-            dir: dir.clone(),
-            instance: "test".into(),
-        };
+        let files = temp_files();
         // Three 10-byte lines fit a 32-byte segment; the fourth starts
         // the next one.
         let (log, _lock) = SpendLog::start(&files, 32).expect("start");
@@ -452,17 +463,13 @@ mod tests {
         assert_eq!(log.write(&[b'x'; 40]), None);
         assert_eq!(log.write(b"X\tl\0\n"), None);
         assert_eq!(published.load(Ordering::Acquire), position(1, 10));
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(&files.dir);
     }
 
     #[test]
     fn a_segment_that_cannot_be_started_fails_writes_not_the_start_and_is_tried_again() {
-        let dir = std::env::temp_dir().join(format!("cg-spend-{}", uuid::Uuid::now_v7()));
-        let files = Files {
-            dir: dir.clone(),
-            instance: "test".into(),
-        };
-        std::fs::create_dir_all(&dir).expect("dir");
+        let files = temp_files();
+        std::fs::create_dir_all(&files.dir).expect("dir");
         // A file in the first segment's place: it is never reused, so the
         // segment cannot be started (as on a full disk).
         std::fs::write(files.segment(0), b"").expect("squat");
@@ -473,7 +480,7 @@ mod tests {
         assert_eq!(log.write(b"X\tl\n"), None);
         std::thread::sleep(Duration::from_millis(1100));
         assert_eq!(log.write(b"X\tl\n"), Some(position(0, 4)));
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(&files.dir);
     }
 
     #[test]

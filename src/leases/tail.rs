@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::log::{Files, Line, parse_line, position};
+use super::log::{Files, Line, parse_line, position, split};
 use crate::ledger::BatchHook;
 use crate::ledger::event::LedgerEvent;
 use crate::ledger::store;
@@ -133,8 +133,8 @@ impl Tailer {
         // A live log is read up to its last published line while its
         // writer is in this segment; a segment it has left is whole.
         let bound = self.published.as_ref().and_then(|p| {
-            let published = p.load(std::sync::atomic::Ordering::Acquire);
-            (published >> 40 == self.segment).then_some(published & ((1 << 40) - 1))
+            let (segment, end) = split(p.load(std::sync::atomic::Ordering::Acquire));
+            (segment == self.segment).then_some(end)
         });
         let want = bound.map_or(CHUNK, |end| end.saturating_sub(self.offset).min(CHUNK));
         file.seek(SeekFrom::Start(self.offset))?;

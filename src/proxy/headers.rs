@@ -147,30 +147,25 @@ pub fn prepare_upstream_headers(
     let prior = |headers: &HeaderMap, name: &HeaderName| {
         peer_is_trusted_proxy && headers.contains_key(name)
     };
-    let forwarded = match peer_is_trusted_proxy
-        .then(|| headers.get(&FORWARDED).and_then(|v| v.to_str().ok()))
-        .flatten()
-    {
-        Some(prior) => format!("{prior}, {element}"),
-        None => element,
+    // `ours` after a trusted proxy's own list, or alone. Made from the
+    // `String`: its bytes become the value's, no copy.
+    let chained = |headers: &mut HeaderMap, name: HeaderName, ours: String| {
+        let list = match peer_is_trusted_proxy
+            .then(|| headers.get(&name).and_then(|v| v.to_str().ok()))
+            .flatten()
+        {
+            Some(prior) => format!("{prior}, {ours}"),
+            None => ours,
+        };
+        if let Ok(v) = HeaderValue::try_from(list) {
+            headers.insert(name, v);
+        }
     };
-    // From the `String`: its bytes become the value's, no copy.
-    if let Ok(v) = HeaderValue::try_from(forwarded) {
-        headers.insert(FORWARDED, v);
-    }
+    chained(headers, FORWARDED, element);
     if let Some(host) = host.filter(|_| !prior(headers, &X_FORWARDED_HOST)) {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    let for_chain = match peer_is_trusted_proxy
-        .then(|| headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()))
-        .flatten()
-    {
-        Some(prior) => format!("{prior}, {ip_text}"),
-        None => ip_text.clone(),
-    };
-    if let Ok(v) = HeaderValue::try_from(for_chain) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    chained(headers, X_FORWARDED_FOR, ip_text.clone());
     if !prior(headers, &X_REAL_IP)
         && let Ok(v) = HeaderValue::try_from(ip_text)
     {
