@@ -60,9 +60,10 @@
 --       "duplicate", charged 0); "2" proxy Idempotency-Key (a repeat is never
 --       forwarded: replayed, in progress, reused or not replayable)
 --   +12 mode: "charge" deducts; "check" answers the same question and writes nothing;
---       "lease:<credits>:<room>:<ttl ms>" deducts and, when the account keeps
---       at least <room> credits and <room> of its daily limit after the
---       charge, also takes a lease of <credits> (docs/LEASES.md): moved from
+--       "lease:<credits>:<least>:<room>:<ttl ms>" deducts and also takes
+--       the largest lease of at most <credits> (a multiple of the cost, and
+--       not under <least>) that leaves the account <room> times its size of
+--       its balance and of its daily limit after the charge (docs/LEASES.md): moved from
 --       the balance and the day counter into the account hash's field
 --       "lease:<lease id>" = "<credits>,<from monthly>,<from bonus>,<day>,<period>",
 --       indexed in +3, with a "lease" event. Never for idempotent charges or
@@ -167,9 +168,9 @@ local function charge(k, a)
         request_id, idempotency, mode, fingerprint, lease, common =
     unpack(ARGV, a + 1, a + PER_CHARGE)
   local check_only = mode == 'check'
-  local lease_want, lease_room, lease_ttl
+  local lease_want, lease_least, lease_room, lease_ttl
   if idempotency == '0' and string.byte(mode, 1) == 108 then -- 'l'
-    lease_want, lease_room, lease_ttl = string.match(mode, '^lease:(%d+):(%d+):(%d+)$')
+    lease_want, lease_least, lease_room, lease_ttl = string.match(mode, '^lease:(%d+):(%d+):(%d+):(%d+)$')
   end
 
   if expired then
@@ -358,8 +359,17 @@ local function charge(k, a)
     -- the exactness at the edge is the plain charge's. The charge's event
     -- (above) keeps the balance after the charge, the lease's the balance
     -- after the lease: each one's change, in order, for the ledger's chain.
-    local want, room = tonumber(lease_want), tonumber(lease_room)
-    if want > 0 and room >= want and monthly + bonus >= room and (limit < 0 or limit - used >= room) then
+    -- The gateway asks for what its rate would spend in a lease's life;
+    -- closer to a limit, a smaller one, and none under <least>.
+    local left = monthly + bonus
+    if limit >= 0 then
+      left = math.min(left, limit - used)
+    end
+    local want = math.min(tonumber(lease_want), math.floor(left / math.max(tonumber(lease_room), 1)))
+    if cost > 0 then
+      want = want - want % cost
+    end
+    if cost > 0 and want > 0 and want >= tonumber(lease_least) then
       local lfm = math.min(monthly, want)
       local lfb = want - lfm
       monthly = monthly - lfm

@@ -233,8 +233,13 @@ impl Default for MeteringSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseSettings {
     pub enabled: bool,
-    /// A lease holds this many calls' worth of the module's cost.
+    /// An account's first lease holds this many calls' worth of the
+    /// module's cost, and no lease is taken smaller.
     pub calls: i64,
+    /// The most calls' worth a lease may hold: the next lease is sized to
+    /// what the account spent at its last one's rate in a whole `ttl_ms`,
+    /// between `calls` and this.
+    pub max_calls: i64,
     /// Granted only when the account keeps `room` times the lease, of its
     /// balance and of its daily limit, after it: near a limit every call is
     /// decided in Redis.
@@ -262,6 +267,7 @@ impl Default for LeaseSettings {
         Self {
             enabled: false,
             calls: 64,
+            max_calls: 1024,
             room: 20,
             ttl_ms: 500,
             after_calls: 16,

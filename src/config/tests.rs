@@ -184,6 +184,14 @@ fn invalid_configs_name_the_key() {
             ),
             "plans.free.rate_limit_per_minute",
         ),
+        (
+            format!("{base}\n[metering.leases]\ncalls = 64\nmax_calls = 32\n"),
+            "metering.leases.max_calls",
+        ),
+        (
+            format!("{base}\n[metering.leases]\nmax_calls = 100001\n"),
+            "metering.leases.max_calls",
+        ),
     ];
     for (text, needle) in cases {
         let err = error_of(&text);

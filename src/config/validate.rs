@@ -75,6 +75,12 @@ impl RawSettings {
         if !(1..=100_000).contains(&leases.calls) {
             return Err(invalid("metering.leases.calls", "must be 1..=100000"));
         }
+        if !(leases.calls..=100_000).contains(&leases.max_calls) {
+            return Err(invalid(
+                "metering.leases.max_calls",
+                "must be at least metering.leases.calls, and at most 100000",
+            ));
+        }
         if !(1..=1_000).contains(&leases.room) {
             return Err(invalid("metering.leases.room", "must be 1..=1000"));
         }

@@ -360,14 +360,14 @@ impl Leases {
         let second = unix_second();
         let now = Instant::now();
         let mut state = self.state();
-        let holding = state.open.get(user.as_str()).is_some_and(|held| {
-            held.iter().any(|h| {
-                h.key.as_ref() == key
-                    && h.module == module.id
-                    && !h.lease.refilling
-                    && h.lease.usable(now, stamp, cost)
-            })
-        });
+        let held = state.open.get(user.as_str()).map_or(&[][..], Vec::as_slice);
+        let mut theirs = held
+            .iter()
+            .filter(|h| h.key.as_ref() == key && h.module == module.id);
+        let holding = theirs
+            .clone()
+            .any(|h| !h.lease.refilling && h.lease.usable(now, stamp, cost));
+        let calls = self.next_size(theirs.next_back().map(|h| &h.lease), now, cost);
         let generation = state.generation;
         let heat = state
             .heat
@@ -383,18 +383,37 @@ impl Leases {
             return None;
         }
         heat.asking = true;
-        let credits = cost.saturating_mul(self.settings.calls);
         let event = uuid::Uuid::now_v7();
         Some(Ask {
             mode: Mode::Lease {
-                credits,
-                room: credits.saturating_mul(self.settings.room),
+                credits: cost.saturating_mul(calls),
+                least: cost.saturating_mul(self.settings.calls),
+                room: self.settings.room,
                 ttl_ms: self.settings.ttl_ms,
                 event,
             },
             id: Arc::from(format!("{event}:lease")),
             generation,
         })
+    }
+
+    /// How many calls the next lease should hold: what the account spent
+    /// from its `last` lease here, at that rate, over a whole `ttl_ms`,
+    /// between `calls` and `max_calls`. A lease that lives its whole life
+    /// means one lease (two ledger events and a settle) per account and
+    /// worker every `ttl_ms`, whatever the rate; the smallest one that
+    /// does keeps the least credits away from the account's other
+    /// gateways. No earlier lease: `calls`.
+    fn next_size(&self, last: Option<&Lease>, now: Instant, cost: i64) -> i64 {
+        let (least, most) = (self.settings.calls, self.settings.max_calls);
+        let Some(last) = last else {
+            return least;
+        };
+        let ttl = self.settings.ttl_ms as i64;
+        let left = last.ends.saturating_duration_since(now).as_millis() as i64;
+        let age_ms = (ttl - left).max(1);
+        let calls = last.spent / cost;
+        (calls.saturating_mul(ttl) / age_ms).clamp(least, most.max(least))
     }
 
     /// Writes the lease `ask` may get into the spend log before Redis is

@@ -55,6 +55,7 @@ impl Meter {
             Mode::Check => args.push("check"),
             Mode::Lease {
                 credits,
+                least,
                 room,
                 ttl_ms,
                 ..
@@ -62,6 +63,8 @@ impl Meter {
                 let mut n = itoa::Buffer::new();
                 out.extend_from_slice(b"lease:");
                 out.extend_from_slice(n.format(credits).as_bytes());
+                out.push(b':');
+                out.extend_from_slice(n.format(least).as_bytes());
                 out.push(b':');
                 out.extend_from_slice(n.format(room).as_bytes());
                 out.push(b':');

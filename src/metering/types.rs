@@ -242,12 +242,13 @@ pub enum Mode {
     Charge,
     /// Same rules, nothing written (`POST /api/credits/check`).
     Check,
-    /// Charge, and take a lease of `credits` when the account keeps at
-    /// least `room` credits and `room` of its daily limit after it
-    /// (docs/LEASES.md). Ignored for idempotent charges and rate-limited
-    /// plans.
+    /// Charge, and take the largest lease of at most `credits`, and not
+    /// under `least`, that leaves the account `room` times its size of its
+    /// balance and of its daily limit (docs/LEASES.md). Ignored for
+    /// idempotent charges and rate-limited plans.
     Lease {
         credits: i64,
+        least: i64,
         room: i64,
         ttl_ms: u64,
         /// The charge's event id, chosen by the caller: the lease's id is

@@ -176,7 +176,7 @@ async fn a_hot_account_spends_leases_and_each_call_is_charged_exactly_once() {
     for a in &answers {
         assert_eq!(a.charged, Some(1), "{a:?}");
         // Never more than is left; less by at most what other open leases
-        // still hold (a few leases of 20 calls).
+        // still hold (the next lease, of at most 40 calls).
         let remaining = a.remaining.expect("x-credits-remaining");
         assert!(
             (100_000 - calls as i64 - 100..100_000).contains(&remaining),
@@ -191,6 +191,16 @@ async fn a_hot_account_spends_leases_and_each_call_is_charged_exactly_once() {
         leased > calls as i64 / 2,
         "most calls should be spent from leases: {leased} of {calls}"
     );
+    // The first lease holds `calls` (20); at this rate the next ones are
+    // as large as allowed (`max_calls`, 40).
+    let sizes: (i64, i64) = sqlx::query_as(
+        "SELECT min(amount), max(amount) FROM ledger_events WHERE user_id = $1 AND kind = 'lease'",
+    )
+    .bind(user.id.as_str())
+    .fetch_one(&app.pool().await)
+    .await
+    .expect("lease sizes");
+    assert_eq!(sizes, (20, 40), "leases grow with the account's rate");
     let (leases, taken) = kinds["lease"];
     let (returns, returned) = kinds["lease_return"];
     assert_eq!(leases, returns, "every lease settled: {kinds:?}");

@@ -633,7 +633,7 @@ impl TestAppBuilder {
     pub fn leases(self) -> Self {
         self.config_append(
             "[metering.leases]\nenabled = true\ndir = \"{SPEND}\"\nafter_calls = 4\n\
-             calls = 20\nroom = 5\nttl_ms = 300\nlost_after_secs = 5\nsegment_bytes = 4096\n",
+             calls = 20\nmax_calls = 40\nroom = 5\nttl_ms = 300\nlost_after_secs = 5\nsegment_bytes = 4096\n",
         )
     }
 

@@ -9,9 +9,17 @@ use creditgate::metering::{LeaseClosed, LeaseTaken, LeaseUse, Receipt};
 
 const T0: &str = "2026-11-27T10:00:00Z";
 
+/// A lease of exactly `credits`, granted when the account keeps `room`
+/// times it after it.
 fn lease(credits: i64, room: i64) -> Mode {
+    shrinkable(credits, credits, room)
+}
+
+/// A lease of at most `credits` and at least `least`.
+fn shrinkable(credits: i64, least: i64, room: i64) -> Mode {
     Mode::Lease {
         credits,
+        least,
         room,
         ttl_ms: 300,
         event: uuid::Uuid::now_v7(),
@@ -52,8 +60,8 @@ async fn a_lease_comes_with_a_charge_from_the_monthly_part_first_and_only_with_r
     let now = h.at(T0);
     let user = h.seed("lea", "enterprise", 50, 30, &now).await;
 
-    // 79 left after the charge: a lease of 60 fits a room of 60.
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(60, 60)).await);
+    // 79 left after the charge: a lease of 60 fits a room of once its size.
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(60, 1)).await);
     assert_eq!((r.charged, r.from_monthly, r.from_bonus), (1, 1, 0));
     let t = taken(&r);
     assert_eq!((t.credits, t.from_monthly, t.from_bonus), (60, 49, 11));
@@ -74,20 +82,20 @@ async fn a_lease_comes_with_a_charge_from_the_monthly_part_first_and_only_with_r
         .expect("index");
     assert_eq!(ended, [(user.clone(), t.id.clone())]);
 
-    // 18 left after the next charge: no room for a lease of 10 with room 20.
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(10, 20)).await);
+    // 18 left after the next charge: no room for a lease of 10 with room twice it.
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(10, 2)).await);
     assert_eq!(r.lease, None);
     assert_eq!(h.hash(&user).await.1, 18);
 
     // Never for a charge under a request id, nor for a plan with a rate limit.
     let rich = h.seed("rich", "enterprise", 90_000, 0, &now).await;
     let r = receipt(
-        h.charge(&rich, "rag", &now, Some("r-1"), lease(10, 10))
+        h.charge(&rich, "rag", &now, Some("r-1"), lease(10, 1))
             .await,
     );
     assert_eq!(r.lease, None);
     let limited = h.seed("rated", "limited", 1000, 0, &now).await;
-    let r = receipt(h.charge(&limited, "rag", &now, None, lease(10, 10)).await);
+    let r = receipt(h.charge(&limited, "rag", &now, None, lease(10, 1)).await);
     assert_eq!(r.lease, None);
     assert!(h.lease_fields(&rich).await.is_empty() && h.lease_fields(&limited).await.is_empty());
 }
@@ -98,9 +106,9 @@ async fn a_lease_needs_room_under_the_daily_limit_too() {
     let now = h.at(T0);
     let user = h.seed("dee", "free", 100, 0, &now).await; // daily limit 20
     // After the charge, 19 of the day are left.
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(5, 20)).await);
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(5, 4)).await);
     assert_eq!(r.lease, None);
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(5, 18)).await);
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(5, 3)).await);
     assert_eq!(taken(&r).credits, 5);
     assert_eq!(
         h.hash(&user).await.2,
@@ -110,11 +118,40 @@ async fn a_lease_needs_room_under_the_daily_limit_too() {
 }
 
 #[tokio::test]
+async fn near_a_limit_a_lease_shrinks_to_what_fits_in_whole_calls_and_none_under_the_least() {
+    let h = Harness::new().await;
+    let now = h.at(T0);
+    let user = h.seed("shr", "enterprise", 200, 0, &now).await;
+    // "legal" costs 3. 197 left after the charge; a room of twice the
+    // lease fits 98 credits, 96 in whole calls.
+    let r = receipt(
+        h.charge(&user, "legal", &now, None, shrinkable(300, 30, 2))
+            .await,
+    );
+    assert_eq!(taken(&r).credits, 96);
+    assert_eq!(h.hash(&user).await.0, 197 - 96);
+    // 98 left after the next charge: 48 would fit, under the least of 60.
+    let r = receipt(
+        h.charge(&user, "legal", &now, None, shrinkable(300, 60, 2))
+            .await,
+    );
+    assert_eq!(r.lease, None);
+    assert_eq!(h.hash(&user).await.0, 98);
+    // Far from the limit, what was asked for, no more.
+    let rich = h.seed("far", "enterprise", 90_000, 0, &now).await;
+    let r = receipt(
+        h.charge(&rich, "legal", &now, None, shrinkable(300, 30, 2))
+            .await,
+    );
+    assert_eq!(taken(&r).credits, 300);
+}
+
+#[tokio::test]
 async fn settling_gives_back_what_was_not_spent_once() {
     let h = Harness::new().await;
     let now = h.at(T0);
     let user = h.seed("sam", "enterprise", 50, 30, &now).await;
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(60, 60)).await);
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(60, 1)).await);
     let id = taken(&r).id.clone();
 
     // 25 spent: 25 of the 49 monthly; back 24 monthly and all 11 bonus.
@@ -146,7 +183,7 @@ async fn settling_gives_back_what_was_not_spent_once() {
     assert_eq!(again, LeaseClosed::Gone);
     assert_eq!(h.hash(&user).await.0, 24);
     // More than the lease held counts as all of it.
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(10, 10)).await);
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(10, 1)).await);
     let id = taken(&r).id.clone();
     h.meter
         .settle_lease(&user, &id, 99, "test")
@@ -163,7 +200,7 @@ async fn a_lease_settled_in_the_next_period_keeps_its_monthly_part() {
     let h = Harness::new().await;
     let november = h.at("2026-11-30T22:00:00Z"); // 23:00 in Algiers
     let user = h.seed("pat", "enterprise", 100, 5, &november).await;
-    let r = receipt(h.charge(&user, "rag", &november, None, lease(50, 50)).await);
+    let r = receipt(h.charge(&user, "rag", &november, None, lease(50, 1)).await);
     let t = taken(&r).clone();
     assert_eq!((t.from_monthly, t.from_bonus), (50, 0));
     // December begins: the allowance is refilled by the next charge.
@@ -200,7 +237,7 @@ async fn a_lease_nobody_settles_is_closed_as_lost_only_past_its_grace() {
     let h = Harness::new().await;
     let now = h.at(T0);
     let user = h.seed("lou", "enterprise", 1000, 0, &now).await;
-    let r = receipt(h.charge(&user, "rag", &now, None, lease(40, 40)).await);
+    let r = receipt(h.charge(&user, "rag", &now, None, lease(40, 1)).await);
     let id = taken(&r).id.clone();
     let early = h
         .meter
