@@ -318,14 +318,12 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     );
     let mut billing = billing;
     let leases = if settings.metering.leases.enabled {
-        let hook: Arc<dyn crate::ledger::BatchHook> = billing.outbox().clone();
         Some(
             crate::leases::Leases::start(
                 settings.metering.leases.clone(),
                 billing.meter().clone(),
                 billing.accounts().pool().clone(),
                 settings.database.clone(),
-                Some(hook),
             )
             .map_err(StartupError::SpendLog)?,
         )

@@ -39,15 +39,25 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use memmap2::MmapMut;
 
-use crate::ledger::event::{LedgerEvent, day, escape_field, unescape};
+use crate::ledger::Call;
+use crate::ledger::event::{day, escape_field, unescape};
 use crate::metering::rows::integer;
 
 /// One parsed line.
-#[derive(Debug)]
 pub enum Line<'a> {
     Lease { lease: &'a str, user: Cow<'a, str> },
-    Spend(Box<LedgerEvent<'a>>),
+    Spend(Call<'a>),
     Settled { lease: &'a str },
+}
+
+impl std::fmt::Debug for Line<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Line::Lease { lease, user } => write!(f, "Lease({lease}, {user})"),
+            Line::Spend(call) => write!(f, "Spend({})", call.event_id),
+            Line::Settled { lease } => write!(f, "Settled({lease})"),
+        }
+    }
 }
 
 pub fn lease_line(lease: &str, user: &str) -> Vec<u8> {
@@ -122,14 +132,30 @@ pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, S
     const MOST: usize = 15;
     let mut f = [""; MOST];
     let (mut n, mut start) = (0, 0);
-    // One memchr pass: `str::split` searched for each short field apart.
-    for end in memchr::memchr_iter(b'\t', line.as_bytes()).chain([line.len()]) {
+    // One memchr pass for the fields and for escapes: `str::split` searched
+    // for each short field apart, and a search per field for a backslash
+    // cost as much again.
+    let mut escaped = false;
+    let bytes = line.as_bytes();
+    for end in memchr::memchr2_iter(b'\t', b'\\', bytes).chain([line.len()]) {
+        if bytes.get(end) == Some(&b'\\') {
+            escaped = true;
+            continue;
+        }
         if n == MOST {
             return Err(not_a_line(line));
         }
         f[n] = &line[start..end];
         (n, start) = (n + 1, end + 1);
     }
+    // Most lines have no escape: their text is their fields' values.
+    let unescape = |field| {
+        if escaped {
+            unescape(field)
+        } else {
+            Cow::Borrowed(field)
+        }
+    };
     match (f[0], n) {
         ("L", 3) => Ok(Line::Lease {
             lease: f[1],
@@ -139,43 +165,38 @@ pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, S
         ("S", MOST) => {
             let number =
                 |name: &str, v: &str| integer(v.as_bytes()).ok_or_else(|| format!("{name}: {v:?}"));
-            let kind = match f[4] {
-                "charge" => "charge",
-                "refund" => "refund",
+            let charge = match f[4] {
+                "charge" => true,
+                "refund" => false,
                 other => return Err(format!("unknown spend kind {other:?}")),
             };
-            fn optional(s: &str) -> Option<Cow<'_, str>> {
-                (!s.is_empty()).then(|| unescape(s))
+            if f[5].is_empty() {
+                return Err("a spend without a module".to_owned());
             }
             let t = number("t", f[13])?;
             let user = unescape(f[3]);
             let shard = shard(&user);
-            Ok(Line::Spend(Box::new(LedgerEvent {
-                event_id: unescape(f[1]),
-                kind,
-                module: optional(f[5]),
-                action: optional(f[6]),
+            Ok(Line::Spend(Call {
+                escaped,
+                event_id: f[1],
+                user,
+                user_text: f[3],
+                charge,
+                module: unescape(f[5]),
+                module_text: f[5],
+                action: f[6],
                 amount: number("amount", f[7])?,
                 from_monthly: number("from monthly", f[8])?,
                 from_bonus: number("from bonus", f[9])?,
-                monthly_after: None,
-                bonus_after: None,
-                plan: optional(f[10]),
-                request_id: optional(f[11]),
-                actor: unescape(f[12]),
-                local_day: day(f[14]).ok_or_else(|| format!("day {:?}", f[14]))?,
-                occurred_at: DateTime::<Utc>::from_timestamp_millis(t)
+                plan: f[10],
+                request_id: f[11],
+                actor: f[12],
+                day: day(f[14]).ok_or_else(|| format!("day {:?}", f[14]))?,
+                at: DateTime::<Utc>::from_timestamp_millis(t)
                     .ok_or_else(|| format!("t out of range: {t}"))?,
-                stream_ms: t,
-                stream_seq: 0,
-                account_period: Cow::Borrowed(""),
-                account_day: Cow::Borrowed(""),
-                account_day_used: 0,
-                reason: None,
-                lease_id: Some(unescape(f[2])),
-                user_id: user,
+                lease: f[2],
                 shard,
-            })))
+            }))
         }
         _ => Err(not_a_line(line)),
     }
@@ -505,29 +526,27 @@ mod tests {
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let text = std::str::from_utf8(&line).expect("utf8");
         let parsed = parse_line(text.trim_end_matches('\n'), |_| 7).expect("parses");
-        let Line::Spend(e) = parsed else {
+        let Line::Spend(c) = parsed else {
             panic!("{parsed:?}");
         };
         assert_eq!(
             (
-                &*e.event_id,
-                &*e.user_id,
-                e.kind,
-                e.module.as_deref(),
-                e.action.as_deref()
+                c.event_id,
+                &*c.user,
+                c.user_text,
+                c.charge,
+                &*c.module,
+                c.action
             ),
-            ("ev-1", "alice@x", "charge", Some("rag"), None)
+            ("ev-1", "alice@x", "alice@x", true, "rag", "")
         );
-        assert_eq!((e.amount, e.from_monthly, e.from_bonus), (3, 2, 1));
-        assert_eq!((e.monthly_after, e.bonus_after), (None, None));
-        assert_eq!(e.request_id.as_deref(), Some(spend.request_id));
-        assert_eq!(e.lease_id.as_deref(), Some("ev-0:lease"));
-        assert_eq!(e.local_day.to_string(), "2026-11-29");
-        assert_eq!(e.occurred_at.timestamp_millis(), 1_795_900_000_123);
-        assert_eq!(
-            (e.stream_ms, e.shard, e.account_period.as_ref()),
-            (1_795_900_000_123, 7, "")
-        );
+        assert_eq!((c.amount, c.from_monthly, c.from_bonus), (3, 2, 1));
+        // Text fields stay as the line holds them, escaped as COPY reads them.
+        assert_eq!(c.request_id, "req\\twith\\\\tab\\nand newline");
+        assert_eq!((c.plan, c.actor, c.lease), ("pro", "proxy", "ev-0:lease"));
+        assert_eq!(c.day.to_string(), "2026-11-29");
+        assert_eq!(c.at.timestamp_millis(), 1_795_900_000_123);
+        assert_eq!(c.shard, 7);
         let lease = lease_line("ev-0:lease", "alice@x");
         assert!(matches!(
             parse_line(std::str::from_utf8(&lease).expect("utf8").trim_end(), |_| 0),
@@ -544,6 +563,9 @@ mod tests {
             "S\tshort",
             "Q\tx",
             "S\te\tl\tu\tgrant\trag\t\t1\t1\t0\tp\tr\tproxy\t1\t2026-11-29",
+            "S\te\tl\tu\tcharge\t\t\t1\t1\t0\tp\tr\tproxy\t1\t2026-11-29",
+            "S\te\tl\tu\tcharge\trag\t\tx\t1\t0\tp\tr\tproxy\t1\t2026-11-29",
+            "S\te\tl\tu\tcharge\trag\t\t1\t1\t0\tp\tr\tproxy\t1\t2026-11-31",
         ] {
             assert!(parse_line(bad, |_| 0).is_err(), "{bad:?}");
         }

@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use crate::catalog::Module;
 use crate::config::LeaseSettings;
 use crate::domain::{ActionId, Credits, KeyHash, ModuleId, PlanId, RequestId, UserId};
-use crate::ledger::BatchHook;
 use crate::metering::{Balance, LeaseClosed, LeaseUse, Meter, Mode, Receipt, Stamp};
 use crate::telemetry::metrics;
 use log::{Files, SpendLog};
@@ -45,7 +44,6 @@ pub struct Leases {
     database: crate::config::DatabaseSettings,
     /// How far the ledger has this worker's log (see `tail::Tailer`).
     ledger_has: Arc<std::sync::atomic::AtomicU64>,
-    hook: Option<Arc<dyn BatchHook>>,
     files: Files,
     log: SpendLog,
     /// Held while this worker lives: its files are not a dead worker's.
@@ -195,7 +193,6 @@ impl Leases {
         meter: Meter,
         pool: sqlx::PgPool,
         database: crate::config::DatabaseSettings,
-        hook: Option<Arc<dyn BatchHook>>,
     ) -> std::io::Result<Arc<Self>> {
         let files = Files {
             dir: settings.dir.clone(),
@@ -208,7 +205,6 @@ impl Leases {
             pool,
             database,
             ledger_has: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            hook,
             files,
             log,
             _lock: lock,
@@ -653,10 +649,9 @@ impl Leases {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (files, keys, hook, ledger_has, published) = (
+        let (files, keys, ledger_has, published) = (
             self.files.clone(),
             self.meter.keys().clone(),
-            self.hook.clone(),
             Arc::clone(&self.ledger_has),
             self.log.published(),
         );
@@ -675,7 +670,7 @@ impl Leases {
                             return;
                         }
                     };
-                    let mut tailer = match Tailer::new(files, pool, keys, hook) {
+                    let mut tailer = match Tailer::new(files, pool, keys) {
                         Ok(t) => t.sharing_progress(ledger_has).following(published),
                         Err(error) => {
                             tracing::error!(%error, "spend log: cannot read it back");
@@ -813,12 +808,7 @@ impl Leases {
         if lock.try_lock().is_err() {
             return Ok(()); // alive
         }
-        let mut tailer = Tailer::new(
-            files.clone(),
-            self.pool.clone(),
-            self.meter.keys().clone(),
-            self.hook.clone(),
-        )?;
+        let mut tailer = Tailer::new(files.clone(), self.pool.clone(), self.meter.keys().clone())?;
         while tailer.step().await? == Progress::Moved {}
         let open: Vec<(String, tail::OpenLease)> = tailer
             .open_leases()

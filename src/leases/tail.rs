@@ -5,6 +5,7 @@
 //! it) and replays a dead worker's log at start, so the replay path is the
 //! one exercised by every leased call.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Seek, SeekFrom};
 use std::sync::Arc;
@@ -12,8 +13,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::log::{Files, Line, parse_line, position, split};
-use crate::ledger::BatchHook;
-use crate::ledger::event::LedgerEvent;
+use crate::ledger::Calls;
 use crate::ledger::store;
 use crate::metering::KeyLayout;
 
@@ -38,7 +38,6 @@ pub struct Tailer {
     files: Files,
     pool: PgPool,
     keys: KeyLayout,
-    hook: Option<Arc<dyn BatchHook>>,
     segment: u64,
     offset: u64,
     /// Segments read to their end, not yet deleted.
@@ -64,18 +63,12 @@ pub enum Progress {
 
 impl Tailer {
     /// Reads `files` from its oldest segment on disk.
-    pub fn new(
-        files: Files,
-        pool: PgPool,
-        keys: KeyLayout,
-        hook: Option<Arc<dyn BatchHook>>,
-    ) -> std::io::Result<Self> {
+    pub fn new(files: Files, pool: PgPool, keys: KeyLayout) -> std::io::Result<Self> {
         let first = files.segments()?.first().copied().unwrap_or(0);
         Ok(Self {
             files,
             pool,
             keys,
-            hook,
             segment: first,
             offset: 0,
             done: BTreeSet::new(),
@@ -144,13 +137,13 @@ impl Tailer {
         let ended = data < buf.len();
         buf.truncate(data);
         let bytes = &buf[..whole];
-        let mut events: Vec<LedgerEvent<'_>> = Vec::new();
+        let mut calls = Calls::default();
         // The log's order, which the lease accounting follows: a lease's
         // calls come after its `L` line.
-        let mut order: Vec<Op> = Vec::new();
+        let mut order: Vec<Op<'_>> = Vec::new();
         let mut consumed = 0usize;
         for end in memchr::memchr_iter(b'\n', bytes) {
-            if events.len() >= BATCH {
+            if calls.len() >= BATCH {
                 break;
             }
             // Offsets stay those of the file: a line that is not UTF-8 is
@@ -172,49 +165,47 @@ impl Tailer {
             match parse_line(line, |user| {
                 i16::try_from(keys.shard_of_id(user)).unwrap_or(0)
             }) {
-                Ok(Line::Spend(e)) => {
-                    order.push(Op::Spend(events.len()));
-                    events.push(*e);
+                Ok(Line::Spend(call)) => {
+                    let amount = if call.charge {
+                        call.amount
+                    } else {
+                        -call.amount
+                    };
+                    order.push(Op::Spend(call.lease, amount));
+                    calls.push(call);
                 }
-                Ok(Line::Lease { lease, user }) => {
-                    order.push(Op::Lease(lease.to_owned(), user.into_owned()));
-                }
-                Ok(Line::Settled { lease }) => order.push(Op::Settled(lease.to_owned())),
+                Ok(Line::Lease { lease, user }) => order.push(Op::Lease(lease, user)),
+                Ok(Line::Settled { lease }) => order.push(Op::Settled(lease)),
                 Err(error) => {
                     self.skipped += 1;
                     tracing::error!(segment = self.segment, %error, "spend log: line skipped");
                 }
             }
         }
-        if !events.is_empty() {
-            store::write_batch(&self.pool, &events, &[], self.hook.as_deref()).await?;
+        if !calls.is_empty() {
+            store::write_calls(&self.pool, &mut calls).await?;
         }
         let mut settled = false;
         for op in order {
             match op {
-                Op::Spend(i) => {
-                    let e = &events[i];
-                    if let Some(open) = e.lease_id.as_deref().and_then(|l| self.open.get_mut(l)) {
-                        open.spent += if e.kind == "refund" {
-                            -e.amount
-                        } else {
-                            e.amount
-                        };
+                Op::Spend(lease, amount) => {
+                    if let Some(open) = self.open.get_mut(lease) {
+                        open.spent += amount;
                     }
                 }
                 Op::Lease(lease, user) => {
                     let segment = self.segment;
                     self.open.insert(
-                        lease,
+                        lease.to_owned(),
                         OpenLease {
-                            user,
+                            user: user.into_owned(),
                             spent: 0,
                             segment,
                         },
                     );
                 }
                 Op::Settled(lease) => {
-                    settled |= self.open.remove(&lease).is_some();
+                    settled |= self.open.remove(lease).is_some();
                 }
             }
         }
@@ -290,10 +281,11 @@ fn whole_lines(buf: &[u8]) -> (usize, usize) {
     (data, whole)
 }
 
-enum Op {
-    Spend(usize),
-    Lease(String, String),
-    Settled(String),
+enum Op<'a> {
+    /// A call spent from (a refund: given back to) a lease.
+    Spend(&'a str, i64),
+    Lease(&'a str, Cow<'a, str>),
+    Settled(&'a str),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use super::LedgerEvent;
 
 /// The events as `COPY` text rows: tab-separated, `\N` for NULL, and
 /// backslash, tab, newline and carriage return escaped in text.
-pub(super) fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8> {
+pub(crate) fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8> {
     fn text(out: &mut Vec<u8>, value: &str) {
         super::event::escape_field(out, value);
         out.push(b'\t');
@@ -72,7 +72,7 @@ pub(super) fn copy_rows(events: &[LedgerEvent<'_>], with_shard: bool) -> Vec<u8>
 /// `YYYY-MM-DD`. chrono's `Display` goes through `fmt`: about 400
 /// instructions a row, and the timestamp's RFC 3339 another 900
 /// (bench/gateway_instructions.sh).
-fn date(out: &mut Vec<u8>, day: NaiveDate) {
+pub(super) fn date(out: &mut Vec<u8>, day: NaiveDate) {
     if !(1..=9999).contains(&day.year()) {
         // Writing into a Vec cannot fail.
         let _ = std::io::Write::write_fmt(out, format_args!("{day}"));
@@ -88,7 +88,7 @@ fn date(out: &mut Vec<u8>, day: NaiveDate) {
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm+00`, which Postgres reads as a timestamptz.
-fn timestamp(out: &mut Vec<u8>, at: DateTime<Utc>) {
+pub(super) fn timestamp(out: &mut Vec<u8>, at: DateTime<Utc>) {
     if !(1..=9999).contains(&at.year()) {
         out.extend_from_slice(
             at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)

@@ -5,6 +5,7 @@
 
 mod backlog;
 mod batch;
+pub mod calls;
 mod copy;
 pub mod event;
 pub mod flusher;
@@ -15,6 +16,7 @@ pub mod store;
 pub mod verify;
 
 pub use backlog::{Backlog, backlog};
+pub use calls::{Call, Calls};
 pub use event::LedgerEvent;
 pub use flusher::{FlushError, Flusher, FlusherConfig, LedgerStats};
 pub use hook::BatchHook;

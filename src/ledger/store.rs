@@ -2,12 +2,14 @@
 //! aggregates and snapshots in one transaction). What is read back lives
 //! in [`super::reports`].
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{Datelike, NaiveDate};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use super::BatchHook;
+use super::calls::Calls;
 use super::copy::copy_rows;
 use super::event::LedgerEvent;
 
@@ -43,10 +45,68 @@ pub async fn write_batch(
     rejects: &[Reject],
     hook: Option<&dyn BatchHook>,
 ) -> Result<u64, sqlx::Error> {
+    write(pool, Rows::Events(events), rejects, hook).await
+}
+
+/// Writes calls spent from leases ([`Calls`]) atomically, as
+/// [`write_batch`] writes events; returns how many were new.
+pub async fn write_calls(pool: &PgPool, calls: &mut Calls<'_>) -> Result<u64, sqlx::Error> {
+    calls.close_run();
+    write(pool, Rows::Calls(calls), &[], None).await
+}
+
+/// What one ledger write holds.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// Events from the streams: any kind, with their balances.
+    Events(&'a [LedgerEvent<'a>]),
+    /// Calls from a spend log: charges and refunds with no balance after
+    /// them (it moved with their lease), so no snapshot, hook or audit.
+    Calls(&'a Calls<'a>),
+}
+
+impl<'a> Rows<'a> {
+    fn events(self) -> &'a [LedgerEvent<'a>] {
+        match self {
+            Rows::Events(events) => events,
+            Rows::Calls(_) => &[],
+        }
+    }
+
+    fn is_empty(self) -> bool {
+        match self {
+            Rows::Events(events) => events.is_empty(),
+            Rows::Calls(calls) => calls.is_empty(),
+        }
+    }
+
+    /// The rows as `COPY` text, `with_shard` for the staging table.
+    fn copy_text(self, with_shard: bool) -> std::borrow::Cow<'a, [u8]> {
+        match self {
+            Rows::Events(events) => copy_rows(events, with_shard).into(),
+            Rows::Calls(calls) if with_shard => calls.with_shard().into(),
+            Rows::Calls(calls) => calls.text().into(),
+        }
+    }
+
+    fn days(self) -> std::collections::BTreeSet<NaiveDate> {
+        match self {
+            Rows::Events(events) => events.iter().map(|e| e.local_day).collect(),
+            Rows::Calls(calls) => calls.days().clone(),
+        }
+    }
+}
+
+async fn write(
+    pool: &PgPool,
+    rows: Rows<'_>,
+    rejects: &[Reject],
+    hook: Option<&dyn BatchHook>,
+) -> Result<u64, sqlx::Error> {
     let mut present = Present::Fail;
     let mut created = false;
     loop {
-        match write_batch_once(pool, events, rejects, present, hook).await {
+        match write_batch_once(pool, rows, rejects, present, hook).await {
             // Some event is stored already: the batch again, skipping those.
             Err(e) if present == Present::Fail && is_unique_violation(&e) => {
                 present = Present::Skip;
@@ -54,9 +114,7 @@ pub async fn write_batch(
             // A month without a partition (an event replayed from long ago,
             // or a gateway that has not run its daily check): create, retry.
             Err(e) if !created && super::partitions::is_missing_partition(&e) => {
-                let months: std::collections::BTreeSet<NaiveDate> =
-                    events.iter().map(|e| e.local_day).collect();
-                for day in months {
+                for day in rows.days() {
                     super::partitions::ensure(pool, day).await?;
                 }
                 created = true;
@@ -75,13 +133,14 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 async fn write_batch_once(
     pool: &PgPool,
-    events: &[LedgerEvent<'_>],
+    rows: Rows<'_>,
     rejects: &[Reject],
     present: Present,
     hook: Option<&dyn BatchHook>,
 ) -> Result<u64, sqlx::Error> {
+    let events = rows.events();
     let mut tx = pool.begin().await?;
-    let inserted = insert_events(&mut tx, events, present).await?;
+    let inserted = insert_events(&mut tx, rows, present).await?;
     upsert_snapshots(&mut tx, events).await?;
     // After the roll-ups: the thresholds read the period's use from them.
     let after = match hook {
@@ -198,15 +257,15 @@ const STAGE: &str = "SET LOCAL client_min_messages = warning;
 
 async fn insert_events(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent<'_>],
+    rows: Rows<'_>,
     present: Present,
 ) -> Result<u64, sqlx::Error> {
-    if events.is_empty() {
+    if rows.is_empty() {
         return Ok(0);
     }
     match present {
-        Present::Fail => insert_new(tx, events).await,
-        Present::Skip => insert_skipping(tx, events).await,
+        Present::Fail => insert_new(tx, rows).await,
+        Present::Skip => insert_skipping(tx, rows).await,
     }
 }
 
@@ -218,7 +277,7 @@ async fn insert_events(
 /// sorts and joins of the roll-ups (bench/flush.sh).
 async fn insert_new(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent<'_>],
+    rows: Rows<'_>,
 ) -> Result<u64, sqlx::Error> {
     let mut copy = tx
         .copy_in_raw(
@@ -227,11 +286,14 @@ async fn insert_new(
                 occurred_at, stream_ms, stream_seq, reason, lease_id) FROM STDIN",
         )
         .await?;
-    copy.send(copy_rows(events, false)).await?;
-    copy.finish().await?;
-    Rollups::of(events).upsert(tx).await?;
-    insert_grant_audits(tx, events).await?;
-    Ok(events.len() as u64)
+    copy.send(rows.copy_text(false).as_ref()).await?;
+    let inserted = copy.finish().await?;
+    match rows {
+        Rows::Events(events) => Rollups::of(events).upsert(tx).await?,
+        Rows::Calls(calls) => calls.rollups().upsert(tx).await?,
+    }
+    insert_grant_audits(tx, rows.events()).await?;
+    Ok(inserted)
 }
 
 /// A batch that holds events stored already (a redelivery, two flushers
@@ -239,7 +301,7 @@ async fn insert_new(
 /// NOTHING`, and only the rows actually inserted feed the roll-ups.
 async fn insert_skipping(
     tx: &mut Transaction<'_, Postgres>,
-    events: &[LedgerEvent<'_>],
+    rows: Rows<'_>,
 ) -> Result<u64, sqlx::Error> {
     sqlx::raw_sql(STAGE).execute(&mut **tx).await?;
     let mut copy = tx
@@ -249,7 +311,7 @@ async fn insert_skipping(
                 occurred_at, stream_ms, stream_seq, reason, lease_id, shard) FROM STDIN",
         )
         .await?;
-    copy.send(copy_rows(events, true)).await?;
+    copy.send(rows.copy_text(true).as_ref()).await?;
     copy.finish().await?;
     let inserted: i64 = sqlx::query_scalar(INSERT_SKIPPING)
         .fetch_one(&mut **tx)
@@ -258,8 +320,8 @@ async fn insert_skipping(
 }
 
 /// Charged and refunded credits and counts, as every roll-up row holds them.
-#[derive(Default, Clone, Copy)]
-struct Sums {
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Sums {
     charged: i64,
     charges: i64,
     refunded: i64,
@@ -267,12 +329,25 @@ struct Sums {
 }
 
 impl Sums {
-    fn add(&mut self, e: &LedgerEvent<'_>) {
-        if e.kind == "charge" {
-            self.charged += e.amount;
+    pub(super) fn of(charge: bool, amount: i64) -> Self {
+        let mut sums = Sums::default();
+        sums.add(charge, amount);
+        sums
+    }
+
+    fn plus(&mut self, other: Sums) {
+        self.charged += other.charged;
+        self.charges += other.charges;
+        self.refunded += other.refunded;
+        self.refunds += other.refunds;
+    }
+
+    pub(super) fn add(&mut self, charge: bool, amount: i64) {
+        if charge {
+            self.charged += amount;
             self.charges += 1;
         } else {
-            self.refunded += e.amount;
+            self.refunded += amount;
             self.refunds += 1;
         }
     }
@@ -280,15 +355,15 @@ impl Sums {
 
 /// A batch's charges and refunds summed per roll-up row. Ordered maps: the
 /// rows are written in key order, so two writers never lock them crosswise.
-#[derive(Default)]
-struct Rollups<'a> {
-    daily: BTreeMap<(&'a str, NaiveDate, &'a str), Sums>,
-    by_module: BTreeMap<(NaiveDate, &'a str, i16), Sums>,
-    monthly: BTreeMap<(&'a str, NaiveDate), Sums>,
+#[derive(Default, Debug, PartialEq, Eq)]
+pub(super) struct Rollups<'a> {
+    daily: BTreeMap<(Cow<'a, str>, NaiveDate, Cow<'a, str>), Sums>,
+    by_module: BTreeMap<(NaiveDate, Cow<'a, str>, i16), Sums>,
+    monthly: BTreeMap<(Cow<'a, str>, NaiveDate), Sums>,
 }
 
 impl<'a> Rollups<'a> {
-    fn of(events: &'a [LedgerEvent<'_>]) -> Self {
+    pub(super) fn of(events: &'a [LedgerEvent<'_>]) -> Self {
         let mut r = Rollups::default();
         for e in events {
             let Some(module) = e.module.as_deref() else {
@@ -297,21 +372,39 @@ impl<'a> Rollups<'a> {
             if e.kind != "charge" && e.kind != "refund" {
                 continue;
             }
-            let month = e.local_day.with_day(1).unwrap_or(e.local_day);
-            r.daily
-                .entry((e.user_id.as_ref(), e.local_day, module))
-                .or_default()
-                .add(e);
-            r.by_module
-                .entry((e.local_day, module, e.shard))
-                .or_default()
-                .add(e);
-            r.monthly
-                .entry((e.user_id.as_ref(), month))
-                .or_default()
-                .add(e);
+            r.add(
+                Cow::Borrowed(&e.user_id),
+                e.local_day,
+                Cow::Borrowed(module),
+                e.shard,
+                Sums::of(e.kind == "charge", e.amount),
+            );
         }
         r
+    }
+
+    /// Charges and refunds of `user` and `module` on `day`.
+    pub(super) fn add(
+        &mut self,
+        user: Cow<'a, str>,
+        day: NaiveDate,
+        module: Cow<'a, str>,
+        shard: i16,
+        sums: Sums,
+    ) {
+        let month = day.with_day(1).unwrap_or(day);
+        self.by_module
+            .entry((day, module.clone(), shard))
+            .or_default()
+            .plus(sums);
+        self.monthly
+            .entry((user.clone(), month))
+            .or_default()
+            .plus(sums);
+        self.daily
+            .entry((user, day, module))
+            .or_default()
+            .plus(sums);
     }
 
     async fn upsert(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
@@ -332,21 +425,31 @@ impl<'a> Rollups<'a> {
         let [mc, mn, mr, mrn] = columns(self.by_module.values());
         let [oc, on, or, orn] = columns(self.monthly.values());
         sqlx::query(ROLLUPS)
-            .bind(self.daily.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind(self.daily.keys().map(|k| k.0.as_ref()).collect::<Vec<_>>())
             .bind(self.daily.keys().map(|k| k.1).collect::<Vec<_>>())
-            .bind(self.daily.keys().map(|k| k.2).collect::<Vec<_>>())
+            .bind(self.daily.keys().map(|k| k.2.as_ref()).collect::<Vec<_>>())
             .bind(dc)
             .bind(dn)
             .bind(dr)
             .bind(drn)
             .bind(self.by_module.keys().map(|k| k.0).collect::<Vec<_>>())
-            .bind(self.by_module.keys().map(|k| k.1).collect::<Vec<_>>())
+            .bind(
+                self.by_module
+                    .keys()
+                    .map(|k| k.1.as_ref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(self.by_module.keys().map(|k| k.2).collect::<Vec<_>>())
             .bind(mc)
             .bind(mn)
             .bind(mr)
             .bind(mrn)
-            .bind(self.monthly.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind(
+                self.monthly
+                    .keys()
+                    .map(|k| k.0.as_ref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(self.monthly.keys().map(|k| k.1).collect::<Vec<_>>())
             .bind(oc)
             .bind(on)
