@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use memmap2::MmapMut;
 
+use crate::domain::{ActionId, ModuleId, PlanId, RequestId, UserId};
 use crate::ledger::Call;
 use crate::ledger::event::{day, escape_field, unescape};
 use crate::metering::rows::integer;
@@ -79,19 +80,23 @@ pub fn settled_line(lease: &str) -> Vec<u8> {
 }
 
 /// A call spent from (or given back to) a lease: what its ledger row needs.
+/// Its ids are typed: users, modules, actions and plans are kept by their
+/// types to characters a line never escapes, and the event id, the lease
+/// id and the day are ours, so only the request id (any visible ASCII,
+/// backslash included) goes through [`escape_field`].
 pub struct Spend<'a> {
     pub event_id: &'a str,
     pub lease: &'a str,
-    pub user: &'a str,
+    pub user: &'a UserId,
     /// "charge" or "refund".
     pub kind: &'a str,
-    pub module: &'a str,
-    pub action: &'a str,
+    pub module: &'a ModuleId,
+    pub action: Option<&'a ActionId>,
     pub amount: i64,
     pub from_monthly: i64,
     pub from_bonus: i64,
-    pub plan: &'a str,
-    pub request_id: &'a str,
+    pub plan: &'a PlanId,
+    pub request_id: &'a RequestId,
     pub actor: &'a str,
     pub at_ms: i64,
     /// `YYYY-MM-DD`, the local day it counts for.
@@ -103,23 +108,32 @@ pub struct Spend<'a> {
 pub fn spend_line(s: &Spend<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(192);
     out.push(b'S');
-    for v in [s.event_id, s.lease, s.user, s.kind, s.module, s.action] {
+    for v in [
+        s.event_id,
+        s.lease,
+        s.user.as_str(),
+        s.kind,
+        s.module.as_str(),
+        s.action.map_or("", ActionId::as_str),
+    ] {
         out.push(b'\t');
-        escape_field(&mut out, v);
+        out.extend_from_slice(v.as_bytes());
     }
     let mut n = itoa::Buffer::new();
     for v in [s.amount, s.from_monthly, s.from_bonus] {
         out.push(b'\t');
         out.extend_from_slice(n.format(v).as_bytes());
     }
-    for v in [s.plan, s.request_id, s.actor] {
-        out.push(b'\t');
-        escape_field(&mut out, v);
-    }
+    out.push(b'\t');
+    out.extend_from_slice(s.plan.as_str().as_bytes());
+    out.push(b'\t');
+    escape_field(&mut out, s.request_id.as_str());
+    out.push(b'\t');
+    out.extend_from_slice(s.actor.as_bytes());
     out.push(b'\t');
     out.extend_from_slice(n.format(s.at_ms).as_bytes());
     out.push(b'\t');
-    escape_field(&mut out, s.day);
+    out.extend_from_slice(s.day.as_bytes());
     out.push(b'\n');
     out
 }
@@ -506,18 +520,24 @@ mod tests {
 
     #[test]
     fn a_spend_line_reads_back_as_its_event() {
+        let (user, module, plan) = (
+            UserId::parse("alice@x").expect("user"),
+            ModuleId::parse("rag").expect("module"),
+            PlanId::parse("pro").expect("plan"),
+        );
+        let request_id = RequestId::parse("req\\with\\\\backslashes\\t").expect("request id");
         let spend = Spend {
             event_id: "ev-1",
             lease: "ev-0:lease",
-            user: "alice@x",
+            user: &user,
             kind: "charge",
-            module: "rag",
-            action: "",
+            module: &module,
+            action: None,
             amount: 3,
             from_monthly: 2,
             from_bonus: 1,
-            plan: "pro",
-            request_id: "req\twith\\tab\nand newline",
+            plan: &plan,
+            request_id: &request_id,
             actor: "proxy",
             at_ms: 1_795_900_000_123,
             day: "2026-11-29",
@@ -542,7 +562,9 @@ mod tests {
         );
         assert_eq!((c.amount, c.from_monthly, c.from_bonus), (3, 2, 1));
         // Text fields stay as the line holds them, escaped as COPY reads them.
-        assert_eq!(c.request_id, "req\\twith\\\\tab\\nand newline");
+        assert_eq!(c.request_id, "req\\\\with\\\\\\\\backslashes\\\\t");
+        assert!(c.escaped);
+        assert_eq!(unescape(c.request_id), request_id.as_str());
         assert_eq!((c.plan, c.actor, c.lease), ("pro", "proxy", "ev-0:lease"));
         assert_eq!(c.day.to_string(), "2026-11-29");
         assert_eq!(c.at.timestamp_millis(), 1_795_900_000_123);

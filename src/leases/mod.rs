@@ -263,19 +263,19 @@ impl Leases {
             let from_monthly = (lease.from_monthly - lease.spent).clamp(0, cost);
             lease.spent += cost;
             lease.pending += 1;
-            let event_id = uuid::Uuid::now_v7().to_string();
+            let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7());
             let line = log::spend_line(&log::Spend {
                 event_id: &event_id,
                 lease: &lease.id,
-                user: user.as_str(),
+                user,
                 kind: "charge",
-                module: module.id.as_str(),
-                action: action.map_or("", ActionId::as_str),
+                module: &module.id,
+                action,
                 amount: cost,
                 from_monthly,
                 from_bonus: cost - from_monthly,
-                plan: lease.plan.as_str(),
-                request_id: request_id.as_str(),
+                plan: &lease.plan,
+                request_id,
                 actor: "proxy",
                 at_ms: stamp.now_ms(),
                 day: stamp.day.as_str(),
@@ -379,7 +379,7 @@ impl Leases {
             return None;
         }
         heat.asking = true;
-        let event = uuid::Uuid::now_v7();
+        let event = crate::domain::uuid_v7();
         Some(Ask {
             mode: Mode::Lease {
                 credits: cost.saturating_mul(calls),
@@ -388,7 +388,7 @@ impl Leases {
                 ttl_ms: self.settings.ttl_ms,
                 event,
             },
-            id: Arc::from(format!("{event}:lease")),
+            id: Arc::from(crate::domain::uuid_v7_text(event) + ":lease"),
             generation,
         })
     }
@@ -545,19 +545,19 @@ impl Leases {
         if open.is_none() {
             return false;
         }
-        let event_id = uuid::Uuid::now_v7().to_string();
+        let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7());
         let line = log::spend_line(&log::Spend {
             event_id: &event_id,
             lease,
-            user: user.as_str(),
+            user,
             kind: "refund",
-            module: module.id.as_str(),
-            action: action.map_or("", ActionId::as_str),
+            module: &module.id,
+            action,
             amount,
             from_monthly: receipt.from_monthly,
             from_bonus: receipt.from_bonus,
-            plan: receipt.plan.as_str(),
-            request_id: request_id.as_str(),
+            plan: &receipt.plan,
+            request_id,
             actor: "proxy",
             at_ms: charged_at.now_ms(),
             day: charged_at.day.as_str(),

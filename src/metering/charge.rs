@@ -11,11 +11,10 @@ impl Meter {
     /// Decide and (in [`Mode::Charge`]) deduct one call: charge.lua.
     pub async fn charge(&self, req: &ChargeRequest<'_>) -> Result<ChargeOutcome, MeterError> {
         let cost = req.module.cost_of(req.action);
-        let event_id = match req.mode {
+        let event_id = crate::domain::uuid_v7_text(match req.mode {
             Mode::Lease { event, .. } => event,
-            _ => uuid::Uuid::now_v7(),
-        }
-        .to_string();
+            _ => crate::domain::uuid_v7(),
+        });
         let account = self.keys.account(req.user);
         let (record, idempotency, fingerprint, lease) = match req.idempotency {
             // Where charge.lua indexes a lease it grants.

@@ -15,7 +15,7 @@ impl Meter {
         actor: &str,
         now: &Stamp,
     ) -> Result<RefundOutcome, MeterError> {
-        let event_id = uuid::Uuid::now_v7().to_string();
+        let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7());
         let mut con = self.redis.clone();
         let record = match of {
             RefundOf::Idempotent(key) => self.keys.idempotency(user, key),
