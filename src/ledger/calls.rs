@@ -1,30 +1,32 @@
 //! Calls spent from leases on their way from a spend log into the ledger
-//! ([`super::store::write_calls`]): their binary `COPY` rows, built as the
-//! log is read from the fields of its lines, and the roll-ups summed
-//! alongside. Against parsing each line into a [`super::LedgerEvent`] and
-//! writing that out again, this is a third of the instructions per call
-//! (bench/gateway_instructions.sh).
+//! ([`super::store::write_calls`]): their `COPY` rows, built as the log is
+//! read from the log's own text (it escapes fields as `COPY` does), and
+//! the roll-ups summed alongside. Against parsing each line into a
+//! [`super::LedgerEvent`] and writing that out again, this is a third of
+//! the instructions per call (bench/gateway_instructions.sh).
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::copy::{COLUMNS, date, fields, int2, int8, null, text, timestamp};
-use super::event::unescape;
+use super::copy::{date, timestamp};
+use super::event::{escape_field, unescape};
 use super::store::{Rollups, Sums};
 
 /// One call as a spend log line holds it. Text fields are as written in
 /// the line (escaped), `user` and `module` unescaped (the roll-ups' keys).
 pub struct Call<'a> {
     /// Some field of its line holds a backslash: its text fields are
-    /// unescaped. Most lines have none.
+    /// unescaped and written again ([`text`]). Most lines have none.
     pub escaped: bool,
     pub event_id: &'a str,
     pub user: Cow<'a, str>,
+    pub user_text: &'a str,
     /// "charge" or "refund".
     pub charge: bool,
     pub module: Cow<'a, str>,
+    pub module_text: &'a str,
     pub action: &'a str,
     pub amount: i64,
     pub from_monthly: i64,
@@ -42,7 +44,7 @@ pub struct Call<'a> {
 /// A batch of calls, ready for the ledger.
 #[derive(Default)]
 pub struct Calls<'a> {
-    /// Binary `COPY` rows for `ledger_events`.
+    /// `COPY` rows for `ledger_events`, each ending in `\n`.
     text: Vec<u8>,
     /// Where each row ends in `text`, and its shard: the staging table's
     /// last column, added only when a batch has to go that way.
@@ -79,46 +81,44 @@ impl<'a> Calls<'a> {
 
     pub fn push(&mut self, call: Call<'a>) {
         let out = &mut self.text;
-        out.reserve(320);
+        out.reserve(256);
         let escaped = call.escaped;
-        // The value a field of the line stands for.
-        fn value(field: &str, escaped: bool) -> Cow<'_, str> {
-            if escaped {
-                unescape(field)
-            } else {
-                Cow::Borrowed(field)
-            }
-        }
-        let value = |field: &'a str| value(field, escaped);
-        let optional = |out: &mut Vec<u8>, field: &'a str| {
+        let text = |out: &mut Vec<u8>, field: &str| text(out, field, escaped);
+        let optional = |out: &mut Vec<u8>, field: &str| {
             if field.is_empty() {
-                null(out);
+                out.extend_from_slice(b"\\N\t");
             } else {
-                text(out, &value(field));
+                text(out, field);
             }
         };
-        fields(out, COLUMNS);
-        text(out, &value(call.event_id));
-        text(out, &call.user);
-        text(out, if call.charge { "charge" } else { "refund" });
-        text(out, &call.module);
+        text(out, call.event_id);
+        text(out, call.user_text);
+        out.extend_from_slice(if call.charge {
+            b"charge\t"
+        } else {
+            b"refund\t"
+        });
+        optional(out, call.module_text);
         optional(out, call.action);
-        int8(out, call.amount);
-        int8(out, call.from_monthly);
-        int8(out, call.from_bonus);
+        let mut n = itoa::Buffer::new();
+        for v in [call.amount, call.from_monthly, call.from_bonus] {
+            out.extend_from_slice(n.format(v).as_bytes());
+            out.push(b'\t');
+        }
         // No balance after a call from a lease: it moved with the lease.
-        null(out);
-        null(out);
+        out.extend_from_slice(b"\\N\t\\N\t");
         optional(out, call.plan);
         optional(out, call.request_id);
-        text(out, &value(call.actor));
+        text(out, call.actor);
         date(out, call.day);
+        out.push(b'\t');
         timestamp(out, call.at);
-        int8(out, call.at.timestamp_millis());
-        // stream_seq 0, no reason, then the lease.
-        int8(out, 0);
-        null(out);
-        text(out, &value(call.lease));
+        out.push(b'\t');
+        out.extend_from_slice(n.format(call.at.timestamp_millis()).as_bytes());
+        // stream_seq 0, no reason, then the lease, the row's last column.
+        out.extend_from_slice(b"\t0\t\\N\t");
+        text(out, call.lease);
+        *out.last_mut().expect("a field was written") = b'\n';
         self.rows.push((out.len(), call.shard));
         if self.days.last() != Some(&call.day) {
             self.days.insert(call.day);
@@ -161,13 +161,13 @@ impl<'a> Calls<'a> {
 
     /// The rows with their shard as a last column, for the staging table.
     pub(super) fn with_shard(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.text.len() + self.rows.len() * 6);
+        let mut out = Vec::with_capacity(self.text.len() + self.rows.len() * 4);
         let mut start = 0;
         for &(end, shard) in &self.rows {
-            fields(&mut out, COLUMNS + 1);
-            // Past the row's own field count.
-            out.extend_from_slice(&self.text[start + 2..end]);
-            int2(&mut out, shard);
+            out.extend_from_slice(&self.text[start..end - 1]);
+            out.push(b'\t');
+            out.extend_from_slice(itoa::Buffer::new().format(shard).as_bytes());
+            out.push(b'\n');
             start = end;
         }
         out
@@ -182,12 +182,23 @@ impl<'a> Calls<'a> {
     }
 }
 
+/// A text field as the log wrote it, which is how `COPY` reads it. In a
+/// line with a backslash, fields are unescaped and written again, so that
+/// only the escapes the log's writer makes ever reach Postgres.
+fn text(out: &mut Vec<u8>, field: &str, escaped: bool) {
+    if escaped {
+        escape_field(out, &unescape(field));
+    } else {
+        out.extend_from_slice(field.as_bytes());
+    }
+    out.push(b'\t');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ledger::LedgerEvent;
     use crate::ledger::copy::copy_rows;
-    use crate::ledger::event::escape_field;
 
     /// A call as the log holds it: `escaped` fields as its writer escapes
     /// them.
@@ -196,8 +207,10 @@ mod tests {
             escaped: escaped.iter().any(|f| f.contains('\\')),
             event_id: &escaped[0],
             user: unescape(&escaped[1]),
+            user_text: &escaped[1],
             charge: false,
             module: unescape(&escaped[2]),
+            module_text: &escaped[2],
             action: "",
             amount: 3,
             from_monthly: 2,
@@ -285,7 +298,10 @@ mod tests {
         }
         calls.close_run();
         assert_eq!(calls.rollups(), &Rollups::of(&events));
-        assert_eq!(calls.text(), copy_rows(&events, false));
+        assert_eq!(
+            String::from_utf8_lossy(calls.text()),
+            String::from_utf8_lossy(&copy_rows(&events, false))
+        );
     }
 
     #[test]
@@ -301,7 +317,7 @@ mod tests {
                 String::from_utf8(out).expect("utf8")
             })
             .collect();
-        let expected = LedgerEvent {
+        let event = LedgerEvent {
             event_id: values[0].into(),
             user_id: values[1].into(),
             module: Some(values[2].into()),
@@ -311,8 +327,11 @@ mod tests {
         let mut calls = Calls::default();
         calls.push(call(&escaped, day, at));
         calls.push(call(&escaped, day, at));
-        let events = [expected.clone(), expected];
-        assert_eq!(calls.text(), copy_rows(&events, false));
+        let events = [event.clone(), event];
+        assert_eq!(
+            String::from_utf8_lossy(calls.text()),
+            String::from_utf8_lossy(&copy_rows(&events, false))
+        );
         assert_eq!(calls.with_shard(), copy_rows(&events, true));
         assert_eq!(calls.len(), 2);
         assert_eq!(calls.days().iter().collect::<Vec<_>>(), [&day]);
@@ -322,13 +341,7 @@ mod tests {
         let odd = ["ev-2", "bob", "rag", "", "a\\qb"].map(str::to_owned);
         let mut calls = Calls::default();
         calls.push(call(&odd, day, at));
-        let odd_event = LedgerEvent {
-            event_id: "ev-2".into(),
-            user_id: "bob".into(),
-            module: Some("rag".into()),
-            request_id: Some("aqb".into()),
-            ..event(day, at)
-        };
-        assert_eq!(calls.text(), copy_rows(&[odd_event], false));
+        let text = String::from_utf8(calls.text().to_vec()).expect("utf8");
+        assert_eq!(text.split('\t').nth(11), Some("aqb"), "{text}");
     }
 }

@@ -10,7 +10,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 
 use super::BatchHook;
 use super::calls::Calls;
-use super::copy::{HEADER, TRAILER, copy_rows};
+use super::copy::copy_rows;
 use super::event::LedgerEvent;
 
 /// An entry that could not be parsed, kept for people to look at.
@@ -80,7 +80,7 @@ impl<'a> Rows<'a> {
         }
     }
 
-    /// The rows as binary `COPY` rows, `with_shard` for the staging table.
+    /// The rows as `COPY` text, `with_shard` for the staging table.
     fn copy_text(self, with_shard: bool) -> std::borrow::Cow<'a, [u8]> {
         match self {
             Rows::Events(events) => copy_rows(events, with_shard).into(),
@@ -283,12 +283,10 @@ async fn insert_new(
         .copy_in_raw(
             "COPY ledger_events (event_id, user_id, kind, module, action, amount, from_monthly,
                 from_bonus, monthly_after, bonus_after, plan, request_id, actor, local_day,
-                occurred_at, stream_ms, stream_seq, reason, lease_id) FROM STDIN (FORMAT binary)",
+                occurred_at, stream_ms, stream_seq, reason, lease_id) FROM STDIN",
         )
         .await?;
-    copy.send(HEADER).await?;
     copy.send(rows.copy_text(false).as_ref()).await?;
-    copy.send(TRAILER).await?;
     let inserted = copy.finish().await?;
     match rows {
         Rows::Events(events) => Rollups::of(events).upsert(tx).await?,
@@ -310,12 +308,10 @@ async fn insert_skipping(
         .copy_in_raw(
             "COPY ledger_stage (event_id, user_id, kind, module, action, amount, from_monthly,
                 from_bonus, monthly_after, bonus_after, plan, request_id, actor, local_day,
-                occurred_at, stream_ms, stream_seq, reason, lease_id, shard) FROM STDIN (FORMAT binary)",
+                occurred_at, stream_ms, stream_seq, reason, lease_id, shard) FROM STDIN",
         )
         .await?;
-    copy.send(HEADER).await?;
     copy.send(rows.copy_text(true).as_ref()).await?;
-    copy.send(TRAILER).await?;
     copy.finish().await?;
     let inserted: i64 = sqlx::query_scalar(INSERT_SKIPPING)
         .fetch_one(&mut **tx)
