@@ -142,15 +142,12 @@ impl Tailer {
         // calls come after its `L` line.
         let mut order: Vec<Op<'_>> = Vec::new();
         let mut consumed = 0usize;
-        for end in memchr::memchr_iter(b'\n', bytes) {
+        for (line, next) in lines(bytes) {
             if calls.len() >= BATCH {
                 break;
             }
-            // Offsets stay those of the file: a line that is not UTF-8 is
-            // skipped whole, never repaired.
-            let line = std::str::from_utf8(&bytes[consumed..end]);
-            consumed = end + 1;
-            let Ok(line) = line else {
+            consumed = next;
+            let Some(line) = line else {
                 self.skipped += 1;
                 tracing::error!(
                     segment = self.segment,
@@ -271,6 +268,23 @@ impl Tailer {
     }
 }
 
+/// The whole lines of `bytes`, without their newline, each with where the
+/// next one starts. Offsets stay those of the file: a line that is not
+/// UTF-8 is `None`, to be skipped whole, never repaired. The chunk is
+/// checked at once, and line by line only when some line is not UTF-8.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = (Option<&str>, usize)> {
+    let text = std::str::from_utf8(bytes).ok();
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', bytes).map(move |end| {
+        let line = match text {
+            Some(text) => Some(&text[start..end]),
+            None => std::str::from_utf8(&bytes[start..end]).ok(),
+        };
+        start = end + 1;
+        (line, start)
+    })
+}
+
 /// Where a segment's lines end in `buf` (read from it): at its first NUL,
 /// since past its last line a segment is zeros and a line a killed writer
 /// left half copied has zeros in it; and where the last whole line ends
@@ -298,7 +312,23 @@ pub enum TailError {
 
 #[cfg(test)]
 mod tests {
-    use super::whole_lines;
+    use super::{lines, whole_lines};
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_whole_and_the_others_read() {
+        let got: Vec<_> = lines(b"S\ta\n\xff\xfe\nX\tb\n\nhalf").collect();
+        assert_eq!(
+            got,
+            [
+                (Some("S\ta"), 4),
+                (None, 7),
+                (Some("X\tb"), 11),
+                (Some(""), 12)
+            ]
+        );
+        let got: Vec<_> = lines("é\nL\n".as_bytes()).collect();
+        assert_eq!(got, [(Some("é"), 3), (Some("L"), 5)]);
+    }
 
     #[test]
     fn a_segment_ends_at_its_first_nul_and_a_half_copied_line_is_never_read() {

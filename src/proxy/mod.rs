@@ -634,6 +634,23 @@ const X_CREDITS_REMAINING: http::HeaderName = http::HeaderName::from_static("x-c
 const X_DAILY_REMAINING: http::HeaderName = http::HeaderName::from_static("x-daily-remaining");
 
 /// Phase 6: headers every answer carries, and the request's log line.
+/// `n` as a header value. The credits a call is charged are a few, and
+/// their values come from a table made once: `HeaderValue::from` allocates
+/// every time. Its entries are `'static` (leaked once, 256 short strings),
+/// so a clone copies a pointer and never counts references across cores.
+fn count_value(n: i64) -> HeaderValue {
+    static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+        (0..256)
+            .map(|n: i64| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+            .collect()
+    });
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| SMALL.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
+}
+
 fn respond(
     ctx: &Ctx,
     mut response: Response<Body>,
@@ -646,7 +663,7 @@ fn respond(
         h.insert(X_REQUEST_ID, v);
     }
     if let Some(balance) = ctx.balance {
-        h.insert(X_CREDITS_CHARGED, HeaderValue::from(ctx.charged));
+        h.insert(X_CREDITS_CHARGED, count_value(ctx.charged));
         h.insert(X_CREDITS_REMAINING, HeaderValue::from(balance.remaining()));
         if let Some(daily) = balance.daily_remaining() {
             h.insert(X_DAILY_REMAINING, HeaderValue::from(daily));
@@ -685,4 +702,16 @@ fn respond(
         "proxied"
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_their_decimal_text_in_and_past_the_table() {
+        for n in [0, 1, 7, 255, 256, 1_000_000, -1] {
+            assert_eq!(count_value(n), HeaderValue::from(n), "{n}");
+        }
+    }
 }
