@@ -81,9 +81,6 @@ struct Lease {
     credits: i64,
     from_monthly: i64,
     spent: i64,
-    /// Calls counted in `spent` whose spend-log line is not written yet:
-    /// the lease is not settled before they are.
-    pending: u32,
     /// Where its last call's line ends in the log: the lease is settled
     /// only once the ledger has the log up to there, so a lease returned
     /// is a lease whose every call is in the ledger (a lost machine's
@@ -231,7 +228,10 @@ impl Leases {
     ) -> Option<Receipt> {
         let cost = module.cost_of(action).get();
         let now = Instant::now();
-        let (line, receipt) = {
+        // The line is written under the state's lock: the lease counts the
+        // call exactly when the log has it (the closer never sees one
+        // counted and not written), and the map's copy is short.
+        let receipt = {
             let mut state = self.state();
             let State { open, retiring, .. } = &mut *state;
             let held = open.get_mut(user.as_str())?;
@@ -261,8 +261,6 @@ impl Leases {
                 return None;
             }
             let from_monthly = (lease.from_monthly - lease.spent).clamp(0, cost);
-            lease.spent += cost;
-            lease.pending += 1;
             let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7());
             let line = log::spend_line(&log::Spend {
                 event_id: &event_id,
@@ -280,7 +278,16 @@ impl Leases {
                 at_ms: stamp.now_ms(),
                 day: stamp.day.as_str(),
             });
-            let receipt = Receipt {
+            let written = self.log.write(&line);
+            metrics::lease_call(written.is_some());
+            let Some(at) = written else {
+                // No log, no leased calls: the next ones go to Redis.
+                lease.ended = true;
+                return None;
+            };
+            lease.spent += cost;
+            lease.last = lease.last.max(at);
+            Receipt {
                 event_id,
                 plan: lease.plan.clone(),
                 auto_blocked: false,
@@ -290,26 +297,9 @@ impl Leases {
                 balance: lease.view(),
                 rate: None,
                 lease: Some(LeaseUse::SpentFrom(Arc::clone(&lease.id))),
-            };
-            (line, receipt)
-        };
-        let written = self.log.write(&line);
-        let id = match &receipt.lease {
-            Some(LeaseUse::SpentFrom(id)) => Arc::clone(id),
-            _ => return None,
-        };
-        self.with_lease(user, &id, |lease| {
-            lease.pending -= 1;
-            match written {
-                Some(at) => lease.last = lease.last.max(at),
-                None => {
-                    lease.spent -= cost;
-                    lease.ended = true;
-                }
             }
-        });
-        metrics::lease_call(written.is_some());
-        written.map(|_| receipt)
+        };
+        Some(receipt)
     }
 
     /// `f` on lease `id` of `user`, open or retiring (the same `Arc`: a
@@ -478,7 +468,6 @@ impl Leases {
             credits: taken.credits,
             from_monthly: taken.from_monthly,
             spent: 0,
-            pending: 0,
             last: 0,
             ends: Instant::now() + Duration::from_millis(self.settings.ttl_ms),
             day: stamp.day.as_str().to_owned(),
@@ -539,38 +528,33 @@ impl Leases {
         charged_at: &Stamp,
     ) -> bool {
         let amount = receipt.charged;
-        let open = self.with_lease(user, lease, |l| {
-            l.pending += 1;
-        });
-        if open.is_none() {
-            return false;
-        }
-        let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7());
-        let line = log::spend_line(&log::Spend {
-            event_id: &event_id,
-            lease,
-            user,
-            kind: "refund",
-            module: &module.id,
-            action,
-            amount,
-            from_monthly: receipt.from_monthly,
-            from_bonus: receipt.from_bonus,
-            plan: &receipt.plan,
-            request_id,
-            actor: "proxy",
-            at_ms: charged_at.now_ms(),
-            day: charged_at.day.as_str(),
-        });
-        let written = self.log.write(&line);
+        // Written under the state's lock, as a spend is.
         self.with_lease(user, lease, |l| {
-            l.pending -= 1;
-            if let Some(at) = written {
-                l.spent -= amount;
-                l.last = l.last.max(at);
-            }
-        });
-        written.is_some()
+            let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7());
+            let line = log::spend_line(&log::Spend {
+                event_id: &event_id,
+                lease,
+                user,
+                kind: "refund",
+                module: &module.id,
+                action,
+                amount,
+                from_monthly: receipt.from_monthly,
+                from_bonus: receipt.from_bonus,
+                plan: &receipt.plan,
+                request_id,
+                actor: "proxy",
+                at_ms: charged_at.now_ms(),
+                day: charged_at.day.as_str(),
+            });
+            let Some(at) = self.log.write(&line) else {
+                return false;
+            };
+            l.spent -= amount;
+            l.last = l.last.max(at);
+            true
+        })
+        .unwrap_or(false)
     }
 
     /// Runs this worker's lease tasks until `stopped`: closing ended
@@ -722,7 +706,7 @@ impl Leases {
             });
             let ledger_has = self.ledger_has.load(std::sync::atomic::Ordering::Acquire);
             retiring.retain(|(user, l)| {
-                if l.pending > 0 || l.last > ledger_has {
+                if l.last > ledger_has {
                     return true;
                 }
                 closing.push(Closing {

@@ -168,7 +168,12 @@ impl Tailer {
                     } else {
                         -call.amount
                     };
-                    order.push(Op::Spend(call.lease, amount));
+                    // A lease's calls come in runs: one entry a run, one
+                    // lookup of the lease below.
+                    match order.last_mut() {
+                        Some(Op::Spend(lease, sum)) if *lease == call.lease => *sum += amount,
+                        _ => order.push(Op::Spend(call.lease, amount)),
+                    }
                     calls.push(call);
                 }
                 Ok(Line::Lease { lease, user }) => order.push(Op::Lease(lease, user)),
@@ -296,7 +301,7 @@ fn whole_lines(buf: &[u8]) -> (usize, usize) {
 }
 
 enum Op<'a> {
-    /// A call spent from (a refund: given back to) a lease.
+    /// Calls spent from (refunds: given back to) a lease, net.
     Spend(&'a str, i64),
     Lease(&'a str, Cow<'a, str>),
     Settled(&'a str),
