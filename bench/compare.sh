@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Before/after on one box, in one run: nginx as a plain reverse proxy, then
-# two creditgate builds taking turns (A B A B) under the same wrk load.
+# two creditgate builds taking turns (A B, then B A, ...) under the same
+# wrk load. The order flips each round because every run grows the ledger
+# and Postgres's cost per event grows with it (5.1 -> 7.1 us over three
+# rounds of one build): in a fixed order B always ran on the bigger one.
 #   bench/compare.sh OLD_BINARY [duration=10s] [connections=50]
 # B is the current tree's release build. For each run: req/s, p99, and the
 # CPU per request of the gateway and of redis-server, read from /proc.
@@ -34,7 +37,9 @@ fi
 echo "== wrk ${WRK_ARGS[*]} --latency, upstream nginx 'return 200'"
 measure nginx "http://$NGINX_PROXY/rag/q" "$(workers_of proxy)" "${WRK_ARGS[@]}"
 for round in $(seq "${ROUNDS:-2}"); do
-  for side in A B; do
+  order="A B"
+  if [ $((round % 2)) = 0 ]; then order="B A"; fi
+  for side in $order; do
     if [ $side = A ]; then
       BIN=$OLD; KEY=$OLD_KEY
       # The assignments hold for the gateway start_gateway runs.
