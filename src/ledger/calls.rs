@@ -2,8 +2,8 @@
 //! ([`super::store::write_calls`]): their `COPY` rows, built as the log is
 //! read from the log's own text (it escapes fields as `COPY` does), and
 //! the roll-ups summed alongside. Against parsing each line into a
-//! [`super::LedgerEvent`] and writing that out again, this is a third of
-//! the instructions per call (bench/gateway_instructions.sh).
+//! [`super::LedgerEvent`] and writing that out again, the reader spends 30 %
+//! fewer instructions a call (9.5k → 6.7k, bench/gateway_instructions.sh).
 
 use std::borrow::Cow;
 use std::collections::BTreeSet;
@@ -65,7 +65,7 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn into(self, rollups: &mut Rollups<'a>) {
+    fn add_to(self, rollups: &mut Rollups<'a>) {
         rollups.add(self.user, self.day, self.module, self.shard, self.sums);
     }
 }
@@ -118,7 +118,8 @@ impl<'a> Calls<'a> {
         // stream_seq 0, no reason, then the lease, the row's last column.
         out.extend_from_slice(b"\t0\t\\N\t");
         text(out, call.lease);
-        *out.last_mut().expect("a field was written") = b'\n';
+        out.pop(); // the last field's tab
+        out.push(b'\n');
         self.rows.push((out.len(), call.shard));
         if self.days.last() != Some(&call.day) {
             self.days.insert(call.day);
@@ -141,7 +142,7 @@ impl<'a> Calls<'a> {
                     sums: Sums::of(call.charge, call.amount),
                 };
                 if let Some(done) = run.replace(next) {
-                    done.into(&mut self.rollups);
+                    done.add_to(&mut self.rollups);
                 }
             }
         }
@@ -151,7 +152,7 @@ impl<'a> Calls<'a> {
     /// written.
     pub(super) fn close_run(&mut self) {
         if let Some(run) = self.run.take() {
-            run.into(&mut self.rollups);
+            run.add_to(&mut self.rollups);
         }
     }
 

@@ -746,3 +746,89 @@ async fn new_and_redelivered_batches_leave_the_same_roll_ups() {
     assert_eq!(at.timestamp_millis(), 1_795_000_000_008);
     assert_eq!(day.to_string(), "2026-11-01");
 }
+
+/// Calls from a spend log take the same two paths: new ones `COPY`ed
+/// straight in, and a batch read again after a crash (some of it stored)
+/// staged with `ON CONFLICT DO NOTHING`. Each call is one row, counted once
+/// in the roll-ups, with its text, time and lease as the log had them.
+#[tokio::test]
+async fn calls_from_a_spend_log_read_again_are_stored_and_counted_once() {
+    use chrono::{DateTime, NaiveDate, Utc};
+    use creditgate::ledger::{Call, Calls};
+    let app = TestApp::spawn().await;
+    let pool = app.pool().await;
+    let day = NaiveDate::from_ymd_opt(2026, 11, 29).expect("day");
+    // As the log holds them: the second request id escaped (a backslash).
+    let ids: Vec<(String, &str)> = (1..=4)
+        .map(|i| (format!("call-{i}"), if i == 2 { "r\\\\2" } else { "r" }))
+        .collect();
+    let calls = |range: std::ops::Range<usize>| {
+        let mut calls = Calls::default();
+        for (i, (event_id, request_id)) in ids[range.clone()].iter().enumerate() {
+            let n = (range.start + i) as i64;
+            calls.push(Call {
+                escaped: request_id.contains('\\'),
+                event_id,
+                user: "u1".into(),
+                user_text: "u1",
+                charge: n != 3,
+                module: "rag".into(),
+                module_text: "rag",
+                action: "",
+                amount: 2,
+                from_monthly: 2,
+                from_bonus: 0,
+                plan: "pro",
+                request_id,
+                actor: "proxy",
+                day,
+                at: DateTime::<Utc>::from_timestamp_millis(1_795_900_000_000 + n).expect("time"),
+                lease: "ev-0:lease",
+                shard: 3,
+            });
+        }
+        calls
+    };
+    assert_eq!(
+        store::write_calls(&pool, &mut calls(0..2))
+            .await
+            .expect("new"),
+        2
+    );
+    // Read again from the start after a crash, with two more.
+    assert_eq!(
+        store::write_calls(&pool, &mut calls(0..4))
+            .await
+            .expect("again"),
+        2
+    );
+    /// event_id, kind, request_id, lease_id, stream_ms, monthly_after
+    type Row = (String, String, Option<String>, String, i64, Option<i64>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT event_id, kind, request_id, lease_id, stream_ms, monthly_after
+         FROM ledger_events ORDER BY event_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[1].2.as_deref(), Some("r\\2"), "unescaped once");
+    assert_eq!(rows[3].1, "refund");
+    assert!(rows.iter().all(|r| r.3 == "ev-0:lease" && r.5.is_none()));
+    assert_eq!(rows[0].4, 1_795_900_000_000);
+    let daily: (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT charged_credits, charges, refunded_credits, refunds FROM usage_daily
+         WHERE user_id = 'u1' AND day = '2026-11-29' AND module = 'rag'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("daily");
+    assert_eq!(daily, (6, 3, 2, 1));
+    let by_module: (i16, i64) = sqlx::query_as(
+        "SELECT shard, charges FROM usage_module_daily WHERE day = '2026-11-29' AND module = 'rag'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("by module");
+    assert_eq!(by_module, (3, 3));
+}
