@@ -217,7 +217,7 @@ impl Leases {
     /// Spends one call from a lease this worker holds for (user, key,
     /// module), if one fits: its receipt, after its spend-log line is
     /// written. `None`: charge it in Redis.
-    pub async fn spend(
+    pub fn spend(
         &self,
         user: &UserId,
         key: Option<&KeyHash>,
@@ -415,7 +415,7 @@ impl Leases {
     /// The answer to a charge that asked for a lease: holds the lease it
     /// took, if any. A lease Redis did not grant is crossed out in the log;
     /// one granted before an access change of its account is given back.
-    pub async fn asked(
+    pub fn asked(
         &self,
         user: &UserId,
         key: Option<&KeyHash>,
@@ -517,7 +517,7 @@ impl Leases {
     /// Gives a call spent from `lease` back to it (its upstream failed).
     /// False when the lease is closed already: refund it in Redis then.
     #[allow(clippy::too_many_arguments)]
-    pub async fn give_back(
+    pub fn give_back(
         &self,
         user: &UserId,
         lease: &Arc<str>,

@@ -355,16 +355,14 @@ impl Proxy {
             .as_ref()
             .filter(|_| ctx.idempotency_key.is_none());
         if let Some(leases) = leases {
-            let spent = leases
-                .spend(
-                    user,
-                    key_hash,
-                    &ctx.module,
-                    ctx.action.as_ref(),
-                    &ctx.request_id,
-                    &ctx.stamp,
-                )
-                .await;
+            let spent = leases.spend(
+                user,
+                key_hash,
+                &ctx.module,
+                ctx.action.as_ref(),
+                &ctx.request_id,
+                &ctx.stamp,
+            );
             if let Some(receipt) = spent {
                 return Ok(self.charged(ctx, key_hash, receipt));
             }
@@ -378,16 +376,14 @@ impl Proxy {
             && let Some(a) = ask.take()
         {
             // Not asked: Redis never saw it.
-            leases
-                .asked(
-                    user,
-                    key_hash,
-                    &ctx.module,
-                    a,
-                    Asked::Answered(None),
-                    &ctx.stamp,
-                )
-                .await;
+            leases.asked(
+                user,
+                key_hash,
+                &ctx.module,
+                a,
+                Asked::Answered(None),
+                &ctx.stamp,
+            );
         }
         let mode = ask.as_ref().map_or(Mode::Charge, |a| a.mode);
         let request = ChargeRequest {
@@ -408,9 +404,7 @@ impl Proxy {
                 Ok(_) => Asked::Answered(None),
                 Err(_) => Asked::Unknown,
             };
-            leases
-                .asked(user, key_hash, &ctx.module, ask, answer, &ctx.stamp)
-                .await;
+            leases.asked(user, key_hash, &ctx.module, ask, answer, &ctx.stamp);
         }
         match decided {
             Ok(Decision::Charged(receipt)) => Ok(self.charged(ctx, key_hash, receipt)),
@@ -513,17 +507,15 @@ impl Proxy {
         };
         if let (Some(leases), Some(LeaseUse::SpentFrom(lease))) = (&self.leases, &receipt.lease) {
             // Back to its lease while the lease is open; after, in Redis.
-            let back = leases
-                .give_back(
-                    user,
-                    lease,
-                    &receipt,
-                    &ctx.module,
-                    ctx.action.as_ref(),
-                    &ctx.request_id,
-                    &ctx.stamp,
-                )
-                .await;
+            let back = leases.give_back(
+                user,
+                lease,
+                &receipt,
+                &ctx.module,
+                ctx.action.as_ref(),
+                &ctx.request_id,
+                &ctx.stamp,
+            );
             if back {
                 if let Some(m) = self.metrics_of(&ctx.module) {
                     m.refunded(receipt.plan.as_str(), receipt.charged);
@@ -633,7 +625,6 @@ const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 const X_CREDITS_REMAINING: http::HeaderName = http::HeaderName::from_static("x-credits-remaining");
 const X_DAILY_REMAINING: http::HeaderName = http::HeaderName::from_static("x-daily-remaining");
 
-/// Phase 6: headers every answer carries, and the request's log line.
 /// `n` as a header value. The credits a call is charged are a few, and
 /// their values come from a table made once: `HeaderValue::from` allocates
 /// every time. Its entries are `'static` (leaked once, 256 short strings),
@@ -651,6 +642,7 @@ fn count_value(n: i64) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from(n))
 }
 
+/// Phase 6: headers every answer carries, and the request's log line.
 fn respond(
     ctx: &Ctx,
     mut response: Response<Body>,
