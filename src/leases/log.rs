@@ -194,10 +194,8 @@ pub fn parse_line(line: &str, shard: impl Fn(&str) -> i16) -> Result<Line<'_>, S
                 escaped,
                 event_id: f[1],
                 user,
-                user_text: f[3],
                 charge,
                 module: unescape(f[5]),
-                module_text: f[5],
                 action: f[6],
                 amount: number("amount", f[7])?,
                 from_monthly: number("from monthly", f[8])?,
@@ -550,15 +548,8 @@ mod tests {
             panic!("{parsed:?}");
         };
         assert_eq!(
-            (
-                c.event_id,
-                &*c.user,
-                c.user_text,
-                c.charge,
-                &*c.module,
-                c.action
-            ),
-            ("ev-1", "alice@x", "alice@x", true, "rag", "")
+            (c.event_id, &*c.user, c.charge, &*c.module, c.action),
+            ("ev-1", "alice@x", true, "rag", "")
         );
         assert_eq!((c.amount, c.from_monthly, c.from_bonus), (3, 2, 1));
         // Text fields stay as the line holds them, escaped as COPY reads them.

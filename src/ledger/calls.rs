@@ -15,18 +15,17 @@ use super::event::{escape_field, unescape};
 use super::store::{Rollups, Sums};
 
 /// One call as a spend log line holds it. Text fields are as written in
-/// the line (escaped), `user` and `module` unescaped (the roll-ups' keys).
+/// the line (escaped), but `user` and `module`, unescaped (the roll-ups'
+/// keys; written out again from these).
 pub struct Call<'a> {
     /// Some field of its line holds a backslash: its text fields are
     /// unescaped and written again ([`text`]). Most lines have none.
     pub escaped: bool,
     pub event_id: &'a str,
     pub user: Cow<'a, str>,
-    pub user_text: &'a str,
     /// "charge" or "refund".
     pub charge: bool,
     pub module: Cow<'a, str>,
-    pub module_text: &'a str,
     pub action: &'a str,
     pub amount: i64,
     pub from_monthly: i64,
@@ -92,13 +91,14 @@ impl<'a> Calls<'a> {
             }
         };
         text(out, call.event_id);
-        text(out, call.user_text);
+        value(out, &call.user, escaped);
         out.extend_from_slice(if call.charge {
             b"charge\t"
         } else {
             b"refund\t"
         });
-        optional(out, call.module_text);
+        // Never empty: the log's reader refuses a spend without one.
+        value(out, &call.module, escaped);
         optional(out, call.action);
         let mut n = itoa::Buffer::new();
         for v in [call.amount, call.from_monthly, call.from_bonus] {
@@ -188,9 +188,19 @@ impl<'a> Calls<'a> {
 /// only the escapes the log's writer makes ever reach Postgres.
 fn text(out: &mut Vec<u8>, field: &str, escaped: bool) {
     if escaped {
-        escape_field(out, &unescape(field));
+        value(out, &unescape(field), true);
     } else {
-        out.extend_from_slice(field.as_bytes());
+        value(out, field, false);
+    }
+}
+
+/// A field's value, escaped as `COPY` reads it: as it is, unless its line
+/// held an escape.
+fn value(out: &mut Vec<u8>, value: &str, escaped: bool) {
+    if escaped {
+        escape_field(out, value);
+    } else {
+        out.extend_from_slice(value.as_bytes());
     }
     out.push(b'\t');
 }
@@ -208,10 +218,8 @@ mod tests {
             escaped: escaped.iter().any(|f| f.contains('\\')),
             event_id: &escaped[0],
             user: unescape(&escaped[1]),
-            user_text: &escaped[1],
             charge: false,
             module: unescape(&escaped[2]),
-            module_text: &escaped[2],
             action: "",
             amount: 3,
             from_monthly: 2,
