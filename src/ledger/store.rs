@@ -81,7 +81,7 @@ impl<'a> Rows<'a> {
     }
 
     /// The rows as `COPY` text, `with_shard` for the staging table.
-    fn copy_text(self, with_shard: bool) -> std::borrow::Cow<'a, [u8]> {
+    fn copy_text(self, with_shard: bool) -> Cow<'a, [u8]> {
         match self {
             Rows::Events(events) => copy_rows(events, with_shard).into(),
             Rows::Calls(calls) if with_shard => calls.with_shard().into(),
