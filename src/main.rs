@@ -182,7 +182,13 @@ async fn main() -> anyhow::Result<()> {
                     let app = Application::build(settings).await?;
                     app.run_until_stopped(shutdown_signal()).await?;
                 }
-                Runtime::ThreadPerCore => serve_per_core(&cli.config).await?,
+                Runtime::ThreadPerCore => {
+                    let workers = settings.workers.map_or_else(
+                        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                        |n| n.get(),
+                    );
+                    serve_per_core(&cli.config, workers).await?
+                }
             }
         }
         Command::User {
@@ -366,8 +372,7 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// `server.runtime = "thread_per_core"`: one single-threaded runtime per
 /// core, each serving its own listener on the shared port; a signal stops
 /// them all, each draining its own requests.
-async fn serve_per_core(config: &std::path::Path) -> anyhow::Result<()> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+async fn serve_per_core(config: &std::path::Path, workers: usize) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     for index in 0..workers {

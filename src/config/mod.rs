@@ -66,6 +66,9 @@ pub struct Settings {
     pub metrics: bool,
     pub body_idle_timeout: Duration,
     pub runtime: Runtime,
+    /// `server.workers`: runtimes of thread-per-core mode, `None` for one
+    /// per core.
+    pub workers: Option<std::num::NonZeroUsize>,
     pub trusted_proxies: Networks,
     /// `auth.trusted_networks`, parsed.
     pub trusted_networks: Networks,

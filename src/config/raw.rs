@@ -73,6 +73,11 @@ pub struct ServerSettings {
     /// balances better when a few client connections carry all the load.
     #[serde(default = "default_runtime")]
     pub runtime: String,
+    /// Runtimes of "thread_per_core": 0 (default) is one per core the
+    /// process may run on. Fewer leaves cores to what shares the machine
+    /// (Postgres, Redis); a container's CPU quota is not seen as cores.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 fn default_timezone() -> String {

@@ -192,6 +192,10 @@ fn invalid_configs_name_the_key() {
             format!("{base}\n[metering.leases]\nmax_calls = 100001\n"),
             "metering.leases.max_calls",
         ),
+        (
+            base.replace("[server]\n", "[server]\nworkers = 1025\n"),
+            "server.workers",
+        ),
     ];
     for (text, needle) in cases {
         let err = error_of(&text);

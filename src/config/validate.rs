@@ -60,6 +60,13 @@ impl RawSettings {
                 ));
             }
         };
+        if s.workers > 1024 {
+            return Err(invalid(
+                "server.workers",
+                "must be at most 1024 (0: one per core)",
+            ));
+        }
+        let workers = std::num::NonZeroUsize::new(s.workers);
         let trusted_proxies = Networks::parse(&s.trusted_proxies)
             .map_err(|e| invalid("server.trusted_proxies", e.why))?;
         let trusted_networks = Networks::parse(&self.auth.trusted_networks)
@@ -178,6 +185,7 @@ impl RawSettings {
             metrics: self.server.metrics,
             body_idle_timeout,
             runtime,
+            workers,
             trusted_proxies,
             trusted_networks,
             metering: self.metering,

@@ -538,7 +538,12 @@ async fn thread_per_core_workers_share_the_port_keep_limits_exact_and_stop_clean
     let mut gateway = Gateway::start(
         &app,
         free_port(),
-        &[("CREDITGATE_SERVER__RUNTIME", "thread_per_core")],
+        // More runtimes than this machine's cores: `workers` is obeyed,
+        // not the core count.
+        &[
+            ("CREDITGATE_SERVER__RUNTIME", "thread_per_core"),
+            ("CREDITGATE_SERVER__WORKERS", "3"),
+        ],
     )
     .await;
     let statuses = app
@@ -550,6 +555,8 @@ async fn thread_per_core_workers_share_the_port_keep_limits_exact_and_stop_clean
     let status = gateway.exit_status(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}\n{}", gateway.logs());
     assert!(gateway.logs().contains("one runtime per core"));
+    let listening = gateway.logs().matches("creditgate listening").count();
+    assert_eq!(listening, 3, "{}", gateway.logs());
     // The first worker's flusher drained the ledger before exiting.
     assert_eq!(app.backlog().await, 0, "{}", gateway.logs());
     assert_eq!(app.balance(&user.id).await, (80, 0, 20));
