@@ -33,17 +33,8 @@ use crate::telemetry::metrics;
 use log::{Files, SpendLog};
 use tail::{Progress, Tailer};
 
-/// The longest a leased call waits to be read into the ledger.
+/// How often the spend log is read into the ledger.
 const WRITE_EVERY: Duration = Duration::from_millis(100);
-
-/// How often the writer looks whether [`WRITE_AT`] bytes are waiting.
-const LOOK_EVERY: Duration = Duration::from_millis(10);
-
-/// Written as soon as this much of the log is waiting (about 300 calls):
-/// a ledger transaction holds Postgres's CPU for as long as its rows take,
-/// and a tick's worth of a busy worker's calls (a thousand and more) held
-/// both cores long enough to be the requests' p99 (docs/BENCHMARKS.md).
-const WRITE_AT: u64 = 64 * 1024;
 
 pub struct Leases {
     settings: LeaseSettings,
@@ -670,9 +661,8 @@ impl Leases {
                             return;
                         }
                     };
-                    let mut tick = tokio::time::interval(LOOK_EVERY);
+                    let mut tick = tokio::time::interval(WRITE_EVERY);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    let mut last = tokio::time::Instant::now();
                     loop {
                         let go_on = tokio::select! {
                             _ = tick.tick() => true,
@@ -681,10 +671,7 @@ impl Leases {
                         if !go_on {
                             break;
                         }
-                        if tailer.unread() >= WRITE_AT || last.elapsed() >= WRITE_EVERY {
-                            last = tokio::time::Instant::now();
-                            drain(&mut tailer).await;
-                        }
+                        drain(&mut tailer).await;
                     }
                     drain(&mut tailer).await;
                 });

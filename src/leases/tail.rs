@@ -101,19 +101,6 @@ impl Tailer {
         );
     }
 
-    /// Bytes of a live log its writer has published and this reader has
-    /// not read yet: `u64::MAX` once the writer is in a later segment (all
-    /// of this one's rest is there to read), 0 for a log not followed.
-    pub fn unread(&self) -> u64 {
-        self.published.as_ref().map_or(0, |p| {
-            unread(
-                p.load(std::sync::atomic::Ordering::Acquire),
-                self.segment,
-                self.offset,
-            )
-        })
-    }
-
     pub fn open_leases(&self) -> &HashMap<String, OpenLease> {
         &self.open
     }
@@ -328,29 +315,9 @@ pub enum TailError {
     Postgres(#[from] sqlx::Error),
 }
 
-/// [`Tailer::unread`] of a reader at `offset` in `segment`.
-fn unread(published: u64, segment: u64, offset: u64) -> u64 {
-    let (at_segment, end) = split(published);
-    match at_segment.cmp(&segment) {
-        std::cmp::Ordering::Greater => u64::MAX,
-        std::cmp::Ordering::Equal => end.saturating_sub(offset),
-        std::cmp::Ordering::Less => 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{lines, position, unread, whole_lines};
-
-    #[test]
-    fn unread_bytes_are_the_published_end_past_the_reader() {
-        assert_eq!(unread(position(3, 900), 3, 100), 800);
-        assert_eq!(unread(position(3, 100), 3, 100), 0);
-        // The writer moved on: the rest of this segment is all there.
-        assert_eq!(unread(position(4, 10), 3, 100), u64::MAX);
-        // Behind the reader (it never passes its writer): nothing waits.
-        assert_eq!(unread(position(2, 10), 3, 100), 0);
-    }
+    use super::{lines, whole_lines};
 
     #[test]
     fn a_line_that_is_not_utf8_is_skipped_whole_and_the_others_read() {
