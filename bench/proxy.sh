@@ -62,14 +62,29 @@ echo "== ledger lag during the run (ms, from $(wc -l < "$WORK/lag") samples; not
 [ -s "$WORK/lag" ] && sort -n "$WORK/lag" | awk '{a[NR]=$1} END {printf "  p50 %d  p99 %d  max %d\n", a[int(NR*0.5)+1], a[int(NR*0.99)+1], a[NR]}'
 
 # Latency at a constant rate: half of nginx's maximum, then half of
-# creditgate's own maximum (a rate every target can sustain).
+# creditgate's own maximum (a rate every target can sustain). With wrk2 on
+# the PATH (github.com/giltene/wrk2, `make`, copy `wrk` as `wrk2`): its
+# latencies count from when each request was due, not sent (no coordinated
+# omission), and its one C thread leaves the two cores to the targets far
+# more than hey's Go runtime does. Without it, hey.
 latency_at() { # rate
-  local per_worker=$(( $1 / 32 ))
+  local rate=$1 per_worker=$(( $1 / 32 ))
   echo
-  echo "== latency at a constant $((per_worker * 32)) req/s: hey -z 10s -c 32 -q $per_worker"
+  if command -v wrk2 >/dev/null; then
+    echo "== latency at a constant $rate req/s: wrk2 -t1 -c32 -d15s -R $rate --latency"
+  else
+    echo "== latency at a constant $((per_worker * 32)) req/s: hey -z 10s -c 32 -q $per_worker (wrk2 not found)"
+  fi
   for target in "direct http://$UPSTREAM/rag/q" "nginx http://$NGINX_PROXY/rag/q" \
                 "peer http://$PEER/rag/q" "creditgate http://$GATEWAY/rag/q"; do
     set -- $target
+    if command -v wrk2 >/dev/null; then
+      wrk2 -t1 -c32 -d15s -R "$rate" --latency -H "Authorization: Bearer $KEY" "$2" > "$WORK/$1.wrk2"
+      printf '  %-11s p50 %s  p90 %s  p99 %s  p99.9 %s  (%s req/s)\n' "$1" \
+        $(awk '/^ +50.000%/ {a=$2} /^ +90.000%/ {b=$2} /^ +99.000%/ {c=$2} /^ +99.900%/ {d=$2}
+               /Requests\/sec/ {r=$2} END {print a, b, c, d, r}' "$WORK/$1.wrk2")
+      continue
+    fi
     hey -z 10s -c 32 -q "$per_worker" -H "Authorization: Bearer $KEY" "$2" > "$WORK/$1.hey"
     printf '  %-11s p50 %s  p99 %s  (%s)\n' "$1" \
       "$(grep -E '^ +50%' "$WORK/$1.hey" | awk '{print $3 * 1000 " ms"}')" \
