@@ -369,9 +369,10 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// SIGTERM (docker, systemd) or Ctrl-C.
-/// `server.runtime = "thread_per_core"`: one single-threaded runtime per
-/// core, each serving its own listener on the shared port; a signal stops
-/// them all, each draining its own requests.
+/// `server.runtime = "thread_per_core"`: `workers` single-threaded
+/// runtimes (one per core unless `server.workers` says), each serving its
+/// own listener on the shared port; a signal stops them all, each draining
+/// its own requests.
 async fn serve_per_core(config: &std::path::Path, workers: usize) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
