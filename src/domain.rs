@@ -255,8 +255,10 @@ impl IdempotencyKey {
     /// The `Idempotency-Key` header, if sent: the proxy, the credits API
     /// and the admin writes read it the same way.
     pub fn from_headers(headers: &http::HeaderMap) -> Result<Option<Self>, ParseError> {
+        // A name made once: a `&str` is parsed into one at every lookup.
+        static IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
         headers
-            .get("idempotency-key")
+            .get(&IDEMPOTENCY_KEY)
             .map(|v| {
                 let text = v.to_str().map_err(|_| ParseError {
                     what: "idempotency key",

@@ -148,11 +148,15 @@ pub struct Accounts {
     inflight: Arc<std::sync::Mutex<HashMap<KeyHash, Arc<KeyLookup>>>>,
     /// When each key was last used through this process, since the last
     /// [`Accounts::flush_key_uses`]: last use is recorded in batches, never
-    /// with a Postgres write per request.
-    key_uses: Arc<std::sync::Mutex<HashMap<KeyHash, DateTime<Utc>>>>,
+    /// with a Postgres write per request. Hashed with foldhash: std's
+    /// SipHash of the 64-character hash was about 400 instructions a request
+    /// (bench/gateway_instructions.sh), and only keys that were charged get
+    /// here, so no caller picks what collides.
+    key_uses: Arc<std::sync::Mutex<KeyUses>>,
 }
 
 type KeyLookup = tokio::sync::OnceCell<Option<UserId>>;
+type KeyUses = HashMap<KeyHash, DateTime<Utc>, foldhash::quality::RandomState>;
 
 /// How long a key lookup waits for its turn before it is shed (503).
 const KEY_LOOKUP_WAIT: Duration = Duration::from_millis(250);

@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::copy::{date, timestamp};
+use super::copy::{Stamps, date};
 use super::event::{escape_field, unescape};
 use super::store::{Rollups, Sums};
 
@@ -53,6 +53,7 @@ pub struct Calls<'a> {
     /// long runs of one account's calls, summed here without a map lookup.
     run: Option<Run<'a>>,
     days: BTreeSet<NaiveDate>,
+    stamps: Stamps,
 }
 
 struct Run<'a> {
@@ -112,7 +113,7 @@ impl<'a> Calls<'a> {
         text(out, call.actor);
         date(out, call.day);
         out.push(b'\t');
-        timestamp(out, call.at);
+        self.stamps.write(out, call.at);
         out.push(b'\t');
         out.extend_from_slice(n.format(call.at.timestamp_millis()).as_bytes());
         // stream_seq 0, no reason, then the lease, the row's last column.

@@ -110,6 +110,44 @@ pub(super) fn timestamp(out: &mut Vec<u8>, at: DateTime<Utc>) {
     out.extend_from_slice(b"+00");
 }
 
+/// [`timestamp`], remembering the last second's `YYYY-MM-DD HH:MM:SS`:
+/// a batch's rows fall in a few seconds, and working out the date and the
+/// time of day was most of a row's timestamp (about 500 instructions).
+#[derive(Default)]
+pub(super) struct Stamps {
+    second: Option<i64>,
+    text: Vec<u8>,
+}
+
+/// `YYYY-MM-DD HH:MM:SS`.
+const SECOND_TEXT: usize = 19;
+
+impl Stamps {
+    pub(super) fn write(&mut self, out: &mut Vec<u8>, at: DateTime<Utc>) {
+        let second = at.timestamp();
+        if self.second != Some(second) {
+            let from = out.len();
+            timestamp(out, at);
+            self.second = None;
+            // Four-digit years only: others are written by chrono, another shape.
+            if (1..=9999).contains(&at.year())
+                && let Some(text) = out.get(from..from + SECOND_TEXT)
+            {
+                self.text.clear();
+                self.text.extend_from_slice(text);
+                self.second = Some(second);
+            }
+            return;
+        }
+        out.extend_from_slice(&self.text);
+        out.push(b'.');
+        let ms = at.timestamp_subsec_millis().min(999);
+        out.push(b'0' + (ms / 100) as u8);
+        digits(out, ms % 100);
+        out.extend_from_slice(b"+00");
+    }
+}
+
 /// Two decimal digits of `n` (< 100).
 fn digits(out: &mut Vec<u8>, n: u32) {
     out.push(b'0' + (n / 10 % 10) as u8);
@@ -138,6 +176,24 @@ mod tests {
             let mut out = Vec::new();
             date(&mut out, at.date_naive());
             assert_eq!(out, at.date_naive().to_string().as_bytes());
+        }
+        // The same text through the remembered seconds, in and out of order.
+        let mut stamps = Stamps::default();
+        for ms in [
+            1_795_700_000_007,
+            1_795_700_000_999,
+            1_795_700_000_000,
+            1_795_700_001_000,
+            1_795_700_000_500,
+            300_000_000_000_000,
+            300_000_000_000_001,
+            1_795_700_000_501,
+        ] {
+            let at = DateTime::<Utc>::from_timestamp_millis(ms).expect("in range");
+            let (mut out, mut want) = (b"x".to_vec(), b"x".to_vec());
+            stamps.write(&mut out, at);
+            timestamp(&mut want, at);
+            assert_eq!(out, want, "{ms}");
         }
         // Outside four-digit years, chrono's own text (Postgres reads it).
         let far = DateTime::<Utc>::from_timestamp_millis(300_000_000_000_000).expect("in range");

@@ -271,7 +271,7 @@ impl Proxy {
                 })?;
         }
         ctx.idempotency_key = ApiError::idempotency_key(headers)?;
-        if let Some(value) = headers.get("x-action") {
+        if let Some(value) = headers.get(&X_ACTION) {
             let action = value
                 .to_str()
                 .ok()
@@ -619,6 +619,9 @@ fn lease(module: &Module) -> Duration {
 }
 
 const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+// Looked up by reference only: a `&str` would be parsed into a name at
+// every lookup (bench/gateway_instructions.sh).
+static X_ACTION: http::HeaderName = http::HeaderName::from_static("x-action");
 const X_CREDITS_CHARGED: http::HeaderName = http::HeaderName::from_static("x-credits-charged");
 const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
