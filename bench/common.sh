@@ -207,8 +207,16 @@ thread_split() {
 rps() { awk '/Requests\/sec/ {print $2}' "$WORK/$1.wrk"; }
 
 GW_PID=""
+# The gateway gets a session of its own, as the nginx instances have (they
+# daemonize) and as a service has under systemd: with the kernel's
+# autogroup scheduling (/proc/sys/kernel/sched_autogroup_enabled) a session
+# is one scheduling group, and a gateway left in this script's session
+# shared one group's share of the CPU with wrk. Measured in turns, six
+# rounds: the box idled 4.7 us a request with the shared session, 3.1 with
+# its own (docs/BENCHMARKS.md). setsid does not fork here (a background
+# job of a script is no process group leader), so $! is the gateway.
 start_gateway() {
-  "$BIN" serve 2>"$WORK/gateway.log" &
+  setsid "$BIN" serve 2>"$WORK/gateway.log" &
   GW_PID=$!
   for _ in $(seq 100); do curl -fs "http://$GATEWAY/healthz" >/dev/null && return; sleep 0.1; done
   echo "gateway did not start" >&2; exit 1

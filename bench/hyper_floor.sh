@@ -33,7 +33,8 @@ WRK_ARGS=(-t1 -c"$CONNS" -d"$DURATION")
 echo "== wrk ${WRK_ARGS[*]} --latency, upstream nginx 'return 200' (1 worker)"
 measure nginx "http://$NGINX_PROXY/rag/q" "$(workers_of proxy)" "${WRK_ARGS[@]}"
 for round in $(seq "$ROUNDS"); do
-  LISTEN=$FLOOR UPSTREAM=$UPSTREAM "$OUT/floor" &
+  # A session of its own, as the gateway's (start_gateway, bench/common.sh).
+  LISTEN=$FLOOR UPSTREAM=$UPSTREAM setsid "$OUT/floor" &
   FLOOR_PID=$!
   until curl -fs "http://$FLOOR/rag/warm" >/dev/null; do sleep 0.1; done
   measure "floor-$round" "http://$FLOOR/rag/q" "$FLOOR_PID" "${WRK_ARGS[@]}"
