@@ -376,8 +376,17 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 async fn serve_per_core(config: &std::path::Path, workers: usize) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
+    // One spend log for the process, shared by the workers' credit leases:
+    // one writer puts their calls into the ledger in order.
+    let leases = Settings::load(config)?.metering.leases;
+    let spend_log = if leases.enabled {
+        Some(creditgate::leases::SharedLog::open(&leases)?)
+    } else {
+        None
+    };
     for index in 0..workers {
         let settings = Settings::load(config)?.for_worker(index, workers);
+        let spend_log = spend_log.clone();
         let mut stopped = stopped.clone();
         let thread = std::thread::Builder::new()
             .name(format!("creditgate-{index}"))
@@ -386,7 +395,7 @@ async fn serve_per_core(config: &std::path::Path, workers: usize) -> anyhow::Res
                     .enable_all()
                     .build()?;
                 runtime.block_on(async move {
-                    let app = Application::build_worker(settings, index == 0).await?;
+                    let app = Application::build_worker(settings, index == 0, spend_log).await?;
                     app.run_until_stopped(async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     })

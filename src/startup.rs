@@ -74,14 +74,19 @@ impl Application {
                     addr: settings.listen,
                     source,
                 })?;
-        Self::with_listener(settings, listener, true)
+        Self::with_listener(settings, listener, true, None)
     }
 
     /// One worker of thread-per-core mode (see [`Settings::for_worker`]):
     /// its listener shares the port with the other workers' (SO_REUSEPORT,
     /// the kernel spreads connections), and only the first worker runs the
-    /// admin reconciler.
-    pub async fn build_worker(settings: Settings, first: bool) -> Result<Self, StartupError> {
+    /// admin reconciler. `spend_log`: the process's spend log, which every
+    /// worker's credit leases share (`metering.leases`).
+    pub async fn build_worker(
+        settings: Settings,
+        first: bool,
+        spend_log: Option<Arc<crate::leases::SharedLog>>,
+    ) -> Result<Self, StartupError> {
         let bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
             let socket = if addr.is_ipv4() {
                 tokio::net::TcpSocket::new_v4()?
@@ -97,15 +102,16 @@ impl Application {
             addr: settings.listen,
             source,
         })?;
-        Self::with_listener(settings, listener, first)
+        Self::with_listener(settings, listener, first, spend_log)
     }
 
     fn with_listener(
         settings: Settings,
         listener: TcpListener,
         reconciler: bool,
+        spend_log: Option<Arc<crate::leases::SharedLog>>,
     ) -> Result<Self, StartupError> {
-        let state = Arc::new(build_state(&settings)?);
+        let state = Arc::new(build_state(&settings, spend_log)?);
         let flushers = if settings.ledger.flusher {
             // Their own Postgres pool: its connections belong to the
             // flushers' own runtime (see `run_until_stopped`).
@@ -293,7 +299,10 @@ fn run_flushers(
     Ok(finished)
 }
 
-fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
+fn build_state(
+    settings: &Settings,
+    spend_log: Option<Arc<crate::leases::SharedLog>>,
+) -> Result<AppState, StartupError> {
     // First, so that the handles resolved below record into it.
     let metrics = if settings.metrics {
         metrics::install()
@@ -318,15 +327,18 @@ fn build_state(settings: &Settings) -> Result<AppState, StartupError> {
     );
     let mut billing = billing;
     let leases = if settings.metering.leases.enabled {
-        Some(
-            crate::leases::Leases::start(
-                settings.metering.leases.clone(),
-                billing.meter().clone(),
-                billing.accounts().pool().clone(),
-                settings.database.clone(),
-            )
-            .map_err(StartupError::SpendLog)?,
-        )
+        let shared = match spend_log {
+            Some(shared) => shared,
+            None => crate::leases::SharedLog::open(&settings.metering.leases)
+                .map_err(StartupError::SpendLog)?,
+        };
+        Some(crate::leases::Leases::start_on(
+            shared,
+            settings.metering.leases.clone(),
+            billing.meter().clone(),
+            billing.accounts().pool().clone(),
+            settings.database.clone(),
+        ))
     } else {
         None
     };

@@ -1,9 +1,9 @@
 //! The spend log: the only copy of a leased call's event until Postgres
 //! has it, and of which leases a gateway holds until it settles them.
 //!
-//! One per worker, a sequence of segment files
-//! `spend-<instance>-<seq>.log` beside a lock file `spend-<instance>.lock`
-//! that the worker holds while it lives. Lines, tab-separated, text escaped
+//! One per process (its workers share it: [`super::SharedLog`]), a
+//! sequence of segment files `spend-<instance>-<seq>.log` beside a lock
+//! file `spend-<instance>.lock` that the process holds while it lives. Lines, tab-separated, text escaped
 //! as the usage rows are (`\\ \t \n \r`):
 //!
 //! ```text
@@ -15,7 +15,7 @@
 //!
 //! A segment is a file of `metering.leases.segment_bytes` reserved whole with
 //! `posix_fallocate` and mapped shared: a line is copied into the map under
-//! the worker's lock, and the log's length published after it, with no
+//! the log's lock, and the log's length published after it, with no
 //! syscall, no task and no wait. There is no `fsync`. The map's pages are
 //! the file's page cache, so a killed process's lines survive it; a lost
 //! machine loses them, and its leases are closed as lost (their credits
@@ -330,7 +330,7 @@ pub struct SpendLog {
 }
 
 impl SpendLog {
-    /// Creates this worker's lock and, if it can, its first segment.
+    /// Creates the log's lock file and, if it can, its first segment.
     /// The returned lock file must live as long as the log: while it is
     /// held, no other process takes these files for a dead worker's.
     /// A line that does not fit a segment of `segment_bytes` starts the

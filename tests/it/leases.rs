@@ -434,6 +434,47 @@ async fn a_gateway_stopping_settles_its_leases_and_writes_every_call() {
     app.assert_verify_clean();
 }
 
+/// Thread-per-core workers write their leased calls to one spend log (one
+/// writer keeps the ledger's primary key in order, docs/LEASES.md), and a
+/// graceful stop still settles every worker's leases and writes every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thread_per_core_workers_share_one_spend_log_and_a_stop_writes_every_call() {
+    let app = TestApp::builder().leases().start().await;
+    let user = app.create_user("enterprise").await;
+    let own = logs_in(&app.spend_dir());
+    let mut gateway = Gateway::start(
+        &app,
+        free_port(),
+        &[
+            ("CREDITGATE_SERVER__RUNTIME", "thread_per_core"),
+            ("CREDITGATE_SERVER__WORKERS", "3"),
+        ],
+    )
+    .await;
+    let answers = hammer(&app.client, &gateway.url(""), &user.key, 900, 24, rag).await;
+    assert!(answers.iter().all(|a| a.status == 200));
+    let instances: std::collections::HashSet<String> = logs_in(&app.spend_dir())
+        .into_iter()
+        .filter(|f| !own.contains(f))
+        .filter_map(|f| Some(f.strip_prefix("spend-")?.rsplit_once('-')?.0.to_owned()))
+        .collect();
+    assert_eq!(
+        instances.len(),
+        1,
+        "one log for three workers: {instances:?}"
+    );
+    gateway.sigterm();
+    let status = gateway.exit_status(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status:?}\n{}", gateway.logs());
+    assert_eq!(open_leases(&app, &user.id).await, 0, "{}", gateway.logs());
+    settled(&app, &user.id, 900).await;
+    let (kinds, leased) = ledger(&app, &user.id).await;
+    assert!(leased > 0, "{kinds:?}");
+    assert!(!kinds.contains_key("lease_lost"), "{kinds:?}");
+    assert_eq!(app.balance(&user.id).await, (100_000 - 900, 0, 900));
+    app.assert_verify_clean();
+}
+
 /// The spend log segments in `dir`.
 fn logs_in(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
