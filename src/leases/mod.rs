@@ -643,6 +643,10 @@ impl Leases {
                 Ok(done) => Some(done),
                 Err(error) => {
                     tracing::error!(%error, "spend log: cannot start its reader");
+                    // Another worker of the log may still start it.
+                    self.shared
+                        .writer_claimed
+                        .store(false, std::sync::atomic::Ordering::Release);
                     return;
                 }
             }
