@@ -380,7 +380,10 @@ async fn serve_per_core(config: &std::path::Path, workers: usize) -> anyhow::Res
     // one writer puts their calls into the ledger in order.
     let leases = Settings::load(config)?.metering.leases;
     let spend_log = if leases.enabled {
-        Some(creditgate::leases::SharedLog::open(&leases)?)
+        Some(
+            creditgate::leases::SharedLog::open(&leases)
+                .map_err(creditgate::startup::StartupError::SpendLog)?,
+        )
     } else {
         None
     };

@@ -236,23 +236,10 @@ struct Closing {
 }
 
 impl Leases {
-    /// Opens this worker's spend log (its writer runs on the current
-    /// runtime). The tasks that close leases and write the log to the
-    /// ledger are [`Leases::run`].
-    pub fn start(
-        settings: LeaseSettings,
-        meter: Meter,
-        pool: sqlx::PgPool,
-        database: crate::config::DatabaseSettings,
-    ) -> std::io::Result<Arc<Self>> {
-        let shared = SharedLog::open(&settings)?;
-        Ok(Self::start_on(shared, settings, meter, pool, database))
-    }
-
     /// A worker's leases on its process's [`SharedLog`] (thread-per-core:
-    /// every worker on one log). One worker's [`Leases::run`], the first to
-    /// run, writes the log to the ledger until every worker's leases are
-    /// closed.
+    /// every worker on one log). The tasks that close leases and write the
+    /// log to the ledger are [`Leases::run`]: one worker's, the first to
+    /// run, writes the log until every worker's leases are closed.
     pub fn start_on(
         shared: Arc<SharedLog>,
         settings: LeaseSettings,
