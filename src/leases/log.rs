@@ -3,8 +3,9 @@
 //!
 //! One per process (its workers share it: [`super::SharedLog`]), a
 //! sequence of segment files `spend-<instance>-<seq>.log` beside a lock
-//! file `spend-<instance>.lock` that the process holds while it lives. Lines, tab-separated, text escaped
-//! as the usage rows are (`\\ \t \n \r`):
+//! file `spend-<instance>.lock` that the process holds while it lives.
+//! Lines, tab-separated, text escaped as the usage rows are
+//! (`\\ \t \n \r`):
 //!
 //! ```text
 //! L <lease id> <user>                                   a lease taken (before any of its calls)
