@@ -187,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
                         || std::thread::available_parallelism().map_or(1, |n| n.get()),
                         |n| n.get(),
                     );
-                    serve_per_core(&cli.config, workers).await?
+                    serve_per_core(&cli.config, workers, &settings.metering.leases).await?
                 }
             }
         }
@@ -373,15 +373,18 @@ async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// runtimes (one per core unless `server.workers` says), each serving its
 /// own listener on the shared port; a signal stops them all, each draining
 /// its own requests.
-async fn serve_per_core(config: &std::path::Path, workers: usize) -> anyhow::Result<()> {
+async fn serve_per_core(
+    config: &std::path::Path,
+    workers: usize,
+    leases: &creditgate::config::LeaseSettings,
+) -> anyhow::Result<()> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut threads = Vec::with_capacity(workers);
     // One spend log for the process, shared by the workers' credit leases:
     // one writer puts their calls into the ledger in order.
-    let leases = Settings::load(config)?.metering.leases;
     let spend_log = if leases.enabled {
         Some(
-            creditgate::leases::SharedLog::open(&leases)
+            creditgate::leases::SharedLog::open(leases)
                 .map_err(creditgate::startup::StartupError::SpendLog)?,
         )
     } else {
