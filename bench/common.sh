@@ -205,6 +205,11 @@ thread_split() {
   join "$1" "$2" | awk -v n="$3" -v tk="$TICK" '$3 > $2 {printf "  %-16s %5.1f us/req\n", $1, ($3 - $2) * 1e6 / tk / n}'
 }
 rps() { awk '/Requests\/sec/ {print $2}' "$WORK/$1.wrk"; }
+# From a `wrk2 --latency` output file: "req/s p50 p90 p99 p99.9 slowest".
+wrk2_summary() {
+  awk '/^ *50.000%/ {a=$2} /^ *90.000%/ {b=$2} /^ *99.000%/ {c=$2} /^ *99.900%/ {d=$2}
+       /^ *100.000%/ {e=$2} /Requests\/sec/ {r=$2} END {print r, a, b, c, d, e}' "$1"
+}
 
 GW_PID=""
 # The gateway gets a session of its own, as the nginx instances have (they

@@ -31,8 +31,7 @@ for round in $(seq "${ROUNDS:-3}"); do
       wrk2 -t1 -c32 -d"$DURATION" -R "$RATE" --latency -H "Authorization: Bearer $KEY" \
         "http://$GATEWAY/rag/q" > "$WORK/lat.wrk2"
       printf '%-4s %10s req/s  p50 %8s  p90 %8s  p99 %8s  p99.9 %8s  slowest %8s\n' "$side$round" \
-        $(awk '/^ +50.000%/ {a=$2} /^ +90.000%/ {b=$2} /^ +99.000%/ {c=$2} /^ +99.900%/ {d=$2}
-               /^ *100.000%/ {e=$2} /Requests\/sec/ {r=$2} END {print r, a, b, c, d, e}' "$WORK/lat.wrk2")
+        $(wrk2_summary "$WORK/lat.wrk2")
     else
       hey -z "$DURATION" -c 32 -q "$PER" -H "Authorization: Bearer $KEY" "http://$GATEWAY/rag/q" > "$WORK/lat.hey"
       printf '%-4s %10s req/s  p50 %8s  p99 %8s  p99.9 %8s  slowest %8s\n' "$side$round" \

@@ -80,9 +80,8 @@ latency_at() { # rate
     set -- $target
     if command -v wrk2 >/dev/null; then
       wrk2 -t1 -c32 -d15s -R "$rate" --latency -H "Authorization: Bearer $KEY" "$2" > "$WORK/$1.wrk2"
-      printf '  %-11s p50 %s  p90 %s  p99 %s  p99.9 %s  (%s req/s)\n' "$1" \
-        $(awk '/^ +50.000%/ {a=$2} /^ +90.000%/ {b=$2} /^ +99.000%/ {c=$2} /^ +99.900%/ {d=$2}
-               /Requests\/sec/ {r=$2} END {print a, b, c, d, r}' "$WORK/$1.wrk2")
+      read -r r a b c d _ < <(wrk2_summary "$WORK/$1.wrk2")
+      printf '  %-11s p50 %s  p90 %s  p99 %s  p99.9 %s  (%s req/s)\n' "$1" "$a" "$b" "$c" "$d" "$r"
       continue
     fi
     hey -z 10s -c 32 -q "$per_worker" -H "Authorization: Bearer $KEY" "$2" > "$WORK/$1.hey"
