@@ -25,10 +25,14 @@
 //!   head, a pipelined request) comes back from `into_parts` and is read
 //!   again first.
 //!
-//! `server.header_read_timeout_ms` keeps its meaning across a park: the
-//! next request's head must be complete that long after the previous
-//! response ended, parked or not; a client that dribbles a head across
-//! parks is closed at the same moment hyper would have closed it.
+//! `server.header_read_timeout_ms` is kept here, not by hyper: the next
+//! request's head must be complete that long after the previous response
+//! ended (or the connection opened), parked or not, so a client that
+//! dribbles a head across parks is closed at the same moment as one that
+//! does not. hyper's own header timer cost every request a timer
+//! allocated, registered and cancelled (about 1,300 instructions,
+//! `bench/gateway_instructions.sh`); the driver's one timer per connection
+//! is reset about once a second instead.
 
 use std::io;
 use std::pin::Pin;
@@ -44,7 +48,7 @@ use hyper::service::HttpService;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::telemetry::metrics;
@@ -61,23 +65,28 @@ pub const PARK_AFTER: Duration = Duration::from_secs(1);
 pub struct Activity {
     opened: Instant,
     in_flight: AtomicU32,
-    /// Requests begun on this connection: a change tells the driver that a
-    /// head was read, so the previous idle period's deadline is over.
-    begun: AtomicU64,
     /// When `in_flight` last fell to 0, in µs since `opened`.
     idle_since_us: AtomicU64,
     /// hyper wrote since its last completed flush.
     unflushed: AtomicBool,
+    /// `server.header_read_timeout_ms`.
+    head_timeout: Duration,
+    /// Told when the connection falls idle, only if `head_timeout` is
+    /// shorter than [`PARK_AFTER`]: the driver's timer, reset at most once
+    /// a second while requests run, would otherwise pass the deadline by.
+    went_idle: Option<Notify>,
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    /// `head_timeout`: `server.header_read_timeout_ms`.
+    pub fn new(head_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
-            begun: AtomicU64::new(0),
             idle_since_us: AtomicU64::new(0),
             unflushed: AtomicBool::new(false),
+            head_timeout,
+            went_idle: (head_timeout < PARK_AFTER).then(Notify::new),
         })
     }
 
@@ -90,7 +99,6 @@ impl Activity {
         // stays 0 until it polls hyper again. Guards may be dropped on other
         // tasks (a request body the upstream client holds).
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.begun.fetch_add(1, Ordering::Relaxed);
         Busy(Arc::clone(self))
     }
 
@@ -99,6 +107,13 @@ impl Activity {
             return None;
         }
         Some(self.opened + Duration::from_micros(self.idle_since_us.load(Ordering::Relaxed)))
+    }
+
+    /// When the next request's head must be complete: `head_timeout` into
+    /// the current idle period. None while a request is in flight (hyper
+    /// reads no head then).
+    fn head_deadline(&self) -> Option<Instant> {
+        self.idle_since().map(|since| since + self.head_timeout)
     }
 }
 
@@ -121,6 +136,9 @@ impl Drop for Busy {
         if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             let us = u64::try_from(a.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
             a.idle_since_us.store(us, Ordering::Relaxed);
+            if let Some(went_idle) = &a.went_idle {
+                went_idle.notify_one();
+            }
         }
     }
 }
@@ -231,9 +249,8 @@ impl AsyncWrite for Socket {
 
 /// How the connection is served.
 pub struct Serving {
+    /// Without a header timeout of its own: [`Activity`] holds it.
     pub http: http1::Builder,
-    /// `server.header_read_timeout_ms`, which the parked state must keep.
-    pub header_read_timeout: Duration,
     /// Turns true when the gateway stops: an idle connection closes at
     /// once, a busy one after its request (hyper's graceful shutdown).
     pub stop: watch::Receiver<bool>,
@@ -243,9 +260,8 @@ pub struct Serving {
 enum Turn {
     /// Closed, by either side, or failed.
     Ended(Result<(), hyper::Error>),
-    /// Idle long enough, since the given moment: take it apart and keep
-    /// the socket.
-    Park { idle_since: Instant },
+    /// Idle long enough: take it apart and keep the socket.
+    Park,
     /// The client did not complete a request head in time.
     HeadTimeout,
 }
@@ -265,14 +281,17 @@ pub async fn serve<S, B>(
 {
     let _open = metrics::Held::client_connection();
     let mut carry = Bytes::new();
-    // The current idle period's deadline for a complete head: set while
-    // parked, kept into the next hyper connection until a request begins.
-    let mut head_deadline: Option<Instant> = None;
+    let mut parked = false;
     loop {
         if *serving.stop.borrow() {
             return;
         }
-        if let Some(deadline) = head_deadline.filter(|_| carry.is_empty()) {
+        // Parked with nothing read ahead: wait for the client's next bytes,
+        // until its idle period's head deadline.
+        if let Some(deadline) = activity
+            .head_deadline()
+            .filter(|_| parked && carry.is_empty())
+        {
             let _parked = metrics::Held::parked_connection();
             tokio::select! {
                 biased;
@@ -284,7 +303,6 @@ pub async fn serve<S, B>(
                 },
             }
         }
-        let begun = activity.begun.load(Ordering::Relaxed);
         let socket = Socket {
             stream,
             carry,
@@ -293,21 +311,14 @@ pub async fn serve<S, B>(
         // Boxed: while parked, the task holds a pointer, not the
         // connection's state.
         let mut conn = Box::new(serving.http.serve_connection(TokioIo::new(socket), service));
-        let turn = drive(
-            &mut conn,
-            &activity,
-            &mut serving.stop,
-            head_deadline,
-            begun,
-        )
-        .await;
+        let turn = drive(&mut conn, &activity, &mut serving.stop).await;
         match turn {
             Turn::Ended(Ok(())) | Turn::HeadTimeout => return,
             Turn::Ended(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended with an error");
                 return;
             }
-            Turn::Park { idle_since } => {
+            Turn::Park => {
                 let parts = conn.into_parts();
                 let socket = parts.io.into_inner();
                 stream = socket.stream;
@@ -319,25 +330,19 @@ pub async fn serve<S, B>(
                     Bytes::copy_from_slice(&parts.read_buf)
                 };
                 service = parts.service;
-                head_deadline = Some(match head_deadline {
-                    // No request began since the last park: same idle period.
-                    Some(d) if activity.begun.load(Ordering::Relaxed) == begun => d,
-                    _ => idle_since + serving.header_read_timeout,
-                });
+                parked = true;
             }
         }
     }
 }
 
 /// Runs one hyper connection until it ends, until it has been idle for
-/// [`PARK_AFTER`], or until the head deadline carried over from a park
-/// passes with no request begun.
+/// [`PARK_AFTER`], or until its idle period's head deadline passes (the
+/// next request's head is not complete in time).
 async fn drive<S, B>(
     conn: &mut http1::Connection<TokioIo<Socket>, S>,
     activity: &Activity,
     stop: &mut watch::Receiver<bool>,
-    head_deadline: Option<Instant>,
-    begun: u64,
 ) -> Turn
 where
     S: HttpService<Incoming, ResBody = B> + Unpin,
@@ -349,7 +354,9 @@ where
     // part of a head (which does not make the connection busy) is not
     // taken apart again at once.
     let earliest_park = Instant::now() + PARK_AFTER;
-    let first_check = head_deadline.map_or(earliest_park, |d| d.min(earliest_park));
+    let first_check = activity
+        .head_deadline()
+        .map_or(earliest_park, |d| d.min(earliest_park));
     let check = tokio::time::sleep_until(first_check);
     tokio::pin!(check);
     // A stop sent before this connection was built is not yet seen by
@@ -363,26 +370,40 @@ where
                 stopping = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
+            // Only with a head timeout shorter than PARK_AFTER: the check
+            // below may be set up to PARK_AFTER out while a request runs.
+            () = went_idle(activity), if activity.went_idle.is_some() => {
+                if let Some(deadline) = activity.head_deadline().filter(|d| *d < check.deadline()) {
+                    check.as_mut().reset(deadline);
+                }
+            }
             () = &mut check => {
                 let now = Instant::now();
-                let waiting_head = head_deadline
-                    .filter(|_| activity.begun.load(Ordering::Relaxed) == begun);
-                if waiting_head.is_some_and(|deadline| now >= deadline) {
+                let head_deadline = activity.head_deadline();
+                if head_deadline.is_some_and(|deadline| now >= deadline) {
                     return Turn::HeadTimeout;
                 }
                 let next = match activity.idle_since() {
                     Some(since) if !activity.unflushed.load(Ordering::Relaxed) => {
                         let park_at = (since + PARK_AFTER).max(earliest_park);
                         if !stopping && now >= park_at {
-                            return Turn::Park { idle_since: since };
+                            return Turn::Park;
                         }
                         park_at.max(now + Duration::from_millis(10))
                     }
                     _ => now + PARK_AFTER,
                 };
-                let next = waiting_head.map_or(next, |d| next.min(d));
+                let next = head_deadline.map_or(next, |d| next.min(d));
                 check.as_mut().reset(next);
             }
         }
+    }
+}
+
+/// Resolves when the connection falls idle, if [`Activity`] is told.
+async fn went_idle(activity: &Activity) {
+    match &activity.went_idle {
+        Some(went_idle) => went_idle.notified().await,
+        None => std::future::pending().await,
     }
 }

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -152,10 +152,9 @@ impl Application {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), std::io::Error> {
         let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(self.settings.header_read_timeout)
-            .keep_alive(true);
+        // `server.header_read_timeout_ms` is kept by `connection::serve`,
+        // with one timer per connection instead of one per request.
+        builder.header_read_timeout(None).keep_alive(true);
         // Every connection holds a receiver: the sender's `closed` is the
         // moment the last one has ended.
         let (stop_connections, connections_stopped) = tokio::sync::watch::channel(false);
@@ -225,7 +224,7 @@ impl Application {
             };
             let _ = stream.set_nodelay(true);
             let front = Arc::clone(&front);
-            let activity = Activity::new();
+            let activity = Activity::new(self.settings.header_read_timeout);
             let busy = Arc::clone(&activity);
             let service = service_fn(move |req| {
                 let front = Arc::clone(&front);
@@ -235,7 +234,6 @@ impl Application {
             });
             let serving = Serving {
                 http: builder.clone(),
-                header_read_timeout: self.settings.header_read_timeout,
                 stop: connections_stopped.clone(),
             };
             tokio::spawn(connection::serve(stream, service, activity, serving));

@@ -246,3 +246,86 @@ async fn the_unread_rest_of_an_upload_is_never_read_as_a_request() {
     );
     assert!(!String::from_utf8_lossy(&rest).contains("418"));
 }
+
+/// A gateway whose header timeout is shorter than [`PARK_AFTER`]: the
+/// connection's driver is told when a request ends instead of waiting for
+/// its next check.
+async fn short_header_timeout(ms: u64) -> TestApp {
+    TestApp::builder()
+        .env("CREDITGATE_SERVER__HEADER_READ_TIMEOUT_MS", &ms.to_string())
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_header_timeout_shorter_than_the_park_closes_an_idle_connection_at_it() {
+    let app = short_header_timeout(400).await;
+    let user = app.create_user("enterprise").await;
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    // A stream held 1.5 s: the driver checks at 0.4 s, finds the request
+    // running and looks again only a PARK_AFTER later (1.4 s, then 2.4 s).
+    // Told when the stream ends, it closes at 1.9 s instead of 2.4 s.
+    s.write_all(
+        format!(
+            "GET /rag/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            user.key
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let (status, ()) = tokio::join!(response(&mut s), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        app.upstream.release();
+    });
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let elapsed = closed_after(&mut s, Instant::now()).await;
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(750),
+        "closed {elapsed:?} after the stream ended"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_header_timeout_cuts_off_a_first_head_never_finished() {
+    let app = short_header_timeout(400).await;
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    let opened = Instant::now();
+    s.write_all(b"GET /rag/q HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let elapsed = closed_after(&mut s, opened).await;
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_millis(850),
+        "closed {elapsed:?} after it opened"
+    );
+    assert_eq!(app.upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_header_timeout_counts_each_idle_gap_and_never_a_running_request() {
+    let app = short_header_timeout(400).await;
+    let user = app.create_user("enterprise").await;
+    let (mut s, _) = after_one_request(&app, &user.key).await;
+    // Twelve requests, 250 ms apart: 3 s on one connection, far past the
+    // timeout in all, each gap within it.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(&get(&user.key)).await.expect("write");
+        let status = response(&mut s).await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+    // A stream held open twice as long as the timeout is not cut off.
+    s.write_all(
+        format!(
+            "GET /rag/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            user.key
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let status = response(&mut s).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(app.upstream.hits(), 14);
+}
