@@ -105,22 +105,27 @@ impl Drop for WorkerSlot {
     }
 }
 
+/// The state's maps hash with foldhash, not SipHash: a user's leases are
+/// looked up on every call spent (bench/gateway_instructions.sh), and only
+/// authenticated accounts get in.
+type Fold = foldhash::quality::RandomState;
+
 #[derive(Default)]
 struct State {
     /// Per user, the leases held for (key, module) that may still be
     /// spent: one, or two while the next one is taken.
-    open: HashMap<UserId, Vec<Held>>,
+    open: HashMap<UserId, Vec<Held>, Fold>,
     /// Ended leases whose last calls' lines are still being written.
     retiring: Vec<(UserId, Lease)>,
     /// Per (user, module), the charges of the current second.
-    heat: HashMap<(String, String), Heat>,
+    heat: HashMap<(String, String), Heat, Fold>,
     /// Ended leases waiting for their settle (or retrying it).
     closing: Vec<Closing>,
     /// Counts access changes ([`Leases::end_user`]); each user's last one.
     /// A lease asked for before its account's last change is not used:
     /// Redis may have granted it before it had the change.
     generation: u64,
-    changed: HashMap<UserId, u64>,
+    changed: HashMap<UserId, u64, Fold>,
 }
 
 struct Held {
