@@ -166,13 +166,23 @@ impl fmt::Display for Credits {
 /// a shared context, for about 600 instructions a call
 /// (bench/gateway_instructions.sh).
 pub fn uuid_v7() -> uuid::Uuid {
+    uuid_v7_at(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
+/// [`uuid_v7`] at `now`, unix milliseconds of a clock already read for
+/// the call (its [`Stamp`](crate::metering::Stamp)): each clock read is a
+/// few dozen nanoseconds, and a proxied call made about twenty. An earlier
+/// `now` than the thread's last id goes on from that id, as a clock that
+/// stepped back does.
+pub fn uuid_v7_at(now: u64) -> uuid::Uuid {
     thread_local! {
         /// The last id's millisecond and counter.
         static LAST: std::cell::Cell<(u64, u16)> = const { std::cell::Cell::new((0, 0)) };
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     let (ms, counter) = LAST.with(|last| {
         let (last_ms, last_counter) = last.get();
         // A clock that stepped back, or 4,096 ids in one millisecond, go on
@@ -214,6 +224,11 @@ impl RequestId {
 
     pub fn generate() -> Self {
         Self(uuid_v7_text(uuid_v7()))
+    }
+
+    /// [`RequestId::generate`] at `now_ms`, the call's clock ([`uuid_v7_at`]).
+    pub fn generate_at(now_ms: u64) -> Self {
+        Self(uuid_v7_text(uuid_v7_at(now_ms)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -409,6 +424,35 @@ mod networks_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_at_a_given_millisecond_carry_it_and_never_go_back() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis() as u64;
+        let ms_of = |id: uuid::Uuid| {
+            let (secs, nanos) = id.get_timestamp().expect("v7 has one").to_unix();
+            secs * 1000 + u64::from(nanos) / 1_000_000
+        };
+        // Ahead of every id this thread made: that millisecond.
+        let ahead = uuid_v7_at(now + 5_000);
+        assert_eq!(ms_of(ahead), now + 5_000);
+        // A call's clock read before the last id (a call that waited):
+        // still after it.
+        let behind = uuid_v7_at(now);
+        assert!(behind > ahead);
+        assert_eq!(ms_of(behind), now + 5_000);
+        assert_eq!(
+            ms_of(
+                RequestId::generate_at(now + 9_000)
+                    .as_str()
+                    .parse()
+                    .expect("uuid")
+            ),
+            now + 9_000
+        );
+    }
 
     #[test]
     fn call_ids_are_v7_uuids_of_now_and_never_repeat() {

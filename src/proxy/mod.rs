@@ -173,10 +173,12 @@ impl Proxy {
         span: tracing::Span,
     ) -> Response<Body> {
         let started = Instant::now();
+        let stamp = self.billing.calendar().now();
         let mut ctx = Ctx {
             module,
-            stamp: self.billing.calendar().now(),
-            request_id: RequestId::generate(),
+            // One clock read for both (a `X-Request-Id` replaces the id).
+            request_id: RequestId::generate_at(u64::try_from(stamp.now_ms()).unwrap_or(0)),
+            stamp,
             idempotency_key: None,
             action: None,
             user: None,
