@@ -34,7 +34,7 @@ use crate::connection::{self, Activity, Busy, ClientBody, Serving};
 use crate::error::ApiError;
 use crate::ledger::{FlushError, Flusher};
 use crate::metering::{Calendar, Meter, MeterError};
-use crate::proxy::{Proxy, ProxySettings};
+use crate::proxy::{Peer, Proxy, ProxySettings};
 use crate::state::AppState;
 use crate::telemetry::metrics;
 use crate::upstream::Upstreams;
@@ -226,8 +226,10 @@ impl Application {
             let front = Arc::clone(&front);
             let activity = Activity::new(self.settings.header_read_timeout);
             let busy = Arc::clone(&activity);
+            let peer = Arc::new(front.state.proxy.peer(peer));
             let service = service_fn(move |req| {
                 let front = Arc::clone(&front);
+                let peer = Arc::clone(&peer);
                 let busy = busy.begin();
                 let req = req.map(|body| ClientBody::new(body, busy.also()));
                 async move { Ok::<_, std::convert::Infallible>(route(front, req, peer, busy).await) }
@@ -501,7 +503,7 @@ struct Front {
 async fn route(
     front: Arc<Front>,
     req: Request<ClientBody>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     busy: Busy,
 ) -> Response<Body> {
     let state = &front.state;
@@ -543,7 +545,8 @@ async fn route(
                 // idle or not; the proxy path stays small on its own.
                 None => {
                     let mut req = req.map(axum::body::Body::new);
-                    req.extensions_mut().insert(api::auth::ClientAddr(peer));
+                    req.extensions_mut()
+                        .insert(api::auth::ClientAddr(peer.addr));
                     Box::pin(api::serve(&front.api, req)).await
                 }
             },

@@ -101,6 +101,19 @@ struct Ctx {
     outcome: &'static str,
 }
 
+/// The client's end of a connection, and what the settings make of it:
+/// the same for every request the connection carries, so made once, when
+/// it is accepted ([`Proxy::peer`]).
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// In `auth.trusted_networks`, with `auth.trust_user_id_header` on: its
+    /// `X-User-ID` is believed.
+    user_id_trusted: bool,
+    /// In `server.trusted_proxies`: its forwarding headers are kept.
+    trusted_proxy: bool,
+    text: headers::PeerText,
+}
+
 /// Whether a refund is owed, and why.
 enum Settlement {
     Keep,
@@ -137,6 +150,17 @@ impl Proxy {
         }
     }
 
+    /// What every request of a connection from `addr` shares.
+    pub fn peer(&self, addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            user_id_trusted: self.settings.trust_user_id_header
+                && self.settings.trusted_networks.contains(addr.ip()),
+            trusted_proxy: self.settings.trusted_proxies.contains(addr.ip()),
+            text: headers::PeerText::new(addr),
+        }
+    }
+
     fn metrics_of(&self, module: &Arc<Module>) -> Option<&ModuleMetrics> {
         self.metrics
             .iter()
@@ -148,7 +172,7 @@ impl Proxy {
         self: &Arc<Self>,
         module: Arc<Module>,
         req: Request<ClientBody>,
-        peer: SocketAddr,
+        peer: Arc<Peer>,
     ) -> Response<Body> {
         // One span per request: every event of the phases carries its
         // request id, user, module and (at the end) outcome.
@@ -169,7 +193,7 @@ impl Proxy {
         self: Arc<Self>,
         module: Arc<Module>,
         req: Request<ClientBody>,
-        peer: SocketAddr,
+        peer: Arc<Peer>,
         span: tracing::Span,
     ) -> Response<Body> {
         let started = Instant::now();
@@ -189,7 +213,7 @@ impl Proxy {
             charged: 0,
             outcome: "ok",
         };
-        let response = match self.phases(&mut ctx, req, peer, &span).await {
+        let response = match self.phases(&mut ctx, req, &peer, &span).await {
             Ok(response) => response,
             Err(e) => {
                 ctx.outcome = e.code();
@@ -206,12 +230,12 @@ impl Proxy {
         &self,
         ctx: &mut Ctx,
         req: Request<ClientBody>,
-        peer: SocketAddr,
+        peer: &Peer,
         span: &tracing::Span,
     ) -> Result<Response<Body>, ApiError> {
         self.admit(ctx, req.headers())?;
         span.record("request_id", ctx.request_id.as_str());
-        let (user, key_hash) = self.identify(req.headers(), peer).await?;
+        let (user, key_hash) = self.identify(req.headers(), peer.user_id_trusted).await?;
         span.record("user", user.as_str());
         ctx.user = Some(user.clone());
         if let Charged::Replayed(response) =
@@ -304,10 +328,8 @@ impl Proxy {
     async fn identify(
         &self,
         headers: &HeaderMap,
-        peer: SocketAddr,
+        trust_user_id: bool,
     ) -> Result<(UserId, Option<KeyHash>), ApiError> {
-        let trust_user_id = self.settings.trust_user_id_header
-            && self.settings.trusted_networks.contains(peer.ip());
         match credentials::from_headers(headers, trust_user_id) {
             Err(credentials::CredentialError::Missing) => Err(ApiError::Unauthenticated(
                 "send Authorization: Bearer <api key> or X-API-Key",
@@ -465,7 +487,7 @@ impl Proxy {
         &self,
         ctx: &Ctx,
         req: Request<ClientBody>,
-        peer: SocketAddr,
+        peer: &Peer,
         user: &UserId,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (mut parts, body) = req.into_parts();
@@ -473,8 +495,8 @@ impl Proxy {
         parts.version = http::Version::HTTP_11;
         headers::prepare_upstream_headers(
             &mut parts.headers,
-            peer,
-            self.settings.trusted_proxies.contains(peer.ip()),
+            &peer.text,
+            peer.trusted_proxy,
             user.as_str(),
             ctx.plan.as_ref().map(PlanId::as_str),
             ctx.request_id.as_str(),
