@@ -362,11 +362,13 @@ where
     // A stop sent before this connection was built is not yet seen by
     // `changed`, which resolves at once for it.
     let mut stopping = false;
+    let watching = stop.clone();
     loop {
+        let stopped = Quiet::new(stop.changed(), || watching.has_changed().unwrap_or(true));
         tokio::select! {
             biased;
             ended = &mut *conn => return Turn::Ended(ended),
-            _ = stop.changed(), if !stopping => {
+            _ = stopped, if !stopping => {
                 stopping = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
@@ -405,5 +407,95 @@ async fn went_idle(activity: &Activity) {
     match &activity.went_idle {
         Some(went_idle) => went_idle.notified().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A future polled again only when it may have news: `news()` says so, or
+/// the task's waker is not the one it registered. For `watch`'s `changed`,
+/// whose every poll takes the channel's lock, while the connection's task
+/// wakes about twice a request (about 220 instructions a request,
+/// `bench/gateway_instructions.sh`): a stop still wakes the task through
+/// the first poll's registration, and `news` then lets it through.
+struct Quiet<F, N> {
+    inner: Pin<Box<F>>,
+    news: N,
+    registered: Option<std::task::Waker>,
+}
+
+impl<F, N> Quiet<F, N> {
+    fn new(inner: F, news: N) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            news,
+            registered: None,
+        }
+    }
+}
+
+impl<F: Future, N: FnMut() -> bool + Unpin> Future for Quiet<F, N> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+            && !(this.news)()
+        {
+            return Poll::Pending;
+        }
+        let polled = this.inner.as_mut().poll(cx);
+        this.registered = Some(cx.waker().clone());
+        polled
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn a_quiet_stop_polls_the_channel_only_with_news_and_still_sees_it() {
+        let (tx, mut rx) = watch::channel(false);
+        let watching = rx.clone();
+        let polls = AtomicUsize::new(0);
+        let mut changed = Box::pin(rx.changed());
+        let inner = std::future::poll_fn(|cx| {
+            polls.fetch_add(1, Ordering::Relaxed);
+            changed.as_mut().poll(cx)
+        });
+        let mut quiet = Box::pin(Quiet::new(inner, || watching.has_changed().unwrap_or(true)));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..5 {
+            assert!(quiet.as_mut().poll(&mut cx).is_pending());
+        }
+        // Registered by the first poll, left alone by the next four.
+        assert_eq!(polls.load(Ordering::Relaxed), 1);
+        // Another waker is registered again.
+        let other = std::task::Waker::from(Arc::new(Nothing));
+        assert!(
+            quiet
+                .as_mut()
+                .poll(&mut Context::from_waker(&other))
+                .is_pending()
+        );
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+        assert!(tx.send(true).is_ok());
+        assert!(
+            quiet
+                .as_mut()
+                .poll(&mut Context::from_waker(&other))
+                .is_ready()
+        );
+        assert_eq!(polls.load(Ordering::Relaxed), 3);
+    }
+
+    struct Nothing;
+
+    impl std::task::Wake for Nothing {
+        fn wake(self: Arc<Self>) {}
     }
 }
