@@ -34,6 +34,9 @@ async fn mute(mut client: TcpStream, mut server: TcpStream, mut mode: watch::Rec
     let (mut from_server, mut to_server) = server.split();
     let mut sink = [0u8; 4096];
     tokio::select! {
+        // The mode first, as in the passing state.
+        biased;
+        _ = mode.wait_for(|m| *m != Mode::Mute) => {}
         _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
         _ = async {
             while let Ok(n) = from_server.read(&mut sink).await {
@@ -42,7 +45,6 @@ async fn mute(mut client: TcpStream, mut server: TcpStream, mut mode: watch::Rec
                 }
             }
         } => {}
-        _ = mode.wait_for(|m| *m != Mode::Mute) => {}
     }
 }
 
@@ -98,9 +100,15 @@ impl ChaosProxy {
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
+                    // The mode first: `select!` otherwise picks a branch at
+                    // random, and a poll that came after `stall()` could
+                    // still copy the next command through to the server
+                    // (seen under the full suite's load: a call answered
+                    // 200 through a "stalled" Redis).
                     let changed = tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => None,
+                        biased;
                         m = rx.wait_for(|m| *m != Mode::Pass) => m.ok().map(|m| *m),
+                        _ = copy_bidirectional(&mut client, &mut server) => None,
                     };
                     // A live connection goes silent too when stalled, and
                     // loses its answers when muted.
