@@ -169,7 +169,7 @@ pub fn uuid_v7() -> uuid::Uuid {
     uuid_v7_at(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
     )
 }
 
@@ -177,8 +177,10 @@ pub fn uuid_v7() -> uuid::Uuid {
 /// the call (its [`Stamp`](crate::metering::Stamp)): each clock read is a
 /// few dozen nanoseconds, and a proxied call made about twenty. An earlier
 /// `now` than the thread's last id goes on from that id, as a clock that
-/// stepped back does.
-pub fn uuid_v7_at(now: u64) -> uuid::Uuid {
+/// stepped back does. `now` is a [`Stamp`](crate::metering::Stamp)'s
+/// `now_ms`: a time before 1970 counts as 0.
+pub fn uuid_v7_at(now: i64) -> uuid::Uuid {
+    let now = u64::try_from(now).unwrap_or(0);
     thread_local! {
         /// The last id's millisecond and counter.
         static LAST: std::cell::Cell<(u64, u16)> = const { std::cell::Cell::new((0, 0)) };
@@ -227,7 +229,7 @@ impl RequestId {
     }
 
     /// [`RequestId::generate`] at `now_ms`, the call's clock ([`uuid_v7_at`]).
-    pub fn generate_at(now_ms: u64) -> Self {
+    pub fn generate_at(now_ms: i64) -> Self {
         Self(uuid_v7_text(uuid_v7_at(now_ms)))
     }
 
@@ -425,27 +427,34 @@ mod networks_tests {
 mod tests {
     use super::*;
 
-    #[test]
-    fn ids_at_a_given_millisecond_carry_it_and_never_go_back() {
-        let now = std::time::SystemTime::now()
+    fn unix_ms_now() -> u64 {
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
-            .as_millis() as u64;
-        let ms_of = |id: uuid::Uuid| {
-            let (secs, nanos) = id.get_timestamp().expect("v7 has one").to_unix();
-            secs * 1000 + u64::from(nanos) / 1_000_000
-        };
+            .as_millis() as u64
+    }
+
+    /// The unix millisecond a v7 id carries.
+    fn ms_of(id: uuid::Uuid) -> u64 {
+        let (secs, nanos) = id.get_timestamp().expect("v7 has one").to_unix();
+        secs * 1000 + u64::from(nanos) / 1_000_000
+    }
+
+    #[test]
+    fn ids_at_a_given_millisecond_carry_it_and_never_go_back() {
+        let now = unix_ms_now();
+        let at = |ms: u64| i64::try_from(ms).expect("ms");
         // Ahead of every id this thread made: that millisecond.
-        let ahead = uuid_v7_at(now + 5_000);
+        let ahead = uuid_v7_at(at(now + 5_000));
         assert_eq!(ms_of(ahead), now + 5_000);
         // A call's clock read before the last id (a call that waited):
         // still after it.
-        let behind = uuid_v7_at(now);
+        let behind = uuid_v7_at(at(now));
         assert!(behind > ahead);
         assert_eq!(ms_of(behind), now + 5_000);
         assert_eq!(
             ms_of(
-                RequestId::generate_at(now + 9_000)
+                RequestId::generate_at(at(now + 9_000))
                     .as_str()
                     .parse()
                     .expect("uuid")
@@ -456,10 +465,7 @@ mod tests {
 
     #[test]
     fn call_ids_are_v7_uuids_of_now_and_never_repeat() {
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_millis() as u64;
+        let before = unix_ms_now();
         let made: Vec<uuid::Uuid> = (0..20_000).map(|_| uuid_v7()).collect();
         // One thread's ids only grow, as bytes and as text.
         assert!(made.windows(2).all(|w| w[0] < w[1]));
@@ -472,8 +478,7 @@ mod tests {
         for id in ids.iter().take(100) {
             assert_eq!(id.get_version_num(), 7);
             assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
-            let (secs, nanos) = id.get_timestamp().expect("v7 has one").to_unix();
-            let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
+            let ms = ms_of(*id);
             // Up to a few ms ahead: 4,096 ids a millisecond at most.
             assert!((before..before + 60_000).contains(&ms), "{ms} vs {before}");
             assert_eq!(uuid_v7_text(*id), id.to_string());

@@ -316,9 +316,7 @@ impl Leases {
                 return None;
             }
             let from_monthly = (lease.from_monthly - lease.spent).clamp(0, cost);
-            let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7_at(
-                u64::try_from(stamp.now_ms()).unwrap_or(0),
-            ));
+            let event_id = crate::domain::uuid_v7_text(crate::domain::uuid_v7_at(stamp.now_ms()));
             let line = log::spend_line(&log::Spend {
                 event_id: &event_id,
                 lease: &lease.id,

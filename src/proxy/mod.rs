@@ -201,7 +201,7 @@ impl Proxy {
         let mut ctx = Ctx {
             module,
             // One clock read for both (a `X-Request-Id` replaces the id).
-            request_id: RequestId::generate_at(u64::try_from(stamp.now_ms()).unwrap_or(0)),
+            request_id: RequestId::generate_at(stamp.now_ms()),
             stamp,
             idempotency_key: None,
             action: None,
