@@ -38,7 +38,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -49,7 +49,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::telemetry::metrics;
 
@@ -71,22 +71,39 @@ pub struct Activity {
     unflushed: AtomicBool,
     /// `server.header_read_timeout_ms`.
     head_timeout: Duration,
-    /// Told when the connection falls idle, only if `head_timeout` is
-    /// shorter than [`PARK_AFTER`]: the driver's timer, reset at most once
-    /// a second while requests run, would otherwise pass the deadline by.
-    went_idle: Option<Notify>,
+    /// The in-flight upstream call's response-header deadline, in µs since
+    /// `opened`: [`NO_CALL`], or [`EXPIRED`] once the driver found it
+    /// passed. Kept here so that the driver's one timer serves it too
+    /// ([`Within`]).
+    call_deadline_us: AtomicU64,
+    /// Told when the driver's timer, reset at most once a second while
+    /// requests run, could pass a deadline by: the connection fell idle and
+    /// `head_timeout` is shorter than [`PARK_AFTER`], or a call began with a
+    /// timeout that short. Exists only when one of those can happen.
+    nudge: Option<Notify>,
+    /// `head_timeout` is shorter than [`PARK_AFTER`]: falling idle nudges.
+    short_head: bool,
 }
 
+/// No upstream call is waiting for its response headers.
+const NO_CALL: u64 = 0;
+/// The waiting call's deadline has passed: its [`Within`] fails it.
+const EXPIRED: u64 = u64::MAX;
+
 impl Activity {
-    /// `head_timeout`: `server.header_read_timeout_ms`.
-    pub fn new(head_timeout: Duration) -> Arc<Self> {
+    /// `head_timeout`: `server.header_read_timeout_ms`; `shortest_call`:
+    /// the shortest response-header timeout of any module.
+    pub fn new(head_timeout: Duration, shortest_call: Duration) -> Arc<Self> {
+        let short_head = head_timeout < PARK_AFTER;
         Arc::new(Self {
             opened: Instant::now(),
             in_flight: AtomicU32::new(0),
             idle_since_us: AtomicU64::new(0),
             unflushed: AtomicBool::new(false),
             head_timeout,
-            went_idle: (head_timeout < PARK_AFTER).then(Notify::new),
+            call_deadline_us: AtomicU64::new(NO_CALL),
+            nudge: (short_head || shortest_call < PARK_AFTER).then(Notify::new),
+            short_head,
         })
     }
 
@@ -115,6 +132,49 @@ impl Activity {
     fn head_deadline(&self) -> Option<Instant> {
         self.idle_since().map(|since| since + self.head_timeout)
     }
+
+    fn since_opened_us(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.opened).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// A call deadline as an instant; None for [`NO_CALL`] and [`EXPIRED`].
+    fn deadline_at(&self, us: u64) -> Option<Instant> {
+        match us {
+            NO_CALL | EXPIRED => None,
+            us => Some(self.opened + Duration::from_micros(us)),
+        }
+    }
+
+    /// The waiting call's deadline, unless none waits or it has expired.
+    fn call_deadline(&self) -> Option<Instant> {
+        self.deadline_at(self.call_deadline_us.load(Ordering::Relaxed))
+    }
+
+    /// Marks the waiting call expired if its deadline is `now` or earlier;
+    /// otherwise gives its deadline, for the driver's next check.
+    fn expire_call_by(&self, now: Instant) -> Option<Instant> {
+        let us = self.call_deadline_us.load(Ordering::Relaxed);
+        let deadline = self.deadline_at(us)?;
+        if now < deadline {
+            return Some(deadline);
+        }
+        // Only this call's deadline: one that ended meanwhile cleared it.
+        let _ = self.call_deadline_us.compare_exchange(
+            us,
+            EXPIRED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        None
+    }
+
+    /// The earliest deadline the driver must wake for.
+    fn next_deadline(&self) -> Option<Instant> {
+        match (self.head_deadline(), self.call_deadline()) {
+            (Some(head), Some(call)) => Some(head.min(call)),
+            (head, call) => head.or(call),
+        }
+    }
 }
 
 /// One request in flight on its connection.
@@ -136,9 +196,151 @@ impl Drop for Busy {
         if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             let us = u64::try_from(a.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
             a.idle_since_us.store(us, Ordering::Relaxed);
-            if let Some(went_idle) = &a.went_idle {
-                went_idle.notify_one();
+            if let Some(nudge) = a.nudge.as_ref().filter(|_| a.short_head) {
+                nudge.notify_one();
             }
+        }
+    }
+}
+
+/// An upstream call that must have its response headers within a timeout
+/// (the module's `timeout_ms`). tokio's `timeout` registered a timer in the
+/// runtime's wheel for every call and removed it again: 1,770 instructions
+/// a request with the moves of the wrapped future, of which this keeps
+/// about 970 (`bench/gateway_instructions.sh`). The connection's driver
+/// already runs a timer; the deadline is written into [`Activity`] and that
+/// timer keeps it: when it passes, the driver marks it and polls the
+/// connection, which polls this future, which then fails.
+///
+/// Only while the connection's own task polls it: a call whose client hung
+/// up is moved onto a task of its own (`proxy::detached`), where no driver
+/// runs. A poll from another task than the first (the waker says so)
+/// takes a tokio timer for what is left of the deadline.
+pub fn within<F: Future>(activity: &Activity, timeout: Duration, call: F) -> Within<'_, F> {
+    Within {
+        call,
+        activity,
+        timeout,
+        timer: Timer::Unarmed,
+    }
+}
+
+/// The call took longer than its timeout.
+#[derive(Debug)]
+pub struct Elapsed;
+
+enum Timer {
+    Unarmed,
+    /// The driver keeps the deadline (µs since the connection opened);
+    /// the task it serves is the one whose waker this is.
+    Driver {
+        us: u64,
+        task: Waker,
+    },
+    /// Polled from another task: a timer of its own.
+    Own(Pin<Box<Sleep>>),
+}
+
+pin_project_lite::pin_project! {
+    pub struct Within<'a, F> {
+        #[pin]
+        call: F,
+        activity: &'a Activity,
+        timeout: Duration,
+        timer: Timer,
+    }
+
+    impl<F> PinnedDrop for Within<'_, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.activity.end_call(this.timer);
+        }
+    }
+}
+
+impl Activity {
+    /// A call begins waiting: the driver is to keep its deadline.
+    fn begin_call(&self, timeout: Duration) -> u64 {
+        let us = self
+            .since_opened_us(Instant::now())
+            .saturating_add(u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX))
+            .clamp(1, EXPIRED - 1);
+        self.call_deadline_us.store(us, Ordering::Relaxed);
+        if timeout < PARK_AFTER
+            && let Some(nudge) = &self.nudge
+        {
+            nudge.notify_one();
+        }
+        us
+    }
+
+    /// The call is done waiting (answered, failed, dropped or moved to a
+    /// task of its own): the driver keeps its deadline no longer.
+    fn end_call(&self, timer: &Timer) {
+        if let Timer::Driver { us, .. } = timer {
+            // This call's, unless the driver marked it expired meanwhile.
+            let _ = self.call_deadline_us.compare_exchange(
+                *us,
+                NO_CALL,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            let _ = self.call_deadline_us.compare_exchange(
+                EXPIRED,
+                NO_CALL,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.call.poll(cx) {
+            this.activity.end_call(this.timer);
+            *this.timer = Timer::Unarmed;
+            return Poll::Ready(Ok(output));
+        }
+        let activity = *this.activity;
+        match this.timer {
+            Timer::Unarmed => {
+                let us = activity.begin_call(*this.timeout);
+                *this.timer = Timer::Driver {
+                    us,
+                    task: cx.waker().clone(),
+                };
+                Poll::Pending
+            }
+            Timer::Driver { us, task } => {
+                if activity.call_deadline_us.load(Ordering::Relaxed) == EXPIRED {
+                    activity.end_call(this.timer);
+                    *this.timer = Timer::Unarmed;
+                    return Poll::Ready(Err(Elapsed));
+                }
+                if task.will_wake(cx.waker()) {
+                    return Poll::Pending;
+                }
+                // Another task: the connection's driver is gone, or no
+                // longer polls this call.
+                let deadline = activity.opened + Duration::from_micros(*us);
+                activity.end_call(this.timer);
+                let mut own = Box::pin(tokio::time::sleep_until(deadline));
+                let fired = own.as_mut().poll(cx).is_ready();
+                *this.timer = Timer::Own(own);
+                if fired {
+                    Poll::Ready(Err(Elapsed))
+                } else {
+                    Poll::Pending
+                }
+            }
+            Timer::Own(own) => match own.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 }
@@ -372,10 +574,10 @@ where
                 stopping = true;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
-            // Only with a head timeout shorter than PARK_AFTER: the check
-            // below may be set up to PARK_AFTER out while a request runs.
-            () = went_idle(activity), if activity.went_idle.is_some() => {
-                if let Some(deadline) = activity.head_deadline().filter(|d| *d < check.deadline()) {
+            // Only with a timeout shorter than PARK_AFTER: the check below
+            // may be set up to PARK_AFTER out while a request runs.
+            () = nudged(activity), if activity.nudge.is_some() => {
+                if let Some(deadline) = activity.next_deadline().filter(|d| *d < check.deadline()) {
                     check.as_mut().reset(deadline);
                 }
             }
@@ -385,6 +587,10 @@ where
                 if head_deadline.is_some_and(|deadline| now >= deadline) {
                     return Turn::HeadTimeout;
                 }
+                // A call past its deadline is marked; the poll of `conn` at
+                // the next turn of this loop reaches its `Within`, which
+                // fails it.
+                let call_deadline = activity.expire_call_by(now);
                 let next = match activity.idle_since() {
                     Some(since) if !activity.unflushed.load(Ordering::Relaxed) => {
                         let park_at = (since + PARK_AFTER).max(earliest_park);
@@ -396,16 +602,17 @@ where
                     _ => now + PARK_AFTER,
                 };
                 let next = head_deadline.map_or(next, |d| next.min(d));
+                let next = call_deadline.map_or(next, |d| next.min(d));
                 check.as_mut().reset(next);
             }
         }
     }
 }
 
-/// Resolves when the connection falls idle, if [`Activity`] is told.
-async fn went_idle(activity: &Activity) {
-    match &activity.went_idle {
-        Some(went_idle) => went_idle.notified().await,
+/// Resolves when [`Activity::nudge`] is told.
+async fn nudged(activity: &Activity) {
+    match &activity.nudge {
+        Some(nudge) => nudge.notified().await,
         None => std::future::pending().await,
     }
 }

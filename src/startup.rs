@@ -209,6 +209,16 @@ impl Application {
             api: api::router(Arc::clone(&self.state)),
             state: Arc::clone(&self.state),
         });
+        // Whether a connection's driver must be told when a call begins.
+        let shortest_call = front
+            .state
+            .billing
+            .catalog()
+            .modules()
+            .iter()
+            .map(|m| m.timeout)
+            .min()
+            .unwrap_or(connection::PARK_AFTER);
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -224,9 +234,9 @@ impl Application {
             };
             let _ = stream.set_nodelay(true);
             let front = Arc::clone(&front);
-            let activity = Activity::new(self.settings.header_read_timeout);
+            let activity = Activity::new(self.settings.header_read_timeout, shortest_call);
             let busy = Arc::clone(&activity);
-            let peer = Arc::new(front.state.proxy.peer(peer));
+            let peer = Arc::new(front.state.proxy.peer(peer, Arc::clone(&activity)));
             let service = service_fn(move |req| {
                 let front = Arc::clone(&front);
                 let peer = Arc::clone(&peer);

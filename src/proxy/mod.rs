@@ -41,7 +41,7 @@ use crate::accounts::{Credential, credentials};
 use crate::billing::{Billing, Decision};
 use crate::body::Body;
 use crate::catalog::{Module, RateLimit};
-use crate::connection::ClientBody;
+use crate::connection::{Activity, ClientBody};
 use crate::domain::{
     ActionId, Credits, IdempotencyKey, KeyHash, Networks, PlanId, RequestId, UserId,
 };
@@ -112,6 +112,9 @@ pub struct Peer {
     /// In `server.trusted_proxies`: its forwarding headers are kept.
     trusted_proxy: bool,
     text: headers::PeerText,
+    /// The connection: its driver keeps each call's response-header
+    /// deadline.
+    connection: Arc<Activity>,
 }
 
 /// Whether a refund is owed, and why.
@@ -151,8 +154,9 @@ impl Proxy {
     }
 
     /// What every request of a connection from `addr` shares.
-    pub fn peer(&self, addr: SocketAddr) -> Peer {
+    pub fn peer(&self, addr: SocketAddr, connection: Arc<Activity>) -> Peer {
         Peer {
+            connection,
             addr,
             user_id_trusted: self.settings.trust_user_id_header
                 && self.settings.trusted_networks.contains(addr.ip()),
@@ -510,7 +514,9 @@ impl Proxy {
         let started = Instant::now();
         let sent = {
             let _gauge = metrics::Held::upstream_in_flight();
-            self.upstreams.send(&ctx.module, request).await
+            self.upstreams
+                .send(&ctx.module, request, &peer.connection)
+                .await
         };
         if let Some(m) = self.metrics_of(&ctx.module) {
             m.upstream(started.elapsed());

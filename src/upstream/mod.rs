@@ -21,7 +21,7 @@ mod pool;
 
 use crate::catalog::{Catalog, Module};
 use crate::config::UpstreamSettings;
-use crate::connection::ClientBody;
+use crate::connection::{self, Activity, ClientBody};
 use crate::domain::ModuleId;
 use pool::{Pool, SendError};
 
@@ -190,10 +190,12 @@ impl Upstreams {
     /// Sends the request and waits for the response headers, at most the
     /// module's timeout. The response body then streams without deadline.
     /// `request` carries the target of [`Upstreams::target`].
+    /// The deadline is kept by the driver of the client's `connection`.
     pub async fn send(
         &self,
         module: &Module,
         mut request: Request<RequestBody>,
+        connection: &Arc<Activity>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (_, pool, host) = self
             .pools
@@ -204,7 +206,7 @@ impl Upstreams {
             .clone()
             .ok_or_else(|| UpstreamError::BadUri(module.upstream.to_string()))?;
         request.headers_mut().insert(http::header::HOST, host);
-        match tokio::time::timeout(module.timeout, pool.send(request)).await {
+        match connection::within(connection, module.timeout, pool.send(request)).await {
             Err(_) => Err(UpstreamError::Timeout(module.timeout)),
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(classify(&e, self.body_limit)),

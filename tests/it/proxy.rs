@@ -464,14 +464,83 @@ async fn unreachable_upstream_is_502_and_refunded() {
 async fn slow_upstream_is_504_and_refunded() {
     let app = TestApp::spawn().await;
     let user = app.create_user("free").await;
+    let started = std::time::Instant::now();
     let r = app.call(&user.key, "/park/slow").await; // park: timeout 500 ms
+    let took = started.elapsed();
     assert_eq!(r.status(), 504);
+    // At the timeout, not at the connection driver's next check (up to a
+    // second out) nor at the upstream's answer (3 s).
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(900),
+        "{took:?}"
+    );
     assert_eq!(error_code(r).await, "upstream_timeout");
     assert_eq!(app.balance(&user.id).await, (100, 0, 0));
     assert_eq!(
         app.events(&user.id).await,
         vec![("charge".to_owned(), 2), ("refund".to_owned(), 2)]
     );
+}
+
+/// A timeout of a second or more is kept by the connection driver's
+/// check without being told: the check comes at least once a second and
+/// then sets itself for the deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_longer_than_the_drivers_check_is_kept_to_the_deadline() {
+    let app = TestApp::builder()
+        .env("CREDITGATE_MODULES__PARK__TIMEOUT_MS", "1400")
+        .start()
+        .await;
+    let user = app.create_user("free").await;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let r = app.call(&user.key, "/park/slow").await;
+        let took = started.elapsed();
+        assert_eq!(r.status(), 504);
+        assert_eq!(error_code(r).await, "upstream_timeout");
+        assert!(
+            took >= Duration::from_millis(1400) && took < Duration::from_millis(1850),
+            "{took:?}"
+        );
+    }
+    assert_eq!(app.balance(&user.id).await, (100, 0, 0));
+}
+
+/// A client that hangs up leaves its call to a task of its own, where the
+/// connection's driver no longer keeps the deadline: the call still times
+/// out and is refunded, before the upstream's late 200 could keep it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_whose_client_left_still_times_out_and_is_refunded() {
+    let app = TestApp::spawn().await;
+    let user = app.create_user("free").await;
+    let started = std::time::Instant::now();
+    let r = app
+        .client
+        .get(app.url("/park/slow")) // timeout 500 ms, answered after 3 s
+        .bearer_auth(&user.key)
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client gave up");
+    wait_until(
+        "the call to be refunded",
+        Duration::from_secs(10),
+        || async { app.balance(&user.id).await == (100, 0, 0) },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_until(
+        "the charge and refund in the ledger",
+        Duration::from_secs(10),
+        || async {
+            app.events(&user.id).await == vec![("charge".to_owned(), 2), ("refund".to_owned(), 2)]
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
