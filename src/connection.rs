@@ -561,6 +561,8 @@ where
         .map_or(earliest_park, |d| d.min(earliest_park));
     let check = tokio::time::sleep_until(first_check);
     tokio::pin!(check);
+    // The task's waker `check` holds; None after a reset ([`poll_check`]).
+    let mut check_waker: Option<Waker> = None;
     // A stop sent before this connection was built is not yet seen by
     // `changed`, which resolves at once for it.
     let mut stopping = false;
@@ -579,9 +581,10 @@ where
             () = nudged(activity), if activity.nudge.is_some() => {
                 if let Some(deadline) = activity.next_deadline().filter(|d| *d < check.deadline()) {
                     check.as_mut().reset(deadline);
+                    check_waker = None;
                 }
             }
-            () = &mut check => {
+            () = std::future::poll_fn(|cx| poll_check(check.as_mut(), &mut check_waker, cx)) => {
                 let now = Instant::now();
                 let head_deadline = activity.head_deadline();
                 if head_deadline.is_some_and(|deadline| now >= deadline) {
@@ -604,9 +607,28 @@ where
                 let next = head_deadline.map_or(next, |d| next.min(d));
                 let next = call_deadline.map_or(next, |d| next.min(d));
                 check.as_mut().reset(next);
+                check_waker = None;
             }
         }
     }
+}
+
+/// Polls the driver's timer only when it may have fired. Every poll of a
+/// `Sleep` takes its waker slot again (about 120 instructions), and the
+/// connection's task wakes about twice a request; once the timer holds
+/// this task's waker, it wakes the task when it fires and `is_elapsed`
+/// says so. A reset timer has given its waker up: `waker` is then None.
+fn poll_check(
+    check: Pin<&mut tokio::time::Sleep>,
+    waker: &mut Option<Waker>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && !check.is_elapsed() {
+        return Poll::Pending;
+    }
+    let polled = check.poll(cx);
+    *waker = Some(cx.waker().clone());
+    polled
 }
 
 /// Resolves when [`Activity::nudge`] is told.
