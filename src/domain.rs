@@ -5,6 +5,7 @@
 //! (HTTP header, JSON body, config file, CLI argument).
 
 use std::fmt;
+use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -47,20 +48,23 @@ fn check_chars(
 /// A user (account) id. The platform's Hub sends its own ids in `X-User-ID`,
 /// so ids are opaque strings rather than UUIDs; the charset keeps them safe
 /// inside Redis key names and log lines.
+///
+/// Shared, not owned: every request takes its user from the key cache, and
+/// a clone is then a count, not an allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct UserId(String);
+pub struct UserId(Arc<str>);
 
 impl UserId {
     pub fn parse(s: &str) -> Result<Self, ParseError> {
         check_chars("user id", s, 64, |c| {
             c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '@')
         })?;
-        Ok(Self(s.to_owned()))
+        Ok(Self(Arc::from(s)))
     }
 
     /// A fresh id for an account created by creditgate itself.
     pub fn generate() -> Self {
-        Self(format!("usr_{}", uuid::Uuid::now_v7().simple()))
+        Self(Arc::from(format!("usr_{}", uuid::Uuid::now_v7().simple())))
     }
 
     pub fn as_str(&self) -> &str {

@@ -151,7 +151,7 @@ pub fn prepare_upstream_headers(
     peer: &PeerText,
     peer_is_trusted_proxy: bool,
     user: &str,
-    plan: Option<&str>,
+    plan: Option<HeaderValue>,
     request_id: &str,
 ) {
     strip(headers, |name| {
@@ -204,7 +204,7 @@ pub fn prepare_upstream_headers(
     if let Ok(v) = HeaderValue::from_str(user) {
         headers.insert(X_USER_ID, v);
     }
-    if let Some(Ok(v)) = plan.map(HeaderValue::from_str) {
+    if let Some(v) = plan {
         headers.insert(X_PLAN, v);
     }
     if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -296,7 +296,7 @@ mod tests {
             &PeerText::new(peer),
             true,
             "alice",
-            Some("pro"),
+            Some(HeaderValue::from_static("pro")),
             "rid-1",
         );
         for gone in [

@@ -77,6 +77,9 @@ pub struct Proxy {
     settings: ProxySettings,
     /// Per-module metric handles, resolved once (see [`ModuleMetrics`]).
     metrics: Vec<(Arc<Module>, ModuleMetrics)>,
+    /// Each plan's `X-Plan` value, made once: a clone is a count where
+    /// making it was an allocation and a copy for every call.
+    plan_values: Vec<(PlanId, HeaderValue)>,
 }
 
 /// What the phases learn about one request.
@@ -144,7 +147,21 @@ impl Proxy {
                 )
             })
             .collect();
+        let plan_values = catalog
+            .plans()
+            .iter()
+            .filter_map(|p| {
+                let value =
+                    HeaderValue::from_maybe_shared(bytes::Bytes::from(p.id.as_str().to_owned()))
+                        .ok()?;
+                // The first clone turns the value's bytes into shared ones;
+                // every later clone only counts.
+                drop(value.clone());
+                Some((p.id.clone(), value))
+            })
+            .collect();
         Self {
+            plan_values,
             billing,
             leases,
             upstreams,
@@ -502,7 +519,10 @@ impl Proxy {
             &peer.text,
             peer.trusted_proxy,
             user.as_str(),
-            ctx.plan.as_ref().map(PlanId::as_str),
+            ctx.plan.as_ref().and_then(|plan| {
+                let (_, value) = self.plan_values.iter().find(|(id, _)| id == plan)?;
+                Some(value.clone())
+            }),
             ctx.request_id.as_str(),
         );
         let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
