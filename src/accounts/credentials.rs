@@ -4,11 +4,12 @@
 
 use http::HeaderMap;
 
-use crate::domain::{ApiKey, UserId};
+use crate::domain::{ApiKey, KeyHash, UserId};
 
 #[derive(Debug)]
 pub enum Credential {
-    Key(ApiKey),
+    /// An API key, by its hash: what it is looked up by.
+    Key(KeyHash),
     /// `X-User-ID`, only when `auth.trust_user_id_header = true`.
     TrustedUser(UserId),
 }
@@ -35,7 +36,7 @@ pub fn from_headers(
             .ok_or(CredentialError::Malformed(
                 "Authorization must be \"Bearer <api key>\"",
             ))?;
-        return ApiKey::parse(token.trim())
+        return ApiKey::hash_presented(token.trim())
             .map(Credential::Key)
             .map_err(|_| CredentialError::Malformed("malformed API key"));
     }
@@ -43,7 +44,7 @@ pub fn from_headers(
         let value = value
             .to_str()
             .map_err(|_| CredentialError::Malformed("X-API-Key is not ASCII"))?;
-        return ApiKey::parse(value.trim())
+        return ApiKey::hash_presented(value.trim())
             .map(Credential::Key)
             .map_err(|_| CredentialError::Malformed("malformed API key"));
     }
@@ -78,9 +79,11 @@ mod tests {
         let key = format!("cg_{}", "ab12".repeat(12));
         let bearer = format!("Bearer {key}");
         let bearer = from_headers(&headers(&[("authorization", bearer.as_bytes())]), false);
-        assert!(matches!(bearer, Ok(Credential::Key(_))));
+        // The same hash the stored key has.
+        let want = ApiKey::parse(&key).expect("key").hash();
+        assert!(matches!(bearer, Ok(Credential::Key(ref h)) if *h == want));
         let x = from_headers(&headers(&[("x-api-key", key.as_bytes())]), false);
-        assert!(matches!(x, Ok(Credential::Key(_))));
+        assert!(matches!(x, Ok(Credential::Key(ref h)) if *h == want));
     }
 
     #[test]

@@ -105,7 +105,7 @@ async fn caller(
                 None => Err(ApiError::Unauthenticated("unknown user")),
             }
         }
-        Ok(Credential::Key(key)) => match state.billing.accounts().key_owner(&key.hash()).await? {
+        Ok(Credential::Key(hash)) => match state.billing.accounts().key_owner(&hash).await? {
             None => Err(ApiError::Unauthenticated("unknown or revoked API key")),
             Some(owner) if owner.expired => Err(ApiError::KeyExpired),
             Some(owner) => Ok((owner.user, owner.scoped)),

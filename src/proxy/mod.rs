@@ -359,13 +359,10 @@ impl Proxy {
                 Err(ApiError::Unauthenticated(why))
             }
             Ok(Credential::TrustedUser(user)) => Ok((user, None)),
-            Ok(Credential::Key(key)) => {
-                let hash = key.hash();
-                match self.billing.accounts().user_for_key(&hash).await? {
-                    Some(user) => Ok((user, Some(hash))),
-                    None => Err(ApiError::Unauthenticated("unknown API key")),
-                }
-            }
+            Ok(Credential::Key(hash)) => match self.billing.accounts().user_for_key(&hash).await? {
+                Some(user) => Ok((user, Some(hash))),
+                None => Err(ApiError::Unauthenticated("unknown API key")),
+            },
         }
     }
 
