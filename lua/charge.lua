@@ -22,7 +22,9 @@
 --          plans, modules and actions are configuration identifiers.
 -- then three per charge (charge i uses KEYS[1 + 3(i-1) + n]):
 --   +1 account hash   {tag}:acct:<user>   fields: plan monthly bonus period day used blocked,
---                     tat (the rate limit's theoretical arrival time, unix us)
+--                     tat (the rate limit's theoretical arrival time, unix us),
+--                     rn (the latest now a call the rate limit served was
+--                     decided at, unix us)
 --   +2 live keys      {tag}:apikeys:<user>   hash: sha256 hex of each live API key ->
 --                     "<expires unix ms>|<,module,...,>", either part empty (no
 --                     expiry, every module of the plan)
@@ -179,7 +181,7 @@ local function charge(k, a)
 
   -- Every account hash has a plan: no plan is no account (one command
   -- fewer than EXISTS first: -0.3 us per charge, bench/redis_charge_cost.py).
-  local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked', 'tat')
+  local f = redis.call('HMGET', acct, 'plan', 'monthly', 'bonus', 'period', 'day', 'used', 'blocked', 'tat', 'rn')
   if not f[1] then
     return {'missing'}
   end
@@ -236,10 +238,16 @@ local function charge(k, a)
   -- in the account hash: no command of its own (a key apart, read and
   -- written, cost 30 % more per charge, bench/redis_charge_cost.py). A
   -- tat in the past is a full burst, so an account rebuilt without one
-  -- starts full.
+  -- starts full. Calls are decided in the order Redis runs them, which is
+  -- not their stamps' order (two workers' batches, two gateways): a call
+  -- stamped before the last one served counts as arriving with it (rn).
+  -- Otherwise it found tat moved by calls stamped after it and was refused
+  -- inside the burst (30 parallel calls against a burst of 5 once let 4
+  -- through).
   local tat_after, rate_remaining, rate_reset = nil, -1, -1
+  local now
   if p.interval then
-    local now = tonumber(now_ms) * 1000
+    now = math.max(tonumber(now_ms) * 1000, tonumber(f[9]) or 0)
     local tat = math.max(tonumber(f[8]) or now, now)
     local wait = tat - p.tolerance - now
     if wait > 0 then
@@ -323,14 +331,14 @@ local function charge(k, a)
   if from_bonus == 0 then
     bb = f[3] or '0'
     if tat_after then
-      redis.call('HSET', acct, 'monthly', mb, 'used', au, 'tat', int(tat_after))
+      redis.call('HSET', acct, 'monthly', mb, 'used', au, 'tat', int(tat_after), 'rn', int(now))
     else
       redis.call('HSET', acct, 'monthly', mb, 'used', au)
     end
   else
     fm, fb, bb = int(from_monthly), int(from_bonus), int(bonus)
     if tat_after then
-      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au, 'tat', int(tat_after))
+      redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au, 'tat', int(tat_after), 'rn', int(now))
     else
       redis.call('HSET', acct, 'monthly', mb, 'bonus', bb, 'used', au)
     end

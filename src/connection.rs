@@ -207,7 +207,7 @@ impl Drop for Busy {
 /// (the module's `timeout_ms`). tokio's `timeout` registered a timer in the
 /// runtime's wheel for every call and removed it again: 1,770 instructions
 /// a request with the moves of the wrapped future, of which this keeps
-/// about 970 (`bench/gateway_instructions.sh`). The connection's driver
+/// about 660 (`bench/gateway_instructions.sh`). The connection's driver
 /// already runs a timer; the deadline is written into [`Activity`] and that
 /// timer keeps it: when it passes, the driver marks it and polls the
 /// connection, which polls this future, which then fails.
@@ -278,7 +278,8 @@ impl Activity {
     /// task of its own): the driver keeps its deadline no longer.
     fn end_call(&self, timer: &Timer) {
         if let Timer::Driver { us, .. } = timer {
-            // This call's, unless the driver marked it expired meanwhile.
+            // This call's deadline, or the mark the driver left on it: one
+            // call at a time waits on a connection (HTTP/1).
             let _ = self.call_deadline_us.compare_exchange(
                 *us,
                 NO_CALL,
@@ -561,7 +562,7 @@ where
         .map_or(earliest_park, |d| d.min(earliest_park));
     let check = tokio::time::sleep_until(first_check);
     tokio::pin!(check);
-    // The task's waker `check` holds; None after a reset ([`poll_check`]).
+    // The task's waker `check` holds; None after a reset (`poll_check`).
     let mut check_waker: Option<Waker> = None;
     // A stop sent before this connection was built is not yet seen by
     // `changed`, which resolves at once for it.
@@ -617,7 +618,8 @@ where
 /// `Sleep` takes its waker slot again (about 120 instructions), and the
 /// connection's task wakes about twice a request; once the timer holds
 /// this task's waker, it wakes the task when it fires and `is_elapsed`
-/// says so. A reset timer has given its waker up: `waker` is then None.
+/// says so. After a reset `waker` is None and the timer is polled once
+/// more: one that had fired gave its waker up.
 fn poll_check(
     check: Pin<&mut tokio::time::Sleep>,
     waker: &mut Option<Waker>,

@@ -3,6 +3,7 @@
 //! ```text
 //! {<prefix>:<shard>}:acct:<user>          hash   plan monthly bonus period day used blocked sv (admin sync version)
 //!                                                tat (per-plan rate limit, GCRA: theoretical arrival, unix us)
+//!                                                rn (the rate limit's latest arrival served, unix us)
 //! {<prefix>:<shard>}:apikeys:<user>       hash   sha256 hex of each live API key -> "<expires ms>|<,modules,>"
 //! {<prefix>:<shard>}:keys:<user>          set    the same hashes alone, for builds before key details
 //! {<prefix>:<shard>}:req:<user>:<request> string "from_monthly,from_bonus,day,period,module,action,event id[,told]"

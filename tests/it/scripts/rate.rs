@@ -120,3 +120,35 @@ async fn no_minute_boundary_lets_twice_the_rate_through() {
         .count();
     assert_eq!(around_the_boundary, 1);
 }
+
+/// Calls are decided in the order Redis runs them, not in their stamps'
+/// order: two workers' batches, two gateways. A call stamped before the
+/// last one served counts as arriving with it, so the burst still passes
+/// whole; by their stamps alone the fifth call below was refused (the
+/// first had moved the limit 10 ms past the others' stamps).
+#[tokio::test]
+async fn calls_decided_out_of_their_stamps_order_still_get_the_whole_burst() {
+    let h = Harness::new().await;
+    const T0: &str = "2026-11-26T12:00:00Z";
+    let at = |ms| later(&h, T0, ms);
+    let user = h.seed("olga", "limited", 1000, 0, &at(0)).await;
+    assert!(charged(&h.charge(&user, "rag", &at(10), None, Mode::Charge).await).is_some());
+    for i in 0..4 {
+        let outcome = h.charge(&user, "rag", &at(0), None, Mode::Charge).await;
+        assert!(
+            charged(&outcome).is_some(),
+            "call {} of the burst: {outcome:?}",
+            i + 2
+        );
+    }
+    // The sixth waits one interval from the latest arrival served (10 ms).
+    assert_eq!(
+        h.charge(&user, "rag", &at(0), None, Mode::Charge).await,
+        ChargeOutcome::Refused(Refusal::RateLimited(2000))
+    );
+    assert_eq!(
+        rate_of(&h.charge(&user, "rag", &at(2010), None, Mode::Charge).await),
+        Some((0, 10000))
+    );
+    assert_eq!(h.hash(&user).await.0, 994);
+}
