@@ -208,6 +208,23 @@ local function charge(k, a)
   local period = f[4] or ''
   local day = f[5] or ''
   local used = tonumber(f[6]) or 0
+  -- A call stamped before the account's period or day, decided after one
+  -- stamped later (two workers' batches, two gateways, a clock a little
+  -- ahead), counts in the account's period and day: rolling the account
+  -- back would start the old period again (the allowance refilled, a
+  -- "reset" event) or zero the day's count, and the next call would do it
+  -- once more. Dates as text sort in time order ("YYYY-MM", "YYYY-MM-DD").
+  if period > this_period or day > today then
+    if period > this_period then
+      this_period = period
+    end
+    if day > today then
+      today = day
+    end
+    -- The rows' last three fields: the day it counts for, period and day after.
+    common = string.match(common, '^(.*)\t[^\t]*\t[^\t]*\t[^\t]*$') .. '\t' .. today .. '\t' ..
+      this_period .. '\t' .. today
+  end
 
   if f[7] == '1' then
     return {'blocked'}

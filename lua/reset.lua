@@ -16,7 +16,7 @@
 -- ARGV[6]  user id
 -- ARGV[7]  actor
 --
--- Returns {"reset", monthly, bonus}, {"current"} (already in this period),
+-- Returns {"reset", monthly, bonus}, {"current"} (already in this period or a later one),
 -- {"missing"} or {"unknown_plan"}.
 
 local acct = KEYS[1]
@@ -24,7 +24,10 @@ if redis.call('EXISTS', acct) == 0 then
   return {'missing'}
 end
 local f = redis.call('HMGET', acct, 'plan', 'period', 'bonus', 'day', 'used')
-if f[2] == ARGV[2] then
+-- In this period or a later one (periods as text sort in time order): a
+-- reset run late, for a period the account has left, must not start it
+-- again and refill the allowance.
+if (f[2] or '') >= ARGV[2] then
   return {'current'}
 end
 local plan = f[1] or ''

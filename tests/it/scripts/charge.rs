@@ -54,6 +54,100 @@ async fn the_allowance_renews_on_the_first_of_the_month_local_time_and_bonus_is_
     );
 }
 
+/// Calls are decided in the order Redis runs them, not in their stamps'
+/// order (two workers' batches, two gateways, a clock a little ahead): a
+/// call stamped on the last day of a month and decided after one stamped in
+/// the new month counts in the new month and day. Rolling the account back
+/// would start the old period again (the allowance refilled, with a
+/// "reset" event), and the next new-month call would refill it once more.
+#[tokio::test]
+async fn a_call_stamped_before_the_accounts_period_never_rolls_it_back() {
+    let h = Harness::new().await;
+    let november = h.at("2026-11-30T22:59:59.990Z"); // Nov 30, 23:59:59.990 local
+    let user = h.seed("nora", "tiny", 10, 0, &november).await;
+    charged(
+        &h.charge(&user, "legal", &november, None, Mode::Charge)
+            .await,
+    )
+    .expect("charged");
+    let december = h.at("2026-11-30T23:00:00.010Z");
+    assert_eq!(
+        charged(
+            &h.charge(&user, "legal", &december, None, Mode::Charge)
+                .await
+        ),
+        Some((3, 3, 0))
+    );
+    // Stamped 20 ms earlier, decided after: charged in December.
+    assert_eq!(
+        charged(
+            &h.charge(&user, "legal", &november, None, Mode::Charge)
+                .await
+        ),
+        Some((3, 3, 0))
+    );
+    assert_eq!(
+        charged(
+            &h.charge(&user, "legal", &december, None, Mode::Charge)
+                .await
+        ),
+        Some((3, 3, 0))
+    );
+    let (monthly, bonus, used, day, period) = h.hash(&user).await;
+    assert_eq!(
+        (monthly, bonus, used, day.as_str(), period.as_str()),
+        (1, 0, 9, "2026-12-01", "2026-12")
+    );
+    // One renewal only.
+    assert_eq!(
+        h.event_kinds(&user).await,
+        ["charge", "reset", "charge", "charge", "charge"]
+    );
+    // The late call's row says where it counted: December's first day.
+    let mut con = h.redis.connection().await;
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(h.meter.keys().stream_of(&user))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .expect("XRANGE");
+    let entry = &reply.ids[2];
+    let rows: String = entry.get("rows").expect("rows field");
+    let late = LedgerEvent::from_rows(&entry.id, rows.as_bytes()).expect("rows");
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0].local_day.to_string(), "2026-12-01");
+    assert_eq!(
+        (
+            late[0].account_period.as_ref(),
+            late[0].account_day.as_ref()
+        ),
+        ("2026-12", "2026-12-01")
+    );
+    assert_eq!(
+        (late[0].monthly_after, late[0].account_day_used),
+        (Some(4), 6)
+    );
+}
+
+/// The same at midnight: a late call from the old day counts in the new
+/// one, and the new day's count is never zeroed by it (which would let a
+/// daily limit through twice).
+#[tokio::test]
+async fn a_call_stamped_before_the_accounts_day_counts_in_that_day() {
+    let h = Harness::new().await;
+    let before = h.at("2026-11-26T22:59:59.990Z"); // 23:59:59.990 in Algiers
+    let user = h.seed("dina", "free", 100, 0, &before).await;
+    let after = h.at("2026-11-26T23:00:00.010Z");
+    for _ in 0..3 {
+        charged(&h.charge(&user, "rag", &after, None, Mode::Charge).await).expect("charged");
+    }
+    charged(&h.charge(&user, "rag", &before, None, Mode::Charge).await).expect("charged");
+    charged(&h.charge(&user, "rag", &after, None, Mode::Charge).await).expect("charged");
+    let (monthly, _, used, day, _) = h.hash(&user).await;
+    assert_eq!((monthly, used, day.as_str()), (95, 5, "2026-11-27"));
+}
+
 #[tokio::test]
 async fn the_allowance_is_spent_before_bonus_and_never_below_zero() {
     let h = Harness::new().await;
