@@ -194,8 +194,8 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let a = &self.0;
         if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            let us = u64::try_from(a.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
-            a.idle_since_us.store(us, Ordering::Relaxed);
+            a.idle_since_us
+                .store(a.since_opened_us(Instant::now()), Ordering::Relaxed);
             if let Some(nudge) = a.nudge.as_ref().filter(|_| a.short_head) {
                 nudge.notify_one();
             }

@@ -104,14 +104,7 @@ async fn a_call_stamped_before_the_accounts_period_never_rolls_it_back() {
         ["charge", "reset", "charge", "charge", "charge"]
     );
     // The late call's row says where it counted: December's first day.
-    let mut con = h.redis.connection().await;
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(h.meter.keys().stream_of(&user))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut con)
-        .await
-        .expect("XRANGE");
+    let reply = h.stream(&user).await;
     let entry = &reply.ids[2];
     let rows: String = entry.get("rows").expect("rows field");
     let late = LedgerEvent::from_rows(&entry.id, rows.as_bytes()).expect("rows");
@@ -322,14 +315,7 @@ async fn a_charge_row_reads_back_exactly_what_was_charged() {
         .await;
     assert_eq!(charged(&ok), Some((3, 3, 0)));
 
-    let mut con = h.redis.connection().await;
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(h.meter.keys().stream_of(&user))
-        .arg("-")
-        .arg("+")
-        .query_async(&mut con)
-        .await
-        .expect("XRANGE");
+    let reply = h.stream(&user).await;
     assert_eq!(reply.ids.len(), 1, "one entry per call");
     let entry = &reply.ids[0];
     let rows: String = entry.get("rows").expect("rows field");

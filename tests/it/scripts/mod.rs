@@ -134,15 +134,20 @@ impl Harness {
             .expect("HMGET")
     }
 
-    async fn event_kinds(&self, user: &UserId) -> Vec<String> {
+    /// Every entry of the user's usage stream, oldest first.
+    async fn stream(&self, user: &UserId) -> redis::streams::StreamRangeReply {
         let mut con = self.redis.connection().await;
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        redis::cmd("XRANGE")
             .arg(self.meter.keys().stream_of(user))
             .arg("-")
             .arg("+")
             .query_async(&mut con)
             .await
-            .expect("XRANGE");
+            .expect("XRANGE")
+    }
+
+    async fn event_kinds(&self, user: &UserId) -> Vec<String> {
+        let reply = self.stream(user).await;
         let mut kinds = Vec::new();
         for entry in &reply.ids {
             // charge.lua writes a call's events as rows, one per line; the
