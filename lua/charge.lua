@@ -84,10 +84,13 @@
 --
 -- Returns one reply per charge, in order (integers unless noted):
 --   "ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked>
---       <rate_remaining> <rate_reset_ms> <plan>[ <lease credits> <lease from monthly> <lease from bonus>]"
+--       <rate_remaining> <rate_reset_ms> <plan>[ <lease credits> <lease from monthly> <lease from bonus>]
+--       [ @<day>/<period>]"
 --                               one string, space-separated (the plan last
 --                               unless a lease was taken); the balances are
---                               after the lease;
+--                               after the lease; "@day/period" only when the
+--                               call counted in a later day or period than its
+--                               stamp's (the account's, see below);
 --                               rate_remaining: calls the rate limit lets through
 --                               right now after this one, rate_reset_ms: until
 --                               its whole burst is back (both -1: no limit)
@@ -214,6 +217,7 @@ local function charge(k, a)
   -- back would start the old period again (the allowance refilled, a
   -- "reset" event) or zero the day's count, and the next call would do it
   -- once more. Dates as text sort in time order ("YYYY-MM", "YYYY-MM-DD").
+  local moved = ''
   if period > this_period or day > today then
     if period > this_period then
       this_period = period
@@ -224,6 +228,9 @@ local function charge(k, a)
     -- The rows' last three fields: the day it counts for, period and day after.
     common = string.match(common, '^(.*)\t[^\t]*\t[^\t]*\t[^\t]*$') .. '\t' .. today .. '\t' ..
       this_period .. '\t' .. today
+    -- The answer says so: a refund of this call gives its credits back to
+    -- the day and period it counted in, not to its stamp's.
+    moved = ' @' .. today .. '/' .. this_period
   end
 
   if f[7] == '1' then
@@ -336,7 +343,7 @@ local function charge(k, a)
   local from_bonus = cost - from_monthly
   if check_only then
     return ok_reply(cost_s, int(monthly), int(bonus), int(used), p.limit_s, int(from_monthly), int(from_bonus),
-      '0', rate_remaining, rate_reset, plan)
+      '0', rate_remaining, rate_reset, plan) .. moved
   end
 
   monthly = monthly - from_monthly
@@ -412,7 +419,8 @@ local function charge(k, a)
       leased = ' ' .. int(want) .. ' ' .. int(lfm) .. ' ' .. int(lfb)
     end
   end
-  return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan) .. leased
+  return ok_reply(cost_s, mb, bb, au, p.limit_s, fm, fb, auto_blocked, rate_remaining, rate_reset, plan) .. leased ..
+    moved
 end
 
 if deadline ~= 0 then

@@ -352,6 +352,7 @@ impl Leases {
                 balance: lease.view(),
                 rate: None,
                 lease: Some(LeaseUse::SpentFrom(Arc::clone(&lease.id))),
+                counted_in: None,
             }
         };
         Some(receipt)
@@ -506,10 +507,15 @@ impl Leases {
             self.cross_out(&ask.id);
             return;
         };
-        if state
-            .changed
-            .get(user.as_str())
-            .is_some_and(|&g| g > ask.generation)
+        // An account already past our stamp's day or period took the
+        // lease in its own: calls spent from it here would count in ours.
+        // Rare (a clock behind, a call decided after a later one): give
+        // it back whole.
+        if receipt.counted_in.is_some()
+            || state
+                .changed
+                .get(user.as_str())
+                .is_some_and(|&g| g > ask.generation)
         {
             state.closing.push(Closing {
                 user: user.clone(),

@@ -45,6 +45,12 @@ impl LocalDay {
         }
     }
 
+    /// A day as the scripts write it (`YYYY-MM-DD`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let date = NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?;
+        Some(Self::new(date))
+    }
+
     pub fn date(&self) -> NaiveDate {
         self.date
     }
@@ -69,6 +75,15 @@ impl Period {
             first_day,
             text: first_day.format("%Y-%m").to_string().into(),
         }
+    }
+
+    /// A period as the scripts write it (`YYYY-MM`).
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.len() != 7 {
+            return None;
+        }
+        let first_day = NaiveDate::parse_from_str(&format!("{text}-01"), "%Y-%m-%d").ok()?;
+        Some(Self::of(first_day))
     }
 
     /// Its first local day.

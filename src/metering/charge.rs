@@ -186,11 +186,19 @@ pub(super) fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
 
 /// charge.lua's common answer, one string:
 /// `ok <charged> <monthly> <bonus> <day_used> <daily_limit> <from_monthly> <from_bonus> <auto_blocked>
-/// <rate_remaining> <rate_reset_ms> <plan>[ <lease credits> <lease from monthly> <lease from bonus>]`.
+/// <rate_remaining> <rate_reset_ms> <plan>[ <lease credits> <lease from monthly> <lease from bonus>]
+/// [ @<day>/<period>]`.
 /// Strict: one space between fields, every number an integer, or the reply
 /// is refused.
 fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
     let mut rest = line.strip_prefix(b"ok ")?;
+    let mut counted_in = None;
+    if let Some(at) = rest.iter().rposition(|&b| b == b'@') {
+        let (head, moved) = rest.split_at(at);
+        let (day, period) = std::str::from_utf8(&moved[1..]).ok()?.split_once('/')?;
+        counted_in = Some(Box::new((LocalDay::parse(day)?, Period::parse(period)?)));
+        rest = head.strip_suffix(b" ")?;
+    }
     let mut n = [0i64; 10];
     for v in &mut n {
         let end = rest.iter().position(|&b| b == b' ')?;
@@ -251,6 +259,7 @@ fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
         plan: PlanId::parse(std::str::from_utf8(plan).ok()?).ok()?,
         lease,
         event_id,
+        counted_in,
     }))
 }
 
@@ -345,6 +354,7 @@ mod tests {
                     reset_ms: 1500
                 }),
                 lease: None,
+                counted_in: None,
             })
         );
         let leased = decode_charge(
@@ -357,6 +367,28 @@ mod tests {
             ChargeOutcome::Charged(Receipt { lease: Some(LeaseUse::Took(LeaseTaken { ref id, credits: 60, from_monthly: 55, from_bonus: 5 })), .. })
                 if id == "ev:lease"
         ));
+        // Counted in the account's later day and period, with and
+        // without a lease.
+        for (line, leased) in [
+            (
+                &b"ok 1 40 5 61 -1 1 0 0 -1 -1 pro @2026-12-01/2026-12"[..],
+                false,
+            ),
+            (
+                b"ok 1 40 5 61 -1 1 0 0 -1 -1 pro 60 55 5 @2026-12-01/2026-12",
+                true,
+            ),
+        ] {
+            let Ok(ChargeOutcome::Charged(r)) =
+                decode_charge(Value::BulkString(line.to_vec()), "ev".into())
+            else {
+                panic!("not a charge: {}", String::from_utf8_lossy(line));
+            };
+            let (day, period) = r.counted_in.as_deref().expect("counted in");
+            assert_eq!((day.as_str(), period.as_str()), ("2026-12-01", "2026-12"));
+            assert_eq!(r.plan.as_str(), "pro");
+            assert_eq!(r.lease.is_some(), leased);
+        }
         for bad in [
             "ok 3 7 0 3 100 3 0 0 -1 -1",
             "ok 3 7 0 3 100 3 0 0 p",
@@ -364,6 +396,10 @@ mod tests {
             "okay 3 7 0 3 100 3 0 0 -1 -1 p",
             "ok 3 7  0 3 100 3 0 0 -1 -1 p",
             "ok 3 - 0 3 100 3 0 0 -1 -1 p",
+            "ok 3 7 0 3 100 3 0 0 -1 -1 p @2026-13-01/2026-12",
+            "ok 3 7 0 3 100 3 0 0 -1 -1 p @2026-12-01/2026-1",
+            "ok 3 7 0 3 100 3 0 0 -1 -1 p @2026-12-01",
+            "ok 3 7 0 3 100 3 0 0 -1 -1 p@2026-12-01/2026-12",
             "ok 3 99999999999999999999 0 3 100 3 0 0 -1 -1 p",
         ] {
             let answer = Value::BulkString(bad.as_bytes().to_vec());

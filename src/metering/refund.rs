@@ -45,11 +45,12 @@ impl Meter {
                 action,
                 charged_at,
             } => {
+                let (day, period) = receipt.counted_in(charged_at);
                 inv.arg("direct")
                     .arg(receipt.from_monthly)
                     .arg(receipt.from_bonus)
-                    .arg(charged_at.day.as_str())
-                    .arg(charged_at.period.as_str())
+                    .arg(day.as_str())
+                    .arg(period.as_str())
                     .arg(module.as_str())
                     .arg(action.map_or("", ActionId::as_str));
             }

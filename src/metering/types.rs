@@ -124,6 +124,20 @@ pub struct Receipt {
     pub rate: Option<RateState>,
     /// The lease this call took ([`Mode::Lease`]), or was spent from.
     pub lease: Option<LeaseUse>,
+    /// The day and period the charge counted in, when the account was
+    /// already past its stamp's (a call decided after a later one, or a
+    /// clock behind): a refund gives back to those. `None`: the stamp's.
+    pub counted_in: Option<Box<(LocalDay, Period)>>,
+}
+
+impl Receipt {
+    /// The day and period a refund of this charge gives back to.
+    pub fn counted_in<'a>(&'a self, stamp: &'a Stamp) -> (&'a LocalDay, &'a Period) {
+        match &self.counted_in {
+            Some(c) => (&c.0, &c.1),
+            None => (&stamp.day, &stamp.period),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

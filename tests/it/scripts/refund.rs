@@ -79,6 +79,71 @@ async fn a_refund_after_the_month_rolled_over_returns_only_the_bonus_part() {
     assert_eq!((monthly, bonus, used), (9, 5, 1));
 }
 
+/// A call stamped in November but decided after December began counted in
+/// December (charge.lua never rolls an account back): its refund gives
+/// the whole amount back to December's allowance and day, where it was
+/// taken, not to its stamp's month (which would keep the allowance part).
+#[tokio::test]
+async fn a_late_calls_refund_returns_to_the_day_and_period_it_counted_in() {
+    let h = Harness::new().await;
+    let november = h.at("2026-11-30T22:59:59.990Z");
+    let user = h.seed("gil", "tiny", 10, 0, &november).await;
+    let december = h.at("2026-11-30T23:00:00.010Z");
+    charged(
+        &h.charge(&user, "legal", &december, None, Mode::Charge)
+            .await,
+    )
+    .expect("charged");
+    let outcome = h
+        .charge(&user, "legal", &november, None, Mode::Charge)
+        .await;
+    let ChargeOutcome::Charged(receipt) = outcome else {
+        panic!("not charged: {outcome:?}");
+    };
+    let (day, period) = receipt.counted_in(&november);
+    assert_eq!((day.as_str(), period.as_str()), ("2026-12-01", "2026-12"));
+    let (monthly, _, used, ..) = h.hash(&user).await;
+    assert_eq!((monthly, used), (4, 6));
+    let module = h.catalog.module("legal").expect("legal").id.clone();
+    let refund = h
+        .meter
+        .refund(
+            &user,
+            &RequestId::parse("late").expect("rid"),
+            RefundOf::Receipt {
+                receipt: &receipt,
+                module: &module,
+                action: None,
+                charged_at: &november,
+            },
+            "test",
+            &december,
+        )
+        .await;
+    assert!(matches!(
+        refund,
+        Ok(RefundOutcome::Refunded {
+            amount: 3,
+            monthly: 7,
+            day_used: 3,
+            ..
+        })
+    ));
+    let (monthly, bonus, used, day, period) = h.hash(&user).await;
+    assert_eq!(
+        (monthly, bonus, used, day.as_str(), period.as_str()),
+        (7, 0, 3, "2026-12-01", "2026-12")
+    );
+    // A call on time reports nothing: the stamp's day and period stand.
+    let on_time = h
+        .charge(&user, "legal", &december, None, Mode::Charge)
+        .await;
+    let ChargeOutcome::Charged(receipt) = on_time else {
+        panic!("not charged: {on_time:?}");
+    };
+    assert!(receipt.counted_in.is_none());
+}
+
 /// The unanswered charge `receipt` made for `rid`, its deadline `deadline`
 /// (Redis's clock, unix ms).
 fn unanswered(
