@@ -128,7 +128,9 @@ async fn a_batch_committed_but_not_acknowledged_is_not_inserted_twice() {
         .crash_after_next_commit()
         .store(true, Ordering::SeqCst);
     // Returns by itself: committed, then "crashed" before XACK.
-    tokio::time::timeout(Duration::from_secs(10), first.run(std::future::pending()))
+    // A hang guard, not a timing: on a loaded box a few failed reads
+    // back the flusher off (100 ms doubling to 5 s) before it commits.
+    tokio::time::timeout(Duration::from_secs(30), first.run(std::future::pending()))
         .await
         .expect("the injected crash stops the flusher");
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger_events")

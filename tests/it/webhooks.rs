@@ -726,7 +726,9 @@ async fn a_replayed_flush_produces_each_event_once() {
     first
         .crash_after_next_commit()
         .store(true, Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(10), first.run(std::future::pending()))
+    // A hang guard, not a timing: on a loaded box a few failed reads
+    // back the flusher off (100 ms doubling to 5 s) before it commits.
+    tokio::time::timeout(Duration::from_secs(30), first.run(std::future::pending()))
         .await
         .expect("the injected crash stops the flusher");
     assert!(app.backlog().await > 0, "committed but not acknowledged");
