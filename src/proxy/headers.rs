@@ -153,6 +153,12 @@ pub struct PeerText {
     ip: HeaderValue,
     /// `for=<address>;proto=http`: our `Forwarded` element, before its host.
     forwarded: String,
+    /// The last request's `Host` and the `Forwarded` element made with it:
+    /// a connection's requests nearly always name one host, and building
+    /// the element (a `String`, its check as a header value) was about 300
+    /// instructions a request (bench/gateway_instructions.sh). A lock
+    /// nobody else takes: a connection's requests come one at a time.
+    with_host: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl PeerText {
@@ -165,7 +171,36 @@ impl PeerText {
             IpAddr::V6(_) => format!("for=\"[{text}]\";proto=http"),
         };
         let ip = HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static(""));
-        Self { ip, forwarded }
+        Self {
+            ip,
+            forwarded,
+            with_host: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Our `Forwarded` element for a request to `host`.
+    fn forwarded(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let Some(host) = host else {
+            return HeaderValue::try_from(self.forwarded.as_str()).ok();
+        };
+        let mut last = self.with_host.lock().ok();
+        if let Some(Some((h, value))) = last.as_deref()
+            && h == host
+        {
+            return Some(value.clone());
+        }
+        let mut element = String::with_capacity(self.forwarded.len() + 48);
+        element.push_str(&self.forwarded);
+        if let Some(h) = host.to_str().ok().filter(|h| !h.contains('"')) {
+            element.push_str(";host=\"");
+            element.push_str(h);
+            element.push('"');
+        }
+        let value = HeaderValue::try_from(element).ok()?;
+        if let Some(last) = last.as_deref_mut() {
+            *last = Some((host.clone(), value.clone()));
+        }
+        Some(value)
     }
 }
 
@@ -184,17 +219,6 @@ pub fn prepare_upstream_headers(
     // Up to eight names are added below: grow the map once, not per insert.
     headers.reserve(8);
     let host = headers.remove(header::HOST);
-    let mut element = String::with_capacity(peer.forwarded.len() + 48);
-    element.push_str(&peer.forwarded);
-    if let Some(h) = host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.contains('"'))
-    {
-        element.push_str(";host=\"");
-        element.push_str(h);
-        element.push('"');
-    }
     // An untrusted client's forwarding headers went with the strip: only a
     // trusted proxy's can still be there, so only then are they looked up.
     let prior = |headers: &HeaderMap, name: &HeaderName| {
@@ -205,10 +229,13 @@ pub fn prepare_upstream_headers(
         let prior = headers.get(name).filter(|_| peer_is_trusted_proxy)?;
         HeaderValue::try_from(format!("{}, {ours}", prior.to_str().ok()?)).ok()
     };
-    // Made from the `String`: its bytes become the value's, no copy.
-    if let Some(v) =
-        chained(headers, &FORWARDED, &element).or_else(|| HeaderValue::try_from(element).ok())
-    {
+    if let Some(element) = peer.forwarded(host.as_ref()) {
+        let prior = || chained(headers, &FORWARDED, element.to_str().ok()?);
+        let v = if peer_is_trusted_proxy {
+            prior().unwrap_or(element)
+        } else {
+            element
+        };
         headers.insert(FORWARDED, v);
     }
     if let Some(host) = host.filter(|_| !prior(headers, &X_FORWARDED_HOST)) {
@@ -382,5 +409,40 @@ mod tests {
         let mut h = HeaderMap::new();
         prepare_upstream_headers(&mut h, &PeerText::new(v6), false, "alice", None, "rid-1");
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=http");
+    }
+
+    /// The element is kept per connection for its last host: each request
+    /// still gets its own host, and a trusted proxy's list before ours.
+    #[test]
+    fn a_connections_forwarded_element_follows_each_requests_host() {
+        let peer = PeerText::new("192.0.2.7:5555".parse().expect("addr"));
+        let forwarded = |host: Option<&'static str>, prior: Option<&'static str>, trusted| {
+            let mut h = HeaderMap::new();
+            if let Some(host) = host {
+                h.insert("host", HeaderValue::from_static(host));
+            }
+            if let Some(prior) = prior {
+                h.insert("forwarded", HeaderValue::from_static(prior));
+            }
+            prepare_upstream_headers(&mut h, &peer, trusted, "alice", None, "rid-1");
+            h["forwarded"].to_str().expect("text").to_owned()
+        };
+        let a = "for=192.0.2.7;proto=http;host=\"a.example\"";
+        assert_eq!(forwarded(Some("a.example"), None, false), a);
+        assert_eq!(forwarded(Some("a.example"), None, false), a);
+        assert_eq!(
+            forwarded(Some("b.example"), None, false),
+            "for=192.0.2.7;proto=http;host=\"b.example\""
+        );
+        assert_eq!(forwarded(None, None, false), "for=192.0.2.7;proto=http");
+        assert_eq!(
+            forwarded(Some("a.example"), Some("for=10.0.0.1"), true),
+            format!("for=10.0.0.1, {a}")
+        );
+        assert_eq!(forwarded(Some("a.example"), Some("for=10.0.0.1"), false), a);
+        assert_eq!(
+            forwarded(Some("q\"x"), None, false),
+            "for=192.0.2.7;proto=http"
+        );
     }
 }
