@@ -2,7 +2,7 @@
 //! headers. Shared by the proxy and the user API so both identify callers
 //! the same way.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::domain::{ApiKey, KeyHash, UserId};
 
@@ -22,11 +22,43 @@ pub enum CredentialError {
     Malformed(&'static str),
 }
 
+/// The headers a credential can come from, as a request has them (the
+/// first value of each name, as `HeaderMap::get` gives). The proxy fills
+/// it in the one walk over a request's headers that reads all it needs.
+#[derive(Clone, Copy, Default)]
+pub struct Presented<'a> {
+    pub authorization: Option<&'a HeaderValue>,
+    pub api_key: Option<&'a HeaderValue>,
+    pub user_id: Option<&'a HeaderValue>,
+}
+
+impl<'a> Presented<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        // Names made once: a `&str` is parsed into one at every lookup.
+        static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+        static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+        Self {
+            authorization: headers.get(http::header::AUTHORIZATION),
+            api_key: headers.get(&X_API_KEY),
+            user_id: headers.get(&X_USER_ID),
+        }
+    }
+}
+
 pub fn from_headers(
     headers: &HeaderMap,
     trust_user_id_header: bool,
 ) -> Result<Credential, CredentialError> {
-    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+    presented(Presented::of(headers), trust_user_id_header)
+}
+
+/// The credential among `p`: `Authorization` first, then `X-API-Key`,
+/// then (trusted networks only) `X-User-ID`.
+pub fn presented(
+    p: Presented<'_>,
+    trust_user_id_header: bool,
+) -> Result<Credential, CredentialError> {
+    if let Some(value) = p.authorization {
         let value = value
             .to_str()
             .map_err(|_| CredentialError::Malformed("Authorization is not ASCII"))?;
@@ -40,7 +72,7 @@ pub fn from_headers(
             .map(Credential::Key)
             .map_err(|_| CredentialError::Malformed("malformed API key"));
     }
-    if let Some(value) = headers.get("x-api-key") {
+    if let Some(value) = p.api_key {
         let value = value
             .to_str()
             .map_err(|_| CredentialError::Malformed("X-API-Key is not ASCII"))?;
@@ -48,7 +80,7 @@ pub fn from_headers(
             .map(Credential::Key)
             .map_err(|_| CredentialError::Malformed("malformed API key"));
     }
-    if let Some(value) = headers.get("x-user-id").filter(|_| trust_user_id_header) {
+    if let Some(value) = p.user_id.filter(|_| trust_user_id_header) {
         let id = value
             .to_str()
             .ok()

@@ -360,9 +360,12 @@ impl ApiError {
     pub fn idempotency_key(
         headers: &http::HeaderMap,
     ) -> Result<Option<crate::domain::IdempotencyKey>, Self> {
-        crate::domain::IdempotencyKey::from_headers(headers).map_err(|_| {
-            Self::InvalidHeader("Idempotency-Key must be 1 to 128 visible ASCII characters".into())
-        })
+        crate::domain::IdempotencyKey::from_headers(headers)
+            .map_err(|_| Self::bad_idempotency_key())
+    }
+
+    pub fn bad_idempotency_key() -> Self {
+        Self::InvalidHeader("Idempotency-Key must be 1 to 128 visible ASCII characters".into())
     }
 
     pub fn missing(code: MissingCode, message: impl Into<String>) -> Self {

@@ -226,7 +226,10 @@ pub fn prepare_upstream_headers(
     };
     // `ours` after a trusted proxy's own list; None when there is none.
     let chained = |headers: &HeaderMap, name: &HeaderName, ours: &str| {
-        let prior = headers.get(name).filter(|_| peer_is_trusted_proxy)?;
+        if !peer_is_trusted_proxy {
+            return None;
+        }
+        let prior = headers.get(name)?;
         HeaderValue::try_from(format!("{}, {ours}", prior.to_str().ok()?)).ok()
     };
     if let Some(element) = peer.forwarded(host.as_ref()) {
