@@ -697,3 +697,55 @@ async fn a_lease_granted_by_a_charge_whose_answer_was_lost_is_given_back() {
     assert_eq!(app.upstream.hits(), 1);
     app.assert_verify_clean();
 }
+
+/// An account already in a later day and month than this gateway's clock
+/// (another gateway's clock ahead, a call decided after midnight): charge.lua
+/// counts each call in the account's day, so a lease it grants is in that
+/// day too, and calls spent from it here would be written under ours. The
+/// gateway gives such a lease back whole and charges in Redis instead:
+/// every call counted once, in the account's day, none from a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_account_ahead_of_the_gateways_day_gets_its_leases_back_unspent() {
+    let app = TestApp::builder().leases().start().await;
+    let user = app.create_user("enterprise").await; // 100,000 credits, no daily limit
+    assert_eq!(app.call(&user.key, "/rag/q").await.status(), 200);
+    let _: () = redis::cmd("HSET")
+        .arg(app.state.billing.meter().keys().account(&user.id))
+        .arg("day")
+        .arg("2099-12-31")
+        .arg("period")
+        .arg("2099-12")
+        .arg("used")
+        .arg(0)
+        .query_async(&mut app.redis.connection().await)
+        .await
+        .expect("HSET");
+    let calls = 300;
+    let answers = hammer(&app.client, &app.url(""), &user.key, calls, 8, rag).await;
+    assert_eq!(answers.iter().filter(|a| a.status == 200).count(), calls);
+    settled(&app, &user.id, calls as i64 + 1).await;
+    let (kinds, leased) = ledger(&app, &user.id).await;
+    assert_eq!(leased, 0, "no call spent from a lease: {kinds:?}");
+    let (leases, taken) = kinds.get("lease").copied().unwrap_or_default();
+    assert!(leases > 0, "the hot account was granted leases: {kinds:?}");
+    assert_eq!(
+        kinds.get("lease_return").copied(),
+        Some((leases, taken)),
+        "each returned whole"
+    );
+    let days: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT local_day::text, count(*) FROM ledger_events
+         WHERE user_id = $1 AND kind = 'charge' GROUP BY 1 ORDER BY 1",
+    )
+    .bind(user.id.as_str())
+    .fetch_all(&app.pool().await)
+    .await
+    .expect("days");
+    assert_eq!(days.len(), 2, "{days:?}");
+    assert_eq!(days[1], ("2099-12-31".to_owned(), calls as i64));
+    assert_eq!(
+        app.balance(&user.id).await,
+        (100_000 - 1 - calls as i64, 0, calls as i64)
+    );
+    app.assert_verify_clean();
+}
