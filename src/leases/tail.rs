@@ -132,12 +132,16 @@ impl Tailer {
         let want = bound.map_or(CHUNK, |end| end.saturating_sub(self.offset).min(CHUNK));
         file.seek(SeekFrom::Start(self.offset))?;
         // Sized for what is there: grown from empty, a step's megabyte was
-        // copied again at each doubling. A segment holds zeros past its
-        // last line, so a bound-less read is cut at the segment's length.
-        let there = file
-            .metadata()
-            .map_or(0, |m| m.len().saturating_sub(self.offset));
-        let mut buf = Vec::with_capacity(usize::try_from(want.min(there)).unwrap_or(0) + 1);
+        // copied again at each doubling. A live log says how much; a
+        // whole segment is read up to its length (zeros past its lines).
+        let there = match bound {
+            Some(_) => want,
+            None => file
+                .metadata()
+                .map_or(0, |m| m.len().saturating_sub(self.offset))
+                .min(want),
+        };
+        let mut buf = Vec::with_capacity(usize::try_from(there).unwrap_or(0) + 1);
         file.take(want).read_to_end(&mut buf)?;
         let (data, whole) = whole_lines(&buf);
         let ended = data < buf.len();

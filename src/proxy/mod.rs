@@ -704,6 +704,7 @@ impl<'a> Wanted<'a> {
         w
     }
 }
+
 const X_CREDITS_CHARGED: http::HeaderName = http::HeaderName::from_static("x-credits-charged");
 const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
