@@ -5,7 +5,7 @@ use super::*;
 
 use std::time::Duration;
 
-use creditgate::metering::{LeaseClosed, LeaseTaken, LeaseUse, Receipt};
+use creditgate::metering::{LeaseClosed, LeaseTaken, LeaseUse};
 
 const T0: &str = "2026-11-27T10:00:00Z";
 
@@ -23,13 +23,6 @@ fn shrinkable(credits: i64, least: i64, room: i64) -> Mode {
         room,
         ttl_ms: 300,
         event: uuid::Uuid::now_v7(),
-    }
-}
-
-fn receipt(outcome: ChargeOutcome) -> Receipt {
-    match outcome {
-        ChargeOutcome::Charged(r) => r,
-        other => panic!("not charged: {other:?}"),
     }
 }
 

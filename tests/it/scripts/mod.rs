@@ -27,7 +27,7 @@ use creditgate::domain::{
 use creditgate::ledger::LedgerEvent;
 use creditgate::metering::{
     AccountSeed, Balance, Calendar, ChargeOutcome, ChargeRequest, Grant, GrantOutcome, Idempotency,
-    LiveKey, Meter, Mode, RefundOf, RefundOutcome, Refusal, Repeat, ResetOutcome, Stamp,
+    LiveKey, Meter, Mode, Receipt, RefundOf, RefundOutcome, Refusal, Repeat, ResetOutcome, Stamp,
     StoredResponse, SyncOutcome, SyncState, Unanswered, UnansweredRecord, VoidOutcome,
 };
 
@@ -167,6 +167,14 @@ impl Harness {
 /// The one key every seeded test account has.
 fn key() -> ApiKey {
     ApiKey::parse("cg_5c0195c0195c0195c0195c0195c0195c0195c0195c0195c0").expect("key")
+}
+
+/// The receipt of a charge that must have been made.
+fn receipt(outcome: ChargeOutcome) -> Receipt {
+    match outcome {
+        ChargeOutcome::Charged(r) => r,
+        other => panic!("not charged: {other:?}"),
+    }
 }
 
 fn charged(outcome: &ChargeOutcome) -> Option<(i64, i64, i64)> {

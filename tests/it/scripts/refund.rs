@@ -46,29 +46,12 @@ async fn a_refund_after_the_month_rolled_over_returns_only_the_bonus_part() {
     let outcome = h
         .charge(&user, "legal", &november, None, Mode::Charge)
         .await;
-    let ChargeOutcome::Charged(receipt) = outcome else {
-        panic!("not charged: {outcome:?}");
-    };
+    let receipt = receipt(outcome);
     assert_eq!((receipt.from_monthly, receipt.from_bonus), (1, 2));
     // A December call rolls the period over before the refund arrives.
     let december = h.at("2026-11-30T23:00:01Z");
     charged(&h.charge(&user, "rag", &december, None, Mode::Charge).await).expect("charged");
-    let module = h.catalog.module("legal").expect("legal").id.clone();
-    let refund = h
-        .meter
-        .refund(
-            &user,
-            &RequestId::parse("anon").expect("rid"),
-            RefundOf::Receipt {
-                receipt: &receipt,
-                module: &module,
-                action: None,
-                charged_at: &november,
-            },
-            "test",
-            &december,
-        )
-        .await;
+    let refund = refund_legal(&h, &user, &receipt, &november, &december).await;
     assert!(matches!(
         refund,
         Ok(RefundOutcome::Refunded { amount: 2, .. })
@@ -77,6 +60,32 @@ async fn a_refund_after_the_month_rolled_over_returns_only_the_bonus_part() {
     // of December untouched by a November refund.
     let (monthly, bonus, used, _, _) = h.hash(&user).await;
     assert_eq!((monthly, bonus, used), (9, 5, 1));
+}
+
+/// Refunds the "legal" call `receipt` describes, charged at `charged_at`,
+/// by its receipt (no record), at `now`.
+async fn refund_legal(
+    h: &Harness,
+    user: &UserId,
+    receipt: &Receipt,
+    charged_at: &Stamp,
+    now: &Stamp,
+) -> Result<RefundOutcome, creditgate::metering::MeterError> {
+    let module = h.catalog.module("legal").expect("legal").id.clone();
+    h.meter
+        .refund(
+            user,
+            &RequestId::parse("anon").expect("rid"),
+            RefundOf::Receipt {
+                receipt,
+                module: &module,
+                action: None,
+                charged_at,
+            },
+            "test",
+            now,
+        )
+        .await
 }
 
 /// A call stamped in November but decided after December began counted in
@@ -94,32 +103,15 @@ async fn a_late_calls_refund_returns_to_the_day_and_period_it_counted_in() {
             .await,
     )
     .expect("charged");
-    let outcome = h
-        .charge(&user, "legal", &november, None, Mode::Charge)
-        .await;
-    let ChargeOutcome::Charged(receipt) = outcome else {
-        panic!("not charged: {outcome:?}");
-    };
-    let (day, period) = receipt.counted_in(&november);
+    let late = receipt(
+        h.charge(&user, "legal", &november, None, Mode::Charge)
+            .await,
+    );
+    let (day, period) = late.counted_in(&november);
     assert_eq!((day.as_str(), period.as_str()), ("2026-12-01", "2026-12"));
     let (monthly, _, used, ..) = h.hash(&user).await;
     assert_eq!((monthly, used), (4, 6));
-    let module = h.catalog.module("legal").expect("legal").id.clone();
-    let refund = h
-        .meter
-        .refund(
-            &user,
-            &RequestId::parse("late").expect("rid"),
-            RefundOf::Receipt {
-                receipt: &receipt,
-                module: &module,
-                action: None,
-                charged_at: &november,
-            },
-            "test",
-            &december,
-        )
-        .await;
+    let refund = refund_legal(&h, &user, &late, &november, &december).await;
     assert!(matches!(
         refund,
         Ok(RefundOutcome::Refunded {
@@ -138,10 +130,7 @@ async fn a_late_calls_refund_returns_to_the_day_and_period_it_counted_in() {
     let on_time = h
         .charge(&user, "legal", &december, None, Mode::Charge)
         .await;
-    let ChargeOutcome::Charged(receipt) = on_time else {
-        panic!("not charged: {on_time:?}");
-    };
-    assert!(receipt.counted_in.is_none());
+    assert!(receipt(on_time).counted_in.is_none());
 }
 
 /// The unanswered charge `receipt` made for `rid`, its deadline `deadline`
