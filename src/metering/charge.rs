@@ -192,12 +192,14 @@ pub(super) fn event_members(out: &mut Vec<u8>, req: &ChargeRequest<'_>) {
 /// is refused.
 fn decode_ok(line: &[u8], event_id: String) -> Option<ChargeOutcome> {
     let mut rest = line.strip_prefix(b"ok ")?;
+    // `@day/period` can only be the last field: only it is looked at, not
+    // the whole answer searched for an `@` every charge lacks.
     let mut counted_in = None;
-    if let Some(at) = rest.iter().rposition(|&b| b == b'@') {
-        let (head, moved) = rest.split_at(at);
-        let (day, period) = std::str::from_utf8(&moved[1..]).ok()?.split_once('/')?;
+    let last = rest.iter().rposition(|&b| b == b' ').map_or(0, |i| i + 1);
+    if let Some(moved) = rest[last..].strip_prefix(b"@") {
+        let (day, period) = std::str::from_utf8(moved).ok()?.split_once('/')?;
         counted_in = Some(Box::new((LocalDay::parse(day)?, Period::parse(period)?)));
-        rest = head.strip_suffix(b" ")?;
+        rest = rest[..last].strip_suffix(b" ")?;
     }
     let mut n = [0i64; 10];
     for v in &mut n {
