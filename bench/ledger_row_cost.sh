@@ -22,26 +22,16 @@ WORK=$(mktemp -d /tmp/cg-rowcost.XXXX)
 trap '"${PSQL[@]}" -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)"; rm -rf "$WORK"' EXIT
 CREDITGATE_DATABASE__URL=postgres://postgres@127.0.0.1:5432/$DB "$BIN" migrate 2>/dev/null
 
-COLUMNS="event_id, user_id, kind, module, action, amount, from_monthly, from_bonus,
-  monthly_after, bonus_after, plan, request_id, actor, local_day, occurred_at, stream_ms,
-  stream_seq, reason, lease_id"
-# Event ids as UUIDv7 text: the millisecond first, so they arrive in order.
-"${PSQL[@]}" -d $DB -c "COPY (
-  SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 13, 3) || '-'
-           || substr(h, 16, 4) || '-' || substr(h, 20, 12),
-         'usr_01a224f0463676a9ac6dea81a42137bf', 'charge', 'rag', NULL, 1, 1, 0, NULL, NULL,
-         'bench', md5((i + 1)::text), 'proxy', DATE '2026-11-29',
-         TIMESTAMPTZ '2026-11-29 02:00:00+00' + i * INTERVAL '100 microseconds',
-         1795916062375 + i / 10, 0, NULL, 'lease-' || (i / 64)
-  FROM (SELECT i, lpad(to_hex(1795916062375 + i / 10), 12, '0') || md5(i::text) AS h
-        FROM generate_series(1, $ROWS) AS i) AS g) TO STDOUT" > "$WORK/rows.tsv"
+. bench/ledger_rows.sh
+# One account: its index entries all go to one place.
+ledger_rows "$ROWS" 1 > "$WORK/rows.tsv"
 
 load() { # label
   local ms=0 r start
   for r in $(seq "$ROUNDS"); do
     "${PSQL[@]}" -d $DB -c "TRUNCATE ledger_events"
     start=$(date +%s%N)
-    "${PSQL[@]}" -d $DB -c "\\copy ledger_events ($COLUMNS) FROM '$WORK/rows.tsv'"
+    "${PSQL[@]}" -d $DB -c "\\copy ledger_events ($LEDGER_COLUMNS) FROM '$WORK/rows.tsv'"
     ms=$(( ms + ($(date +%s%N) - start) / 1000000 ))
   done
   printf '%-52s %7d ms  %5.1f us/row\n' "$1" $(( ms / ROUNDS )) \
